@@ -1,0 +1,910 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Memory, the shared weight cache and the per-constant C loops of aoti_rt.
+
+Ownership, in one line each (the habits of CuPy's ``memory.pyx``):
+
+* an :class:`Allocator` hands out raw memory for one device and keeps its accounting;
+* a :class:`Buffer` owns one allocation and frees it in ``__dealloc__``, so any Python
+  object that holds the Buffer (a cache entry, a tensor view given to a user) keeps the
+  memory alive;
+* the :class:`WeightCache` is a reference-counted registry ``key -> Buffer``: a method
+  acquires the keys it binds and releases them when it closes; the entry is dropped when
+  its count reaches zero, and the memory goes with the last Python reference;
+* a :class:`BindPlan` holds one method's constants as C arrays and binds them in one
+  ``UpdateUserManagedConstantBufferPairs`` call from a ``nogil`` loop;
+* a :class:`LoadPlan` and a :class:`Stager` move weight bytes from the store file to
+  their buffers (``pread`` into pinned staging memory, async copies on a CUDA stream).
+
+CUDA is reached through driver entry points that cuda-python resolved
+(``cuGetProcAddress``); :func:`install_driver` receives their addresses, so this module
+needs no CUDA header to build and imports on machines without a GPU.
+"""
+
+from cpython.pycapsule cimport PyCapsule_New, PyCapsule_GetPointer
+from cpython.buffer cimport PyBUF_WRITABLE
+from libc.stdint cimport int32_t, int64_t, uint8_t, uintptr_t
+from libc.stdlib cimport malloc, free, realloc
+from libc.string cimport memset
+from libc.errno cimport errno, EINTR
+
+import threading
+
+cdef extern from "stdlib.h" nogil:
+    int posix_memalign(void** memptr, size_t alignment, size_t size)
+
+cdef extern from "unistd.h" nogil:
+    ssize_t pread(int fd, void* buf, size_t count, long offset)
+
+
+# ----------------------------------------------------------------------------------------
+# CUDA driver entry points (filled by install_driver from cuda-python's cuGetProcAddress)
+
+ctypedef int CUresult
+ctypedef unsigned long long CUdeviceptr
+ctypedef void* CUcontext
+ctypedef void* CUstream
+ctypedef void* CUevent
+
+ctypedef CUresult (*f_ctx_push)(CUcontext) noexcept nogil
+ctypedef CUresult (*f_ctx_pop)(CUcontext*) noexcept nogil
+ctypedef CUresult (*f_mem_alloc)(CUdeviceptr*, size_t) noexcept nogil
+ctypedef CUresult (*f_mem_free)(CUdeviceptr) noexcept nogil
+ctypedef CUresult (*f_host_alloc)(void**, size_t, unsigned int) noexcept nogil
+ctypedef CUresult (*f_host_free)(void*) noexcept nogil
+ctypedef CUresult (*f_memcpy_htod_async)(CUdeviceptr, const void*, size_t, CUstream) noexcept nogil
+ctypedef CUresult (*f_memcpy_dtoh)(void*, CUdeviceptr, size_t) noexcept nogil
+ctypedef CUresult (*f_memset_d8)(CUdeviceptr, unsigned char, size_t) noexcept nogil
+ctypedef CUresult (*f_stream_create)(CUstream*, unsigned int) noexcept nogil
+ctypedef CUresult (*f_stream_destroy)(CUstream) noexcept nogil
+ctypedef CUresult (*f_stream_sync)(CUstream) noexcept nogil
+ctypedef CUresult (*f_event_create)(CUevent*, unsigned int) noexcept nogil
+ctypedef CUresult (*f_event_record)(CUevent, CUstream) noexcept nogil
+ctypedef CUresult (*f_event_sync)(CUevent) noexcept nogil
+ctypedef CUresult (*f_event_destroy)(CUevent) noexcept nogil
+
+cdef struct Driver:
+    f_ctx_push ctx_push
+    f_ctx_pop ctx_pop
+    f_mem_alloc mem_alloc
+    f_mem_free mem_free
+    f_host_alloc host_alloc
+    f_host_free host_free
+    f_memcpy_htod_async memcpy_htod_async
+    f_memcpy_dtoh memcpy_dtoh
+    f_memset_d8 memset_d8
+    f_stream_create stream_create
+    f_stream_destroy stream_destroy
+    f_stream_sync stream_sync
+    f_event_create event_create
+    f_event_record event_record
+    f_event_sync event_sync
+    f_event_destroy event_destroy
+
+cdef Driver drv
+cdef bint drv_ready = False
+
+#: driver symbol -> the Driver field it fills; cuda.py resolves exactly these names.
+DRIVER_SYMBOLS = (
+    "cuCtxPushCurrent", "cuCtxPopCurrent", "cuMemAlloc", "cuMemFree", "cuMemHostAlloc",
+    "cuMemFreeHost", "cuMemcpyHtoDAsync", "cuMemcpyDtoH", "cuMemsetD8", "cuStreamCreate",
+    "cuStreamDestroy", "cuStreamSynchronize", "cuEventCreate", "cuEventRecord",
+    "cuEventSynchronize", "cuEventDestroy",
+)
+
+
+def install_driver(dict pointers):
+    """Install the CUDA driver entry points, ``{symbol: address}`` for DRIVER_SYMBOLS."""
+    global drv_ready
+    missing = [s for s in DRIVER_SYMBOLS if not pointers.get(s)]
+    if missing:
+        raise RuntimeError(f"CUDA driver entry points not resolved: {missing}")
+    drv.ctx_push = <f_ctx_push><uintptr_t>pointers["cuCtxPushCurrent"]
+    drv.ctx_pop = <f_ctx_pop><uintptr_t>pointers["cuCtxPopCurrent"]
+    drv.mem_alloc = <f_mem_alloc><uintptr_t>pointers["cuMemAlloc"]
+    drv.mem_free = <f_mem_free><uintptr_t>pointers["cuMemFree"]
+    drv.host_alloc = <f_host_alloc><uintptr_t>pointers["cuMemHostAlloc"]
+    drv.host_free = <f_host_free><uintptr_t>pointers["cuMemFreeHost"]
+    drv.memcpy_htod_async = <f_memcpy_htod_async><uintptr_t>pointers["cuMemcpyHtoDAsync"]
+    drv.memcpy_dtoh = <f_memcpy_dtoh><uintptr_t>pointers["cuMemcpyDtoH"]
+    drv.memset_d8 = <f_memset_d8><uintptr_t>pointers["cuMemsetD8"]
+    drv.stream_create = <f_stream_create><uintptr_t>pointers["cuStreamCreate"]
+    drv.stream_destroy = <f_stream_destroy><uintptr_t>pointers["cuStreamDestroy"]
+    drv.stream_sync = <f_stream_sync><uintptr_t>pointers["cuStreamSynchronize"]
+    drv.event_create = <f_event_create><uintptr_t>pointers["cuEventCreate"]
+    drv.event_record = <f_event_record><uintptr_t>pointers["cuEventRecord"]
+    drv.event_sync = <f_event_sync><uintptr_t>pointers["cuEventSynchronize"]
+    drv.event_destroy = <f_event_destroy><uintptr_t>pointers["cuEventDestroy"]
+    drv_ready = True
+
+
+class CudaError(RuntimeError):
+    """A CUDA driver call failed; ``code`` is the CUresult."""
+
+    def __init__(self, str what, int code):
+        super().__init__(f"{what} failed with CUresult {code}")
+        self.code = code
+
+
+class AllocationError(MemoryError):
+    """Memory for a weight could not be allocated (device full, or over the set limit)."""
+
+
+cdef inline void _check(CUresult rc, str what) except *:
+    if rc != 0:
+        raise CudaError(what, rc)
+
+
+# ----------------------------------------------------------------------------------------
+# Allocators and buffers
+
+cdef class Allocator:
+    """Raw memory for one device, with exact accounting of what is live.
+
+    ``bytes_allocated`` and ``peak_bytes_allocated`` count the bytes of live Buffers;
+    ``limit`` (0: none) caps ``bytes_allocated``: an allocation past it raises
+    :class:`AllocationError` as a full device would.
+    """
+
+    cdef readonly str device
+    cdef readonly Py_ssize_t bytes_allocated
+    cdef readonly Py_ssize_t peak_bytes_allocated
+    cdef readonly Py_ssize_t num_allocations
+    cdef public Py_ssize_t limit
+    cdef readonly bint is_cuda
+
+    def __init__(self, str device):
+        self.device = device
+
+    cdef int _raw_alloc(self, size_t nbytes, uintptr_t* out) noexcept nogil:
+        return -1
+
+    cdef void _raw_free(self, uintptr_t ptr) noexcept nogil:
+        pass
+
+    cpdef Buffer allocate(self, size_t nbytes):
+        """Allocate ``nbytes`` (at least 1) and return the owning :class:`Buffer`."""
+        cdef uintptr_t ptr = 0
+        cdef int rc
+        cdef size_t n = nbytes if nbytes > 0 else 1
+        # Reserve first (atomic under the GIL), allocate without the GIL, undo on failure.
+        if self.limit and self.bytes_allocated + <Py_ssize_t>n > self.limit:
+            raise AllocationError(
+                f"allocating {n} bytes on {self.device} would exceed the aoti_rt memory "
+                f"limit ({self.bytes_allocated} of {self.limit} bytes in use); close "
+                f"unused models or raise the limit with aoti_rt.set_memory_limit()")
+        self.bytes_allocated += n
+        with nogil:
+            rc = self._raw_alloc(n, &ptr)
+        if rc != 0:
+            self.bytes_allocated -= n
+            raise AllocationError(
+                f"could not allocate {n} bytes on {self.device} (error {rc}, "
+                f"{self.bytes_allocated} bytes held by aoti_rt); free device memory "
+                f"or close unused models")
+        self.num_allocations += 1
+        if self.bytes_allocated > self.peak_bytes_allocated:
+            self.peak_bytes_allocated = self.bytes_allocated
+        cdef Buffer buf = Buffer.__new__(Buffer)
+        buf.ptr = ptr
+        buf.nbytes = n
+        buf.allocator = self
+        return buf
+
+    cdef void _free(self, uintptr_t ptr, size_t nbytes) noexcept:
+        with nogil:
+            self._raw_free(ptr)
+        self.bytes_allocated -= nbytes
+        self.num_allocations -= 1
+
+    def reset_peak(self):
+        """Start a new high-water mark from the bytes live now."""
+        self.peak_bytes_allocated = self.bytes_allocated
+
+
+cdef class HostAllocator(Allocator):
+    """64-byte aligned host memory (``posix_memalign``): the CPU twin of cuMemAlloc."""
+
+    cdef int _raw_alloc(self, size_t nbytes, uintptr_t* out) noexcept nogil:
+        cdef void* p = NULL
+        cdef int rc = posix_memalign(&p, 64, nbytes)
+        if rc == 0:
+            out[0] = <uintptr_t>p
+        return rc
+
+    cdef void _raw_free(self, uintptr_t ptr) noexcept nogil:
+        free(<void*>ptr)
+
+
+cdef class CudaAllocator(Allocator):
+    """Device memory from ``cuMemAlloc`` in the device's primary context."""
+
+    cdef CUcontext ctx
+    cdef readonly int ordinal
+
+    def __init__(self, str device, int ordinal, uintptr_t context):
+        if not drv_ready:
+            raise RuntimeError("CUDA driver entry points are not installed")
+        self.device = device
+        self.ordinal = ordinal
+        self.ctx = <CUcontext>context
+        self.is_cuda = True
+
+    cdef int _raw_alloc(self, size_t nbytes, uintptr_t* out) noexcept nogil:
+        cdef CUdeviceptr p = 0
+        cdef CUcontext prev
+        cdef CUresult rc = drv.ctx_push(self.ctx)
+        if rc != 0:
+            return rc
+        rc = drv.mem_alloc(&p, nbytes)
+        drv.ctx_pop(&prev)
+        if rc == 0:
+            out[0] = <uintptr_t>p
+        return rc
+
+    cdef void _raw_free(self, uintptr_t ptr) noexcept nogil:
+        cdef CUcontext prev
+        if drv.ctx_push(self.ctx) == 0:
+            drv.mem_free(<CUdeviceptr>ptr)
+            drv.ctx_pop(&prev)
+
+    def copy_to_host(self, Buffer src, Py_ssize_t nbytes=-1) -> bytes:
+        """Synchronously copy a device buffer's first ``nbytes`` to a new bytes object."""
+        cdef Py_ssize_t n = src.nbytes if nbytes < 0 else nbytes
+        out = bytearray(n)
+        cdef unsigned char[::1] view = out
+        cdef CUcontext prev
+        cdef CUresult rc
+        with nogil:
+            rc = drv.ctx_push(self.ctx)
+            if rc == 0:
+                rc = drv.memcpy_dtoh(&view[0], <CUdeviceptr>src.ptr, n)
+                drv.ctx_pop(&prev)
+        _check(rc, "cuMemcpyDtoH")
+        return bytes(out)
+
+
+cdef class PinnedAllocator(Allocator):
+    """Page-locked host memory (``cuMemHostAlloc``) for staging copies to a device."""
+
+    cdef CUcontext ctx
+
+    def __init__(self, str device, uintptr_t context):
+        if not drv_ready:
+            raise RuntimeError("CUDA driver entry points are not installed")
+        self.device = device
+        self.ctx = <CUcontext>context
+
+    cdef int _raw_alloc(self, size_t nbytes, uintptr_t* out) noexcept nogil:
+        cdef void* p = NULL
+        cdef CUcontext prev
+        cdef CUresult rc = drv.ctx_push(self.ctx)
+        if rc != 0:
+            return rc
+        rc = drv.host_alloc(&p, nbytes, 0)
+        drv.ctx_pop(&prev)
+        if rc == 0:
+            out[0] = <uintptr_t>p
+        return rc
+
+    cdef void _raw_free(self, uintptr_t ptr) noexcept nogil:
+        drv.host_free(<void*>ptr)
+
+
+cdef class Buffer:
+    """One allocation, freed when this object goes.
+
+    Host buffers export the buffer protocol (``memoryview(buf)``, ``torch.frombuffer``);
+    CUDA buffers export ``__cuda_array_interface__`` (``torch.as_tensor(buf, device=...)``).
+    Either way the consumer holds a reference to the Buffer, so a tensor view of a cached
+    weight keeps its memory alive after the cache has let it go.
+    """
+
+    cdef readonly uintptr_t ptr
+    cdef readonly size_t nbytes
+    cdef readonly Allocator allocator
+    cdef Py_ssize_t _shape[1]
+
+    def __cinit__(self):
+        self.ptr = 0
+
+    def __dealloc__(self):
+        if self.ptr != 0 and self.allocator is not None:
+            self.allocator._free(self.ptr, self.nbytes)
+            self.ptr = 0
+
+    @property
+    def device(self) -> str:
+        return self.allocator.device
+
+    def __repr__(self):
+        return f"<aoti_rt Buffer {self.nbytes} bytes on {self.allocator.device} at 0x{self.ptr:x}>"
+
+    def __getbuffer__(self, Py_buffer* view, int flags):
+        if self.allocator.is_cuda:
+            raise BufferError("a CUDA buffer has no host buffer interface")
+        self._shape[0] = <Py_ssize_t>self.nbytes
+        view.buf = <void*>self.ptr
+        view.obj = self
+        view.len = <Py_ssize_t>self.nbytes
+        view.readonly = 0
+        view.itemsize = 1
+        view.format = "B"
+        view.ndim = 1
+        view.shape = self._shape
+        view.strides = NULL
+        view.suboffsets = NULL
+        view.internal = NULL
+
+    def __releasebuffer__(self, Py_buffer* view):
+        pass
+
+    @property
+    def __cuda_array_interface__(self):
+        if not self.allocator.is_cuda:
+            raise AttributeError("__cuda_array_interface__ is only defined for CUDA buffers")
+        return {"shape": (self.nbytes,), "typestr": "|u1", "data": (self.ptr, False),
+                "version": 3, "strides": None, "stream": None}
+
+
+# ----------------------------------------------------------------------------------------
+# The weight cache
+
+cdef class _Entry:
+    cdef readonly object key
+    cdef readonly Buffer buffer
+    cdef readonly Py_ssize_t refs
+    cdef object ready      # threading.Event while the first user fills it, then None
+    cdef object error      # the exception that failed the fill, for waiters
+
+
+cdef class Acquisition:
+    """What :meth:`WeightCache.acquire` hands back: one Buffer per key, and the work left.
+
+    ``to_fill`` lists the indices of keys this caller created and must fill, then
+    :meth:`WeightCache.publish`; ``pending`` those another thread is filling now. The
+    acquisition is given back whole with :meth:`WeightCache.release`.
+    """
+
+    cdef readonly list keys
+    cdef readonly list buffers
+    cdef readonly list to_fill
+    cdef readonly list pending
+    cdef list entries
+    cdef bint released
+
+
+cdef class WeightCache:
+    """Reference-counted registry ``key -> Buffer`` shared by every method in the process.
+
+    Keys are opaque strings built by the runtime (a weight's content digest for shared
+    weights; a model instance's token and the weight for mutable state). All operations are
+    thread-safe; an entry is created once however many threads ask for it at the same time.
+    References are held by :class:`Acquisition` objects, so a release always drops exactly
+    the entries that were acquired, even if a failed entry has since been replaced.
+    """
+
+    cdef dict _entries
+    cdef object _lock
+    cdef readonly long long hits
+    cdef readonly long long misses
+    cdef readonly long long bytes_read
+
+    def __init__(self):
+        self._entries = {}
+        self._lock = threading.Lock()
+
+    def __len__(self):
+        return len(self._entries)
+
+    def __contains__(self, key):
+        return key in self._entries
+
+    def refcount(self, key) -> int:
+        cdef _Entry e = self._entries.get(key)
+        return 0 if e is None else e.refs
+
+    def acquire(self, list keys, list sizes, Allocator allocator) -> Acquisition:
+        """Take one reference to each key, allocating (not filling) those not cached.
+
+        On allocation failure every reference taken by this call is given back and the
+        error propagates, so a failed acquire leaves the cache as it was.
+        """
+        cdef Acquisition acq = Acquisition.__new__(Acquisition)
+        cdef Py_ssize_t i, n = len(keys)
+        cdef _Entry e
+        if len(sizes) != n:
+            raise ValueError("keys and sizes differ in length")
+        acq.keys = keys
+        acq.buffers = [None] * n
+        acq.entries = []
+        acq.to_fill = []
+        acq.pending = []
+        with self._lock:
+            try:
+                for i in range(n):
+                    key = keys[i]
+                    e = self._entries.get(key)
+                    if e is not None:
+                        e.refs += 1
+                        self.hits += 1
+                        if e.ready is not None:
+                            acq.pending.append(i)
+                    else:
+                        e = _Entry.__new__(_Entry)
+                        e.key = key
+                        e.buffer = allocator.allocate(<size_t>sizes[i])
+                        e.refs = 1
+                        e.ready = threading.Event()
+                        self._entries[key] = e
+                        self.misses += 1
+                        acq.to_fill.append(i)
+                    acq.entries.append(e)
+                    acq.buffers[i] = e.buffer
+            except BaseException:
+                created = set(acq.to_fill)
+                for i in range(len(acq.entries)):
+                    if i in created:
+                        self.misses -= 1
+                    else:
+                        self.hits -= 1
+                self._release_locked(acq)
+                raise
+        return acq
+
+    cdef _release_locked(self, Acquisition acq):
+        cdef _Entry e
+        if acq.released:
+            return
+        acq.released = True
+        for e in acq.entries:
+            e.refs -= 1
+            if e.refs <= 0 and self._entries.get(e.key) is e:
+                del self._entries[e.key]
+        acq.entries = []
+        acq.buffers = []
+
+    def publish(self, Acquisition acq, error=None):
+        """Mark the entries this caller filled as ready, or as failed with ``error``.
+
+        A failed entry is unlinked at once, so no later caller finds it; a thread waiting
+        on it is woken and raises.
+        """
+        cdef _Entry e
+        with self._lock:
+            for i in acq.to_fill:
+                e = acq.entries[i]
+                ev = e.ready
+                e.ready = None
+                if error is not None:
+                    e.error = error
+                    if self._entries.get(e.key) is e:
+                        del self._entries[e.key]
+                if ev is not None:
+                    ev.set()
+
+    def wait(self, Acquisition acq, timeout=None):
+        """Block until entries filled by other threads are ready; raise if a fill failed."""
+        cdef _Entry e
+        for i in acq.pending:
+            e = acq.entries[i]
+            ev = e.ready
+            if ev is not None and not ev.wait(timeout):
+                raise TimeoutError(f"timed out waiting for weight {e.key!r}")
+            if e.error is not None:
+                raise RuntimeError(f"loading weight {e.key!r} failed in another thread: {e.error}")
+
+    def release(self, Acquisition acq):
+        """Give back every reference ``acq`` holds; entries at zero leave the cache.
+
+        Their memory is freed when the last Python reference to the Buffer (a tensor view
+        handed to a user, say) goes too. Releasing twice is a no-op.
+        """
+        with self._lock:
+            self._release_locked(acq)
+
+    def buffer(self, key):
+        """The Buffer cached under ``key``, or None (the cache count is unchanged)."""
+        cdef _Entry e = self._entries.get(key)
+        return None if e is None else e.buffer
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"entries": len(self._entries), "hits": self.hits,
+                    "misses": self.misses, "bytes_read": self.bytes_read,
+                    "cached_bytes": sum((<_Entry>e).buffer.nbytes for e in self._entries.values())}
+
+    def add_bytes_read(self, long long n):
+        with self._lock:
+            self.bytes_read += n
+
+    def lookup_many(self, list keys) -> int:
+        """Count how many of ``keys`` are cached (the lookup the bench times per key)."""
+        cdef Py_ssize_t found = 0
+        cdef dict entries = self._entries
+        for key in keys:
+            if key in entries:
+                found += 1
+        return found
+
+
+# ----------------------------------------------------------------------------------------
+# Binding a method's constants: one Pairs call, fed from a nogil loop over C arrays
+
+ctypedef void* AtenTensorHandle
+ctypedef int32_t (*f_create_from_blob_v2)(
+    void* data, int64_t ndim, const int64_t* sizes, const int64_t* strides,
+    int64_t storage_offset, int32_t dtype, int32_t device_type, int32_t device_index,
+    AtenTensorHandle* ret, int32_t layout, const uint8_t* opaque_metadata,
+    int64_t opaque_metadata_size) noexcept nogil
+ctypedef int32_t (*f_delete_tensor)(AtenTensorHandle) noexcept nogil
+
+cdef struct ConstantMapEntry:
+    const char* name
+    AtenTensorHandle handle
+
+ctypedef int32_t (*f_update_pairs)(void* container, const ConstantMapEntry* pairs,
+                                   size_t num_pairs, unsigned char use_inactive,
+                                   unsigned char validate_full_update) noexcept nogil
+ctypedef int32_t (*f_run)(void* container, AtenTensorHandle* inputs, size_t num_inputs,
+                          AtenTensorHandle* outputs, size_t num_outputs, void* stream,
+                          void* proxy_executor) noexcept nogil
+
+
+cdef class BindPlan:
+    """One method's constants as C arrays, bound in one Pairs call by :meth:`bind`.
+
+    Built once per method from the manifest; ``bind`` wraps each buffer in a non-owning
+    tensor handle (``aoti_torch_create_tensor_from_blob_v2``), hands all of them to the
+    container in a single ``UpdateUserManagedConstantBufferPairs`` call and deletes its
+    own handles (the container keeps shallow copies that point at our memory).
+    """
+
+    cdef readonly Py_ssize_t n
+    cdef int64_t* ndim
+    cdef int64_t* dims_at
+    cdef int64_t* sizes
+    cdef int64_t* strides
+    cdef int64_t* offsets
+    cdef int32_t* dtypes
+    cdef uintptr_t* data
+    cdef ConstantMapEntry* entries
+    cdef list _names
+
+    def __cinit__(self):
+        self.n = 0
+
+    def __init__(self, list names, list dtypes, list shapes, list strides, list offsets):
+        cdef Py_ssize_t i, j, total = 0, n = len(names)
+        for s in shapes:
+            total += len(s)
+        self.n = n
+        self.ndim = <int64_t*>malloc(max(n, 1) * sizeof(int64_t))
+        self.dims_at = <int64_t*>malloc(max(n, 1) * sizeof(int64_t))
+        self.offsets = <int64_t*>malloc(max(n, 1) * sizeof(int64_t))
+        self.dtypes = <int32_t*>malloc(max(n, 1) * sizeof(int32_t))
+        self.data = <uintptr_t*>malloc(max(n, 1) * sizeof(uintptr_t))
+        self.entries = <ConstantMapEntry*>malloc(max(n, 1) * sizeof(ConstantMapEntry))
+        self.sizes = <int64_t*>malloc(max(total, 1) * sizeof(int64_t))
+        self.strides = <int64_t*>malloc(max(total, 1) * sizeof(int64_t))
+        if not (self.ndim and self.dims_at and self.offsets and self.dtypes and self.data
+                and self.entries and self.sizes and self.strides):
+            raise MemoryError("BindPlan")
+        self._names = [nm if isinstance(nm, bytes) else nm.encode() for nm in names]
+        cdef Py_ssize_t at = 0
+        for i in range(n):
+            shape = shapes[i]
+            stride = strides[i]
+            if len(stride) != len(shape):
+                raise ValueError(f"constant {names[i]!r}: shape {shape} and stride {stride} differ in rank")
+            self.ndim[i] = len(shape)
+            self.dims_at[i] = at
+            for j in range(len(shape)):
+                self.sizes[at + j] = shape[j]
+                self.strides[at + j] = stride[j]
+            at += len(shape)
+            self.offsets[i] = offsets[i]
+            self.dtypes[i] = dtypes[i]
+            self.entries[i].name = <const char*>(<bytes>self._names[i])
+            self.entries[i].handle = NULL
+            self.data[i] = 0
+
+    def __dealloc__(self):
+        free(self.ndim); free(self.dims_at); free(self.offsets); free(self.dtypes)
+        free(self.data); free(self.entries); free(self.sizes); free(self.strides)
+
+    def bind(self, list buffers, uintptr_t update_pairs, uintptr_t container,
+             int device_type, int device_index, uintptr_t create_fn, uintptr_t delete_fn):
+        """Bind ``buffers[i]`` as constant ``i``. Returns 0, or the failing step's code.
+
+        Codes: ``(1, i)`` creating handle ``i`` failed, ``(2, rc)`` the Pairs call failed.
+        """
+        cdef Py_ssize_t i, n = self.n
+        cdef f_create_from_blob_v2 create = <f_create_from_blob_v2>create_fn
+        cdef f_delete_tensor delete = <f_delete_tensor>delete_fn
+        cdef f_update_pairs pairs = <f_update_pairs>update_pairs
+        cdef int32_t rc = 0
+        cdef Py_ssize_t failed_at = -1
+        if len(buffers) != n:
+            raise ValueError(f"{len(buffers)} buffers for {n} constants")
+        for i in range(n):
+            self.data[i] = (<Buffer>buffers[i]).ptr
+        with nogil:
+            for i in range(n):
+                rc = create(<void*>self.data[i], self.ndim[i], self.sizes + self.dims_at[i],
+                            self.strides + self.dims_at[i], self.offsets[i], self.dtypes[i],
+                            device_type, device_index, &self.entries[i].handle, 0, NULL, 0)
+                if rc != 0:
+                    failed_at = i
+                    break
+            if failed_at < 0:
+                rc = pairs(<void*>container, self.entries, n, 0, 1)
+            for i in range(n):
+                if self.entries[i].handle != NULL:
+                    delete(self.entries[i].handle)
+                    self.entries[i].handle = NULL
+        if failed_at >= 0:
+            return (1, failed_at)
+        if rc != 0:
+            return (2, rc)
+        return 0
+
+
+def run_container(uintptr_t run_fn, uintptr_t container, list input_handles,
+                  Py_ssize_t num_outputs, uintptr_t stream):
+    """Call ``AOTInductorModelContainerRun`` without the GIL.
+
+    ``input_handles`` are PyCapsules from ``unsafe_alloc_void_ptrs_from_tensors``; AOTI
+    steals them. Returns ``(rc, output_capsules)``; the capsules go to
+    ``alloc_tensors_by_stealing_from_void_ptrs``.
+    """
+    cdef Py_ssize_t i, n_in = len(input_handles)
+    cdef AtenTensorHandle* ins = <AtenTensorHandle*>malloc(max(n_in, 1) * sizeof(AtenTensorHandle))
+    cdef AtenTensorHandle* outs = <AtenTensorHandle*>malloc(max(num_outputs, 1) * sizeof(AtenTensorHandle))
+    cdef int32_t rc
+    cdef f_run run = <f_run>run_fn
+    if ins == NULL or outs == NULL:
+        free(ins); free(outs)
+        raise MemoryError("run_container")
+    try:
+        for i in range(n_in):
+            ins[i] = PyCapsule_GetPointer(input_handles[i], NULL)
+        memset(outs, 0, max(num_outputs, 1) * sizeof(AtenTensorHandle))
+        with nogil:
+            rc = run(<void*>container, ins, n_in, outs, num_outputs, <void*>stream, NULL)
+        if rc != 0:
+            return rc, []
+        return 0, [PyCapsule_New(outs[i], NULL, NULL) for i in range(num_outputs)]
+    finally:
+        free(ins)
+        free(outs)
+
+
+# ----------------------------------------------------------------------------------------
+# Loading: store file -> buffers
+
+cdef struct Piece:
+    int64_t file_off
+    int64_t nbytes
+    uintptr_t dst
+
+cdef struct Chunk:
+    int64_t first
+    int64_t count
+    int64_t file_off
+    int64_t nbytes
+
+
+cdef int read_full(int fd, char* dst, int64_t nbytes, int64_t off) noexcept nogil:
+    """pread until done; 0, or -errno, or -100000 at an unexpected end of file."""
+    cdef ssize_t got
+    while nbytes > 0:
+        got = pread(fd, dst, <size_t>nbytes, off)
+        if got < 0:
+            if errno == EINTR:
+                continue
+            return -errno
+        if got == 0:
+            return -100000
+        dst += got
+        nbytes -= got
+        off += got
+    return 0
+
+
+cdef class LoadPlan:
+    """Where each needed weight's bytes are in the store and where they go.
+
+    Pieces are sorted by file offset; pieces longer than ``chunk_bytes`` are split; runs of
+    pieces that are contiguous in the file are grouped into chunks of at most
+    ``chunk_bytes``, each read with one ``pread``. Workers take every ``nworkers``-th chunk.
+    """
+
+    cdef Piece* pieces
+    cdef Chunk* chunks
+    cdef readonly Py_ssize_t num_pieces
+    cdef readonly Py_ssize_t num_chunks
+    cdef readonly long long total_bytes
+    cdef readonly long long chunk_bytes
+
+    def __cinit__(self):
+        self.pieces = NULL
+        self.chunks = NULL
+
+    def __init__(self, list file_offsets, list sizes, list dsts, long long chunk_bytes):
+        cdef Py_ssize_t i, n = len(file_offsets), cap, np = 0, nc = 0
+        cdef int64_t off, left, take
+        cdef uintptr_t dst
+        if chunk_bytes <= 0:
+            raise ValueError("chunk_bytes must be positive")
+        self.chunk_bytes = chunk_bytes
+        order = sorted(range(n), key=file_offsets.__getitem__)
+        cap = n
+        for i in range(n):
+            cap += sizes[i] // chunk_bytes
+        self.pieces = <Piece*>malloc(max(cap, 1) * sizeof(Piece))
+        self.chunks = <Chunk*>malloc(max(cap, 1) * sizeof(Chunk))
+        if self.pieces == NULL or self.chunks == NULL:
+            raise MemoryError("LoadPlan")
+        for i in order:
+            off = file_offsets[i]
+            left = sizes[i]
+            dst = dsts[i]
+            self.total_bytes += left
+            while left > 0:
+                take = left if left < chunk_bytes else chunk_bytes
+                self.pieces[np].file_off = off
+                self.pieces[np].nbytes = take
+                self.pieces[np].dst = dst
+                np += 1
+                off += take
+                dst += take
+                left -= take
+        self.num_pieces = np
+        # group pieces into chunks
+        for i in range(np):
+            if (nc > 0 and self.chunks[nc - 1].file_off + self.chunks[nc - 1].nbytes == self.pieces[i].file_off
+                    and self.chunks[nc - 1].nbytes + self.pieces[i].nbytes <= chunk_bytes):
+                self.chunks[nc - 1].count += 1
+                self.chunks[nc - 1].nbytes += self.pieces[i].nbytes
+            else:
+                self.chunks[nc].first = i
+                self.chunks[nc].count = 1
+                self.chunks[nc].file_off = self.pieces[i].file_off
+                self.chunks[nc].nbytes = self.pieces[i].nbytes
+                nc += 1
+        self.num_chunks = nc
+
+    def __dealloc__(self):
+        free(self.pieces)
+        free(self.chunks)
+
+    def run_host(self, int fd, int worker, int nworkers) -> int:
+        """Read this worker's pieces straight into host buffers. 0 or a negative errno."""
+        cdef Py_ssize_t c, p
+        cdef int rc = 0
+        cdef Chunk* ch
+        with nogil:
+            c = worker
+            while c < self.num_chunks and rc == 0:
+                ch = &self.chunks[c]
+                for p in range(ch.first, ch.first + ch.count):
+                    rc = read_full(fd, <char*>self.pieces[p].dst, self.pieces[p].nbytes,
+                                   self.pieces[p].file_off)
+                    if rc != 0:
+                        break
+                c += nworkers
+        return rc
+
+
+cdef class Stager:
+    """A worker's CUDA copy engine: two pinned staging buffers, a stream, two events.
+
+    :meth:`run` reads the worker's chunks into alternating staging buffers and enqueues
+    ``cuMemcpyHtoDAsync`` for each piece; a buffer is reused only after the event recorded
+    behind its copies has fired, so a read overlaps the previous chunk's copy. No per-weight
+    synchronisation; one stream synchronise at the end.
+    """
+
+    cdef readonly Buffer staging_a
+    cdef readonly Buffer staging_b
+    cdef CUstream stream
+    cdef CUevent ev[2]
+    cdef CUcontext ctx
+    cdef readonly long long chunk_bytes
+
+    def __cinit__(self):
+        self.stream = NULL
+        self.ev[0] = NULL
+        self.ev[1] = NULL
+
+    def __init__(self, PinnedAllocator pinned, uintptr_t context, long long chunk_bytes):
+        cdef CUcontext prev
+        self.ctx = <CUcontext>context
+        self.chunk_bytes = chunk_bytes
+        self.staging_a = pinned.allocate(chunk_bytes)
+        self.staging_b = pinned.allocate(chunk_bytes)
+        _check(drv.ctx_push(self.ctx), "cuCtxPushCurrent")
+        try:
+            _check(drv.stream_create(&self.stream, 1), "cuStreamCreate")   # non-blocking
+            _check(drv.event_create(&self.ev[0], 2), "cuEventCreate")      # disable timing
+            _check(drv.event_create(&self.ev[1], 2), "cuEventCreate")
+        finally:
+            drv.ctx_pop(&prev)
+
+    def __dealloc__(self):
+        cdef CUcontext prev
+        if drv_ready and (self.stream != NULL or self.ev[0] != NULL):
+            if drv.ctx_push(self.ctx) == 0:
+                if self.stream != NULL:
+                    drv.stream_sync(self.stream)
+                    drv.stream_destroy(self.stream)
+                if self.ev[0] != NULL:
+                    drv.event_destroy(self.ev[0])
+                if self.ev[1] != NULL:
+                    drv.event_destroy(self.ev[1])
+                drv.ctx_pop(&prev)
+
+    def run(self, LoadPlan plan, int fd, int worker, int nworkers):
+        """Move this worker's chunks to the device. Returns ``(step, code)``; ``(0, 0)`` is ok."""
+        if plan.chunk_bytes > self.chunk_bytes:
+            raise ValueError("plan chunks exceed the staging buffers")
+        cdef Py_ssize_t c, p, k = 0
+        cdef int rc = 0, step = 0
+        cdef Chunk* ch
+        cdef char* stage
+        cdef char* bufs[2]
+        cdef CUcontext prev
+        bufs[0] = <char*>self.staging_a.ptr
+        bufs[1] = <char*>self.staging_b.ptr
+        with nogil:
+            rc = drv.ctx_push(self.ctx)
+            if rc != 0:
+                step = 1
+            else:
+                c = worker
+                while c < plan.num_chunks:
+                    ch = &plan.chunks[c]
+                    stage = bufs[k & 1]
+                    if k >= 2:
+                        rc = drv.event_sync(self.ev[k & 1])
+                        if rc != 0:
+                            step = 2
+                            break
+                    rc = read_full(fd, stage, ch.nbytes, ch.file_off)
+                    if rc != 0:
+                        step = 3
+                        break
+                    for p in range(ch.first, ch.first + ch.count):
+                        rc = drv.memcpy_htod_async(
+                            <CUdeviceptr>plan.pieces[p].dst,
+                            stage + (plan.pieces[p].file_off - ch.file_off),
+                            plan.pieces[p].nbytes, self.stream)
+                        if rc != 0:
+                            break
+                    if rc != 0:
+                        step = 4
+                        break
+                    rc = drv.event_record(self.ev[k & 1], self.stream)
+                    if rc != 0:
+                        step = 5
+                        break
+                    k += 1
+                    c += nworkers
+                if drv.stream_sync(self.stream) != 0 and rc == 0:
+                    step = 6
+                    rc = -1
+                drv.ctx_pop(&prev)
+        return step, rc
+
+    def copy_from_host(self, uintptr_t host_src, Buffer dst, Py_ssize_t nbytes):
+        """Copy host bytes (any host memory) into a device buffer, synchronously."""
+        cdef CUcontext prev
+        cdef CUresult rc
+        with nogil:
+            rc = drv.ctx_push(self.ctx)
+            if rc == 0:
+                rc = drv.memcpy_htod_async(<CUdeviceptr>dst.ptr, <void*>host_src, nbytes, self.stream)
+                if rc == 0:
+                    rc = drv.stream_sync(self.stream)
+                drv.ctx_pop(&prev)
+        _check(rc, "cuMemcpyHtoDAsync")

@@ -1,0 +1,315 @@
+"""Compile a model's methods into one bundle with each distinct weight stored once.
+
+Each method is compiled by AOTInductor into a shared object *without* its weights
+(``package_constants_in_so=False``, ``binary_blob``). The .so is then probed once: its C ABI
+gives each constant's internal name, FQN, dtype, kind and data size; torch's own AOTI runner,
+loaded with the method's blob, gives the exact view (shape, stride, storage offset) and bytes
+AOTI expects. Storages are keyed by content digest, so a weight used by several methods, or
+tied under two FQNs, is written to the store once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import keyword
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .bundle import (MANIFEST, STORE, ConstantSpec, InputSpec, Manifest, MethodSpec, WeightSpec,
+                     dtype_name, read_store_header, safe_tensor_name)
+from .errors import CompileError
+
+_METHOD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+#: names a method may not take: they are attributes of Model
+RESERVED = {"close", "methods", "device", "bundle", "manifest", "memory", "weight", "state",
+            "path"}
+
+
+def _aoti_options(so_path: Path) -> dict[str, Any]:
+    import torch._inductor.config as cfg
+
+    opts = {
+        "aot_inductor.output_path": str(so_path),
+        "aot_inductor.package_constants_in_so": False,
+        "aot_inductor.package_constants_on_disk_format": "binary_blob",
+        "aot_inductor.embed_kernel_binary": True,   # one self-contained .so per method
+    }
+    # Only pass what this torch knows (older releases lack some keys).
+    return {k: v for k, v in opts.items() if hasattr(cfg.aot_inductor, k.split(".", 1)[1])}
+
+
+def _as_exported(name: str, prog: Any):
+    import torch
+
+    if isinstance(prog, torch.export.ExportedProgram):
+        return prog
+    if isinstance(prog, tuple) and 2 <= len(prog) <= 4 and isinstance(prog[0], torch.nn.Module):
+        module, args = prog[0], prog[1]
+        kwargs = prog[2] if len(prog) > 2 else None
+        dyn = prog[3] if len(prog) > 3 else None
+        if not isinstance(args, tuple):
+            args = (args,)
+        return torch.export.export(module, args, kwargs, dynamic_shapes=dyn)
+    raise CompileError(
+        f"method {name!r}: expected a torch.export.ExportedProgram or a (module, args[, kwargs"
+        f"[, dynamic_shapes]]) tuple, got {type(prog).__name__}; export it with torch.export.export")
+
+
+def _check_name(name: Any) -> None:
+    if not isinstance(name, str) or not _METHOD_NAME.match(name) or keyword.iskeyword(name) \
+            or name in RESERVED:
+        raise CompileError(
+            f"bad method name {name!r}: it becomes an attribute and a file name, so use a Python "
+            f"identifier that starts with a letter and is not one of {sorted(RESERVED)}")
+
+
+def _program_device(ep) -> str:
+    import torch
+
+    devices = {t.device.type for t in list(ep.state_dict.values()) + list(ep.constants.values())
+               if isinstance(t, torch.Tensor)}
+    for node in ep.graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "placeholder" and isinstance(val, torch.Tensor):
+            devices.add(val.device.type)
+    devices.discard("meta")
+    if len(devices) > 1:
+        raise CompileError(f"the program mixes devices {sorted(devices)}; export it on one device")
+    return devices.pop() if devices else "cpu"
+
+
+def _mutated_fqns(ep) -> set[str]:
+    from torch.export.graph_signature import OutputKind
+
+    sig = ep.run_decompositions().graph_signature
+    out = {s.target for s in sig.output_specs if s.kind == OutputKind.BUFFER_MUTATION}
+    return out | set(sig.buffers_to_mutate.values())
+
+
+def _inputs(ep) -> list[InputSpec]:
+    import torch
+
+    nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    specs = []
+    for name in ep.graph_signature.user_inputs:
+        val = nodes[name].meta.get("val")
+        if isinstance(val, torch.Tensor):
+            shape = [int(d) if isinstance(d, int) or str(d).isdigit() else None for d in val.shape]
+            specs.append(InputSpec(name, dtype_name(val.dtype), shape, val.device.type))
+    return specs
+
+
+def _probe(so_path: Path, blob: Path, device: str):
+    """Load the method the stock way in torch's runner; return fqn -> tensor as AOTI holds it."""
+    import torch
+
+    if device == "cpu":
+        runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(so_path), 1)
+    else:
+        runner = torch._C._aoti.AOTIModelContainerRunnerCuda(str(so_path), 1, device)
+    if blob is not None:
+        runner.update_constant_buffer_from_blob(str(blob))
+    tensors = dict(runner.extract_constants_map(False))
+    return runner, tensors
+
+
+def storage_bytes(t) -> bytes:
+    """The bytes of a tensor's whole storage, on the host."""
+    import ctypes
+
+    import torch
+
+    u8 = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage()).cpu()
+    return ctypes.string_at(u8.data_ptr(), u8.numel()) if u8.numel() else b""
+
+
+def probe_method(so_path: Path, blob: Path | None, device: str, mutated: set[str]):
+    """Describe a compiled method's constants: ([(ConstantSpec, storage bytes)], call spec, n_in)."""
+    from .abi import SharedObject
+
+    so = SharedObject(so_path)
+    handle = so.create(device)
+    try:
+        infos = so.constants(handle)
+        spec = so.call_spec(handle)
+        n_in = so.num_inputs(handle)
+    finally:
+        so.delete(handle)
+    runner, tensors = _probe(so_path, blob, device)
+    out = []
+    try:
+        for info in infos:
+            if info.from_folded or info.kind == "folded":
+                raise CompileError(f"{so_path.name}: constant {info.fqn} is folded at run time; aoti_rt "
+                                   f"does not support aot_inductor.use_runtime_constant_folding")
+            t = tensors.get(info.fqn)
+            if t is None:
+                t = tensors.get(info.name)
+            if t is None:
+                raise CompileError(f"{so_path.name}: AOTI reports constant {info.fqn} but holds no tensor for it")
+            data = storage_bytes(t)
+            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+            out.append((ConstantSpec(
+                name=info.name, fqn=info.fqn, dtype=dtype_name(t.dtype), shape=list(t.shape),
+                stride=list(t.stride()), storage_offset=t.storage_offset(),
+                data_size=info.data_size or len(data), kind=info.kind,
+                mutable=info.fqn in mutated, digest=digest, weight=""), data))
+    finally:
+        del runner, tensors
+    return out, spec, n_in
+
+
+def compile(programs: Mapping[str, Any], path: str | os.PathLike[str], *, device: str | None = None,
+            overwrite: bool = False, progress: bool = True) -> Path:
+    """Compile several methods of one model into an aoti_rt bundle at ``path``.
+
+    Args:
+        programs: method name -> ``torch.export.ExportedProgram``, or a ``(module, args)``,
+            ``(module, args, kwargs)`` or ``(module, args, kwargs, dynamic_shapes)`` tuple.
+        path: the bundle directory to write (must not exist, or be empty, unless ``overwrite``).
+        device: "cpu" or "cuda[:N]"; default: the device the programs were exported on.
+        overwrite: replace an existing bundle directory.
+        progress: show a progress bar (methods take seconds each to compile).
+
+    Returns:
+        The bundle directory. Its ``manifest.json`` is written last, so a bundle with a
+        manifest is complete.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    if not isinstance(programs, Mapping) or not programs:
+        raise CompileError("programs must be a non-empty mapping of method name -> ExportedProgram")
+    for name in programs:
+        _check_name(name)
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
+        raise CompileError(f"{out} exists and is not an empty directory; pass overwrite=True to replace it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe_file = out / ".aoti_rt_write_test"
+        probe_file.write_bytes(b"")
+        probe_file.unlink()
+    except OSError as e:
+        raise CompileError(f"cannot write the bundle to {out}: {e}") from e
+    if overwrite:
+        for child in out.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+    eps = {name: _as_exported(name, prog) for name, prog in programs.items()}
+    devices = {_program_device(ep) for ep in eps.values()}
+    if len(devices) > 1:
+        raise CompileError(f"methods were exported on different devices {sorted(devices)}")
+    dev_type = devices.pop()
+    if device is None:
+        device = "cuda:0" if dev_type == "cuda" else "cpu"
+    elif torch.device(device).type != dev_type:
+        raise CompileError(f"device={device!r} but the programs were exported on {dev_type}; "
+                           f"export them on {device}")
+    if torch.device(device).type == "cuda" and torch.device(device).index is None:
+        device = "cuda:0"
+
+    mutated = set().union(*(_mutated_fqns(ep) for ep in eps.values()))
+    methods: dict[str, MethodSpec] = {}
+    weights: dict[str, WeightSpec] = {}
+    store_tensors: dict[str, Any] = {}
+    digest_to_tensor: dict[str, str] = {}
+    taken: set[str] = set()
+    bar = tqdm(list(eps.items()), desc="aoti_rt compile", unit="method", disable=not progress)
+    with tempfile.TemporaryDirectory(prefix="aoti_rt_") as tmp:
+        for name, ep in bar:
+            bar.set_postfix_str(name)
+            work = Path(tmp) / name
+            work.mkdir()
+            args, kwargs = ep.example_inputs if ep.example_inputs is not None else ((), {})
+            so_tmp = Path(torch._inductor.aot_compile(ep.module(), args, kwargs,
+                                                      options=_aoti_options(work / f"{name}.so")))
+            blobs = sorted(work.rglob("*_weights.blob"))
+            blob = blobs[0] if blobs else None
+            consts, spec, n_in = probe_method(so_tmp, blob, device, mutated)
+            inputs = _inputs(ep)
+            if len(inputs) != n_in:
+                raise CompileError(f"method {name!r}: the .so takes {n_in} inputs but the program has "
+                                   f"{len(inputs)} tensor inputs; non-tensor inputs are not supported")
+            specs = []
+            for c, data in consts:
+                wid = c.digest if not c.mutable else f"{c.fqn}@{c.digest[7:23]}"
+                if wid not in weights:
+                    tname = digest_to_tensor.get(c.digest)
+                    if tname is None:
+                        tname = safe_tensor_name(c.fqn, taken)
+                        digest_to_tensor[c.digest] = tname
+                        store_tensors[tname] = _store_tensor(c, data)
+                    weights[wid] = WeightSpec(id=wid, tensor=tname, offset=-1, nbytes=len(data),
+                                              digest=c.digest, mutable=c.mutable)
+                if c.fqn not in weights[wid].fqns:
+                    weights[wid].fqns.append(c.fqn)
+                c.weight = wid
+                specs.append(c)
+            ispec = ospec = None
+            try:
+                ispec = torch.utils._pytree.treespec_dumps(ep.call_spec.in_spec)
+                ospec = torch.utils._pytree.treespec_dumps(ep.call_spec.out_spec)
+            except Exception:  # noqa: BLE001 - fall back to the .so's own spec
+                if spec is not None:
+                    ispec, ospec = spec
+            so_name = f"{name}.so"
+            shutil.copyfile(so_tmp, out / so_name)
+            methods[name] = MethodSpec(so=so_name, inputs=inputs,
+                                       outputs=list(ep.graph_signature.user_outputs),
+                                       in_spec=ispec, out_spec=ospec, constants=specs)
+        _warn_divergent_fqns(methods)
+        save_file(store_tensors, str(out / STORE), metadata={"format": "pt", "writer": f"aoti_rt {__version__}"})
+    header = read_store_header(out / STORE)
+    for w in weights.values():
+        _, _, b, e = header.tensors[w.tensor]
+        w.offset = b
+        assert e - b == w.nbytes, (w.tensor, e - b, w.nbytes)
+    manifest = Manifest(device=device, methods=methods, weights=weights, store=STORE,
+                        torch_version=torch.__version__, aoti_rt_version=__version__)
+    tmp_manifest = out / (MANIFEST + ".tmp")
+    tmp_manifest.write_text(manifest.to_json())
+    os.replace(tmp_manifest, out / MANIFEST)
+    return out
+
+
+def _store_tensor(c: ConstantSpec, data: bytes):
+    """The tensor written to the store: typed if the constant covers its storage, else bytes."""
+    import torch
+
+    u8 = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    dtype = getattr(torch, c.dtype)
+    numel = 1
+    for s in c.shape:
+        numel *= s
+    contiguous = all(st == exp for st, exp in zip(c.stride, _contig_strides(c.shape)))
+    if (c.storage_offset == 0 and contiguous and numel * dtype.itemsize == len(data)
+            and c.dtype not in ("complex32", "uint16", "uint32", "uint64") and numel > 0):
+        return u8.view(dtype).reshape(c.shape)
+    return u8
+
+
+def _contig_strides(shape: list[int]) -> list[int]:
+    out, acc = [], 1
+    for s in reversed(shape):
+        out.append(acc)
+        acc *= max(s, 1)
+    return out[::-1]
+
+
+def _warn_divergent_fqns(methods: dict[str, MethodSpec]) -> None:
+    seen: dict[str, tuple[str, str]] = {}
+    for mname, m in methods.items():
+        for c in m.constants:
+            prev = seen.setdefault(c.fqn, (mname, c.weight))
+            if prev[1] != c.weight:
+                warnings.warn(f"constant {c.fqn} differs between methods {prev[0]!r} and {mname!r}; "
+                              f"it is kept as two weights", stacklevel=3)

@@ -1,0 +1,452 @@
+"""Method and Model: run a bundle's methods with one copy of each weight.
+
+Data flows one way: :func:`load` reads and checks a bundle, each :class:`Method` acquires its
+weights from the device's :class:`~aoti_rt._cache.WeightCache` (reading from the store only
+the weights nobody holds yet), and binds them to its AOTI container in one
+``UpdateUserManagedConstantBufferPairs`` call. Closing (or dropping) a method releases its
+references; a weight's memory goes with its last user.
+
+Cache keys:
+
+* an immutable weight is keyed by its content digest, so identical bytes are shared by every
+  method, model instance and bundle on the device, and two bundles whose FQNs collide but
+  whose values differ never share;
+* a mutable buffer (written in place by some method, e.g. a KV cache) is keyed by the model
+  instance and the weight, so the methods of one Model share it and a second ``load`` of the
+  same bundle gets fresh state initialised from the store.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import warnings
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import _cache, device as _device, loader
+from .abi import SharedObject, torch_shim
+from .bundle import DTYPE_CODES, Bundle, ConstantSpec, InputSpec, MethodSpec, WeightSpec, read_bundle
+from .errors import AOTIError, ClosedError, InputError
+
+_PAIRS = "AOTInductorModelContainerUpdateUserManagedConstantBufferPairs"
+_instance_ids = itertools.count(1)
+
+
+@dataclass
+class _Source:
+    """Where a method's weights come from: a store file and its weight table."""
+
+    store: Path
+    weights: dict[str, WeightSpec]
+    scope: str          # instance token for mutable state
+
+
+class _Binding:
+    """What a live method holds: its container, its weight references. Freed exactly once."""
+
+    def __init__(self, so: SharedObject, handle: int, rt: _device.DeviceRuntime):
+        self.so = so
+        self.handle = handle
+        self.rt = rt
+        self.acq: _cache.Acquisition | None = None
+        self.legacy_bytes = 0
+        self._done = False
+        self._lock = threading.Lock()
+
+    def free(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+        try:
+            if self.handle:
+                self.so.delete(self.handle)   # the container stops pointing at our memory first
+        finally:
+            self.handle = 0
+            if self.acq is not None:
+                self.rt.cache.release(self.acq)
+                self.acq = None
+
+
+class Method:
+    """One callable method of a model: ``method(*tensors)`` runs it.
+
+    Returns what the exported program returns (a tensor, or the tuple/pytree of its call
+    spec). Inputs are checked (count, dtype, device, rank, static sizes) before AOTI runs.
+    Thread-safe: calls may run concurrently; :meth:`close` waits for running calls.
+    """
+
+    def __init__(self, name: str, spec: MethodSpec, so_path: Path, source: _Source,
+                 rt: _device.DeviceRuntime, *, legacy: bool = False, progress: bool | None = None):
+        import torch
+
+        self.name = name
+        self.spec = spec
+        self.device = rt.device
+        self._rt = rt
+        self._cv = threading.Condition()
+        self._inflight = 0
+        self._closed = False
+        self._buffers: dict[str, tuple[_cache.Buffer, ConstantSpec]] = {}
+        so = SharedObject(so_path)
+        self.shared = so.has(_PAIRS) and not legacy
+        handle = so.create(rt.device)
+        self._binding = _Binding(so, handle, rt)
+        self._finalizer = weakref.finalize(self, self._binding.free)
+        try:
+            self._check_constants(so, handle)
+            if self.shared:
+                self._bind_shared(source, progress)
+            else:
+                self._bind_legacy(source)
+            n_out = so.num_outputs(handle)
+            n_in = so.num_inputs(handle)
+        except BaseException:
+            self._finalizer()
+            raise
+        self._n_out = n_out
+        self._n_in = n_in
+        self._run_fn = so.addresses["AOTInductorModelContainerRun"]
+        self._in_spec = _load_spec(spec.in_spec)
+        self._out_spec = _load_spec(spec.out_spec)
+        self._dtypes = [getattr(torch, i.dtype) for i in spec.inputs]
+
+    # -- binding --------------------------------------------------------------------------
+
+    def _check_constants(self, so: SharedObject, handle: int) -> None:
+        infos = so.constants(handle)
+        names = [c.name for c in self.spec.constants]
+        if [i.name for i in infos] != names:
+            raise AOTIError(
+                f"method {self.name!r}: {so.path.name} has constants {[i.name for i in infos][:5]}... "
+                f"({len(infos)}) but the manifest lists {names[:5]}... ({len(names)}); the bundle is "
+                f"inconsistent, recompile it")
+        for info, c in zip(infos, self.spec.constants):
+            if DTYPE_CODES[c.dtype] != info.dtype_code:
+                raise AOTIError(f"method {self.name!r}: constant {c.fqn} is {c.dtype} in the manifest "
+                                f"but dtype code {info.dtype_code} in {so.path.name}")
+
+    def _keys(self, source: _Source) -> tuple[list[str], list[WeightSpec], list[int]]:
+        """Unique cache keys of this method's weights, and each constant's index among them."""
+        keys: list[str] = []
+        weights: list[WeightSpec] = []
+        index: dict[str, int] = {}
+        of_constant = []
+        for c in self.spec.constants:
+            w = source.weights[c.weight]
+            key = f"{source.scope}|{w.id}" if w.mutable else w.digest
+            at = index.get(key)
+            if at is None:
+                at = index[key] = len(keys)
+                keys.append(key)
+                weights.append(w)
+            of_constant.append(at)
+        return keys, weights, of_constant
+
+    def _bind_shared(self, source: _Source, progress: bool | None) -> None:
+        rt = self._rt
+        b = self._binding
+        keys, weights, of_constant = self._keys(source)
+        acq = rt.cache.acquire(keys, [w.nbytes for w in weights], rt.allocator)
+        b.acq = acq
+        try:
+            fill = acq.to_fill
+            if fill:
+                n = loader.read_weights(rt, source.store, [weights[i].offset for i in fill],
+                                        [weights[i].nbytes for i in fill],
+                                        [acq.buffers[i] for i in fill], progress=progress)
+                rt.cache.add_bytes_read(n)
+        except BaseException as e:
+            rt.cache.publish(acq, e)
+            raise
+        rt.cache.publish(acq)
+        rt.cache.wait(acq)
+        cs = self.spec.constants
+        plan = _cache.BindPlan([c.name for c in cs], [DTYPE_CODES[c.dtype] for c in cs],
+                               [c.shape for c in cs], [c.stride for c in cs],
+                               [c.storage_offset for c in cs])
+        shim = torch_shim()
+        rc = plan.bind([acq.buffers[i] for i in of_constant], b.so.addresses[_PAIRS], b.handle,
+                       1 if rt.is_cuda else 0, rt.index,
+                       shim["aoti_torch_create_tensor_from_blob_v2"],
+                       shim["aoti_torch_delete_tensor_object"])
+        if rc != 0:
+            step, detail = rc
+            what = (f"wrapping constant {cs[detail].fqn} as a tensor" if step == 1
+                    else f"UpdateUserManagedConstantBufferPairs (code {detail})")
+            raise AOTIError(f"method {self.name!r}: binding failed while {what}: "
+                            f"{b.so.last_error() or 'see stderr'}")
+        self._buffers = {c.fqn: (acq.buffers[i], c) for c, i in zip(cs, of_constant)}
+
+    def _bind_legacy(self, source: _Source) -> None:
+        """No Pairs entry point: AOTI loads its own private copy from a blob (unshared)."""
+        so, b = self._binding.so, self._binding
+        self._buffers = {}
+        if not self.spec.constants:
+            return
+        if not so.has("AOTInductorModelUpdateConstantsFromBlob"):
+            return   # the .so embeds its weights: CreateWithDevice loaded them
+        import ctypes
+
+        blob = bytearray()
+        with open(source.store, "rb") as f:
+            for c in self.spec.constants:
+                w = source.weights[c.weight]
+                f.seek(w.offset)
+                data = f.read(w.nbytes)
+                if len(data) != w.nbytes:
+                    raise loader.BundleError(f"weight store {source.store} is truncated")
+                blob += data + bytes(max(c.data_size, w.nbytes) - w.nbytes)
+        buf = (ctypes.c_uint8 * len(blob)).from_buffer(blob)
+        so.update_constants_from_blob(b.handle, ctypes.addressof(buf))
+        b.legacy_bytes = len(blob)
+        _add_legacy(self.device, 1, len(blob))
+        weakref.finalize(self, _add_legacy, self.device, -1, -len(blob))
+
+    # -- calling --------------------------------------------------------------------------
+
+    def _flatten(self, args: tuple, kwargs: dict) -> list:
+        import torch
+        from torch.utils import _pytree as pytree
+
+        if self._in_spec is not None:
+            leaves, spec = pytree.tree_flatten((args, kwargs))
+            if spec != self._in_spec:
+                leaves2, spec2 = pytree.tree_flatten((args, {}))
+                if kwargs or spec2 != self._in_spec:
+                    raise InputError(f"method {self.name!r} was exported with inputs structured as "
+                                     f"{self._in_spec}, got {spec}")
+                leaves = leaves2
+        else:
+            leaves = list(args) + list(kwargs.values())
+        if len(leaves) != self._n_in:
+            raise InputError(f"method {self.name!r} takes {self._n_in} tensor inputs, got {len(leaves)}")
+        for i, t in enumerate(leaves):
+            if not isinstance(t, torch.Tensor):
+                raise InputError(f"method {self.name!r}: input {i} must be a torch.Tensor, "
+                                 f"got {type(t).__name__}")
+        for i, (t, spec) in enumerate(zip(leaves, self.spec.inputs)):
+            self._check_input(i, t, spec)
+        return leaves
+
+    def _check_input(self, i: int, t, spec: InputSpec) -> None:
+        want_dev = "cuda" if self._rt.is_cuda else "cpu"
+        if t.device.type != want_dev or (self._rt.is_cuda and t.device.index != self._rt.index):
+            raise InputError(f"method {self.name!r}: input {i} ({spec.name}) is on {t.device}, "
+                             f"the model runs on {self.device}; move it with .to({self.device!r})")
+        if t.dtype != self._dtypes[i]:
+            raise InputError(f"method {self.name!r}: input {i} ({spec.name}) must be {spec.dtype}, "
+                             f"got {str(t.dtype).removeprefix('torch.')}")
+        if t.dim() != len(spec.shape) or any(s is not None and s != d for s, d in zip(spec.shape, t.shape)):
+            shape = ["*" if s is None else s for s in spec.shape]
+            raise InputError(f"method {self.name!r}: input {i} ({spec.name}) must have shape {shape}, "
+                             f"got {list(t.shape)}")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        import torch
+        from torch.utils import _pytree as pytree
+
+        with self._cv:
+            if self._closed:
+                raise ClosedError(f"method {self.name!r} is closed")
+            self._inflight += 1
+        try:
+            leaves = self._flatten(args, kwargs)
+            handles = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(leaves)
+            stream = torch.cuda.current_stream(self._rt.index).cuda_stream if self._rt.is_cuda else 0
+            rc, outs = _cache.run_container(self._run_fn, self._binding.handle, handles,
+                                            self._n_out, stream)
+            if rc != 0:
+                raise AOTIError(f"method {self.name!r} failed in AOTI Run: "
+                                f"{self._binding.so.last_error() or 'see stderr'}")
+            tensors = torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs(outs)
+        finally:
+            with self._cv:
+                self._inflight -= 1
+                self._cv.notify_all()
+        if self._out_spec is not None:
+            return pytree.tree_unflatten(tensors, self._out_spec)
+        return tensors[0] if len(tensors) == 1 else tuple(tensors)
+
+    # -- weights --------------------------------------------------------------------------
+
+    @property
+    def constants(self) -> list[str]:
+        """The FQNs of the constants this method binds."""
+        return [c.fqn for c in self.spec.constants]
+
+    def weight(self, fqn: str):
+        """A tensor view of a bound constant. The view keeps its memory alive after close."""
+        if self._closed:
+            raise ClosedError(f"method {self.name!r} is closed")
+        try:
+            buf, c = self._buffers[fqn]
+        except KeyError:
+            raise KeyError(f"method {self.name!r} binds no shared constant {fqn!r}") from None
+        return buffer_view(buf, c)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Wait for running calls, delete the container and release this method's weights."""
+        with self._cv:
+            self._closed = True
+            while self._inflight:
+                self._cv.wait()
+        self._buffers = {}
+        self._finalizer()
+
+    def __enter__(self) -> "Method":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else self.device
+        return f"<aoti_rt.Method {self.name} ({len(self.spec.constants)} constants, {state})>"
+
+
+#: device -> (methods, bytes) bound the legacy, unshared way
+_legacy: dict[str, tuple[int, int]] = {}
+
+
+def _add_legacy(device: str, methods: int, nbytes: int) -> None:
+    m, b = _legacy.get(device, (0, 0))
+    _legacy[device] = (m + methods, b + nbytes)
+
+
+def buffer_view(buf: _cache.Buffer, c: ConstantSpec):
+    """Wrap a cache Buffer as a torch tensor with a constant's view (holds the Buffer)."""
+    import torch
+
+    if buf.allocator.is_cuda:
+        raw = torch.as_tensor(buf, device=buf.device)
+    else:
+        raw = torch.frombuffer(buf, dtype=torch.uint8)
+    typed = raw.view(getattr(torch, c.dtype))
+    return typed.as_strided(c.shape, c.stride, c.storage_offset)
+
+
+def _load_spec(text: str | None):
+    if not text:
+        return None
+    from torch.utils import _pytree as pytree
+
+    try:
+        return pytree.treespec_loads(text)
+    except Exception:  # noqa: BLE001 - a spec this torch cannot read: run unstructured
+        return None
+
+
+class Model:
+    """A loaded bundle: its methods, sharing one copy of each weight.
+
+    ``model["decode"]`` or ``model.decode`` gives a :class:`Method`; ``model.methods`` lists
+    the names. Use ``with aoti_rt.load(path) as model:`` or call :meth:`close`.
+    """
+
+    def __init__(self, bundle: Bundle, device: str, *, methods: Sequence[str] | None = None,
+                 progress: bool | None = None):
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        self.device = device
+        self._token = f"model{next(_instance_ids)}"
+        self._methods: dict[str, Method] = {}
+        rt = _device.get(device)
+        source = _Source(bundle.store_path, bundle.manifest.weights, self._token)
+        names = list(bundle.manifest.methods) if methods is None else list(methods)
+        try:
+            for name in names:
+                if name not in bundle.manifest.methods:
+                    raise KeyError(f"bundle has no method {name!r}; it has {list(bundle.manifest.methods)}")
+                self._methods[name] = Method(name, bundle.manifest.methods[name], bundle.so_path(name),
+                                             source, rt, progress=progress)
+        except BaseException:
+            self.close()
+            raise
+        _warn_private(self._methods)
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self._methods)
+
+    def __getitem__(self, name: str) -> Method:
+        try:
+            return self._methods[name]
+        except KeyError:
+            raise KeyError(f"no method {name!r}; this model has {self.methods}") from None
+
+    def __getattr__(self, name: str) -> Method:
+        methods = self.__dict__.get("_methods")
+        if methods is not None and name in methods:
+            return methods[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute or method {name!r}")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._methods)
+
+    def __dir__(self):
+        return sorted(set(super().__dir__()) | set(self._methods))
+
+    def weight(self, fqn: str):
+        """A tensor view of a weight or buffer (for a mutable buffer: this instance's state)."""
+        for m in self._methods.values():
+            if fqn in m._buffers:
+                return m.weight(fqn)
+        raise KeyError(f"no method of this model binds {fqn!r}")
+
+    def close(self) -> None:
+        """Close every method; memory no other model uses is freed."""
+        for m in self._methods.values():
+            m.close()
+
+    @property
+    def closed(self) -> bool:
+        return all(m.closed for m in self._methods.values())
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<aoti_rt.Model {self.bundle.root.name} methods={self.methods} on {self.device}>"
+
+
+def _warn_private(methods: dict[str, Method]) -> None:
+    """Same FQN, different weight in two methods: each binds its own copy (never aliased)."""
+    seen: dict[str, tuple[str, str]] = {}
+    for m in methods.values():
+        for c in m.spec.constants:
+            prev = seen.setdefault(c.fqn, (m.name, c.weight))
+            if prev[1] != c.weight:
+                warnings.warn(f"{c.fqn} has a different dtype/shape/stride or value in methods "
+                              f"{prev[0]!r} and {m.name!r}: each binds a private copy", stacklevel=3)
+
+
+def load(path: str | Path, *, device: str | None = None, methods: Sequence[str] | None = None,
+         progress: bool | None = None) -> Model:
+    """Load a bundle written by :func:`aoti_rt.compile`.
+
+    Args:
+        path: the bundle directory.
+        device: "cpu", "cuda" or "cuda:N"; default: the device it was compiled for.
+        methods: load only these methods (default: all).
+        progress: show a progress bar while loading (default: for loads of 2 GiB or more,
+            when stderr is a terminal).
+    """
+    bundle = read_bundle(path)
+    dev = _device.normalize(device, default=bundle.manifest.device)
+    compiled = "cpu" if bundle.manifest.device == "cpu" else "cuda"
+    if ("cpu" if dev == "cpu" else "cuda") != compiled:
+        raise ValueError(f"{path} was compiled for {bundle.manifest.device}; an AOTI .so runs only "
+                         f"on the device type it was compiled for, so load it on {compiled}")
+    return Model(bundle, dev, methods=methods, progress=progress)

@@ -1,0 +1,111 @@
+"""Run a plain AOTI artifact (a ``.so`` plus its ``*_weights.blob``) without a bundle.
+
+Stock ``torch._inductor.aot_compile`` with ``package_constants_on_disk_format="binary_blob"``
+writes a .so and a header-less blob: each non-folded constant's storage bytes, in index order,
+at offsets that are prefix sums of ``GetConstantDataSize``. The C ABI does not expose shapes or
+strides, so the first load probes the artifact once with torch's own AOTI runner and caches
+the result beside it (``<so>.aoti_rt.json``, or in the user cache directory if that is not
+writable). Later loads read only that file and the weights they need.
+
+Without the exported program there is no record of which buffers a method writes in place,
+so every buffer is treated as mutable state, private to the loaded method.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from . import device as _device
+from .bundle import ConstantSpec, InputSpec, MethodSpec, WeightSpec
+from .compiler import probe_method
+from .errors import BundleError
+from .runtime import Method, _Source, _instance_ids
+
+PROBE_VERSION = 1
+
+
+def _cache_path(so: Path) -> list[Path]:
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "aoti_rt" / "probes"
+    key = hashlib.sha256(str(so.resolve()).encode()).hexdigest()[:24]
+    return [so.with_name(so.name + ".aoti_rt.json"), base / f"{key}.json"]
+
+
+def _fingerprint(so: Path, blob: Path) -> dict:
+    a, b = so.stat(), blob.stat()
+    return {"so": [a.st_size, a.st_mtime_ns], "blob": [b.st_size, b.st_mtime_ns],
+            "torch": torch.__version__, "probe_version": PROBE_VERSION}
+
+
+def probe_artifact(so: Path, blob: Path, device: str) -> tuple[MethodSpec, dict[str, WeightSpec]]:
+    """The manifest-equivalent of a stock artifact, from the cached probe or a new one."""
+    fp = _fingerprint(so, blob)
+    for p in _cache_path(so):
+        try:
+            raw = json.loads(p.read_text())
+            if raw.get("fingerprint") == fp:
+                m = raw["method"]
+                spec = MethodSpec(so=m["so"], inputs=[InputSpec(**i) for i in m["inputs"]],
+                                  outputs=m["outputs"], in_spec=m["in_spec"], out_spec=m["out_spec"],
+                                  constants=[ConstantSpec(**c) for c in m["constants"]])
+                return spec, {k: WeightSpec(**w) for k, w in raw["weights"].items()}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    probe_dev = "cpu" if device == "cpu" else device
+    consts, call_spec, _ = probe_method(so, blob, probe_dev, mutated=set())
+    weights: dict[str, WeightSpec] = {}
+    specs = []
+    offset = 0
+    size = blob.stat().st_size
+    for c, data in consts:
+        c.mutable = c.kind == "buffer"
+        wid = c.digest if not c.mutable else f"{c.fqn}@{c.digest[7:23]}"
+        if offset + len(data) > size:
+            raise BundleError(f"{blob} is truncated: constant {c.fqn} needs bytes up to "
+                              f"{offset + len(data)}, the file has {size}")
+        weights.setdefault(wid, WeightSpec(id=wid, tensor=c.name, offset=offset, nbytes=len(data),
+                                           digest=c.digest, mutable=c.mutable, fqns=[c.fqn]))
+        c.weight = wid
+        specs.append(c)
+        offset += max(c.data_size, len(data))
+    ispec, ospec = call_spec if call_spec else (None, None)
+    spec = MethodSpec(so=so.name, inputs=[], outputs=[], in_spec=ispec, out_spec=ospec, constants=specs)
+    record = {"fingerprint": fp, "method": asdict(spec),
+              "weights": {k: asdict(w) for k, w in weights.items()}}
+    for p in _cache_path(so):
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmp = p.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, p)
+            break
+        except OSError:
+            continue
+    return spec, weights
+
+
+def load_method(so_path: str | os.PathLike[str], weights: str | os.PathLike[str], *,
+                device: str | None = None, name: str | None = None) -> Method:
+    """Load one stock AOTI artifact as a :class:`Method` that shares the weight cache.
+
+    Args:
+        so_path: the model .so from ``torch._inductor.aot_compile`` (built with
+            ``aot_inductor.package_constants_in_so=False`` and the ``binary_blob`` format).
+        weights: its ``*_weights.blob``.
+        device: "cpu", "cuda" or "cuda:N"; default "cpu" unless CUDA is available.
+        name: the method's name (default: the .so's stem).
+    """
+    so, blob = Path(so_path), Path(weights)
+    for p, what in ((so, "shared object"), (blob, "weights blob")):
+        if not p.is_file():
+            raise BundleError(f"{what} {p} does not exist")
+    dev = _device.normalize(device, default="cuda:0" if _device.cuda_available() else "cpu")
+    spec, table = probe_artifact(so, blob, dev)
+    rt = _device.get(dev)
+    source = _Source(blob, table, f"method{next(_instance_ids)}")
+    return Method(name or so.stem, spec, so, source, rt)
