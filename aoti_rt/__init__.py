@@ -14,12 +14,12 @@ from .compiler import compile
 from .device import cuda_available
 from .errors import (AllocationError, AOTIError, AotiRtError, BundleError, ClosedError,
                      CompileError, CudaError, InputError)
-from .memory import cache_stats, reset_peak, set_memory_limit
+from .memory import MemoryReport, Sampler, cache_stats, memory_report, reset_peak, set_memory_limit
 from .runtime import Method, Model, load
 from .stock import load_method
 
 __all__ = [
-    "compile", "load", "load_method", "cache_stats", "reset_peak", "set_memory_limit",
+    "compile", "load", "load_method", "cache_stats", "memory_report", "MemoryReport", "Sampler", "reset_peak", "set_memory_limit",
     "cuda_available", "Model", "Method", "Bundle", "Manifest", "read_bundle",
     "AotiRtError", "BundleError", "CompileError", "AOTIError", "InputError", "ClosedError",
     "AllocationError", "CudaError",

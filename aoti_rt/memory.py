@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from . import device as _device
-from . import runtime as _runtime
+
+
+#: device -> (methods, bytes) bound the legacy, unshared way
+_legacy: dict[str, tuple[int, int]] = {}
+
+
+def add_legacy(device: str, methods: int, nbytes: int) -> None:
+    """Count a method whose .so holds its own private weights (no Pairs entry point)."""
+    m, b = _legacy.get(device, (0, 0))
+    _legacy[device] = (m + methods, b + nbytes)
 
 
 def _default_device(device: str | None) -> str:
@@ -27,7 +38,7 @@ def cache_stats(device: str | None = None) -> dict:
     rt = _device.get(dev)
     stats = rt.cache.stats()
     a = rt.allocator
-    legacy_methods, legacy_bytes = _runtime._legacy.get(dev, (0, 0))
+    legacy_methods, legacy_bytes = _legacy.get(dev, (0, 0))
     stats.update(device=dev, bytes_allocated=a.bytes_allocated,
                  peak_bytes_allocated=a.peak_bytes_allocated, num_allocations=a.num_allocations,
                  legacy_methods=legacy_methods, legacy_bytes=legacy_bytes)
@@ -35,8 +46,10 @@ def cache_stats(device: str | None = None) -> dict:
 
 
 def reset_peak(device: str | None = None) -> None:
-    """Start a new high-water mark for ``peak_bytes_allocated``."""
-    _device.get(_default_device(device)).allocator.reset_peak()
+    """Start new high-water marks: ``peak_bytes_allocated`` and the sampled device peak."""
+    dev = _default_device(device)
+    _device.get(dev).allocator.reset_peak()
+    _peak_used.pop(dev, None)
 
 
 def set_memory_limit(nbytes: int, device: str | None = None) -> None:
@@ -46,3 +59,111 @@ def set_memory_limit(nbytes: int, device: str | None = None) -> None:
     allocated, as a full device would.
     """
     _device.get(_default_device(device)).allocator.limit = int(nbytes)
+
+
+# -- device-wide memory -------------------------------------------------------------------
+
+_peak_used: dict[str, int] = {}
+
+
+def sample(device: str) -> int | None:
+    """Read device-wide used bytes now (cuMemGetInfo) and fold it into the sampled peak.
+
+    aoti_rt samples after every weight load and bind; :class:`Sampler` samples in the
+    background while a block of code runs. Returns None on the CPU.
+    """
+    if device == "cpu":
+        return None
+    free, total = _device.device_memory_info(device)
+    used = total - free
+    if used > _peak_used.get(device, 0):
+        _peak_used[device] = used
+    return used
+
+
+class Sampler:
+    """Sample device-wide used memory every ``interval`` seconds while the block runs.
+
+    >>> with Sampler("cuda:0"):
+    ...     model.prefill(x)
+    >>> memory_report("cuda:0").device_peak_used_bytes
+    """
+
+    def __init__(self, device: str, interval: float = 0.001):
+        import threading
+
+        self.device = device
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="aoti_rt-sampler")
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            sample(self.device)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "Sampler":
+        if self.device != "cpu":
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        if self.device != "cpu":
+            sample(self.device)
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """aoti_rt's own memory (exact) and the device's (sampled, device-wide).
+
+    ``bytes_allocated`` / ``peak_bytes_allocated`` count aoti_rt's live weight buffers and
+    their high-water mark, byte-exact. ``device_used_bytes`` and
+    ``device_peak_used_bytes`` are device-wide (cuMemGetInfo: they include the CUDA context,
+    PyTorch's caching allocator, AOTI's scratch memory and other processes); the peak is the
+    largest sample taken during loads, binds and :class:`Sampler` blocks.
+    """
+
+    device: str
+    bytes_allocated: int
+    peak_bytes_allocated: int
+    cached_weights: int
+    device_used_bytes: int | None
+    device_peak_used_bytes: int | None
+    device_total_bytes: int | None
+
+    def line(self) -> str:
+        """One line, ``aoti_rt.memory key=value ...``, values in bytes ("-" if unknown)."""
+        def v(x):
+            return "-" if x is None else str(x)
+        return (f"aoti_rt.memory device={self.device} allocated={self.bytes_allocated} "
+                f"peak_allocated={self.peak_bytes_allocated} weights={self.cached_weights} "
+                f"device_used={v(self.device_used_bytes)} device_peak_used={v(self.device_peak_used_bytes)} "
+                f"device_total={v(self.device_total_bytes)}")
+
+    @staticmethod
+    def parse(line: str) -> dict[str, int | str | None]:
+        """Parse :meth:`line` output back into a dict."""
+        head, *fields = line.split()
+        if head != "aoti_rt.memory":
+            raise ValueError("not an aoti_rt.memory line")
+        out: dict[str, int | str | None] = {}
+        for f in fields:
+            k, _, val = f.partition("=")
+            out[k] = None if val == "-" else (val if k == "device" else int(val))
+        return out
+
+
+def memory_report(device: str | None = None) -> MemoryReport:
+    """The memory report of one device (default as in :func:`cache_stats`)."""
+    dev = _default_device(device)
+    rt = _device.get(dev)
+    used = total = peak = None
+    if dev != "cpu":
+        free, total = _device.device_memory_info(dev)
+        used = total - free
+        peak = max(_peak_used.get(dev, 0), used)
+    return MemoryReport(dev, rt.allocator.bytes_allocated, rt.allocator.peak_bytes_allocated,
+                        len(rt.cache), used, peak, total)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import _cache, device as _device, loader
+from . import _cache, device as _device, loader, memory as _memory
 from .abi import SharedObject, torch_shim
 from .bundle import DTYPE_CODES, Bundle, ConstantSpec, InputSpec, MethodSpec, WeightSpec, read_bundle
 from .errors import AOTIError, ClosedError, InputError
@@ -108,6 +108,8 @@ class Method:
         except BaseException:
             self._finalizer()
             raise
+        if rt.is_cuda:
+            _memory.sample(rt.device)
         self._n_out = n_out
         self._n_in = n_in
         self._run_fn = so.addresses["AOTInductorModelContainerRun"]
@@ -204,8 +206,8 @@ class Method:
         buf = (ctypes.c_uint8 * len(blob)).from_buffer(blob)
         so.update_constants_from_blob(b.handle, ctypes.addressof(buf))
         b.legacy_bytes = len(blob)
-        _add_legacy(self.device, 1, len(blob))
-        weakref.finalize(self, _add_legacy, self.device, -1, -len(blob))
+        _memory.add_legacy(self.device, 1, len(blob))
+        weakref.finalize(self, _memory.add_legacy, self.device, -1, -len(blob))
 
     # -- calling --------------------------------------------------------------------------
 
@@ -311,15 +313,6 @@ class Method:
     def __repr__(self) -> str:
         state = "closed" if self._closed else self.device
         return f"<aoti_rt.Method {self.name} ({len(self.spec.constants)} constants, {state})>"
-
-
-#: device -> (methods, bytes) bound the legacy, unshared way
-_legacy: dict[str, tuple[int, int]] = {}
-
-
-def _add_legacy(device: str, methods: int, nbytes: int) -> None:
-    m, b = _legacy.get(device, (0, 0))
-    _legacy[device] = (m + methods, b + nbytes)
 
 
 def buffer_view(buf: _cache.Buffer, c: ConstantSpec):

@@ -1,0 +1,121 @@
+"""``python -m aoti_rt``: inspect bundles, run the demo, run the benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DESCRIPTION = """\
+aoti_rt runs multi-method AOTInductor models (an LLM's prefill and decode, an encoder and a
+decoder) keeping one copy of each weight in device memory, however many methods use it.
+
+commands:
+  demo      compile (once) and run a tiny LM with prefill/decode, check it against eager
+            PyTorch and print the memory report
+  inspect   show a bundle's methods, constants, shared vs private bytes and dedup ratio
+  verify    re-hash every weight of a bundle's store against its manifest
+  bench     run the benchmark suite (bench/ in a source checkout) and write tables + JSON
+"""
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .bundle import human_bytes, read_bundle
+
+    b = read_bundle(args.bundle)
+    man = b.manifest
+    users: dict[str, set[str]] = {}
+    for name, m in man.methods.items():
+        for c in m.constants:
+            users.setdefault(c.weight, set()).add(name)
+    unique = man.unique_weight_bytes()
+    shared = sum(man.weights[w].nbytes for w, u in users.items() if len(u) > 1)
+    per_method = sum(man.per_method_bytes(n) for n in man.methods)
+    store_bytes = b.store_path.stat().st_size
+    print(f"bundle   {b.root}")
+    print(f"device   {man.device}   torch {man.torch_version}   format v{man.version}")
+    print(f"store    {b.store_path.name}: {human_bytes(store_bytes)} on disk, {len(man.weights)} weights")
+    print()
+    print(f"{'method':<16}{'constants':>10}{'weights':>10}{'bytes':>14}{'shared':>14}{'private':>14}{'mutable':>9}")
+    for name, m in man.methods.items():
+        ws = {c.weight for c in m.constants}
+        sh = sum(man.weights[w].nbytes for w in ws if len(users[w]) > 1)
+        tot = sum(man.weights[w].nbytes for w in ws)
+        mut = sum(1 for w in ws if man.weights[w].mutable)
+        print(f"{name:<16}{len(m.constants):>10}{len(ws):>10}{human_bytes(tot):>14}{human_bytes(sh):>14}"
+              f"{human_bytes(tot - sh):>14}{mut:>9}")
+    print()
+    print(f"unique weight bytes      {human_bytes(unique)} ({unique} B)")
+    print(f"shared by >1 method      {human_bytes(shared)}")
+    print(f"per-method loading       {human_bytes(per_method)}")
+    print(f"dedup ratio              {per_method / max(unique, 1):.2f}x  (per-method bytes / unique bytes)")
+    if args.constants:
+        for name, m in man.methods.items():
+            print(f"\n[{name}]")
+            for c in m.constants:
+                flag = "mutable" if c.mutable else ""
+                print(f"  {c.name:<32} {c.fqn:<32} {c.dtype:<9} {str(c.shape):<18} {c.kind:<10} {flag}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    import hashlib
+
+    from .bundle import read_bundle
+
+    b = read_bundle(args.bundle)
+    bad = 0
+    with open(b.store_path, "rb") as f:
+        for wid, w in b.manifest.weights.items():
+            f.seek(w.offset)
+            h = hashlib.sha256()
+            left = w.nbytes
+            while left:
+                chunk = f.read(min(left, 16 << 20))
+                if not chunk:
+                    break
+                h.update(chunk)
+                left -= len(chunk)
+            if "sha256:" + h.hexdigest() != w.digest:
+                bad += 1
+                print(f"CORRUPT  {w.tensor} ({wid})")
+    print(f"{len(b.manifest.weights) - bad} of {len(b.manifest.weights)} weights match their digests")
+    return 1 if bad else 0
+
+
+def _bench(argv: list[str]) -> int:
+    import os
+
+    sys.path.insert(0, os.getcwd())
+    try:
+        from bench.run_all import main as bench_main
+    except ImportError:
+        print("the benchmarks live in bench/ of the aoti_rt source tree: run this from its root",
+              file=sys.stderr)
+        return 2
+    return bench_main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="python -m aoti_rt", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", metavar="{demo,inspect,verify,bench}")
+    sub.add_parser("demo", help="run the prefill/decode demo", add_help=False)
+    pi = sub.add_parser("inspect", help="describe a bundle")
+    pi.add_argument("bundle", help="bundle directory")
+    pi.add_argument("--constants", action="store_true", help="also list every constant")
+    pv = sub.add_parser("verify", help="check a bundle's weights against their digests")
+    pv.add_argument("bundle", help="bundle directory")
+    sub.add_parser("bench", help="run the benchmark suite", add_help=False)
+    if argv and argv[0] == "demo":
+        from .demo import main as demo_main
+        return demo_main(argv[1:])
+    if argv and argv[0] == "bench":
+        return _bench(argv[1:])
+    args = p.parse_args(argv)
+    if args.cmd == "inspect":
+        return _inspect(args)
+    if args.cmd == "verify":
+        return _verify(args)
+    p.print_help()
+    return 0
