@@ -67,6 +67,8 @@ class _Binding:
                 self.so.delete(self.handle)   # the container stops pointing at our memory first
         finally:
             self.handle = 0
+            if self.legacy_bytes:
+                _memory.add_legacy(self.rt.device, -1, -self.legacy_bytes)
             if self.acq is not None:
                 self.rt.cache.release(self.acq)
                 self.acq = None
@@ -91,6 +93,7 @@ class Method:
         self._cv = threading.Condition()
         self._inflight = 0
         self._closed = False
+        self.bytes_read = 0      # weight bytes this method's load read from disk
         self._buffers: dict[str, tuple[_cache.Buffer, ConstantSpec]] = {}
         so = SharedObject(so_path)
         self.shared = so.has(_PAIRS) and not legacy
@@ -162,6 +165,7 @@ class Method:
                                         [weights[i].nbytes for i in fill],
                                         [acq.buffers[i] for i in fill], progress=progress)
                 rt.cache.add_bytes_read(n)
+                self.bytes_read = n
         except BaseException as e:
             rt.cache.publish(acq, e)
             raise
@@ -207,7 +211,6 @@ class Method:
         so.update_constants_from_blob(b.handle, ctypes.addressof(buf))
         b.legacy_bytes = len(blob)
         _memory.add_legacy(self.device, 1, len(blob))
-        weakref.finalize(self, _memory.add_legacy, self.device, -1, -len(blob))
 
     # -- calling --------------------------------------------------------------------------
 
@@ -215,18 +218,12 @@ class Method:
         import torch
         from torch.utils import _pytree as pytree
 
-        if self._in_spec is not None:
-            leaves, spec = pytree.tree_flatten((args, kwargs))
-            if spec != self._in_spec:
-                leaves2, spec2 = pytree.tree_flatten((args, {}))
-                if kwargs or spec2 != self._in_spec:
-                    raise InputError(f"method {self.name!r} was exported with inputs structured as "
-                                     f"{self._in_spec}, got {spec}")
-                leaves = leaves2
-        else:
-            leaves = list(args) + list(kwargs.values())
+        leaves, spec = pytree.tree_flatten((args, kwargs))
         if len(leaves) != self._n_in:
             raise InputError(f"method {self.name!r} takes {self._n_in} tensor inputs, got {len(leaves)}")
+        if self._in_spec is not None and spec != self._in_spec:
+            raise InputError(f"method {self.name!r} was exported with inputs structured as "
+                             f"{self._in_spec} (args, kwargs); got {spec}")
         for i, t in enumerate(leaves):
             if not isinstance(t, torch.Tensor):
                 raise InputError(f"method {self.name!r}: input {i} must be a torch.Tensor, "

@@ -1,0 +1,88 @@
+"""Per-call overhead of a tiny decode step: aoti_rt ``Method(*x)`` vs torch's own AOTI runner.
+
+The model is one bias-free Linear(64, 64), float32, input [1, 64]. Both variants run the very
+same .so (the bundle's ``decode.so``): aoti_rt through ``aoti_rt.load``, torch through
+``AOTIModelContainerRunnerCuda(so, 1, dev)`` (``...Cpu`` on the CPU) after
+``update_constant_buffer_from_blob`` of the method's blob, then ``runner.run([x])``. Eager
+``module(x)`` under ``torch.no_grad`` is shown for reference. Each sample is a loop of many
+calls with a synchronize only before and after it; the table gives microseconds per call
+(median and best over the samples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+import aoti_rt
+from bench import common
+
+SPEC = common.StackSpec(layers=1, dim=64, methods=(("decode", 0, 1, 1),), dtype="float32")
+
+
+def _extra(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calls", type=int, default=None,
+                   help="calls per timed loop (default: 10000 full, 2000 small)")
+
+
+def per_call(fn: Callable[[], object], dev: str, calls: int, samples: int) -> list[float]:
+    """Microseconds per call of ``fn``: ``samples`` loops of ``calls`` calls, synchronized
+    only around each loop (after one untimed loop of warm-up)."""
+    def loop() -> float:
+        common.synchronize(dev)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        common.synchronize(dev)
+        return (time.perf_counter() - t0) / calls * 1e6
+    return common.repeat(loop, samples)
+
+
+def run(args: argparse.Namespace, report: common.Report) -> None:
+    dev = args.device
+    calls = args.calls or (10_000 if args.size == "full" else 2_000)
+    samples = max(args.repeats, 5)
+    report.params.update(SPEC.params(), calls=calls, samples=samples)
+    built = common.build_model(args.cache, "call", SPEC.params(), lambda: SPEC.programs(dev), dev)
+    table = report.table(f"per-call overhead, Linear({SPEC.dim}, {SPEC.dim}) {SPEC.dtype}, input [1, {SPEC.dim}], "
+                         f"{calls} calls per loop, {samples} loops", [
+                             ("variant", "variant", "{}"), ("us_median", "us/call median", "{:.2f}"),
+                             ("us_best", "us/call best", "{:.2f}"), ("vs_stock", "x stock (median)", "{:.2f}")])
+    torch.manual_seed(1)
+    x = SPEC.example("decode", dev)
+    bundle = aoti_rt.read_bundle(built.path)
+    runner = common.stock_runner(bundle.so_path("decode"), dev)
+    runner.update_constant_buffer_from_blob(str(common.stock_blob(built.path, "decode")))
+    eager = SPEC.programs(dev)["decode"][0]
+    with aoti_rt.load(built.path, device=dev) as model, torch.no_grad():
+        method = model.decode
+        ref = runner.run([x])[0]
+        diff = max(float((method(x) - ref).abs().max()), float((eager(x) - ref).abs().max()))
+        results = {
+            "stock AOTI runner.run([x])": per_call(lambda: runner.run([x]), dev, calls, samples),
+            "aoti_rt Method(x)": per_call(lambda: method(x), dev, calls, samples),
+            "eager nn.Module(x) (reference)": per_call(lambda: eager(x), dev, calls, samples),
+        }
+    del runner
+    common.free_memory(dev)
+    stock = common.best_median(results["stock AOTI runner.run([x])"])[1]
+    for variant, us in results.items():
+        best, median = common.best_median(us)
+        table.add(variant=variant, us_median=median, us_best=best, vs_stock=median / stock, samples_us=us)
+    table.notes.append(f"outputs agree: max |difference| to the stock runner = {diff:.3g}")
+    table.notes.append("aoti_rt and stock run the same .so; the difference is the calling path "
+                       "(input checks, pytree, handle conversion, Run)")
+
+
+main = common.main_of("bench_call", __doc__, run, _extra)
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Weight-cache lookup cost per key, and the cost of binding a method whose weights are cached.
+
+Table 1, ``aoti_rt._cache.WeightCache`` with K = 1k, 10k and 100k keys (sha256-style strings),
+each a 256-byte buffer from the device's own allocator (``aoti_rt.device.get(dev).allocator``;
+cuMemAlloc on CUDA): ns per key of
+
+  acquire, all misses   creates the entries and allocates their buffers
+  acquire, all hits     what a method whose weights are cached pays per weight
+  release               giving those references back
+  lookup_many           membership test only
+
+Table 2, bind: a model with N parameters of 16x16 float32 summed into its output (N constants,
+one method ``step``), per N measured: a cold ``aoti_rt.load``; a second ``aoti_rt.load`` while
+the first is open (every weight cached: nothing read); ``Method`` construction alone, i.e. the
+bind path; and the pieces of it that can be timed on their own (the constant table walk over
+ctypes, the cache acquire of N keys, ``BindPlan`` + one ``UpdateUserManagedConstantBufferPairs``
+call). Per-constant cost = time / N. Compiling N = 1000 takes about 25 s on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+import aoti_rt
+from aoti_rt import _cache
+from aoti_rt.device import DeviceRuntime, get as device_runtime
+from bench import common
+
+KEY_COUNTS = (1_000, 10_000, 100_000)
+BUFFER_BYTES = 256
+CONST_SHAPE = (16, 16)
+
+
+class ParamSum(torch.nn.Module):
+    """``x + p0 + p1 + ... + p(N-1)``: N small constants, one tiny output."""
+
+    def __init__(self, n: int, device: str):
+        super().__init__()
+        self.p = torch.nn.ParameterList(
+            torch.nn.Parameter(torch.randn(*CONST_SHAPE, device=device)) for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for p in self.p:
+            x = x + p
+        return x
+
+
+def _extra(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bind-n", type=int, nargs="+", default=None,
+                   help="constant counts of the bind models (default: 1000 small, 1000 4000 full)")
+
+
+def _per_key(fn: Callable[[], float], reps: int, keys: int, inner: int) -> tuple[float, float, list[float]]:
+    """(best, median) ns per key of ``fn``, which times ``inner`` passes over ``keys`` keys."""
+    samples = [s / (inner * keys) * 1e9 for s in common.repeat(fn, reps)]
+    best, median = common.best_median(samples)
+    return best, median, samples
+
+
+def lookup_table(report: common.Report, rt: DeviceRuntime, reps: int) -> None:
+    table = report.table(f"WeightCache cost per key ({BUFFER_BYTES}-byte buffers from {rt.allocator.device}'s "
+                         f"{type(rt.allocator).__name__})", [
+                             ("keys", "keys", "{:d}"), ("op", "operation", "{}"),
+                             ("ns_best", "ns/key best", "{:.1f}"), ("ns_median", "ns/key median", "{:.1f}")])
+    for k in KEY_COUNTS:
+        keys = [f"sha256:{hashlib.sha256(str(i).encode()).hexdigest()}" for i in range(k)]
+        sizes = [BUFFER_BYTES] * k
+        inner = max(1, 100_000 // k)
+
+        def misses() -> float:
+            cache = _cache.WeightCache()
+            t0 = time.perf_counter()
+            acq = cache.acquire(keys, sizes, rt.allocator)
+            seconds = time.perf_counter() - t0
+            cache.publish(acq)
+            cache.release(acq)
+            return seconds
+
+        best, median, samples = _per_key(misses, reps, k, 1)
+        table.add(keys=k, op="acquire, all misses (allocates)", ns_best=best, ns_median=median, samples_ns=samples)
+
+        cache = _cache.WeightCache()
+        held = cache.acquire(keys, sizes, rt.allocator)
+        cache.publish(held)
+        release_s: list[float] = []
+
+        def hits() -> float:
+            seconds = 0.0
+            for _ in range(inner):
+                t0 = time.perf_counter()
+                acq = cache.acquire(keys, sizes, rt.allocator)
+                t1 = time.perf_counter()
+                cache.release(acq)
+                release_s.append(time.perf_counter() - t1)
+                seconds += t1 - t0
+            return seconds
+
+        def lookups() -> float:
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                found = cache.lookup_many(keys)
+            seconds = time.perf_counter() - t0
+            if found != k:
+                raise RuntimeError(f"lookup_many found {found} of {k} cached keys")
+            return seconds
+
+        best, median, samples = _per_key(hits, reps, k, inner)
+        table.add(keys=k, op="acquire, all hits", ns_best=best, ns_median=median, samples_ns=samples)
+        rel = [sum(release_s[i:i + inner]) / (inner * k) * 1e9 for i in range(0, len(release_s), inner)][-reps:]
+        table.add(keys=k, op="release", ns_best=min(rel), ns_median=sorted(rel)[len(rel) // 2], samples_ns=rel)
+        best, median, samples = _per_key(lookups, reps, k, inner)
+        table.add(keys=k, op="lookup_many", ns_best=best, ns_median=median, samples_ns=samples)
+        cache.release(held)
+        del cache, held
+        common.free_memory(rt.device)
+
+
+def bind_table(report: common.Report, args: argparse.Namespace, rt: DeviceRuntime) -> None:
+    dev, reps = args.device, args.repeats
+    counts = args.bind_n or ([1000] if args.size == "small" else [1000, 4000])
+    report.params["bind_n"] = counts
+    table = report.table(f"bind cost, N constants of {list(CONST_SHAPE)} float32 (N measured: "
+                         f"{', '.join(map(str, counts))})", [
+                             ("n", "N", "{:d}"), ("step", "step", "{}"), ("ms_best", "ms best", "{:.3f}"),
+                             ("ms_median", "ms median", "{:.3f}"), ("us_per_const", "us/constant", "{:.2f}")])
+    for n in counts:
+        params = {"kind": "param_sum", "n": n, "shape": list(CONST_SHAPE), "dtype": "float32", "seed": 0}
+
+        def programs() -> dict[str, tuple[torch.nn.Module, tuple[torch.Tensor, ...]]]:
+            torch.manual_seed(0)
+            return {"step": (ParamSum(n, dev).eval(), (torch.randn(*CONST_SHAPE, device=dev),))}
+
+        built = common.build_model(args.cache, f"bind{n}", params, programs, dev)
+        table.notes.append(f"N={n}: aoti_rt.compile took {built.compile_seconds:.1f} s"
+                           f"{' (when the cached bundle was built)' if built.reused else ''}")
+
+        def row(step: str, samples: list[float]) -> None:
+            best, median = common.best_median(samples)
+            table.add(n=n, step=step, ms_best=best * 1e3, ms_median=median * 1e3,
+                      us_per_const=median / n * 1e6, samples_s=samples)
+
+        def cold() -> float:
+            t0 = time.perf_counter()
+            model = aoti_rt.load(built.path, device=dev)
+            seconds = time.perf_counter() - t0
+            model.close()
+            common.free_memory(dev)
+            return seconds
+
+        row("aoti_rt.load, cold (reads N weights)", common.repeat(cold, reps))
+        with aoti_rt.load(built.path, device=dev) as first:
+            read0 = aoti_rt.cache_stats(dev)["bytes_read"]
+            row("aoti_rt.load, all cached (second instance)", common.repeat(lambda: _load_cached(built.path, dev), reps))
+            if aoti_rt.cache_stats(dev)["bytes_read"] != read0:
+                table.notes.append(f"N={n}: FAILED: the cached loads read weight bytes")
+            try:
+                _bind_pieces(row, first, rt, reps)
+            except (AttributeError, ImportError, TypeError, KeyError) as e:
+                table.notes.append(f"N={n}: the bind breakdown uses aoti_rt internals that changed: "
+                                   f"{type(e).__name__}: {e}")
+    table.notes.append("us/constant is from the median")
+
+
+def _load_cached(path: Path, dev: str) -> float:
+    t0 = time.perf_counter()
+    model = aoti_rt.load(path, device=dev)
+    seconds = time.perf_counter() - t0
+    model.close()
+    return seconds
+
+
+def _bind_pieces(row: Callable[[str, list[float]], None], first: aoti_rt.Model, rt: DeviceRuntime,
+                 reps: int) -> None:
+    """Time Method construction with every weight cached, and the parts of it that stand alone.
+
+    Uses aoti_rt internals (``runtime.Method``/``_Source``, ``abi.SharedObject``,
+    ``_cache.BindPlan``) the way ``Method._bind_shared`` does.
+    """
+    from aoti_rt.abi import SharedObject, torch_shim
+    from aoti_rt.bundle import DTYPE_CODES, read_bundle
+    from aoti_rt.runtime import _PAIRS, Method, _Source
+
+    name = first.methods[0]
+    bundle = first.bundle
+    spec = bundle.manifest.methods[name]
+    so_path = bundle.so_path(name)
+    weights = bundle.manifest.weights
+    source = _Source(bundle.store_path, weights, "bench")
+    cs = spec.constants
+
+    def method() -> float:
+        t0 = time.perf_counter()
+        m = Method(name, spec, so_path, source, rt)
+        seconds = time.perf_counter() - t0
+        m.close()
+        return seconds
+
+    def timed(fn: Callable[[], object]) -> Callable[[], float]:
+        def once() -> float:
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+        return once
+
+    row("Method(...) construction, all cached (bind path)", common.repeat(method, reps))
+    row("  read_bundle (manifest parse + checks; in load, not Method)",
+        common.repeat(timed(lambda: read_bundle(bundle.root)), reps))
+    so = SharedObject(so_path)
+    handle = so.create(rt.device)
+    try:
+        row("  SharedObject + CreateWithDevice + Delete",
+            common.repeat(timed(lambda: (lambda s: s.delete(s.create(rt.device)))(SharedObject(so_path))), reps))
+        row("  constant table over ctypes (SharedObject.constants)",
+            common.repeat(timed(lambda: so.constants(handle)), reps))
+        keys = [weights[c.weight].digest for c in cs]
+        sizes = [weights[c.weight].nbytes for c in cs]
+        row("  WeightCache.acquire (hits) + release",
+            common.repeat(timed(lambda: rt.cache.release(rt.cache.acquire(keys, sizes, rt.allocator))), reps))
+        buffers = [rt.cache.buffer(k) for k in keys]
+        shim = torch_shim()
+
+        def bind() -> None:
+            plan = _cache.BindPlan([c.name for c in cs], [DTYPE_CODES[c.dtype] for c in cs],
+                                   [c.shape for c in cs], [c.stride for c in cs], [c.storage_offset for c in cs])
+            rc = plan.bind(buffers, so.addresses[_PAIRS], handle, 1 if rt.is_cuda else 0, rt.index,
+                           shim["aoti_torch_create_tensor_from_blob_v2"], shim["aoti_torch_delete_tensor_object"])
+            if rc != 0:
+                raise RuntimeError(f"BindPlan.bind failed: {rc}")
+
+        row("  BindPlan + bind (one Pairs call)", common.repeat(timed(bind), reps))
+    finally:
+        so.delete(handle)
+
+
+def run(args: argparse.Namespace, report: common.Report) -> None:
+    rt = device_runtime(args.device)
+    lookup_table(report, rt, max(args.repeats, 5))
+    bind_table(report, args, rt)
+
+
+main = common.main_of("bench_lookup", __doc__, run, _extra)
+
+if __name__ == "__main__":
+    sys.exit(main())

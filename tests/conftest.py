@@ -1,0 +1,123 @@
+"""Shared fixtures: real AOTI models, compiled once per test session and device.
+
+Every bundle fixture is parametrized over the devices: "cpu" always, "cuda" when a GPU is
+present (marked ``cuda``; skipped cleanly otherwise). Compiles are the slow part (~10 s a
+method on CPU), so each model is compiled once and shared by the tests that need it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import aoti_rt
+from aoti_rt import demo
+from aoti_rt.compiler import _aoti_options
+
+from models import METHOD_LAYERS, Subset, make_stack
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+CUDA = aoti_rt.cuda_available() and torch.cuda.is_available()
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda:0", id="cuda",
+                 marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="no CUDA GPU")]),
+]
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bundles")
+
+
+def _compile(workdir: Path, name: str, device: str, programs) -> Path:
+    path = workdir / f"{name}-{device.replace(':', '')}"
+    if (path / "manifest.json").is_file():
+        return path
+    return aoti_rt.compile(programs, path, progress=False)
+
+
+# -- the demo LM: prefill + decode, in-place KV cache, tied head ---------------------------
+
+@pytest.fixture(scope="session", params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def lm_bundle(workdir, device) -> Path:
+    return _compile(workdir, "lm", device, demo.export_methods(demo.make_model(device)))
+
+
+@pytest.fixture(scope="session")
+def lm_other_bundle(workdir, device) -> Path:
+    """Same architecture and FQNs as lm_bundle, other values (seed 1), decode only."""
+    progs = demo.export_methods(demo.make_model(device, seed=1))
+    return _compile(workdir, "lm-other", device, {"decode": progs["decode"]})
+
+
+# -- an MLP stack with three partially overlapping methods (tests/models.py) -----------
+
+@pytest.fixture(scope="session")
+def three_bundle(workdir, device) -> Path:
+    s = make_stack(device)
+    x = torch.randn(3, 64, device=device)
+    progs = {name: torch.export.export(Subset(s, layers), (x,)) for name, layers in METHOD_LAYERS.items()}
+    return _compile(workdir, "three", device, progs)
+
+
+@pytest.fixture(scope="session")
+def diverge_bundle(workdir, device) -> Path:
+    """Two methods whose FQNs are the same but whose values differ."""
+    x = torch.randn(3, 64, device=device)
+    progs = {"a": torch.export.export(Subset(make_stack(device, 0), [0]), (x,)),
+             "b": torch.export.export(Subset(make_stack(device, 1), [0]), (x,))}
+    path = workdir / f"diverge-{device.replace(':', '')}"
+    if (path / "manifest.json").is_file():
+        return path
+    with pytest.warns(UserWarning, match="differs between methods"):
+        return aoti_rt.compile(progs, path, progress=False)
+
+
+@pytest.fixture(scope="session")
+def stock_artifact(workdir, device) -> tuple[Path, Path, nn.Module]:
+    """A plain AOTI .so + *_weights.blob from torch._inductor.aot_compile (no bundle)."""
+    s = make_stack(device, seed=3)
+    mod = Subset(s, [0, 1, 2]).eval()
+    x = torch.randn(3, 64, device=device)
+    out = workdir / f"stock-{device.replace(':', '')}"
+    out.mkdir(exist_ok=True)
+    ep = torch.export.export(mod, (x,))
+    # the stock options: no weights in the .so, binary_blob beside it
+    so = torch._inductor.aot_compile(ep.module(), (x,), options=_aoti_options(out / "model.so"))
+    blob = next(out.rglob("*_weights.blob"))
+    return Path(so), blob, mod
+
+
+@pytest.fixture
+def copy_bundle(tmp_path):
+    """Copy a bundle to a scratch dir so a test can damage it."""
+    def copy(src: Path) -> Path:
+        dst = tmp_path / src.name
+        shutil.copytree(src, dst)
+        return dst
+    return copy
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Every test must leave aoti_rt's allocations where it found them."""
+    import gc
+
+    before = {d: rt.allocator.bytes_allocated for d, rt in aoti_rt.device.all_runtimes().items()}
+    yield
+    gc.collect()
+    after = {d: rt.allocator.bytes_allocated for d, rt in aoti_rt.device.all_runtimes().items()}
+    for d, n in after.items():
+        assert n == before.get(d, 0), f"{d}: {n - before.get(d, 0)} bytes left allocated"

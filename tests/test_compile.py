@@ -1,0 +1,169 @@
+"""Issue 2: the bundle format and the multi-method compiler, on real AOTI models."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import aoti_rt
+from aoti_rt import demo
+from aoti_rt.bundle import read_bundle, read_store_header
+
+from models import make_stack
+
+
+def _sha(path, offset, n):
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return "sha256:" + hashlib.sha256(f.read(n)).hexdigest()
+
+
+def test_bundle_layout(lm_bundle):
+    files = sorted(p.name for p in lm_bundle.iterdir())
+    assert files == ["decode.so", "manifest.json", "prefill.so", "weights.safetensors"]
+    raw = json.loads((lm_bundle / "manifest.json").read_text())
+    assert raw["format"] == "aoti_rt-bundle" and raw["version"] == 1
+    assert raw["torch_version"] == torch.__version__
+
+
+def test_manifest_matches_exported_programs(lm_bundle, device):
+    lm = demo.make_model(device)
+    eps = demo.export_methods(lm)
+    b = read_bundle(lm_bundle)
+    man = b.manifest
+    assert list(man.methods) == ["prefill", "decode"]
+    for name, ep in eps.items():
+        m = man.methods[name]
+        sd = {**ep.state_dict, **ep.constants}
+        fqns = {c.fqn for c in m.constants}
+        # every parameter and buffer the program uses is a constant (tied ones collapse to one FQN)
+        assert fqns <= set(sd)
+        assert "lm.embed.weight" in fqns or "lm.lm_head.weight" in fqns
+        for c in m.constants:
+            t = sd[c.fqn]
+            assert c.dtype == str(t.dtype).removeprefix("torch.")
+            assert c.shape == list(t.shape) and c.stride == list(t.stride())
+            assert c.storage_offset == t.storage_offset()
+            assert c.kind == ("buffer" if c.fqn.endswith("_cache") else "parameter")
+            assert c.mutable == c.fqn.endswith("_cache")     # the KV cache is written in place
+            w = man.weights[c.weight]
+            assert w.digest == c.digest == _sha(b.store_path, w.offset, w.nbytes)
+            assert w.nbytes == t.untyped_storage().nbytes()
+            assert c.data_size >= w.nbytes
+        assert [i.name for i in m.inputs] == list(ep.graph_signature.user_inputs)
+        assert [i.dtype for i in m.inputs] == ["int64"] * len(m.inputs)
+        assert m.in_spec and m.out_spec
+    assert man.methods["prefill"].inputs[0].shape == [8]
+
+
+def test_store_offsets_match_safetensors_header(lm_bundle):
+    b = read_bundle(lm_bundle)
+    header = read_store_header(b.store_path)
+    with safe_open(str(b.store_path), framework="pt") as f:
+        keys = set(f.keys())
+    for w in b.manifest.weights.values():
+        assert w.tensor in keys
+        assert header.tensors[w.tensor][2:] == (w.offset, w.offset + w.nbytes)
+
+
+def test_weights_stored_once_with_tied(three_bundle, device):
+    b = read_bundle(three_bundle)
+    man = b.manifest
+    # tied inp.weight / out.weight: one weight, whatever FQN AOTI kept for it
+    s = make_stack(device)
+    tied = [w for w in man.weights.values() if w.digest == "sha256:" + hashlib.sha256(
+        s.inp.weight.detach().cpu().numpy().tobytes()).hexdigest()]
+    assert len(tied) == 1
+    # each distinct storage once in the store: on-disk bytes ~= unique bytes (< 25 % over)
+    unique = man.unique_weight_bytes()
+    expect = sum(p.numel() * p.element_size() for p in s.parameters())   # tied counted once
+    assert unique == expect
+    data_bytes = b.store_path.stat().st_size
+    assert unique <= data_bytes <= 1.25 * unique
+    assert len({w.tensor for w in man.weights.values()}) == len(man.weights)
+    # partial overlap: per-method loading would hold more than the union
+    per_method = sum(man.per_method_bytes(n) for n in man.methods)
+    assert per_method > unique
+
+
+def test_same_fqn_different_values_stays_two_weights(diverge_bundle):
+    man = read_bundle(diverge_bundle).manifest
+    a = {c.fqn: c.weight for c in man.methods["a"].constants}
+    b = {c.fqn: c.weight for c in man.methods["b"].constants}
+    assert a.keys() == b.keys()
+    assert all(a[k] != b[k] for k in a)     # never silently merged
+    assert len(man.weights) == 2 * len(a)
+
+
+def test_kv_caches_with_equal_content_stay_distinct(lm_bundle):
+    man = read_bundle(lm_bundle).manifest
+    k = next(c for c in man.methods["decode"].constants if c.fqn == "lm.k_cache")
+    v = next(c for c in man.methods["decode"].constants if c.fqn == "lm.v_cache")
+    assert k.digest == v.digest              # both zeros: one copy on disk ...
+    assert k.weight != v.weight              # ... but two runtime buffers
+    assert man.weights[k.weight].tensor == man.weights[v.weight].tensor
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({}, "non-empty mapping"),
+    ({"1st": None}, "bad method name"),
+    ({"close": None}, "bad method name"),
+    ({"with space": None}, "bad method name"),
+    ({"class": None}, "bad method name"),
+])
+def test_bad_programs(tmp_path, bad, match):
+    with pytest.raises(aoti_rt.CompileError, match=match):
+        aoti_rt.compile(bad, tmp_path / "b")
+
+
+def test_non_exported_input(tmp_path):
+    with pytest.raises(aoti_rt.CompileError, match="ExportedProgram"):
+        aoti_rt.compile({"fwd": torch.nn.Linear(2, 2)}, tmp_path / "b")
+
+
+def test_unwritable_path(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(aoti_rt.CompileError, match="cannot write|not an empty directory"):
+        aoti_rt.compile({"fwd": (torch.nn.Linear(2, 2), (torch.randn(1, 2),))}, f / "sub")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(aoti_rt.CompileError, match="not an empty directory"):
+        aoti_rt.compile({"fwd": (torch.nn.Linear(2, 2), (torch.randn(1, 2),))}, tmp_path / "full")
+
+
+def test_inspect_cli(three_bundle):
+    out = subprocess.run([sys.executable, "-m", "aoti_rt", "inspect", str(three_bundle)],
+                         capture_output=True, text=True, check=True).stdout
+    for name in ("a", "b", "c"):
+        assert f"\n{name} " in out
+    assert "dedup ratio" in out and "unique weight bytes" in out
+    man = read_bundle(three_bundle).manifest
+    ratio = sum(man.per_method_bytes(n) for n in man.methods) / man.unique_weight_bytes()
+    assert f"{ratio:.2f}x" in out
+
+
+def test_verify_cli_detects_corruption(three_bundle, copy_bundle):
+    ok = subprocess.run([sys.executable, "-m", "aoti_rt", "verify", str(three_bundle)],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout
+    bad = copy_bundle(three_bundle)
+    w = next(iter(read_bundle(bad).manifest.weights.values()))
+    with open(bad / "weights.safetensors", "r+b") as f:
+        f.seek(w.offset)
+        f.write(b"\xff" * 8)
+    res = subprocess.run([sys.executable, "-m", "aoti_rt", "verify", str(bad)], capture_output=True, text=True)
+    assert res.returncode == 1 and "CORRUPT" in res.stdout
+
+
+def test_help_explains_itself():
+    out = subprocess.run([sys.executable, "-m", "aoti_rt", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for word in ("demo", "inspect", "verify", "bench", "one copy of each weight"):
+        assert word in out

@@ -1,0 +1,411 @@
+"""Issue 3: the shared weight cache, on real AOTI models (CPU always; CUDA where present)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+import threading
+
+import pytest
+import torch
+
+import aoti_rt
+from aoti_rt import demo
+from aoti_rt.bundle import read_bundle
+
+from models import METHOD_LAYERS, Subset, make_stack
+
+PROMPT = list(range(1, 9))
+
+
+def stats(device):
+    return aoti_rt.cache_stats(device)
+
+
+def eager_generate(device, n=12, seed=0):
+    lm = demo.make_model(device, seed)
+    with torch.no_grad():
+        return demo.generate(demo.Prefill(lm), demo.Decode(lm), torch.tensor(PROMPT, device=device), n)
+
+
+def assert_logits_close(got, want):
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+# -- sharing --------------------------------------------------------------------------------
+
+def test_two_methods_match_eager_and_share_weights(lm_bundle, device):
+    man = read_bundle(lm_bundle).manifest
+    before = stats(device)
+    with aoti_rt.load(lm_bundle, device=device) as model:
+        assert model.methods == ["prefill", "decode"]
+        s = stats(device)
+        # one buffer per distinct weight: exactly the unique bytes
+        assert s["bytes_allocated"] - before["bytes_allocated"] == man.unique_weight_bytes()
+        assert s["entries"] - before["entries"] == len(man.weights)
+        # the second method found everything cached and read nothing
+        assert model.prefill.bytes_read == man.unique_weight_bytes()
+        assert model.decode.bytes_read == 0
+        assert s["bytes_read"] - before["bytes_read"] == man.unique_weight_bytes()
+        with torch.no_grad():
+            got, got_logits = demo.generate(model.prefill, model["decode"],
+                                            torch.tensor(PROMPT, device=device), 12)
+        want, want_logits = eager_generate(device)
+        assert got == want
+        assert_logits_close(got_logits, want_logits)
+    assert stats(device)["bytes_allocated"] == before["bytes_allocated"]
+
+
+def test_three_methods_partial_overlap_allocate_the_union(three_bundle, device):
+    man = read_bundle(three_bundle).manifest
+    before = stats(device)["bytes_allocated"]
+    s = make_stack(device)
+    x = torch.randn(3, 64, device=device)
+    with aoti_rt.load(three_bundle, device=device) as model:
+        assert stats(device)["bytes_allocated"] - before == man.unique_weight_bytes()
+        assert man.unique_weight_bytes() < sum(man.per_method_bytes(n) for n in man.methods)
+        for name, layers in METHOD_LAYERS.items():
+            torch.testing.assert_close(getattr(model, name)(x), Subset(s, layers)(x))
+        # b and c only needed the layers a had not loaded
+        assert model.b.bytes_read == man.weights[_weight_of(man, "b", "stack.layers.2.weight")].nbytes + \
+            man.weights[_weight_of(man, "b", "stack.layers.2.bias")].nbytes
+
+
+def _weight_of(man, method, fqn):
+    return next(c.weight for c in man.methods[method].constants if c.fqn == fqn)
+
+
+def test_methods_loaded_separately_share_and_free(three_bundle, device):
+    man = read_bundle(three_bundle).manifest
+    base = stats(device)["bytes_allocated"]
+    a = aoti_rt.load(three_bundle, device=device, methods=["a"])
+    after_a = stats(device)["bytes_allocated"]
+    assert after_a - base == man.per_method_bytes("a")
+    c = aoti_rt.load(three_bundle, device=device, methods=["c"])
+    assert stats(device)["bytes_allocated"] - base == man.unique_weight_bytes(["a", "c"])
+    a.close()      # a's private layers go, the shared ones stay for c
+    assert stats(device)["bytes_allocated"] - base == man.per_method_bytes("c")
+    c.close()
+    assert stats(device)["bytes_allocated"] == base
+
+
+def test_two_instances_share_weights_not_state(lm_bundle, device):
+    man = read_bundle(lm_bundle).manifest
+    state = sum(w.nbytes for w in man.weights.values() if w.mutable)
+    assert state > 0
+    base = stats(device)["bytes_allocated"]
+    prompt = torch.tensor(PROMPT, device=device)
+    with aoti_rt.load(lm_bundle, device=device) as m1, aoti_rt.load(lm_bundle, device=device) as m2:
+        # the second instance adds only its own KV cache
+        assert stats(device)["bytes_allocated"] - base == man.unique_weight_bytes() + state
+        assert m2.prefill.bytes_read == state
+        m1.prefill(prompt)
+        assert m1.weight("lm.k_cache").abs().sum() > 0        # prefill wrote m1's cache ...
+        assert m2.weight("lm.k_cache").abs().sum() == 0       # ... not m2's
+        # and m1's decode sees what m1's prefill wrote
+        lm = demo.make_model(device)
+        with torch.no_grad():
+            demo.Prefill(lm)(prompt)
+            tok, pos = torch.tensor([3], device=device), torch.tensor([8], device=device)
+            torch.testing.assert_close(m1.decode(tok, pos), demo.Decode(lm)(tok, pos), rtol=1e-4, atol=1e-4)
+    assert stats(device)["bytes_allocated"] == base
+
+
+def test_close_everything_frees_everything(lm_bundle, three_bundle, device):
+    base = stats(device)
+    models = [aoti_rt.load(lm_bundle, device=device), aoti_rt.load(three_bundle, device=device),
+              aoti_rt.load(lm_bundle, device=device)]
+    assert stats(device)["bytes_allocated"] > base["bytes_allocated"]
+    for m in models:
+        m.close()
+    s = stats(device)
+    assert s["bytes_allocated"] == base["bytes_allocated"] and s["entries"] == base["entries"]
+    models[0].close()                                      # closing twice is harmless
+    with pytest.raises(aoti_rt.ClosedError):
+        models[0].prefill(torch.tensor(PROMPT, device=device))
+
+
+def test_garbage_collection_frees(three_bundle, device):
+    base = stats(device)["bytes_allocated"]
+    m = aoti_rt.load(three_bundle, device=device)
+    assert stats(device)["bytes_allocated"] > base
+    del m
+    gc.collect()
+    assert stats(device)["bytes_allocated"] == base
+
+
+def test_weight_view_outlives_close(three_bundle, device):
+    base = stats(device)["bytes_allocated"]
+    s = make_stack(device)
+    with aoti_rt.load(three_bundle, device=device) as m:
+        view = m.a.weight("stack.layers.0.weight")
+    # the cache let it go, but the view still owns its buffer: no use-after-free
+    assert stats(device)["entries"] == 0 or "stack.layers.0.weight" not in str(stats(device))
+    assert stats(device)["bytes_allocated"] - base == view.untyped_storage().nbytes()
+    torch.testing.assert_close(view, s.layers[0].weight.detach())
+    del view
+    gc.collect()
+    assert stats(device)["bytes_allocated"] == base
+
+
+def test_colliding_fqns_in_two_bundles(lm_bundle, lm_other_bundle, device):
+    prompt = torch.tensor(PROMPT, device=device)
+    tok, pos = torch.tensor([5], device=device), torch.tensor([0], device=device)
+    lm0, lm1 = demo.make_model(device, 0), demo.make_model(device, 1)
+    with aoti_rt.load(lm_bundle, device=device) as m0, aoti_rt.load(lm_other_bundle, device=device) as m1, \
+            torch.no_grad():
+        assert m1.decode.bytes_read > 0          # same FQNs, other values: nothing shared
+        torch.testing.assert_close(m0.decode(tok, pos), demo.Decode(lm0)(tok, pos), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(m1.decode(tok, pos), demo.Decode(lm1)(tok, pos), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(m0.prefill(prompt), demo.Prefill(lm0)(prompt), rtol=1e-4, atol=1e-4)
+
+
+def test_same_fqn_different_weight_binds_private_copies(diverge_bundle, device):
+    x = torch.randn(3, 64, device=device)
+    with pytest.warns(UserWarning, match="private copy"):
+        model = aoti_rt.load(diverge_bundle, device=device)
+    with model:
+        torch.testing.assert_close(model.a(x), Subset(make_stack(device, 0), [0])(x))
+        torch.testing.assert_close(model.b(x), Subset(make_stack(device, 1), [0])(x))
+
+
+def test_threaded_load_call_close(three_bundle, device):
+    man = read_bundle(three_bundle).manifest
+    base = stats(device)["bytes_allocated"]
+    s = make_stack(device)
+    x = torch.randn(3, 64, device=device)
+    want = {n: Subset(s, layers)(x).detach() for n, layers in METHOD_LAYERS.items()}
+    shared = aoti_rt.load(three_bundle, device=device, methods=["b"])
+    errors: list[BaseException] = []
+    peak = []
+
+    def worker(k):
+        try:
+            for i in range(6):
+                name = "abc"[(k + i) % 3]
+                with aoti_rt.load(three_bundle, device=device, methods=[name]) as m:
+                    torch.testing.assert_close(m[name](x), want[name])
+                    peak.append(stats(device)["bytes_allocated"] - base)
+                torch.testing.assert_close(shared.b(x), want["b"])
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    # never more than one buffer per distinct weight, however the threads interleaved
+    assert max(peak) <= man.unique_weight_bytes()
+    shared.close()
+    assert stats(device)["bytes_allocated"] == base
+
+
+def test_close_waits_for_running_calls(three_bundle, device):
+    s = make_stack(device)
+    x = torch.randn(3, 64, device=device)
+    want = Subset(s, METHOD_LAYERS["a"])(x).detach()
+    model = aoti_rt.load(three_bundle, device=device, methods=["a"])
+    stop = threading.Event()
+    results, errors = [], []
+
+    def caller():
+        while not stop.is_set():
+            try:
+                results.append(bool(torch.allclose(model.a(x), want, rtol=1e-4, atol=1e-4)))
+            except aoti_rt.ClosedError:
+                return
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+                return
+
+    threads = [threading.Thread(target=caller) for _ in range(4)]
+    for t in threads:
+        t.start()
+    while len(results) < 20:
+        pass
+    model.close()        # must not free under a running call
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors and all(results)
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+def test_wrong_inputs(three_bundle, device):
+    with aoti_rt.load(three_bundle, device=device, methods=["a"]) as m:
+        x = torch.randn(3, 64, device=device)
+        with pytest.raises(aoti_rt.InputError, match="takes 1 tensor inputs, got 2"):
+            m.a(x, x)
+        with pytest.raises(aoti_rt.InputError, match="takes 1 tensor inputs, got 0"):
+            m.a()
+        with pytest.raises(aoti_rt.InputError, match="must be float32"):
+            m.a(x.double())
+        with pytest.raises(aoti_rt.InputError, match="shape"):
+            m.a(torch.randn(3, 65, device=device))
+        with pytest.raises(aoti_rt.InputError, match="torch.Tensor"):
+            m.a(3.0)
+        other = "cpu" if device != "cpu" else "meta"
+        with pytest.raises(aoti_rt.InputError, match="is on"):
+            m.a(torch.randn(3, 64, device=other))
+        m.a(x)       # still usable after the rejections
+
+
+def _assert_nothing_allocated(device, base):
+    gc.collect()
+    s = stats(device)
+    assert s["bytes_allocated"] == base["bytes_allocated"]
+    assert s["entries"] == base["entries"]
+
+
+def test_missing_store(three_bundle, device, copy_bundle):
+    b = copy_bundle(three_bundle)
+    (b / "weights.safetensors").unlink()
+    with pytest.raises(aoti_rt.BundleError, match="missing"):
+        aoti_rt.load(b, device=device)
+
+
+def test_truncated_store(three_bundle, device, copy_bundle):
+    b = copy_bundle(three_bundle)
+    store = b / "weights.safetensors"
+    size = store.stat().st_size
+    with open(store, "r+b") as f:
+        f.truncate(size - 100)
+    base = stats(device)
+    with pytest.raises(aoti_rt.BundleError, match="truncated"):
+        aoti_rt.load(b, device=device)
+    _assert_nothing_allocated(device, base)
+
+
+def test_corrupt_store_header(three_bundle, device, copy_bundle):
+    b = copy_bundle(three_bundle)
+    with open(b / "weights.safetensors", "r+b") as f:
+        f.seek(8)
+        f.write(b"\x00garbage")
+    with pytest.raises(aoti_rt.BundleError, match="corrupt header"):
+        aoti_rt.load(b, device=device)
+
+
+def _edit_manifest(bundle, fn):
+    p = bundle / "manifest.json"
+    raw = json.loads(p.read_text())
+    fn(raw)
+    p.write_text(json.dumps(raw))
+
+
+def test_manifest_pointing_outside(three_bundle, device, copy_bundle):
+    b = copy_bundle(three_bundle)
+    _edit_manifest(b, lambda r: r["methods"]["a"].__setitem__("so", "../../etc/passwd"))
+    with pytest.raises(aoti_rt.BundleError, match="outside the bundle"):
+        aoti_rt.load(b, device=device)
+
+
+def test_manifest_lying_about_offsets(three_bundle, device, copy_bundle):
+    b = copy_bundle(three_bundle)
+
+    def lie(raw):
+        w = next(iter(raw["weights"].values()))
+        w["offset"] += 4
+    _edit_manifest(b, lie)
+    with pytest.raises(aoti_rt.BundleError, match="disagree"):
+        aoti_rt.load(b, device=device)
+
+
+def test_manifest_lying_about_shape(three_bundle, device, copy_bundle):
+    b = copy_bundle(three_bundle)
+
+    def lie(raw):
+        c = raw["methods"]["b"]["constants"][0]
+        c["shape"] = [s * 100 for s in c["shape"]]      # same rank, far more bytes than stored
+    _edit_manifest(b, lie)
+    with pytest.raises(aoti_rt.BundleError, match="manifest lies"):
+        aoti_rt.load(b, device=device)
+
+
+def test_manifest_lying_about_constants(three_bundle, device, copy_bundle):
+    b = copy_bundle(three_bundle)
+    _edit_manifest(b, lambda r: r["methods"]["c"]["constants"].pop())
+    base = stats(device)
+    with pytest.raises(aoti_rt.AOTIError, match="inconsistent"):
+        aoti_rt.load(b, device=device)
+    _assert_nothing_allocated(device, base)
+
+
+def test_so_without_entry_points(three_bundle, device, copy_bundle):
+    b = copy_bundle(three_bundle)
+    shutil.copyfile(aoti_rt._cache.__file__, b / "b.so")     # a real .so, but not an AOTI model
+    base = stats(device)
+    with pytest.raises(aoti_rt.AOTIError, match="lacks AOTInductorModelContainer"):
+        aoti_rt.load(b, device=device)
+    _assert_nothing_allocated(device, base)
+
+
+def test_allocation_failure_leaves_nothing(three_bundle, device):
+    man = read_bundle(three_bundle).manifest
+    base = stats(device)
+    aoti_rt.set_memory_limit(base["bytes_allocated"] + man.per_method_bytes("a") + 1, device)
+    try:
+        with pytest.raises(aoti_rt.AllocationError, match="memory limit"):
+            aoti_rt.load(three_bundle, device=device)      # a fits, b's private layer does not
+        _assert_nothing_allocated(device, base)
+    finally:
+        aoti_rt.set_memory_limit(0, device)
+    with aoti_rt.load(three_bundle, device=device):
+        pass
+
+
+def test_legacy_so_without_pairs_loads_unshared(three_bundle, device, copy_bundle):
+    """A .so whose Pairs entry point is gone (as in torch < 2.10) loads its own copy."""
+    b = copy_bundle(three_bundle)
+    so = b / "c.so"
+    data = so.read_bytes()
+    name = b"AOTInductorModelContainerUpdateUserManagedConstantBufferPairs"
+    assert data.count(name) >= 1
+    so.write_bytes(data.replace(name, name[:-1] + b"X"))    # the dynamic symbol no longer resolves
+    s = make_stack(device)
+    x = torch.randn(3, 64, device=device)
+    base = stats(device)
+    with aoti_rt.load(b, device=device) as m:
+        assert m.a.shared and m.b.shared and not m.c.shared
+        st = stats(device)
+        assert st["legacy_methods"] - base["legacy_methods"] == 1
+        assert st["legacy_bytes"] > 0
+        torch.testing.assert_close(m.c(x), Subset(s, METHOD_LAYERS["c"])(x))
+    gc.collect()
+    assert stats(device)["legacy_methods"] == base["legacy_methods"]
+
+
+# -- stock artifacts --------------------------------------------------------------------------
+
+def test_load_method_on_stock_artifact(stock_artifact, device):
+    so, blob, mod = stock_artifact
+    x = torch.randn(3, 64, device=device)
+    for probe in (so.with_name(so.name + ".aoti_rt.json"),):
+        probe.unlink(missing_ok=True)
+    with aoti_rt.load_method(so, weights=blob, device=device) as m:
+        torch.testing.assert_close(m(x), mod(x))
+    assert so.with_name(so.name + ".aoti_rt.json").is_file()     # the probe is cached ...
+    with aoti_rt.load_method(so, weights=blob, device=device) as m2:   # ... and reused
+        torch.testing.assert_close(m2(x), mod(x))
+
+
+def test_load_method_shares_with_bundle(stock_artifact, three_bundle, device):
+    """The stock artifact's layers 0..2 and the bundle's are the same bytes only if seeds match;
+    with seed 3 vs 0 nothing is shared, and both stay correct."""
+    so, blob, mod = stock_artifact
+    x = torch.randn(3, 64, device=device)
+    with aoti_rt.load(three_bundle, device=device) as model, \
+            aoti_rt.load_method(so, weights=blob, device=device) as m:
+        assert m.bytes_read > 0
+        torch.testing.assert_close(m(x), mod(x))
+        torch.testing.assert_close(model.a(x), Subset(make_stack(device), METHOD_LAYERS["a"])(x))
+
+
+def test_cache_stats_keys(device):
+    s = aoti_rt.cache_stats(device)
+    for k in ("entries", "bytes_allocated", "peak_bytes_allocated", "hits", "misses", "bytes_read"):
+        assert isinstance(s[k], int)
