@@ -25,6 +25,7 @@ import torch
 import aoti_rt
 from bench import common
 
+STOCK = "stock AOTI runner.run([x])"
 SPEC = common.StackSpec(layers=1, dim=64, methods=(("decode", 0, 1, 1),), dtype="float32")
 
 
@@ -56,30 +57,34 @@ def run(args: argparse.Namespace, report: common.Report) -> None:
                          f"{calls} calls per loop, {samples} loops", [
                              ("variant", "variant", "{}"), ("us_median", "us/call median", "{:.2f}"),
                              ("us_best", "us/call best", "{:.2f}"), ("vs_stock", "x stock (median)", "{:.2f}")])
-    torch.manual_seed(1)
-    x = SPEC.example("decode", dev)
-    bundle = aoti_rt.read_bundle(built.path)
-    runner = common.stock_runner(bundle.so_path("decode"), dev)
-    runner.update_constant_buffer_from_blob(str(common.stock_blob(built.path, "decode")))
-    eager = SPEC.programs(dev)["decode"][0]
-    with aoti_rt.load(built.path, device=dev) as model, torch.no_grad():
-        method = model.decode
-        ref = runner.run([x])[0]
-        diff = max(float((method(x) - ref).abs().max()), float((eager(x) - ref).abs().max()))
-        results = {
-            "stock AOTI runner.run([x])": per_call(lambda: runner.run([x]), dev, calls, samples),
-            "aoti_rt Method(x)": per_call(lambda: method(x), dev, calls, samples),
-            "eager nn.Module(x) (reference)": per_call(lambda: eager(x), dev, calls, samples),
-        }
-    del runner
+    results, diff = measure(built.path, dev, calls, samples)
     common.free_memory(dev)
-    stock = common.best_median(results["stock AOTI runner.run([x])"])[1]
+    stock = common.best_median(results[STOCK])[1]
     for variant, us in results.items():
         best, median = common.best_median(us)
         table.add(variant=variant, us_median=median, us_best=best, vs_stock=median / stock, samples_us=us)
     table.notes.append(f"outputs agree: max |difference| to the stock runner = {diff:.3g}")
     table.notes.append("aoti_rt and stock run the same .so; the difference is the calling path "
                        "(input checks, pytree, handle conversion, Run)")
+
+
+def measure(path: Path, dev: str, calls: int, samples: int) -> tuple[dict[str, list[float]], float]:
+    """us/call samples of each variant, and the largest output difference to the stock runner."""
+    torch.manual_seed(1)
+    x = SPEC.example("decode", dev)
+    runner = common.stock_runner(aoti_rt.read_bundle(path).so_path("decode"), dev)
+    runner.update_constant_buffer_from_blob(str(common.stock_blob(path, "decode")))
+    eager = SPEC.programs(dev)["decode"][0]
+    with aoti_rt.load(path, device=dev) as model, torch.no_grad():
+        method = model.decode
+        ref = runner.run([x])[0]
+        diff = max(float((method(x) - ref).abs().max()), float((eager(x) - ref).abs().max()))
+        results = {
+            STOCK: per_call(lambda: runner.run([x]), dev, calls, samples),
+            "aoti_rt Method(x)": per_call(lambda: method(x), dev, calls, samples),
+            "eager nn.Module(x) (reference)": per_call(lambda: eager(x), dev, calls, samples),
+        }
+    return results, diff
 
 
 main = common.main_of("bench_call", __doc__, run, _extra)

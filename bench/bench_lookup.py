@@ -33,7 +33,8 @@ import torch
 
 import aoti_rt
 from aoti_rt import _cache
-from aoti_rt.device import DeviceRuntime, get as device_runtime
+from aoti_rt.device import DeviceRuntime
+from aoti_rt.device import get as device_runtime
 from bench import common
 
 KEY_COUNTS = (1_000, 10_000, 100_000)
@@ -60,73 +61,72 @@ def _extra(p: argparse.ArgumentParser) -> None:
                    help="constant counts of the bind models (default: 1000 small, 1000 4000 full)")
 
 
-def _per_key(fn: Callable[[], float], reps: int, keys: int, inner: int) -> tuple[float, float, list[float]]:
-    """(best, median) ns per key of ``fn``, which times ``inner`` passes over ``keys`` keys."""
-    samples = [s / (inner * keys) * 1e9 for s in common.repeat(fn, reps)]
-    best, median = common.best_median(samples)
-    return best, median, samples
-
-
 def lookup_table(report: common.Report, rt: DeviceRuntime, reps: int) -> None:
     table = report.table(f"WeightCache cost per key ({BUFFER_BYTES}-byte buffers from {rt.allocator.device}'s "
                          f"{type(rt.allocator).__name__})", [
                              ("keys", "keys", "{:d}"), ("op", "operation", "{}"),
                              ("ns_best", "ns/key best", "{:.1f}"), ("ns_median", "ns/key median", "{:.1f}")])
     for k in KEY_COUNTS:
-        keys = [f"sha256:{hashlib.sha256(str(i).encode()).hexdigest()}" for i in range(k)]
-        sizes = [BUFFER_BYTES] * k
-        inner = max(1, 100_000 // k)
+        _lookup_rows(table, rt, k, reps)
+        common.free_memory(rt.device)
 
-        def misses() -> float:
-            cache = _cache.WeightCache()
-            t0 = time.perf_counter()
-            acq = cache.acquire(keys, sizes, rt.allocator)
-            seconds = time.perf_counter() - t0
-            cache.publish(acq)
-            cache.release(acq)
-            return seconds
 
-        best, median, samples = _per_key(misses, reps, k, 1)
-        table.add(keys=k, op="acquire, all misses (allocates)", ns_best=best, ns_median=median, samples_ns=samples)
+def _lookup_rows(table: common.Table, rt: DeviceRuntime, k: int, reps: int) -> None:
+    keys = [f"sha256:{hashlib.sha256(str(i).encode()).hexdigest()}" for i in range(k)]
+    sizes = [BUFFER_BYTES] * k
+    inner = max(1, 100_000 // k)   # passes per sample: a sample covers at least 100k keys
 
+    def add(op: str, seconds_per_pass: list[float]) -> None:
+        ns = [s / k * 1e9 for s in seconds_per_pass]
+        best, median = common.best_median(ns)
+        table.add(keys=k, op=op, ns_best=best, ns_median=median, samples_ns=ns)
+
+    def misses() -> float:
         cache = _cache.WeightCache()
-        held = cache.acquire(keys, sizes, rt.allocator)
-        cache.publish(held)
+        t0 = time.perf_counter()
+        acq = cache.acquire(keys, sizes, rt.allocator)
+        seconds = time.perf_counter() - t0
+        cache.publish(acq)
+        cache.release(acq)
+        return seconds
+
+    add("acquire, all misses (allocates)", common.repeat(misses, reps))
+    cache = _cache.WeightCache()
+    held = cache.acquire(keys, sizes, rt.allocator)
+    cache.publish(held)
+    try:
+        acquire_s: list[float] = []
         release_s: list[float] = []
 
         def hits() -> float:
-            seconds = 0.0
+            got = rel = 0.0
             for _ in range(inner):
                 t0 = time.perf_counter()
                 acq = cache.acquire(keys, sizes, rt.allocator)
                 t1 = time.perf_counter()
                 cache.release(acq)
-                release_s.append(time.perf_counter() - t1)
-                seconds += t1 - t0
-            return seconds
+                got += t1 - t0
+                rel += time.perf_counter() - t1
+            acquire_s.append(got / inner)
+            release_s.append(rel / inner)
+            return got / inner
 
         def lookups() -> float:
             t0 = time.perf_counter()
-            for _ in range(inner):
-                found = cache.lookup_many(keys)
-            seconds = time.perf_counter() - t0
-            if found != k:
-                raise RuntimeError(f"lookup_many found {found} of {k} cached keys")
+            found = [cache.lookup_many(keys) for _ in range(inner)]
+            seconds = (time.perf_counter() - t0) / inner
+            if found[-1] != k:
+                raise RuntimeError(f"lookup_many found {found[-1]} of {k} cached keys")
             return seconds
 
-        best, median, samples = _per_key(hits, reps, k, inner)
-        table.add(keys=k, op="acquire, all hits", ns_best=best, ns_median=median, samples_ns=samples)
-        rel = [sum(release_s[i:i + inner]) / (inner * k) * 1e9 for i in range(0, len(release_s), inner)][-reps:]
-        table.add(keys=k, op="release", ns_best=min(rel), ns_median=sorted(rel)[len(rel) // 2], samples_ns=rel)
-        best, median, samples = _per_key(lookups, reps, k, inner)
-        table.add(keys=k, op="lookup_many", ns_best=best, ns_median=median, samples_ns=samples)
+        add("acquire, all hits", common.repeat(hits, reps))
+        add("release", release_s[-reps:])
+        add("lookup_many", common.repeat(lookups, reps))
+    finally:
         cache.release(held)
-        del cache, held
-        common.free_memory(rt.device)
 
 
 def bind_table(report: common.Report, args: argparse.Namespace, rt: DeviceRuntime) -> None:
-    dev, reps = args.device, args.repeats
     counts = args.bind_n or ([1000] if args.size == "small" else [1000, 4000])
     report.params["bind_n"] = counts
     table = report.table(f"bind cost, N constants of {list(CONST_SHAPE)} float32 (N measured: "
@@ -134,49 +134,46 @@ def bind_table(report: common.Report, args: argparse.Namespace, rt: DeviceRuntim
                              ("n", "N", "{:d}"), ("step", "step", "{}"), ("ms_best", "ms best", "{:.3f}"),
                              ("ms_median", "ms median", "{:.3f}"), ("us_per_const", "us/constant", "{:.2f}")])
     for n in counts:
-        params = {"kind": "param_sum", "n": n, "shape": list(CONST_SHAPE), "dtype": "float32", "seed": 0}
-
-        def programs() -> dict[str, tuple[torch.nn.Module, tuple[torch.Tensor, ...]]]:
-            torch.manual_seed(0)
-            return {"step": (ParamSum(n, dev).eval(), (torch.randn(*CONST_SHAPE, device=dev),))}
-
-        built = common.build_model(args.cache, f"bind{n}", params, programs, dev)
-        table.notes.append(f"N={n}: aoti_rt.compile took {built.compile_seconds:.1f} s"
-                           f"{' (when the cached bundle was built)' if built.reused else ''}")
-
-        def row(step: str, samples: list[float]) -> None:
-            best, median = common.best_median(samples)
-            table.add(n=n, step=step, ms_best=best * 1e3, ms_median=median * 1e3,
-                      us_per_const=median / n * 1e6, samples_s=samples)
-
-        def cold() -> float:
-            t0 = time.perf_counter()
-            model = aoti_rt.load(built.path, device=dev)
-            seconds = time.perf_counter() - t0
-            model.close()
-            common.free_memory(dev)
-            return seconds
-
-        row("aoti_rt.load, cold (reads N weights)", common.repeat(cold, reps))
-        with aoti_rt.load(built.path, device=dev) as first:
-            read0 = aoti_rt.cache_stats(dev)["bytes_read"]
-            row("aoti_rt.load, all cached (second instance)", common.repeat(lambda: _load_cached(built.path, dev), reps))
-            if aoti_rt.cache_stats(dev)["bytes_read"] != read0:
-                table.notes.append(f"N={n}: FAILED: the cached loads read weight bytes")
-            try:
-                _bind_pieces(row, first, rt, reps)
-            except (AttributeError, ImportError, TypeError, KeyError) as e:
-                table.notes.append(f"N={n}: the bind breakdown uses aoti_rt internals that changed: "
-                                   f"{type(e).__name__}: {e}")
+        _bind_rows(table, args, rt, n)
     table.notes.append("us/constant is from the median")
 
 
-def _load_cached(path: Path, dev: str) -> float:
-    t0 = time.perf_counter()
-    model = aoti_rt.load(path, device=dev)
-    seconds = time.perf_counter() - t0
-    model.close()
-    return seconds
+def _bind_rows(table: common.Table, args: argparse.Namespace, rt: DeviceRuntime, n: int) -> None:
+    dev, reps = args.device, args.repeats
+    params = {"kind": "param_sum", "n": n, "shape": list(CONST_SHAPE), "dtype": "float32", "seed": 0}
+
+    def programs() -> dict[str, tuple[torch.nn.Module, tuple[torch.Tensor, ...]]]:
+        torch.manual_seed(0)
+        return {"step": (ParamSum(n, dev).eval(), (torch.randn(*CONST_SHAPE, device=dev),))}
+
+    built = common.build_model(args.cache, f"bind{n}", params, programs, dev)
+    table.notes.append(f"N={n}: aoti_rt.compile took {built.compile_seconds:.1f} s"
+                       f"{' (when the cached bundle was built)' if built.reused else ''}")
+
+    def row(step: str, samples: list[float]) -> None:
+        best, median = common.best_median(samples)
+        table.add(n=n, step=step, ms_best=best * 1e3, ms_median=median * 1e3,
+                  us_per_const=median / n * 1e6, samples_s=samples)
+
+    def load() -> float:
+        t0 = time.perf_counter()
+        model = aoti_rt.load(built.path, device=dev)
+        seconds = time.perf_counter() - t0
+        model.close()
+        common.free_memory(dev)
+        return seconds
+
+    row("aoti_rt.load, cold (reads N weights)", common.repeat(load, reps))
+    with aoti_rt.load(built.path, device=dev) as first:
+        read0 = aoti_rt.cache_stats(dev)["bytes_read"]
+        row("aoti_rt.load, all cached (second instance)", common.repeat(load, reps))
+        if aoti_rt.cache_stats(dev)["bytes_read"] != read0:
+            table.notes.append(f"N={n}: FAILED: the cached loads read weight bytes")
+        try:
+            _bind_pieces(row, first, rt, reps)
+        except (AttributeError, ImportError, TypeError, KeyError) as e:
+            table.notes.append(f"N={n}: the bind breakdown uses aoti_rt internals that changed: "
+                               f"{type(e).__name__}: {e}")
 
 
 def _bind_pieces(row: Callable[[str, list[float]], None], first: aoti_rt.Model, rt: DeviceRuntime,
@@ -205,39 +202,37 @@ def _bind_pieces(row: Callable[[str, list[float]], None], first: aoti_rt.Model, 
         m.close()
         return seconds
 
-    def timed(fn: Callable[[], object]) -> Callable[[], float]:
-        def once() -> float:
-            t0 = time.perf_counter()
-            fn()
-            return time.perf_counter() - t0
-        return once
+    keys = [weights[c.weight].digest for c in cs]
+    sizes = [weights[c.weight].nbytes for c in cs]
+    buffers = [rt.cache.buffer(k) for k in keys]
+    shim = torch_shim()
+
+    def create_delete() -> None:
+        s = SharedObject(so_path)
+        s.delete(s.create(rt.device))
+
+    def acquire_release() -> None:
+        rt.cache.release(rt.cache.acquire(keys, sizes, rt.allocator))
+
+    def bind(so: SharedObject, handle: int) -> None:
+        plan = _cache.BindPlan([c.name for c in cs], [DTYPE_CODES[c.dtype] for c in cs],
+                               [c.shape for c in cs], [c.stride for c in cs], [c.storage_offset for c in cs])
+        rc = plan.bind(buffers, so.addresses[_PAIRS], handle, 1 if rt.is_cuda else 0, rt.index,
+                       shim["aoti_torch_create_tensor_from_blob_v2"], shim["aoti_torch_delete_tensor_object"])
+        if rc != 0:
+            raise RuntimeError(f"BindPlan.bind failed: {rc}")
 
     row("Method(...) construction, all cached (bind path)", common.repeat(method, reps))
     row("  read_bundle (manifest parse + checks; in load, not Method)",
-        common.repeat(timed(lambda: read_bundle(bundle.root)), reps))
+        common.repeat(common.stopwatch(lambda: read_bundle(bundle.root)), reps))
+    row("  SharedObject + CreateWithDevice + Delete", common.repeat(common.stopwatch(create_delete), reps))
+    row("  WeightCache.acquire (hits) + release", common.repeat(common.stopwatch(acquire_release), reps))
     so = SharedObject(so_path)
     handle = so.create(rt.device)
     try:
-        row("  SharedObject + CreateWithDevice + Delete",
-            common.repeat(timed(lambda: (lambda s: s.delete(s.create(rt.device)))(SharedObject(so_path))), reps))
         row("  constant table over ctypes (SharedObject.constants)",
-            common.repeat(timed(lambda: so.constants(handle)), reps))
-        keys = [weights[c.weight].digest for c in cs]
-        sizes = [weights[c.weight].nbytes for c in cs]
-        row("  WeightCache.acquire (hits) + release",
-            common.repeat(timed(lambda: rt.cache.release(rt.cache.acquire(keys, sizes, rt.allocator))), reps))
-        buffers = [rt.cache.buffer(k) for k in keys]
-        shim = torch_shim()
-
-        def bind() -> None:
-            plan = _cache.BindPlan([c.name for c in cs], [DTYPE_CODES[c.dtype] for c in cs],
-                                   [c.shape for c in cs], [c.stride for c in cs], [c.storage_offset for c in cs])
-            rc = plan.bind(buffers, so.addresses[_PAIRS], handle, 1 if rt.is_cuda else 0, rt.index,
-                           shim["aoti_torch_create_tensor_from_blob_v2"], shim["aoti_torch_delete_tensor_object"])
-            if rc != 0:
-                raise RuntimeError(f"BindPlan.bind failed: {rc}")
-
-        row("  BindPlan + bind (one Pairs call)", common.repeat(timed(bind), reps))
+            common.repeat(common.stopwatch(lambda: so.constants(handle)), reps))
+        row("  BindPlan + bind (one Pairs call)", common.repeat(common.stopwatch(lambda: bind(so, handle)), reps))
     finally:
         so.delete(handle)
 

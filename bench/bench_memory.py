@@ -125,37 +125,42 @@ def run(args: argparse.Namespace, report: common.Report) -> None:
                          f"({human_bytes(LAYERS * dim * dim * 2)}); used delta = {used_what}", COLUMNS)
     for overlap, methods_spec in OVERLAPS.items():
         spec = common.StackSpec(LAYERS, dim, methods_spec)
-        built = common.build_model(args.cache, f"memory_{overlap}", spec.params(), lambda: spec.programs(dev), dev)
-        man = aoti_rt.read_bundle(built.path).manifest
+        built = common.build_model(args.cache, f"memory_{overlap}", spec.params(),
+                                   lambda spec=spec: spec.programs(dev), dev)
         report.params[f"bundle_{overlap}"] = str(built.path)
         for n in (2, 3):
-            methods = [m for m, *_ in methods_spec][:n]
-            scenario = f"{overlap} overlap, {n} methods"
-            unique = man.unique_weight_bytes(methods)
-            torch.manual_seed(1)
-            inputs = {m: spec.example(m, dev) for m in methods}
-
-            def row(variant: str, nbytes: int, how: str, used: int | None = None, **extra: object) -> None:
-                table.add(scenario=scenario, variant=variant, bytes=nbytes, mib=nbytes / common.MiB,
-                          ratio=nbytes / unique, used_bytes=used,
-                          used_mib=None if used is None else used / common.MiB,
-                          used_ratio=None if used is None else used / unique, how=how,
-                          unique_bytes=unique, methods=methods, **extra)
-
-            row("unique weights", unique, "manifest")
-            peak, used, ref = measure_aoti(built.path, methods, dev, inputs)
-            row("aoti_rt", peak, "measured: peak_bytes_allocated", used)
-            stock_used, stock_alloc, got = measure_stock(built.path, methods, dev, inputs)
-            row("stock per-method", stock_used, f"measured: {'device' if common.is_cuda(dev) else 'RSS'} delta",
-                stock_used, torch_allocated_bytes=stock_alloc)
-            row("stock per-method", sum(common.blob_size(man, m) for m in methods), "computed: sum of blobs")
-            row("whole-blob-on-miss (#18901)", whole_blob_on_miss(man, methods), "computed (emulated)")
-            table.notes.append(f"{scenario}: {_outputs_match(ref, got)}")
+            scenario(table, f"{overlap} overlap, {n} methods", built.path, spec, [m for m, *_ in methods_spec][:n], dev)
     if common.is_cuda(dev):
         table.notes.append("stock AOTI allocates its constant blob with cudaMalloc, outside torch's caching "
                            "allocator: torch.cuda.memory_allocated does not see it (JSON: torch_allocated_bytes)")
+        table.notes.append("stock frees nothing while loading, so its used delta after the last method is its peak")
     else:
         table.notes.append("on the CPU 'used' is the process RSS delta: allocator caching makes it approximate")
+
+
+def scenario(table: common.Table, name: str, path: Path, spec: common.StackSpec, methods: list[str],
+             dev: str) -> None:
+    """The rows of one scenario: ``methods`` of the bundle at ``path``, every variant."""
+    man = aoti_rt.read_bundle(path).manifest
+    unique = man.unique_weight_bytes(methods)
+    torch.manual_seed(1)
+    inputs = {m: spec.example(m, dev) for m in methods}
+
+    def row(variant: str, nbytes: int, how: str, used: int | None = None, **extra: object) -> None:
+        table.add(scenario=name, variant=variant, bytes=nbytes, mib=nbytes / common.MiB, ratio=nbytes / unique,
+                  used_bytes=used, used_mib=None if used is None else used / common.MiB,
+                  used_ratio=None if used is None else used / unique, how=how, unique_bytes=unique,
+                  methods=methods, **extra)
+
+    row("unique weights", unique, "manifest")
+    peak, used, ref = measure_aoti(path, methods, dev, inputs)
+    row("aoti_rt", peak, "measured: peak_bytes_allocated", used)
+    stock_used, stock_alloc, got = measure_stock(path, methods, dev, inputs)
+    row("stock per-method", stock_used, f"measured: {'device' if common.is_cuda(dev) else 'RSS'} delta",
+        stock_used, torch_allocated_bytes=stock_alloc)
+    row("stock per-method", sum(common.blob_size(man, m) for m in methods), "computed: sum of blobs")
+    row("whole-blob-on-miss (#18901)", whole_blob_on_miss(man, methods), "computed (emulated)")
+    table.notes.append(f"{name}: {_outputs_match(ref, got)}")
 
 
 main = common.main_of("bench_memory", __doc__, run)

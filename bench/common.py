@@ -145,6 +145,15 @@ def repeat(fn: Callable[[], float], repeats: int, warmup: int = 1) -> list[float
     return [fn() for _ in range(repeats)]
 
 
+def stopwatch(fn: Callable[[], object]) -> Callable[[], float]:
+    """A function that calls ``fn`` and returns the seconds it took (for :func:`repeat`)."""
+    def once() -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    return once
+
+
 def best_median(samples: Sequence[float]) -> tuple[float, float]:
     return min(samples), statistics.median(samples)
 
