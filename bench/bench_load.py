@@ -33,6 +33,8 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -43,6 +45,7 @@ import torch
 import aoti_rt
 import aoti_rt.loader
 from aoti_rt.bundle import human_bytes
+from aoti_rt.device import DeviceRuntime
 from aoti_rt.device import get as device_runtime
 from bench import common
 
@@ -61,171 +64,189 @@ def spec_for(size: str) -> common.StackSpec:
     return common.StackSpec(layers, dim, (("prefill", 0, layers, 4), ("decode", 0, layers, 1)))
 
 
-def _add(table: common.Table, variant: str, nbytes: int, samples: list[float], **extra: object) -> None:
-    best, median = common.best_median(samples)
-    table.add(variant=variant, mib=nbytes / common.MiB, bytes=nbytes, gbps_best=nbytes / best / common.GB,
-              gbps_median=nbytes / median / common.GB, ms_best=best * 1e3, ms_median=median * 1e3,
-              samples_s=samples, **extra)
+@dataclass
+class Case:
+    """What every variant of one run shares."""
 
+    dev: str
+    reps: int
+    bundle: aoti_rt.Bundle
+    so: Path           # the stock artifact's .so
+    blob: Path         # ... and its *_weights.blob
+    rt: DeviceRuntime
+    table: common.Table
 
-def _timed(dev: str, body: Callable[[], object]) -> float:
-    """Seconds of ``body()`` up to a device synchronize; its result is dropped afterwards."""
-    t0 = time.perf_counter()
-    result = body()
-    common.synchronize(dev)
-    seconds = time.perf_counter() - t0
-    del result
-    common.free_memory(dev)
-    return seconds
+    @property
+    def unique(self) -> int:
+        """Unique weight bytes of ``prefill``."""
+        return self.bundle.manifest.unique_weight_bytes(["prefill"])
+
+    def add(self, variant: str, nbytes: int, fn: Callable[[], float], **extra: object) -> list[float]:
+        """Time ``fn`` (warm-up + ``reps``) and add its row; returns the samples (seconds)."""
+        return self.add_samples(variant, nbytes, common.repeat(fn, self.reps), **extra)
+
+    def add_samples(self, variant: str, nbytes: int, samples: list[float], **extra: object) -> list[float]:
+        best, median = common.best_median(samples)
+        self.table.add(variant=variant, mib=nbytes / common.MiB, bytes=nbytes,
+                       gbps_best=nbytes / best / common.GB, gbps_median=nbytes / median / common.GB,
+                       ms_best=best * 1e3, ms_median=median * 1e3, samples_s=samples, **extra)
+        return samples
+
+    def timed(self, body: Callable[[], object]) -> float:
+        """Seconds of ``body()`` up to a device synchronize; its result is freed afterwards."""
+        t0 = time.perf_counter()
+        result = body()
+        common.synchronize(self.dev)
+        seconds = time.perf_counter() - t0
+        del result
+        common.free_memory(self.dev)
+        return seconds
 
 
 def run(args: argparse.Namespace, report: common.Report) -> None:
-    dev, reps = args.device, args.repeats
+    dev = args.device
     spec = spec_for(args.size)
     report.params.update(spec.params())
-    built = common.build_model(args.cache, "load", spec.params(), lambda: spec.programs(dev), dev)
+    built = common.build_model(args.cache, "load", spec.params(), partial(spec.programs, dev), dev)
     stock, so, blob = common.build_stock(args.cache, "load_prefill", spec.params(),
                                          lambda: spec.programs(dev)["prefill"], dev)
     report.params.update(bundle=str(built.path), stock_so=str(so), stock_blob=str(blob),
                          bundle_compile_s=built.compile_seconds, stock_compile_s=stock.compile_seconds)
     bundle = aoti_rt.read_bundle(built.path)
-    man = bundle.manifest
-    unique = man.unique_weight_bytes(["prefill"])
-    blob_bytes = blob.stat().st_size
-    rt = device_runtime(dev)
     for p in (bundle.store_path, blob):   # warm the page cache: every variant reads from memory
         common.read_file(p)
-
+    unique = bundle.manifest.unique_weight_bytes(["prefill"])
     table = report.table(f"load throughput: {spec.layers} x Linear({spec.dim}, {spec.dim}) {spec.dtype}, "
                          f"{human_bytes(unique)} of unique weights, page cache warm", COLUMNS)
+    case = Case(dev, args.repeats, bundle, so, blob, device_runtime(dev), table)
+    aoti_rows(case)
+    loader_rows(case)
+    stock_rows(case)
+    file_loader_rows(case)
+    copy_rows(case)
+    cached_second_method(report, built.path, dev, args.repeats)
 
-    # -- aoti_rt: cold loads --------------------------------------------------------------
-    def aoti_cold(methods: list[str], read: list[int]) -> Callable[[], float]:
-        def once() -> float:
-            if any(w.digest in rt.cache for w in man.weights.values()):
-                raise RuntimeError("the weights are already cached: the load would not be cold")
-            before = aoti_rt.cache_stats(dev)["bytes_read"]
-            t0 = time.perf_counter()
-            model = aoti_rt.load(built.path, device=dev, methods=methods)
-            common.synchronize(dev)
-            seconds = time.perf_counter() - t0
-            read.append(aoti_rt.cache_stats(dev)["bytes_read"] - before)
-            model.close()   # frees the weights: the next load is cold again
-            common.free_memory(dev)
-            return seconds
-        return once
+
+def aoti_rows(case: Case) -> None:
+    """Cold ``aoti_rt.load`` of prefill, and of prefill + decode (same weights: read once)."""
+    man = case.bundle.manifest
+
+    def cold(methods: list[str], read: list[int]) -> float:
+        if any(w.digest in case.rt.cache for w in man.weights.values()):
+            raise RuntimeError("the weights are already cached: the load would not be cold")
+        before = aoti_rt.cache_stats(case.dev)["bytes_read"]
+        t0 = time.perf_counter()
+        model = aoti_rt.load(case.bundle.root, device=case.dev, methods=methods)
+        common.synchronize(case.dev)
+        seconds = time.perf_counter() - t0
+        read.append(aoti_rt.cache_stats(case.dev)["bytes_read"] - before)
+        model.close()   # frees the weights: the next load is cold again
+        common.free_memory(case.dev)
+        return seconds
 
     for methods in (["prefill"], ["prefill", "decode"]):
         read: list[int] = []
-        samples = common.repeat(aoti_cold(methods, read), reps)
-        _add(table, f"aoti_rt.load cold ({'+'.join(methods)})", man.unique_weight_bytes(methods), samples,
-             bytes_read=read[-1])
-        if read[-1] != man.unique_weight_bytes(methods):
-            table.notes.append(f"aoti_rt.load ({'+'.join(methods)}) read {read[-1]} bytes, "
-                               f"expected {man.unique_weight_bytes(methods)}")
+        expect = man.unique_weight_bytes(methods)
+        samples = common.repeat(partial(cold, methods, read), case.reps)
+        case.add_samples(f"aoti_rt.load cold ({'+'.join(methods)})", expect, samples, bytes_read=read[-1])
+        if any(r != expect for r in read):
+            case.table.notes.append(f"aoti_rt.load ({'+'.join(methods)}) read {read} bytes, expected {expect}")
 
-    # -- aoti_rt: the loader alone ----------------------------------------------------------
+
+def loader_rows(case: Case) -> None:
+    """``aoti_rt.loader.read_weights`` alone, from the store and from a copy in /dev/shm."""
+    man = case.bundle.manifest
     weights = [man.weights[i] for i in sorted({c.weight for c in man.methods["prefill"].constants})]
 
-    def loader_from(store: Path) -> Callable[[], float]:
-        def once() -> float:
-            bufs = [rt.allocator.allocate(w.nbytes) for w in weights]
-            t0 = time.perf_counter()
-            aoti_rt.loader.read_weights(rt, store, [w.offset for w in weights], [w.nbytes for w in weights],
-                                        bufs, progress=False)
-            seconds = time.perf_counter() - t0
-            del bufs
-            return seconds
-        return once
+    def read(store: Path) -> float:
+        bufs = [case.rt.allocator.allocate(w.nbytes) for w in weights]
+        t0 = time.perf_counter()
+        aoti_rt.loader.read_weights(case.rt, store, [w.offset for w in weights], [w.nbytes for w in weights],
+                                    bufs, progress=False)
+        seconds = time.perf_counter() - t0
+        del bufs
+        return seconds
 
-    _add(table, "aoti_rt.loader.read_weights (page cache)", unique, common.repeat(loader_from(bundle.store_path), reps))
+    store = case.bundle.store_path
+    case.add("aoti_rt.loader.read_weights (page cache)", case.unique, partial(read, store))
     shm = Path("/dev/shm")
-    if shm.is_dir() and shutil.disk_usage(shm).free > bundle.store_path.stat().st_size + (256 << 20):
+    if shm.is_dir() and shutil.disk_usage(shm).free > store.stat().st_size + (256 << 20):
         copy = shm / f"aoti_rt-bench-{os.getpid()}.safetensors"
         try:
-            shutil.copyfile(bundle.store_path, copy)
-            _add(table, "aoti_rt.loader.read_weights (/dev/shm)", unique, common.repeat(loader_from(copy), reps))
+            shutil.copyfile(store, copy)
+            case.add("aoti_rt.loader.read_weights (/dev/shm)", case.unique, partial(read, copy))
         finally:
             copy.unlink(missing_ok=True)
     else:
-        table.notes.append("no /dev/shm with room for the store: the in-memory loader row is skipped")
-    table.notes.append("aoti_rt has no API to load from bytes already in host memory; "
-                       "read_weights from /dev/shm stands in for it")
+        case.table.notes.append("no /dev/shm with room for the store: the in-memory loader row is skipped")
+    case.table.notes.append("aoti_rt has no API to load from bytes already in host memory; "
+                            "read_weights from /dev/shm stands in for it")
 
-    # -- stock AOTI ---------------------------------------------------------------------------
+
+def stock_rows(case: Case) -> None:
+    """torch's AOTI runner + ``update_constant_buffer_from_blob``, the blob call alone, and a
+    Python read of the blob."""
+    nbytes = case.blob.stat().st_size
     blob_only: list[float] = []
 
-    def stock_once() -> float:
-        def body() -> object:
-            runner = common.stock_runner(so, dev)
-            t1 = time.perf_counter()
-            runner.update_constant_buffer_from_blob(str(blob))
-            common.synchronize(dev)
-            blob_only.append(time.perf_counter() - t1)
-            return runner
-        return _timed(dev, body)
+    def runner_and_blob() -> object:
+        runner = common.stock_runner(case.so, case.dev)
+        t1 = time.perf_counter()
+        runner.update_constant_buffer_from_blob(str(case.blob))
+        common.synchronize(case.dev)
+        blob_only.append(time.perf_counter() - t1)
+        return runner
 
-    _add(table, "stock AOTI: runner + update_constant_buffer_from_blob", blob_bytes,
-         common.repeat(stock_once, reps))
-    _add(table, "stock AOTI: update_constant_buffer_from_blob alone", blob_bytes, blob_only[-reps:])
+    def read_blob() -> bytes:
+        with open(case.blob, "rb") as f:
+            return f.read()
 
-    def read_blob() -> float:
-        t0 = time.perf_counter()
-        with open(blob, "rb") as f:
-            data = f.read()
-        seconds = time.perf_counter() - t0
-        del data
-        return seconds
+    case.add("stock AOTI: runner + update_constant_buffer_from_blob", nbytes, partial(case.timed, runner_and_blob))
+    case.add_samples("stock AOTI: update_constant_buffer_from_blob alone", nbytes, blob_only[-case.reps:])
+    case.add("python open().read() of the blob (host only)", nbytes, partial(case.timed, read_blob))
+    same = filecmp.cmp(case.blob, common.stock_blob(case.bundle.root, "prefill"), shallow=False)
+    case.table.notes.append(f"the aot_compile blob is {'byte-identical to' if same else 'DIFFERENT from'} the "
+                            f"blob bench_memory/bench_call build from the bundle manifest")
 
-    _add(table, "python open().read() of the blob (host only)", blob_bytes, common.repeat(read_blob, reps))
-    same = filecmp.cmp(blob, common.stock_blob(built.path, "prefill"), shallow=False)
-    table.notes.append(f"the aot_compile blob is {'byte-identical to' if same else 'DIFFERENT from'} the blob "
-                       f"bench_memory/bench_call build from the bundle manifest")
 
-    # -- safetensors, fastsafetensors -------------------------------------------------------
+def file_loader_rows(case: Case) -> None:
+    """``safetensors.torch.load_file`` of the bundle's store; fastsafetensors if installed."""
     from safetensors.torch import load_file
 
-    store_bytes = sum(w.nbytes for w in man.weights.values())
-    _add(table, "safetensors.torch.load_file", store_bytes,
-         common.repeat(lambda: _timed(dev, lambda: load_file(str(bundle.store_path), device=dev)), reps))
+    store = str(case.bundle.store_path)
+    nbytes = sum(w.nbytes for w in case.bundle.manifest.weights.values())
+    case.add("safetensors.torch.load_file", nbytes, partial(case.timed, lambda: load_file(store, device=case.dev)))
     try:
         from fastsafetensors import fastsafe_open
     except ImportError:
-        table.notes.append("fastsafetensors is not installed: its row is skipped")
-    else:
-        def fast_once() -> float:
-            def body() -> object:
-                with fastsafe_open(filenames=[str(bundle.store_path)], nogds=True, device=dev) as f:
-                    return {k: f.get_tensor(k) for k in f.keys()}
-            return _timed(dev, body)
-        try:
-            _add(table, "fastsafetensors (nogds)", store_bytes, common.repeat(fast_once, reps))
-        except Exception as e:  # noqa: BLE001 - a third-party loader failing is a note, not a crash
-            table.notes.append(f"fastsafetensors failed: {type(e).__name__}: {e}")
+        case.table.notes.append("fastsafetensors is not installed: its row is skipped")
+        return
 
-    # -- copy ceilings --------------------------------------------------------------------------
-    if common.is_cuda(dev):
-        pinned = torch.ones(unique, dtype=torch.uint8, pin_memory=True)
-        _add(table, "host->device copy, pinned (ceiling)", unique,
-             common.repeat(lambda: _copy(pinned, dev), reps))
-        del pinned
-        pageable = torch.ones(unique, dtype=torch.uint8)
-        _add(table, "host->device copy, pageable", unique, common.repeat(lambda: _copy(pageable, dev), reps))
-        del pageable
+    def fast() -> object:
+        with fastsafe_open(filenames=[store], nogds=True, device=case.dev) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+
+    try:
+        case.add("fastsafetensors (nogds)", nbytes, partial(case.timed, fast))
+    except Exception as e:  # noqa: BLE001 - a third-party loader failing is a note, not a crash
+        case.table.notes.append(f"fastsafetensors failed: {type(e).__name__}: {e}")
+
+
+def copy_rows(case: Case) -> None:
+    """The ceilings: host->device copies (pinned, pageable) on CUDA, a memcpy on the CPU."""
+    n = case.unique
+    if common.is_cuda(case.dev):
+        for kind, pin in (("pinned (ceiling)", True), ("pageable", False)):
+            src = torch.ones(n, dtype=torch.uint8, pin_memory=pin)
+            case.add(f"host->device copy, {kind}", n, partial(_copy, src, case.dev))
+            del src
     else:
-        src = torch.ones(unique, dtype=torch.uint8)
+        src = torch.ones(n, dtype=torch.uint8)
         dst = torch.zeros_like(src)
-
-        def memcpy() -> float:
-            t0 = time.perf_counter()
-            ctypes.memmove(dst.data_ptr(), src.data_ptr(), unique)
-            return time.perf_counter() - t0
-
-        _add(table, "host memcpy (CPU ceiling)", unique, common.repeat(memcpy, reps))
+        case.add("host memcpy (CPU ceiling)", n, common.stopwatch(lambda: ctypes.memmove(dst.data_ptr(),
+                                                                                       src.data_ptr(), n)))
         del src, dst
-    common.free_memory(dev)
-
-    cached_second_method(report, built.path, dev, reps)
+    common.free_memory(case.dev)
 
 
 def _copy(src: torch.Tensor, dev: str) -> float:

@@ -14,7 +14,9 @@ one method ``step``), per N measured: a cold ``aoti_rt.load``; a second ``aoti_r
 the first is open (every weight cached: nothing read); ``Method`` construction alone, i.e. the
 bind path; and the pieces of it that can be timed on their own (the constant table walk over
 ctypes, the cache acquire of N keys, ``BindPlan`` + one ``UpdateUserManagedConstantBufferPairs``
-call). Per-constant cost = time / N. Compiling N = 1000 takes about 25 s on a 2-core CPU.
+call). Per-constant cost = time / N. N defaults to 1000 with ``--size small`` and to 1000 and
+4000 with ``--size full`` (``--bind-n`` picks others); compiling N = 1000 took 24 s and N = 4000
+92 s on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def _lookup_rows(table: common.Table, rt: DeviceRuntime, k: int, reps: int) -> N
         cache.release(acq)
         return seconds
 
-    add("acquire, all misses (allocates)", common.repeat(misses, reps))
+    add("acquire, all misses (allocates)", common.repeat(misses, min(reps, 3)))   # 100k device allocations each
     cache = _cache.WeightCache()
     held = cache.acquire(keys, sizes, rt.allocator)
     cache.publish(held)

@@ -19,14 +19,19 @@ weight bytes of the loaded methods:
                              binds them; one with any missing constant loads its whole blob.
                              Computed (emulated) from the manifests, not measured.
 
-"Device-wide used" is ``total - free`` from cuMemGetInfo on CUDA, the process's resident set
-on the CPU (host memory, noisier). Full size: dim 8192 bf16 (2 GiB); small: dim 256.
+"Used delta" is device-wide ``total - free`` (cuMemGetInfo) after loading minus before, on the
+CPU the process's resident set (host memory, noisier); "sampled peak" is the device-wide peak
+over the load from ``aoti_rt.memory.Sampler`` (every 1 ms, CUDA only). Full size: dim 8192 bf16 (2 GiB); small: dim 256.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -36,6 +41,7 @@ import torch
 
 import aoti_rt
 from aoti_rt.bundle import human_bytes
+from aoti_rt.memory import Sampler, memory_report
 from bench import common
 
 LAYERS = 16
@@ -50,6 +56,7 @@ COLUMNS = [
     ("ratio", "x unique", "{:.2f}"),
     ("used_mib", "used delta MiB", "{:.1f}"),
     ("used_ratio", "used x unique", "{:.2f}"),
+    ("peak_mib", "sampled peak MiB", "{:.1f}"),
     ("how", "how", "{}"),
 ]
 
@@ -76,43 +83,61 @@ def _outputs_match(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -
     return f"max |aoti_rt - stock| over the methods' outputs = {max(diffs):.3g}"
 
 
-def measure_aoti(path: Path, methods: list[str], dev: str,
-                 inputs: dict[str, torch.Tensor]) -> tuple[int, int, dict[str, torch.Tensor]]:
-    """(peak bytes aoti_rt allocated, device-wide used delta, each method's output)."""
+@dataclass
+class Measured:
+    """What a block of loading added, in bytes."""
+
+    used: int = 0                       # device-wide used, after - before (RSS on the CPU)
+    sampled_peak: int | None = None     # device-wide peak - before, sampled every ms (CUDA)
+    exact_peak: int = 0                 # aoti_rt's peak_bytes_allocated over the block
+    torch_allocated: int | None = None  # torch.cuda.memory_allocated, after - before
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@contextmanager
+def watch(dev: str) -> Iterator[Measured]:
+    """Measure the memory the block adds (filled in when the block ends)."""
+    cuda = common.is_cuda(dev)
     common.free_memory(dev)
     aoti_rt.reset_peak(dev)
     base = aoti_rt.cache_stats(dev)["bytes_allocated"]
+    torch0 = torch.cuda.memory_allocated(dev) if cuda else 0
     used0 = common.used_memory(dev)
-    model = aoti_rt.load(path, device=dev, methods=methods)
-    common.synchronize(dev)
-    used = common.used_memory(dev) - used0
-    peak = aoti_rt.cache_stats(dev)["peak_bytes_allocated"] - base
-    outs = {m: model[m](inputs[m]) for m in methods}   # after the measurement
+    m = Measured()
+    with Sampler(dev):
+        yield m
+        common.synchronize(dev)
+    m.used = common.used_memory(dev) - used0
+    peak = memory_report(dev).device_peak_used_bytes
+    m.sampled_peak = None if peak is None else peak - used0
+    m.exact_peak = aoti_rt.cache_stats(dev)["peak_bytes_allocated"] - base
+    m.torch_allocated = torch.cuda.memory_allocated(dev) - torch0 if cuda else None
+
+
+def measure_aoti(path: Path, methods: list[str], dev: str, inputs: dict[str, torch.Tensor]) -> Measured:
+    """Load ``methods`` with aoti_rt; then run each once (after the measurement) for a check."""
+    with watch(dev) as m:
+        model = aoti_rt.load(path, device=dev, methods=methods)
+    m.outputs = {k: model[k](inputs[k]) for k in methods}
     model.close()
     del model
     common.free_memory(dev)
-    return peak, used, outs
+    return m
 
 
-def measure_stock(path: Path, methods: list[str], dev: str,
-                  inputs: dict[str, torch.Tensor]) -> tuple[int, int, dict[str, torch.Tensor]]:
-    """(device-wide used delta, torch.cuda.memory_allocated delta, each method's output)."""
+def measure_stock(path: Path, methods: list[str], dev: str, inputs: dict[str, torch.Tensor]) -> Measured:
+    """One torch AOTI runner per method, each loading its own blob; then run each once."""
     bundle = aoti_rt.read_bundle(path)
-    blobs = {m: common.stock_blob(path, m) for m in methods}
-    common.free_memory(dev)
-    used0 = common.used_memory(dev)
-    alloc0 = torch.cuda.memory_allocated(dev) if common.is_cuda(dev) else 0
+    blobs = {k: common.stock_blob(path, k) for k in methods}
     runners = {}
-    for m in methods:
-        runners[m] = common.stock_runner(bundle.so_path(m), dev)
-        runners[m].update_constant_buffer_from_blob(str(blobs[m]))
-    common.synchronize(dev)
-    used = common.used_memory(dev) - used0
-    alloc = (torch.cuda.memory_allocated(dev) - alloc0) if common.is_cuda(dev) else 0
-    outs = {m: runners[m].run([inputs[m]])[0] for m in methods}
+    with watch(dev) as m:
+        for k in methods:
+            runners[k] = common.stock_runner(bundle.so_path(k), dev)
+            runners[k].update_constant_buffer_from_blob(str(blobs[k]))
+    m.outputs = {k: runners[k].run([inputs[k]])[0] for k in methods}
     del runners
     common.free_memory(dev)
-    return used, alloc, outs
+    return m
 
 
 def run(args: argparse.Namespace, report: common.Report) -> None:
@@ -126,7 +151,7 @@ def run(args: argparse.Namespace, report: common.Report) -> None:
     for overlap, methods_spec in OVERLAPS.items():
         spec = common.StackSpec(LAYERS, dim, methods_spec)
         built = common.build_model(args.cache, f"memory_{overlap}", spec.params(),
-                                   lambda spec=spec: spec.programs(dev), dev)
+                                   partial(spec.programs, dev), dev)
         report.params[f"bundle_{overlap}"] = str(built.path)
         for n in (2, 3):
             scenario(table, f"{overlap} overlap, {n} methods", built.path, spec, [m for m, *_ in methods_spec][:n], dev)
@@ -146,21 +171,24 @@ def scenario(table: common.Table, name: str, path: Path, spec: common.StackSpec,
     torch.manual_seed(1)
     inputs = {m: spec.example(m, dev) for m in methods}
 
-    def row(variant: str, nbytes: int, how: str, used: int | None = None, **extra: object) -> None:
+    def row(variant: str, nbytes: int, how: str, m: Measured | None = None) -> None:
+        def mib(b: int | None) -> float | None:
+            return None if b is None else b / common.MiB
+        used = None if m is None else m.used
+        peak = None if m is None else m.sampled_peak
         table.add(scenario=name, variant=variant, bytes=nbytes, mib=nbytes / common.MiB, ratio=nbytes / unique,
-                  used_bytes=used, used_mib=None if used is None else used / common.MiB,
-                  used_ratio=None if used is None else used / unique, how=how, unique_bytes=unique,
-                  methods=methods, **extra)
+                  used_bytes=used, used_mib=mib(used), used_ratio=None if used is None else used / unique,
+                  sampled_peak_bytes=peak, peak_mib=mib(peak), how=how, unique_bytes=unique, methods=methods,
+                  torch_allocated_bytes=None if m is None else m.torch_allocated)
 
     row("unique weights", unique, "manifest")
-    peak, used, ref = measure_aoti(path, methods, dev, inputs)
-    row("aoti_rt", peak, "measured: peak_bytes_allocated", used)
-    stock_used, stock_alloc, got = measure_stock(path, methods, dev, inputs)
-    row("stock per-method", stock_used, f"measured: {'device' if common.is_cuda(dev) else 'RSS'} delta",
-        stock_used, torch_allocated_bytes=stock_alloc)
+    ours = measure_aoti(path, methods, dev, inputs)
+    row("aoti_rt", ours.exact_peak, "measured: peak_bytes_allocated", ours)
+    stock = measure_stock(path, methods, dev, inputs)
+    row("stock per-method", stock.used, f"measured: {'device' if common.is_cuda(dev) else 'RSS'} delta", stock)
     row("stock per-method", sum(common.blob_size(man, m) for m in methods), "computed: sum of blobs")
     row("whole-blob-on-miss (#18901)", whole_blob_on_miss(man, methods), "computed (emulated)")
-    table.notes.append(f"{name}: {_outputs_match(ref, got)}")
+    table.notes.append(f"{name}: {_outputs_match(ours.outputs, stock.outputs)}")
 
 
 main = common.main_of("bench_memory", __doc__, run)

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -32,9 +32,8 @@ import aoti_rt
 
 #: decimal gigabyte: throughputs are GB/s = 1e9 bytes per second
 GB = 1e9
-#: binary units for byte counts in tables
+#: binary unit for byte counts in tables
 MiB = float(1 << 20)
-GiB = float(1 << 30)
 
 
 # ---------------------------------------------------------------------------------------
@@ -333,15 +332,11 @@ class StackSpec:
         return {"kind": "layer_stack", "layers": self.layers, "dim": self.dim, "dtype": self.dtype,
                 "seed": self.seed, "methods": [list(m) for m in self.methods]}
 
-    def weight_bytes(self) -> int:
-        return self.layers * self.dim * self.dim * getattr(torch, self.dtype).itemsize
-
     def programs(self, device: str) -> dict[str, tuple[torch.nn.Module, tuple[torch.Tensor, ...]]]:
         """``{method: (module, example args)}``, all sharing one stack's parameters."""
         dtype = getattr(torch, self.dtype)
         torch.manual_seed(self.seed)
-        with torch.device(device):
-            stack = LayerStack(self.layers, self.dim, dtype, device)
+        stack = LayerStack(self.layers, self.dim, dtype, device)
         return {name: (LayerRange(stack, first, end).eval(),
                        (torch.randn(batch, self.dim, dtype=dtype, device=device),))
                 for name, first, end, batch in self.methods}
@@ -512,17 +507,27 @@ def stock_runner(so: Path, device: str) -> Any:
 # ---------------------------------------------------------------------------------------
 # script entry
 
+class Main(Protocol):
+    """A script's entry point: ``main(argv=None) -> exit code``."""
+
+    def __call__(self, argv: Sequence[str] | None = None) -> int: ...
+
+
 def main_of(bench: str, doc: str | None, run: Callable[[argparse.Namespace, Report], None],
-            extra: Callable[[argparse.ArgumentParser], None] | None = None) -> Callable[[Sequence[str] | None], int]:
+            extra: Callable[[argparse.ArgumentParser], None] | None = None) -> Main:
     """Build a script's ``main(argv)``: parse the options, run, print and write the report."""
 
     def main(argv: Sequence[str] | None = None) -> int:
         args = parse_args(doc, argv, extra)
         report = Report(bench, environment(args.device),
                         {"device": args.device, "size": args.size, "repeats": args.repeats})
-        run(args, report)
-        path = report.emit(args.out)
-        log(f"wrote {path}")
+        try:
+            run(args, report)
+        except BaseException as e:   # keep what was measured, then fail
+            report.notes.append(f"INCOMPLETE: stopped by {type(e).__name__}: {e}")
+            log(f"wrote the partial results to {report.emit(args.out)}")
+            raise
+        log(f"wrote {report.emit(args.out)}")
         return 0
 
     return main

@@ -49,15 +49,18 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "run_all.json").write_text(json.dumps(
             {"env": common.environment(args.device), "args": forward, "benches": status}, indent=1))
     ok = all(s["rc"] == 0 for s in status.values())
-    try:
-        path = draw_chart(args.out)
-    except ImportError as e:
-        common.log(f"!!! no chart: {e} (pip install matplotlib)")
-        return 1
-    common.log(f"chart: {path}" if path else "no chart: neither bench_load.json nor bench_memory.json in --out")
+    want_chart = args.chart_only or bool({"bench_load", "bench_memory"} & set(args.only or BENCHES))
+    path = None
+    if want_chart:
+        try:
+            path = draw_chart(args.out)
+        except ImportError as e:
+            common.log(f"!!! no chart: {e} (pip install matplotlib)")
+        else:
+            common.log(f"chart: {path}" if path else "!!! no chart: no bench_load.json or bench_memory.json in --out")
     for name, s in status.items():
         common.log(f"{name}: {'ok' if s['rc'] == 0 else 'FAILED (' + str(s['rc']) + ')'} in {s['seconds']} s")
-    return 0 if ok and path is not None else 1
+    return 0 if ok and (path is not None or not want_chart) else 1
 
 
 def _load(out: Path, bench: str) -> dict[str, Any] | None:
