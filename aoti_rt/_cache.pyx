@@ -353,7 +353,7 @@ cdef class _Entry:
     cdef readonly object key
     cdef readonly Buffer buffer
     cdef readonly Py_ssize_t refs
-    cdef object ready      # threading.Event while the first user fills it, then None
+    cdef bint loading      # True while the first user fills it
     cdef object error      # the exception that failed the fill, for waiters
 
 
@@ -385,6 +385,7 @@ cdef class WeightCache:
 
     cdef dict _entries
     cdef object _lock
+    cdef object _filled    # Condition on _lock: some fill finished
     cdef readonly long long hits
     cdef readonly long long misses
     cdef readonly long long bytes_read
@@ -392,6 +393,7 @@ cdef class WeightCache:
     def __init__(self):
         self._entries = {}
         self._lock = threading.Lock()
+        self._filled = threading.Condition(self._lock)
 
     def __len__(self):
         return len(self._entries)
@@ -427,14 +429,14 @@ cdef class WeightCache:
                     if e is not None:
                         e.refs += 1
                         self.hits += 1
-                        if e.ready is not None:
+                        if e.loading:
                             acq.pending.append(i)
                     else:
                         e = _Entry.__new__(_Entry)
                         e.key = key
                         e.buffer = allocator.allocate(<size_t>sizes[i])
                         e.refs = 1
-                        e.ready = threading.Event()
+                        e.loading = True
                         self._entries[key] = e
                         self.misses += 1
                         acq.to_fill.append(i)
@@ -473,25 +475,25 @@ cdef class WeightCache:
         with self._lock:
             for i in acq.to_fill:
                 e = acq.entries[i]
-                ev = e.ready
-                e.ready = None
+                e.loading = False
                 if error is not None:
                     e.error = error
                     if self._entries.get(e.key) is e:
                         del self._entries[e.key]
-                if ev is not None:
-                    ev.set()
+            if acq.to_fill:
+                self._filled.notify_all()
 
     def wait(self, Acquisition acq, timeout=None):
         """Block until entries filled by other threads are ready; raise if a fill failed."""
         cdef _Entry e
-        for i in acq.pending:
-            e = acq.entries[i]
-            ev = e.ready
-            if ev is not None and not ev.wait(timeout):
-                raise TimeoutError(f"timed out waiting for weight {e.key!r}")
-            if e.error is not None:
-                raise RuntimeError(f"loading weight {e.key!r} failed in another thread: {e.error}")
+        with self._lock:
+            for i in acq.pending:
+                e = acq.entries[i]
+                while e.loading:
+                    if not self._filled.wait(timeout):
+                        raise TimeoutError(f"timed out waiting for weight {e.key!r}")
+                if e.error is not None:
+                    raise RuntimeError(f"loading weight {e.key!r} failed in another thread: {e.error}")
 
     def release(self, Acquisition acq):
         """Give back every reference ``acq`` holds; entries at zero leave the cache.

@@ -17,7 +17,6 @@ allocated.
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 from dataclasses import asdict, dataclass, field
@@ -238,16 +237,44 @@ class Bundle:
         return _inside(self.root, self.manifest.methods[method].so, f"method {method!r}: shared object")
 
 
+_checked: dict[Path, tuple[tuple, Bundle]] = {}
+
+
+def _identity(*paths: Path) -> tuple:
+    out = []
+    for p in paths:
+        try:
+            st = p.stat()
+            out.append((st.st_size, st.st_mtime_ns, st.st_ino))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
 def read_bundle(path: str | os.PathLike[str]) -> Bundle:
     """Open a bundle directory and validate its manifest against its files.
 
     Checks: the manifest parses and has the right format version; each shared object and the
     store are inside the bundle and exist; every weight is in the store header at the offsets
-    the manifest claims; every constant's view fits in its weight's bytes.
+    the manifest claims; every constant's view fits in its weight's bytes. The result is
+    remembered until the manifest or the store changes on disk.
     """
-    root = Path(path)
+    root = Path(path).resolve()
     if not (root / MANIFEST).is_file():
-        raise BundleError(f"{root} is not an aoti_rt bundle (no {MANIFEST}); create one with aoti_rt.compile()")
+        raise BundleError(f"{path} is not an aoti_rt bundle (no {MANIFEST}); create one with aoti_rt.compile()")
+    hit = _checked.get(root)
+    if hit is not None:
+        ident, bundle = hit
+        if ident == _identity(root / MANIFEST, bundle.store_path,
+                              *(root / m.so for m in bundle.manifest.methods.values())):
+            return bundle
+    bundle = _read_bundle(root)
+    _checked[root] = (_identity(root / MANIFEST, bundle.store_path,
+                                *(root / m.so for m in bundle.manifest.methods.values())), bundle)
+    return bundle
+
+
+def _read_bundle(root: Path) -> Bundle:
     man = Manifest.from_json((root / MANIFEST).read_text(), str(root / MANIFEST))
     store_path = _inside(root, man.store, "weight store")
     header = read_store_header(store_path)
@@ -295,9 +322,5 @@ def human_bytes(n: float) -> str:
     return f"{n}"
 
 
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b) if b else 0
-
-
 __all__ = ["Bundle", "Manifest", "MethodSpec", "ConstantSpec", "WeightSpec", "InputSpec",
-           "read_bundle", "read_store_header", "DTYPE_CODES", "human_bytes", "math"]
+           "read_bundle", "read_store_header", "DTYPE_CODES", "human_bytes"]

@@ -30,9 +30,11 @@ from typing import Any
 from . import _cache, device as _device, loader, memory as _memory
 from .abi import SharedObject, torch_shim
 from .bundle import DTYPE_CODES, Bundle, ConstantSpec, InputSpec, MethodSpec, WeightSpec, read_bundle
-from .errors import AOTIError, ClosedError, InputError
+from .errors import AOTIError, BundleError, ClosedError, InputError
 
 _PAIRS = "AOTInductorModelContainerUpdateUserManagedConstantBufferPairs"
+#: (.so file identity, manifest constant table) pairs already checked against each other
+_verified_tables: set[tuple] = set()
 _instance_ids = itertools.count(1)
 
 
@@ -83,9 +85,7 @@ class Method:
     """
 
     def __init__(self, name: str, spec: MethodSpec, so_path: Path, source: _Source,
-                 rt: _device.DeviceRuntime, *, legacy: bool = False, progress: bool | None = None):
-        import torch
-
+                 rt: _device.DeviceRuntime, *, progress: bool | None = None):
         self.name = name
         self.spec = spec
         self.device = rt.device
@@ -96,7 +96,7 @@ class Method:
         self.bytes_read = 0      # weight bytes this method's load read from disk
         self._buffers: dict[str, tuple[_cache.Buffer, ConstantSpec]] = {}
         so = SharedObject(so_path)
-        self.shared = so.has(_PAIRS) and not legacy
+        self.shared = so.has(_PAIRS)     # False: a legacy .so, weights private to AOTI
         handle = so.create(rt.device)
         self._binding = _Binding(so, handle, rt)
         self._finalizer = weakref.finalize(self, self._binding.free)
@@ -118,13 +118,19 @@ class Method:
         self._run_fn = so.addresses["AOTInductorModelContainerRun"]
         self._in_spec = _load_spec(spec.in_spec)
         self._out_spec = _load_spec(spec.out_spec)
-        self._dtypes = [getattr(torch, i.dtype) for i in spec.inputs]
+        self._prepare_calls()
 
     # -- binding --------------------------------------------------------------------------
 
     def _check_constants(self, so: SharedObject, handle: int) -> None:
-        infos = so.constants(handle)
+        """The .so's constant table must be the manifest's (checked once per file version)."""
+        st = so.path.stat()
         names = [c.name for c in self.spec.constants]
+        key = (str(so.path.resolve()), st.st_size, st.st_mtime_ns,
+               tuple((c.name, c.dtype) for c in self.spec.constants))
+        if key in _verified_tables:
+            return
+        infos = so.constants(handle)
         if [i.name for i in infos] != names:
             raise AOTIError(
                 f"method {self.name!r}: {so.path.name} has constants {[i.name for i in infos][:5]}... "
@@ -134,6 +140,7 @@ class Method:
             if DTYPE_CODES[c.dtype] != info.dtype_code:
                 raise AOTIError(f"method {self.name!r}: constant {c.fqn} is {c.dtype} in the manifest "
                                 f"but dtype code {info.dtype_code} in {so.path.name}")
+        _verified_tables.add(key)
 
     def _keys(self, source: _Source) -> tuple[list[str], list[WeightSpec], list[int]]:
         """Unique cache keys of this method's weights, and each constant's index among them."""
@@ -205,7 +212,7 @@ class Method:
                 f.seek(w.offset)
                 data = f.read(w.nbytes)
                 if len(data) != w.nbytes:
-                    raise loader.BundleError(f"weight store {source.store} is truncated")
+                    raise BundleError(f"weight store {source.store} is truncated")
                 blob += data + bytes(max(c.data_size, w.nbytes) - w.nbytes)
         buf = (ctypes.c_uint8 * len(blob)).from_buffer(blob)
         so.update_constants_from_blob(b.handle, ctypes.addressof(buf))
@@ -214,27 +221,61 @@ class Method:
 
     # -- calling --------------------------------------------------------------------------
 
-    def _flatten(self, args: tuple, kwargs: dict) -> list:
+    def _prepare_calls(self) -> None:
+        """Precompute what each call checks, so the common case skips pytree entirely."""
         import torch
         from torch.utils import _pytree as pytree
 
-        leaves, spec = pytree.tree_flatten((args, kwargs))
-        if len(leaves) != self._n_in:
-            raise InputError(f"method {self.name!r} takes {self._n_in} tensor inputs, got {len(leaves)}")
-        if self._in_spec is not None and spec != self._in_spec:
-            raise InputError(f"method {self.name!r} was exported with inputs structured as "
-                             f"{self._in_spec} (args, kwargs); got {spec}")
+        n_in, n_out = self._n_in, self._n_out
+        self._flat_in = self._in_spec is None or \
+            self._in_spec == pytree.tree_flatten((tuple(range(n_in)), {}))[1]
+        if self._out_spec is None:
+            self._out_kind = "single" if n_out == 1 else "tuple"
+        elif self._out_spec == pytree.tree_flatten(tuple(range(n_out)))[1]:
+            self._out_kind = "tuple"
+        elif n_out == 1 and self._out_spec == pytree.tree_flatten(0)[1]:
+            self._out_kind = "single"
+        else:
+            self._out_kind = "tree"
+        self._tdevice = torch.device(self.device)
+        self._dtypes = [getattr(torch, i.dtype) for i in self.spec.inputs]
+        self._shapes = [tuple(i.shape) for i in self.spec.inputs]
+        self._static = [None not in sh for sh in self._shapes]
+        if self._rt.is_cuda:
+            raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+            index = self._rt.index
+            self._stream = (lambda: raw(index)) if raw is not None else \
+                (lambda: torch.cuda.current_stream(index).cuda_stream)
+        else:
+            self._stream = lambda: 0
+
+    def _flatten(self, args: tuple, kwargs: dict) -> list | tuple:
+        import torch
+
+        if not kwargs and self._flat_in and len(args) == self._n_in:
+            leaves = args
+        else:
+            from torch.utils import _pytree as pytree
+
+            leaves, spec = pytree.tree_flatten((args, kwargs))
+            if len(leaves) != self._n_in:
+                raise InputError(f"method {self.name!r} takes {self._n_in} tensor inputs, got {len(leaves)}")
+            if self._in_spec is not None and spec != self._in_spec:
+                raise InputError(f"method {self.name!r} was exported with inputs structured as "
+                                 f"{self._in_spec} (args, kwargs); got {spec}")
         for i, t in enumerate(leaves):
             if not isinstance(t, torch.Tensor):
                 raise InputError(f"method {self.name!r}: input {i} must be a torch.Tensor, "
                                  f"got {type(t).__name__}")
-        for i, (t, spec) in enumerate(zip(leaves, self.spec.inputs)):
-            self._check_input(i, t, spec)
+            if i < len(self._dtypes) and (t.device != self._tdevice or t.dtype is not self._dtypes[i]
+                                          or (self._static[i] and t.shape != self._shapes[i])
+                                          or not self._static[i]):
+                self._check_input(i, t, self.spec.inputs[i])
         return leaves
 
     def _check_input(self, i: int, t, spec: InputSpec) -> None:
-        want_dev = "cuda" if self._rt.is_cuda else "cpu"
-        if t.device.type != want_dev or (self._rt.is_cuda and t.device.index != self._rt.index):
+        """The slow path of the input check: find what is wrong and say it."""
+        if t.device != self._tdevice:
             raise InputError(f"method {self.name!r}: input {i} ({spec.name}) is on {t.device}, "
                              f"the model runs on {self.device}; move it with .to({self.device!r})")
         if t.dtype != self._dtypes[i]:
@@ -247,7 +288,6 @@ class Method:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         import torch
-        from torch.utils import _pytree as pytree
 
         with self._cv:
             if self._closed:
@@ -255,10 +295,9 @@ class Method:
             self._inflight += 1
         try:
             leaves = self._flatten(args, kwargs)
-            handles = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(leaves)
-            stream = torch.cuda.current_stream(self._rt.index).cuda_stream if self._rt.is_cuda else 0
+            handles = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(list(leaves))
             rc, outs = _cache.run_container(self._run_fn, self._binding.handle, handles,
-                                            self._n_out, stream)
+                                            self._n_out, self._stream())
             if rc != 0:
                 raise AOTIError(f"method {self.name!r} failed in AOTI Run: "
                                 f"{self._binding.so.last_error() or 'see stderr'}")
@@ -266,10 +305,15 @@ class Method:
         finally:
             with self._cv:
                 self._inflight -= 1
-                self._cv.notify_all()
-        if self._out_spec is not None:
-            return pytree.tree_unflatten(tensors, self._out_spec)
-        return tensors[0] if len(tensors) == 1 else tuple(tensors)
+                if self._closed:
+                    self._cv.notify_all()
+        if self._out_kind == "single":
+            return tensors[0]
+        if self._out_kind == "tuple":
+            return tuple(tensors)
+        from torch.utils import _pytree as pytree
+
+        return pytree.tree_unflatten(tensors, self._out_spec)
 
     # -- weights --------------------------------------------------------------------------
 
