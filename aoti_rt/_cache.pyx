@@ -35,6 +35,22 @@ cdef extern from "stdlib.h" nogil:
 cdef extern from "unistd.h" nogil:
     ssize_t pread(int fd, void* buf, size_t count, long offset)
 
+cdef extern from "sys/mman.h" nogil:
+    void* mmap(void* addr, size_t length, int prot, int flags, int fd, long offset)
+    int munmap(void* addr, size_t length)
+    int PROT_READ
+    int MAP_SHARED
+    int MAP_POPULATE
+    void* MAP_FAILED
+
+cdef extern from *:
+    """
+    static inline void aoti_rt_atomic_add(long long* p, long long v) { __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+    static inline long long aoti_rt_atomic_load(long long* p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+    """
+    void aoti_rt_atomic_add(long long* p, long long v) nogil
+    long long aoti_rt_atomic_load(long long* p) nogil
+
 
 # ----------------------------------------------------------------------------------------
 # CUDA driver entry points (filled by install_driver from cuda-python's cuGetProcAddress)
@@ -61,6 +77,8 @@ ctypedef CUresult (*f_event_create)(CUevent*, unsigned int) noexcept nogil
 ctypedef CUresult (*f_event_record)(CUevent, CUstream) noexcept nogil
 ctypedef CUresult (*f_event_sync)(CUevent) noexcept nogil
 ctypedef CUresult (*f_event_destroy)(CUevent) noexcept nogil
+ctypedef CUresult (*f_host_register)(void*, size_t, unsigned int) noexcept nogil
+ctypedef CUresult (*f_host_unregister)(void*) noexcept nogil
 
 cdef struct Driver:
     f_ctx_push ctx_push
@@ -79,6 +97,8 @@ cdef struct Driver:
     f_event_record event_record
     f_event_sync event_sync
     f_event_destroy event_destroy
+    f_host_register host_register
+    f_host_unregister host_unregister
 
 cdef Driver drv
 cdef bint drv_ready = False
@@ -88,7 +108,7 @@ DRIVER_SYMBOLS = (
     "cuCtxPushCurrent", "cuCtxPopCurrent", "cuMemAlloc", "cuMemFree", "cuMemHostAlloc",
     "cuMemFreeHost", "cuMemcpyHtoDAsync", "cuMemcpyDtoH", "cuMemsetD8", "cuStreamCreate",
     "cuStreamDestroy", "cuStreamSynchronize", "cuEventCreate", "cuEventRecord",
-    "cuEventSynchronize", "cuEventDestroy",
+    "cuEventSynchronize", "cuEventDestroy", "cuMemHostRegister", "cuMemHostUnregister",
 )
 
 
@@ -114,6 +134,8 @@ def install_driver(dict pointers):
     drv.event_record = <f_event_record><uintptr_t>pointers["cuEventRecord"]
     drv.event_sync = <f_event_sync><uintptr_t>pointers["cuEventSynchronize"]
     drv.event_destroy = <f_event_destroy><uintptr_t>pointers["cuEventDestroy"]
+    drv.host_register = <f_host_register><uintptr_t>pointers["cuMemHostRegister"]
+    drv.host_unregister = <f_host_unregister><uintptr_t>pointers["cuMemHostUnregister"]
     drv_ready = True
 
 
@@ -727,6 +749,7 @@ cdef class LoadPlan:
     cdef readonly Py_ssize_t num_chunks
     cdef readonly long long total_bytes
     cdef readonly long long chunk_bytes
+    cdef long long done     # bytes read so far, updated atomically by the workers
 
     def __cinit__(self):
         self.pieces = NULL
@@ -780,6 +803,11 @@ cdef class LoadPlan:
         free(self.pieces)
         free(self.chunks)
 
+    @property
+    def bytes_done(self) -> int:
+        """Bytes the workers have read so far (for progress bars)."""
+        return aoti_rt_atomic_load(&self.done)
+
     def run_host(self, int fd, int worker, int nworkers) -> int:
         """Read this worker's pieces straight into host buffers. 0 or a negative errno."""
         cdef Py_ssize_t c, p
@@ -794,6 +822,7 @@ cdef class LoadPlan:
                                    self.pieces[p].file_off)
                     if rc != 0:
                         break
+                aoti_rt_atomic_add(&self.done, ch.nbytes)
                 c += nworkers
         return rc
 
@@ -876,6 +905,7 @@ cdef class Stager:
                     if rc != 0:
                         step = 3
                         break
+                    aoti_rt_atomic_add(&plan.done, ch.nbytes)
                     for p in range(ch.first, ch.first + ch.count):
                         rc = drv.memcpy_htod_async(
                             <CUdeviceptr>plan.pieces[p].dst,
@@ -910,3 +940,48 @@ cdef class Stager:
                     rc = drv.stream_sync(self.stream)
                 drv.ctx_pop(&prev)
         _check(rc, "cuMemcpyHtoDAsync")
+
+
+def copy_registered(LoadPlan plan, int fd, long long file_size, uintptr_t context,
+                    Stager stager):
+    """Copy the plan's pieces straight from the page cache: mmap the store, register the
+    mapping with ``cuMemHostRegister`` (read-only) and DMA from it, with no CPU copy.
+
+    Returns ``(step, code)`` like :meth:`Stager.run`; step 7 is a failed mmap, 8 a refused
+    registration (the caller falls back to the staged path).
+    """
+    cdef void* base = NULL
+    cdef CUcontext prev
+    cdef CUresult rc = 0
+    cdef int step = 0
+    cdef Py_ssize_t p
+    cdef CUstream stream = stager.stream
+    with nogil:
+        base = mmap(NULL, <size_t>file_size, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, 0)
+        if base == MAP_FAILED:
+            step = 7
+            rc = -errno
+        else:
+            rc = drv.ctx_push(<CUcontext>context)
+            if rc != 0:
+                step = 1
+            else:
+                rc = drv.host_register(base, <size_t>file_size, 0x08)    # CU_MEMHOSTREGISTER_READ_ONLY
+                if rc != 0:
+                    step = 8
+                else:
+                    for p in range(plan.num_pieces):
+                        rc = drv.memcpy_htod_async(<CUdeviceptr>plan.pieces[p].dst,
+                                                   <char*>base + plan.pieces[p].file_off,
+                                                   plan.pieces[p].nbytes, stream)
+                        if rc != 0:
+                            step = 4
+                            break
+                    if drv.stream_sync(stream) != 0 and step == 0:
+                        step = 6
+                    drv.host_unregister(base)
+                drv.ctx_pop(&prev)
+            munmap(base, <size_t>file_size)
+    if step == 0:
+        aoti_rt_atomic_add(&plan.done, plan.total_bytes)
+    return step, rc

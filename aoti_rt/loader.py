@@ -23,6 +23,8 @@ from .errors import BundleError
 
 #: bytes per chunk (one pread, one staging buffer)
 CHUNK_BYTES = 32 << 20
+#: loads at least this big show a progress bar on a terminal by default
+PROGRESS_BYTES = 4 << 30
 #: worker threads
 WORKERS = max(1, min(8, os.cpu_count() or 1))
 
@@ -33,10 +35,14 @@ _ERRORS = {1: "making the device context current", 2: "waiting for a staging buf
 
 def read_weights(rt: DeviceRuntime, store: Path, offsets: Sequence[int], sizes: Sequence[int],
                  buffers: Sequence[_cache.Buffer], *, workers: int | None = None,
-                 chunk_bytes: int | None = None, progress: bool | None = None) -> int:
+                 chunk_bytes: int | None = None, progress: bool | None = None,
+                 method: str | None = None) -> int:
     """Fill ``buffers[i]`` with ``sizes[i]`` bytes at ``offsets[i]`` of ``store``.
 
-    Returns the bytes read. Raises :class:`BundleError` if the store is shorter than
+    ``method`` (CUDA only; default ``$AOTI_RT_LOAD_METHOD`` or "staged"): "staged" reads
+    into pinned staging buffers on worker threads; "register" maps the store and registers
+    the mapping with the driver so the copy engine reads the page cache directly (falls back
+    to "staged" where the driver refuses). Returns the bytes read. Raises :class:`BundleError` if the store is shorter than
     promised or cannot be read, and :class:`aoti_rt.errors.CudaError` if a copy fails.
     """
     total = int(sum(sizes))
@@ -52,10 +58,22 @@ def read_weights(rt: DeviceRuntime, store: Path, offsets: Sequence[int], sizes: 
         raise BundleError(f"cannot open weight store {store}: {e}") from e
     bar = _progress(total, progress)
     try:
+        method = method or os.environ.get("AOTI_RT_LOAD_METHOD", "staged")
+        if rt.is_cuda and method == "register":
+            stager = rt.take_stagers(1, chunk)
+            try:
+                step, rc = _cache.copy_registered(plan, fd, os.fstat(fd).st_size, rt.context, stager[0])
+            finally:
+                rt.give_stagers(stager)
+            if step == 0:
+                return total
+            if step not in (7, 8):
+                raise _cache.CudaError(_ERRORS.get(step, "loading"), rc)
         if rt.is_cuda:
             stagers = rt.take_stagers(nworkers, chunk)
             try:
-                results = _run_workers(nworkers, lambda w: stagers[w].run(plan, fd, w, nworkers))
+                results = _run_workers(nworkers, lambda w: stagers[w].run(plan, fd, w, nworkers),
+                                       plan, bar)
             finally:
                 rt.give_stagers(stagers)
             for step, rc in results:
@@ -64,22 +82,28 @@ def read_weights(rt: DeviceRuntime, store: Path, offsets: Sequence[int], sizes: 
                 if step:
                     raise _cache.CudaError(_ERRORS.get(step, "loading"), rc)
         else:
-            for rc in _run_workers(nworkers, lambda w: plan.run_host(fd, w, nworkers)):
+            for rc in _run_workers(nworkers, lambda w: plan.run_host(fd, w, nworkers), plan, bar):
                 if rc:
                     _raise_read(store, rc)
     finally:
         os.close(fd)
         if bar is not None:
-            bar.update(total)
+            bar.update(total - bar.n)
             bar.close()
     return total
 
 
-def _run_workers(n: int, fn):
-    if n == 1:
+def _run_workers(n: int, fn, plan: _cache.LoadPlan, bar):
+    """Run ``fn(worker)`` for each worker; the calling thread keeps the progress bar moving."""
+    if n == 1 and bar is None:
         return [fn(0)]
     with ThreadPoolExecutor(max_workers=n, thread_name_prefix="aoti_rt-load") as pool:
-        return list(pool.map(fn, range(n)))
+        futures = [pool.submit(fn, w) for w in range(n)]
+        if bar is not None:
+            while not all(f.done() for f in futures):
+                time.sleep(0.1)
+                bar.update(plan.bytes_done - bar.n)
+        return [f.result() for f in futures]
 
 
 def _raise_read(store: Path, rc: int):
@@ -90,19 +114,10 @@ def _raise_read(store: Path, rc: int):
 
 def _progress(total: int, progress: bool | None):
     """A tqdm bar for loads big enough to take about a second, on a terminal."""
-    if progress is None:
-        progress = total >= (2 << 30) and sys.stderr.isatty()
+    if progress is None:      # about a second of loading, on a terminal
+        progress = total >= PROGRESS_BYTES and sys.stderr.isatty()
     if not progress:
         return None
     from tqdm.auto import tqdm
 
     return tqdm(total=total, unit="B", unit_scale=True, desc="aoti_rt load")
-
-
-class Timer:
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.t0

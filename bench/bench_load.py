@@ -158,17 +158,20 @@ def loader_rows(case: Case) -> None:
     man = case.bundle.manifest
     weights = [man.weights[i] for i in sorted({c.weight for c in man.methods["prefill"].constants})]
 
-    def read(store: Path) -> float:
+    def read(store: Path, method: str = "staged") -> float:
         bufs = [case.rt.allocator.allocate(w.nbytes) for w in weights]
         t0 = time.perf_counter()
         aoti_rt.loader.read_weights(case.rt, store, [w.offset for w in weights], [w.nbytes for w in weights],
-                                    bufs, progress=False)
+                                    bufs, progress=False, method=method)
         seconds = time.perf_counter() - t0
         del bufs
         return seconds
 
     store = case.bundle.store_path
     case.add("aoti_rt.loader.read_weights (page cache)", case.unique, partial(read, store))
+    if case.rt.is_cuda:
+        case.add("aoti_rt.loader.read_weights (page cache, registered mmap)", case.unique,
+                 partial(read, store, "register"))
     shm = Path("/dev/shm")
     if shm.is_dir() and shutil.disk_usage(shm).free > store.stat().st_size + (256 << 20):
         copy = shm / f"aoti_rt-bench-{os.getpid()}.safetensors"
