@@ -24,7 +24,7 @@ from cpython.pycapsule cimport PyCapsule_New, PyCapsule_GetPointer
 from cpython.buffer cimport PyBUF_WRITABLE
 from libc.stdint cimport int32_t, int64_t, uint8_t, uintptr_t
 from libc.stdlib cimport malloc, free, realloc
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 from libc.errno cimport errno, EINTR
 
 import threading
@@ -982,6 +982,46 @@ def copy_registered(LoadPlan plan, int fd, long long file_size, uintptr_t contex
                     drv.host_unregister(base)
                 drv.ctx_pop(&prev)
             munmap(base, <size_t>file_size)
+    if step == 0:
+        aoti_rt_atomic_add(&plan.done, plan.total_bytes)
+    return step, rc
+
+
+def copy_from_host(LoadPlan plan, uintptr_t host_base, Stager stager):
+    """Copy the plan's pieces from a store image in host memory (``host_base`` + file offset).
+
+    With a CUDA ``stager`` the image must be page-locked: one ``cuMemcpyHtoDAsync`` per piece
+    on the stager's stream, one synchronise. With ``stager=None`` the destinations are host
+    buffers and the pieces are ``memcpy``'d. Returns ``(step, code)`` like :meth:`Stager.run`.
+    """
+    cdef Py_ssize_t p
+    cdef CUresult rc = 0
+    cdef int step = 0
+    cdef CUcontext prev
+    cdef CUstream stream
+    if stager is None:
+        with nogil:
+            for p in range(plan.num_pieces):
+                memcpy(<void*>plan.pieces[p].dst, <char*>host_base + plan.pieces[p].file_off,
+                       <size_t>plan.pieces[p].nbytes)
+        aoti_rt_atomic_add(&plan.done, plan.total_bytes)
+        return 0, 0
+    stream = stager.stream
+    with nogil:
+        rc = drv.ctx_push(stager.ctx)
+        if rc != 0:
+            step = 1
+        else:
+            for p in range(plan.num_pieces):
+                rc = drv.memcpy_htod_async(<CUdeviceptr>plan.pieces[p].dst,
+                                           <char*>host_base + plan.pieces[p].file_off,
+                                           plan.pieces[p].nbytes, stream)
+                if rc != 0:
+                    step = 4
+                    break
+            if drv.stream_sync(stream) != 0 and step == 0:
+                step = 6
+            drv.ctx_pop(&prev)
     if step == 0:
         aoti_rt_atomic_add(&plan.done, plan.total_bytes)
     return step, rc

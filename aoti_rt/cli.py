@@ -14,6 +14,7 @@ commands:
             PyTorch and print the memory report
   inspect   show a bundle's methods, constants, shared vs private bytes and dedup ratio
   verify    re-hash every weight of a bundle's store against its manifest
+  load      load a bundle on a device and print its cache stats and memory report
   bench     run the benchmark suite (bench/ in a source checkout) and write tables + JSON
 """
 
@@ -82,6 +83,21 @@ def _verify(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _load(args: argparse.Namespace) -> int:
+    import time
+
+    import aoti_rt
+
+    t0 = time.perf_counter()
+    with aoti_rt.load(args.bundle, device=args.device) as model:
+        seconds = time.perf_counter() - t0
+        stats = aoti_rt.cache_stats(model.device)
+        print(f"loaded {model.methods} on {model.device} in {seconds * 1e3:.1f} ms")
+        print("  ".join(f"{k}={stats[k]}" for k in ("entries", "bytes_allocated", "bytes_read", "hits", "misses")))
+        print(aoti_rt.memory_report(model.device).line())
+    return 0
+
+
 def _bench(argv: list[str]) -> int:
     import os
 
@@ -99,13 +115,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m aoti_rt", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", metavar="{demo,inspect,verify,bench}")
+    sub = p.add_subparsers(dest="cmd", metavar="{demo,inspect,verify,load,bench}")
     sub.add_parser("demo", help="run the prefill/decode demo", add_help=False)
     pi = sub.add_parser("inspect", help="describe a bundle")
     pi.add_argument("bundle", help="bundle directory")
     pi.add_argument("--constants", action="store_true", help="also list every constant")
     pv = sub.add_parser("verify", help="check a bundle's weights against their digests")
     pv.add_argument("bundle", help="bundle directory")
+    pl = sub.add_parser("load", help="load a bundle and print the memory report")
+    pl.add_argument("bundle", help="bundle directory")
+    pl.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the bundle's)")
     sub.add_parser("bench", help="run the benchmark suite", add_help=False)
     if argv and argv[0] == "demo":
         from .demo import main as demo_main
@@ -117,5 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         return _inspect(args)
     if args.cmd == "verify":
         return _verify(args)
+    if args.cmd == "load":
+        return _load(args)
     p.print_help()
     return 0

@@ -94,9 +94,11 @@ class DeviceRuntime:
     allocator: _cache.Allocator
     cache: _cache.WeightCache
     context: int = 0
-    pinned: _cache.Allocator | None = None
+    pinned: _cache.Allocator | None = None     # host memory for staging and pinned stores
     stagers: list = field(default_factory=list)
     stager_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: resolved store path -> PinnedStore (loader.pin_store) whose image loads copy from
+    pinned_stores: dict = field(default_factory=dict)
 
     @property
     def is_cuda(self) -> bool:
@@ -134,7 +136,8 @@ def get(device: str) -> DeviceRuntime:
         if rt is not None:
             return rt
     if device == "cpu":
-        rt = DeviceRuntime("cpu", _cache.HostAllocator("cpu"), _cache.WeightCache())
+        rt = DeviceRuntime("cpu", _cache.HostAllocator("cpu"), _cache.WeightCache(),
+                           pinned=_cache.HostAllocator("host"))
     else:
         import torch
 

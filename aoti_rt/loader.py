@@ -12,9 +12,8 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 from . import _cache
@@ -23,10 +22,10 @@ from .errors import BundleError
 
 #: bytes per chunk (one pread, one staging buffer)
 CHUNK_BYTES = 32 << 20
-#: loads at least this big show a progress bar on a terminal by default
-PROGRESS_BYTES = 4 << 30
-#: worker threads
-WORKERS = max(1, min(8, os.cpu_count() or 1))
+#: loads smaller than this never show a progress bar by default (they take well under a second)
+PROGRESS_MIN_BYTES = 256 << 20
+#: worker threads (``$AOTI_RT_LOAD_WORKERS`` overrides)
+WORKERS = int(os.environ.get("AOTI_RT_LOAD_WORKERS", 0)) or max(1, min(8, os.cpu_count() or 1))
 
 _ERRORS = {1: "making the device context current", 2: "waiting for a staging buffer",
            3: "reading the store", 4: "copying to the device", 5: "recording a copy event",
@@ -52,6 +51,17 @@ def read_weights(rt: DeviceRuntime, store: Path, offsets: Sequence[int], sizes: 
     nworkers = int(workers or WORKERS)
     plan = _cache.LoadPlan(list(offsets), list(sizes), [b.ptr for b in buffers], chunk)
     nworkers = max(1, min(nworkers, plan.num_chunks))
+    pinned = rt.pinned_stores.get(Path(store).resolve())
+    if pinned is not None and pinned.current():
+        stager = rt.take_stagers(1, chunk) if rt.is_cuda else [None]
+        try:
+            step, rc = _cache.copy_from_host(plan, pinned.image.ptr, stager[0])
+        finally:
+            if rt.is_cuda:
+                rt.give_stagers(stager)
+        if step:
+            raise _cache.CudaError(_ERRORS.get(step, "loading"), rc)
+        return 0
     try:
         fd = os.open(store, os.O_RDONLY)
     except OSError as e:
@@ -93,6 +103,58 @@ def read_weights(rt: DeviceRuntime, store: Path, offsets: Sequence[int], sizes: 
     return total
 
 
+class PinnedStore:
+    """A bundle's weight store held in page-locked host memory for one device.
+
+    While it is open, loads of that bundle onto the device copy each needed weight from this
+    image at the host->device copy ceiling and read nothing from disk (re-loading a model
+    after closing it, or swapping models in and out of the GPU). The image is read once, in
+    parallel; :meth:`close` (or leaving the ``with`` block) frees it.
+    """
+
+    def __init__(self, rt: DeviceRuntime, store: Path, *, progress: bool | None = None):
+        self.rt = rt
+        self.path = Path(store).resolve()
+        self._stat = _file_identity(self.path)
+        size = self._stat[0]
+        self.image = rt.pinned.allocate(size)
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise BundleError(f"cannot open weight store {self.path}: {e}") from e
+        try:
+            plan = _cache.LoadPlan([0], [size], [self.image.ptr], CHUNK_BYTES)
+            n = max(1, min(WORKERS, plan.num_chunks))
+            for rc in _run_workers(n, lambda w: plan.run_host(fd, w, n), plan, _progress(size, progress)):
+                if rc:
+                    _raise_read(self.path, rc)
+        finally:
+            os.close(fd)
+        self.nbytes = size
+        rt.cache.add_bytes_read(size)
+        rt.pinned_stores[self.path] = self
+
+    def current(self) -> bool:
+        """True while the file on disk is the one that was pinned."""
+        return self.image is not None and _file_identity(self.path) == self._stat
+
+    def close(self) -> None:
+        if self.rt.pinned_stores.get(self.path) is self:
+            del self.rt.pinned_stores[self.path]
+        self.image = None
+
+    def __enter__(self) -> "PinnedStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _file_identity(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
 def _run_workers(n: int, fn, plan: _cache.LoadPlan, bar):
     """Run ``fn(worker)`` for each worker; the calling thread keeps the progress bar moving."""
     if n == 1 and bar is None:
@@ -100,8 +162,7 @@ def _run_workers(n: int, fn, plan: _cache.LoadPlan, bar):
     with ThreadPoolExecutor(max_workers=n, thread_name_prefix="aoti_rt-load") as pool:
         futures = [pool.submit(fn, w) for w in range(n)]
         if bar is not None:
-            while not all(f.done() for f in futures):
-                time.sleep(0.1)
+            while wait(futures, timeout=0.1).not_done:
                 bar.update(plan.bytes_done - bar.n)
         return [f.result() for f in futures]
 
@@ -113,11 +174,30 @@ def _raise_read(store: Path, rc: int):
 
 
 def _progress(total: int, progress: bool | None):
-    """A tqdm bar for loads big enough to take about a second, on a terminal."""
-    if progress is None:      # about a second of loading, on a terminal
-        progress = total >= PROGRESS_BYTES and sys.stderr.isatty()
+    """A tqdm bar: by default on a terminal, appearing once a load has taken a second."""
+    delay = 0.0
+    if progress is None:
+        progress, delay = sys.stderr.isatty() and total >= PROGRESS_MIN_BYTES, 1.0
     if not progress:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, desc="aoti_rt load")
+    return tqdm(total=total, unit="B", unit_scale=True, desc="aoti_rt load", delay=delay)
+
+
+def pin_store(path: str | os.PathLike[str], *, device: str | None = None,
+              progress: bool | None = None) -> PinnedStore:
+    """Hold a bundle's weight store in page-locked host memory for ``device``.
+
+    ``path`` is a bundle directory (or its ``weights.safetensors``). Until the returned
+    :class:`PinnedStore` is closed, loading that bundle onto ``device`` copies its weights
+    from host memory instead of reading the file. Costs host memory equal to the store size.
+    """
+    from . import device as _device
+    from .bundle import read_bundle
+
+    p = Path(path)
+    store = read_bundle(p).store_path if p.is_dir() else p
+    bundle_device = read_bundle(p).manifest.device if p.is_dir() else None
+    rt = _device.get(_device.normalize(device, default=bundle_device or "cpu"))
+    return PinnedStore(rt, store, progress=progress)

@@ -32,14 +32,16 @@ def cache_stats(device: str | None = None) -> dict:
     high-water mark), ``num_allocations``, ``hits`` and ``misses`` (weight acquisitions found
     in / added to the cache), ``bytes_read`` (weight bytes read from disk),
     ``legacy_methods`` and ``legacy_bytes`` (methods whose .so lacks the Pairs entry point
-    and hold a private, unshared copy inside AOTI).
+    and hold a private, unshared copy inside AOTI), ``pinned_store_bytes`` (host memory of
+    stores held by :func:`aoti_rt.pin_store`).
     """
     dev = _default_device(device)
     rt = _device.get(dev)
     stats = rt.cache.stats()
     a = rt.allocator
     legacy_methods, legacy_bytes = _legacy.get(dev, (0, 0))
-    stats.update(device=dev, bytes_allocated=a.bytes_allocated,
+    stats.update(device=dev, pinned_store_bytes=sum(p.nbytes for p in list(rt.pinned_stores.values())),
+                 bytes_allocated=a.bytes_allocated,
                  peak_bytes_allocated=a.peak_bytes_allocated, num_allocations=a.num_allocations,
                  legacy_methods=legacy_methods, legacy_bytes=legacy_bytes)
     return stats

@@ -151,6 +151,15 @@ def aoti_rows(case: Case) -> None:
         case.add_samples(f"aoti_rt.load cold ({'+'.join(methods)})", expect, samples, bytes_read=read[-1])
         if any(r != expect for r in read):
             case.table.notes.append(f"aoti_rt.load ({'+'.join(methods)}) read {read} bytes, expected {expect}")
+    # bytes already in host memory: the store pinned with aoti_rt.pin_store
+    with aoti_rt.pin_store(case.bundle.root, device=case.dev):
+        read = []
+        expect = man.unique_weight_bytes(["prefill"])
+        samples = common.repeat(partial(cold, ["prefill"], read), case.reps)
+        case.add_samples("aoti_rt.load cold (prefill), store in pinned host memory (pin_store)", expect,
+                         samples, bytes_read=read[-1])
+        if any(r != 0 for r in read):
+            case.table.notes.append(f"aoti_rt.load from a pinned store read {read} bytes from disk, expected 0")
 
 
 def loader_rows(case: Case) -> None:
@@ -158,17 +167,20 @@ def loader_rows(case: Case) -> None:
     man = case.bundle.manifest
     weights = [man.weights[i] for i in sorted({c.weight for c in man.methods["prefill"].constants})]
 
-    def read(store: Path, method: str = "staged") -> float:
+    def read(store: Path, method: str = "staged", workers: int | None = None) -> float:
         bufs = [case.rt.allocator.allocate(w.nbytes) for w in weights]
         t0 = time.perf_counter()
         aoti_rt.loader.read_weights(case.rt, store, [w.offset for w in weights], [w.nbytes for w in weights],
-                                    bufs, progress=False, method=method)
+                                    bufs, progress=False, method=method, workers=workers)
         seconds = time.perf_counter() - t0
         del bufs
         return seconds
 
     store = case.bundle.store_path
     case.add("aoti_rt.loader.read_weights (page cache)", case.unique, partial(read, store))
+    for n in sorted({4, 16} - {aoti_rt.loader.WORKERS}):
+        case.add(f"aoti_rt.loader.read_weights (page cache, {n} workers)", case.unique,
+                 partial(read, store, "staged", n))
     if case.rt.is_cuda:
         case.add("aoti_rt.loader.read_weights (page cache, registered mmap)", case.unique,
                  partial(read, store, "register"))
@@ -178,6 +190,9 @@ def loader_rows(case: Case) -> None:
         try:
             shutil.copyfile(store, copy)
             case.add("aoti_rt.loader.read_weights (/dev/shm)", case.unique, partial(read, copy))
+            for n in sorted({2, 4, 16, os.cpu_count() or 1} - {aoti_rt.loader.WORKERS}):
+                case.add(f"aoti_rt.loader.read_weights (/dev/shm, {n} workers)", case.unique,
+                         partial(read, copy, "staged", n))
         finally:
             copy.unlink(missing_ok=True)
     else:

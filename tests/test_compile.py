@@ -167,3 +167,12 @@ def test_help_explains_itself():
                          check=True).stdout
     for word in ("demo", "inspect", "verify", "bench", "one copy of each weight"):
         assert word in out
+
+
+def test_load_cli_prints_the_memory_report(three_bundle, device):
+    out = subprocess.run([sys.executable, "-m", "aoti_rt", "load", str(three_bundle), "--device", device],
+                         capture_output=True, text=True, check=True).stdout
+    line = next(ln for ln in out.splitlines() if ln.startswith("aoti_rt.memory "))
+    report = aoti_rt.MemoryReport.parse(line)
+    assert report["allocated"] == read_bundle(three_bundle).manifest.unique_weight_bytes()
+    assert report["device"] == device

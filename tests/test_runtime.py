@@ -409,3 +409,21 @@ def test_cache_stats_keys(device):
     s = aoti_rt.cache_stats(device)
     for k in ("entries", "bytes_allocated", "peak_bytes_allocated", "hits", "misses", "bytes_read"):
         assert isinstance(s[k], int)
+
+
+def test_pinned_store_loads_without_reading(three_bundle, device):
+    man = read_bundle(three_bundle).manifest
+    s = make_stack(device)
+    x = torch.randn(3, 64, device=device)
+    base = stats(device)
+    with aoti_rt.pin_store(three_bundle, device=device) as pinned:
+        assert stats(device)["pinned_store_bytes"] == pinned.nbytes == (three_bundle / "weights.safetensors").stat().st_size
+        read0 = stats(device)["bytes_read"]
+        with aoti_rt.load(three_bundle, device=device) as m:
+            assert stats(device)["bytes_read"] == read0               # nothing read from disk
+            assert stats(device)["bytes_allocated"] - base["bytes_allocated"] == man.unique_weight_bytes()
+            for name, layers in METHOD_LAYERS.items():
+                torch.testing.assert_close(m[name](x), Subset(s, layers)(x))
+    assert stats(device)["pinned_store_bytes"] == 0
+    with aoti_rt.load(three_bundle, device=device) as m:               # unpinned: reads again
+        assert m.a.bytes_read > 0
