@@ -152,7 +152,7 @@ def aoti_rows(case: Case) -> None:
         if any(r != expect for r in read):
             case.table.notes.append(f"aoti_rt.load ({'+'.join(methods)}) read {read} bytes, expected {expect}")
     # bytes already in host memory: the store pinned with aoti_rt.pin_store
-    with aoti_rt.pin_store(case.bundle.root, device=case.dev):
+    with aoti_rt.pin_store(case.bundle.root, device=case.dev) as pin:
         read = []
         expect = man.unique_weight_bytes(["prefill"])
         samples = common.repeat(partial(cold, ["prefill"], read), case.reps)
@@ -160,6 +160,25 @@ def aoti_rows(case: Case) -> None:
                          samples, bytes_read=read[-1])
         if any(r != 0 for r in read):
             case.table.notes.append(f"aoti_rt.load from a pinned store read {read} bytes from disk, expected 0")
+        case.table.notes.append(_same_outputs_pinned(case, pin))
+
+
+def _same_outputs_pinned(case: Case, pin: aoti_rt.PinnedStore) -> str:
+    """Run prefill loaded from the pinned image and from the file: the outputs must be equal.
+
+    Closes ``pin`` in between."""
+    torch.manual_seed(1)
+    spec = next(i for i in case.bundle.manifest.methods["prefill"].inputs)
+    x = torch.randn(spec.shape, device=case.dev, dtype=getattr(torch, spec.dtype))
+    with aoti_rt.load(case.bundle.root, device=case.dev, methods=["prefill"]) as m:
+        pinned_out = m.prefill(x)
+    pin.close()
+    with aoti_rt.load(case.bundle.root, device=case.dev, methods=["prefill"]) as m:
+        file_out = m.prefill(x)
+    same = torch.equal(pinned_out, file_out)
+    if not same:
+        raise RuntimeError("prefill loaded from the pinned store differs from prefill loaded from the file")
+    return "prefill outputs from the pinned-store load and the file load are identical"
 
 
 def loader_rows(case: Case) -> None:
