@@ -25,7 +25,7 @@ CHUNK_BYTES = 32 << 20
 #: loads smaller than this never show a progress bar by default (they take well under a second)
 PROGRESS_MIN_BYTES = 256 << 20
 #: worker threads (``$AOTI_RT_LOAD_WORKERS`` overrides)
-WORKERS = int(os.environ.get("AOTI_RT_LOAD_WORKERS", 0)) or max(1, min(8, os.cpu_count() or 1))
+WORKERS = int(os.environ.get("AOTI_RT_LOAD_WORKERS", 0)) or max(1, min(16, os.cpu_count() or 1))
 
 _ERRORS = {1: "making the device context current", 2: "waiting for a staging buffer",
            3: "reading the store", 4: "copying to the device", 5: "recording a copy event",

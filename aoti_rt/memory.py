@@ -33,18 +33,26 @@ def cache_stats(device: str | None = None) -> dict:
     in / added to the cache), ``bytes_read`` (weight bytes read from disk),
     ``legacy_methods`` and ``legacy_bytes`` (methods whose .so lacks the Pairs entry point
     and hold a private, unshared copy inside AOTI), ``pinned_store_bytes`` (host memory of
-    stores held by :func:`aoti_rt.pin_store`).
+    stores held by :func:`aoti_rt.pin_store`), ``staging_bytes`` (pooled pinned staging
+    buffers of the loader; :func:`free_staging` returns them).
     """
     dev = _default_device(device)
     rt = _device.get(dev)
     stats = rt.cache.stats()
     a = rt.allocator
     legacy_methods, legacy_bytes = _legacy.get(dev, (0, 0))
-    stats.update(device=dev, pinned_store_bytes=sum(p.nbytes for p in list(rt.pinned_stores.values())),
+    pinned_stores = sum(p.nbytes for p in list(rt.pinned_stores.values()))
+    stats.update(device=dev, pinned_store_bytes=pinned_stores,
+                 staging_bytes=rt.pinned.bytes_allocated - pinned_stores if rt.pinned else 0,
                  bytes_allocated=a.bytes_allocated,
                  peak_bytes_allocated=a.peak_bytes_allocated, num_allocations=a.num_allocations,
                  legacy_methods=legacy_methods, legacy_bytes=legacy_bytes)
     return stats
+
+
+def free_staging(device: str | None = None) -> None:
+    """Free the loader's pooled pinned staging buffers (re-created by the next load)."""
+    _device.get(_default_device(device)).free_staging()
 
 
 def reset_peak(device: str | None = None) -> None:

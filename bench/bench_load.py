@@ -5,9 +5,11 @@ Variants (GB/s = the bytes a variant moves / its seconds; 1 GB = 1e9 bytes):
   aoti_rt.load cold             a fresh ``aoti_rt.load`` whose weights are not cached yet
                                 (the page cache is warm: every file is read once first);
                                 bytes = the unique weight bytes of the loaded methods
+  aoti_rt.load, pinned store    the same cold load with the store held in page-locked host
+                                memory by ``aoti_rt.pin_store`` (bytes already in host memory)
   aoti_rt.loader.read_weights   the loader alone (no .so, no binding) into buffers from the
                                 device allocator, from the bundle's store and from a copy in
-                                /dev/shm when there is room (bytes already in host memory)
+                                /dev/shm when there is room, at several worker counts
   stock AOTI                    ``AOTIModelContainerRunnerCuda(so, 1, dev)`` +
                                 ``update_constant_buffer_from_blob(blob)`` on an artifact from
                                 ``torch._inductor.aot_compile`` (binary_blob); also the blob
@@ -216,8 +218,8 @@ def loader_rows(case: Case) -> None:
             copy.unlink(missing_ok=True)
     else:
         case.table.notes.append("no /dev/shm with room for the store: the in-memory loader row is skipped")
-    case.table.notes.append("aoti_rt has no API to load from bytes already in host memory; "
-                            "read_weights from /dev/shm stands in for it")
+    case.table.notes.append("bytes already in host memory: the pin_store row (page-locked image, "
+                            "DMA straight to the device); the /dev/shm rows still copy through staging")
 
 
 def stock_rows(case: Case) -> None:
