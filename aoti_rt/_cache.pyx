@@ -35,14 +35,6 @@ cdef extern from "stdlib.h" nogil:
 cdef extern from "unistd.h" nogil:
     ssize_t pread(int fd, void* buf, size_t count, long offset)
 
-cdef extern from "sys/mman.h" nogil:
-    void* mmap(void* addr, size_t length, int prot, int flags, int fd, long offset)
-    int munmap(void* addr, size_t length)
-    int PROT_READ
-    int MAP_SHARED
-    int MAP_POPULATE
-    void* MAP_FAILED
-
 cdef extern from *:
     """
     static inline void aoti_rt_atomic_add(long long* p, long long v) { __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
@@ -68,8 +60,6 @@ ctypedef CUresult (*f_mem_free)(CUdeviceptr) noexcept nogil
 ctypedef CUresult (*f_host_alloc)(void**, size_t, unsigned int) noexcept nogil
 ctypedef CUresult (*f_host_free)(void*) noexcept nogil
 ctypedef CUresult (*f_memcpy_htod_async)(CUdeviceptr, const void*, size_t, CUstream) noexcept nogil
-ctypedef CUresult (*f_memcpy_dtoh)(void*, CUdeviceptr, size_t) noexcept nogil
-ctypedef CUresult (*f_memset_d8)(CUdeviceptr, unsigned char, size_t) noexcept nogil
 ctypedef CUresult (*f_stream_create)(CUstream*, unsigned int) noexcept nogil
 ctypedef CUresult (*f_stream_destroy)(CUstream) noexcept nogil
 ctypedef CUresult (*f_stream_sync)(CUstream) noexcept nogil
@@ -77,8 +67,6 @@ ctypedef CUresult (*f_event_create)(CUevent*, unsigned int) noexcept nogil
 ctypedef CUresult (*f_event_record)(CUevent, CUstream) noexcept nogil
 ctypedef CUresult (*f_event_sync)(CUevent) noexcept nogil
 ctypedef CUresult (*f_event_destroy)(CUevent) noexcept nogil
-ctypedef CUresult (*f_host_register)(void*, size_t, unsigned int) noexcept nogil
-ctypedef CUresult (*f_host_unregister)(void*) noexcept nogil
 
 cdef struct Driver:
     f_ctx_push ctx_push
@@ -88,8 +76,6 @@ cdef struct Driver:
     f_host_alloc host_alloc
     f_host_free host_free
     f_memcpy_htod_async memcpy_htod_async
-    f_memcpy_dtoh memcpy_dtoh
-    f_memset_d8 memset_d8
     f_stream_create stream_create
     f_stream_destroy stream_destroy
     f_stream_sync stream_sync
@@ -97,8 +83,6 @@ cdef struct Driver:
     f_event_record event_record
     f_event_sync event_sync
     f_event_destroy event_destroy
-    f_host_register host_register
-    f_host_unregister host_unregister
 
 cdef Driver drv
 cdef bint drv_ready = False
@@ -106,9 +90,9 @@ cdef bint drv_ready = False
 #: driver symbol -> the Driver field it fills; cuda.py resolves exactly these names.
 DRIVER_SYMBOLS = (
     "cuCtxPushCurrent", "cuCtxPopCurrent", "cuMemAlloc", "cuMemFree", "cuMemHostAlloc",
-    "cuMemFreeHost", "cuMemcpyHtoDAsync", "cuMemcpyDtoH", "cuMemsetD8", "cuStreamCreate",
+    "cuMemFreeHost", "cuMemcpyHtoDAsync", "cuStreamCreate",
     "cuStreamDestroy", "cuStreamSynchronize", "cuEventCreate", "cuEventRecord",
-    "cuEventSynchronize", "cuEventDestroy", "cuMemHostRegister", "cuMemHostUnregister",
+    "cuEventSynchronize", "cuEventDestroy",
 )
 
 
@@ -125,8 +109,6 @@ def install_driver(dict pointers):
     drv.host_alloc = <f_host_alloc><uintptr_t>pointers["cuMemHostAlloc"]
     drv.host_free = <f_host_free><uintptr_t>pointers["cuMemFreeHost"]
     drv.memcpy_htod_async = <f_memcpy_htod_async><uintptr_t>pointers["cuMemcpyHtoDAsync"]
-    drv.memcpy_dtoh = <f_memcpy_dtoh><uintptr_t>pointers["cuMemcpyDtoH"]
-    drv.memset_d8 = <f_memset_d8><uintptr_t>pointers["cuMemsetD8"]
     drv.stream_create = <f_stream_create><uintptr_t>pointers["cuStreamCreate"]
     drv.stream_destroy = <f_stream_destroy><uintptr_t>pointers["cuStreamDestroy"]
     drv.stream_sync = <f_stream_sync><uintptr_t>pointers["cuStreamSynchronize"]
@@ -134,8 +116,6 @@ def install_driver(dict pointers):
     drv.event_record = <f_event_record><uintptr_t>pointers["cuEventRecord"]
     drv.event_sync = <f_event_sync><uintptr_t>pointers["cuEventSynchronize"]
     drv.event_destroy = <f_event_destroy><uintptr_t>pointers["cuEventDestroy"]
-    drv.host_register = <f_host_register><uintptr_t>pointers["cuMemHostRegister"]
-    drv.host_unregister = <f_host_unregister><uintptr_t>pointers["cuMemHostUnregister"]
     drv_ready = True
 
 
@@ -268,21 +248,6 @@ cdef class CudaAllocator(Allocator):
         if drv.ctx_push(self.ctx) == 0:
             drv.mem_free(<CUdeviceptr>ptr)
             drv.ctx_pop(&prev)
-
-    def copy_to_host(self, Buffer src, Py_ssize_t nbytes=-1) -> bytes:
-        """Synchronously copy a device buffer's first ``nbytes`` to a new bytes object."""
-        cdef Py_ssize_t n = src.nbytes if nbytes < 0 else nbytes
-        out = bytearray(n)
-        cdef unsigned char[::1] view = out
-        cdef CUcontext prev
-        cdef CUresult rc
-        with nogil:
-            rc = drv.ctx_push(self.ctx)
-            if rc == 0:
-                rc = drv.memcpy_dtoh(&view[0], <CUdeviceptr>src.ptr, n)
-                drv.ctx_pop(&prev)
-        _check(rc, "cuMemcpyDtoH")
-        return bytes(out)
 
 
 cdef class PinnedAllocator(Allocator):
@@ -927,64 +892,6 @@ cdef class Stager:
                     rc = -1
                 drv.ctx_pop(&prev)
         return step, rc
-
-    def copy_from_host(self, uintptr_t host_src, Buffer dst, Py_ssize_t nbytes):
-        """Copy host bytes (any host memory) into a device buffer, synchronously."""
-        cdef CUcontext prev
-        cdef CUresult rc
-        with nogil:
-            rc = drv.ctx_push(self.ctx)
-            if rc == 0:
-                rc = drv.memcpy_htod_async(<CUdeviceptr>dst.ptr, <void*>host_src, nbytes, self.stream)
-                if rc == 0:
-                    rc = drv.stream_sync(self.stream)
-                drv.ctx_pop(&prev)
-        _check(rc, "cuMemcpyHtoDAsync")
-
-
-def copy_registered(LoadPlan plan, int fd, long long file_size, uintptr_t context,
-                    Stager stager):
-    """Copy the plan's pieces straight from the page cache: mmap the store, register the
-    mapping with ``cuMemHostRegister`` (read-only) and DMA from it, with no CPU copy.
-
-    Returns ``(step, code)`` like :meth:`Stager.run`; step 7 is a failed mmap, 8 a refused
-    registration (the caller falls back to the staged path).
-    """
-    cdef void* base = NULL
-    cdef CUcontext prev
-    cdef CUresult rc = 0
-    cdef int step = 0
-    cdef Py_ssize_t p
-    cdef CUstream stream = stager.stream
-    with nogil:
-        base = mmap(NULL, <size_t>file_size, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, 0)
-        if base == MAP_FAILED:
-            step = 7
-            rc = -errno
-        else:
-            rc = drv.ctx_push(<CUcontext>context)
-            if rc != 0:
-                step = 1
-            else:
-                rc = drv.host_register(base, <size_t>file_size, 0x08)    # CU_MEMHOSTREGISTER_READ_ONLY
-                if rc != 0:
-                    step = 8
-                else:
-                    for p in range(plan.num_pieces):
-                        rc = drv.memcpy_htod_async(<CUdeviceptr>plan.pieces[p].dst,
-                                                   <char*>base + plan.pieces[p].file_off,
-                                                   plan.pieces[p].nbytes, stream)
-                        if rc != 0:
-                            step = 4
-                            break
-                    if drv.stream_sync(stream) != 0 and step == 0:
-                        step = 6
-                    drv.host_unregister(base)
-                drv.ctx_pop(&prev)
-            munmap(base, <size_t>file_size)
-    if step == 0:
-        aoti_rt_atomic_add(&plan.done, plan.total_bytes)
-    return step, rc
 
 
 def copy_from_host(LoadPlan plan, uintptr_t host_base, Stager stager):

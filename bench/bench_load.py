@@ -188,11 +188,11 @@ def loader_rows(case: Case) -> None:
     man = case.bundle.manifest
     weights = [man.weights[i] for i in sorted({c.weight for c in man.methods["prefill"].constants})]
 
-    def read(store: Path, method: str = "staged", workers: int | None = None) -> float:
+    def read(store: Path, workers: int | None = None) -> float:
         bufs = [case.rt.allocator.allocate(w.nbytes) for w in weights]
         t0 = time.perf_counter()
         aoti_rt.loader.read_weights(case.rt, store, [w.offset for w in weights], [w.nbytes for w in weights],
-                                    bufs, progress=False, method=method, workers=workers)
+                                    bufs, progress=False, workers=workers)
         seconds = time.perf_counter() - t0
         del bufs
         return seconds
@@ -201,10 +201,7 @@ def loader_rows(case: Case) -> None:
     case.add("aoti_rt.loader.read_weights (page cache)", case.unique, partial(read, store))
     for n in sorted({4, 16} - {aoti_rt.loader.WORKERS}):
         case.add(f"aoti_rt.loader.read_weights (page cache, {n} workers)", case.unique,
-                 partial(read, store, "staged", n))
-    if case.rt.is_cuda:
-        case.add("aoti_rt.loader.read_weights (page cache, registered mmap)", case.unique,
-                 partial(read, store, "register"))
+                 partial(read, store, n))
     shm = Path("/dev/shm")
     if shm.is_dir() and shutil.disk_usage(shm).free > store.stat().st_size + (256 << 20):
         copy = shm / f"aoti_rt-bench-{os.getpid()}.safetensors"
@@ -213,7 +210,7 @@ def loader_rows(case: Case) -> None:
             case.add("aoti_rt.loader.read_weights (/dev/shm)", case.unique, partial(read, copy))
             for n in sorted({2, 4, 16, os.cpu_count() or 1} - {aoti_rt.loader.WORKERS}):
                 case.add(f"aoti_rt.loader.read_weights (/dev/shm, {n} workers)", case.unique,
-                         partial(read, copy, "staged", n))
+                         partial(read, copy, n))
         finally:
             copy.unlink(missing_ok=True)
     else:
