@@ -10,6 +10,7 @@ tied under two FQNs, is written to the store once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import keyword
 import os
@@ -30,6 +31,16 @@ _METHOD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 #: names a method may not take: they are attributes of Model
 RESERVED = {"close", "methods", "device", "bundle", "manifest", "memory", "weight", "state",
             "path"}
+
+
+@contextlib.contextmanager
+def quiet_torch_deprecations():
+    """Hide torch's own internal deprecation warnings (raised inside torch.export and AOTI,
+    not by the caller's code) so that compile output shows progress, not noise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\..*deprecated.*", category=DeprecationWarning)
+        yield
 
 
 def _aoti_options(so_path: Path) -> dict[str, Any]:
@@ -114,7 +125,7 @@ def _probe(so_path: Path, blob: Path, device: str):
         runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(so_path), 1)
     else:
         runner = torch._C._aoti.AOTIModelContainerRunnerCuda(str(so_path), 1, device)
-    if blob is not None:
+    if blob is not None and blob.stat().st_size > 0:    # a method without weights has an empty blob
         runner.update_constant_buffer_from_blob(str(blob))
     tensors = dict(runner.extract_constants_map(False))
     return runner, tensors
@@ -182,10 +193,6 @@ def compile(programs: Mapping[str, Any], path: str | os.PathLike[str], *, device
         The bundle directory. Its ``manifest.json`` is written last, so a bundle with a
         manifest is complete.
     """
-    import torch
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
     if not isinstance(programs, Mapping) or not programs:
         raise CompileError("programs must be a non-empty mapping of method name -> ExportedProgram")
     for name in programs:
@@ -204,7 +211,19 @@ def compile(programs: Mapping[str, Any], path: str | os.PathLike[str], *, device
         for child in out.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
 
+    with quiet_torch_deprecations():
+        return _compile(programs, out, device, progress)
+
+
+def _compile(programs: Mapping[str, Any], out: Path, device: str | None, progress: bool) -> Path:
+    """The work of :func:`compile`, once its arguments and output directory are checked."""
+    import torch
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
     eps = {name: _as_exported(name, prog) for name, prog in programs.items()}
+    for name, ep in eps.items():
+        _warn_aliased_examples(name, ep)
     devices = {_program_device(ep) for ep in eps.values()}
     if len(devices) > 1:
         raise CompileError(f"methods were exported on different devices {sorted(devices)}")
@@ -303,6 +322,22 @@ def _contig_strides(shape: list[int]) -> list[int]:
         out.append(acc)
         acc *= max(s, 1)
     return out[::-1]
+
+
+def _warn_aliased_examples(name: str, ep) -> None:
+    """One tensor passed as two example inputs makes export treat the inputs as aliases: the
+    compiled method then computes the wrong thing for distinct inputs (seen with torch 2.13)."""
+    import torch
+
+    leaves = torch.utils._pytree.tree_leaves(ep.example_inputs) if ep.example_inputs else []
+    seen: dict[int, int] = {}
+    for i, t in enumerate(leaves):
+        if isinstance(t, torch.Tensor) and t.numel():
+            j = seen.setdefault(t.untyped_storage().data_ptr(), i)
+            if j != i:
+                warnings.warn(f"method {name!r}: example inputs {j} and {i} share memory, so the exported "
+                              f"program assumes they alias; export with distinct tensors (e.g. .clone())",
+                              stacklevel=4)
 
 
 def _warn_divergent_fqns(methods: dict[str, MethodSpec]) -> None:

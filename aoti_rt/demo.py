@@ -99,10 +99,12 @@ def make_model(device: str, seed: int = 0) -> TinyLM:
 
 
 def export_methods(lm: TinyLM, prompt_len: int = 8) -> dict:
+    from aoti_rt.compiler import quiet_torch_deprecations
+
     dev = lm.embed.weight.device
     tokens = torch.zeros(prompt_len, dtype=torch.long, device=dev)
     one = torch.zeros(1, dtype=torch.long, device=dev)
-    with torch.no_grad():
+    with torch.no_grad(), quiet_torch_deprecations():
         return {"prefill": torch.export.export(Prefill(lm), (tokens,)),
                 "decode": torch.export.export(Decode(lm), (one, one.clone()))}
 

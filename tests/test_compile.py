@@ -176,3 +176,27 @@ def test_load_cli_prints_the_memory_report(three_bundle, device):
     report = aoti_rt.MemoryReport.parse(line)
     assert report["allocated"] == read_bundle(three_bundle).manifest.unique_weight_bytes()
     assert report["device"] == device
+
+
+def test_aliased_example_inputs_warn(tmp_path):
+    """Exporting with one tensor for two inputs silently specialises on aliasing."""
+    class Add(torch.nn.Module):
+        def forward(self, a, b):
+            return a + b
+
+    x = torch.randn(4)
+    ep = torch.export.export(Add(), (x, x))
+    with pytest.warns(UserWarning, match="share memory"):
+        aoti_rt.compile({"fwd": ep}, tmp_path / "b", progress=False)
+
+
+def test_method_without_weights(tmp_path):
+    class Scale(torch.nn.Module):
+        def forward(self, a, b):
+            return a * 2 + b
+
+    a, b = torch.randn(4), torch.randn(4)
+    path = aoti_rt.compile({"fwd": (Scale(), (a, b))}, tmp_path / "b", progress=False)
+    assert read_bundle(path).manifest.weights == {}
+    with aoti_rt.load(path) as m:
+        torch.testing.assert_close(m.fwd(a, b), a * 2 + b)
