@@ -305,6 +305,24 @@ def _read_bundle(root: Path) -> Bundle:
     return Bundle(root, man, store_path)
 
 
+def weight_id(fqn: str, digest: str, mutable: bool) -> str:
+    """A weight's id in the manifest: its digest, or for mutable state ``fqn@<16 hex>`` (two
+    buffers with equal initial bytes, a K and a V cache, stay two buffers)."""
+    return f"{fqn}@{digest.removeprefix('sha256:')[:16]}" if mutable else digest
+
+
+def divergent_fqns(methods: dict[str, MethodSpec]) -> list[tuple[str, str, str]]:
+    """``(fqn, method, other method)`` for each FQN bound to different weights by two methods."""
+    seen: dict[str, tuple[str, str]] = {}
+    out = []
+    for name, m in methods.items():
+        for c in m.constants:
+            first, weight = seen.setdefault(c.fqn, (name, c.weight))
+            if weight != c.weight:
+                out.append((c.fqn, first, name))
+    return out
+
+
 def safe_tensor_name(fqn: str, taken: set[str]) -> str:
     name, k = fqn, 1
     while name in taken:

@@ -24,7 +24,7 @@ from typing import Any
 
 from . import __version__
 from .bundle import (MANIFEST, STORE, ConstantSpec, InputSpec, Manifest, MethodSpec, WeightSpec,
-                     dtype_name, read_store_header, safe_tensor_name)
+                     divergent_fqns, dtype_name, read_store_header, safe_tensor_name, weight_id)
 from .errors import CompileError
 
 _METHOD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -260,7 +260,7 @@ def _compile(programs: Mapping[str, Any], out: Path, device: str | None, progres
                                    f"{len(inputs)} tensor inputs; non-tensor inputs are not supported")
             specs = []
             for c, data in consts:
-                wid = c.digest if not c.mutable else f"{c.fqn}@{c.digest[7:23]}"
+                wid = weight_id(c.fqn, c.digest, c.mutable)
                 if wid not in weights:
                     tname = digest_to_tensor.get(c.digest)
                     if tname is None:
@@ -285,7 +285,9 @@ def _compile(programs: Mapping[str, Any], out: Path, device: str | None, progres
             methods[name] = MethodSpec(so=so_name, inputs=inputs,
                                        outputs=list(ep.graph_signature.user_outputs),
                                        in_spec=ispec, out_spec=ospec, constants=specs)
-        _warn_divergent_fqns(methods)
+        for fqn, first, other in divergent_fqns(methods):
+            warnings.warn(f"constant {fqn} differs between methods {first!r} and {other!r}; "
+                          f"it is kept as two weights", stacklevel=3)
         save_file(store_tensors, str(out / STORE), metadata={"format": "pt", "writer": f"aoti_rt {__version__}"})
     header = read_store_header(out / STORE)
     for w in weights.values():
@@ -338,13 +340,3 @@ def _warn_aliased_examples(name: str, ep) -> None:
                 warnings.warn(f"method {name!r}: example inputs {j} and {i} share memory, so the exported "
                               f"program assumes they alias; export with distinct tensors (e.g. .clone())",
                               stacklevel=4)
-
-
-def _warn_divergent_fqns(methods: dict[str, MethodSpec]) -> None:
-    seen: dict[str, tuple[str, str]] = {}
-    for mname, m in methods.items():
-        for c in m.constants:
-            prev = seen.setdefault(c.fqn, (mname, c.weight))
-            if prev[1] != c.weight:
-                warnings.warn(f"constant {c.fqn} differs between methods {prev[0]!r} and {mname!r}; "
-                              f"it is kept as two weights", stacklevel=3)

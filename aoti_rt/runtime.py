@@ -29,7 +29,8 @@ from typing import Any
 
 from . import _cache, device as _device, loader, memory as _memory
 from .abi import SharedObject, torch_shim
-from .bundle import DTYPE_CODES, Bundle, ConstantSpec, InputSpec, MethodSpec, WeightSpec, read_bundle
+from .bundle import (DTYPE_CODES, Bundle, ConstantSpec, InputSpec, MethodSpec, WeightSpec,
+                     divergent_fqns, read_bundle)
 from .errors import AOTIError, BundleError, ClosedError, InputError
 
 _PAIRS = "AOTInductorModelContainerUpdateUserManagedConstantBufferPairs"
@@ -405,7 +406,10 @@ class Model:
         except BaseException:
             self.close()
             raise
-        _warn_private(self._methods)
+        for fqn, first, other in divergent_fqns(bundle.manifest.methods):
+            if first in self._methods and other in self._methods:
+                warnings.warn(f"{fqn} has a different dtype/shape/stride or value in methods {first!r} "
+                              f"and {other!r}: each binds a private copy", stacklevel=3)
 
     @property
     def methods(self) -> list[str]:
@@ -453,17 +457,6 @@ class Model:
 
     def __repr__(self) -> str:
         return f"<aoti_rt.Model {self.bundle.root.name} methods={self.methods} on {self.device}>"
-
-
-def _warn_private(methods: dict[str, Method]) -> None:
-    """Same FQN, different weight in two methods: each binds its own copy (never aliased)."""
-    seen: dict[str, tuple[str, str]] = {}
-    for m in methods.values():
-        for c in m.spec.constants:
-            prev = seen.setdefault(c.fqn, (m.name, c.weight))
-            if prev[1] != c.weight:
-                warnings.warn(f"{c.fqn} has a different dtype/shape/stride or value in methods "
-                              f"{prev[0]!r} and {m.name!r}: each binds a private copy", stacklevel=3)
 
 
 def load(path: str | Path, *, device: str | None = None, methods: Sequence[str] | None = None,

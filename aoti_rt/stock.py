@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import device as _device
-from .bundle import ConstantSpec, InputSpec, MethodSpec, WeightSpec
+from .bundle import ConstantSpec, InputSpec, MethodSpec, WeightSpec, weight_id
 from .compiler import probe_method
 from .errors import BundleError
 from .runtime import Method, _Source, _instance_ids
@@ -64,7 +64,7 @@ def probe_artifact(so: Path, blob: Path, device: str) -> tuple[MethodSpec, dict[
     size = blob.stat().st_size
     for c, data in consts:
         c.mutable = c.kind == "buffer"
-        wid = c.digest if not c.mutable else f"{c.fqn}@{c.digest[7:23]}"
+        wid = weight_id(c.fqn, c.digest, c.mutable)
         if offset + len(data) > size:
             raise BundleError(f"{blob} is truncated: constant {c.fqn} needs bytes up to "
                               f"{offset + len(data)}, the file has {size}")
