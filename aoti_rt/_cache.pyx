@@ -21,9 +21,8 @@ needs no CUDA header to build and imports on machines without a GPU.
 """
 
 from cpython.pycapsule cimport PyCapsule_New, PyCapsule_GetPointer
-from cpython.buffer cimport PyBUF_WRITABLE
 from libc.stdint cimport int32_t, int64_t, uint8_t, uintptr_t
-from libc.stdlib cimport malloc, free, realloc
+from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset
 from libc.errno cimport errno, EINTR
 

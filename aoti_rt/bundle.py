@@ -240,15 +240,20 @@ class Bundle:
 _checked: dict[Path, tuple[tuple, Bundle]] = {}
 
 
-def _identity(*paths: Path) -> tuple:
-    out = []
-    for p in paths:
-        try:
-            st = p.stat()
-            out.append((st.st_size, st.st_mtime_ns, st.st_ino))
-        except OSError:
-            out.append(None)
-    return tuple(out)
+def file_identity(path: Path) -> tuple[int, int, int] | None:
+    """``(size, mtime_ns, inode)`` of a file, or None if it cannot be stat'ed: a cheap test
+    that a file is still the one that was read."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def _bundle_identity(bundle: Bundle) -> tuple:
+    files = [bundle.root / MANIFEST, bundle.store_path,
+             *(bundle.root / m.so for m in bundle.manifest.methods.values())]
+    return tuple(file_identity(p) for p in files)
 
 
 def read_bundle(path: str | os.PathLike[str]) -> Bundle:
@@ -257,20 +262,16 @@ def read_bundle(path: str | os.PathLike[str]) -> Bundle:
     Checks: the manifest parses and has the right format version; each shared object and the
     store are inside the bundle and exist; every weight is in the store header at the offsets
     the manifest claims; every constant's view fits in its weight's bytes. The result is
-    remembered until the manifest or the store changes on disk.
+    remembered until the manifest, the store or a shared object changes on disk.
     """
     root = Path(path).resolve()
     if not (root / MANIFEST).is_file():
         raise BundleError(f"{path} is not an aoti_rt bundle (no {MANIFEST}); create one with aoti_rt.compile()")
     hit = _checked.get(root)
-    if hit is not None:
-        ident, bundle = hit
-        if ident == _identity(root / MANIFEST, bundle.store_path,
-                              *(root / m.so for m in bundle.manifest.methods.values())):
-            return bundle
+    if hit is not None and hit[0] == _bundle_identity(hit[1]):
+        return hit[1]
     bundle = _read_bundle(root)
-    _checked[root] = (_identity(root / MANIFEST, bundle.store_path,
-                                *(root / m.so for m in bundle.manifest.methods.values())), bundle)
+    _checked[root] = (_bundle_identity(bundle), bundle)
     return bundle
 
 

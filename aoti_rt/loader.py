@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import _cache
 from .device import DeviceRuntime
+from .bundle import file_identity
 from .errors import BundleError
 
 #: bytes per chunk (one pread, one staging buffer)
@@ -103,7 +104,9 @@ class PinnedStore:
     def __init__(self, rt: DeviceRuntime, store: Path, *, progress: bool | None = None):
         self.rt = rt
         self.path = Path(store).resolve()
-        self._stat = _file_identity(self.path)
+        self._stat = file_identity(self.path)
+        if self._stat is None:
+            raise BundleError(f"weight store {self.path} does not exist")
         size = self._stat[0]
         self.image = rt.pinned.allocate(size)
         try:
@@ -124,7 +127,7 @@ class PinnedStore:
 
     def current(self) -> bool:
         """True while the file on disk is the one that was pinned."""
-        return self.image is not None and _file_identity(self.path) == self._stat
+        return self.image is not None and file_identity(self.path) == self._stat
 
     def close(self) -> None:
         if self.rt.pinned_stores.get(self.path) is self:
@@ -136,11 +139,6 @@ class PinnedStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _file_identity(path: Path) -> tuple[int, int, int]:
-    st = path.stat()
-    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 def _run_workers(n: int, fn, plan: _cache.LoadPlan, bar):
@@ -185,7 +183,9 @@ def pin_store(path: str | os.PathLike[str], *, device: str | None = None,
     from .bundle import read_bundle
 
     p = Path(path)
-    store = read_bundle(p).store_path if p.is_dir() else p
-    bundle_device = read_bundle(p).manifest.device if p.is_dir() else None
-    rt = _device.get(_device.normalize(device, default=bundle_device or "cpu"))
+    store, default = p, "cpu"
+    if p.is_dir():
+        bundle = read_bundle(p)
+        store, default = bundle.store_path, bundle.manifest.device
+    rt = _device.get(_device.normalize(device, default=default))
     return PinnedStore(rt, store, progress=progress)

@@ -30,7 +30,7 @@ from typing import Any
 from . import _cache, device as _device, loader, memory as _memory
 from .abi import SharedObject, torch_shim
 from .bundle import (DTYPE_CODES, Bundle, ConstantSpec, InputSpec, MethodSpec, WeightSpec,
-                     divergent_fqns, read_bundle)
+                     divergent_fqns, file_identity, read_bundle)
 from .errors import AOTIError, BundleError, ClosedError, InputError
 
 _PAIRS = "AOTInductorModelContainerUpdateUserManagedConstantBufferPairs"
@@ -125,9 +125,8 @@ class Method:
 
     def _check_constants(self, so: SharedObject, handle: int) -> None:
         """The .so's constant table must be the manifest's (checked once per file version)."""
-        st = so.path.stat()
         names = [c.name for c in self.spec.constants]
-        key = (str(so.path.resolve()), st.st_size, st.st_mtime_ns,
+        key = (str(so.path.resolve()), file_identity(so.path),
                tuple((c.name, c.dtype) for c in self.spec.constants))
         if key in _verified_tables:
             return
@@ -269,8 +268,7 @@ class Method:
                 raise InputError(f"method {self.name!r}: input {i} must be a torch.Tensor, "
                                  f"got {type(t).__name__}")
             if i < len(self._dtypes) and (t.device != self._tdevice or t.dtype is not self._dtypes[i]
-                                          or (self._static[i] and t.shape != self._shapes[i])
-                                          or not self._static[i]):
+                                          or not self._static[i] or t.shape != self._shapes[i]):
                 self._check_input(i, t, self.spec.inputs[i])
         return leaves
 
@@ -406,10 +404,9 @@ class Model:
         except BaseException:
             self.close()
             raise
-        for fqn, first, other in divergent_fqns(bundle.manifest.methods):
-            if first in self._methods and other in self._methods:
-                warnings.warn(f"{fqn} has a different dtype/shape/stride or value in methods {first!r} "
-                              f"and {other!r}: each binds a private copy", stacklevel=3)
+        for fqn, first, other in divergent_fqns({n: m.spec for n, m in self._methods.items()}):
+            warnings.warn(f"{fqn} has a different dtype/shape/stride or value in methods {first!r} "
+                          f"and {other!r}: each binds a private copy", stacklevel=3)
 
     @property
     def methods(self) -> list[str]:
