@@ -20,10 +20,11 @@ CUDA is reached through driver entry points that cuda-python resolved
 needs no CUDA header to build and imports on machines without a GPU.
 """
 
+cimport cython
 from cpython.pycapsule cimport PyCapsule_New, PyCapsule_GetPointer
 from libc.stdint cimport int32_t, int64_t, uint8_t, uintptr_t
 from libc.stdlib cimport malloc, free
-from libc.string cimport memcpy, memset
+from libc.string cimport memcpy, memset, strcmp
 from libc.errno cimport errno, EINTR
 
 import threading
@@ -138,20 +139,53 @@ cdef inline void _check(CUresult rc, str what) except *:
 # ----------------------------------------------------------------------------------------
 # Allocators and buffers
 
+cdef enum:
+    _SLAB_ALIGN = 256
+
+#: buffers up to this size are carved from shared slabs (one raw allocation per slab, not
+#: per weight: a model with 10k small constants pays ~10 cuMemAlloc calls, not 10k)
+SMALL_MAX = 64 << 10
+#: bytes of one slab
+SLAB_BYTES = 2 << 20
+#: alignment of a buffer inside a slab (cuMemAlloc's own is 256; Triton kernels assume 16)
+SLAB_ALIGN = _SLAB_ALIGN
+
+
+cdef class _Slab:
+    """One raw allocation that small Buffers are carved from, returned when its last goes."""
+
+    cdef uintptr_t ptr
+    cdef size_t size
+    cdef size_t used       # bump offset of the next buffer
+    cdef Py_ssize_t live   # Buffers carved from it and still alive
+
+
 cdef class Allocator:
     """Raw memory for one device, with exact accounting of what is live.
 
     ``bytes_allocated`` and ``peak_bytes_allocated`` count the bytes of live Buffers;
-    ``limit`` (0: none) caps ``bytes_allocated``: an allocation past it raises
-    :class:`AllocationError` as a full device would.
+    ``bytes_reserved`` and ``peak_bytes_reserved`` the raw memory behind them (slabs
+    included, so at most one partly used slab more than the live bytes when nothing was
+    freed). Buffers of at most ``small_max`` bytes (0: none) share :data:`SLAB_BYTES` slabs,
+    a slab being returned when its last Buffer goes. ``limit`` (0: none) caps
+    ``bytes_allocated``: an allocation past it raises :class:`AllocationError` as a full
+    device would.
     """
 
     cdef readonly str device
     cdef readonly Py_ssize_t bytes_allocated
     cdef readonly Py_ssize_t peak_bytes_allocated
+    cdef readonly Py_ssize_t bytes_reserved
+    cdef readonly Py_ssize_t peak_bytes_reserved
     cdef readonly Py_ssize_t num_allocations
+    cdef readonly Py_ssize_t num_slabs
     cdef public Py_ssize_t limit
+    cdef public size_t small_max
     cdef readonly bint is_cuda
+    cdef _Slab _slab       # the slab small Buffers are carved from now (None: none)
+
+    def __cinit__(self, *args, **kwargs):
+        self.small_max = SMALL_MAX
 
     def __init__(self, str device):
         self.device = device
@@ -162,52 +196,87 @@ cdef class Allocator:
     cdef void _raw_free(self, uintptr_t ptr) noexcept nogil:
         pass
 
-    cpdef Buffer allocate(self, size_t nbytes):
-        """Allocate ``nbytes`` (at least 1) and return the owning :class:`Buffer`."""
+    cdef uintptr_t _reserve(self, size_t n) except 0:
+        """Raw memory of ``n`` bytes, counted in ``bytes_reserved``."""
         cdef uintptr_t ptr = 0
         cdef int rc
+        with nogil:
+            rc = self._raw_alloc(n, &ptr)
+        if rc != 0 or ptr == 0:
+            raise AllocationError(
+                f"could not allocate {n} bytes on {self.device} (error {rc}, "
+                f"{self.bytes_reserved} bytes held by aoti_rt); free device memory "
+                f"or close unused models")
+        self.bytes_reserved += n
+        if self.bytes_reserved > self.peak_bytes_reserved:
+            self.peak_bytes_reserved = self.bytes_reserved
+        return ptr
+
+    cdef void _unreserve(self, uintptr_t ptr, size_t n) noexcept:
+        with nogil:
+            self._raw_free(ptr)
+        self.bytes_reserved -= n
+
+    cpdef Buffer allocate(self, size_t nbytes):
+        """Allocate ``nbytes`` (at least 1) and return the owning :class:`Buffer`."""
         cdef size_t n = nbytes if nbytes > 0 else 1
-        # Reserve first (atomic under the GIL), allocate without the GIL, undo on failure.
+        cdef size_t need = (n + _SLAB_ALIGN - 1) & ~(<size_t>_SLAB_ALIGN - 1)
+        cdef _Slab slab
+        cdef Buffer buf = Buffer.__new__(Buffer)
         if self.limit and self.bytes_allocated + <Py_ssize_t>n > self.limit:
             raise AllocationError(
                 f"allocating {n} bytes on {self.device} would exceed the aoti_rt memory "
                 f"limit ({self.bytes_allocated} of {self.limit} bytes in use); close "
                 f"unused models or raise the limit with aoti_rt.set_memory_limit()")
+        if n <= self.small_max:
+            slab = self._slab
+            if slab is None or slab.used + need > slab.size:
+                slab = _Slab.__new__(_Slab)
+                slab.ptr = self._reserve(SLAB_BYTES)     # the GIL is released in here
+                slab.size = SLAB_BYTES
+                self.num_slabs += 1
+                self._slab = slab
+            buf.ptr = slab.ptr + slab.used
+            slab.used += need
+            slab.live += 1
+            buf.slab = slab
+        else:
+            buf.ptr = self._reserve(n)
+        buf.nbytes = n
+        buf.allocator = self
         self.bytes_allocated += n
-        with nogil:
-            rc = self._raw_alloc(n, &ptr)
-        if rc != 0:
-            self.bytes_allocated -= n
-            raise AllocationError(
-                f"could not allocate {n} bytes on {self.device} (error {rc}, "
-                f"{self.bytes_allocated} bytes held by aoti_rt); free device memory "
-                f"or close unused models")
         self.num_allocations += 1
         if self.bytes_allocated > self.peak_bytes_allocated:
             self.peak_bytes_allocated = self.bytes_allocated
-        cdef Buffer buf = Buffer.__new__(Buffer)
-        buf.ptr = ptr
-        buf.nbytes = n
-        buf.allocator = self
         return buf
 
-    cdef void _free(self, uintptr_t ptr, size_t nbytes) noexcept:
-        with nogil:
-            self._raw_free(ptr)
-        self.bytes_allocated -= nbytes
+    cdef void _free(self, Buffer buf) noexcept:
+        cdef _Slab slab = buf.slab
+        self.bytes_allocated -= buf.nbytes
         self.num_allocations -= 1
+        if slab is None:
+            self._unreserve(buf.ptr, buf.nbytes)
+            return
+        slab.live -= 1
+        if slab.live == 0:
+            self._unreserve(slab.ptr, slab.size)
+            slab.ptr = 0
+            self.num_slabs -= 1
+            if self._slab is slab:
+                self._slab = None
 
     def reset_peak(self):
-        """Start a new high-water mark from the bytes live now."""
+        """Start new high-water marks from the bytes live (and reserved) now."""
         self.peak_bytes_allocated = self.bytes_allocated
+        self.peak_bytes_reserved = self.bytes_reserved
 
 
 cdef class HostAllocator(Allocator):
-    """64-byte aligned host memory (``posix_memalign``): the CPU twin of cuMemAlloc."""
+    """256-byte aligned host memory (``posix_memalign``): the CPU twin of cuMemAlloc."""
 
     cdef int _raw_alloc(self, size_t nbytes, uintptr_t* out) noexcept nogil:
         cdef void* p = NULL
-        cdef int rc = posix_memalign(&p, 64, nbytes)
+        cdef int rc = posix_memalign(&p, _SLAB_ALIGN, nbytes)
         if rc == 0:
             out[0] = <uintptr_t>p
         return rc
@@ -259,6 +328,7 @@ cdef class PinnedAllocator(Allocator):
             raise RuntimeError("CUDA driver entry points are not installed")
         self.device = device
         self.ctx = <CUcontext>context
+        self.small_max = 0      # staging buffers and pinned stores are large: no slabs
 
     cdef int _raw_alloc(self, size_t nbytes, uintptr_t* out) noexcept nogil:
         cdef void* p = NULL
@@ -276,6 +346,7 @@ cdef class PinnedAllocator(Allocator):
         drv.host_free(<void*>ptr)
 
 
+@cython.no_gc     # refers only to its allocator and slab, which never refer back: no cycles
 cdef class Buffer:
     """One allocation, freed when this object goes.
 
@@ -288,6 +359,7 @@ cdef class Buffer:
     cdef readonly uintptr_t ptr
     cdef readonly size_t nbytes
     cdef readonly Allocator allocator
+    cdef _Slab slab        # the slab it was carved from, or None: it owns its raw memory
     cdef Py_ssize_t _shape[1]
 
     def __cinit__(self):
@@ -295,7 +367,7 @@ cdef class Buffer:
 
     def __dealloc__(self):
         if self.ptr != 0 and self.allocator is not None:
-            self.allocator._free(self.ptr, self.nbytes)
+            self.allocator._free(self)
             self.ptr = 0
 
     @property
@@ -335,12 +407,16 @@ cdef class Buffer:
 # ----------------------------------------------------------------------------------------
 # The weight cache
 
+# Not tracked by the cyclic GC: a model with 100k weights makes 100k entries and buffers, and
+# the collector re-walking them made acquiring 10x slower. An entry refers to its key (str),
+# its Buffer and an error message (str), none of which can lead back to it.
+@cython.no_gc
 cdef class _Entry:
     cdef readonly object key
     cdef readonly Buffer buffer
     cdef readonly Py_ssize_t refs
     cdef bint loading      # True while the first user fills it
-    cdef object error      # the exception that failed the fill, for waiters
+    cdef str error         # why the fill failed, for waiters (a message: no traceback cycles)
 
 
 cdef class Acquisition:
@@ -463,7 +539,7 @@ cdef class WeightCache:
                 e = acq.entries[i]
                 e.loading = False
                 if error is not None:
-                    e.error = error
+                    e.error = f"{type(error).__name__}: {error}"
                     if self._entries.get(e.key) is e:
                         del self._entries[e.key]
             if acq.to_fill:
@@ -530,6 +606,9 @@ cdef struct ConstantMapEntry:
     const char* name
     AtenTensorHandle handle
 
+ctypedef int32_t (*f_get_count)(void* container, size_t* out) noexcept nogil
+ctypedef int32_t (*f_get_name)(void* container, size_t idx, const char** out) noexcept nogil
+ctypedef int32_t (*f_get_dtype)(void* container, size_t idx, int32_t* out) noexcept nogil
 ctypedef int32_t (*f_update_pairs)(void* container, const ConstantMapEntry* pairs,
                                    size_t num_pairs, unsigned char use_inactive,
                                    unsigned char validate_full_update) noexcept nogil
@@ -599,6 +678,56 @@ cdef class BindPlan:
     def __dealloc__(self):
         free(self.ndim); free(self.dims_at); free(self.offsets); free(self.dtypes)
         free(self.data); free(self.entries); free(self.sizes); free(self.strides)
+
+    def check(self, uintptr_t get_num, uintptr_t get_name, uintptr_t get_dtype, uintptr_t container):
+        """Compare the container's constant table with this plan in one nogil loop.
+
+        ``get_*`` are the addresses of ``GetNumConstants``, ``GetConstantName`` and
+        ``GetConstantDtype``. Returns None when count, names (in index order) and dtype codes
+        all match; else ``("count", n)``, ``("name", i, name)``, ``("dtype", i, code)``
+        or ``("call", i, rc)`` for the first difference.
+        """
+        cdef f_get_count num = <f_get_count>get_num
+        cdef f_get_name name_of = <f_get_name>get_name
+        cdef f_get_dtype dtype_of = <f_get_dtype>get_dtype
+        cdef size_t count = 0
+        cdef Py_ssize_t i, bad = -1
+        cdef const char* nm = NULL
+        cdef int32_t code = 0, rc = 0
+        cdef int what = 0      # 1 name, 2 dtype, 3 a call failed
+        with nogil:
+            rc = num(<void*>container, &count)
+            if rc == 0 and <Py_ssize_t>count == self.n:
+                for i in range(self.n):
+                    rc = name_of(<void*>container, i, &nm)
+                    if rc != 0 or nm == NULL:
+                        what = 3
+                        bad = i
+                        break
+                    if strcmp(nm, self.entries[i].name) != 0:
+                        what = 1
+                        bad = i
+                        break
+                    rc = dtype_of(<void*>container, i, &code)
+                    if rc != 0:
+                        what = 3
+                        bad = i
+                        break
+                    if code != self.dtypes[i]:
+                        what = 2
+                        bad = i
+                        break
+        if rc != 0 and bad < 0:
+            return ("call", -1, rc)
+        if <Py_ssize_t>count != self.n:
+            return ("count", count)
+        if what == 1:
+            return ("name", bad, (<bytes>nm).decode(errors="replace"))
+        if what == 2:
+            return ("dtype", bad, code)
+        if what == 3:
+            return ("call", bad, rc)
+        return None
 
     def bind(self, list buffers, uintptr_t update_pairs, uintptr_t container,
              int device_type, int device_index, uintptr_t create_fn, uintptr_t delete_fn):

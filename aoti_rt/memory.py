@@ -28,8 +28,10 @@ def cache_stats(device: str | None = None) -> dict:
     """Counters of the weight cache of one device (default: the first GPU in use, else CPU).
 
     Keys: ``entries`` (cached weight buffers), ``bytes_allocated`` and
-    ``peak_bytes_allocated`` (exact bytes of aoti_rt's live allocations, and their
-    high-water mark), ``num_allocations``, ``hits`` and ``misses`` (weight acquisitions found
+    ``peak_bytes_allocated`` (exact bytes of aoti_rt's live weight buffers, and their
+    high-water mark), ``bytes_reserved`` and ``peak_bytes_reserved`` (the device memory
+    behind them: small weights share 2 MiB slabs), ``num_allocations`` (live buffers),
+    ``num_slabs``, ``hits`` and ``misses`` (weight acquisitions found
     in / added to the cache), ``bytes_read`` (weight bytes read from disk),
     ``legacy_methods`` and ``legacy_bytes`` (methods whose .so lacks the Pairs entry point
     and hold a private, unshared copy inside AOTI), ``pinned_store_bytes`` (host memory of
@@ -45,7 +47,9 @@ def cache_stats(device: str | None = None) -> dict:
     stats.update(device=dev, pinned_store_bytes=pinned_stores,
                  staging_bytes=rt.pinned.bytes_allocated - pinned_stores if rt.pinned else 0,
                  bytes_allocated=a.bytes_allocated,
-                 peak_bytes_allocated=a.peak_bytes_allocated, num_allocations=a.num_allocations,
+                 peak_bytes_allocated=a.peak_bytes_allocated, bytes_reserved=a.bytes_reserved,
+                 peak_bytes_reserved=a.peak_bytes_reserved, num_allocations=a.num_allocations,
+                 num_slabs=a.num_slabs,
                  legacy_methods=legacy_methods, legacy_bytes=legacy_bytes)
     return stats
 
@@ -56,7 +60,7 @@ def free_staging(device: str | None = None) -> None:
 
 
 def reset_peak(device: str | None = None) -> None:
-    """Start new high-water marks: ``peak_bytes_allocated`` and the sampled device peak."""
+    """Start new high-water marks: own bytes allocated and reserved, and the sampled device peak."""
     dev = _default_device(device)
     _device.get(dev).allocator.reset_peak()
     _peak_used.pop(dev, None)
@@ -130,7 +134,9 @@ class MemoryReport:
     """aoti_rt's own memory (exact) and the device's (sampled, device-wide).
 
     ``bytes_allocated`` / ``peak_bytes_allocated`` count aoti_rt's live weight buffers and
-    their high-water mark, byte-exact. ``device_used_bytes`` and
+    their high-water mark, byte-exact; ``bytes_reserved`` / ``peak_bytes_reserved`` the
+    device memory aoti_rt holds for them (small weights share slabs, so this can exceed the
+    live bytes by the unused part of the slabs). ``device_used_bytes`` and
     ``device_peak_used_bytes`` are device-wide (cuMemGetInfo: they include the CUDA context,
     PyTorch's caching allocator, AOTI's scratch memory and other processes); the peak is the
     largest sample taken during loads, binds and :class:`Sampler` blocks.
@@ -139,17 +145,28 @@ class MemoryReport:
     device: str
     bytes_allocated: int
     peak_bytes_allocated: int
+    bytes_reserved: int
+    peak_bytes_reserved: int
     cached_weights: int
     device_used_bytes: int | None
     device_peak_used_bytes: int | None
     device_total_bytes: int | None
 
     def line(self) -> str:
-        """One line, ``aoti_rt.memory key=value ...``, values in bytes ("-" if unknown)."""
+        """One line for logs and scripts; :meth:`parse` reads it back.
+
+        Format: ``aoti_rt.memory`` then space-separated ``key=value`` fields, in this order:
+        ``device`` (e.g. ``cuda:0``), ``allocated``, ``peak_allocated``, ``reserved``,
+        ``peak_reserved`` (aoti_rt's own, exact), ``weights`` (cached weight count),
+        ``device_used``, ``device_peak_used``, ``device_total`` (device-wide, sampled).
+        Every value but ``device`` is an integer byte count (``weights`` a count), ``-`` when
+        unknown (device-wide fields on the CPU). New fields may be appended; parse by key.
+        """
         def v(x):
             return "-" if x is None else str(x)
         return (f"aoti_rt.memory device={self.device} allocated={self.bytes_allocated} "
-                f"peak_allocated={self.peak_bytes_allocated} weights={self.cached_weights} "
+                f"peak_allocated={self.peak_bytes_allocated} reserved={self.bytes_reserved} "
+                f"peak_reserved={self.peak_bytes_reserved} weights={self.cached_weights} "
                 f"device_used={v(self.device_used_bytes)} device_peak_used={v(self.device_peak_used_bytes)} "
                 f"device_total={v(self.device_total_bytes)}")
 
@@ -175,5 +192,6 @@ def memory_report(device: str | None = None) -> MemoryReport:
         free, total = _device.device_memory_info(dev)
         used = total - free
         peak = max(_peak_used.get(dev, 0), used)
-    return MemoryReport(dev, rt.allocator.bytes_allocated, rt.allocator.peak_bytes_allocated,
-                        len(rt.cache), used, peak, total)
+    a = rt.allocator
+    return MemoryReport(dev, a.bytes_allocated, a.peak_bytes_allocated, a.bytes_reserved,
+                        a.peak_bytes_reserved, len(rt.cache), used, peak, total)

@@ -30,12 +30,11 @@ from typing import Any
 from . import _cache, device as _device, loader, memory as _memory
 from .abi import SharedObject, torch_shim
 from .bundle import (DTYPE_CODES, Bundle, ConstantSpec, InputSpec, MethodSpec, WeightSpec,
-                     divergent_fqns, file_identity, read_bundle)
+                     divergent_fqns, read_bundle)
 from .errors import AOTIError, BundleError, ClosedError, InputError
 
-_PAIRS = "AOTInductorModelContainerUpdateUserManagedConstantBufferPairs"
-#: (.so file identity, manifest constant table) pairs already checked against each other
-_verified_tables: set[tuple] = set()
+_P = "AOTInductorModelContainer"
+_PAIRS = _P + "UpdateUserManagedConstantBufferPairs"
 _instance_ids = itertools.count(1)
 
 
@@ -102,9 +101,13 @@ class Method:
         self._binding = _Binding(so, handle, rt)
         self._finalizer = weakref.finalize(self, self._binding.free)
         try:
-            self._check_constants(so, handle)
+            cs = spec.constants
+            plan = _cache.BindPlan([c.name for c in cs], [DTYPE_CODES[c.dtype] for c in cs],
+                                   [c.shape for c in cs], [c.stride for c in cs],
+                                   [c.storage_offset for c in cs])
+            self._check_constants(so, handle, plan)
             if self.shared:
-                self._bind_shared(source, progress)
+                self._bind_shared(source, plan, progress)
             else:
                 self._bind_legacy(source)
             n_out = so.num_outputs(handle)
@@ -123,24 +126,26 @@ class Method:
 
     # -- binding --------------------------------------------------------------------------
 
-    def _check_constants(self, so: SharedObject, handle: int) -> None:
-        """The .so's constant table must be the manifest's (checked once per file version)."""
-        names = [c.name for c in self.spec.constants]
-        key = (str(so.path.resolve()), file_identity(so.path),
-               tuple((c.name, c.dtype) for c in self.spec.constants))
-        if key in _verified_tables:
+    def _check_constants(self, so: SharedObject, handle: int, plan: _cache.BindPlan) -> None:
+        """The .so's constant table must be the manifest's: count, names, dtypes (one C loop)."""
+        diff = plan.check(so.addresses[_P + "GetNumConstants"], so.addresses[_P + "GetConstantName"],
+                          so.addresses[_P + "GetConstantDtype"], handle)
+        if diff is None:
             return
-        infos = so.constants(handle)
-        if [i.name for i in infos] != names:
-            raise AOTIError(
-                f"method {self.name!r}: {so.path.name} has constants {[i.name for i in infos][:5]}... "
-                f"({len(infos)}) but the manifest lists {names[:5]}... ({len(names)}); the bundle is "
-                f"inconsistent, recompile it")
-        for info, c in zip(infos, self.spec.constants):
-            if DTYPE_CODES[c.dtype] != info.dtype_code:
-                raise AOTIError(f"method {self.name!r}: constant {c.fqn} is {c.dtype} in the manifest "
-                                f"but dtype code {info.dtype_code} in {so.path.name}")
-        _verified_tables.add(key)
+        cs = self.spec.constants
+        what, *rest = diff
+        if what == "count":
+            detail = f"has {rest[0]} constants but the manifest lists {len(cs)}"
+        elif what == "name":
+            detail = f"names constant {rest[0]} {rest[1]!r} but the manifest says {cs[rest[0]].name!r}"
+        elif what == "dtype":
+            detail = (f"gives constant {cs[rest[0]].fqn} dtype code {rest[1]} but the manifest says "
+                      f"{cs[rest[0]].dtype}")
+        else:
+            raise AOTIError(f"method {self.name!r}: reading the constant table of {so.path.name} failed "
+                            f"at index {rest[0]} (code {rest[1]}): {so.last_error() or 'see stderr'}")
+        raise AOTIError(f"method {self.name!r}: {so.path.name} {detail}; the bundle is inconsistent, "
+                        f"recompile it")
 
     def _keys(self, source: _Source) -> tuple[list[str], list[WeightSpec], list[int]]:
         """Unique cache keys of this method's weights, and each constant's index among them."""
@@ -159,7 +164,7 @@ class Method:
             of_constant.append(at)
         return keys, weights, of_constant
 
-    def _bind_shared(self, source: _Source, progress: bool | None) -> None:
+    def _bind_shared(self, source: _Source, plan: _cache.BindPlan, progress: bool | None) -> None:
         rt = self._rt
         b = self._binding
         keys, weights, of_constant = self._keys(source)
@@ -179,9 +184,6 @@ class Method:
         rt.cache.publish(acq)
         rt.cache.wait(acq)
         cs = self.spec.constants
-        plan = _cache.BindPlan([c.name for c in cs], [DTYPE_CODES[c.dtype] for c in cs],
-                               [c.shape for c in cs], [c.stride for c in cs],
-                               [c.storage_offset for c in cs])
         shim = torch_shim()
         rc = plan.bind([acq.buffers[i] for i in of_constant], b.so.addresses[_PAIRS], b.handle,
                        1 if rt.is_cuda else 0, rt.index,

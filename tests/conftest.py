@@ -115,9 +115,14 @@ def no_leaks():
     """Every test must leave aoti_rt's allocations where it found them."""
     import gc
 
-    before = {d: rt.allocator.bytes_allocated for d, rt in aoti_rt.device.all_runtimes().items()}
+    def held():
+        return {d: (rt.allocator.bytes_allocated, rt.allocator.bytes_reserved)
+                for d, rt in aoti_rt.device.all_runtimes().items()}
+
+    before = held()
     yield
     gc.collect()
-    after = {d: rt.allocator.bytes_allocated for d, rt in aoti_rt.device.all_runtimes().items()}
-    for d, n in after.items():
-        assert n == before.get(d, 0), f"{d}: {n - before.get(d, 0)} bytes left allocated"
+    for d, (n, r) in held().items():
+        n0, r0 = before.get(d, (0, 0))
+        assert n == n0, f"{d}: {n - n0} bytes left allocated"
+        assert r == r0, f"{d}: {r - r0} bytes left reserved"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import shutil
 import threading
 
@@ -327,12 +328,30 @@ def test_manifest_lying_about_shape(three_bundle, device, copy_bundle):
         aoti_rt.load(b, device=device)
 
 
-def test_manifest_lying_about_constants(three_bundle, device, copy_bundle):
+def _drop_last_constant(raw):
+    raw["methods"]["c"]["constants"].pop()
+
+
+def _swap_constant_names(raw):
+    cs = raw["methods"]["c"]["constants"]
+    cs[0]["name"], cs[1]["name"] = cs[1]["name"], cs[0]["name"]
+
+
+def _relabel_dtype(raw):
+    raw["methods"]["c"]["constants"][0]["dtype"] = "int32"    # same itemsize as float32
+
+
+@pytest.mark.parametrize("lie, says", [(_drop_last_constant, r"has (\d+) constants but the manifest lists (?!\1)\d+"),
+                                       (_swap_constant_names, r"names constant 0 '\w+' but the manifest says"),
+                                       (_relabel_dtype, r"dtype code 6 but the manifest says int32")],
+                         ids=["count", "names", "dtype"])
+def test_manifest_lying_about_constants(three_bundle, device, copy_bundle, lie, says):
     b = copy_bundle(three_bundle)
-    _edit_manifest(b, lambda r: r["methods"]["c"]["constants"].pop())
+    _edit_manifest(b, lie)
     base = stats(device)
-    with pytest.raises(aoti_rt.AOTIError, match="inconsistent"):
+    with pytest.raises(aoti_rt.AOTIError, match="inconsistent") as err:
         aoti_rt.load(b, device=device)
+    assert re.search(says, str(err.value)), str(err.value)
     _assert_nothing_allocated(device, base)
 
 
