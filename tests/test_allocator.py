@@ -8,8 +8,6 @@ import threading
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import aoti_rt
 from aoti_rt import _cache
@@ -76,29 +74,6 @@ def test_limit_counts_live_bytes(device):
     assert a.bytes_allocated == 2000
     del keep
     assert a.bytes_reserved == 0
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.one_of(st.integers(0, 3 * SMALL).map(lambda n: ("alloc", n)),
-                          st.integers(0, 1000).map(lambda i: ("free", i))), max_size=80))
-def test_accounting_under_any_alloc_free_sequence(ops):
-    """Property (CPU): the counters equal what the live buffers imply, and all returns to 0."""
-    a = fresh_allocator("cpu")
-    live: list[_cache.Buffer] = []
-    for op, x in ops:
-        if op == "alloc":
-            live.append(a.allocate(x))
-        elif live:
-            live.pop(x % len(live))
-        assert a.bytes_allocated == sum(b.nbytes for b in live)
-        assert a.num_allocations == len(live)
-        large = sum(b.nbytes for b in live if b.nbytes > SMALL)
-        assert a.bytes_reserved == large + a.num_slabs * SLAB
-        assert a.num_slabs <= len([b for b in live if b.nbytes <= SMALL])
-        spans = sorted((b.ptr, b.ptr + b.nbytes) for b in live)
-        assert all(e <= s for (_, e), (s, _) in zip(spans, spans[1:])), "two live buffers overlap"
-    live.clear()
-    assert (a.bytes_allocated, a.bytes_reserved, a.num_slabs) == (0, 0, 0)
 
 
 def test_a_failed_fill_reaches_the_waiting_thread_and_frees_everything():
