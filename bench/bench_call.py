@@ -5,8 +5,9 @@ same .so (the bundle's ``decode.so``): aoti_rt through ``aoti_rt.load``, torch t
 ``AOTIModelContainerRunnerCuda(so, 1, dev)`` (``...Cpu`` on the CPU) after
 ``update_constant_buffer_from_blob`` of the method's blob, then ``runner.run([x])``. Eager
 ``module(x)`` under ``torch.no_grad`` is shown for reference. Each sample is a loop of many
-calls with a synchronize only before and after it; the table gives microseconds per call
-(median and best over the samples).
+calls with a synchronize only before and after it; the variants' loops are interleaved, in
+rotating order, so host drift between them does not favour one; the table gives
+microseconds per call (median and best over the samples).
 """
 
 from __future__ import annotations
@@ -34,23 +35,34 @@ def _extra(p: argparse.ArgumentParser) -> None:
                    help="calls per timed loop (default: 10000 full, 2000 small)")
 
 
-def per_call(fn: Callable[[], object], dev: str, calls: int, samples: int) -> list[float]:
-    """Microseconds per call of ``fn``: ``samples`` loops of ``calls`` calls, synchronized
-    only around each loop (after one untimed loop of warm-up)."""
-    def loop() -> float:
+def per_call(fns: dict[str, Callable[[], object]], dev: str, calls: int,
+             samples: int) -> dict[str, list[float]]:
+    """Microseconds per call of each of ``fns``: ``samples`` rounds, each timing one loop of
+    ``calls`` calls of every variant (synchronized only around each loop), the variants'
+    order rotating from round to round so that drift of the host (clocks, neighbours) hits
+    all of them alike. One untimed loop of each first, as warm-up."""
+    def loop(fn: Callable[[], object]) -> float:
         common.synchronize(dev)
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
         common.synchronize(dev)
         return (time.perf_counter() - t0) / calls * 1e6
-    return common.repeat(loop, samples)
+
+    names = list(fns)
+    for name in names:
+        loop(fns[name])
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(samples):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            out[name].append(loop(fns[name]))
+    return out
 
 
 def run(args: argparse.Namespace, report: common.Report) -> None:
     dev = args.device
     calls = args.calls or (10_000 if args.size == "full" else 2_000)
-    samples = max(args.repeats, 5)
+    samples = max(args.repeats, 9)
     report.params.update(SPEC.params(), calls=calls, samples=samples)
     built = common.build_model(args.cache, "call", SPEC.params(), lambda: SPEC.programs(dev), dev)
     table = report.table(f"per-call overhead, Linear({SPEC.dim}, {SPEC.dim}) {SPEC.dtype}, input [1, {SPEC.dim}], "
@@ -79,11 +91,9 @@ def measure(path: Path, dev: str, calls: int, samples: int) -> tuple[dict[str, l
         method = model.decode
         ref = runner.run([x])[0]
         diff = max(float((method(x) - ref).abs().max()), float((eager(x) - ref).abs().max()))
-        results = {
-            STOCK: per_call(lambda: runner.run([x]), dev, calls, samples),
-            "aoti_rt Method(x)": per_call(lambda: method(x), dev, calls, samples),
-            "eager nn.Module(x) (reference)": per_call(lambda: eager(x), dev, calls, samples),
-        }
+        results = per_call({STOCK: lambda: runner.run([x]),
+                            "aoti_rt Method(x)": lambda: method(x),
+                            "eager nn.Module(x) (reference)": lambda: eager(x)}, dev, calls, samples)
     return results, diff
 
 
