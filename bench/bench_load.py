@@ -112,7 +112,8 @@ def run(args: argparse.Namespace, report: common.Report) -> None:
     built = common.build_model(args.cache, "load", spec.params(), partial(spec.programs, dev), dev)
     stock, so, blob = common.build_stock(args.cache, "load_prefill", spec.params(),
                                          lambda: spec.programs(dev)["prefill"], dev)
-    report.params.update(bundle=str(built.path), stock_so=str(so), stock_blob=str(blob),
+    report.params.update(bundle=common.in_cache(built.path, args.cache), stock_so=common.in_cache(so, args.cache),
+                         stock_blob=common.in_cache(blob, args.cache),
                          bundle_compile_s=built.compile_seconds, stock_compile_s=stock.compile_seconds)
     bundle = aoti_rt.read_bundle(built.path)
     for p in (bundle.store_path, blob):   # warm the page cache: every variant reads from memory

@@ -152,7 +152,7 @@ def run(args: argparse.Namespace, report: common.Report) -> None:
         spec = common.StackSpec(LAYERS, dim, methods_spec)
         built = common.build_model(args.cache, f"memory_{overlap}", spec.params(),
                                    partial(spec.programs, dev), dev)
-        report.params[f"bundle_{overlap}"] = str(built.path)
+        report.params[f"bundle_{overlap}"] = common.in_cache(built.path, args.cache)
         for n in (2, 3):
             scenario(table, f"{overlap} overlap, {n} methods", built.path, spec, [m for m, *_ in methods_spec][:n], dev)
     if common.is_cuda(dev):

@@ -120,7 +120,7 @@ def environment(device: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "aoti_rt": aoti_rt.__version__,
-        "aoti_rt_path": str(Path(aoti_rt.__file__).parent),
+        "aoti_rt_from": "installed" if "site-packages" in Path(aoti_rt.__file__).parts else "source checkout",
         "python": platform.python_version(),
         "host": platform.node(),
         "cpus": os.cpu_count(),
@@ -354,6 +354,14 @@ class Built:
     path: Path
     compile_seconds: float
     reused: bool
+
+
+def in_cache(path: Path, cache: Path) -> str:
+    """``path`` as the JSON records it: relative to ``--cache`` (no machine's paths in results)."""
+    try:
+        return str(Path(path).relative_to(cache))
+    except ValueError:
+        return Path(path).name
 
 
 def _cache_dir(cache: Path, name: str, params: Mapping[str, Any], device: str, kind: str) -> Path:
