@@ -252,6 +252,7 @@ cdef class Allocator:
 
     cdef void _free(self, Buffer buf) noexcept:
         cdef _Slab slab = buf.slab
+        cdef uintptr_t ptr
         self.bytes_allocated -= buf.nbytes
         self.num_allocations -= 1
         if slab is None:
@@ -259,11 +260,14 @@ cdef class Allocator:
             return
         slab.live -= 1
         if slab.live == 0:
-            self._unreserve(slab.ptr, slab.size)
+            # Retire the slab before the raw free lets go of the GIL: another thread must not
+            # carve a buffer out of memory that is being returned.
+            ptr = slab.ptr
             slab.ptr = 0
-            self.num_slabs -= 1
             if self._slab is slab:
                 self._slab = None
+            self.num_slabs -= 1
+            self._unreserve(ptr, slab.size)
 
     def reset_peak(self):
         """Start new high-water marks from the bytes live (and reserved) now."""

@@ -104,3 +104,35 @@ def test_a_failed_fill_reaches_the_waiting_thread_and_frees_everything():
     t.join(30)
     assert len(seen) == 1 and "OSError: disk on fire" in str(seen[0])
     assert "k" not in cache and a.bytes_allocated == 0 and a.bytes_reserved == 0
+
+
+def test_threads_allocating_and_freeing_small_buffers(device):
+    """Slabs are created and retired while other threads carve from them (the raw allocator
+    runs without the GIL): live buffers never overlap and everything returns at the end."""
+    a = fresh_allocator(device)
+    errors: list[str] = []
+    live: list[list[_cache.Buffer]] = [[] for _ in range(8)]
+
+    def worker(w: int) -> None:
+        mine = live[w]
+        for i in range(3000):
+            mine.append(a.allocate(200 + 37 * ((i + w) % 50)))
+            if i % 3:
+                mine.pop(0)
+            if len(mine) > 40:
+                del mine[:30]      # often the last buffers of a slab: it is retired
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    spans = sorted((b.ptr, b.ptr + b.nbytes) for mine in live for b in mine)
+    if any(e > s for (_, e), (s, _) in zip(spans, spans[1:])):
+        errors.append("two live buffers overlap")
+    assert a.bytes_allocated == sum(b.nbytes for mine in live for b in mine)
+    assert a.bytes_reserved == a.num_slabs * SLAB
+    for mine in live:
+        mine.clear()
+    assert (a.bytes_allocated, a.bytes_reserved, a.num_slabs, a.num_allocations) == (0, 0, 0, 0)
+    assert not errors, errors
