@@ -81,14 +81,10 @@ def read_weights(rt: DeviceRuntime, store: Path, offsets: Sequence[int], sizes: 
                 if step:
                     raise _cache.CudaError(_ERRORS.get(step, "loading"), rc)
         else:
-            for rc in _run_workers(nworkers, lambda w: plan.run_host(fd, w, nworkers), plan, bar):
-                if rc:
-                    _raise_read(store, rc)
+            _read_host(fd, store, plan, nworkers, bar)
     finally:
         os.close(fd)
-        if bar is not None:
-            bar.update(total - bar.n)
-            bar.close()
+        _close_bar(bar, total)
     return total
 
 
@@ -113,14 +109,13 @@ class PinnedStore:
             fd = os.open(self.path, os.O_RDONLY)
         except OSError as e:
             raise BundleError(f"cannot open weight store {self.path}: {e}") from e
+        bar = _progress(size, progress)
         try:
             plan = _cache.LoadPlan([0], [size], [self.image.ptr], CHUNK_BYTES)
-            n = max(1, min(WORKERS, plan.num_chunks))
-            for rc in _run_workers(n, lambda w: plan.run_host(fd, w, n), plan, _progress(size, progress)):
-                if rc:
-                    _raise_read(self.path, rc)
+            _read_host(fd, self.path, plan, max(1, min(WORKERS, plan.num_chunks)), bar)
         finally:
             os.close(fd)
+            _close_bar(bar, size)
         self.nbytes = size
         rt.cache.add_bytes_read(size)
         rt.pinned_stores[self.path] = self
@@ -139,6 +134,13 @@ class PinnedStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _read_host(fd: int, store: Path, plan: _cache.LoadPlan, nworkers: int, bar) -> None:
+    """Read the plan's pieces from ``fd`` straight into host buffers with ``nworkers`` threads."""
+    for rc in _run_workers(nworkers, lambda w: plan.run_host(fd, w, nworkers), plan, bar):
+        if rc:
+            _raise_read(store, rc)
 
 
 def _run_workers(n: int, fn, plan: _cache.LoadPlan, bar):
@@ -169,6 +171,12 @@ def _progress(total: int, progress: bool | None):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, unit="B", unit_scale=True, desc="aoti_rt load", delay=delay)
+
+
+def _close_bar(bar, total: int) -> None:
+    if bar is not None:
+        bar.update(total - bar.n)
+        bar.close()
 
 
 def pin_store(path: str | os.PathLike[str], *, device: str | None = None,

@@ -28,12 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from . import _cache, device as _device, loader, memory as _memory
-from .abi import SharedObject, torch_shim
+from .abi import _P, SharedObject, torch_shim
 from .bundle import (DTYPE_CODES, Bundle, ConstantSpec, InputSpec, MethodSpec, WeightSpec,
                      divergent_fqns, read_bundle)
 from .errors import AOTIError, BundleError, ClosedError, InputError
 
-_P = "AOTInductorModelContainer"
 _PAIRS = _P + "UpdateUserManagedConstantBufferPairs"
 _instance_ids = itertools.count(1)
 
@@ -101,10 +100,7 @@ class Method:
         self._binding = _Binding(so, handle, rt)
         self._finalizer = weakref.finalize(self, self._binding.free)
         try:
-            cs = spec.constants
-            plan = _cache.BindPlan([c.name for c in cs], [DTYPE_CODES[c.dtype] for c in cs],
-                                   [c.shape for c in cs], [c.stride for c in cs],
-                                   [c.storage_offset for c in cs])
+            plan = bind_plan(spec.constants)
             self._check_constants(so, handle, plan)
             if self.shared:
                 self._bind_shared(source, plan, progress)
@@ -119,7 +115,7 @@ class Method:
             _memory.sample(rt.device)
         self._n_out = n_out
         self._n_in = n_in
-        self._run_fn = so.addresses["AOTInductorModelContainerRun"]
+        self._run_fn = so.addresses[_P + "Run"]
         self._in_spec = _load_spec(spec.in_spec)
         self._out_spec = _load_spec(spec.out_spec)
         self._prepare_calls()
@@ -128,8 +124,7 @@ class Method:
 
     def _check_constants(self, so: SharedObject, handle: int, plan: _cache.BindPlan) -> None:
         """The .so's constant table must be the manifest's: count, names, dtypes (one C loop)."""
-        diff = plan.check(so.addresses[_P + "GetNumConstants"], so.addresses[_P + "GetConstantName"],
-                          so.addresses[_P + "GetConstantDtype"], handle)
+        diff = constant_table_diff(so, handle, plan)
         if diff is None:
             return
         cs = self.spec.constants
@@ -355,6 +350,20 @@ class Method:
     def __repr__(self) -> str:
         state = "closed" if self._closed else self.device
         return f"<aoti_rt.Method {self.name} ({len(self.spec.constants)} constants, {state})>"
+
+
+def bind_plan(constants: Sequence[ConstantSpec]) -> _cache.BindPlan:
+    """A method's constants (manifest order) as the C arrays of one Pairs call."""
+    return _cache.BindPlan([c.name for c in constants], [DTYPE_CODES[c.dtype] for c in constants],
+                           [c.shape for c in constants], [c.stride for c in constants],
+                           [c.storage_offset for c in constants])
+
+
+def constant_table_diff(so: SharedObject, handle: int, plan: _cache.BindPlan) -> tuple | None:
+    """None if the container's constant table is ``plan``'s, else the first difference
+    (see :meth:`aoti_rt._cache.BindPlan.check`)."""
+    return plan.check(so.addresses[_P + "GetNumConstants"], so.addresses[_P + "GetConstantName"],
+                      so.addresses[_P + "GetConstantDtype"], handle)
 
 
 def buffer_view(buf: _cache.Buffer, c: ConstantSpec):

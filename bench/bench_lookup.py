@@ -192,8 +192,8 @@ def _bind_pieces(row: Callable[[str, list[float]], None], first: aoti_rt.Model, 
     ``_cache.BindPlan``) the way ``Method._bind_shared`` does.
     """
     from aoti_rt.abi import SharedObject, torch_shim
-    from aoti_rt.bundle import DTYPE_CODES, read_bundle
-    from aoti_rt.runtime import _P, _PAIRS, Method, _Source
+    from aoti_rt.bundle import read_bundle
+    from aoti_rt.runtime import _PAIRS, Method, _Source, bind_plan, constant_table_diff
 
     name = first.methods[0]
     bundle = first.bundle
@@ -223,12 +223,10 @@ def _bind_pieces(row: Callable[[str, list[float]], None], first: aoti_rt.Model, 
         rt.cache.release(rt.cache.acquire(keys, sizes, rt.allocator))
 
     def make_plan() -> _cache.BindPlan:
-        return _cache.BindPlan([c.name for c in cs], [DTYPE_CODES[c.dtype] for c in cs],
-                               [c.shape for c in cs], [c.stride for c in cs], [c.storage_offset for c in cs])
+        return bind_plan(cs)
 
     def check(so: SharedObject, handle: int, plan: _cache.BindPlan) -> None:
-        diff = plan.check(so.addresses[_P + "GetNumConstants"], so.addresses[_P + "GetConstantName"],
-                          so.addresses[_P + "GetConstantDtype"], handle)
+        diff = constant_table_diff(so, handle, plan)
         if diff is not None:
             raise RuntimeError(f"BindPlan.check found a difference: {diff}")
 
