@@ -421,6 +421,7 @@ cdef class _Entry:
     cdef readonly Py_ssize_t refs
     cdef bint loading      # True while the first user fills it
     cdef str error         # why the fill failed, for waiters (a message: no traceback cycles)
+    cdef object error_type # the failed fill's exception class, re-raised for waiters
 
 
 cdef class Acquisition:
@@ -544,6 +545,7 @@ cdef class WeightCache:
                 e.loading = False
                 if error is not None:
                     e.error = f"{type(error).__name__}: {error}"
+                    e.error_type = type(error)
                     if self._entries.get(e.key) is e:
                         del self._entries[e.key]
             if acq.to_fill:
@@ -552,14 +554,25 @@ cdef class WeightCache:
     def wait(self, Acquisition acq, timeout=None):
         """Block until entries filled by other threads are ready; raise if a fill failed."""
         cdef _Entry e
+        from aoti_rt.errors import AotiRtError
         with self._lock:
             for i in acq.pending:
                 e = acq.entries[i]
                 while e.loading:
                     if not self._filled.wait(timeout):
-                        raise TimeoutError(f"timed out waiting for weight {e.key!r}")
+                        raise AotiRtError(f"timed out after {timeout} s waiting for weight {e.key!r}, "
+                                          f"which another thread is loading")
                 if e.error is not None:
-                    raise RuntimeError(f"loading weight {e.key!r} failed in another thread: {e.error}")
+                    # the filler's own error class where it is one of ours (BundleError for a
+                    # corrupt store, CudaError, ...), so callers handle both threads alike
+                    cls = e.error_type if isinstance(e.error_type, type) and \
+                        issubclass(e.error_type, AotiRtError) else AotiRtError
+                    msg = f"loading weight {e.key!r} failed in another thread: {e.error}"
+                    try:
+                        err = cls(msg)
+                    except Exception:        # a class whose constructor takes other arguments
+                        err = AotiRtError(msg)
+                    raise err
 
     def release(self, Acquisition acq):
         """Give back every reference ``acq`` holds; entries at zero leave the cache.
@@ -613,6 +626,8 @@ cdef struct ConstantMapEntry:
 ctypedef int32_t (*f_get_count)(void* container, size_t* out) noexcept nogil
 ctypedef int32_t (*f_get_name)(void* container, size_t idx, const char** out) noexcept nogil
 ctypedef int32_t (*f_get_dtype)(void* container, size_t idx, int32_t* out) noexcept nogil
+ctypedef int32_t (*f_get_size)(void* container, size_t idx, size_t* out) noexcept nogil
+ctypedef int32_t (*f_get_type)(void* container, size_t idx, int32_t* out) noexcept nogil
 ctypedef int32_t (*f_update_pairs)(void* container, const ConstantMapEntry* pairs,
                                    size_t num_pairs, unsigned char use_inactive,
                                    unsigned char validate_full_update) noexcept nogil
@@ -624,18 +639,27 @@ ctypedef int32_t (*f_run)(void* container, AtenTensorHandle* inputs, size_t num_
 cdef class BindPlan:
     """One method's constants as C arrays, bound in one Pairs call by :meth:`bind`.
 
-    Built once per method from the manifest; ``bind`` wraps each buffer in a non-owning
-    tensor handle (``aoti_torch_create_tensor_from_blob_v2``), hands all of them to the
-    container in a single ``UpdateUserManagedConstantBufferPairs`` call and deletes its
-    own handles (the container keeps shallow copies that point at our memory).
+    Built once per method from the manifest. :meth:`check` compares it with the container's
+    own constant table (names, dtypes) and reads what the .so assumes of each constant's
+    memory (``GetConstantDataSize``, ``GetConstantType``); :meth:`need` then says how many
+    bytes a buffer bound as constant ``i`` must have so that no kernel can reach past it,
+    whatever the manifest claims. ``bind`` refuses a buffer smaller than that, wraps each
+    buffer in a non-owning tensor handle (``aoti_torch_create_tensor_from_blob_v2``), hands
+    all of them to the container in a single ``UpdateUserManagedConstantBufferPairs`` call
+    and deletes its own handles (the container keeps shallow copies that point at our memory).
     """
 
     cdef readonly Py_ssize_t n
+    cdef readonly bint checked     # check() ran and the table matched: need() is known
     cdef int64_t* ndim
     cdef int64_t* dims_at
     cdef int64_t* sizes
     cdef int64_t* strides
     cdef int64_t* offsets
+    cdef int64_t* itemsizes
+    cdef int64_t* so_sizes         # GetConstantDataSize: the storage bytes the .so assumes
+    cdef int32_t* so_kinds         # GetConstantType: 1 parameter, 2 buffer, 3 tensor constant
+    cdef unsigned char* empty      # the manifest's view has no element
     cdef int32_t* dtypes
     cdef uintptr_t* data
     cdef ConstantMapEntry* entries
@@ -644,7 +668,8 @@ cdef class BindPlan:
     def __cinit__(self):
         self.n = 0
 
-    def __init__(self, list names, list dtypes, list shapes, list strides, list offsets):
+    def __init__(self, list names, list dtypes, list itemsizes, list shapes, list strides,
+                 list offsets):
         cdef Py_ssize_t i, j, total = 0, n = len(names)
         for s in shapes:
             total += len(s)
@@ -652,12 +677,17 @@ cdef class BindPlan:
         self.ndim = <int64_t*>malloc(max(n, 1) * sizeof(int64_t))
         self.dims_at = <int64_t*>malloc(max(n, 1) * sizeof(int64_t))
         self.offsets = <int64_t*>malloc(max(n, 1) * sizeof(int64_t))
+        self.itemsizes = <int64_t*>malloc(max(n, 1) * sizeof(int64_t))
+        self.so_sizes = <int64_t*>malloc(max(n, 1) * sizeof(int64_t))
+        self.so_kinds = <int32_t*>malloc(max(n, 1) * sizeof(int32_t))
+        self.empty = <unsigned char*>malloc(max(n, 1))
         self.dtypes = <int32_t*>malloc(max(n, 1) * sizeof(int32_t))
         self.data = <uintptr_t*>malloc(max(n, 1) * sizeof(uintptr_t))
         self.entries = <ConstantMapEntry*>malloc(max(n, 1) * sizeof(ConstantMapEntry))
         self.sizes = <int64_t*>malloc(max(total, 1) * sizeof(int64_t))
         self.strides = <int64_t*>malloc(max(total, 1) * sizeof(int64_t))
-        if not (self.ndim and self.dims_at and self.offsets and self.dtypes and self.data
+        if not (self.ndim and self.dims_at and self.offsets and self.itemsizes and self.so_sizes
+                and self.so_kinds and self.empty and self.dtypes and self.data
                 and self.entries and self.sizes and self.strides):
             raise MemoryError("BindPlan")
         self._names = [nm if isinstance(nm, bytes) else nm.encode() for nm in names]
@@ -665,15 +695,26 @@ cdef class BindPlan:
         for i in range(n):
             shape = shapes[i]
             stride = strides[i]
+            # read_bundle validated all of this; a BindPlan is the last line before C, so a
+            # view that could make AOTI index outside its buffer is refused here too
             if len(stride) != len(shape):
                 raise ValueError(f"constant {names[i]!r}: shape {shape} and stride {stride} differ in rank")
+            if any(d < 0 for d in shape) or any(st < 0 for st in stride) or offsets[i] < 0 \
+                    or itemsizes[i] <= 0:
+                raise ValueError(f"constant {names[i]!r}: invalid view {shape}/{stride}/{offsets[i]}")
             self.ndim[i] = len(shape)
             self.dims_at[i] = at
+            self.empty[i] = 0
             for j in range(len(shape)):
                 self.sizes[at + j] = shape[j]
                 self.strides[at + j] = stride[j]
+                if shape[j] == 0:
+                    self.empty[i] = 1
             at += len(shape)
             self.offsets[i] = offsets[i]
+            self.itemsizes[i] = itemsizes[i]
+            self.so_sizes[i] = -1
+            self.so_kinds[i] = 0
             self.dtypes[i] = dtypes[i]
             self.entries[i].name = <const char*>(<bytes>self._names[i])
             self.entries[i].handle = NULL
@@ -681,24 +722,32 @@ cdef class BindPlan:
 
     def __dealloc__(self):
         free(self.ndim); free(self.dims_at); free(self.offsets); free(self.dtypes)
+        free(self.itemsizes); free(self.so_sizes); free(self.so_kinds); free(self.empty)
         free(self.data); free(self.entries); free(self.sizes); free(self.strides)
 
-    def check(self, uintptr_t get_num, uintptr_t get_name, uintptr_t get_dtype, uintptr_t container):
+    def check(self, uintptr_t get_num, uintptr_t get_name, uintptr_t get_dtype,
+              uintptr_t get_size, uintptr_t get_type, uintptr_t container):
         """Compare the container's constant table with this plan in one nogil loop.
 
-        ``get_*`` are the addresses of ``GetNumConstants``, ``GetConstantName`` and
-        ``GetConstantDtype``. Returns None when count, names (in index order) and dtype codes
-        all match; else ``("count", n)``, ``("name", i, name)``, ``("dtype", i, code)``
-        or ``("call", i, rc)`` for the first difference.
+        ``get_*`` are the addresses of ``GetNumConstants``, ``GetConstantName``,
+        ``GetConstantDtype``, ``GetConstantDataSize`` and ``GetConstantType`` (the last
+        two may be 0 where the .so lacks them: then :meth:`need` stays unknown and
+        :meth:`bind` refuses). Returns None when count, names (in index order) and dtype
+        codes all match and no constant the .so gives storage has an empty view; else
+        ``("count", n)``, ``("name", i, name)``, ``("dtype", i, code)``,
+        ``("empty", i, data_size)`` or ``("call", i, rc)`` for the first difference.
         """
         cdef f_get_count num = <f_get_count>get_num
         cdef f_get_name name_of = <f_get_name>get_name
         cdef f_get_dtype dtype_of = <f_get_dtype>get_dtype
-        cdef size_t count = 0
+        cdef f_get_size size_of = <f_get_size>get_size
+        cdef f_get_type type_of = <f_get_type>get_type
+        cdef size_t count = 0, nbytes = 0
         cdef Py_ssize_t i, bad = -1
         cdef const char* nm = NULL
-        cdef int32_t code = 0, rc = 0
-        cdef int what = 0      # 1 name, 2 dtype, 3 a call failed
+        cdef int32_t code = 0, rc = 0, kind = 0
+        cdef int what = 0      # 1 name, 2 dtype, 3 a call failed, 4 empty view of real storage
+        self.checked = False
         with nogil:
             rc = num(<void*>container, &count)
             if rc == 0 and <Py_ssize_t>count == self.n:
@@ -721,6 +770,25 @@ cdef class BindPlan:
                         what = 2
                         bad = i
                         break
+                    if size_of != NULL:
+                        rc = size_of(<void*>container, i, &nbytes)
+                        if rc != 0 or nbytes > (<size_t>1 << 62):
+                            what = 3
+                            bad = i
+                            break
+                        self.so_sizes[i] = <int64_t>nbytes
+                        # AOTI hands kernels data_ptr(), which an empty tensor reports as NULL
+                        if nbytes > 0 and self.empty[i]:
+                            what = 4
+                            bad = i
+                            break
+                    if type_of != NULL:
+                        rc = type_of(<void*>container, i, &kind)
+                        if rc != 0:
+                            what = 3
+                            bad = i
+                            break
+                        self.so_kinds[i] = kind
         if rc != 0 and bad < 0:
             return ("call", -1, rc)
         if <Py_ssize_t>count != self.n:
@@ -731,7 +799,29 @@ cdef class BindPlan:
             return ("dtype", bad, code)
         if what == 3:
             return ("call", bad, rc)
+        if what == 4:
+            return ("empty", bad, nbytes)
+        self.checked = size_of != NULL
         return None
+
+    def need(self, Py_ssize_t i) -> int:
+        """Bytes a buffer bound as constant ``i`` must have: its view's start plus the
+        storage bytes the .so assumes. AOTI's kernels index from the tensor's data pointer
+        with the sizes and strides compiled into the .so (not the manifest's), over at most
+        ``GetConstantDataSize`` bytes, so a buffer this large keeps every access inside it
+        even when the manifest's view is smaller than the compiled one."""
+        if not self.checked:
+            raise ValueError("BindPlan.need before a successful check")
+        if i < 0 or i >= self.n:
+            raise IndexError(i)
+        return self.offsets[i] * self.itemsizes[i] + self.so_sizes[i]
+
+    def so_kind(self, Py_ssize_t i) -> int:
+        """The .so's type code of constant ``i`` (1 parameter, 2 buffer, 3 tensor constant;
+        0 unknown or not reported)."""
+        if i < 0 or i >= self.n:
+            raise IndexError(i)
+        return self.so_kinds[i]
 
     def bind(self, list buffers, uintptr_t update_pairs, uintptr_t container,
              int device_type, int device_index, uintptr_t create_fn, uintptr_t delete_fn):
@@ -745,10 +835,19 @@ cdef class BindPlan:
         cdef f_update_pairs pairs = <f_update_pairs>update_pairs
         cdef int32_t rc = 0
         cdef Py_ssize_t failed_at = -1
+        cdef Buffer buf
         if len(buffers) != n:
             raise ValueError(f"{len(buffers)} buffers for {n} constants")
+        if not self.checked:
+            raise ValueError("BindPlan.bind before a successful check: the sizes the .so "
+                             "assumes are unknown")
         for i in range(n):
-            self.data[i] = (<Buffer>buffers[i]).ptr
+            buf = <Buffer>buffers[i]
+            if <int64_t>buf.nbytes < self.offsets[i] * self.itemsizes[i] + self.so_sizes[i]:
+                raise ValueError(f"constant {self._names[i].decode()!r}: a {buf.nbytes}-byte buffer "
+                                 f"is smaller than the {self.offsets[i] * self.itemsizes[i] + self.so_sizes[i]} "
+                                 f"bytes the .so may reach")
+            self.data[i] = buf.ptr
         with nogil:
             for i in range(n):
                 rc = create(<void*>self.data[i], self.ndim[i], self.sizes + self.dims_at[i],

@@ -18,6 +18,12 @@ from pathlib import Path
 from .errors import AOTIError, BundleError
 
 _P = "AOTInductorModelContainer"
+
+# Generated AOTI code checks each input's dtype, sizes (dynamic ranges too), strides and device
+# against what it was compiled for when this is set, before any kernel runs; without it, an
+# input that disagrees with the .so is read out of bounds. Each .so reads it once, at its first
+# call, so it is set before any is loaded. An explicit "0" from the user is respected.
+os.environ.setdefault("AOTI_RUNTIME_CHECK_INPUTS", "1")
 _c_size_p = ctypes.POINTER(ctypes.c_size_t)
 _c_char_pp = ctypes.POINTER(ctypes.c_char_p)
 
@@ -61,15 +67,27 @@ class ConstantInfo:
     from_folded: bool
 
 
+_open_lock = threading.Lock()
+#: (resolved path, file identity) -> the SharedObject methods hold, with its user count
+_open: dict[tuple, "SharedObject"] = {}
+
+
 class SharedObject:
     """One opened AOTI ``.so`` with its entry points bound.
 
     ``has(name)`` tells whether an optional entry point exists; ``addresses`` maps entry
     point names to C function addresses for the Cython hot paths.
+
+    Methods share one opened library per file through :meth:`open` / :meth:`release`: the
+    last release unloads it (``dlclose``), so a process that loads and closes many bundles
+    does not keep every .so it ever ran mapped. A SharedObject made directly (the compiler's
+    probe) is unloaded by :meth:`close`.
     """
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
+        self._users = 0
+        self._key: tuple | None = None
         if not self.path.is_file():
             raise BundleError(f"shared object {self.path} does not exist")
         try:
@@ -91,9 +109,48 @@ class SharedObject:
             self._fns[name] = fn
             self.addresses[name] = ctypes.cast(fn, ctypes.c_void_p).value
         if missing:
+            self.close()
             raise AOTIError(
                 f"{self.path} is not a usable AOTInductor model: it lacks {', '.join(missing)}. "
                 "Compile it with torch._inductor.aot_compile / aoti_rt.compile.")
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> "SharedObject":
+        """The shared opened library for ``path``, with one more user; pair with :meth:`release`."""
+        p = Path(path)
+        try:
+            st = p.stat()
+        except OSError:
+            raise BundleError(f"shared object {p} does not exist") from None
+        key = (str(p.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        with _open_lock:
+            so = _open.get(key)
+            if so is None:
+                so = cls(p)
+                so._key = key
+                _open[key] = so
+            so._users += 1
+            return so
+
+    def release(self) -> None:
+        """One user less; the last one unloads the library."""
+        with _open_lock:
+            self._users -= 1
+            if self._users > 0:
+                return
+            if _open.get(self._key) is self:
+                del _open[self._key]
+        self.close()
+
+    def close(self) -> None:
+        """Unload the library (every container made from it must have been deleted)."""
+        lib, self._lib = getattr(self, "_lib", None), None
+        self._fns = {}
+        self.addresses = {}
+        if lib is not None:
+            import _ctypes
+
+            _ctypes.dlclose(lib._handle)
 
     def has(self, name: str) -> bool:
         return name in self._fns or (_P + name) in self._fns
@@ -102,7 +159,8 @@ class SharedObject:
         """Call an entry point; raise :class:`AOTIError` with AOTI's message on failure."""
         fn = self._fns.get(name) or self._fns.get(_P + name)
         if fn is None:
-            raise AOTIError(f"{self.path.name} has no entry point {name}")
+            why = "it was unloaded" if self._lib is None else "it has none"
+            raise AOTIError(f"{self.path.name} has no entry point {name} ({why})")
         rc = fn(*args)
         if rc != 0:
             raise AOTIError(f"{name} failed in {self.path.name}: {self.last_error() or 'see stderr'}")

@@ -121,7 +121,11 @@ def demo_bundle(device: str, *, progress: bool = True, rebuild: bool = False) ->
     kind = "cpu" if device == "cpu" else "cuda"
     path = cache_dir() / f"tinylm-v{DEMO_VERSION}-torch{torch.__version__}-{kind}"
     if (path / "manifest.json").is_file() and not rebuild:
-        return path
+        try:
+            aoti_rt.read_bundle(path)
+            return path
+        except aoti_rt.BundleError as e:     # an older bundle format, or a damaged cache
+            print(f"recompiling the cached demo bundle: {e}")
     print(f"compiling the demo model for {kind} into {path} (once; ~20-60 s a method)")
     lm = make_model(device)
     return aoti_rt.compile(export_methods(lm), path, overwrite=True, progress=progress)

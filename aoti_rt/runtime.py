@@ -6,14 +6,24 @@ the weights nobody holds yet), and binds them to its AOTI container in one
 ``UpdateUserManagedConstantBufferPairs`` call. Closing (or dropping) a method releases its
 references; a weight's memory goes with its last user.
 
-Cache keys:
+Cache keys (a bundle is untrusted input: nothing it claims may change what another bundle
+computes):
 
-* an immutable weight is keyed by its content digest, so identical bytes are shared by every
-  method, model instance and bundle on the device, and two bundles whose FQNs collide but
-  whose values differ never share;
+* an immutable weight whose bytes were verified against its digest while loading, and that
+  the .so itself reports as a parameter or tensor constant, is keyed by content (digest and
+  byte size), so identical bytes are shared by every method, model instance and bundle on the
+  device, and two bundles whose FQNs collide but whose values differ never share;
+* any other immutable weight (loaded unverified, or a buffer the .so could write whatever the
+  manifest says) is keyed by content *within its bundle*: shared by the bundle's methods and
+  instances, never with another bundle;
 * a mutable buffer (written in place by some method, e.g. a KV cache) is keyed by the model
   instance and the weight, so the methods of one Model share it and a second ``load`` of the
   same bundle gets fresh state initialised from the store.
+
+Every buffer is at least as large as what the .so may reach through the constant bound to it
+(:meth:`aoti_rt._cache.BindPlan.need`: the view's start plus ``GetConstantDataSize``), so a
+manifest whose views are smaller than the compiled ones cannot make a kernel read or write
+outside its buffer.
 """
 
 from __future__ import annotations
@@ -29,12 +39,14 @@ from typing import Any
 
 from . import _cache, device as _device, loader, memory as _memory
 from .abi import _P, SharedObject, torch_shim
-from .bundle import (DTYPE_CODES, Bundle, ConstantSpec, InputSpec, MethodSpec, WeightSpec,
-                     divergent_fqns, read_bundle)
+from .bundle import (DTYPE_CODES, ITEMSIZE, Bundle, ConstantSpec, InputSpec, MethodSpec,
+                     WeightSpec, divergent_fqns, file_identity, read_bundle)
 from .errors import AOTIError, BundleError, ClosedError, InputError
 
 _PAIRS = _P + "UpdateUserManagedConstantBufferPairs"
 _instance_ids = itertools.count(1)
+#: .so constant type codes whose memory generated code never writes (model_base.h)
+_READ_ONLY_KINDS = (1, 3)    # parameter, tensor constant
 
 
 @dataclass
@@ -44,6 +56,13 @@ class _Source:
     store: Path
     weights: dict[str, WeightSpec]
     scope: str          # instance token for mutable state
+    bundle: str = ""    # identity of the bundle (or artifact) for content it alone vouches for
+    verify: bool = False  # the loader checks each weight's bytes against its digest
+
+
+def source_scope(path: Path) -> str:
+    """A token naming one bundle (or stock artifact) on disk: its path and the store's identity."""
+    return f"{Path(path).resolve()}@{file_identity(Path(path))}"
 
 
 class _Binding:
@@ -73,6 +92,7 @@ class _Binding:
             if self.acq is not None:
                 self.rt.cache.release(self.acq)
                 self.acq = None
+            self.so.release()                 # the last method of a .so unloads it
 
 
 class Method:
@@ -84,7 +104,8 @@ class Method:
     """
 
     def __init__(self, name: str, spec: MethodSpec, so_path: Path, source: _Source,
-                 rt: _device.DeviceRuntime, *, progress: bool | None = None):
+                 rt: _device.DeviceRuntime, *, progress: bool | None = None,
+                 typed_inputs: bool = True):
         self.name = name
         self.spec = spec
         self.device = rt.device
@@ -93,21 +114,31 @@ class Method:
         self._inflight = 0
         self._closed = False
         self.bytes_read = 0      # weight bytes this method's load read from disk
-        self._buffers: dict[str, tuple[_cache.Buffer, ConstantSpec]] = {}
-        so = SharedObject(so_path)
-        self.shared = so.has(_PAIRS)     # False: a legacy .so, weights private to AOTI
-        handle = so.create(rt.device)
+        # fqn -> (buffer, constant, mutable): what weight() hands out
+        self._buffers: dict[str, tuple[_cache.Buffer, ConstantSpec, bool]] = {}
+        so = SharedObject.open(so_path)
+        try:
+            self.shared = so.has(_PAIRS)     # False: a legacy .so, weights private to AOTI
+            handle = so.create(rt.device)
+        except BaseException:
+            so.release()
+            raise
         self._binding = _Binding(so, handle, rt)
         self._finalizer = weakref.finalize(self, self._binding.free)
         try:
+            n_out = so.num_outputs(handle)
+            n_in = so.num_inputs(handle)
+            # a bundle describes every input; a stock artifact none (the .so's own input
+            # checks, which aoti_rt turns on, are what guards its kernels then)
+            if typed_inputs and len(spec.inputs) != n_in:
+                raise BundleError(f"method {name!r}: the manifest describes {len(spec.inputs)} inputs but "
+                                  f"{so.path.name} takes {n_in}; the bundle is inconsistent, recompile it")
             plan = bind_plan(spec.constants)
             self._check_constants(so, handle, plan)
             if self.shared:
                 self._bind_shared(source, plan, progress)
             else:
-                self._bind_legacy(source)
-            n_out = so.num_outputs(handle)
-            n_in = so.num_inputs(handle)
+                self._bind_legacy(source, plan)
         except BaseException:
             self._finalizer()
             raise
@@ -126,6 +157,10 @@ class Method:
         """The .so's constant table must be the manifest's: count, names, dtypes (one C loop)."""
         diff = constant_table_diff(so, handle, plan)
         if diff is None:
+            if self.shared and not plan.checked:
+                raise AOTIError(f"method {self.name!r}: {so.path.name} has the Pairs entry point but not "
+                                f"GetConstantDataSize, so the memory its kernels assume cannot be checked; "
+                                f"recompile it with a newer torch")
             return
         cs = self.spec.constants
         what, *rest = diff
@@ -136,34 +171,52 @@ class Method:
         elif what == "dtype":
             detail = (f"gives constant {cs[rest[0]].fqn} dtype code {rest[1]} but the manifest says "
                       f"{cs[rest[0]].dtype}")
+        elif what == "empty":
+            detail = (f"keeps {rest[1]} bytes for constant {cs[rest[0]].fqn} but the manifest's view of it "
+                      f"{cs[rest[0]].shape} is empty")
         else:
             raise AOTIError(f"method {self.name!r}: reading the constant table of {so.path.name} failed "
                             f"at index {rest[0]} (code {rest[1]}): {so.last_error() or 'see stderr'}")
-        raise AOTIError(f"method {self.name!r}: {so.path.name} {detail}; the bundle is inconsistent, "
-                        f"recompile it")
+        raise BundleError(f"method {self.name!r}: {so.path.name} {detail}; the bundle is inconsistent, "
+                          f"recompile it")
 
-    def _keys(self, source: _Source) -> tuple[list[str], list[WeightSpec], list[int]]:
-        """Unique cache keys of this method's weights, and each constant's index among them."""
-        keys: list[str] = []
+    def _keys(self, source: _Source, plan: _cache.BindPlan
+              ) -> tuple[list[str], list[WeightSpec], list[int], list[int]]:
+        """Unique cache keys of this method's weights, the bytes each buffer needs, and each
+        constant's index among them (see the module docstring for the key rules)."""
         weights: list[WeightSpec] = []
+        need: list[int] = []
+        shareable: list[bool] = []
         index: dict[str, int] = {}
         of_constant = []
-        for c in self.spec.constants:
+        for i, c in enumerate(self.spec.constants):
             w = source.weights[c.weight]
-            key = f"{source.scope}|{w.id}" if w.mutable else w.digest
-            at = index.get(key)
+            at = index.get(w.id)
             if at is None:
-                at = index[key] = len(keys)
-                keys.append(key)
+                at = index[w.id] = len(weights)
                 weights.append(w)
+                need.append(w.nbytes)
+                shareable.append(source.verify and not w.mutable)
             of_constant.append(at)
-        return keys, weights, of_constant
+            need[at] = max(need[at], plan.need(i))
+            if plan.so_kind(i) not in _READ_ONLY_KINDS:
+                shareable[at] = False
+        keys = []
+        for w, n, share in zip(weights, need, shareable):
+            size = f"{w.nbytes}" if n == w.nbytes else f"{w.nbytes}+{n - w.nbytes}"
+            if w.mutable:
+                keys.append(f"{source.scope}|{w.id}|{size}")
+            elif share:
+                keys.append(f"{w.digest}|{size}")
+            else:
+                keys.append(f"{source.bundle}|{w.digest}|{size}")
+        return keys, weights, need, of_constant
 
     def _bind_shared(self, source: _Source, plan: _cache.BindPlan, progress: bool | None) -> None:
         rt = self._rt
         b = self._binding
-        keys, weights, of_constant = self._keys(source)
-        acq = rt.cache.acquire(keys, [w.nbytes for w in weights], rt.allocator)
+        keys, weights, need, of_constant = self._keys(source, plan)
+        acq = rt.cache.acquire(keys, need, rt.allocator)
         b.acq = acq
         try:
             fill = acq.to_fill
@@ -180,37 +233,47 @@ class Method:
         rt.cache.wait(acq)
         cs = self.spec.constants
         shim = torch_shim()
-        rc = plan.bind([acq.buffers[i] for i in of_constant], b.so.addresses[_PAIRS], b.handle,
-                       1 if rt.is_cuda else 0, rt.index,
-                       shim["aoti_torch_create_tensor_from_blob_v2"],
-                       shim["aoti_torch_delete_tensor_object"])
+        try:
+            rc = plan.bind([acq.buffers[i] for i in of_constant], b.so.addresses[_PAIRS], b.handle,
+                           1 if rt.is_cuda else 0, rt.index,
+                           shim["aoti_torch_create_tensor_from_blob_v2"],
+                           shim["aoti_torch_delete_tensor_object"])
+        except ValueError as e:
+            raise AOTIError(f"method {self.name!r}: {e}") from None
         if rc != 0:
             step, detail = rc
             what = (f"wrapping constant {cs[detail].fqn} as a tensor" if step == 1
                     else f"UpdateUserManagedConstantBufferPairs (code {detail})")
             raise AOTIError(f"method {self.name!r}: binding failed while {what}: "
                             f"{b.so.last_error() or 'see stderr'}")
-        self._buffers = {c.fqn: (acq.buffers[i], c) for c, i in zip(cs, of_constant)}
+        self._buffers = {c.fqn: (acq.buffers[i], c, weights[i].mutable) for c, i in zip(cs, of_constant)}
 
-    def _bind_legacy(self, source: _Source) -> None:
-        """No Pairs entry point: AOTI loads its own private copy from a blob (unshared)."""
+    def _bind_legacy(self, source: _Source, plan: _cache.BindPlan) -> None:
+        """No Pairs entry point: AOTI loads its own private copy from a blob (unshared).
+
+        AOTI reads ``GetConstantDataSize`` bytes per constant from the blob, so the blob is
+        laid out with the .so's sizes, never the manifest's."""
         so, b = self._binding.so, self._binding
         self._buffers = {}
         if not self.spec.constants:
             return
         if not so.has("AOTInductorModelUpdateConstantsFromBlob"):
             return   # the .so embeds its weights: CreateWithDevice loaded them
+        if not plan.checked:
+            raise AOTIError(f"method {self.name!r}: {so.path.name} lacks GetConstantDataSize, so its "
+                            f"blob layout is unknown; recompile it with a newer torch")
         import ctypes
 
         blob = bytearray()
         with open(source.store, "rb") as f:
-            for c in self.spec.constants:
+            for i, c in enumerate(self.spec.constants):
                 w = source.weights[c.weight]
+                size = plan.need(i) - c.storage_offset * ITEMSIZE[c.dtype]
                 f.seek(w.offset)
-                data = f.read(w.nbytes)
-                if len(data) != w.nbytes:
+                data = f.read(min(w.nbytes, size))
+                if len(data) != min(w.nbytes, size):
                     raise BundleError(f"weight store {source.store} is truncated")
-                blob += data + bytes(max(c.data_size, w.nbytes) - w.nbytes)
+                blob += data + bytes(size - len(data))
         buf = (ctypes.c_uint8 * len(blob)).from_buffer(blob)
         so.update_constants_from_blob(b.handle, ctypes.addressof(buf))
         b.legacy_bytes = len(blob)
@@ -235,6 +298,7 @@ class Method:
         else:
             self._out_kind = "tree"
         self._tdevice = torch.device(self.device)
+        self._typed = bool(self.spec.inputs)
         self._dtypes = [getattr(torch, i.dtype) for i in self.spec.inputs]
         self._shapes = [tuple(i.shape) for i in self.spec.inputs]
         self._static = [None not in sh for sh in self._shapes]
@@ -264,9 +328,18 @@ class Method:
             if not isinstance(t, torch.Tensor):
                 raise InputError(f"method {self.name!r}: input {i} must be a torch.Tensor, "
                                  f"got {type(t).__name__}")
-            if i < len(self._dtypes) and (t.device != self._tdevice or t.dtype is not self._dtypes[i]
-                                          or not self._static[i] or t.shape != self._shapes[i]):
+            if not self._typed:
+                if t.device != self._tdevice:
+                    raise InputError(f"method {self.name!r}: input {i} is on {t.device}, the model runs "
+                                     f"on {self.device}; move it with .to({self.device!r})")
+            elif (t.device != self._tdevice or t.dtype is not self._dtypes[i]
+                    or not self._static[i] or t.shape != self._shapes[i]):
                 self._check_input(i, t, self.spec.inputs[i])
+            if not t.is_contiguous():
+                # generated kernels index inputs with the contiguous strides they were compiled
+                # for: a transposed, sliced or expanded input is copied to that layout first
+                leaves = list(leaves)
+                leaves[i] = t.contiguous()
         return leaves
 
     def _check_input(self, i: int, t, spec: InputSpec) -> None:
@@ -319,14 +392,22 @@ class Method:
         return [c.fqn for c in self.spec.constants]
 
     def weight(self, fqn: str):
-        """A tensor view of a bound constant. The view keeps its memory alive after close."""
+        """The value of a bound constant as a tensor.
+
+        For this instance's own state (a buffer some method writes in place, e.g. a KV cache)
+        it is a view of the live memory: writes through it change what this instance computes,
+        and it keeps the memory alive after close. A weight is shared by content with every
+        other model on the device, so it comes back as a copy: no caller can change what
+        another model computes through it.
+        """
         if self._closed:
             raise ClosedError(f"method {self.name!r} is closed")
         try:
-            buf, c = self._buffers[fqn]
+            buf, c, mutable = self._buffers[fqn]
         except KeyError:
             raise KeyError(f"method {self.name!r} binds no shared constant {fqn!r}") from None
-        return buffer_view(buf, c)
+        view = buffer_view(buf, c)
+        return view if mutable else view.clone()
 
     @property
     def closed(self) -> bool:
@@ -355,6 +436,7 @@ class Method:
 def bind_plan(constants: Sequence[ConstantSpec]) -> _cache.BindPlan:
     """A method's constants (manifest order) as the C arrays of one Pairs call."""
     return _cache.BindPlan([c.name for c in constants], [DTYPE_CODES[c.dtype] for c in constants],
+                           [ITEMSIZE[c.dtype] for c in constants],
                            [c.shape for c in constants], [c.stride for c in constants],
                            [c.storage_offset for c in constants])
 
@@ -363,7 +445,8 @@ def constant_table_diff(so: SharedObject, handle: int, plan: _cache.BindPlan) ->
     """None if the container's constant table is ``plan``'s, else the first difference
     (see :meth:`aoti_rt._cache.BindPlan.check`)."""
     return plan.check(so.addresses[_P + "GetNumConstants"], so.addresses[_P + "GetConstantName"],
-                      so.addresses[_P + "GetConstantDtype"], handle)
+                      so.addresses[_P + "GetConstantDtype"], so.addresses.get(_P + "GetConstantDataSize", 0),
+                      so.addresses.get(_P + "GetConstantType", 0), handle)
 
 
 def buffer_view(buf: _cache.Buffer, c: ConstantSpec):
@@ -404,12 +487,13 @@ class Model:
         self._token = f"model{next(_instance_ids)}"
         self._methods: dict[str, Method] = {}
         rt = _device.get(device)
-        source = _Source(bundle.store_path, bundle.manifest.weights, self._token)
+        source = _Source(bundle.store_path, bundle.manifest.weights, self._token,
+                         bundle=source_scope(bundle.store_path), verify=False)
         names = list(bundle.manifest.methods) if methods is None else list(methods)
         try:
             for name in names:
                 if name not in bundle.manifest.methods:
-                    raise KeyError(f"bundle has no method {name!r}; it has {list(bundle.manifest.methods)}")
+                    raise BundleError(f"bundle has no method {name!r}; it has {list(bundle.manifest.methods)}")
                 self._methods[name] = Method(name, bundle.manifest.methods[name], bundle.so_path(name),
                                              source, rt, progress=progress)
         except BaseException:
@@ -442,7 +526,9 @@ class Model:
         return sorted(set(super().__dir__()) | set(self._methods))
 
     def weight(self, fqn: str):
-        """A tensor view of a weight or buffer (for a mutable buffer: this instance's state)."""
+        """A weight (a copy) or this instance's state (a live view); see :meth:`Method.weight`."""
+        if self.closed:
+            raise ClosedError("the model is closed")
         for m in self._methods.values():
             if fqn in m._buffers:
                 return m.weight(fqn)
@@ -482,6 +568,6 @@ def load(path: str | Path, *, device: str | None = None, methods: Sequence[str] 
     dev = _device.normalize(device, default=bundle.manifest.device)
     compiled = "cpu" if bundle.manifest.device == "cpu" else "cuda"
     if ("cpu" if dev == "cpu" else "cuda") != compiled:
-        raise ValueError(f"{path} was compiled for {bundle.manifest.device}; an AOTI .so runs only "
+        raise BundleError(f"{path} was compiled for {bundle.manifest.device}; an AOTI .so runs only "
                          f"on the device type it was compiled for, so load it on {compiled}")
     return Model(bundle, dev, methods=methods, progress=progress)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 
 import pytest
 import torch
@@ -90,14 +91,16 @@ def test_a_failed_fill_reaches_the_waiting_thread_and_frees_everything():
         try:
             assert second.pending == [0]
             cache.wait(second, timeout=30)
-        except RuntimeError as e:
+        except aoti_rt.AotiRtError as e:
             seen.append(e)
         finally:
             cache.release(second)
 
     t = threading.Thread(target=waiter)
     t.start()
+    deadline = time.monotonic() + 30
     while cache.refcount("k") < 2:
+        assert time.monotonic() < deadline, "the waiting thread never acquired the key"
         threading.Event().wait(0.001)
     cache.publish(first, OSError("disk on fire"))
     cache.release(first)

@@ -1,0 +1,270 @@
+"""Bundles are untrusted input; tensors come in any layout (issue: correct and safe on whatever
+users bring). Each test is a case that misbehaved before: an out-of-bounds kernel access, a
+poisoned cache, a writable shared weight, a silently wrong result, a leak per bundle."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import aoti_rt
+from aoti_rt import demo
+from aoti_rt.bundle import read_bundle
+
+from models import METHOD_LAYERS, Subset, make_stack
+
+PROMPT = list(range(1, 9))
+
+
+def _edit_manifest(bundle, fn):
+    p = bundle / "manifest.json"
+    raw = json.loads(p.read_text())
+    fn(raw)
+    p.write_text(json.dumps(raw))
+
+
+def _constants(raw, fqn):
+    return [c for m in raw["methods"].values() for c in m["constants"] if c["fqn"] == fqn]
+
+
+def _intact_outputs(model, x):
+    return {name: getattr(model, name)(x) for name in METHOD_LAYERS}
+
+
+# -- views smaller than what the .so uses ----------------------------------------------------
+
+def test_lying_view_of_written_state_stays_inside_its_buffer(lm_bundle, three_bundle, device, copy_bundle):
+    """The KV cache declared as one element at its last offset: the kernel writes the whole
+    cache from there. The buffer is sized by what the .so may reach, so the write lands in
+    the lying model's own memory and another model is untouched."""
+    b = copy_bundle(lm_bundle)
+
+    def lie(raw):
+        for c in _constants(raw, "lm.k_cache"):
+            numel = 1
+            for s in c["shape"]:
+                numel *= s
+            c["shape"], c["stride"], c["storage_offset"] = [1], [1], numel - 1
+    _edit_manifest(b, lie)
+    x = torch.randn(3, 64, device=device)
+    with aoti_rt.load(three_bundle, device=device) as intact:
+        want = _intact_outputs(intact, x)
+        with aoti_rt.load(b, device=device) as liar:
+            cache = read_bundle(b).manifest.weights
+            k = next(w for w in cache.values() if "lm.k_cache" in w.fqns)
+            before = aoti_rt.cache_stats(device)["bytes_allocated"]
+            liar.prefill(torch.tensor(PROMPT, device=device))     # writes K past its declared view
+            liar.decode(torch.tensor([3], device=device), torch.tensor([8], device=device))
+            if device != "cpu":
+                torch.cuda.synchronize()
+            assert aoti_rt.cache_stats(device)["bytes_allocated"] == before
+            # the K buffer was padded to the declared offset plus what the .so keeps for it
+            assert k.nbytes > 0
+        for name, out in _intact_outputs(intact, x).items():
+            assert torch.equal(out, want[name]), name
+
+
+def test_lying_view_of_a_weight_reads_inside_its_buffer(three_bundle, device, copy_bundle):
+    """A 64-float bias declared as one element at offset 63: the kernel reads 64 floats from
+    there; the buffer is padded so that every read is inside it (the result is the liar's
+    problem, the memory is not anyone else's)."""
+    b = copy_bundle(three_bundle)
+    honest = read_bundle(three_bundle).manifest.unique_weight_bytes()
+
+    def lie(raw):
+        for c in _constants(raw, "stack.layers.0.bias"):
+            c["shape"], c["stride"], c["storage_offset"] = [1], [1], 63
+    _edit_manifest(b, lie)
+    base = aoti_rt.cache_stats(device)["bytes_allocated"]
+    with aoti_rt.load(b, device=device) as m:
+        m.a(torch.randn(3, 64, device=device))
+        # 63 floats of padding in front of the 256 bytes the .so reads: 252 bytes more
+        assert aoti_rt.cache_stats(device)["bytes_allocated"] - base == honest + 63 * 4
+    assert aoti_rt.cache_stats(device)["bytes_allocated"] == base
+
+
+def test_empty_view_of_real_storage_is_refused(lm_bundle, device, copy_bundle):
+    """An empty tensor's data pointer is NULL to AOTI: a kernel writing the cache would write
+    through it. A view with no element where the .so keeps bytes is refused at load."""
+    b = copy_bundle(lm_bundle)
+
+    def lie(raw):
+        for c in _constants(raw, "lm.v_cache"):
+            c["shape"] = [0] + c["shape"][1:]
+    _edit_manifest(b, lie)
+    base = aoti_rt.cache_stats(device)["bytes_allocated"]
+    with pytest.raises(aoti_rt.BundleError, match="is empty"):
+        aoti_rt.load(b, device=device)
+    assert aoti_rt.cache_stats(device)["bytes_allocated"] == base
+
+
+def test_manifest_inputs_must_match_the_so(three_bundle, device, copy_bundle):
+    """An input spec of [] used to skip every input check (a (1, 64) input read as (3, 64))."""
+    b = copy_bundle(three_bundle)
+    _edit_manifest(b, lambda raw: raw["methods"]["a"].__setitem__("inputs", []))
+    with pytest.raises(aoti_rt.BundleError, match="describes 0 inputs"):
+        aoti_rt.load(b, device=device)
+
+
+def test_lying_input_shape_is_caught_by_aoti(three_bundle, device, copy_bundle):
+    """The manifest says (1, 64) where the .so was compiled for (3, 64): AOTI's own input check
+    (AOTI_RUNTIME_CHECK_INPUTS, which aoti_rt turns on) refuses before any kernel reads."""
+    assert os.environ.get("AOTI_RUNTIME_CHECK_INPUTS") == "1"
+    b = copy_bundle(three_bundle)
+    _edit_manifest(b, lambda raw: raw["methods"]["a"]["inputs"][0].__setitem__("shape", [1, 64]))
+    with aoti_rt.load(b, device=device) as m:
+        with pytest.raises(aoti_rt.AOTIError):
+            m.a(torch.randn(1, 64, device=device))
+
+
+# -- the content cache cannot be poisoned ----------------------------------------------------
+
+def _flip_weight_byte(bundle, fqn):
+    man = read_bundle(bundle).manifest
+    w = next(w for w in man.weights.values() if fqn in w.fqns)
+    with open(bundle / "weights.safetensors", "r+b") as f:
+        f.seek(w.offset + 5)
+        byte = f.read(1)
+        f.seek(w.offset + 5)
+        f.write(bytes([byte[0] ^ 0x40]))
+
+
+def test_flipped_byte_with_the_original_digest_cannot_poison(three_bundle, device, copy_bundle):
+    bad = copy_bundle(three_bundle)
+    _flip_weight_byte(bad, "stack.layers.1.weight")
+    x = torch.randn(3, 64, device=device)
+    want = {n: Subset(make_stack(device), layers)(x) for n, layers in METHOD_LAYERS.items()}
+    try:
+        liar = aoti_rt.load(bad, device=device)       # refused where loads are verified ...
+    except aoti_rt.BundleError as e:
+        assert "digest" in str(e)
+        liar = None
+    with aoti_rt.load(three_bundle, device=device) as intact:   # ... never bound by the intact one
+        for name in METHOD_LAYERS:
+            torch.testing.assert_close(getattr(intact, name)(x), want[name])
+    if liar is not None:
+        liar.close()
+
+
+def test_small_weight_claiming_a_big_weights_digest_cannot_poison(three_bundle, device, copy_bundle):
+    """A 256-byte bias that declares the digest of a 16 KiB weight: an intact bundle loaded
+    later must never bind the 256-byte buffer as its 16 KiB weight."""
+    bad = copy_bundle(three_bundle)
+
+    def lie(raw):
+        big = next(w for w in raw["weights"].values() if "stack.layers.0.weight" in w["fqns"])
+        small = next(w for w in raw["weights"].values() if "stack.layers.0.bias" in w["fqns"])
+        small["digest"] = big["digest"]
+        for c in _constants(raw, "stack.layers.0.bias"):
+            c["digest"] = big["digest"]
+    _edit_manifest(bad, lie)
+    x = torch.randn(3, 64, device=device)
+    want = Subset(make_stack(device), METHOD_LAYERS["a"])(x)
+    try:
+        liar = aoti_rt.load(bad, device=device, methods=["a"])
+    except aoti_rt.BundleError:
+        liar = None
+    with aoti_rt.load(three_bundle, device=device, methods=["a"]) as intact:
+        torch.testing.assert_close(intact.a(x), want)
+    if liar is not None:
+        liar.close()
+
+
+# -- weights handed to users cannot change other models --------------------------------------
+
+def test_weight_is_a_copy_state_is_a_view(three_bundle, lm_bundle, device):
+    x = torch.randn(3, 64, device=device)
+    with aoti_rt.load(three_bundle, device=device) as m1, aoti_rt.load(three_bundle, device=device) as m2:
+        want = m2.a(x)
+        w = m1.weight("stack.layers.0.weight")
+        w.zero_()                                   # a copy: nothing else sees it
+        assert torch.equal(m2.a(x), want)
+        assert torch.equal(m1.a(x), want)
+    with aoti_rt.load(lm_bundle, device=device) as lm:
+        k = lm.weight("lm.k_cache")                 # this instance's state: a live view
+        lm.prefill(torch.tensor(PROMPT, device=device))
+        assert k.abs().sum() > 0
+    assert k.abs().sum() > 0                        # and it keeps its memory after close
+    del k
+    gc.collect()
+
+
+def test_weight_after_close_raises_closed(three_bundle, device):
+    m = aoti_rt.load(three_bundle, device=device)
+    m.close()
+    with pytest.raises(aoti_rt.ClosedError):
+        m.weight("stack.layers.0.weight")
+    with pytest.raises(aoti_rt.ClosedError):
+        m.a.weight("stack.layers.0.weight")
+
+
+# -- inputs in any layout ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded", "offset"])
+def test_noncontiguous_inputs_give_the_eager_result(three_bundle, device, layout):
+    s = make_stack(device)
+    base = torch.randn(64, 3, device=device)
+    x = {"transposed": base.t(),
+         "sliced": torch.randn(3, 128, device=device)[:, ::2],
+         "expanded": torch.randn(1, 64, device=device).expand(3, 64),
+         "offset": torch.randn(4, 64, device=device)[1:]}[layout]
+    with aoti_rt.load(three_bundle, device=device, methods=["a"]) as m:
+        torch.testing.assert_close(m.a(x), Subset(s, METHOD_LAYERS["a"])(x))
+
+
+# -- no leak per bundle ------------------------------------------------------------------------
+
+def _rss_outside(prefix: str) -> int:
+    """Resident bytes of this process, less those of mappings of files under ``prefix``."""
+    total = mine = 0
+    path = ""
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5:          # a mapping's header line
+                path = head[5] if len(head) > 5 else ""
+            elif head[0] == "Rss:":
+                kb = int(head[1]) << 10
+                total += kb
+                if path.startswith(prefix):
+                    mine += kb
+    return total - mine
+
+
+def test_distinct_bundles_do_not_leak(three_bundle, tmp_path):
+    """300 distinct bundle copies loaded and closed: every .so is released (dlclose) when its
+    last method closes, and the checked-bundle cache is bounded, so memory stays flat (it grew
+    ~300 KB a bundle before).
+
+    glibc keeps an AOTI .so mapped after dlclose all the same: g++ gives its inline statics
+    STB_GNU_UNIQUE binding, which marks the object NODELETE. Those file-backed pages are the
+    one thing allowed to grow here (measured apart, from /proc/self/smaps)."""
+    if "cpu" not in three_bundle.name:
+        pytest.skip("the CPU variant covers it")
+    src = three_bundle
+    x = torch.randn(3, 64)
+
+    def cycle(i):
+        d = tmp_path / f"b{i}"
+        d.mkdir()
+        for f in ("manifest.json", "weights.safetensors", "a.so"):
+            shutil.copyfile(src / f, d / f)
+        _edit_manifest(d, lambda raw: [raw["methods"].pop(k) for k in ("b", "c")])
+        with aoti_rt.load(d, device="cpu") as m:
+            m.a(x)
+        assert not any(str(d) in key[0] for key in aoti_rt.abi._open), "the .so is still held"
+
+    for i in range(30):                 # warm up allocators and torch's caches
+        cycle(i)
+    gc.collect()
+    before = _rss_outside(str(tmp_path))
+    for i in range(30, 330):
+        cycle(i)
+    gc.collect()
+    grown = _rss_outside(str(tmp_path)) - before
+    assert grown < 8 << 20, f"memory outside the .so mappings grew {grown / 2**20:.1f} MiB over 300 bundles"
