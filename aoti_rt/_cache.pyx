@@ -636,6 +636,10 @@ ctypedef int32_t (*f_run)(void* container, AtenTensorHandle* inputs, size_t num_
                           void* proxy_executor) noexcept nogil
 
 
+#: a constant's view must start at a multiple of this many bytes of its buffer
+VIEW_ALIGN = 16
+
+
 cdef class BindPlan:
     """One method's constants as C arrays, bound in one Pairs call by :meth:`bind`.
 
@@ -702,6 +706,13 @@ cdef class BindPlan:
             if any(d < 0 for d in shape) or any(st < 0 for st in stride) or offsets[i] < 0 \
                     or itemsizes[i] <= 0:
                 raise ValueError(f"constant {names[i]!r}: invalid view {shape}/{stride}/{offsets[i]}")
+            # Generated kernels may assume a constant's data pointer is 16-byte aligned (Triton
+            # specialises on it); a view starting off that boundary gets a misaligned access
+            # that kills the CUDA context for the whole process.
+            if (offsets[i] * itemsizes[i]) % VIEW_ALIGN:
+                raise ValueError(f"constant {names[i]!r}: its view starts at byte "
+                                 f"{offsets[i] * itemsizes[i]} of its storage, not a multiple of "
+                                 f"{VIEW_ALIGN}; AOTI's kernels may assume aligned constants")
             self.ndim[i] = len(shape)
             self.dims_at[i] = at
             self.empty[i] = 0

@@ -133,7 +133,10 @@ class Method:
             if typed_inputs and len(spec.inputs) != n_in:
                 raise BundleError(f"method {name!r}: the manifest describes {len(spec.inputs)} inputs but "
                                   f"{so.path.name} takes {n_in}; the bundle is inconsistent, recompile it")
-            plan = bind_plan(spec.constants)
+            try:
+                plan = bind_plan(spec.constants)
+            except ValueError as e:
+                raise BundleError(f"method {name!r}: {e}; the bundle is inconsistent, recompile it") from None
             self._check_constants(so, handle, plan)
             if self.shared:
                 self._bind_shared(source, plan, progress)

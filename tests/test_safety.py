@@ -38,10 +38,23 @@ def _intact_outputs(model, x):
 
 # -- views smaller than what the .so uses ----------------------------------------------------
 
+def test_misaligned_view_is_refused(lm_bundle, device, copy_bundle):
+    """A view starting off a 16-byte boundary: Triton kernels specialised on aligned pointers
+    fault ("misaligned address"), which on CUDA kills the context for the whole process."""
+    b = copy_bundle(lm_bundle)
+
+    def lie(raw):
+        for c in _constants(raw, "lm.k_cache"):
+            c["shape"], c["stride"], c["storage_offset"] = [1], [1], 3
+    _edit_manifest(b, lie)
+    with pytest.raises(aoti_rt.BundleError, match="not a multiple of 16"):
+        aoti_rt.load(b, device=device)
+
+
 def test_lying_view_of_written_state_stays_inside_its_buffer(lm_bundle, three_bundle, device, copy_bundle):
-    """The KV cache declared as one element at its last offset: the kernel writes the whole
-    cache from there. The buffer is sized by what the .so may reach, so the write lands in
-    the lying model's own memory and another model is untouched."""
+    """The KV cache declared as one element near its end: the kernel writes the whole cache
+    from there. The buffer is sized by what the .so may reach, so the write lands in the
+    lying model's own memory and another model is untouched."""
     b = copy_bundle(lm_bundle)
 
     def lie(raw):
@@ -49,7 +62,7 @@ def test_lying_view_of_written_state_stays_inside_its_buffer(lm_bundle, three_bu
             numel = 1
             for s in c["shape"]:
                 numel *= s
-            c["shape"], c["stride"], c["storage_offset"] = [1], [1], numel - 1
+            c["shape"], c["stride"], c["storage_offset"] = [1], [1], numel - 4   # 16-byte aligned
     _edit_manifest(b, lie)
     x = torch.randn(3, 64, device=device)
     with aoti_rt.load(three_bundle, device=device) as intact:
@@ -70,7 +83,7 @@ def test_lying_view_of_written_state_stays_inside_its_buffer(lm_bundle, three_bu
 
 
 def test_lying_view_of_a_weight_reads_inside_its_buffer(three_bundle, device, copy_bundle):
-    """A 64-float bias declared as one element at offset 63: the kernel reads 64 floats from
+    """A 64-float bias declared as one element at offset 60: the kernel reads 64 floats from
     there; the buffer is padded so that every read is inside it (the result is the liar's
     problem, the memory is not anyone else's)."""
     b = copy_bundle(three_bundle)
@@ -78,13 +91,13 @@ def test_lying_view_of_a_weight_reads_inside_its_buffer(three_bundle, device, co
 
     def lie(raw):
         for c in _constants(raw, "stack.layers.0.bias"):
-            c["shape"], c["stride"], c["storage_offset"] = [1], [1], 63
+            c["shape"], c["stride"], c["storage_offset"] = [1], [1], 60
     _edit_manifest(b, lie)
     base = aoti_rt.cache_stats(device)["bytes_allocated"]
     with aoti_rt.load(b, device=device) as m:
         m.a(torch.randn(3, 64, device=device))
-        # 63 floats of padding in front of the 256 bytes the .so reads: 252 bytes more
-        assert aoti_rt.cache_stats(device)["bytes_allocated"] - base == honest + 63 * 4
+        # 60 floats of padding in front of the 256 bytes the .so reads: 240 bytes more
+        assert aoti_rt.cache_stats(device)["bytes_allocated"] - base == honest + 60 * 4
     assert aoti_rt.cache_stats(device)["bytes_allocated"] == base
 
 
