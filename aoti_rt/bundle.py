@@ -25,6 +25,7 @@ import os
 import re
 import stat
 import struct
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -179,6 +180,11 @@ def _bounded_int(text: str) -> int:
     return int(text)
 
 
+#: Python >= 3.11 (and 3.10.7+) refuses int literals over 4300 digits itself (a ValueError);
+#: only where that limit is off do we pay for a hook on every integer
+_PARSE_INT = None if getattr(sys, "get_int_max_str_digits", lambda: 0)() else _bounded_int
+
+
 def strict_json(data: bytes | str, what: str, limit: int) -> Any:
     """Parse untrusted JSON: at most ``limit`` bytes of strict UTF-8, no duplicate keys, no
     NaN/Infinity, no absurdly long integers, bounded nesting. Raises :class:`BundleError`
@@ -194,24 +200,27 @@ def strict_json(data: bytes | str, what: str, limit: int) -> Any:
             raise BundleError(f"{what}: not UTF-8 text (byte {e.start}: {e.reason}); {_RECOMPILE}") from None
     try:
         return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant,
-                          parse_int=_bounded_int)
+                          parse_int=_PARSE_INT)
     except _JsonProblem as e:
         raise BundleError(f"{what}: {e}; {_RECOMPILE}") from None
     except RecursionError:
         raise BundleError(f"{what}: JSON nested too deeply; {_RECOMPILE}") from None
-    except ValueError as e:      # json.JSONDecodeError, and int()'s digit limit
+    except json.JSONDecodeError as e:
         raise BundleError(f"{what}: not valid JSON ({e}); {_RECOMPILE}") from None
+    except ValueError:           # int()'s digit limit
+        raise BundleError(f"{what}: an integer literal has thousands of digits; {_RECOMPILE}") from None
 
 
 # -- the schema: one field table per dataclass -----------------------------------------------
 
 class _Invalid(Exception):
-    """A field of the manifest is wrong: ``path`` says which, ``problem`` how."""
+    """A field is wrong: ``problem`` says how; ``path`` (which field) is filled in on the way
+    out by the containers it passes through, so a valid manifest builds no path strings."""
 
-    def __init__(self, path: str, problem: str):
-        super().__init__(path, problem)
-        self.path = path
+    def __init__(self, problem: str, path: str = ""):
+        super().__init__(problem)
         self.problem = problem
+        self.path = path
 
 
 def _show(v: Any) -> str:
@@ -220,102 +229,120 @@ def _show(v: Any) -> str:
     return r if isinstance(v, str) else f"{type(v).__name__} {r}"
 
 
-Check = Callable[[Any, str], Any]
+Check = Callable[[Any], Any]
 
 
-def _int(v: Any, path: str) -> int:
-    if type(v) is not int or not 0 <= v < MAX_INT:      # type() is int: rejects bool (True == 1)
-        raise _Invalid(path, f"must be an integer in [0, 2**62), not {_show(v)}")
-    return v
-
-
-def _bool(v: Any, path: str) -> bool:
-    if type(v) is not bool:
-        raise _Invalid(path, f"must be true or false, not {_show(v)}")
-    return v
-
-
-def _text(v: Any, path: str, max_len: int = MANIFEST_MAX_BYTES) -> str:
-    if type(v) is not str:
-        raise _Invalid(path, f"must be a string, not {_show(v)}")
-    if len(v) > max_len:
-        raise _Invalid(path, f"is {len(v)} characters long (at most {max_len})")
+def _at(path: str, check: Check, v: Any) -> Any:
+    """``check(v)``, naming ``path`` in its error."""
     try:
-        v.encode("utf-8")
-    except UnicodeEncodeError:
-        raise _Invalid(path, f"contains a lone surrogate ({_show(v)})") from None
+        return check(v)
+    except _Invalid as e:
+        e.path = path + e.path
+        raise
+
+
+def _int(v: Any) -> int:
+    if type(v) is not int or not 0 <= v < MAX_INT:      # type() is int: rejects bool (True == 1)
+        raise _Invalid(f"must be an integer in [0, 2**62), not {_show(v)}")
     return v
 
 
-def _short_text(v: Any, path: str) -> str:
-    return _text(v, path, MAX_NAME)
+def _bool(v: Any) -> bool:
+    if type(v) is not bool:
+        raise _Invalid(f"must be true or false, not {_show(v)}")
+    return v
 
 
-def _name(v: Any, path: str) -> str:
-    _text(v, path, MAX_NAME)
+def _text(v: Any, max_len: int = MANIFEST_MAX_BYTES) -> str:
+    if type(v) is not str:
+        raise _Invalid(f"must be a string, not {_show(v)}")
+    if len(v) > max_len:
+        raise _Invalid(f"is {len(v)} characters long (at most {max_len})")
+    if not v.isascii():
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _Invalid(f"contains a lone surrogate ({_show(v)})") from None
+    return v
+
+
+def _short_text(v: Any) -> str:
+    return _text(v, MAX_NAME)
+
+
+def _name(v: Any) -> str:
+    _text(v, MAX_NAME)
     if not v or "\x00" in v:
-        raise _Invalid(path, f"must be a non-empty name without NUL characters, not {_show(v)}")
+        raise _Invalid(f"must be a non-empty name without NUL characters, not {_show(v)}")
     return v
 
 
-def _opt_text(v: Any, path: str) -> str | None:
-    return None if v is None else _text(v, path)
+def _opt_text(v: Any) -> str | None:
+    return None if v is None else _text(v)
 
 
 def _one_of(choices, what: str) -> Check:
-    def check(v: Any, path: str) -> Any:
+    def check(v: Any) -> Any:
         if type(v) is not str or v not in choices:
-            raise _Invalid(path, f"must be {what}, not {_show(v)}")
+            raise _Invalid(f"must be {what}, not {_show(v)}")
         return v
     return check
 
 
 _dtype = _one_of(DTYPE_CODES, "a dtype aoti_rt knows (" + ", ".join(DTYPE_CODES) + ")")
 _kind = _one_of(CONSTANT_KINDS, "one of " + ", ".join(CONSTANT_KINDS))
+_DIGEST = re.compile(DIGEST_PATTERN)
+_LEGACY_DIGEST = re.compile(LEGACY_DIGEST_PATTERN)
 
 
 def digest_ok(v: Any) -> bool:
     """Whether ``v`` is a weight digest this aoti_rt accepts (DIGEST_PATTERN)."""
     if type(v) is not str:
         return False
-    return bool(re.fullmatch(DIGEST_PATTERN, v)
-                or (ACCEPT_LEGACY_SHA256_DIGESTS and re.fullmatch(LEGACY_DIGEST_PATTERN, v)))
+    return bool(_DIGEST.fullmatch(v) or (ACCEPT_LEGACY_SHA256_DIGESTS and _LEGACY_DIGEST.fullmatch(v)))
 
 
-def _digest(v: Any, path: str) -> str:
+def _digest(v: Any) -> str:
     if not digest_ok(v):
-        raise _Invalid(path, f'must be a digest "b3t:" + 64 lowercase hex digits, not {_show(v)}')
+        raise _Invalid(f'must be a digest "b3t:" + 64 lowercase hex digits, not {_show(v)}')
     return v
 
 
-def _device(v: Any, path: str) -> str:
+def _device(v: Any) -> str:
     if type(v) is not str or not re.fullmatch(r"cpu|cuda(:[0-9]{1,4})?", v):
-        raise _Invalid(path, f"must be 'cpu', 'cuda' or 'cuda:N', not {_show(v)}")
+        raise _Invalid(f"must be 'cpu', 'cuda' or 'cuda:N', not {_show(v)}")
     return v
 
 
-def _dim(v: Any, path: str) -> int | None:
-    return None if v is None else _int(v, path)
+def _dim(v: Any) -> int | None:
+    return None if v is None else _int(v)
 
 
 def _list(item: Check, max_len: int | None = None) -> Check:
-    def check(v: Any, path: str) -> list:
+    def check(v: Any) -> list:
         if type(v) is not list:
-            raise _Invalid(path, f"must be a list, not {_show(v)}")
+            raise _Invalid(f"must be a list, not {_show(v)}")
         if max_len is not None and len(v) > max_len:
-            raise _Invalid(path, f"has {len(v)} entries (at most {max_len})")
-        return [item(x, f"{path}[{i}]") for i, x in enumerate(v)]
+            raise _Invalid(f"has {len(v)} entries (at most {max_len})")
+        out: list = []
+        try:
+            for x in v:
+                out.append(item(x))
+        except _Invalid as e:
+            e.path = f"[{len(out)}]{e.path}"
+            raise
+        return out
     return check
 
 
 def _dict(item: Check) -> Check:
-    def check(v: Any, path: str) -> dict:
+    def check(v: Any) -> dict:
         if type(v) is not dict:
-            raise _Invalid(path, f"must be an object, not {_show(v)}")
+            raise _Invalid(f"must be an object, not {_show(v)}")
         out = {}
         for k, x in v.items():
-            _name(k, f"{path} key {k!r}")
-            out[k] = item(x, f"{path}[{k!r}]")
+            _at(f" key {k!r}", _name, k)
+            out[k] = _at(f"[{k!r}]", item, x)
         return out
     return check
 
@@ -334,18 +361,24 @@ def _record(cls: type, table: dict[str, _Field]) -> Check:
     names = [f.name for f in fields(cls)]
     if sorted(names) != sorted(table):      # adding a dataclass field without its check is a bug
         raise TypeError(f"field table of {cls.__name__} is {sorted(table)}, the dataclass has {sorted(names)}")
+    items = list(table.items())
 
-    def check(v: Any, path: str):
+    def check(v: Any):
         if type(v) is not dict:
-            raise _Invalid(path, f"must be an object, not {_show(v)}")
+            raise _Invalid(f"must be an object, not {_show(v)}")
         kwargs = {}
-        for name, f in table.items():
-            if name in v:
-                kwargs[name] = f.check(v[name], f"{path}.{name}")
-            elif f.default is _REQUIRED:
-                raise _Invalid(f"{path}.{name}", "is missing")
-            else:
-                kwargs[name] = copy.copy(f.default)
+        name = ""
+        try:
+            for name, f in items:
+                if name in v:
+                    kwargs[name] = f.check(v[name])
+                elif f.default is _REQUIRED:
+                    raise _Invalid("is missing")
+                else:
+                    kwargs[name] = copy.copy(f.default)
+        except _Invalid as e:
+            e.path = f".{name}{e.path}"
+            raise
         return cls(**kwargs)
     return check
 
@@ -388,15 +421,15 @@ WEIGHT_FIELDS = {
 }
 
 
-def _format(v: Any, path: str) -> str:
+def _format(v: Any) -> str:
     if v != FORMAT or type(v) is not str:
-        raise _Invalid(path, f"must be {FORMAT!r}, not {_show(v)}: this is not an aoti_rt bundle manifest")
+        raise _Invalid(f"must be {FORMAT!r}, not {_show(v)}: this is not an aoti_rt bundle manifest")
     return v
 
 
-def _version(v: Any, path: str) -> int:
+def _version(v: Any) -> int:
     if type(v) is not int or v != FORMAT_VERSION:
-        raise _Invalid(path, f"is {_show(v)}; this aoti_rt reads format version {FORMAT_VERSION}")
+        raise _Invalid(f"is {_show(v)}; this aoti_rt reads format version {FORMAT_VERSION}")
     return v
 
 
@@ -436,13 +469,13 @@ class Manifest:
         raw = strict_json(text, where, MANIFEST_MAX_BYTES)
         try:
             if type(raw) is not dict:
-                raise _Invalid("the top level", f"must be an object, not {_show(raw)}")
-            _format(raw.get("format"), "format")      # first, so an old or foreign file says so
-            _version(raw.get("version"), "version")
-            man = _parse_manifest(raw, "manifest")
+                raise _Invalid(f"must be an object, not {_show(raw)}", "the top level")
+            _at("format", _format, raw.get("format"))     # first, so an old or foreign file says so
+            _at("version", _version, raw.get("version"))
+            man = _parse_manifest(raw)
             _check_manifest(man)
         except _Invalid as e:
-            path = e.path.removeprefix("manifest.")
+            path = e.path.removeprefix(".")
             advice = ("recompile the bundle with this aoti_rt" if path == "version" else _RECOMPILE)
             raise BundleError(f"{where}: {path} {e.problem}; {advice}") from None
         return man
@@ -466,40 +499,41 @@ _parse_manifest = _record(Manifest, MANIFEST_FIELDS)
 def _check_manifest(man: Manifest) -> None:
     """The cross-field rules of a manifest (types are already checked)."""
     if not man.methods:
-        raise _Invalid("methods", "is empty: a bundle has at least one method")
+        raise _Invalid("is empty: a bundle has at least one method", "methods")
     for wid, w in man.weights.items():
-        at = f"weights[{wid!r}]"
         if w.id != wid:
-            raise _Invalid(f"{at}.id", f"is {_show(w.id)}, not its key {_show(wid)}")
+            raise _Invalid(f"is {_show(w.id)}, not its key {_show(wid)}", f"weights[{wid!r}].id")
         if not w.mutable and w.id != w.digest:
             # the runtime shares immutable weights by digest: an id that is not the digest lies
-            raise _Invalid(f"{at}.digest", f"is {_show(w.digest)}, but an immutable weight's id is its digest")
+            raise _Invalid(f"is {_show(w.digest)}, but an immutable weight's id is its digest",
+                           f"weights[{wid!r}].digest")
     for mname, m in man.methods.items():
         names: set[str] = set()
         for i, c in enumerate(m.constants):
-            at = f"methods[{mname!r}].constants[{i}] ({c.fqn})"
+            def at(field: str = "") -> str:
+                return f"methods[{mname!r}].constants[{i}] ({c.fqn}){field}"
             if c.name in names:
-                raise _Invalid(f"{at}.name", f"{_show(c.name)} is used by another constant of the method")
+                raise _Invalid(f"{_show(c.name)} is used by another constant of the method", at(".name"))
             names.add(c.name)
             w = man.weights.get(c.weight)
             if w is None:
-                raise _Invalid(f"{at}.weight", f"names {_show(c.weight)}, which is not in weights")
+                raise _Invalid(f"names {_show(c.weight)}, which is not in weights", at(".weight"))
             if c.digest != w.digest:
-                raise _Invalid(f"{at}.digest", f"is {_show(c.digest)} but its weight's is {_show(w.digest)}")
+                raise _Invalid(f"is {_show(c.digest)} but its weight's is {_show(w.digest)}", at(".digest"))
             if c.mutable != w.mutable:
-                raise _Invalid(f"{at}.mutable", f"is {c.mutable} but its weight's is {w.mutable}")
+                raise _Invalid(f"is {c.mutable} but its weight's is {w.mutable}", at(".mutable"))
             if len(c.shape) != len(c.stride):
-                raise _Invalid(at, f"has shape {c.shape} and stride {c.stride} of different ranks")
+                raise _Invalid(f"has shape {c.shape} and stride {c.stride} of different ranks", at())
             size = ITEMSIZE[c.dtype]
             if c.storage_offset * size > w.nbytes:
-                raise _Invalid(f"{at}.storage_offset", f"{c.storage_offset} ({c.storage_offset * size} bytes) "
-                                                       f"is past the end of its weight ({w.nbytes} bytes)")
+                raise _Invalid(f"{c.storage_offset} ({c.storage_offset * size} bytes) is past the end of its "
+                               f"weight ({w.nbytes} bytes)", at(".storage_offset"))
             if c.extent > w.nbytes:
-                raise _Invalid(at, f"{c.dtype}{c.shape} with stride {c.stride} at offset {c.storage_offset} "
-                                   f"reaches {c.extent} bytes, but its weight has {w.nbytes}: the manifest lies")
+                raise _Invalid(f"{c.dtype}{c.shape} with stride {c.stride} at offset {c.storage_offset} reaches "
+                               f"{c.extent} bytes, but its weight has {w.nbytes}: the manifest lies", at())
             if c.data_size > -(-max(w.nbytes, 1) // 64) * 64:
-                raise _Invalid(f"{at}.data_size", f"{c.data_size} is more than its weight's {w.nbytes} bytes "
-                                                  f"rounded up to 64")
+                raise _Invalid(f"{c.data_size} is more than its weight's {w.nbytes} bytes rounded up to 64",
+                               at(".data_size"))
 
 
 # -- files -------------------------------------------------------------------------------------
@@ -623,16 +657,16 @@ def _store_tensors(raw: bytes, path: Path, data_start: int, size: int) -> dict[s
         if name == "__metadata__":
             continue
         try:
-            _name(name, "a tensor name")
+            _at("a tensor name", _name, name)
             if type(info) is not dict:
-                raise _Invalid(f"entry {name!r}", f"must be an object, not {_show(info)}")
-            dtype = _name(info.get("dtype"), f"entry {name!r}: dtype")
-            shape = _list(_int, MAX_RANK)(info.get("shape"), f"entry {name!r}: shape")
+                raise _Invalid(f"must be an object, not {_show(info)}", f"entry {name!r}")
+            dtype = _at(f"entry {name!r}: dtype", _name, info.get("dtype"))
+            shape = _at(f"entry {name!r}: shape", _list(_int, MAX_RANK), info.get("shape"))
             offs = info.get("data_offsets")
             if type(offs) is not list or len(offs) != 2:
-                raise _Invalid(f"entry {name!r}: data_offsets", f"must be a list [begin, end], not {_show(offs)}")
-            b = _int(offs[0], f"entry {name!r}: data_offsets[0]")
-            e = _int(offs[1], f"entry {name!r}: data_offsets[1]")
+                raise _Invalid(f"must be a list [begin, end], not {_show(offs)}", f"entry {name!r}: data_offsets")
+            b = _at(f"entry {name!r}: data_offsets[0]", _int, offs[0])
+            e = _at(f"entry {name!r}: data_offsets[1]", _int, offs[1])
         except _Invalid as err:
             raise bad(f"{err.path} {err.problem}") from None
         if b > e:
