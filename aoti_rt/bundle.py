@@ -494,6 +494,22 @@ class Manifest:
 
 
 _parse_manifest = _record(Manifest, MANIFEST_FIELDS)
+_parse_method = _record(MethodSpec, METHOD_FIELDS)
+_parse_weights = _dict(_record(WeightSpec, WEIGHT_FIELDS))
+
+
+def parse_method_and_weights(method: Any, weights: Any, where: str) -> tuple[MethodSpec, dict[str, WeightSpec]]:
+    """One method and its weight table from decoded JSON, checked by the manifest's rules (the
+    field tables and the cross-field checks). For records kept outside a bundle, such as the
+    stock-artifact probe cache. Raises :class:`BundleError`, never anything else."""
+    try:
+        spec = _at("method", _parse_method, method)
+        table = _at("weights", _parse_weights, weights)
+        _check_manifest(Manifest(device="cpu", methods={"method": spec}, weights=table))
+    except _Invalid as e:
+        path = "method" + e.path.removeprefix("methods['method']") if e.path.startswith("methods[") else e.path
+        raise BundleError(f"{where}: {path} {e.problem}") from None
+    return spec, table
 
 
 def _check_manifest(man: Manifest) -> None:
@@ -843,4 +859,5 @@ def human_bytes(n: float) -> str:
 
 
 __all__ = ["Bundle", "Manifest", "MethodSpec", "ConstantSpec", "WeightSpec", "InputSpec", "StoreHeader",
-           "read_bundle", "read_store_header", "strict_json", "digest_ok", "DTYPE_CODES", "human_bytes"]
+           "read_bundle", "read_store_header", "strict_json", "digest_ok", "parse_method_and_weights",
+           "DTYPE_CODES", "human_bytes"]

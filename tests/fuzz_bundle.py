@@ -349,6 +349,7 @@ def mutate_manifest(data, man: dict) -> tuple[dict, dict]:
             man["weights"].pop(b)
             retarget(man, b, a)
             set_weight_identity(man, a, digest, mutable)
+            desc["mutable"] = mutable
         desc.update(a=a, b=b)
     elif op == "coherent-swap-digests":
         ids = [k for k, w in man["weights"].items() if not w["mutable"]]

@@ -395,3 +395,16 @@ def test_errors_module_does_not_import_cache():
             "assert 'aoti_rt._cache' not in sys.modules, 'errors imported _cache'" % bundle_mod.__file__.replace(
                 "bundle.py", "errors.py"))
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_parse_method_and_weights_applies_the_manifest_rules(three_bundle):
+    from aoti_rt.bundle import parse_method_and_weights
+
+    raw = json.loads((three_bundle / "manifest.json").read_text())
+    spec, weights = parse_method_and_weights(raw["methods"]["a"], raw["weights"], "probe.json")
+    assert len(spec.constants) == len(raw["methods"]["a"]["constants"]) and len(weights) == len(raw["weights"])
+    raw["methods"]["a"]["constants"][0].update(shape=[0], storage_offset=10**6)
+    with pytest.raises(aoti_rt.BundleError, match=r"probe.json: method.constants\[0\] .*storage_offset 1000000"):
+        parse_method_and_weights(raw["methods"]["a"], raw["weights"], "probe.json")
+    with pytest.raises(aoti_rt.BundleError, match=r"probe.json: weights must be an object"):
+        parse_method_and_weights(raw["methods"]["a"], [], "probe.json")
