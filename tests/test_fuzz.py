@@ -50,8 +50,10 @@ def _run_batch(bundle: Path, scratch: Path, seed: int, cases: int) -> tuple[dict
     if p.returncode != 0:
         how = (f"killed by {signal.Signals(-p.returncode).name}" if p.returncode < 0
                else f"exit status {p.returncode}")
+        at = p.stderr.find("Fatal Python error")      # faulthandler: the frames that crashed
+        excerpt = p.stderr[at:at + 1200] if at >= 0 else p.stderr[-1200:]
         return None, (f"CRASH ({how}); last case {_last_case(scratch)}\n  rerun: {repro}\n"
-                      f"  stderr: ...{p.stderr[-1500:]}")
+                      f"  stderr: {excerpt}")
     try:
         return json.loads(p.stdout.strip().splitlines()[-1]), repro
     except (ValueError, IndexError):
