@@ -119,16 +119,8 @@ def install_driver(dict pointers):
     drv_ready = True
 
 
-class CudaError(RuntimeError):
-    """A CUDA driver call failed; ``code`` is the CUresult."""
-
-    def __init__(self, str what, int code):
-        super().__init__(f"{what} failed with CUresult {code}")
-        self.code = code
-
-
-class AllocationError(MemoryError):
-    """Memory for a weight could not be allocated (device full, or over the set limit)."""
+# CudaError and AllocationError live in aoti_rt.errors (picklable, AotiRtError subclasses)
+from aoti_rt.errors import AllocationError, CudaError
 
 
 cdef inline void _check(CUresult rc, str what) except *:

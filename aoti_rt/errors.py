@@ -1,6 +1,12 @@
-"""The exceptions aoti_rt raises. Each message says what to do next."""
+"""The exceptions aoti_rt raises. Each message says what is wrong and what to do next.
 
-from ._cache import AllocationError, CudaError
+Every error aoti_rt raises on purpose is an :class:`AotiRtError`; the subclasses also derive
+from the builtin a caller would expect (``MemoryError`` for an allocation, ``RuntimeError``
+for a CUDA failure), so ``except MemoryError`` keeps working. This module imports nothing
+from the rest of the package (the Cython ``_cache`` imports its errors from here).
+"""
+
+from __future__ import annotations
 
 
 class AotiRtError(Exception):
@@ -25,6 +31,42 @@ class InputError(AotiRtError, TypeError):
 
 class ClosedError(AotiRtError, RuntimeError):
     """The Method or Model was closed."""
+
+
+#: CUresult codes worth naming in a message (cuda.h); the rest are shown by number.
+_CU_RESULTS = {
+    1: "CUDA_ERROR_INVALID_VALUE", 2: "CUDA_ERROR_OUT_OF_MEMORY", 3: "CUDA_ERROR_NOT_INITIALIZED",
+    4: "CUDA_ERROR_DEINITIALIZED", 100: "CUDA_ERROR_NO_DEVICE", 101: "CUDA_ERROR_INVALID_DEVICE",
+    201: "CUDA_ERROR_INVALID_CONTEXT", 400: "CUDA_ERROR_INVALID_HANDLE",
+    700: "CUDA_ERROR_ILLEGAL_ADDRESS", 719: "CUDA_ERROR_LAUNCH_FAILED", 999: "CUDA_ERROR_UNKNOWN",
+}
+
+
+class CudaError(AotiRtError, RuntimeError):
+    """A CUDA driver call failed: ``what`` is the call, ``code`` the CUresult."""
+
+    def __init__(self, what: str, code: int):
+        self.what = str(what)
+        self.code = int(code)
+        name = _CU_RESULTS.get(self.code, "")
+        if self.code == 2:
+            todo = "free device memory or close unused models"
+        elif self.code in (700, 719, 999):
+            todo = "the CUDA context is likely unusable now; restart the process"
+        else:
+            todo = "check the device (nvidia-smi) and the driver installation"
+        super().__init__(f"{self.what} failed with CUresult {self.code}"
+                         f"{f' ({name})' if name else ''}; {todo}")
+
+    def __reduce__(self):
+        return (type(self), (self.what, self.code))
+
+
+class AllocationError(AotiRtError, MemoryError):
+    """Memory for a weight could not be allocated (device full, or over the set limit)."""
+
+    def __reduce__(self):
+        return (type(self), self.args)
 
 
 __all__ = ["AotiRtError", "BundleError", "CompileError", "AOTIError", "InputError",

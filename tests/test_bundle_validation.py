@@ -1,0 +1,410 @@
+"""A bundle is untrusted input: every way a manifest or store can lie is a BundleError.
+
+Each test damages a copy of a real compiled bundle (tests/conftest.py) the way a corrupt,
+truncated or malicious bundle would, and checks that ``aoti_rt.load`` raises BundleError
+before anything is allocated. Before the strict checks, each of these crashed the process,
+hung, raised a non-aoti_rt error, or loaded and computed garbage.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import pickle
+import re
+import struct
+import threading
+import time
+
+import pytest
+
+import aoti_rt
+from aoti_rt import bundle as bundle_mod
+from aoti_rt.bundle import MANIFEST_MAX_BYTES, read_bundle
+
+
+def stats(device):
+    return aoti_rt.cache_stats(device)
+
+
+def _assert_rejected(b, device, match):
+    """load(b) raises BundleError matching ``match`` and leaves no allocation behind."""
+    base = stats(device)
+    with pytest.raises(aoti_rt.BundleError, match=match) as err:
+        aoti_rt.load(b, device=device)
+    gc.collect()
+    s = stats(device)
+    assert s["bytes_allocated"] == base["bytes_allocated"] and s["entries"] == base["entries"]
+    return err.value
+
+
+def _edit_manifest(b, fn):
+    p = b / "manifest.json"
+    raw = json.loads(p.read_text())
+    fn(raw)
+    p.write_text(json.dumps(raw))
+
+
+def _edit_manifest_text(b, fn):
+    p = b / "manifest.json"
+    p.write_bytes(fn(p.read_bytes()))
+
+
+def _constant(raw, method, fqn_part):
+    return next(c for c in raw["methods"][method]["constants"] if fqn_part in c["fqn"])
+
+
+# -- the manifest as JSON ----------------------------------------------------------------------
+
+def test_version_true_is_not_version_1_or_2(three_bundle, device, copy_bundle):
+    b = copy_bundle(three_bundle)
+    _edit_manifest(b, lambda r: r.__setitem__("version", True))    # True == 1 in Python
+    _assert_rejected(b, device, r"version is bool True; this aoti_rt reads format version 2")
+
+
+def test_old_format_version_says_recompile(three_bundle, device, copy_bundle):
+    b = copy_bundle(three_bundle)
+    _edit_manifest(b, lambda r: r.__setitem__("version", 1))
+    _assert_rejected(b, device, r"version is int 1.*recompile the bundle")
+
+
+def test_oversized_manifest_is_refused_before_reading(three_bundle, device, copy_bundle):
+    b = copy_bundle(three_bundle)
+    p = b / "manifest.json"
+    text = p.read_bytes()
+    with open(p, "ab") as f:          # still valid JSON: whitespace after the object
+        f.write(b" " * (MANIFEST_MAX_BYTES + 1 - len(text)))
+    t0 = time.perf_counter()
+    _assert_rejected(b, device, r"more than the 64 MiB a manifest may have")
+    assert time.perf_counter() - t0 < 2
+
+
+def test_manifest_not_utf8(three_bundle, device, copy_bundle):
+    b = copy_bundle(three_bundle)
+    _edit_manifest_text(b, lambda t: t.replace(b'"torch_version": "', b'"torch_version": "\xff\xfe', 1))
+    _assert_rejected(b, device, r"not UTF-8 text")
+
+
+def test_manifest_nested_too_deeply(three_bundle, device, copy_bundle):
+    b = copy_bundle(three_bundle)
+    deep = b"[" * 100_000 + b"]" * 100_000
+    _edit_manifest_text(b, lambda t: re.sub(rb'"torch_version": "[^"]*"', b'"torch_version": ' + deep, t))
+    _assert_rejected(b, device, r"nested too deeply")
+
+
+def test_manifest_duplicate_keys(three_bundle, device, copy_bundle):
+    b = copy_bundle(three_bundle)
+    _edit_manifest_text(b, lambda t: t.replace(b'"device": "cpu"', b'"device": "cpu", "device": "cpu"', 1)
+                        if b'"device": "cpu"' in t else t.replace(b'"device": ', b'"device": "cuda:0", "device": ', 1))
+    _assert_rejected(b, device, r"key 'device' appears twice")
+
+
+def test_manifest_nan(three_bundle, device, copy_bundle):
+    b = copy_bundle(three_bundle)
+    _edit_manifest_text(b, lambda t: re.sub(rb'"storage_offset": 0', b'"storage_offset": NaN', t, count=1))
+    _assert_rejected(b, device, r"NaN is not a number JSON allows")
+
+
+# -- the manifest's fields: types, ranges, views -----------------------------------------------
+
+def _set_const(method, fqn_part, **fields):
+    def edit(raw):
+        _constant(raw, method, fqn_part).update(fields)
+    return edit
+
+
+def _set_input(**fields):
+    def edit(raw):
+        raw["methods"]["a"]["inputs"][0].update(fields)
+    return edit
+
+
+def _set_method(**fields):
+    def edit(raw):
+        raw["methods"]["a"].update(fields)
+    return edit
+
+
+def _set_weight(fqn_part, **fields):
+    def edit(raw):
+        w = next(w for w in raw["weights"].values() if fqn_part in w["tensor"])
+        w.update(fields)
+    return edit
+
+
+def _transpose_stride(raw):      # a 64x64 weight read through a negative stride: inside the bytes
+    c = _constant(raw, "a", "layers.0.weight")
+    assert c["shape"] == [64, 64]
+    c["stride"] = [64, -1]
+    c["storage_offset"] = 63
+
+
+def _rename_weight_key(raw):
+    k = next(iter(raw["weights"]))
+    raw["weights"]["other-" + k] = raw["weights"].pop(k)
+    for m in raw["methods"].values():
+        for c in m["constants"]:
+            if c["weight"] == k:
+                c["weight"] = "other-" + k
+
+
+def _duplicate_constant_name(raw):
+    cs = raw["methods"]["c"]["constants"]
+    cs[1]["name"] = cs[0]["name"]
+
+
+def _upper_digest(raw):
+    for w in raw["weights"].values():
+        w["digest"] = w["digest"].upper()
+
+
+def _mutable_constant_of_immutable_weight(raw):
+    raw["methods"]["a"]["constants"][0]["mutable"] = True
+
+
+BAD_FIELDS = [
+    # views: each of these loaded and then aborted, segfaulted or read past a buffer
+    ("negative-stride", _transpose_stride, r"stride\[1\] must be an integer in \[0, 2\*\*62\), not int -1"),
+    ("minus-zero-shape", _set_const("a", "inp.bias", shape=[-0.0]), r"shape\[0\] must be an integer.*float -0.0"),
+    ("empty-view-huge-offset", _set_const("a", "inp.bias", shape=[0], storage_offset=10**9),
+     r"storage_offset 1000000000 \(4000000000 bytes\) is past the end of its weight \(256 bytes\)"),
+    ("empty-view-offset-2**64", _set_const("a", "inp.bias", shape=[0], storage_offset=2**64),
+     r"storage_offset must be an integer in \[0, 2\*\*62\)"),
+    ("empty-view-offset-just-past", _set_const("a", "inp.bias", shape=[0], storage_offset=65),
+     r"storage_offset 65 \(260 bytes\) is past the end of its weight \(256 bytes\)"),
+    ("bool-shape", _set_const("a", "inp.bias", shape=[True]), r"shape\[0\] must be an integer.*bool True"),
+    ("float-offset", _set_const("a", "inp.bias", storage_offset=0.0), r"storage_offset must be an integer.*float 0.0"),
+    ("string-shape", _set_const("a", "inp.bias", shape="64"), r"shape must be a list, not '64'"),
+    ("null-stride", _set_const("a", "inp.bias", stride=None), r"stride must be a list, not NoneType None"),
+    ("unknown-kind", _set_const("a", "inp.bias", kind="weird"), r"kind must be one of parameter"),
+    ("nul-in-name", _set_const("a", "inp.bias", name="stack_inp\x00bias"), r"name must be a non-empty name without NUL"),
+    ("lone-surrogate-name", _set_const("a", "inp.bias", name="\ud800"), r"name contains a lone surrogate"),
+    ("missing-field", lambda r: r["methods"]["a"]["constants"][0].pop("dtype"), r"constants\[0\]\.dtype is missing"),
+    ("huge-data-size", _set_const("a", "inp.bias", data_size=2**61), r"data_size 2305843009213693952 is more than"),
+    ("duplicate-constant-name", _duplicate_constant_name, r"is used by another constant of the method"),
+    ("constant-mutable-weight-not", _mutable_constant_of_immutable_weight, r"mutable is True but its weight's is False"),
+    ("constant-digest-not-weight's", _set_const("a", "inp.bias", digest="sha256:" + "0" * 64), r"but its weight's is"),
+    # weights
+    ("weight-key-is-not-id", _rename_weight_key, r"weights\['other-.*'\]\.id is"),
+    ("weight-digest-uppercase", _upper_digest, r'digest must be a digest "b3t:" \+ 64 lowercase hex digits'),
+    ("weight-nbytes-bool", _set_weight("inp.bias", nbytes=True), r"nbytes must be an integer.*bool True"),
+    ("weight-offset-negative", _set_weight("inp.bias", offset=-8), r"offset must be an integer.*int -8"),
+    # methods and their inputs
+    ("input-unknown-dtype", _set_input(dtype="float33"), r"inputs\[0\]\.dtype must be a dtype aoti_rt knows"),
+    ("input-negative-dim", _set_input(shape=[3, -64]), r"inputs\[0\]\.shape\[1\] must be an integer"),
+    ("input-shape-null", _set_input(shape=None), r"inputs\[0\]\.shape must be a list"),
+    ("in-spec-int", _set_method(in_spec=5), r"in_spec must be a string, not int 5"),
+    ("outputs-string", _set_method(outputs="x"), r"outputs must be a list, not 'x'"),
+    ("methods-list", lambda r: r.__setitem__("methods", []), r"methods must be an object, not list \[\]"),
+    ("no-methods", lambda r: r.__setitem__("methods", {}), r"methods is empty"),
+    ("device-junk", lambda r: r.__setitem__("device", "cpu "), r"device must be 'cpu', 'cuda' or 'cuda:N'"),
+]
+
+
+@pytest.mark.parametrize("edit, says", [pytest.param(e, s, id=i) for i, e, s in BAD_FIELDS])
+def test_bad_manifest_field(three_bundle, device, copy_bundle, edit, says):
+    b = copy_bundle(three_bundle)
+    _edit_manifest(b, edit)
+    err = _assert_rejected(b, device, says)
+    assert "recompile" in str(err)
+
+
+def test_unknown_keys_are_ignored(three_bundle, device, copy_bundle):
+    import torch
+
+    b = copy_bundle(three_bundle)
+
+    def extra(raw):
+        raw["future"] = {"x": [1, 2.5, None]}
+        raw["methods"]["a"]["hint"] = "y"
+        raw["methods"]["a"]["constants"][0]["note"] = -1
+        next(iter(raw["weights"].values()))["extra"] = True
+    _edit_manifest(b, extra)
+    with aoti_rt.load(b, device=device, methods=["a"]) as m:
+        m.a(torch.randn(3, 64, device=device))
+
+
+# -- the store ---------------------------------------------------------------------------------
+
+def _rewrite_store(b, edit):
+    """Rewrite the store's header with ``edit(header) -> header bytes`` and make the manifest
+    agree with the result as a last-key-wins parser reads it: the lie is consistent, only
+    the strict header checks can catch it."""
+    p = b / "weights.safetensors"
+    data = p.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header, body = json.loads(data[8:8 + n]), data[8 + n:]
+    hb = edit(header)
+    hb += b" " * (-len(hb) % 8)
+    p.write_bytes(struct.pack("<Q", len(hb)) + hb + body)
+    start, seen = 8 + len(hb), json.loads(hb)
+
+    def agree(raw):
+        for w in raw["weights"].values():
+            lo, hi = seen[w["tensor"]]["data_offsets"]
+            if hi >= lo:
+                w["offset"], w["nbytes"] = int(start + lo), int(hi - lo)
+    _edit_manifest(b, agree)
+
+
+def _store_negative_offset(header):
+    header["stack.inp.bias"]["data_offsets"][0] = -64       # the bias reads 64 header bytes
+    return json.dumps(header).encode()
+
+
+def _store_overlap(header):
+    header["stack.layers.0.bias"]["data_offsets"] = list(header["stack.inp.bias"]["data_offsets"])
+    return json.dumps(header).encode()
+
+
+def _store_duplicate_key(header):
+    text = json.dumps(header)
+    return (text[:-1] + ', "stack.inp.bias": ' + json.dumps(header["stack.inp.bias"]) + "}").encode()
+
+
+def _store_reversed(header):
+    lo, hi = header["stack.inp.bias"]["data_offsets"]
+    header["stack.inp.bias"]["data_offsets"] = [hi, lo]
+    return json.dumps(header).encode()
+
+
+def _store_float_offset(header):
+    lo, hi = header["stack.inp.bias"]["data_offsets"]
+    header["stack.inp.bias"]["data_offsets"] = [float(lo), hi]
+    return json.dumps(header).encode()
+
+
+def _store_wrong_shape(header):     # 256 bytes claimed as 65 float32: the library's own check
+    header["stack.inp.bias"]["shape"] = [65]
+    return json.dumps(header).encode()
+
+
+@pytest.mark.parametrize("edit, says", [
+    pytest.param(_store_negative_offset, r"data_offsets\[0\] must be an integer in \[0, 2\*\*62\), not int -64", id="negative"),
+    pytest.param(_store_overlap, r"entries 'stack\.(inp|layers\.0)\.bias' and 'stack\.(inp|layers\.0)\.bias' overlap", id="overlap"),
+    pytest.param(_store_duplicate_key, r"key 'stack\.inp\.bias' appears twice", id="duplicate-key"),
+    pytest.param(_store_reversed, r"ends before it begins", id="reversed"),
+    pytest.param(_store_float_offset, r"data_offsets\[0\] must be an integer", id="float-offset"),
+    pytest.param(_store_wrong_shape, r"not a valid safetensors file", id="shape-vs-bytes"),
+])
+def test_store_header_lies(three_bundle, device, copy_bundle, edit, says):
+    b = copy_bundle(three_bundle)
+    _rewrite_store(b, edit)
+    err = _assert_rejected(b, device, says)
+    assert "weight store" in str(err)
+
+
+def test_store_trailing_bytes(three_bundle, device, copy_bundle):
+    b = copy_bundle(three_bundle)
+    with open(b / "weights.safetensors", "ab") as f:
+        f.write(b"\0" * 64)
+    _assert_rejected(b, device, r"not a valid safetensors file")
+
+
+def test_store_header_length_huge(three_bundle, device, copy_bundle):
+    b = copy_bundle(three_bundle)
+    with open(b / "weights.safetensors", "r+b") as f:
+        f.write(struct.pack("<Q", 1 << 40))
+    _assert_rejected(b, device, r"corrupt header")
+
+
+def test_fifo_store_does_not_hang(three_bundle, device, copy_bundle):
+    b = copy_bundle(three_bundle)
+    store = b / "weights.safetensors"
+    store.unlink()
+    os.mkfifo(store)
+    result: list = []
+
+    def load():
+        try:
+            aoti_rt.load(b, device=device)
+            result.append(None)
+        except BaseException as e:  # noqa: BLE001
+            result.append(e)
+
+    base = stats(device)
+    t = threading.Thread(target=load, daemon=True)
+    t.start()
+    t.join(10)
+    hung = t.is_alive()
+    if hung:    # unblock the reader (a writer that closes at once: it reads EOF), then fail
+        fd = os.open(store, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        t.join(10)
+    assert not hung, "load() blocked on a FIFO store"
+    assert isinstance(result[0], aoti_rt.BundleError), result
+    assert "is a FIFO, not a regular file" in str(result[0])
+    gc.collect()
+    assert stats(device)["bytes_allocated"] == base["bytes_allocated"]
+
+
+def test_store_is_a_directory(three_bundle, device, copy_bundle):
+    b = copy_bundle(three_bundle)
+    (b / "weights.safetensors").unlink()
+    (b / "weights.safetensors").mkdir()
+    _assert_rejected(b, device, r"is a directory, not a regular file")
+
+
+def test_manifest_is_a_fifo(three_bundle, device, copy_bundle):
+    b = copy_bundle(three_bundle)
+    (b / "manifest.json").unlink()
+    os.mkfifo(b / "manifest.json")
+    t0 = time.perf_counter()
+    _assert_rejected(b, device, r"manifest .* is a FIFO")
+    assert time.perf_counter() - t0 < 5
+
+
+# -- the checked-bundle memo is bounded ------------------------------------------------------
+
+def test_checked_bundles_are_bounded(three_bundle, tmp_path):
+    for k in range(bundle_mod.CHECKED_BUNDLES + 6):
+        d = tmp_path / f"b{k}"
+        d.mkdir()
+        for f in three_bundle.iterdir():
+            os.link(f, d / f.name)          # distinct bundles at no disk cost
+        read_bundle(d)
+        assert len(bundle_mod._checked) <= bundle_mod.CHECKED_BUNDLES
+    # the most recent ones are still remembered
+    assert (tmp_path / f"b{bundle_mod.CHECKED_BUNDLES + 5}").resolve() in bundle_mod._checked
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+def test_cuda_and_allocation_errors_pickle():
+    e = aoti_rt.CudaError("cuMemAlloc", 2)
+    assert isinstance(e, aoti_rt.AotiRtError) and isinstance(e, RuntimeError)
+    f = pickle.loads(pickle.dumps(e))
+    assert type(f) is aoti_rt.CudaError and (f.what, f.code) == ("cuMemAlloc", 2) and str(f) == str(e)
+    assert "out of memory" in str(e).lower() or "OUT_OF_MEMORY" in str(e)
+    a = aoti_rt.AllocationError("could not allocate 5 bytes on cpu")
+    assert isinstance(a, aoti_rt.AotiRtError) and isinstance(a, MemoryError)
+    g = pickle.loads(pickle.dumps(a))
+    assert type(g) is aoti_rt.AllocationError and str(g) == str(a)
+    # the Cython module raises these very classes
+    assert aoti_rt._cache.CudaError is aoti_rt.CudaError
+    assert aoti_rt._cache.AllocationError is aoti_rt.AllocationError
+
+
+def test_errors_module_does_not_import_cache():
+    import subprocess
+    import sys
+
+    code = ("import sys, importlib.util as u; spec = u.spec_from_file_location('e', %r); "
+            "m = u.module_from_spec(spec); spec.loader.exec_module(m); "
+            "assert 'aoti_rt._cache' not in sys.modules, 'errors imported _cache'" % bundle_mod.__file__.replace(
+                "bundle.py", "errors.py"))
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_parse_method_and_weights_applies_the_manifest_rules(three_bundle):
+    from aoti_rt.bundle import parse_method_and_weights
+
+    raw = json.loads((three_bundle / "manifest.json").read_text())
+    spec, weights = parse_method_and_weights(raw["methods"]["a"], raw["weights"], "probe.json")
+    assert len(spec.constants) == len(raw["methods"]["a"]["constants"]) and len(weights) == len(raw["weights"])
+    raw["methods"]["a"]["constants"][0].update(shape=[0], storage_offset=10**6)
+    with pytest.raises(aoti_rt.BundleError, match=r"probe.json: method.constants\[0\] .*storage_offset 1000000"):
+        parse_method_and_weights(raw["methods"]["a"], raw["weights"], "probe.json")
+    with pytest.raises(aoti_rt.BundleError, match=r"probe.json: weights must be an object"):
+        parse_method_and_weights(raw["methods"]["a"], [], "probe.json")
