@@ -133,6 +133,8 @@ class Method:
             if typed_inputs and len(spec.inputs) != n_in:
                 raise BundleError(f"method {name!r}: the manifest describes {len(spec.inputs)} inputs but "
                                   f"{so.path.name} takes {n_in}; the bundle is inconsistent, recompile it")
+            self._in_spec = _load_spec(spec.in_spec, n_in, f"method {name!r}: in_spec")
+            self._out_spec = _load_spec(spec.out_spec, n_out, f"method {name!r}: out_spec")
             try:
                 plan = bind_plan(spec.constants)
             except ValueError as e:
@@ -150,8 +152,6 @@ class Method:
         self._n_out = n_out
         self._n_in = n_in
         self._run_fn = so.addresses[_P + "Run"]
-        self._in_spec = _load_spec(spec.in_spec)
-        self._out_spec = _load_spec(spec.out_spec)
         self._prepare_calls()
 
     # -- binding --------------------------------------------------------------------------
@@ -464,15 +464,21 @@ def buffer_view(buf: _cache.Buffer, c: ConstantSpec):
     return typed.as_strided(c.shape, c.stride, c.storage_offset)
 
 
-def _load_spec(text: str | None):
+def _load_spec(text: str | None, leaves: int, what: str):
+    """A call spec from the manifest, which must have as many leaves as the .so has tensors
+    (a spec with another count would make every call fail, or unflatten garbage)."""
     if not text:
         return None
     from torch.utils import _pytree as pytree
 
     try:
-        return pytree.treespec_loads(text)
+        spec = pytree.treespec_loads(text)
     except Exception:  # noqa: BLE001 - a spec this torch cannot read: run unstructured
         return None
+    if spec.num_leaves != leaves:
+        raise BundleError(f"{what} has {spec.num_leaves} leaves but the .so has {leaves} tensors; "
+                          f"the bundle is inconsistent, recompile it")
+    return spec
 
 
 class Model:
@@ -568,7 +574,10 @@ def load(path: str | Path, *, device: str | None = None, methods: Sequence[str] 
             when stderr is a terminal).
     """
     bundle = read_bundle(path)
-    dev = _device.normalize(device, default=bundle.manifest.device)
+    try:
+        dev = _device.normalize(device, default=bundle.manifest.device)
+    except ValueError as e:
+        raise BundleError(str(e)) from None
     compiled = "cpu" if bundle.manifest.device == "cpu" else "cuda"
     if ("cpu" if dev == "cpu" else "cuda") != compiled:
         raise BundleError(f"{path} was compiled for {bundle.manifest.device}; an AOTI .so runs only "

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from . import device as _device
-from .bundle import ConstantSpec, InputSpec, MethodSpec, WeightSpec, weight_id
+from .bundle import (MANIFEST_MAX_BYTES, MethodSpec, WeightSpec, parse_method_and_weights,
+                     read_manifest_bytes, strict_json, weight_id)
 from .compiler import probe_method
 from .errors import BundleError
 from .runtime import Method, _Source, _instance_ids, source_scope
@@ -37,25 +38,41 @@ def _cache_path(so: Path) -> list[Path]:
 
 
 def _fingerprint(so: Path, blob: Path) -> dict:
+    """The identity the cached probe is keyed to: both files' device, inode, size and mtime."""
     a, b = so.stat(), blob.stat()
-    return {"so": [a.st_size, a.st_mtime_ns], "blob": [b.st_size, b.st_mtime_ns],
+    return {"so": [a.st_dev, a.st_ino, a.st_size, a.st_mtime_ns],
+            "blob": [b.st_dev, b.st_ino, b.st_size, b.st_mtime_ns],
             "torch": torch.__version__, "probe_version": PROBE_VERSION}
+
+
+def _cached_probe(path: Path, fp: dict, so: Path, blob: Path) -> tuple[MethodSpec, dict[str, WeightSpec]] | None:
+    """A cached probe record if it is this artifact's and passes the manifest's checks.
+
+    The record is untrusted like a manifest: a stale, foreign or edited one is ignored (the
+    artifact is probed again), never bound."""
+    try:
+        raw = strict_json(read_manifest_bytes(path), str(path), MANIFEST_MAX_BYTES)
+    except (OSError, BundleError):
+        return None
+    if not isinstance(raw, dict) or raw.get("fingerprint") != fp:
+        return None
+    try:
+        spec, table = parse_method_and_weights(raw.get("method"), raw.get("weights"), str(path))
+    except BundleError:
+        return None
+    size = blob.stat().st_size
+    if spec.so != so.name or any(w.offset + w.nbytes > size for w in table.values()):
+        return None
+    return spec, table
 
 
 def probe_artifact(so: Path, blob: Path, device: str) -> tuple[MethodSpec, dict[str, WeightSpec]]:
     """The manifest-equivalent of a stock artifact, from the cached probe or a new one."""
     fp = _fingerprint(so, blob)
     for p in _cache_path(so):
-        try:
-            raw = json.loads(p.read_text())
-            if raw.get("fingerprint") == fp:
-                m = raw["method"]
-                spec = MethodSpec(so=m["so"], inputs=[InputSpec(**i) for i in m["inputs"]],
-                                  outputs=m["outputs"], in_spec=m["in_spec"], out_spec=m["out_spec"],
-                                  constants=[ConstantSpec(**c) for c in m["constants"]])
-                return spec, {k: WeightSpec(**w) for k, w in raw["weights"].items()}
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
+        hit = _cached_probe(p, fp, so, blob)
+        if hit is not None:
+            return hit
     probe_dev = "cpu" if device == "cpu" else device
     consts, call_spec, _ = probe_method(so, blob, probe_dev, mutated=set())
     weights: dict[str, WeightSpec] = {}

@@ -28,7 +28,7 @@ def test_bundle_layout(lm_bundle):
     files = sorted(p.name for p in lm_bundle.iterdir())
     assert files == ["decode.so", "manifest.json", "prefill.so", "weights.safetensors"]
     raw = json.loads((lm_bundle / "manifest.json").read_text())
-    assert raw["format"] == "aoti_rt-bundle" and raw["version"] == 1
+    assert raw["format"] == "aoti_rt-bundle" and raw["version"] == 2
     assert raw["torch_version"] == torch.__version__
 
 

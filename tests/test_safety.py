@@ -281,3 +281,52 @@ def test_distinct_bundles_do_not_leak(three_bundle, tmp_path):
     gc.collect()
     grown = _rss_outside(str(tmp_path)) - before
     assert grown < 8 << 20, f"memory outside the .so mappings grew {grown / 2**20:.1f} MiB over 300 bundles"
+
+
+# -- other untrusted records --------------------------------------------------------------------
+
+def test_out_spec_with_another_leaf_count_is_refused(three_bundle, device, copy_bundle):
+    from torch.utils import _pytree as pytree
+
+    b = copy_bundle(three_bundle)
+    spec = pytree.treespec_dumps(pytree.tree_flatten((0, 1))[1])
+    _edit_manifest(b, lambda raw: raw["methods"]["a"].__setitem__("out_spec", spec))
+    base = aoti_rt.cache_stats(device)["bytes_allocated"]
+    with pytest.raises(aoti_rt.BundleError, match="out_spec has 2 leaves"):
+        aoti_rt.load(b, device=device)
+    assert aoti_rt.cache_stats(device)["bytes_allocated"] == base
+
+
+def test_device_errors_are_aoti_rt_errors(three_bundle):
+    with pytest.raises(aoti_rt.AotiRtError):
+        aoti_rt.load(three_bundle, device="tpu:3")
+    other = "cuda" if "cpu" in three_bundle.name else "cpu"
+    with pytest.raises(aoti_rt.BundleError, match="compiled for"):
+        aoti_rt.load(three_bundle, device=other)
+
+
+def _probe_record(so):
+    return so.with_name(so.name + ".aoti_rt.json")
+
+
+@pytest.mark.parametrize("edit", ["negative_stride", "offset_past_blob", "garbage", "not_json_object",
+                                  "other_fingerprint"])
+def test_edited_probe_cache_is_never_trusted(stock_artifact, device, edit):
+    """The probe record cached beside a stock .so is checked like a manifest: an edited one
+    is ignored and the artifact probed again (it used to segfault, abort or compute garbage)."""
+    so, blob, mod = stock_artifact
+    x = torch.randn(3, 64, device=device)
+    with aoti_rt.load_method(so, weights=blob, device=device) as m:       # writes the record
+        torch.testing.assert_close(m(x), mod(x))
+    rec = _probe_record(so)
+    raw = json.loads(rec.read_text())
+    if edit == "negative_stride":
+        raw["method"]["constants"][0]["stride"] = [-1] * len(raw["method"]["constants"][0]["stride"])
+    elif edit == "offset_past_blob":
+        next(iter(raw["weights"].values()))["offset"] = blob.stat().st_size
+    elif edit == "other_fingerprint":
+        raw["fingerprint"]["so"][2] += 1
+    text = {"garbage": "\xff{not json", "not_json_object": "[1, 2]"}.get(edit, json.dumps(raw))
+    rec.write_text(text)
+    with aoti_rt.load_method(so, weights=blob, device=device) as m:
+        torch.testing.assert_close(m(x), mod(x))
