@@ -812,6 +812,8 @@ def run_container(uintptr_t run_fn, uintptr_t container, list input_handles,
 # it re-raises, so the caller may then close the file and free the buffers and stagers.
 
 from cpython.buffer cimport PyBUF_READ
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+from libc.stdint cimport uint64_t
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.memoryview cimport PyMemoryView_FromMemory
 
@@ -831,6 +833,179 @@ cdef extern from *:
     long long aoti_rt_atomic_add_acqrel(long long* p, long long v) nogil
     long long aoti_rt_atomic_or(long long* p, long long v) nogil
     int aoti_rt_atomic_cas(long long* p, long long expect, long long desired) nogil
+
+cdef extern from *:
+    """
+    /* BLAKE3 (unkeyed hash, 32-byte output), written from the BLAKE3 specification for the
+       loader's small pieces and digest roots, so that they are hashed without the GIL.
+       Portable C; four chunks at a time with GCC/Clang vector extensions. Checked against the
+       blake3 package at first use (aoti_rt._cache._b3_selftest) and in the tests. */
+    #include <stdint.h>
+    #include <string.h>
+    #include <stdlib.h>
+
+    enum { B3_START = 1, B3_END = 2, B3_PARENT = 4, B3_ROOT = 8 };
+    static const uint32_t b3_iv[8] = {0x6A09E667u, 0xBB67AE85u, 0x3C6EF372u, 0xA54FF53Au,
+                                      0x510E527Fu, 0x9B05688Cu, 0x1F83D9ABu, 0x5BE0CD19u};
+    static const uint8_t b3_sched[7][16] = {
+        {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
+        {2, 6, 3, 10, 7, 0, 4, 13, 1, 11, 12, 5, 9, 14, 15, 8},
+        {3, 4, 10, 12, 13, 2, 7, 14, 6, 5, 9, 0, 11, 15, 8, 1},
+        {10, 7, 12, 9, 14, 3, 13, 15, 4, 0, 11, 2, 5, 8, 1, 6},
+        {12, 13, 9, 11, 15, 10, 14, 8, 7, 2, 5, 3, 0, 1, 6, 4},
+        {9, 14, 11, 5, 8, 12, 15, 1, 13, 3, 0, 10, 2, 6, 4, 7},
+        {11, 15, 5, 0, 1, 9, 8, 6, 14, 10, 2, 12, 3, 4, 7, 13},
+    };
+
+    static inline uint32_t b3_load32(const uint8_t* p) {
+        return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+    }
+    static inline void b3_store32(uint8_t* p, uint32_t w) {
+        p[0] = (uint8_t)w; p[1] = (uint8_t)(w >> 8); p[2] = (uint8_t)(w >> 16); p[3] = (uint8_t)(w >> 24);
+    }
+
+    #define B3_ROTR(x, n) (((x) >> (n)) | ((x) << (32 - (n))))
+    #define B3_G(s, a, b, c, d, x, y) do { \
+        s[a] = s[a] + s[b] + (x); s[d] = B3_ROTR(s[d] ^ s[a], 16); \
+        s[c] = s[c] + s[d];       s[b] = B3_ROTR(s[b] ^ s[c], 12); \
+        s[a] = s[a] + s[b] + (y); s[d] = B3_ROTR(s[d] ^ s[a], 8);  \
+        s[c] = s[c] + s[d];       s[b] = B3_ROTR(s[b] ^ s[c], 7);  \
+    } while (0)
+    #define B3_ROUNDS(s, m) do { \
+        for (int r_ = 0; r_ < 7; r_++) { \
+            const uint8_t* k_ = b3_sched[r_]; \
+            B3_G(s, 0, 4, 8, 12, m[k_[0]], m[k_[1]]);   B3_G(s, 1, 5, 9, 13, m[k_[2]], m[k_[3]]); \
+            B3_G(s, 2, 6, 10, 14, m[k_[4]], m[k_[5]]);  B3_G(s, 3, 7, 11, 15, m[k_[6]], m[k_[7]]); \
+            B3_G(s, 0, 5, 10, 15, m[k_[8]], m[k_[9]]);  B3_G(s, 1, 6, 11, 12, m[k_[10]], m[k_[11]]); \
+            B3_G(s, 2, 7, 8, 13, m[k_[12]], m[k_[13]]); B3_G(s, 3, 4, 9, 14, m[k_[14]], m[k_[15]]); \
+        } \
+    } while (0)
+
+    /* the first 8 words of the compression output: the next chaining value */
+    static void b3_compress(const uint32_t cv[8], const uint8_t block[64], uint32_t block_len,
+                            uint64_t counter, uint32_t flags, uint32_t out[8]) {
+        uint32_t m[16], s[16];
+        for (int i = 0; i < 16; i++) m[i] = b3_load32(block + 4 * i);
+        for (int i = 0; i < 8; i++) s[i] = cv[i];
+        s[8] = b3_iv[0]; s[9] = b3_iv[1]; s[10] = b3_iv[2]; s[11] = b3_iv[3];
+        s[12] = (uint32_t)counter; s[13] = (uint32_t)(counter >> 32); s[14] = block_len; s[15] = flags;
+        B3_ROUNDS(s, m);
+        for (int i = 0; i < 8; i++) out[i] = s[i] ^ s[i + 8];
+    }
+
+    /* a node not yet compressed: the last block of a chunk, or a parent */
+    typedef struct { uint32_t cv[8]; uint8_t block[64]; uint32_t block_len; uint64_t counter; uint32_t flags; } b3_node;
+
+    static void b3_chunk_node(const uint8_t* in, size_t len, uint64_t counter, b3_node* o) {
+        size_t nblocks = len == 0 ? 1 : (len + 63) / 64, last = 64 * (nblocks - 1);
+        uint32_t cv[8];
+        memcpy(cv, b3_iv, sizeof cv);
+        for (size_t b = 0; b + 1 < nblocks; b++)
+            b3_compress(cv, in + 64 * b, 64, counter, b == 0 ? B3_START : 0, cv);
+        memcpy(o->cv, cv, sizeof cv);
+        memset(o->block, 0, 64);
+        memcpy(o->block, in + last, len - last);
+        o->block_len = (uint32_t)(len - last);
+        o->counter = counter;
+        o->flags = (nblocks == 1 ? B3_START : 0) | B3_END;
+    }
+
+    static void b3_parent_node(const uint32_t left[8], const uint32_t right[8], b3_node* o) {
+        memcpy(o->cv, b3_iv, sizeof o->cv);
+        for (int i = 0; i < 8; i++) { b3_store32(o->block + 4 * i, left[i]); b3_store32(o->block + 32 + 4 * i, right[i]); }
+        o->block_len = 64; o->counter = 0; o->flags = B3_PARENT;
+    }
+
+    static inline void b3_node_cv(const b3_node* o, uint32_t cv[8]) {
+        b3_compress(o->cv, o->block, o->block_len, o->counter, o->flags, cv);
+    }
+
+    #if defined(__GNUC__) || defined(__clang__)
+    #define B3_LANES 4
+    typedef uint32_t b3v __attribute__((vector_size(16)));
+    /* four whole consecutive chunks at once (one lane each): their chaining values */
+    static void b3_chunks4(const uint8_t* in, uint64_t counter, uint32_t cvs[4][8]) {
+        b3v h[8], s[16], m[16];
+        for (int i = 0; i < 8; i++) h[i] = (b3v){b3_iv[i], b3_iv[i], b3_iv[i], b3_iv[i]};
+        b3v lo = {(uint32_t)counter, (uint32_t)(counter + 1), (uint32_t)(counter + 2), (uint32_t)(counter + 3)};
+        b3v hi = {(uint32_t)(counter >> 32), (uint32_t)((counter + 1) >> 32), (uint32_t)((counter + 2) >> 32),
+                  (uint32_t)((counter + 3) >> 32)};
+        for (int b = 0; b < 16; b++) {
+            const uint8_t* p = in + 64 * b;
+            for (int j = 0; j < 16; j++)
+                m[j] = (b3v){b3_load32(p + 4 * j), b3_load32(p + 1024 + 4 * j), b3_load32(p + 2048 + 4 * j),
+                             b3_load32(p + 3072 + 4 * j)};
+            uint32_t f = (b == 0 ? B3_START : 0) | (b == 15 ? B3_END : 0);
+            for (int i = 0; i < 8; i++) s[i] = h[i];
+            for (int i = 0; i < 4; i++) s[8 + i] = (b3v){b3_iv[i], b3_iv[i], b3_iv[i], b3_iv[i]};
+            s[12] = lo; s[13] = hi; s[14] = (b3v){64, 64, 64, 64}; s[15] = (b3v){f, f, f, f};
+            B3_ROUNDS(s, m);
+            for (int i = 0; i < 8; i++) h[i] = s[i] ^ s[i + 8];
+        }
+        for (int l = 0; l < 4; l++)
+            for (int i = 0; i < 8; i++) cvs[l][i] = h[i][l];
+    }
+    #else
+    #define B3_LANES 1
+    #endif
+
+    /* BLAKE3 of in[0:len] into out[32]. */
+    static void aoti_rt_b3_hash(const uint8_t* in, size_t len, uint8_t out[32]) {
+        uint32_t stack[64][8], cv[8], cvs[4][8];
+        int sp = 0, last_done = 0;
+        uint64_t nchunks = len == 0 ? 1 : (len + 1023) / 1024, c = 0;
+        int whole_last = nchunks > 1 && len % 1024 == 0;   /* the last chunk is no root: lanes may take it */
+        b3_node o;
+        while (c + 1 < nchunks) {       /* every chunk but the last is whole */
+            int n = 1;
+    #if B3_LANES == 4
+            if (c + 4 < nchunks || (whole_last && c + 4 == nchunks)) { b3_chunks4(in + 1024 * c, c, cvs); n = 4; }
+            else
+    #endif
+            { b3_chunk_node(in + 1024 * c, 1024, c, &o); b3_node_cv(&o, cvs[0]); }
+            for (int l = 0; l < n; l++) {
+                uint64_t total = ++c;
+                memcpy(cv, cvs[l], sizeof cv);
+                if (c == nchunks) { last_done = 1; break; }    /* the last chunk's chaining value */
+                while ((total & 1) == 0) {
+                    b3_parent_node(stack[--sp], cv, &o);
+                    b3_node_cv(&o, cv);
+                    total >>= 1;
+                }
+                memcpy(stack[sp++], cv, sizeof cv);
+            }
+        }
+        if (last_done)                  /* nchunks > 1, so the stack is not empty */
+            b3_parent_node(stack[--sp], cv, &o);
+        else
+            b3_chunk_node(in + 1024 * c, len - 1024 * c, c, &o);
+        while (sp > 0) {
+            b3_node_cv(&o, cv);
+            b3_parent_node(stack[--sp], cv, &o);
+        }
+        b3_compress(o.cv, o.block, o.block_len, 0, o.flags | B3_ROOT, cv);
+        for (int i = 0; i < 8; i++) b3_store32(out + 4 * i, cv[i]);
+    }
+
+    /* aoti_rt.digest.combine's root: BLAKE3(domain + le64(nbytes) + hashes[0:32 * nhashes]).
+       0, or -1 if out of memory. */
+    static int aoti_rt_b3_combine(const uint8_t* domain, size_t dlen, uint64_t nbytes,
+                                  const uint8_t* hashes, size_t nhashes, uint8_t out[32]) {
+        uint8_t small[1024];
+        size_t n = dlen + 8 + 32 * nhashes;
+        uint8_t* buf = n <= sizeof small ? small : (uint8_t*)malloc(n);
+        if (buf == NULL) return -1;
+        memcpy(buf, domain, dlen);
+        for (int i = 0; i < 8; i++) buf[dlen + i] = (uint8_t)(nbytes >> (8 * i));
+        if (nhashes) memcpy(buf + dlen + 8, hashes, 32 * nhashes);
+        aoti_rt_b3_hash(buf, n, out);
+        if (buf != small) free(buf);
+        return 0;
+    }
+    """
+    void aoti_rt_b3_hash(const uint8_t* data, size_t nbytes, uint8_t* out) nogil
+    int aoti_rt_b3_combine(const uint8_t* domain, size_t dlen, uint64_t nbytes,
+                           const uint8_t* hashes, size_t nhashes, uint8_t* out) nogil
 
 cdef enum:
     _HASH_BYTES = 32
@@ -883,6 +1058,67 @@ cdef int read_full(int fd, char* dst, int64_t nbytes, int64_t off) noexcept nogi
     return 0
 
 
+#: pieces up to this many bytes are hashed by aoti_rt's own C BLAKE3 without the GIL; larger
+#: ones by the blake3 package (faster per byte, but one GIL round trip per call)
+C_HASH_MAX = 64 << 10
+cdef int _b3_state = -1                 # -1: not checked yet, 0: disagrees with blake3, 1: ok
+
+
+cdef inline int _hexval(char c) noexcept nogil:
+    if c >= 48 and c <= 57:         # 0-9
+        return c - 48
+    if c >= 97 and c <= 102:        # a-f
+        return c - 87
+    if c >= 65 and c <= 70:         # A-F
+        return c - 55
+    return -1
+
+
+def b3_hash(data) -> bytes:
+    """BLAKE3 (32 bytes) of a contiguous bytes-like object, by aoti_rt's own C code."""
+    cdef const uint8_t[::1] view = memoryview(data).cast("B")
+    cdef uint8_t out[32]
+    cdef const uint8_t* ptr = &view[0] if view.shape[0] else <const uint8_t*>b""
+    with nogil:
+        aoti_rt_b3_hash(ptr, view.shape[0], out)
+    return PyBytes_FromStringAndSize(<char*>out, 32)
+
+
+def b3_combine(long long nbytes, hashes) -> str:
+    """:func:`aoti_rt.digest.combine` computed by aoti_rt's own C code (``hashes``
+    concatenated)."""
+    from aoti_rt import digest as _digest
+
+    cdef bytes domain = _digest._DOMAIN
+    cdef bytes joined = bytes(hashes)
+    cdef uint8_t out[32]
+    if len(joined) % _HASH_BYTES:
+        raise ValueError("block hashes are 32 bytes each")
+    if aoti_rt_b3_combine(<const uint8_t*>PyBytes_AS_STRING(domain), len(domain), <uint64_t>nbytes,
+                          <const uint8_t*>PyBytes_AS_STRING(joined), len(joined) // _HASH_BYTES, out) != 0:
+        raise MemoryError("b3_combine")
+    return _digest.PREFIX + PyBytes_FromStringAndSize(<char*>out, 32).hex()
+
+
+cdef bint _b3_ok():
+    """Whether our C BLAKE3 agrees with the blake3 package and aoti_rt.digest.combine (checked
+    once, ~0.1 ms); if not, the loader hashes everything through the blake3 package."""
+    global _b3_state
+    if _b3_state < 0:
+        from blake3 import blake3
+        from aoti_rt import digest as _digest
+
+        data = bytes(range(256)) * 80 + b"aoti_rt"
+        ok = True
+        for n in (0, 1, 63, 64, 65, 1023, 1024, 1025, 2048, 3072, 4096, 4097, 5120, 9217, 16384, 20487):
+            ok = ok and b3_hash(data[:n]) == blake3(data[:n]).digest()
+        for n in (0, 5, 3 * _digest.BLOCK + 1):
+            h = data[:32 * _digest.num_blocks(n)]
+            ok = ok and b3_combine(n, h) == _digest.combine(n, h)
+        _b3_state = 1 if ok else 0
+    return _b3_state == 1
+
+
 cdef class LoadPlan:
     """Where each requested weight's bytes are in the store and which Buffer they go to.
 
@@ -918,6 +1154,7 @@ cdef class LoadPlan:
     cdef tuple _sizes
     cdef object _hasher
     cdef object _hash_error
+    cdef public long long c_hash_max    # pieces up to this size are hashed by our C code, nogil
     cdef long long done                 # bytes moved so far (atomic)
     cdef long long hashed               # bytes hashed so far (atomic)
     cdef long long state                # _CANCELLED | workers inside their loop (atomic)
@@ -976,6 +1213,7 @@ cdef class LoadPlan:
                 raise MemoryError("LoadPlan")
             from blake3 import blake3
             self._hasher = blake3
+            self.c_hash_max = C_HASH_MAX if _b3_ok() else 0
         for i in order:
             off = file_offsets[i]
             left = self._sizes[i]
@@ -1074,22 +1312,44 @@ cdef class LoadPlan:
             q += 1
         return q
 
-    cdef int _hash(self, Py_ssize_t p0, Py_ssize_t p1, const char* src, int64_t src_off) noexcept with gil:
+    cdef int _hash(self, Py_ssize_t p0, Py_ssize_t p1, const char* src, int64_t src_off) noexcept nogil:
         """Hash pieces ``[p0, p1)`` into their slots: from ``src + (file_off - src_off)``, or
-        from their destinations if ``src`` is NULL. 0, or -1 with the error kept (and the
-        plan cancelled). Called from the workers' nogil loops: takes the GIL once per call."""
+        from their destinations if ``src`` is NULL. Pieces up to ``c_hash_max`` bytes are
+        hashed here without the GIL; larger ones by the blake3 package (SIMD, releasing the
+        GIL while it hashes), taking the GIL once for all of them. 0, or -1 with the error
+        kept (and the plan cancelled)."""
         cdef Py_ssize_t p
-        cdef const char* data
+        cdef int64_t nbytes = 0
+        cdef bint large = False
+        for p in range(p0, p1):
+            if self.pieces[p].nbytes <= self.c_hash_max:
+                aoti_rt_b3_hash(<const uint8_t*>self._piece_data(p, src, src_off), <size_t>self.pieces[p].nbytes,
+                                self.hashes + p * _HASH_BYTES)
+                nbytes += self.pieces[p].nbytes
+            else:
+                large = True
+        aoti_rt_atomic_add(&self.hashed, nbytes)
+        if large:
+            return self._hash_large(p0, p1, src, src_off)
+        return 0
+
+    cdef inline const char* _piece_data(self, Py_ssize_t p, const char* src, int64_t src_off) noexcept nogil:
+        if src != NULL:
+            return src + (self.pieces[p].file_off - src_off)
+        return <const char*>self.pieces[p].dst
+
+    cdef int _hash_large(self, Py_ssize_t p0, Py_ssize_t p1, const char* src, int64_t src_off) noexcept with gil:
+        """The pieces of ``[p0, p1)`` above ``c_hash_max``, through the blake3 package."""
+        cdef Py_ssize_t p
         cdef int64_t nbytes = 0
         cdef bytes d
         hasher = self._hasher
         try:
             for p in range(p0, p1):
-                if src != NULL:
-                    data = src + (self.pieces[p].file_off - src_off)
-                else:
-                    data = <const char*>self.pieces[p].dst
-                d = hasher(PyMemoryView_FromMemory(<char*>data, self.pieces[p].nbytes, PyBUF_READ)).digest()
+                if self.pieces[p].nbytes <= self.c_hash_max:
+                    continue
+                d = hasher(PyMemoryView_FromMemory(<char*>self._piece_data(p, src, src_off),
+                                                   self.pieces[p].nbytes, PyBUF_READ)).digest()
                 if PyBytes_GET_SIZE(d) != _HASH_BYTES:
                     raise RuntimeError("blake3 returned a digest of the wrong size")
                 memcpy(self.hashes + p * _HASH_BYTES, PyBytes_AS_STRING(d), _HASH_BYTES)
@@ -1139,6 +1399,52 @@ cdef class LoadPlan:
             out.append(combine(sizes[i], raw[self.wfirst[i] * _HASH_BYTES:
                                              (self.wfirst[i] + self.wcount[i]) * _HASH_BYTES]))
         return out
+
+    def first_mismatch(self, list digests) -> int:
+        """The index of the first weight whose bytes do not have ``digests[i]`` (``None``: not
+        checked), or -1. The same check as comparing with :meth:`digests`, with each root
+        computed by our C code (checked against :func:`aoti_rt.digest.combine` at first use)
+        instead of one Python call per weight."""
+        from aoti_rt import digest as _digest
+
+        cdef Py_ssize_t i, k, n
+        cdef const char* text
+        cdef uint8_t root[32]
+        cdef bytes domain = _digest._DOMAIN
+        cdef str prefix = _digest.PREFIX
+        cdef Py_ssize_t plen = len(prefix)
+        cdef int hi, lo
+        if len(digests) != self.num_weights:
+            raise ValueError("one digest per weight")
+        if not self.verify:
+            raise ValueError("this LoadPlan was made without verify=True")
+        if aoti_rt_atomic_load_acq(&self.hashed) != self.total_bytes:
+            raise RuntimeError("the plan's workers did not hash every piece (the load did not finish)")
+        if not _b3_ok():
+            got = self.digests()
+            for i in range(self.num_weights):
+                if digests[i] is not None and digests[i] != got[i]:
+                    return i
+            return -1
+        sizes = self._sizes
+        for i in range(self.num_weights):
+            want = digests[i]
+            if want is None:
+                continue
+            if not isinstance(want, str) or not (<str>want).startswith(prefix):
+                return i
+            text = PyUnicode_AsUTF8AndSize(want, &n)
+            if n != plen + 2 * _HASH_BYTES:
+                return i
+            if aoti_rt_b3_combine(<const uint8_t*>PyBytes_AS_STRING(domain), len(domain), <uint64_t>sizes[i],
+                                  self.hashes + self.wfirst[i] * _HASH_BYTES, <size_t>self.wcount[i], root) != 0:
+                raise MemoryError("first_mismatch")
+            for k in range(_HASH_BYTES):
+                hi = _hexval(text[plen + 2 * k])
+                lo = _hexval(text[plen + 2 * k + 1])
+                if hi < 0 or lo < 0 or root[k] != ((hi << 4) | lo):
+                    return i
+        return -1
 
     def run_host(self, int fd, int worker=0, int nworkers=1) -> None:
         """Read worker ``worker``'s chunks straight into the (host) buffers.

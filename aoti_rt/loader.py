@@ -33,6 +33,12 @@ CHUNK_BYTES = 32 << 20
 PROGRESS_MIN_BYTES = 256 << 20
 #: worker threads (``$AOTI_RT_LOAD_WORKERS`` overrides)
 WORKERS = int(os.environ.get("AOTI_RT_LOAD_WORKERS", 0)) or max(1, min(16, os.cpu_count() or 1))
+#: when verifying, pieces up to this many bytes per worker are hashed by aoti_rt's own C BLAKE3
+#: without the GIL (at most _cache.C_HASH_MAX); larger ones by the blake3 package, which is
+#: several times faster per byte but takes the GIL once per piece. Measured on 4 KiB pieces:
+#: ~3.5 us each in C vs ~2.2 us through blake3 on one core, but the blake3 calls are
+#: serialised by the GIL (2 workers: no faster than 1), while the C path scales with workers.
+C_HASH_PER_WORKER = 1 << 10
 
 
 def read_weights(rt: DeviceRuntime, store: Path, offsets: Sequence[int], sizes: Sequence[int],
@@ -81,6 +87,7 @@ def read_weights(rt: DeviceRuntime, store: Path, offsets: Sequence[int], sizes: 
         # unverified: one thread, one stream, as fast as the copy engine; verified: the
         # workers hash their chunks from the image while their copies run
         nworkers = max(1, min(int(workers or WORKERS), plan.num_chunks)) if verify else 1
+        _tune(plan, nworkers)
         if plan.num_pieces:
             stagers = rt.take_stagers(nworkers, chunk) if rt.is_cuda else [None] * nworkers
             try:
@@ -98,6 +105,7 @@ def read_weights(rt: DeviceRuntime, store: Path, offsets: Sequence[int], sizes: 
         _check_extents(offsets, sizes, size, store, label)
         plan = _cache.LoadPlan(offsets, sizes, buffers, chunk, verify=verify, source=source)
         nworkers = max(1, min(int(workers or WORKERS), plan.num_chunks))
+        _tune(plan, nworkers)
         bar = _progress(total, progress)
         if not plan.num_pieces:
             pass
@@ -154,11 +162,17 @@ def _check_extents(offsets: list[int], sizes: list[int], size: int, store: Path,
                               f"the file has {size}; re-copy or recompile the bundle")
 
 
+def _tune(plan: _cache.LoadPlan, nworkers: int) -> None:
+    """Which pieces the workers hash in C (see C_HASH_PER_WORKER)."""
+    if plan.verify and plan.c_hash_max:
+        plan.c_hash_max = min(plan.c_hash_max, nworkers * C_HASH_PER_WORKER)
+
+
 def _check_digests(plan: _cache.LoadPlan, digests: Sequence[str | None], store: Path, label) -> None:
-    for i, (want, got) in enumerate(zip(digests, plan.digests())):
-        if want is not None and want != got:
-            raise BundleError(f"{label(i)} of {store}: its bytes do not match its digest: the store is "
-                              f"corrupt or was tampered with; re-copy or recompile the bundle")
+    i = plan.first_mismatch(list(digests))
+    if i >= 0:
+        raise BundleError(f"{label(i)} of {store}: its bytes do not match its digest: the store is "
+                          f"corrupt or was tampered with; re-copy or recompile the bundle")
 
 
 def _run(plan: _cache.LoadPlan, nworkers: int, fn, bar) -> list:

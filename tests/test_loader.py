@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from blake3 import blake3
+from hypothesis import given, settings, strategies as st
 
 import aoti_rt
 from aoti_rt import _cache, digest, loader
@@ -89,6 +90,26 @@ def test_digest_definition():
     # the same bytes viewed as another dtype have the same digest
     t = torch.frombuffer(bytearray(data[:4096]), dtype=torch.uint8).view(torch.float32)
     assert digest.weight_digest(t.numpy()) == digest.weight_digest(data[:4096])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 70_000), st.integers(0, 2**32 - 1))
+def test_own_blake3_equals_the_blake3_package(n, seed):
+    """The C BLAKE3 that hashes small pieces and digest roots without the GIL."""
+    data = seed.to_bytes(4, "little") * (n // 4 + 1)
+    data = data[:n]
+    assert _cache.b3_hash(data) == blake3(data).digest()
+
+
+def test_own_blake3_at_chunk_boundaries():
+    data = _pattern(300 * 1024 + 5, seed=9)
+    for k in list(range(0, 40)) + [64, 65, 127, 128, 129, 255, 256, 257, 299, 300]:
+        for d in (-1, 0, 1):
+            n = max(0, 1024 * k + d)
+            assert _cache.b3_hash(data[:n]) == blake3(data[:n]).digest(), n
+    for n in (0, 1, BLOCK, BLOCK + 1, 5 * BLOCK):
+        h = _pattern(32 * digest.num_blocks(n), seed=n % 7)
+        assert _cache.b3_combine(n, h) == digest.combine(n, h)
 
 
 # -- plans ----------------------------------------------------------------------------------
@@ -228,6 +249,39 @@ def test_many_small_weights_verify(tmp_path):
     digests[1234] = digest.weight_digest(b"something else")
     with pytest.raises(aoti_rt.BundleError, match="weight 1234 "):
         loader.read_weights(rt, store, offsets, sizes, bufs, digests=digests, workers=2, progress=False)
+
+
+@pytest.mark.parametrize("c_hash_max", [0, 4096, 1 << 20], ids=["blake3", "mixed", "own-c"])
+def test_both_hashing_paths_agree(tmp_path, c_hash_max):
+    """Pieces hashed by the blake3 package and by our C code give the compiler's digests, and
+    first_mismatch (C roots) agrees with digests() (aoti_rt.digest.combine)."""
+    sizes = [1, 1000, 1024, 4096, 4097, 70_000, BLOCK + 3, 0, 12_345]
+    data = _pattern(sum(sizes), seed=6)
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    want = [digest.weight_digest(data[o:o + s]) for o, s in zip(offsets, sizes)]
+    store = _store(tmp_path, data)
+    rt = runtime("cpu")
+    bufs = [rt.allocator.allocate(s) for s in sizes]
+    plan = _cache.LoadPlan(offsets, sizes, bufs, 2 * BLOCK, verify=True)
+    assert plan.c_hash_max > 0          # our C BLAKE3 passed its self-check against blake3
+    plan.c_hash_max = c_hash_max
+    fd = os.open(store, os.O_RDONLY)
+    try:
+        _cache.run_workers(plan, 2, lambda w: plan.run_host(fd, w, 2))
+    finally:
+        os.close(fd)
+    assert plan.digests() == want
+    assert plan.first_mismatch(want) == -1
+    assert plan.first_mismatch([None] * len(sizes)) == -1
+    for i in range(len(sizes)):
+        bad = list(want)
+        bad[i] = digest.weight_digest(b"other")
+        assert plan.first_mismatch(bad) == i
+    bad = list(want)
+    bad[2] = want[2].upper().replace("B3T:", "b3t:")      # hex case does not matter
+    assert plan.first_mismatch(bad) == -1
+    bad[3] = want[3][:-1]
+    assert plan.first_mismatch(bad) == 3
 
 
 def test_unverifiable_digest_is_refused(tmp_path):
