@@ -1650,7 +1650,7 @@ cdef class Stager:
         Raises :class:`BundleError` (the store) or :class:`CudaError` (a driver call).
         """
         cdef Py_ssize_t c, p, q, end, k = 0
-        cdef int rc = 0, kind = _E_NONE, step = 0
+        cdef int rc = 0, sync, kind = _E_NONE, step = 0
         cdef int64_t n, at = 0
         cdef int64_t limit = plan.block_bytes if plan.verify else plan.chunk_bytes
         cdef Chunk* ch
@@ -1712,9 +1712,9 @@ cdef class Stager:
                     k += 1
                     c += nworkers
                 # copies already enqueued read the staging buffers: wait for them in any case
-                rc = drv.stream_sync(self.stream)
-                if rc != 0 and kind == _E_NONE:
-                    kind, step = _E_CUDA, 5
+                sync = drv.stream_sync(self.stream)
+                if sync != 0 and kind == _E_NONE:
+                    kind, step, rc = _E_CUDA, 5, sync
                 drv.ctx_pop(&prev)
             if kind != _E_NONE:
                 plan._cancel()
@@ -1736,7 +1736,7 @@ def copy_from_host(LoadPlan plan, Buffer image, Stager stager=None, int worker=0
     """
     cdef Py_ssize_t c, p, q, end, i
     cdef int kind = _E_NONE, step = 0
-    cdef CUresult rc = 0
+    cdef CUresult rc = 0, sync
     cdef int64_t n
     cdef int64_t limit = plan.block_bytes if plan.verify else plan.chunk_bytes
     cdef const char* base
@@ -1805,9 +1805,9 @@ def copy_from_host(LoadPlan plan, Buffer image, Stager stager=None, int worker=0
                             break
                     aoti_rt_atomic_add(&plan.done, ch.nbytes)
                     c += nworkers
-                rc = drv.stream_sync(stream)
-                if rc != 0 and kind == _E_NONE:
-                    kind, step = _E_CUDA, 5
+                sync = drv.stream_sync(stream)
+                if sync != 0 and kind == _E_NONE:
+                    kind, step, rc = _E_CUDA, 5, sync
                 drv.ctx_pop(&prev)
         if kind != _E_NONE:
             plan._cancel()
