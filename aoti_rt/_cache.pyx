@@ -814,6 +814,8 @@ def run_container(uintptr_t run_fn, uintptr_t container, list input_handles,
 from cpython.buffer cimport PyBUF_READ
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.stdint cimport uint64_t
+
+import time
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.memoryview cimport PyMemoryView_FromMemory
 
@@ -1158,6 +1160,8 @@ cdef class LoadPlan:
     cdef long long done                 # bytes moved so far (atomic)
     cdef long long hashed               # bytes hashed so far (atomic)
     cdef long long state                # _CANCELLED | workers inside their loop (atomic)
+    cdef long long bodies_begun         # run_workers' thread bodies that began (atomic)
+    cdef long long bodies_active        # ... and have not ended yet (atomic)
 
     def __cinit__(self):
         self.pieces = NULL
@@ -1277,6 +1281,19 @@ cdef class LoadPlan:
         """Wait, without the GIL and without being interrupted, until no worker is in its loop."""
         with nogil:
             self._wait_idle()
+
+    def _body_begin(self) -> None:
+        aoti_rt_atomic_add_acqrel(&self.bodies_begun, 1)
+        aoti_rt_atomic_add_acqrel(&self.bodies_active, 1)
+
+    def _body_end(self) -> None:
+        aoti_rt_atomic_add_acqrel(&self.bodies_active, -1)
+
+    cdef void _wait_bodies(self, long long started) noexcept nogil:
+        """Until the bodies of the ``started`` threads have begun and every body has ended."""
+        while (aoti_rt_atomic_load_acq(&self.bodies_begun) < started
+               or aoti_rt_atomic_load_acq(&self.bodies_active) > 0):
+            usleep(200)
 
     cdef void _cancel(self) noexcept nogil:
         aoti_rt_atomic_or(&self.state, _CANCELLED)
@@ -1516,17 +1533,33 @@ cdef object _load_error(LoadPlan plan, int kind, long long code, int64_t at, int
     return CudaError(_CUDA_STEPS.get(step, "loading"), code)
 
 
-cdef object _join_deferring(list threads):
-    """Join every started thread; an exception raised meanwhile (a KeyboardInterrupt) is kept
-    and returned, not raised, until all are joined. (Compiled: no signal handler runs between
-    these statements, only inside the calls into ``threading``.)"""
+cdef object _join_deferring(list threads, object interrupted_start):
+    """Join the threads; an exception raised meanwhile (a KeyboardInterrupt) is kept and
+    returned, not raised. Called once every started thread's body has ended, so this waits
+    for little but the threads' exit. CPython's Thread.join, interrupted, may mark a running
+    thread stopped (it releases the thread's lock from the except clause of
+    _wait_for_tstate_lock), so a thread counts as gone only once threading no longer lists
+    it. ``interrupted_start`` is a thread whose start() was interrupted: it may or may not
+    run; it is waited for (up to a second) to show up, then joined like the others.
+    (Compiled: no signal handler runs between these statements, only inside the calls.)"""
     cdef object pending = None
+    cdef double deadline = 0
     for t in threads:
         while True:
             try:
-                if t.ident is None or not t.is_alive():
-                    break
+                if t.ident is None:
+                    if t is not interrupted_start:
+                        break           # never started
+                    if deadline == 0:
+                        deadline = time.monotonic() + 1.0
+                    if time.monotonic() > deadline:
+                        break           # interrupted before the thread was created
+                    time.sleep(0.0002)
+                    continue
                 t.join()
+                if not any(x is t for x in threading.enumerate()):
+                    break
+                time.sleep(0.0002)
             except BaseException as e:
                 if pending is None:
                     pending = e
@@ -1543,9 +1576,11 @@ def run_workers(LoadPlan plan, int nworkers, fn, progress=None, double interval=
 
     Whatever exception reaches the waiting thread (a KeyboardInterrupt, a second one while
     it cleans up, an error from ``progress``), the plan is cancelled and the waiting thread
-    blocks, uninterruptibly and without the GIL, until no worker is inside its loop; the
-    threads are then joined with further exceptions deferred, and the first is re-raised.
-    So when this returns or raises, nothing touches the file, the buffers or the stagers.
+    blocks, uninterruptibly and without the GIL, until every worker's ``fn`` has returned
+    (they stop at their next piece); the threads are then joined with further exceptions
+    deferred, and the first is re-raised. So when this returns or raises, nothing touches
+    the file, the buffers or the stagers. (A thread whose ``start()`` was itself
+    interrupted may run later: its ``fn`` finds the plan cancelled and does nothing.)
     A plan of one chunk with one worker runs in the calling thread.
     """
     if nworkers <= 1 and plan.num_chunks <= 1 and progress is None:
@@ -1557,6 +1592,7 @@ def run_workers(LoadPlan plan, int nworkers, fn, progress=None, double interval=
     finished = threading.Event()
 
     def body(int w):
+        plan._body_begin()
         try:
             results[w] = fn(w)
         except BaseException as e:
@@ -1568,13 +1604,19 @@ def run_workers(LoadPlan plan, int nworkers, fn, progress=None, double interval=
                 last = left[0] == 0
             if last:
                 finished.set()
+            plan._body_end()
 
     threads = [threading.Thread(target=body, args=(w,), name=f"aoti_rt-load_{w}", daemon=True)
                for w in range(nworkers)]
     cdef object first = None
+    cdef object starting = None
+    cdef long long started = 0
     try:
         for t in threads:
+            starting = t
             t.start()
+            starting = None
+            started += 1
         while not finished.wait(interval):
             if progress is not None:
                 progress(plan.bytes_done)
@@ -1583,8 +1625,8 @@ def run_workers(LoadPlan plan, int nworkers, fn, progress=None, double interval=
     if first is not None:
         plan._cancel()
         with nogil:
-            plan._wait_idle()
-    pending = _join_deferring(threads)
+            plan._wait_bodies(started)
+    pending = _join_deferring(threads, starting)
     if first is not None:
         raise first
     if pending is not None:
