@@ -24,7 +24,7 @@ from pathlib import Path
 from . import _cache
 from .bundle import file_identity
 from .device import DeviceRuntime
-from .digest import PREFIX, combine, is_verifiable
+from .digest import PREFIX, is_verifiable
 from .errors import BundleError
 
 #: bytes per chunk (one pread, one staging buffer); a multiple of the hash block
