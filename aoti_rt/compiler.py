@@ -11,7 +11,6 @@ tied under two FQNs, is written to the store once.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import keyword
 import os
 import re
@@ -25,6 +24,7 @@ from typing import Any
 from . import __version__
 from .bundle import (MANIFEST, STORE, ConstantSpec, InputSpec, Manifest, MethodSpec, WeightSpec,
                      divergent_fqns, dtype_name, read_store_header, safe_tensor_name, weight_id)
+from .digest import weight_digest
 from .errors import CompileError
 
 _METHOD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -166,7 +166,7 @@ def probe_method(so_path: Path, blob: Path | None, device: str, mutated: set[str
             if t is None:
                 raise CompileError(f"{so_path.name}: AOTI reports constant {info.fqn} but holds no tensor for it")
             data = storage_bytes(t)
-            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+            digest = weight_digest(data)
             out.append((ConstantSpec(
                 name=info.name, fqn=info.fqn, dtype=dtype_name(t.dtype), shape=list(t.shape),
                 stride=list(t.stride()), storage_offset=t.storage_offset(),

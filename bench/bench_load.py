@@ -9,7 +9,13 @@ Variants (GB/s = the bytes a variant moves / its seconds; 1 GB = 1e9 bytes):
                                 memory by ``aoti_rt.pin_store`` (bytes already in host memory)
   aoti_rt.loader.read_weights   the loader alone (no .so, no binding) into buffers from the
                                 device allocator, from the bundle's store and from a copy in
-                                /dev/shm when there is room, at several worker counts
+                                /dev/shm when there is room, at several worker counts; and
+                                10k x 4 KiB weights cut from the store (per-weight overhead)
+  ..., verified / unverified    the same load with and without checking every weight against
+                                its manifest digest (BLAKE3 tree, hashed by the workers while
+                                loading), side by side: the cost of verification. The
+                                aoti_rt.load rows force it on or off whatever the runtime's
+                                default is; rows without the suffix use that default
   stock AOTI                    ``AOTIModelContainerRunnerCuda(so, 1, dev)`` +
                                 ``update_constant_buffer_from_blob(blob)`` on an artifact from
                                 ``torch._inductor.aot_compile`` (binary_blob); also the blob
@@ -28,6 +34,7 @@ Full size: 16 x Linear(8192, 8192, bias=False) bf16 = 2 GiB; small: 4 x Linear(2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import filecmp
 import os
@@ -47,6 +54,7 @@ import torch
 import aoti_rt
 import aoti_rt.loader
 from aoti_rt.bundle import human_bytes
+from aoti_rt.digest import weight_digest
 from aoti_rt.device import DeviceRuntime
 from aoti_rt.device import get as device_runtime
 from bench import common
@@ -154,6 +162,14 @@ def aoti_rows(case: Case) -> None:
         case.add_samples(f"aoti_rt.load cold ({'+'.join(methods)})", expect, samples, bytes_read=read[-1])
         if any(r != expect for r in read):
             case.table.notes.append(f"aoti_rt.load ({'+'.join(methods)}) read {read} bytes, expected {expect}")
+    # the cost of verifying every weight against its digest, end to end
+    for verify in (False, True):
+        read = []
+        expect = man.unique_weight_bytes(["prefill"])
+        with verification(case, verify):
+            samples = common.repeat(partial(cold, ["prefill"], read), case.reps)
+        case.add_samples(f"aoti_rt.load cold (prefill), {_verified(verify)}", expect, samples,
+                         bytes_read=read[-1], verified=verify)
     # bytes already in host memory: the store pinned with aoti_rt.pin_store
     with aoti_rt.pin_store(case.bundle.root, device=case.dev) as pin:
         read = []
@@ -161,9 +177,36 @@ def aoti_rows(case: Case) -> None:
         samples = common.repeat(partial(cold, ["prefill"], read), case.reps)
         case.add_samples("aoti_rt.load cold (prefill), store in pinned host memory (pin_store)", expect,
                          samples, bytes_read=read[-1])
+        for verify in (False, True):
+            with verification(case, verify):
+                samples = common.repeat(partial(cold, ["prefill"], read), case.reps)
+            case.add_samples(f"aoti_rt.load cold (prefill), pin_store, {_verified(verify)}", expect,
+                             samples, bytes_read=read[-1], verified=verify)
         if any(r != 0 for r in read):
             case.table.notes.append(f"aoti_rt.load from a pinned store read {read} bytes from disk, expected 0")
         case.table.notes.append(_same_outputs_pinned(case, pin))
+
+
+def _verified(verify: bool) -> str:
+    return "verified" if verify else "unverified"
+
+
+@contextlib.contextmanager
+def verification(case: Case, verify: bool):
+    """Make every ``aoti_rt.loader.read_weights`` call (the runtime's too) check the weights'
+    digests from the bundle's manifest (``verify``), or check nothing, whatever it was asked."""
+    real = aoti_rt.loader.read_weights
+    by_extent = {(w.offset, w.nbytes): w.digest for w in case.bundle.manifest.weights.values()}
+
+    def read_weights(rt, store, offsets, sizes, buffers, **kw):
+        kw["digests"] = [by_extent.get((o, n)) for o, n in zip(offsets, sizes)] if verify else None
+        return real(rt, store, offsets, sizes, buffers, **kw)
+
+    aoti_rt.loader.read_weights = read_weights
+    try:
+        yield
+    finally:
+        aoti_rt.loader.read_weights = real
 
 
 def _same_outputs_pinned(case: Case, pin: aoti_rt.PinnedStore) -> str:
@@ -185,24 +228,33 @@ def _same_outputs_pinned(case: Case, pin: aoti_rt.PinnedStore) -> str:
 
 
 def loader_rows(case: Case) -> None:
-    """``aoti_rt.loader.read_weights`` alone, from the store and from a copy in /dev/shm."""
+    """``aoti_rt.loader.read_weights`` alone, from the store and from a copy in /dev/shm,
+    unverified and verified; and many small weights (the per-weight cost of verifying)."""
     man = case.bundle.manifest
     weights = [man.weights[i] for i in sorted({c.weight for c in man.methods["prefill"].constants})]
 
-    def read(store: Path, workers: int | None = None) -> float:
+    def read(store: Path, workers: int | None = None, verify: bool = False) -> float:
         bufs = [case.rt.allocator.allocate(w.nbytes) for w in weights]
         t0 = time.perf_counter()
         aoti_rt.loader.read_weights(case.rt, store, [w.offset for w in weights], [w.nbytes for w in weights],
-                                    bufs, progress=False, workers=workers)
+                                    bufs, progress=False, workers=workers,
+                                    digests=[w.digest for w in weights] if verify else None)
         seconds = time.perf_counter() - t0
         del bufs
         return seconds
 
+    def both(variant: str, *args) -> None:
+        for verify in (False, True):
+            case.add(f"{variant}, {_verified(verify)}", case.unique, partial(read, *args, verify=verify),
+                     verified=verify)
+
     store = case.bundle.store_path
     case.add("aoti_rt.loader.read_weights (page cache)", case.unique, partial(read, store))
+    both("aoti_rt.loader.read_weights (page cache)", store)
     for n in sorted({4, 16} - {aoti_rt.loader.WORKERS}):
         case.add(f"aoti_rt.loader.read_weights (page cache, {n} workers)", case.unique,
                  partial(read, store, n))
+    both("aoti_rt.loader.read_weights (page cache, 16 workers)", store, 16)
     shm = Path("/dev/shm")
     if shm.is_dir() and shutil.disk_usage(shm).free > store.stat().st_size + (256 << 20):
         copy = shm / f"aoti_rt-bench-{os.getpid()}.safetensors"
@@ -212,12 +264,45 @@ def loader_rows(case: Case) -> None:
             for n in sorted({2, 4, 16, os.cpu_count() or 1} - {aoti_rt.loader.WORKERS}):
                 case.add(f"aoti_rt.loader.read_weights (/dev/shm, {n} workers)", case.unique,
                          partial(read, copy, n))
+            both("aoti_rt.loader.read_weights (/dev/shm)", copy)
         finally:
             copy.unlink(missing_ok=True)
     else:
         case.table.notes.append("no /dev/shm with room for the store: the in-memory loader row is skipped")
+    small_weights(case, store)
     case.table.notes.append("bytes already in host memory: the pin_store row (page-locked image, "
                             "DMA straight to the device); the /dev/shm rows still copy through staging")
+    case.table.notes.append("verified: every weight's bytes hashed (BLAKE3, 4 MiB blocks) by the loader's "
+                            "workers as they land in host memory and checked against the manifest digest")
+
+
+def small_weights(case: Case, store: Path, count: int = 10_000, size: int = 4096) -> None:
+    """``count`` x 4 KiB weights cut from the store: the per-weight cost of loading and verifying."""
+    count = min(count, store.stat().st_size // size)     # the small model's store is ~1 MiB
+    if count < 100:
+        case.table.notes.append("the store is too small for the small-weights rows")
+        return
+    offsets = [i * size for i in range(count)]
+    sizes = [size] * count
+    with open(store, "rb") as f:
+        data = f.read(count * size)
+    digests = [weight_digest(data[o:o + size]) for o in offsets]
+    bufs = [case.rt.allocator.allocate(size) for _ in range(count)]    # reused: allocation is not timed
+
+    def read(verify: bool) -> float:
+        t0 = time.perf_counter()
+        aoti_rt.loader.read_weights(case.rt, store, offsets, sizes, bufs, progress=False,
+                                    digests=digests if verify else None)
+        common.synchronize(case.dev)
+        return time.perf_counter() - t0
+
+    for verify in (False, True):
+        samples = common.repeat(partial(read, verify), case.reps)
+        case.add_samples(f"aoti_rt.loader.read_weights {count} x {size // 1024} KiB, "
+                         f"{_verified(verify)}", count * size, samples, verified=verify,
+                         us_per_weight_median=common.best_median(samples)[1] * 1e6 / count)
+    del bufs
+    common.free_memory(case.dev)
 
 
 def stock_rows(case: Case) -> None:
