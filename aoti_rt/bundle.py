@@ -58,7 +58,7 @@ CHECKED_BUNDLES = 64
 DIGEST_PATTERN = r"b3t:[0-9a-f]{64}"
 #: TEMPORARY: also accept ``"sha256:<64 hex>"``, which the compiler writes until the BLAKE3
 #: digest lands. Set to False (and delete) once aoti_rt.compile() writes "b3t:" digests.
-ACCEPT_LEGACY_SHA256_DIGESTS = True
+ACCEPT_LEGACY_SHA256_DIGESTS = False
 LEGACY_DIGEST_PATTERN = r"sha256:[0-9a-f]{64}"
 
 #: c10::ScalarType codes, the dtype encoding of the AOTI C ABI.

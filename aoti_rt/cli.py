@@ -59,24 +59,16 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    import hashlib
-
     from .bundle import read_bundle
+    from .digest import weight_digest
 
     b = read_bundle(args.bundle)
     bad = 0
     with open(b.store_path, "rb") as f:
         for wid, w in b.manifest.weights.items():
             f.seek(w.offset)
-            h = hashlib.sha256()
-            left = w.nbytes
-            while left:
-                chunk = f.read(min(left, 16 << 20))
-                if not chunk:
-                    break
-                h.update(chunk)
-                left -= len(chunk)
-            if "sha256:" + h.hexdigest() != w.digest:
+            data = f.read(w.nbytes)
+            if len(data) != w.nbytes or weight_digest(data) != w.digest:
                 bad += 1
                 print(f"CORRUPT  {w.tensor} ({wid})")
     print(f"{len(b.manifest.weights) - bad} of {len(b.manifest.weights)} weights match their digests")

@@ -226,7 +226,10 @@ class Method:
             if fill:
                 n = loader.read_weights(rt, source.store, [weights[i].offset for i in fill],
                                         [weights[i].nbytes for i in fill],
-                                        [acq.buffers[i] for i in fill], progress=progress)
+                                        [acq.buffers[i] for i in fill],
+                                        digests=[weights[i].digest for i in fill] if source.verify else None,
+                                        names=[(weights[i].fqns or [weights[i].id])[0] for i in fill],
+                                        progress=progress)
                 rt.cache.add_bytes_read(n)
                 self.bytes_read = n
         except BaseException as e:
@@ -489,7 +492,7 @@ class Model:
     """
 
     def __init__(self, bundle: Bundle, device: str, *, methods: Sequence[str] | None = None,
-                 progress: bool | None = None):
+                 progress: bool | None = None, verify: bool = True):
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.device = device
@@ -497,7 +500,7 @@ class Model:
         self._methods: dict[str, Method] = {}
         rt = _device.get(device)
         source = _Source(bundle.store_path, bundle.manifest.weights, self._token,
-                         bundle=source_scope(bundle.store_path), verify=False)
+                         bundle=source_scope(bundle.store_path), verify=verify)
         names = list(bundle.manifest.methods) if methods is None else list(methods)
         try:
             for name in names:
@@ -563,7 +566,7 @@ class Model:
 
 
 def load(path: str | Path, *, device: str | None = None, methods: Sequence[str] | None = None,
-         progress: bool | None = None) -> Model:
+         progress: bool | None = None, verify: bool = True) -> Model:
     """Load a bundle written by :func:`aoti_rt.compile`.
 
     Args:
@@ -572,6 +575,21 @@ def load(path: str | Path, *, device: str | None = None, methods: Sequence[str] 
         methods: load only these methods (default: all).
         progress: show a progress bar while loading (default: for loads of 2 GiB or more,
             when stderr is a terminal).
+        verify: check each weight read from the store against its digest while loading
+            (BLAKE3, in the loader's worker threads); a mismatch is a :class:`BundleError`.
+            Only verified weights are shared with other bundles: with ``verify=False`` this
+            bundle's weights are shared among its own methods and instances only.
+
+    Returns:
+        The :class:`Model`; close it (or use ``with``) to release its memory.
+
+    Raises:
+        BundleError: the bundle is missing, corrupt or inconsistent, or was compiled for
+            another device type. AOTIError, AllocationError, CudaError: see their docs.
+
+    Example:
+        >>> with aoti_rt.load("lm.aoti", device="cuda") as model:
+        ...     logits = model.prefill(tokens)
     """
     bundle = read_bundle(path)
     try:
@@ -582,4 +600,4 @@ def load(path: str | Path, *, device: str | None = None, methods: Sequence[str] 
     if ("cpu" if dev == "cpu" else "cuda") != compiled:
         raise BundleError(f"{path} was compiled for {bundle.manifest.device}; an AOTI .so runs only "
                          f"on the device type it was compiled for, so load it on {compiled}")
-    return Model(bundle, dev, methods=methods, progress=progress)
+    return Model(bundle, dev, methods=methods, progress=progress, verify=verify)

@@ -28,7 +28,7 @@ from .compiler import probe_method
 from .errors import BundleError
 from .runtime import Method, _Source, _instance_ids, source_scope
 
-PROBE_VERSION = 1
+PROBE_VERSION = 2     # 2: b3t digests, records checked like manifests
 
 
 def _cache_path(so: Path) -> list[Path]:
@@ -124,5 +124,5 @@ def load_method(so_path: str | os.PathLike[str], weights: str | os.PathLike[str]
     dev = _device.normalize(device, default="cuda:0" if _device.cuda_available() else "cpu")
     spec, table = probe_artifact(so, blob, dev)
     rt = _device.get(dev)
-    source = _Source(blob, table, f"method{next(_instance_ids)}", bundle=source_scope(blob), verify=False)
+    source = _Source(blob, table, f"method{next(_instance_ids)}", bundle=source_scope(blob), verify=True)
     return Method(name or so.stem, spec, so, source, rt, typed_inputs=False)

@@ -184,7 +184,7 @@ BAD_FIELDS = [
     ("huge-data-size", _set_const("a", "inp.bias", data_size=2**61), r"data_size 2305843009213693952 is more than"),
     ("duplicate-constant-name", _duplicate_constant_name, r"is used by another constant of the method"),
     ("constant-mutable-weight-not", _mutable_constant_of_immutable_weight, r"mutable is True but its weight's is False"),
-    ("constant-digest-not-weight's", _set_const("a", "inp.bias", digest="sha256:" + "0" * 64), r"but its weight's is"),
+    ("constant-digest-not-weight's", _set_const("a", "inp.bias", digest="b3t:" + "0" * 64), r"but its weight's is"),
     # weights
     ("weight-key-is-not-id", _rename_weight_key, r"weights\['other-.*'\]\.id is"),
     ("weight-digest-uppercase", _upper_digest, r'digest must be a digest "b3t:" \+ 64 lowercase hex digits'),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -15,13 +14,15 @@ import aoti_rt
 from aoti_rt import demo
 from aoti_rt.bundle import read_bundle, read_store_header
 
+from aoti_rt.digest import weight_digest
 from models import make_stack
 
 
 def _sha(path, offset, n):
+    """The digest of ``n`` bytes at ``offset`` as the bundle format defines it."""
     with open(path, "rb") as f:
         f.seek(offset)
-        return "sha256:" + hashlib.sha256(f.read(n)).hexdigest()
+        return weight_digest(f.read(n))
 
 
 def test_bundle_layout(lm_bundle):
@@ -77,8 +78,8 @@ def test_weights_stored_once_with_tied(three_bundle, device):
     man = b.manifest
     # tied inp.weight / out.weight: one weight, whatever FQN AOTI kept for it
     s = make_stack(device)
-    tied = [w for w in man.weights.values() if w.digest == "sha256:" + hashlib.sha256(
-        s.inp.weight.detach().cpu().numpy().tobytes()).hexdigest()]
+    tied = [w for w in man.weights.values() if w.digest == weight_digest(
+        s.inp.weight.detach().cpu().numpy().tobytes())]
     assert len(tied) == 1
     # each distinct storage once in the store: on-disk bytes ~= unique bytes (< 25 % over)
     unique = man.unique_weight_bytes()
