@@ -414,6 +414,7 @@ cdef class _Entry:
     cdef bint loading      # True while the first user fills it
     cdef str error         # why the fill failed, for waiters (a message: no traceback cycles)
     cdef object error_type # the failed fill's exception class, re-raised for waiters
+    cdef list aliases      # further keys that name this entry (WeightCache.alias), or None
 
 
 cdef class Acquisition:
@@ -519,8 +520,13 @@ cdef class WeightCache:
         acq.released = True
         for e in acq.entries:
             e.refs -= 1
-            if e.refs <= 0 and self._entries.get(e.key) is e:
-                del self._entries[e.key]
+            if e.refs <= 0:
+                if self._entries.get(e.key) is e:
+                    del self._entries[e.key]
+                if e.aliases is not None:
+                    for k in e.aliases:
+                        if self._entries.get(k) is e:
+                            del self._entries[k]
         acq.entries = []
         acq.buffers = []
 
@@ -575,6 +581,28 @@ cdef class WeightCache:
         with self._lock:
             self._release_locked(acq)
 
+    def alias(self, key, new_key) -> bool:
+        """Let ``new_key`` name the filled entry cached under ``key`` too, so acquiring either
+        shares one Buffer and one reference count; the entry leaves under all its names.
+
+        The runtime names a weight by content in the whole process only once its bytes were
+        verified, so it aliases a bundle's own entry rather than copying it. Returns False
+        (and changes nothing) if ``key`` is not a filled entry or ``new_key`` names another.
+        """
+        cdef _Entry e
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None or e.loading or e.error is not None:
+                return False
+            other = self._entries.get(new_key)
+            if other is not None:
+                return other is e
+            self._entries[new_key] = e
+            if e.aliases is None:
+                e.aliases = []
+            e.aliases.append(new_key)
+            return True
+
     def buffer(self, key):
         """The Buffer cached under ``key``, or None (the cache count is unchanged)."""
         cdef _Entry e = self._entries.get(key)
@@ -582,9 +610,10 @@ cdef class WeightCache:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"entries": len(self._entries), "hits": self.hits,
+            unique = {id(e): e for e in self._entries.values()}.values()    # aliases once
+            return {"entries": len(unique), "hits": self.hits,
                     "misses": self.misses, "bytes_read": self.bytes_read,
-                    "cached_bytes": sum((<_Entry>e).buffer.nbytes for e in self._entries.values())}
+                    "cached_bytes": sum((<_Entry>e).buffer.nbytes for e in unique)}
 
     def add_bytes_read(self, long long n):
         with self._lock:
@@ -1137,6 +1166,7 @@ cdef struct Piece:
     int64_t file_off
     int64_t nbytes
     uintptr_t dst
+    int64_t weight     # index of the weight (destination Buffer) it belongs to
 
 cdef struct Chunk:
     int64_t first
@@ -1334,6 +1364,7 @@ cdef class LoadPlan:
                 self.pieces[np].file_off = off
                 self.pieces[np].nbytes = take
                 self.pieces[np].dst = dst
+                self.pieces[np].weight = i
                 np += 1
                 self.wcount[i] += 1
                 off += take
@@ -1491,7 +1522,11 @@ cdef class LoadPlan:
         while p < p1:
             q = p + 1
             n = self.pieces[p].nbytes
-            while q < p1 and self.pieces[q].dst == self.pieces[q - 1].dst + <uintptr_t>self.pieces[q - 1].nbytes \
+            # one copy may not span two allocations, even ones adjacent in the address space
+            # (consecutive cuMemAlloc slabs often are: CUDA_ERROR_INVALID_VALUE), so only the
+            # pieces of one weight are merged
+            while q < p1 and self.pieces[q].weight == self.pieces[q - 1].weight \
+                    and self.pieces[q].dst == self.pieces[q - 1].dst + <uintptr_t>self.pieces[q - 1].nbytes \
                     and self.pieces[q].file_off == self.pieces[q - 1].file_off + self.pieces[q - 1].nbytes:
                 n += self.pieces[q].nbytes
                 q += 1

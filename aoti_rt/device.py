@@ -86,6 +86,17 @@ def normalize(device: str | None, default: str = "cpu") -> str:
     return dev
 
 
+@dataclass(frozen=True)
+class ShareCandidate:
+    """Where a bundle-scoped cached weight was loaded from, to verify it on demand."""
+
+    key: str                 # its cache key (bundle-scoped)
+    store: str               # the store file it was read from
+    identity: tuple | None   # the store's (size, mtime, inode) when it was read
+    offset: int
+    nbytes: int
+
+
 @dataclass
 class DeviceRuntime:
     """Everything aoti_rt holds for one device."""
@@ -99,6 +110,10 @@ class DeviceRuntime:
     stager_lock: threading.Lock = field(default_factory=threading.Lock)
     #: resolved store path -> PinnedStore (loader.pin_store) whose image loads copy from
     pinned_stores: dict = field(default_factory=dict)
+    #: content key -> ShareCandidate: a bundle's own, not yet verified copy of a weight that
+    #: another bundle may share once the copy's store bytes hash to the digest
+    share_candidates: dict = field(default_factory=dict)
+    share_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def is_cuda(self) -> bool:
@@ -107,6 +122,32 @@ class DeviceRuntime:
     @property
     def index(self) -> int:
         return int(self.device[5:]) if self.is_cuda else 0
+
+    def offer_shared(self, content_key: str, candidate: "ShareCandidate") -> None:
+        """Remember a bundle-scoped cache entry as the copy of ``content_key`` that other
+        bundles may share once verified (the first offer stays while its entry lives)."""
+        with self.share_lock:
+            old = self.share_candidates.get(content_key)
+            if old is None or old.key not in self.cache:
+                self.share_candidates[content_key] = candidate
+            if len(self.share_candidates) > 4 * len(self.cache) + 1024:    # drop dead ones
+                self.share_candidates = {k: c for k, c in self.share_candidates.items()
+                                         if c.key in self.cache}
+
+    def shared_candidate(self, content_key: str) -> "ShareCandidate | None":
+        """The live candidate copy for ``content_key``, or None."""
+        with self.share_lock:
+            c = self.share_candidates.get(content_key)
+            if c is not None and c.key not in self.cache:
+                del self.share_candidates[content_key]
+                c = None
+            return c
+
+    def forget_shared(self, content_key: str, candidate: "ShareCandidate") -> None:
+        """Drop a candidate whose store no longer holds what its digest claims."""
+        with self.share_lock:
+            if self.share_candidates.get(content_key) is candidate:
+                del self.share_candidates[content_key]
 
     def take_stagers(self, n: int, chunk_bytes: int) -> list:
         """Borrow ``n`` copy engines (created on first use and kept for later loads)."""

@@ -80,3 +80,49 @@ def is_verifiable(digest: str) -> bool:
 
 __all__ = ["PREFIX", "BLOCK", "HASH_BYTES", "num_blocks", "block_hash", "combine", "weight_digest",
            "is_verifiable"]
+
+
+def file_digests(path, ranges: list[tuple[int, int]], *, workers: int | None = None) -> list[str]:
+    """The digests of byte ranges ``(offset, nbytes)`` of a file, read and hashed block by
+    block in parallel threads (``os.pread`` and the hasher both release the GIL).
+
+    Used to verify, on demand, that a weight already in device memory holds the bytes its
+    digest claims, by hashing the store it was loaded from: no device memory, no copy.
+    Raises OSError if the file cannot be read or is shorter than a range.
+    """
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [(i, b, off + b * BLOCK, min(BLOCK, n - b * BLOCK))
+            for i, (off, n) in enumerate(ranges) for b in range(num_blocks(n))]
+    hashes: list[list[bytes]] = [[b""] * num_blocks(n) for _, n in ranges]
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        def one(job) -> None:
+            i, b, at, n = job
+            data = os.pread(fd, n, at)
+            if len(data) != n:
+                raise OSError(f"{path} ends before byte {at + n}")
+            hashes[i][b] = block_hash(data)
+
+        n_workers = max(1, min(workers or os.cpu_count() or 1, 16, len(jobs)))
+        if n_workers == 1:
+            for job in jobs:
+                one(job)
+        else:
+            pool = ThreadPoolExecutor(n_workers, thread_name_prefix="aoti_rt-verify")
+            try:
+                for _ in pool.map(one, jobs):
+                    pass
+            finally:
+                # every thread is joined before the fd is closed, whatever arrives meanwhile
+                pool.shutdown(wait=False, cancel_futures=True)
+                while True:
+                    try:
+                        pool.shutdown(wait=True)
+                        break
+                    except KeyboardInterrupt:
+                        continue
+    finally:
+        os.close(fd)
+    return [combine(n, hashes[i]) for i, (_, n) in enumerate(ranges)]

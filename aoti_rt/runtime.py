@@ -57,7 +57,9 @@ class _Source:
     weights: dict[str, WeightSpec]
     scope: str          # instance token for mutable state
     bundle: str = ""    # identity of the bundle (or artifact) for content it alone vouches for
-    verify: bool = False  # the loader checks each weight's bytes against its digest
+    #: True: share with other bundles only verified content (checked on demand); "load":
+    #: check every weight while loading too; False: share within the bundle only
+    verify: bool | str = False
 
 
 def source_scope(path: Path) -> str:
@@ -184,9 +186,10 @@ class Method:
                           f"recompile it")
 
     def _keys(self, source: _Source, plan: _cache.BindPlan
-              ) -> tuple[list[str], list[WeightSpec], list[int], list[int]]:
-        """Unique cache keys of this method's weights, the bytes each buffer needs, and each
-        constant's index among them (see the module docstring for the key rules)."""
+              ) -> tuple[list[str], list[str | None], list[WeightSpec], list[int], list[int]]:
+        """This method's weights: each one's own cache key, its content key where it may be
+        shared with other bundles (else None), the bytes its buffer needs, and each constant's
+        index among them (see the module docstring for the key rules)."""
         weights: list[WeightSpec] = []
         need: list[int] = []
         shareable: list[bool] = []
@@ -199,26 +202,65 @@ class Method:
                 at = index[w.id] = len(weights)
                 weights.append(w)
                 need.append(w.nbytes)
-                shareable.append(source.verify and not w.mutable)
+                shareable.append(bool(source.verify) and not w.mutable)
             of_constant.append(at)
             need[at] = max(need[at], plan.need(i))
             if plan.so_kind(i) not in _READ_ONLY_KINDS:
                 shareable[at] = False
-        keys = []
+        keys: list[str] = []
+        content: list[str | None] = []
         for w, n, share in zip(weights, need, shareable):
             size = f"{w.nbytes}" if n == w.nbytes else f"{w.nbytes}+{n - w.nbytes}"
             if w.mutable:
                 keys.append(f"{source.scope}|{w.id}|{size}")
-            elif share:
-                keys.append(f"{w.digest}|{size}")
             else:
                 keys.append(f"{source.bundle}|{w.digest}|{size}")
-        return keys, weights, need, of_constant
+            content.append(f"{w.digest}|{size}" if share else None)
+        return keys, content, weights, need, of_constant
+
+    def _share_verified(self, source: _Source, keys: list[str], content: list[str | None],
+                        weights: list[WeightSpec]) -> list[str]:
+        """Use a content key wherever the weight is verified already, or can be now.
+
+        A content key names bytes that were checked against the digest: by a ``verify="load"``
+        load, or here, by hashing the store another bundle's copy was read from (no device
+        memory, no copy; the cost is paid only when two bundles share). Weights not verified
+        stay under this bundle's own keys."""
+        from . import digest as _digest
+        from .device import ShareCandidate  # noqa: F401 - the type of rt.shared_candidate
+
+        rt = self._rt
+        out = list(keys)
+        todo: dict[str, list[tuple[int, Any]]] = {}
+        for j, ck in enumerate(content):
+            if ck is None:
+                continue
+            if ck in rt.cache or source.verify == "load":
+                out[j] = ck
+            elif keys[j] not in rt.cache:
+                cand = rt.shared_candidate(ck)
+                if cand is not None:
+                    todo.setdefault(cand.store, []).append((j, cand))
+        for store, items in todo.items():
+            try:
+                got = _digest.file_digests(store, [(c.offset, c.nbytes) for _, c in items])
+            except OSError:
+                got = [None] * len(items)
+            same_file = file_identity(Path(store))
+            for (j, cand), d in zip(items, got):
+                ok = d == weights[j].digest and same_file == cand.identity
+                if ok and rt.cache.alias(cand.key, content[j]):
+                    out[j] = content[j]
+                elif not ok:
+                    rt.forget_shared(content[j], cand)
+        return out
 
     def _bind_shared(self, source: _Source, plan: _cache.BindPlan, progress: bool | None) -> None:
         rt = self._rt
         b = self._binding
-        keys, weights, need, of_constant = self._keys(source, plan)
+        keys, content, weights, need, of_constant = self._keys(source, plan)
+        if source.verify:
+            keys = self._share_verified(source, keys, content, weights)
         acq = rt.cache.acquire(keys, need, rt.allocator)
         b.acq = acq
         try:
@@ -227,7 +269,8 @@ class Method:
                 n = loader.read_weights(rt, source.store, [weights[i].offset for i in fill],
                                         [weights[i].nbytes for i in fill],
                                         [acq.buffers[i] for i in fill],
-                                        digests=[weights[i].digest for i in fill] if source.verify else None,
+                                        digests=([weights[i].digest for i in fill]
+                                                 if source.verify == "load" else None),
                                         names=[(weights[i].fqns or [weights[i].id])[0] for i in fill],
                                         progress=progress)
                 rt.cache.add_bytes_read(n)
@@ -236,6 +279,14 @@ class Method:
             rt.cache.publish(acq, e)
             raise
         rt.cache.publish(acq)
+        if source.verify is True:
+            # this bundle's own copies: other bundles may share them once verified
+            ident = file_identity(Path(source.store))
+            for i in acq.to_fill:
+                if content[i] is not None and keys[i] != content[i]:
+                    w = weights[i]
+                    rt.offer_shared(content[i], _device.ShareCandidate(
+                        keys[i], str(source.store), ident, w.offset, w.nbytes))
         rt.cache.wait(acq)
         cs = self.spec.constants
         shim = torch_shim()
@@ -492,7 +543,7 @@ class Model:
     """
 
     def __init__(self, bundle: Bundle, device: str, *, methods: Sequence[str] | None = None,
-                 progress: bool | None = None, verify: bool = True):
+                 progress: bool | None = None, verify: bool | str = True):
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.device = device
@@ -566,7 +617,7 @@ class Model:
 
 
 def load(path: str | Path, *, device: str | None = None, methods: Sequence[str] | None = None,
-         progress: bool | None = None, verify: bool = True) -> Model:
+         progress: bool | None = None, verify: bool | str = True) -> Model:
     """Load a bundle written by :func:`aoti_rt.compile`.
 
     Args:
@@ -575,10 +626,14 @@ def load(path: str | Path, *, device: str | None = None, methods: Sequence[str] 
         methods: load only these methods (default: all).
         progress: show a progress bar while loading (default: for loads of 2 GiB or more,
             when stderr is a terminal).
-        verify: check each weight read from the store against its digest while loading
-            (BLAKE3, in the loader's worker threads); a mismatch is a :class:`BundleError`.
-            Only verified weights are shared with other bundles: with ``verify=False`` this
-            bundle's weights are shared among its own methods and instances only.
+        verify: how far to trust the store's digests. ``True`` (default): weights are
+            shared with other loaded bundles only once verified, on demand, by hashing the
+            store a cached copy was read from (BLAKE3), so a lying or corrupt bundle can never
+            change what another computes, and a load that shares nothing hashes nothing.
+            ``"load"``: also check every weight read while loading (a corrupt store is a
+            :class:`BundleError` at once; the loader's threads hash as they read, slower).
+            ``False``: never hash; this bundle's weights are shared among its own methods
+            and instances only.
 
     Returns:
         The :class:`Model`; close it (or use ``with``) to release its memory.
@@ -600,4 +655,6 @@ def load(path: str | Path, *, device: str | None = None, methods: Sequence[str] 
     if ("cpu" if dev == "cpu" else "cuda") != compiled:
         raise BundleError(f"{path} was compiled for {bundle.manifest.device}; an AOTI .so runs only "
                          f"on the device type it was compiled for, so load it on {compiled}")
+    if verify not in (True, False, "load"):
+        raise ValueError(f"verify must be True, False or 'load', not {verify!r}")
     return Model(bundle, dev, methods=methods, progress=progress, verify=verify)

@@ -11,11 +11,15 @@ Variants (GB/s = the bytes a variant moves / its seconds; 1 GB = 1e9 bytes):
                                 device allocator, from the bundle's store and from a copy in
                                 /dev/shm when there is room, at several worker counts; and
                                 10k x 4 KiB weights cut from the store (per-weight overhead)
-  ..., verified / unverified    the same load with and without checking every weight against
-                                its manifest digest (BLAKE3 tree, hashed by the workers while
-                                loading), side by side: the cost of verification. The
-                                aoti_rt.load rows force it on or off whatever the runtime's
-                                default is; rows without the suffix use that default
+  aoti_rt.load, verify=...      the same cold load in each verify mode: True (the default:
+                                weights are hashed only when another bundle shares them),
+                                False (never), 'load' (every weight hashed by the workers
+                                while loading): the cost of each, side by side
+  second bundle, same weights   a copy of the bundle (hard links) loaded while the first is
+                                open: it verifies the first's copies on demand by hashing their
+                                store, then shares them (reads and allocates nothing)
+  loader rows, verified /       the loader alone with and without hashing every weight
+  unverified                    (BLAKE3 tree, 4 MiB blocks)
   stock AOTI                    ``AOTIModelContainerRunnerCuda(so, 1, dev)`` +
                                 ``update_constant_buffer_from_blob(blob)`` on an artifact from
                                 ``torch._inductor.aot_compile`` (binary_blob); also the blob
@@ -34,12 +38,12 @@ Full size: 16 x Linear(8192, 8192, bias=False) bf16 = 2 GiB; small: 4 x Linear(2
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import filecmp
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -139,15 +143,14 @@ def run(args: argparse.Namespace, report: common.Report) -> None:
 
 
 def aoti_rows(case: Case) -> None:
-    """Cold ``aoti_rt.load`` of prefill, and of prefill + decode (same weights: read once)."""
+    """Cold ``aoti_rt.load`` of prefill, and of prefill + decode (same weights: read once);
+    each ``verify`` mode; a second bundle sharing the first's verified weights; pin_store."""
     man = case.bundle.manifest
 
-    def cold(methods: list[str], read: list[int]) -> float:
-        if any(w.digest in case.rt.cache for w in man.weights.values()):
-            raise RuntimeError("the weights are already cached: the load would not be cold")
+    def cold(methods: list[str], read: list[int], verify=True, root=None) -> float:
         before = aoti_rt.cache_stats(case.dev)["bytes_read"]
         t0 = time.perf_counter()
-        model = aoti_rt.load(case.bundle.root, device=case.dev, methods=methods)
+        model = aoti_rt.load(root or case.bundle.root, device=case.dev, methods=methods, verify=verify)
         common.synchronize(case.dev)
         seconds = time.perf_counter() - t0
         read.append(aoti_rt.cache_stats(case.dev)["bytes_read"] - before)
@@ -155,58 +158,43 @@ def aoti_rows(case: Case) -> None:
         common.free_memory(case.dev)
         return seconds
 
-    for methods in (["prefill"], ["prefill", "decode"]):
+    def row(label: str, methods: list[str], expect_read: int, **kw) -> None:
         read: list[int] = []
-        expect = man.unique_weight_bytes(methods)
-        samples = common.repeat(partial(cold, methods, read), case.reps)
-        case.add_samples(f"aoti_rt.load cold ({'+'.join(methods)})", expect, samples, bytes_read=read[-1])
-        if any(r != expect for r in read):
-            case.table.notes.append(f"aoti_rt.load ({'+'.join(methods)}) read {read} bytes, expected {expect}")
-    # the cost of verifying every weight against its digest, end to end
-    for verify in (False, True):
-        read = []
-        expect = man.unique_weight_bytes(["prefill"])
-        with verification(case, verify):
-            samples = common.repeat(partial(cold, ["prefill"], read), case.reps)
-        case.add_samples(f"aoti_rt.load cold (prefill), {_verified(verify)}", expect, samples,
-                         bytes_read=read[-1], verified=verify)
+        samples = common.repeat(partial(cold, methods, read, **kw), case.reps)
+        case.add_samples(label, man.unique_weight_bytes(methods), samples, bytes_read=read[-1],
+                         verify=str(kw.get("verify", True)))
+        if any(r != expect_read for r in read):
+            case.table.notes.append(f"{label}: read {read} bytes, expected {expect_read}")
+
+    for methods in (["prefill"], ["prefill", "decode"]):
+        n = man.unique_weight_bytes(methods)
+        row(f"aoti_rt.load cold ({'+'.join(methods)})", methods, n)
+    n = man.unique_weight_bytes(["prefill"])
+    row("aoti_rt.load cold (prefill), verify=False", ["prefill"], n, verify=False)
+    row("aoti_rt.load cold (prefill), verify='load' (every weight hashed)", ["prefill"], n, verify="load")
+    # a second bundle with the same weights (hard links: another bundle, the same bytes) loaded
+    # while the first is open: it verifies the first's copies by hashing their store, then
+    # shares them, reading and allocating nothing
+    with tempfile.TemporaryDirectory(dir=case.bundle.root.parent) as tmp:
+        twin = Path(tmp) / "twin"
+        twin.mkdir()
+        for f in case.bundle.root.iterdir():
+            os.link(f, twin / f.name)
+        with aoti_rt.load(case.bundle.root, device=case.dev, methods=["prefill"]):
+            before = aoti_rt.cache_stats(case.dev)["bytes_allocated"]
+            row("aoti_rt.load of a second bundle with the same weights (verified on demand, shared)",
+                ["prefill"], 0, root=twin)
+            if aoti_rt.cache_stats(case.dev)["peak_bytes_allocated"] > before:
+                case.table.notes.append("the second bundle allocated weight memory: it did not share")
     # bytes already in host memory: the store pinned with aoti_rt.pin_store
     with aoti_rt.pin_store(case.bundle.root, device=case.dev) as pin:
-        read = []
-        expect = man.unique_weight_bytes(["prefill"])
-        samples = common.repeat(partial(cold, ["prefill"], read), case.reps)
-        case.add_samples("aoti_rt.load cold (prefill), store in pinned host memory (pin_store)", expect,
-                         samples, bytes_read=read[-1])
-        for verify in (False, True):
-            with verification(case, verify):
-                samples = common.repeat(partial(cold, ["prefill"], read), case.reps)
-            case.add_samples(f"aoti_rt.load cold (prefill), pin_store, {_verified(verify)}", expect,
-                             samples, bytes_read=read[-1], verified=verify)
-        if any(r != 0 for r in read):
-            case.table.notes.append(f"aoti_rt.load from a pinned store read {read} bytes from disk, expected 0")
+        row("aoti_rt.load cold (prefill), store in pinned host memory (pin_store)", ["prefill"], 0)
+        row("aoti_rt.load cold (prefill), pin_store, verify='load'", ["prefill"], 0, verify="load")
         case.table.notes.append(_same_outputs_pinned(case, pin))
 
 
 def _verified(verify: bool) -> str:
     return "verified" if verify else "unverified"
-
-
-@contextlib.contextmanager
-def verification(case: Case, verify: bool):
-    """Make every ``aoti_rt.loader.read_weights`` call (the runtime's too) check the weights'
-    digests from the bundle's manifest (``verify``), or check nothing, whatever it was asked."""
-    real = aoti_rt.loader.read_weights
-    by_extent = {(w.offset, w.nbytes): w.digest for w in case.bundle.manifest.weights.values()}
-
-    def read_weights(rt, store, offsets, sizes, buffers, **kw):
-        kw["digests"] = [by_extent.get((o, n)) for o, n in zip(offsets, sizes)] if verify else None
-        return real(rt, store, offsets, sizes, buffers, **kw)
-
-    aoti_rt.loader.read_weights = read_weights
-    try:
-        yield
-    finally:
-        aoti_rt.loader.read_weights = real
 
 
 def _same_outputs_pinned(case: Case, pin: aoti_rt.PinnedStore) -> str:

@@ -147,21 +147,39 @@ def _flip_weight_byte(bundle, fqn):
         f.write(bytes([byte[0] ^ 0x40]))
 
 
+def test_identical_bundles_share_verified_weights(three_bundle, device, copy_bundle):
+    """Two copies of a bundle: the second shares every weight of the first once the first's
+    store bytes hash to their digests (verified on demand), reading and allocating nothing."""
+    other = copy_bundle(three_bundle)
+    x = torch.randn(3, 64, device=device)
+    base = aoti_rt.cache_stats(device)["bytes_allocated"]
+    with aoti_rt.load(three_bundle, device=device) as m1:
+        one = aoti_rt.cache_stats(device)["bytes_allocated"]
+        with aoti_rt.load(other, device=device) as m2:
+            assert aoti_rt.cache_stats(device)["bytes_allocated"] == one
+            assert all(m.bytes_read == 0 for m in (m2.a, m2.b, m2.c))
+            for name in METHOD_LAYERS:
+                assert torch.equal(getattr(m1, name)(x), getattr(m2, name)(x))
+        with aoti_rt.load(other, device=device, verify=False) as m3:   # unverified: its own copy
+            assert aoti_rt.cache_stats(device)["bytes_allocated"] == 2 * one - base
+    assert aoti_rt.cache_stats(device)["bytes_allocated"] == base
+
+
 def test_flipped_byte_with_the_original_digest_cannot_poison(three_bundle, device, copy_bundle):
     bad = copy_bundle(three_bundle)
     _flip_weight_byte(bad, "stack.layers.1.weight")
     x = torch.randn(3, 64, device=device)
     want = {n: Subset(make_stack(device), layers)(x) for n, layers in METHOD_LAYERS.items()}
-    try:
-        liar = aoti_rt.load(bad, device=device)       # refused where loads are verified ...
-    except aoti_rt.BundleError as e:
-        assert "digest" in str(e)
-        liar = None
-    with aoti_rt.load(three_bundle, device=device) as intact:   # ... never bound by the intact one
-        for name in METHOD_LAYERS:
-            torch.testing.assert_close(getattr(intact, name)(x), want[name])
-    if liar is not None:
-        liar.close()
+    with pytest.raises(aoti_rt.BundleError, match="digest"):
+        aoti_rt.load(bad, device=device, verify="load")        # checked while loading: refused
+    with aoti_rt.load(bad, device=device) as liar:              # loads, computes with its bytes ...
+        flipped = next(w for w in read_bundle(bad).manifest.weights.values()
+                       if "stack.layers.1.weight" in w.fqns)
+        with aoti_rt.load(three_bundle, device=device) as intact:   # ... never shared with others
+            assert intact.a.bytes_read + intact.b.bytes_read == flipped.nbytes
+            for name in METHOD_LAYERS:
+                torch.testing.assert_close(getattr(intact, name)(x), want[name])
+        assert not torch.equal(liar.a(x), want["a"])
 
 
 def test_small_weight_claiming_a_big_weights_digest_cannot_poison(three_bundle, device, copy_bundle):
