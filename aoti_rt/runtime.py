@@ -9,13 +9,15 @@ references; a weight's memory goes with its last user.
 Cache keys (a bundle is untrusted input: nothing it claims may change what another bundle
 computes):
 
-* an immutable weight whose bytes were verified against its digest while loading, and that
-  the .so itself reports as a parameter or tensor constant, is keyed by content (digest and
-  byte size), so identical bytes are shared by every method, model instance and bundle on the
-  device, and two bundles whose FQNs collide but whose values differ never share;
-* any other immutable weight (loaded unverified, or a buffer the .so could write whatever the
-  manifest says) is keyed by content *within its bundle*: shared by the bundle's methods and
-  instances, never with another bundle;
+* an immutable weight is keyed by content *within its bundle* (the bundle's identity, its
+  digest and byte size): shared by the bundle's methods and instances;
+* it is also named by its content key alone (digest and byte size), shared by every bundle
+  on the device, once its bytes were verified against the digest (hashed while loading with
+  ``verify="load"``, or on demand when a second bundle wants it: the store the cached copy
+  was read from is hashed, and the entry aliased) and only if the .so itself reports it as a
+  parameter or tensor constant (a buffer the .so might write whatever the manifest says is
+  never shared across bundles); two bundles whose FQNs collide but whose values differ
+  never share;
 * a mutable buffer (written in place by some method, e.g. a KV cache) is keyed by the model
   instance and the weight, so the methods of one Model share it and a second ``load`` of the
   same bundle gets fresh state initialised from the store.
