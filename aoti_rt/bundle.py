@@ -562,7 +562,7 @@ def _file_kind(mode: int) -> str:
     return "not a regular file"
 
 
-def _open_regular(path: Path, what: str) -> tuple[int, os.stat_result]:
+def open_regular(path: Path, what: str) -> tuple[int, os.stat_result]:
     """Open ``path`` for reading without ever blocking (a FIFO would block a plain open and
     every read) and check it is a regular file. Returns ``(fd, stat)``; the caller closes."""
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
@@ -600,7 +600,7 @@ def _pread(fd: int, n: int, offset: int, path: Path) -> bytes:
 
 def read_manifest_bytes(path: Path) -> bytes:
     """The bytes of a manifest file, refused above MANIFEST_MAX_BYTES before any is read."""
-    fd, st = _open_regular(path, "manifest")
+    fd, st = open_regular(path, "manifest")
     try:
         if st.st_size > MANIFEST_MAX_BYTES:
             raise BundleError(f"manifest {path} is {st.st_size} bytes, more than the {MANIFEST_MAX_BYTES >> 20} MiB "
@@ -633,7 +633,7 @@ def read_store_header(path: Path) -> StoreHeader:
     not covered by any tensor).
     """
     path = Path(path)
-    fd, st = _open_regular(path, "weight store")
+    fd, st = open_regular(path, "weight store")
     try:
         size = st.st_size
         head = _pread(fd, 8, 0, path)

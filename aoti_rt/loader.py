@@ -16,13 +16,12 @@ immutable weights by digest, so a store whose bytes do not match must never fill
 from __future__ import annotations
 
 import os
-import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import _cache
-from .bundle import file_identity
+from .bundle import file_identity, open_regular
 from .device import DeviceRuntime
 from .digest import PREFIX, is_verifiable
 from .errors import BundleError
@@ -131,16 +130,9 @@ def read_weights(rt: DeviceRuntime, store: Path, offsets: Sequence[int], sizes: 
 
 def _open_store(store: Path) -> tuple[int, int]:
     """Open a weight store for reading: ``(fd, size)``. Never blocks on a FIFO; refuses
-    anything but a regular file."""
+    anything but a regular file (:func:`aoti_rt.bundle.open_regular`); reads then block."""
+    fd, st = open_regular(Path(store), "weight store")
     try:
-        fd = os.open(store, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        raise BundleError(f"cannot open weight store {store}: {e.strerror}") from e
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise BundleError(f"weight store {store} is not a regular file; point the bundle at its "
-                              f"weights.safetensors file")
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)

@@ -229,7 +229,6 @@ class Method:
         memory, no copy; the cost is paid only when two bundles share). Weights not verified
         stay under this bundle's own keys."""
         from . import digest as _digest
-        from .device import ShareCandidate  # noqa: F401 - the type of rt.shared_candidate
 
         rt = self._rt
         out = list(keys)
