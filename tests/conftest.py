@@ -100,6 +100,19 @@ def stock_artifact(workdir, device) -> tuple[Path, Path, nn.Module]:
     return Path(so), blob, mod
 
 
+@pytest.fixture(scope="session")
+def stock_shared_artifact(workdir, device) -> tuple[Path, Path, nn.Module]:
+    """A stock AOTI artifact of layers 0..2 of the same stack (seed 0) as three_bundle."""
+    mod = Subset(make_stack(device, seed=0), [0, 1, 2]).eval()
+    x = torch.randn(3, 64, device=device)
+    out = workdir / f"stock-shared-{device.replace(':', '')}"
+    out.mkdir(exist_ok=True)
+    ep = torch.export.export(mod, (x,))
+    so = torch._inductor.aot_compile(ep.module(), (x,), options=_aoti_options(out / "model.so"))
+    blob = next(out.rglob("*_weights.blob"))
+    return Path(so), blob, mod
+
+
 @pytest.fixture
 def copy_bundle(tmp_path):
     """Copy a bundle to a scratch dir so a test can damage it."""

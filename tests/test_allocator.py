@@ -118,18 +118,23 @@ def test_threads_allocating_and_freeing_small_buffers(device):
 
     def worker(w: int) -> None:
         mine = live[w]
-        for i in range(3000):
-            mine.append(a.allocate(200 + 37 * ((i + w) % 50)))
-            if i % 3:
-                mine.pop(0)
-            if len(mine) > 40:
-                del mine[:30]      # often the last buffers of a slab: it is retired
+        try:
+            for i in range(3000):
+                mine.append(a.allocate(200 + 37 * ((i + w) % 50)))
+                if i % 3:
+                    mine.pop(0)
+                if len(mine) > 40:
+                    del mine[:30]      # often the last buffers of a slab: it is retired
+        except BaseException as e:     # a thread's exception would otherwise only be printed
+            errors.append(f"worker {w}: {type(e).__name__}: {e}")
 
     threads = [threading.Thread(target=worker, args=(w,)) for w in range(8)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(120)
+        assert not t.is_alive(), "a worker did not finish in 120 s"
+    assert not errors, errors
     spans = sorted((b.ptr, b.ptr + b.nbytes) for mine in live for b in mine)
     if any(e > s for (_, e), (s, _) in zip(spans, spans[1:])):
         errors.append("two live buffers overlap")

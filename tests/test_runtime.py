@@ -416,9 +416,23 @@ def test_load_method_on_stock_artifact(stock_artifact, device):
         torch.testing.assert_close(m2(x), mod(x))
 
 
-def test_load_method_shares_with_bundle(stock_artifact, three_bundle, device):
-    """The stock artifact's layers 0..2 and the bundle's are the same bytes only if seeds match;
-    with seed 3 vs 0 nothing is shared, and both stay correct."""
+def test_load_method_shares_with_bundle(stock_shared_artifact, three_bundle, device):
+    """A stock artifact compiled from the same weights as the bundle's: once the bundle is
+    loaded, load_method verifies the bundle's copies (hashing its store) and shares them,
+    reading and allocating nothing; both stay correct."""
+    so, blob, mod = stock_shared_artifact
+    x = torch.randn(3, 64, device=device)
+    with aoti_rt.load(three_bundle, device=device) as model:
+        before = stats(device)["bytes_allocated"]
+        with aoti_rt.load_method(so, weights=blob, device=device) as m:
+            assert m.bytes_read == 0
+            assert stats(device)["bytes_allocated"] == before
+            torch.testing.assert_close(m(x), mod(x))
+            torch.testing.assert_close(model.a(x), Subset(make_stack(device), METHOD_LAYERS["a"])(x))
+
+
+def test_load_method_with_other_weights_shares_nothing(stock_artifact, three_bundle, device):
+    """Seed 3 against the bundle's seed 0: no bytes in common, nothing shared, both correct."""
     so, blob, mod = stock_artifact
     x = torch.randn(3, 64, device=device)
     with aoti_rt.load(three_bundle, device=device) as model, \
@@ -428,10 +442,26 @@ def test_load_method_shares_with_bundle(stock_artifact, three_bundle, device):
         torch.testing.assert_close(model.a(x), Subset(make_stack(device), METHOD_LAYERS["a"])(x))
 
 
-def test_cache_stats_keys(device):
-    s = aoti_rt.cache_stats(device)
-    for k in ("entries", "bytes_allocated", "peak_bytes_allocated", "hits", "misses", "bytes_read"):
-        assert isinstance(s[k], int)
+def test_cache_stats_keys(three_bundle, device):
+    """Every documented key is there, and the counters move as a load says they must."""
+    man = read_bundle(three_bundle).manifest
+    keys = ("entries", "bytes_allocated", "peak_bytes_allocated", "bytes_reserved", "peak_bytes_reserved",
+            "num_slabs", "hits", "misses", "bytes_read", "legacy_methods", "legacy_bytes",
+            "pinned_store_bytes", "staging_bytes")
+    s0 = aoti_rt.cache_stats(device)
+    assert set(keys) <= set(s0) and all(isinstance(s0[k], int) for k in keys)
+    with aoti_rt.load(three_bundle, device=device):
+        s1 = aoti_rt.cache_stats(device)
+    n = man.unique_weight_bytes()
+    assert s1["entries"] - s0["entries"] == len(man.weights)
+    assert s1["bytes_allocated"] - s0["bytes_allocated"] == n
+    assert s1["peak_bytes_allocated"] >= s1["bytes_allocated"]
+    assert s1["bytes_reserved"] >= s1["bytes_allocated"]
+    assert s1["misses"] - s0["misses"] == len(man.weights)
+    # each method acquires its distinct weights; those another method created first are hits
+    acquired = sum(len({c.weight for c in m.constants}) for m in man.methods.values())
+    assert s1["hits"] - s0["hits"] == acquired - len(man.weights)
+    assert s1["bytes_read"] - s0["bytes_read"] == n
 
 
 def test_pinned_store_loads_without_reading(three_bundle, device):
