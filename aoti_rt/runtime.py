@@ -69,6 +69,13 @@ def source_scope(path: Path) -> str:
     return f"{Path(path).resolve()}@{file_identity(Path(path))}"
 
 
+def weight_source(store: Path, weights: dict[str, WeightSpec], *, verify: bool | str = True) -> _Source:
+    """The weights of one new model instance read from ``store`` (a bundle's store or a stock
+    artifact's blob): its own mutable state, its store's scope for unverified content."""
+    return _Source(Path(store), weights, f"model{next(_instance_ids)}", bundle=source_scope(Path(store)),
+                   verify=verify)
+
+
 class _Binding:
     """What a live method holds: its container, its weight references. Freed exactly once."""
 
@@ -548,11 +555,9 @@ class Model:
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.device = device
-        self._token = f"model{next(_instance_ids)}"
         self._methods: dict[str, Method] = {}
         rt = _device.get(device)
-        source = _Source(bundle.store_path, bundle.manifest.weights, self._token,
-                         bundle=source_scope(bundle.store_path), verify=verify)
+        source = weight_source(bundle.store_path, bundle.manifest.weights, verify=verify)
         names = list(bundle.manifest.methods) if methods is None else list(methods)
         try:
             for name in names:

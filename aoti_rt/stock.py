@@ -24,9 +24,9 @@ import torch
 from . import device as _device
 from .bundle import (MANIFEST_MAX_BYTES, MethodSpec, WeightSpec, parse_method_and_weights,
                      read_manifest_bytes, strict_json, weight_id)
-from .compiler import probe_method
+from .probe import probe_method
 from .errors import BundleError
-from .runtime import Method, _Source, _instance_ids, source_scope
+from .runtime import Method, weight_source
 
 PROBE_VERSION = 2     # 2: b3t digests, records checked like manifests
 
@@ -124,5 +124,5 @@ def load_method(so_path: str | os.PathLike[str], weights: str | os.PathLike[str]
     dev = _device.normalize(device, default="cuda:0" if _device.cuda_available() else "cpu")
     spec, table = probe_artifact(so, blob, dev)
     rt = _device.get(dev)
-    source = _Source(blob, table, f"method{next(_instance_ids)}", bundle=source_scope(blob), verify=True)
+    source = weight_source(blob, table)
     return Method(name or so.stem, spec, so, source, rt, typed_inputs=False)

@@ -188,19 +188,19 @@ def _bind_pieces(row: Callable[[str, list[float]], None], first: aoti_rt.Model, 
                  reps: int) -> None:
     """Time Method construction with every weight cached, and the parts of it that stand alone.
 
-    Uses aoti_rt internals (``runtime.Method``/``_Source``, ``abi.SharedObject``,
+    Uses aoti_rt internals (``runtime.Method``/``weight_source``, ``abi.SharedObject``,
     ``_cache.BindPlan``) the way ``Method._bind_shared`` does.
     """
     from aoti_rt.abi import SharedObject, torch_shim
     from aoti_rt.bundle import read_bundle
-    from aoti_rt.runtime import _PAIRS, Method, _Source, bind_plan, constant_table_diff
+    from aoti_rt.runtime import _PAIRS, Method, bind_plan, constant_table_diff, weight_source
 
     name = first.methods[0]
     bundle = first.bundle
     spec = bundle.manifest.methods[name]
     so_path = bundle.so_path(name)
     weights = bundle.manifest.weights
-    source = _Source(bundle.store_path, weights, "bench")
+    source = weight_source(bundle.store_path, weights)
     cs = spec.constants
 
     def method() -> float:
@@ -210,9 +210,10 @@ def _bind_pieces(row: Callable[[str, list[float]], None], first: aoti_rt.Model, 
         m.close()
         return seconds
 
-    keys = [weights[c.weight].digest for c in cs]
-    sizes = [weights[c.weight].nbytes for c in cs]
-    buffers = [rt.cache.buffer(k) for k in keys]
+    held = first[name]._binding.acq            # what the loaded method holds: its keys, buffers
+    keys = list(held.keys)
+    sizes = [b.nbytes for b in held.buffers]
+    buffers = [first[name]._buffers[c.fqn][0] for c in cs]
     shim = torch_shim()
 
     def create_delete() -> None:
@@ -232,6 +233,7 @@ def _bind_pieces(row: Callable[[str, list[float]], None], first: aoti_rt.Model, 
 
     def bind(so: SharedObject, handle: int) -> None:
         plan = make_plan()
+        check(so, handle, plan)        # bind needs what check reads (the sizes the .so assumes)
         rc = plan.bind(buffers, so.addresses[_PAIRS], handle, 1 if rt.is_cuda else 0, rt.index,
                        shim["aoti_torch_create_tensor_from_blob_v2"], shim["aoti_torch_delete_tensor_object"])
         if rc != 0:
@@ -251,7 +253,7 @@ def _bind_pieces(row: Callable[[str, list[float]], None], first: aoti_rt.Model, 
             common.repeat(common.stopwatch(lambda: check(so, handle, plan)), reps))
         row("  (for comparison) the same table walked over ctypes",
             common.repeat(common.stopwatch(lambda: so.constants(handle)), reps))
-        row("  BindPlan + bind (one Pairs call)", common.repeat(common.stopwatch(lambda: bind(so, handle)), reps))
+        row("  BindPlan + check + bind (one Pairs call)", common.repeat(common.stopwatch(lambda: bind(so, handle)), reps))
     finally:
         so.delete(handle)
 
