@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from .bundle import is_regular_file
 from .errors import AOTIError, BundleError
 
 _P = "AOTInductorModelContainer"
@@ -88,7 +89,7 @@ class SharedObject:
         self.path = Path(path)
         self._users = 0
         self._key: tuple | None = None
-        if not self.path.is_file():
+        if not is_regular_file(self.path):
             raise BundleError(f"shared object {self.path} does not exist")
         try:
             self._lib = ctypes.CDLL(str(self.path), mode=os.RTLD_LOCAL | os.RTLD_NOW)

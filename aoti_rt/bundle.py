@@ -723,6 +723,15 @@ def _safetensors_check(fd: int, path: Path) -> None:
                           f"recompile or re-copy the bundle") from None
 
 
+def is_regular_file(path: Path) -> bool:
+    """True for an existing regular file; False for anything else, including a path the OS
+    refuses to look up (too long, a loop, no permission), where ``Path.is_file`` raises."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
 def _inside(root: Path, name: str, what: str) -> Path:
     if not isinstance(name, str) or not name or "/" in name or "\x00" in name or name.startswith("."):
         raise BundleError(f"{what} {name!r} points outside the bundle {root}")
@@ -818,7 +827,7 @@ def _read_bundle(root: Path) -> Bundle:
                               f"store has {w.tensor!r} at [{b}, {e}): the manifest and store disagree; {_RECOMPILE}")
     for mname, m in man.methods.items():
         so = _inside(root, m.so, f"method {mname!r}: shared object")
-        if not so.is_file():
+        if not is_regular_file(so):
             raise BundleError(f"method {mname!r}: shared object {so} is missing or not a regular file; {_RECOMPILE}")
     return Bundle(root, man, store_path)
 

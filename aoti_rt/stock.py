@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import device as _device
-from .bundle import (MANIFEST_MAX_BYTES, MethodSpec, WeightSpec, parse_method_and_weights,
+from .bundle import (MANIFEST_MAX_BYTES, is_regular_file, MethodSpec, WeightSpec, parse_method_and_weights,
                      read_manifest_bytes, strict_json, weight_id)
 from .probe import probe_method
 from .errors import BundleError
@@ -119,7 +119,7 @@ def load_method(so_path: str | os.PathLike[str], weights: str | os.PathLike[str]
     """
     so, blob = Path(so_path), Path(weights)
     for p, what in ((so, "shared object"), (blob, "weights blob")):
-        if not p.is_file():
+        if not is_regular_file(p):
             raise BundleError(f"{what} {p} does not exist")
     dev = _device.normalize(device, default="cuda:0" if _device.cuda_available() else "cpu")
     spec, table = probe_artifact(so, blob, dev)

@@ -348,3 +348,11 @@ def test_edited_probe_cache_is_never_trusted(stock_artifact, device, edit):
     rec.write_text(text)
     with aoti_rt.load_method(so, weights=blob, device=device) as m:
         torch.testing.assert_close(m(x), mod(x))
+
+
+def test_unlookable_so_name_is_a_bundle_error(three_bundle, device, copy_bundle):
+    """A file name the OS refuses to look up (over NAME_MAX) made Path.is_file raise OSError."""
+    b = copy_bundle(three_bundle)
+    _edit_manifest(b, lambda raw: raw["methods"]["a"].__setitem__("so", "x" * 300))
+    with pytest.raises(aoti_rt.BundleError, match="shared object"):
+        aoti_rt.load(b, device=device)
