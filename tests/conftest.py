@@ -85,13 +85,12 @@ def diverge_bundle(workdir, device) -> Path:
         return aoti_rt.compile(progs, path, progress=False)
 
 
-@pytest.fixture(scope="session")
-def stock_artifact(workdir, device) -> tuple[Path, Path, nn.Module]:
-    """A plain AOTI .so + *_weights.blob from torch._inductor.aot_compile (no bundle)."""
-    s = make_stack(device, seed=3)
-    mod = Subset(s, [0, 1, 2]).eval()
+def _stock(workdir: Path, device: str, name: str, seed: int) -> tuple[Path, Path, nn.Module]:
+    """A plain AOTI .so + *_weights.blob from torch._inductor.aot_compile (no bundle) of
+    layers 0..2 of the stack made with ``seed``."""
+    mod = Subset(make_stack(device, seed=seed), [0, 1, 2]).eval()
     x = torch.randn(3, 64, device=device)
-    out = workdir / f"stock-{device.replace(':', '')}"
+    out = workdir / f"{name}-{device.replace(':', '')}"
     out.mkdir(exist_ok=True)
     ep = torch.export.export(mod, (x,))
     # the stock options: no weights in the .so, binary_blob beside it
@@ -101,16 +100,15 @@ def stock_artifact(workdir, device) -> tuple[Path, Path, nn.Module]:
 
 
 @pytest.fixture(scope="session")
+def stock_artifact(workdir, device) -> tuple[Path, Path, nn.Module]:
+    """A stock artifact whose weights (seed 3) differ from three_bundle's."""
+    return _stock(workdir, device, "stock", seed=3)
+
+
+@pytest.fixture(scope="session")
 def stock_shared_artifact(workdir, device) -> tuple[Path, Path, nn.Module]:
-    """A stock AOTI artifact of layers 0..2 of the same stack (seed 0) as three_bundle."""
-    mod = Subset(make_stack(device, seed=0), [0, 1, 2]).eval()
-    x = torch.randn(3, 64, device=device)
-    out = workdir / f"stock-shared-{device.replace(':', '')}"
-    out.mkdir(exist_ok=True)
-    ep = torch.export.export(mod, (x,))
-    so = torch._inductor.aot_compile(ep.module(), (x,), options=_aoti_options(out / "model.so"))
-    blob = next(out.rglob("*_weights.blob"))
-    return Path(so), blob, mod
+    """A stock artifact of the same weights (seed 0) as three_bundle's layers 0..2."""
+    return _stock(workdir, device, "stock-shared", seed=0)
 
 
 @pytest.fixture
