@@ -56,10 +56,6 @@ CHECKED_BUNDLES = 64
 #: a weight digest: ``"b3t:"`` + 64 lowercase hex digits, the BLAKE3 tree digest of its bytes
 #: (aoti_rt/digest.py)
 DIGEST_PATTERN = r"b3t:[0-9a-f]{64}"
-#: TEMPORARY: also accept ``"sha256:<64 hex>"``, which the compiler writes until the BLAKE3
-#: digest lands. Set to False (and delete) once aoti_rt.compile() writes "b3t:" digests.
-ACCEPT_LEGACY_SHA256_DIGESTS = False
-LEGACY_DIGEST_PATTERN = r"sha256:[0-9a-f]{64}"
 
 #: c10::ScalarType codes, the dtype encoding of the AOTI C ABI.
 DTYPE_CODES: dict[str, int] = {
@@ -292,14 +288,13 @@ def _one_of(choices, what: str) -> Check:
 _dtype = _one_of(DTYPE_CODES, "a dtype aoti_rt knows (" + ", ".join(DTYPE_CODES) + ")")
 _kind = _one_of(CONSTANT_KINDS, "one of " + ", ".join(CONSTANT_KINDS))
 _DIGEST = re.compile(DIGEST_PATTERN)
-_LEGACY_DIGEST = re.compile(LEGACY_DIGEST_PATTERN)
 
 
 def digest_ok(v: Any) -> bool:
     """Whether ``v`` is a weight digest this aoti_rt accepts (DIGEST_PATTERN)."""
     if type(v) is not str:
         return False
-    return bool(_DIGEST.fullmatch(v) or (ACCEPT_LEGACY_SHA256_DIGESTS and _LEGACY_DIGEST.fullmatch(v)))
+    return bool(_DIGEST.fullmatch(v))
 
 
 def _digest(v: Any) -> str:
