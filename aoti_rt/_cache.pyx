@@ -689,12 +689,15 @@ cdef class BindPlan:
     cdef uintptr_t* data
     cdef ConstantMapEntry* entries
     cdef list _names
+    cdef list _fqns
+    cdef list _shapes
+    cdef readonly str where     # "method 'decode'": how errors name the method
 
     def __cinit__(self):
         self.n = 0
 
     def __init__(self, list names, list dtypes, list itemsizes, list shapes, list strides,
-                 list offsets):
+                 list offsets, list fqns=None, str where="method"):
         cdef Py_ssize_t i, j, total = 0, n = len(names)
         for s in shapes:
             total += len(s)
@@ -716,6 +719,9 @@ cdef class BindPlan:
                 and self.entries and self.sizes and self.strides):
             raise MemoryError("BindPlan")
         self._names = [nm if isinstance(nm, bytes) else nm.encode() for nm in names]
+        self._fqns = list(fqns) if fqns is not None else [str(nm) for nm in names]
+        self._shapes = shapes
+        self.where = where
         cdef Py_ssize_t at = 0
         for i in range(n):
             shape = shapes[i]
@@ -758,16 +764,17 @@ cdef class BindPlan:
         free(self.data); free(self.entries); free(self.sizes); free(self.strides)
 
     def check(self, uintptr_t get_num, uintptr_t get_name, uintptr_t get_dtype,
-              uintptr_t get_size, uintptr_t get_type, uintptr_t container):
+              uintptr_t get_size, uintptr_t get_type, uintptr_t container, str so_name="the .so",
+              last_error=None):
         """Compare the container's constant table with this plan in one nogil loop.
 
         ``get_*`` are the addresses of ``GetNumConstants``, ``GetConstantName``,
         ``GetConstantDtype``, ``GetConstantDataSize`` and ``GetConstantType`` (the last
         two may be 0 where the .so lacks them: then :meth:`need` stays unknown and
-        :meth:`bind` refuses). Returns None when count, names (in index order) and dtype
-        codes all match and no constant the .so gives storage has an empty view; else
-        ``("count", n)``, ``("name", i, name)``, ``("dtype", i, code)``,
-        ``("empty", i, data_size)`` or ``("call", i, rc)`` for the first difference.
+        :meth:`bind` refuses). Raises :class:`BundleError` for the first difference in
+        count, names (in index order), dtype codes, or a constant the .so gives storage that
+        the manifest views as empty; :class:`AOTIError` if a table call fails
+        (``last_error()`` gives AOTI's message).
         """
         cdef f_get_count num = <f_get_count>get_num
         cdef f_get_name name_of = <f_get_name>get_name
@@ -821,20 +828,27 @@ cdef class BindPlan:
                             bad = i
                             break
                         self.so_kinds[i] = kind
-        if rc != 0 and bad < 0:
-            return ("call", -1, rc)
+        from aoti_rt.errors import AOTIError, BundleError
+        if (rc != 0 and bad < 0) or what == 3:
+            why = (last_error() if last_error is not None else "") or "see stderr"
+            raise AOTIError(f"{self.where}: reading the constant table of {so_name} failed at index "
+                            f"{bad} (code {rc}): {why}")
         if <Py_ssize_t>count != self.n:
-            return ("count", count)
-        if what == 1:
-            return ("name", bad, (<bytes>nm).decode(errors="replace"))
-        if what == 2:
-            return ("dtype", bad, code)
-        if what == 3:
-            return ("call", bad, rc)
-        if what == 4:
-            return ("empty", bad, nbytes)
-        self.checked = size_of != NULL
-        return None
+            detail = f"has {count} constants but the manifest lists {self.n}"
+        elif what == 1:
+            detail = (f"names constant {bad} {(<bytes>nm).decode(errors='replace')!r} but the manifest "
+                      f"says {self._names[bad].decode(errors='replace')!r}")
+        elif what == 2:
+            from aoti_rt.bundle import DTYPE_NAMES
+            detail = (f"gives constant {self._fqns[bad]} dtype code {code} but the manifest says "
+                      f"{DTYPE_NAMES.get(self.dtypes[bad], self.dtypes[bad])}")
+        elif what == 4:
+            detail = (f"keeps {nbytes} bytes for constant {self._fqns[bad]} but the manifest's view of it "
+                      f"{self._shapes[bad]} is empty")
+        else:
+            self.checked = size_of != NULL
+            return
+        raise BundleError(f"{self.where}: {so_name} {detail}; the bundle is inconsistent, recompile it")
 
     def need(self, Py_ssize_t i) -> int:
         """Bytes a buffer bound as constant ``i`` must have: its view's start plus the
@@ -856,11 +870,15 @@ cdef class BindPlan:
         return self.so_kinds[i]
 
     def bind(self, list buffers, uintptr_t update_pairs, uintptr_t container,
-             int device_type, int device_index, uintptr_t create_fn, uintptr_t delete_fn):
-        """Bind ``buffers[i]`` as constant ``i``. Returns 0, or the failing step's code.
+             int device_type, int device_index, uintptr_t create_fn, uintptr_t delete_fn,
+             last_error=None):
+        """Bind ``buffers[i]`` as constant ``i`` in one Pairs call.
 
-        Codes: ``(1, i)`` creating handle ``i`` failed, ``(2, rc)`` the Pairs call failed.
+        Raises :class:`AOTIError` if a buffer is smaller than :meth:`need`, if wrapping a
+        buffer as a tensor fails, or if the Pairs call fails (``last_error()`` gives AOTI's
+        message); the container is then left as it was or fully updated, never half.
         """
+        from aoti_rt.errors import AOTIError
         cdef Py_ssize_t i, n = self.n
         cdef f_create_from_blob_v2 create = <f_create_from_blob_v2>create_fn
         cdef f_delete_tensor delete = <f_delete_tensor>delete_fn
@@ -876,9 +894,9 @@ cdef class BindPlan:
         for i in range(n):
             buf = <Buffer>buffers[i]
             if <int64_t>buf.nbytes < self.offsets[i] * self.itemsizes[i] + self.so_sizes[i]:
-                raise ValueError(f"constant {self._names[i].decode()!r}: a {buf.nbytes}-byte buffer "
-                                 f"is smaller than the {self.offsets[i] * self.itemsizes[i] + self.so_sizes[i]} "
-                                 f"bytes the .so may reach")
+                raise AOTIError(f"{self.where}: constant {self._fqns[i]}: a {buf.nbytes}-byte buffer "
+                                f"is smaller than the {self.offsets[i] * self.itemsizes[i] + self.so_sizes[i]} "
+                                f"bytes the .so may reach")
             self.data[i] = buf.ptr
         with nogil:
             for i in range(n):
@@ -894,11 +912,11 @@ cdef class BindPlan:
                 if self.entries[i].handle != NULL:
                     delete(self.entries[i].handle)
                     self.entries[i].handle = NULL
-        if failed_at >= 0:
-            return (1, failed_at)
-        if rc != 0:
-            return (2, rc)
-        return 0
+        if failed_at >= 0 or rc != 0:
+            what = (f"wrapping constant {self._fqns[failed_at]} as a tensor" if failed_at >= 0
+                    else f"UpdateUserManagedConstantBufferPairs (code {rc})")
+            why = (last_error() if last_error is not None else "") or "see stderr"
+            raise AOTIError(f"{self.where}: binding failed while {what}: {why}")
 
 
 def run_container(uintptr_t run_fn, uintptr_t container, list input_handles,

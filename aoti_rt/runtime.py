@@ -147,7 +147,7 @@ class Method:
             self._in_spec = _load_spec(spec.in_spec, n_in, f"method {name!r}: in_spec")
             self._out_spec = _load_spec(spec.out_spec, n_out, f"method {name!r}: out_spec")
             try:
-                plan = bind_plan(spec.constants)
+                plan = bind_plan(spec.constants, f"method {name!r}")
             except ValueError as e:
                 raise BundleError(f"method {name!r}: {e}; the bundle is inconsistent, recompile it") from None
             self._check_constants(so, handle, plan)
@@ -168,31 +168,13 @@ class Method:
     # -- binding --------------------------------------------------------------------------
 
     def _check_constants(self, so: SharedObject, handle: int, plan: _cache.BindPlan) -> None:
-        """The .so's constant table must be the manifest's: count, names, dtypes (one C loop)."""
-        diff = constant_table_diff(so, handle, plan)
-        if diff is None:
-            if self.shared and not plan.checked:
-                raise AOTIError(f"method {self.name!r}: {so.path.name} has the Pairs entry point but not "
-                                f"GetConstantDataSize, so the memory its kernels assume cannot be checked; "
-                                f"recompile it with a newer torch")
-            return
-        cs = self.spec.constants
-        what, *rest = diff
-        if what == "count":
-            detail = f"has {rest[0]} constants but the manifest lists {len(cs)}"
-        elif what == "name":
-            detail = f"names constant {rest[0]} {rest[1]!r} but the manifest says {cs[rest[0]].name!r}"
-        elif what == "dtype":
-            detail = (f"gives constant {cs[rest[0]].fqn} dtype code {rest[1]} but the manifest says "
-                      f"{cs[rest[0]].dtype}")
-        elif what == "empty":
-            detail = (f"keeps {rest[1]} bytes for constant {cs[rest[0]].fqn} but the manifest's view of it "
-                      f"{cs[rest[0]].shape} is empty")
-        else:
-            raise AOTIError(f"method {self.name!r}: reading the constant table of {so.path.name} failed "
-                            f"at index {rest[0]} (code {rest[1]}): {so.last_error() or 'see stderr'}")
-        raise BundleError(f"method {self.name!r}: {so.path.name} {detail}; the bundle is inconsistent, "
-                          f"recompile it")
+        """The .so's constant table must be the manifest's: count, names, dtypes (one C loop,
+        :meth:`aoti_rt._cache.BindPlan.check`, which raises what it finds)."""
+        check_constant_table(so, handle, plan)
+        if self.shared and not plan.checked:
+            raise AOTIError(f"method {self.name!r}: {so.path.name} has the Pairs entry point but not "
+                            f"GetConstantDataSize, so the memory its kernels assume cannot be checked; "
+                            f"recompile it with a newer torch")
 
     def _keys(self, source: _Source, plan: _cache.BindPlan
               ) -> tuple[list[str], list[str | None], list[WeightSpec], list[int], list[int]]:
@@ -298,19 +280,9 @@ class Method:
         rt.cache.wait(acq)
         cs = self.spec.constants
         shim = torch_shim()
-        try:
-            rc = plan.bind([acq.buffers[i] for i in of_constant], b.so.addresses[_PAIRS], b.handle,
-                           1 if rt.is_cuda else 0, rt.index,
-                           shim["aoti_torch_create_tensor_from_blob_v2"],
-                           shim["aoti_torch_delete_tensor_object"])
-        except ValueError as e:
-            raise AOTIError(f"method {self.name!r}: {e}") from None
-        if rc != 0:
-            step, detail = rc
-            what = (f"wrapping constant {cs[detail].fqn} as a tensor" if step == 1
-                    else f"UpdateUserManagedConstantBufferPairs (code {detail})")
-            raise AOTIError(f"method {self.name!r}: binding failed while {what}: "
-                            f"{b.so.last_error() or 'see stderr'}")
+        plan.bind([acq.buffers[i] for i in of_constant], b.so.addresses[_PAIRS], b.handle,
+                  1 if rt.is_cuda else 0, rt.index, shim["aoti_torch_create_tensor_from_blob_v2"],
+                  shim["aoti_torch_delete_tensor_object"], b.so.last_error)
         self._buffers = {c.fqn: (acq.buffers[i], c, weights[i].mutable) for c, i in zip(cs, of_constant)}
 
     def _bind_legacy(self, source: _Source, plan: _cache.BindPlan) -> None:
@@ -498,20 +470,21 @@ class Method:
         return f"<aoti_rt.Method {self.name} ({len(self.spec.constants)} constants, {state})>"
 
 
-def bind_plan(constants: Sequence[ConstantSpec]) -> _cache.BindPlan:
-    """A method's constants (manifest order) as the C arrays of one Pairs call."""
+def bind_plan(constants: Sequence[ConstantSpec], where: str = "method") -> _cache.BindPlan:
+    """A method's constants (manifest order) as the C arrays of one Pairs call; ``where``
+    names the method in the plan's errors."""
     return _cache.BindPlan([c.name for c in constants], [DTYPE_CODES[c.dtype] for c in constants],
                            [ITEMSIZE[c.dtype] for c in constants],
                            [c.shape for c in constants], [c.stride for c in constants],
-                           [c.storage_offset for c in constants])
+                           [c.storage_offset for c in constants], [c.fqn for c in constants], where)
 
 
-def constant_table_diff(so: SharedObject, handle: int, plan: _cache.BindPlan) -> tuple | None:
-    """None if the container's constant table is ``plan``'s, else the first difference
-    (see :meth:`aoti_rt._cache.BindPlan.check`)."""
-    return plan.check(so.addresses[_P + "GetNumConstants"], so.addresses[_P + "GetConstantName"],
-                      so.addresses[_P + "GetConstantDtype"], so.addresses.get(_P + "GetConstantDataSize", 0),
-                      so.addresses.get(_P + "GetConstantType", 0), handle)
+def check_constant_table(so: SharedObject, handle: int, plan: _cache.BindPlan) -> None:
+    """Check a container's constant table against ``plan``; raises :class:`BundleError` for
+    the first difference, :class:`AOTIError` if the table cannot be read."""
+    plan.check(so.addresses[_P + "GetNumConstants"], so.addresses[_P + "GetConstantName"],
+               so.addresses[_P + "GetConstantDtype"], so.addresses.get(_P + "GetConstantDataSize", 0),
+               so.addresses.get(_P + "GetConstantType", 0), handle, so.path.name, so.last_error)
 
 
 def buffer_view(buf: _cache.Buffer, c: ConstantSpec):

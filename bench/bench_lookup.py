@@ -193,7 +193,7 @@ def _bind_pieces(row: Callable[[str, list[float]], None], first: aoti_rt.Model, 
     """
     from aoti_rt.abi import SharedObject, torch_shim
     from aoti_rt.bundle import read_bundle
-    from aoti_rt.runtime import _PAIRS, Method, bind_plan, constant_table_diff, weight_source
+    from aoti_rt.runtime import _PAIRS, Method, bind_plan, check_constant_table, weight_source
 
     name = first.methods[0]
     bundle = first.bundle
@@ -227,17 +227,13 @@ def _bind_pieces(row: Callable[[str, list[float]], None], first: aoti_rt.Model, 
         return bind_plan(cs)
 
     def check(so: SharedObject, handle: int, plan: _cache.BindPlan) -> None:
-        diff = constant_table_diff(so, handle, plan)
-        if diff is not None:
-            raise RuntimeError(f"BindPlan.check found a difference: {diff}")
+        check_constant_table(so, handle, plan)       # raises on any difference
 
     def bind(so: SharedObject, handle: int) -> None:
         plan = make_plan()
         check(so, handle, plan)        # bind needs what check reads (the sizes the .so assumes)
-        rc = plan.bind(buffers, so.addresses[_PAIRS], handle, 1 if rt.is_cuda else 0, rt.index,
-                       shim["aoti_torch_create_tensor_from_blob_v2"], shim["aoti_torch_delete_tensor_object"])
-        if rc != 0:
-            raise RuntimeError(f"BindPlan.bind failed: {rc}")
+        plan.bind(buffers, so.addresses[_PAIRS], handle, 1 if rt.is_cuda else 0, rt.index,
+                  shim["aoti_torch_create_tensor_from_blob_v2"], shim["aoti_torch_delete_tensor_object"])
 
     row("Method(...) construction, all cached (bind path)", common.repeat(method, reps))
     row("  read_bundle (manifest parse + checks; in load, not Method)",
