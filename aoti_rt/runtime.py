@@ -232,13 +232,15 @@ class Method:
                 if cand is not None:
                     todo.setdefault(cand.store, []).append((j, cand))
         for store, items in todo.items():
+            before = file_identity(Path(store))
             try:
                 got = _digest.file_digests(store, [(c.offset, c.nbytes) for _, c in items])
             except OSError:
                 got = [None] * len(items)
-            same_file = file_identity(Path(store))
+            # the file hashed must be the one the copy was read from, unchanged throughout
+            same_file = before == file_identity(Path(store))
             for (j, cand), d in zip(items, got):
-                ok = d == weights[j].digest and same_file == cand.identity
+                ok = d == weights[j].digest and same_file and before == cand.identity
                 if ok and rt.cache.alias(cand.key, content[j]):
                     out[j] = content[j]
                 elif not ok:
@@ -253,6 +255,7 @@ class Method:
             keys = self._share_verified(source, keys, content, weights)
         acq = rt.cache.acquire(keys, need, rt.allocator)
         b.acq = acq
+        read_from = file_identity(Path(source.store))
         try:
             fill = acq.to_fill
             if fill:
@@ -269,9 +272,10 @@ class Method:
             rt.cache.publish(acq, e)
             raise
         rt.cache.publish(acq)
-        if source.verify is True:
-            # this bundle's own copies: other bundles may share them once verified
-            ident = file_identity(Path(source.store))
+        if source.verify is True and read_from is not None and read_from == file_identity(Path(source.store)):
+            # this bundle's own copies, read from a store that did not change meanwhile: other
+            # bundles may share them once that store's bytes hash to their digests
+            ident = read_from
             for i in acq.to_fill:
                 if content[i] is not None and keys[i] != content[i]:
                     w = weights[i]
