@@ -856,10 +856,23 @@ cdef class BindPlan:
         with the sizes and strides compiled into the .so (not the manifest's), over at most
         ``GetConstantDataSize`` bytes, so a buffer this large keeps every access inside it
         even when the manifest's view is smaller than the compiled one."""
+        self._known(i)
+        return self._need(i)
+
+    def so_size(self, Py_ssize_t i) -> int:
+        """``GetConstantDataSize`` of constant ``i``: the storage bytes the .so assumes (and
+        reads from a ``binary_blob``)."""
+        self._known(i)
+        return self.so_sizes[i]
+
+    cdef int _known(self, Py_ssize_t i) except -1:
         if not self.checked:
-            raise ValueError("BindPlan.need before a successful check")
+            raise ValueError("BindPlan sizes before a successful check")
         if i < 0 or i >= self.n:
             raise IndexError(i)
+        return 0
+
+    cdef inline int64_t _need(self, Py_ssize_t i) noexcept nogil:
         return self.offsets[i] * self.itemsizes[i] + self.so_sizes[i]
 
     def so_kind(self, Py_ssize_t i) -> int:
@@ -893,10 +906,9 @@ cdef class BindPlan:
                              "assumes are unknown")
         for i in range(n):
             buf = <Buffer>buffers[i]
-            if <int64_t>buf.nbytes < self.offsets[i] * self.itemsizes[i] + self.so_sizes[i]:
+            if <int64_t>buf.nbytes < self._need(i):
                 raise AOTIError(f"{self.where}: constant {self._fqns[i]}: a {buf.nbytes}-byte buffer "
-                                f"is smaller than the {self.offsets[i] * self.itemsizes[i] + self.so_sizes[i]} "
-                                f"bytes the .so may reach")
+                                f"is smaller than the {self._need(i)} bytes the .so may reach")
             self.data[i] = buf.ptr
         with nogil:
             for i in range(n):

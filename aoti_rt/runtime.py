@@ -309,7 +309,7 @@ class Method:
         with open(source.store, "rb") as f:
             for i, c in enumerate(self.spec.constants):
                 w = source.weights[c.weight]
-                size = plan.need(i) - c.storage_offset * ITEMSIZE[c.dtype]
+                size = plan.so_size(i)
                 f.seek(w.offset)
                 data = f.read(min(w.nbytes, size))
                 if len(data) != min(w.nbytes, size):
