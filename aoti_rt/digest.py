@@ -70,16 +70,12 @@ def weight_digest(data) -> str:
         raise ValueError("weight_digest needs contiguous bytes")
     mv = mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
     n = mv.nbytes
-    return combine(n, b"".join(blake3(mv[i:i + BLOCK]).digest() for i in range(0, n, BLOCK)))
+    return combine(n, b"".join(block_hash(mv[i:i + BLOCK]) for i in range(0, n, BLOCK)))
 
 
 def is_verifiable(digest: str) -> bool:
     """True for a digest this module defines (the loader can verify it while loading)."""
     return isinstance(digest, str) and digest.startswith(PREFIX) and len(digest) == len(PREFIX) + 64
-
-
-__all__ = ["PREFIX", "BLOCK", "HASH_BYTES", "num_blocks", "block_hash", "combine", "weight_digest",
-           "is_verifiable"]
 
 
 def file_digests(path, ranges: list[tuple[int, int]], *, workers: int | None = None) -> list[str]:
@@ -126,3 +122,7 @@ def file_digests(path, ranges: list[tuple[int, int]], *, workers: int | None = N
     finally:
         os.close(fd)
     return [combine(n, hashes[i]) for i, (_, n) in enumerate(ranges)]
+
+
+__all__ = ["PREFIX", "BLOCK", "HASH_BYTES", "num_blocks", "block_hash", "combine", "weight_digest",
+           "is_verifiable", "file_digests"]

@@ -43,6 +43,7 @@ from . import _cache, device as _device, loader, memory as _memory
 from .abi import _P, SharedObject, torch_shim
 from .bundle import (DTYPE_CODES, ITEMSIZE, Bundle, ConstantSpec, InputSpec, MethodSpec,
                      WeightSpec, divergent_fqns, file_identity, read_bundle)
+from .digest import file_digests
 from .errors import AOTIError, BundleError, ClosedError, InputError
 
 _PAIRS = _P + "UpdateUserManagedConstantBufferPairs"
@@ -217,8 +218,6 @@ class Method:
         load, or here, by hashing the store another bundle's copy was read from (no device
         memory, no copy; the cost is paid only when two bundles share). Weights not verified
         stay under this bundle's own keys."""
-        from . import digest as _digest
-
         rt = self._rt
         out = list(keys)
         todo: dict[str, list[tuple[int, Any]]] = {}
@@ -234,7 +233,7 @@ class Method:
         for store, items in todo.items():
             before = file_identity(Path(store))
             try:
-                got = _digest.file_digests(store, [(c.offset, c.nbytes) for _, c in items])
+                got = file_digests(store, [(c.offset, c.nbytes) for _, c in items])
             except OSError:
                 got = [None] * len(items)
             # the file hashed must be the one the copy was read from, unchanged throughout
@@ -255,7 +254,9 @@ class Method:
             keys = self._share_verified(source, keys, content, weights)
         acq = rt.cache.acquire(keys, need, rt.allocator)
         b.acq = acq
-        read_from = file_identity(Path(source.store))
+        # the store's identity before reading: a copy is offered for sharing only if the
+        # store did not change while it was read
+        read_from = file_identity(Path(source.store)) if source.verify is True else None
         try:
             fill = acq.to_fill
             if fill:
@@ -272,15 +273,14 @@ class Method:
             rt.cache.publish(acq, e)
             raise
         rt.cache.publish(acq)
-        if source.verify is True and read_from is not None and read_from == file_identity(Path(source.store)):
-            # this bundle's own copies, read from a store that did not change meanwhile: other
-            # bundles may share them once that store's bytes hash to their digests
-            ident = read_from
+        if read_from is not None and read_from == file_identity(Path(source.store)):
+            # this bundle's own copies: other bundles may share them once that store's bytes
+            # hash to their digests
             for i in acq.to_fill:
                 if content[i] is not None and keys[i] != content[i]:
                     w = weights[i]
                     rt.offer_shared(content[i], _device.ShareCandidate(
-                        keys[i], str(source.store), ident, w.offset, w.nbytes))
+                        keys[i], str(source.store), read_from, w.offset, w.nbytes))
         rt.cache.wait(acq)
         cs = self.spec.constants
         shim = torch_shim()
@@ -379,7 +379,8 @@ class Method:
             if not t.is_contiguous():
                 # generated kernels index inputs with the contiguous strides they were compiled
                 # for: a transposed, sliced or expanded input is copied to that layout first
-                leaves = list(leaves)
+                if not isinstance(leaves, list):
+                    leaves = list(leaves)
                 leaves[i] = t.contiguous()
         return leaves
 
