@@ -23,6 +23,8 @@ import aoti_rt
 from aoti_rt import bundle as bundle_mod
 from aoti_rt.bundle import MANIFEST_MAX_BYTES, read_bundle
 
+from damage import edit_manifest
+
 
 def stats(device):
     return aoti_rt.cache_stats(device)
@@ -39,13 +41,6 @@ def _assert_rejected(b, device, match):
     return err.value
 
 
-def _edit_manifest(b, fn):
-    p = b / "manifest.json"
-    raw = json.loads(p.read_text())
-    fn(raw)
-    p.write_text(json.dumps(raw))
-
-
 def _edit_manifest_text(b, fn):
     p = b / "manifest.json"
     p.write_bytes(fn(p.read_bytes()))
@@ -59,13 +54,13 @@ def _constant(raw, method, fqn_part):
 
 def test_version_true_is_not_version_1_or_2(three_bundle, device, copy_bundle):
     b = copy_bundle(three_bundle)
-    _edit_manifest(b, lambda r: r.__setitem__("version", True))    # True == 1 in Python
+    edit_manifest(b, lambda r: r.__setitem__("version", True))    # True == 1 in Python
     _assert_rejected(b, device, r"version is bool True; this aoti_rt reads format version 2")
 
 
 def test_old_format_version_says_recompile(three_bundle, device, copy_bundle):
     b = copy_bundle(three_bundle)
-    _edit_manifest(b, lambda r: r.__setitem__("version", 1))
+    edit_manifest(b, lambda r: r.__setitem__("version", 1))
     _assert_rejected(b, device, r"version is int 1.*recompile the bundle")
 
 
@@ -205,7 +200,7 @@ BAD_FIELDS = [
 @pytest.mark.parametrize("edit, says", [pytest.param(e, s, id=i) for i, e, s in BAD_FIELDS])
 def test_bad_manifest_field(three_bundle, device, copy_bundle, edit, says):
     b = copy_bundle(three_bundle)
-    _edit_manifest(b, edit)
+    edit_manifest(b, edit)
     err = _assert_rejected(b, device, says)
     assert "recompile" in str(err)
 
@@ -220,7 +215,7 @@ def test_unknown_keys_are_ignored(three_bundle, device, copy_bundle):
         raw["methods"]["a"]["hint"] = "y"
         raw["methods"]["a"]["constants"][0]["note"] = -1
         next(iter(raw["weights"].values()))["extra"] = True
-    _edit_manifest(b, extra)
+    edit_manifest(b, extra)
     with aoti_rt.load(b, device=device, methods=["a"]) as m:
         m.a(torch.randn(3, 64, device=device))
 
@@ -245,7 +240,7 @@ def _rewrite_store(b, edit):
             lo, hi = seen[w["tensor"]]["data_offsets"]
             if hi >= lo:
                 w["offset"], w["nbytes"] = int(start + lo), int(hi - lo)
-    _edit_manifest(b, agree)
+    edit_manifest(b, agree)
 
 
 def _store_negative_offset(header):

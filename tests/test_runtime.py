@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import json
 import re
 import shutil
 import threading
@@ -15,6 +14,7 @@ import aoti_rt
 from aoti_rt import demo
 from aoti_rt.bundle import read_bundle
 
+from damage import edit_manifest
 from models import METHOD_LAYERS, Subset, make_stack
 
 PROMPT = list(range(1, 9))
@@ -295,16 +295,9 @@ def test_corrupt_store_header(three_bundle, device, copy_bundle):
         aoti_rt.load(b, device=device)
 
 
-def _edit_manifest(bundle, fn):
-    p = bundle / "manifest.json"
-    raw = json.loads(p.read_text())
-    fn(raw)
-    p.write_text(json.dumps(raw))
-
-
 def test_manifest_pointing_outside(three_bundle, device, copy_bundle):
     b = copy_bundle(three_bundle)
-    _edit_manifest(b, lambda r: r["methods"]["a"].__setitem__("so", "../../etc/passwd"))
+    edit_manifest(b, lambda r: r["methods"]["a"].__setitem__("so", "../../etc/passwd"))
     with pytest.raises(aoti_rt.BundleError, match="outside the bundle"):
         aoti_rt.load(b, device=device)
 
@@ -315,7 +308,7 @@ def test_manifest_lying_about_offsets(three_bundle, device, copy_bundle):
     def lie(raw):
         w = next(iter(raw["weights"].values()))
         w["offset"] += 4
-    _edit_manifest(b, lie)
+    edit_manifest(b, lie)
     with pytest.raises(aoti_rt.BundleError, match="disagree"):
         aoti_rt.load(b, device=device)
 
@@ -326,7 +319,7 @@ def test_manifest_lying_about_shape(three_bundle, device, copy_bundle):
     def lie(raw):
         c = raw["methods"]["b"]["constants"][0]
         c["shape"] = [s * 100 for s in c["shape"]]      # same rank, far more bytes than stored
-    _edit_manifest(b, lie)
+    edit_manifest(b, lie)
     with pytest.raises(aoti_rt.BundleError, match="manifest lies"):
         aoti_rt.load(b, device=device)
 
@@ -350,7 +343,7 @@ def _relabel_dtype(raw):
                          ids=["count", "names", "dtype"])
 def test_manifest_lying_about_constants(three_bundle, device, copy_bundle, lie, says):
     b = copy_bundle(three_bundle)
-    _edit_manifest(b, lie)
+    edit_manifest(b, lie)
     base = stats(device)
     with pytest.raises(aoti_rt.BundleError, match="inconsistent") as err:
         aoti_rt.load(b, device=device)

@@ -15,16 +15,10 @@ import torch
 import aoti_rt
 from aoti_rt.bundle import read_bundle
 
+from damage import edit_manifest
 from models import METHOD_LAYERS, Subset, make_stack
 
 PROMPT = list(range(1, 9))
-
-
-def _edit_manifest(bundle, fn):
-    p = bundle / "manifest.json"
-    raw = json.loads(p.read_text())
-    fn(raw)
-    p.write_text(json.dumps(raw))
 
 
 def _constants(raw, fqn):
@@ -45,7 +39,7 @@ def test_misaligned_view_is_refused(lm_bundle, device, copy_bundle):
     def lie(raw):
         for c in _constants(raw, "lm.k_cache"):
             c["shape"], c["stride"], c["storage_offset"] = [1], [1], 3
-    _edit_manifest(b, lie)
+    edit_manifest(b, lie)
     with pytest.raises(aoti_rt.BundleError, match="not a multiple of 16"):
         aoti_rt.load(b, device=device)
 
@@ -62,7 +56,7 @@ def test_lying_view_of_written_state_stays_inside_its_buffer(lm_bundle, three_bu
             for s in c["shape"]:
                 numel *= s
             c["shape"], c["stride"], c["storage_offset"] = [1], [1], numel - 4   # 16-byte aligned
-    _edit_manifest(b, lie)
+    edit_manifest(b, lie)
     x = torch.randn(3, 64, device=device)
     with aoti_rt.load(three_bundle, device=device) as intact:
         want = _intact_outputs(intact, x)
@@ -91,7 +85,7 @@ def test_lying_view_of_a_weight_reads_inside_its_buffer(three_bundle, device, co
     def lie(raw):
         for c in _constants(raw, "stack.layers.0.bias"):
             c["shape"], c["stride"], c["storage_offset"] = [1], [1], 60
-    _edit_manifest(b, lie)
+    edit_manifest(b, lie)
     base = aoti_rt.cache_stats(device)["bytes_allocated"]
     with aoti_rt.load(b, device=device) as m:
         m.a(torch.randn(3, 64, device=device))
@@ -108,7 +102,7 @@ def test_empty_view_of_real_storage_is_refused(lm_bundle, device, copy_bundle):
     def lie(raw):
         for c in _constants(raw, "lm.v_cache"):
             c["shape"] = [0] + c["shape"][1:]
-    _edit_manifest(b, lie)
+    edit_manifest(b, lie)
     base = aoti_rt.cache_stats(device)["bytes_allocated"]
     with pytest.raises(aoti_rt.BundleError, match="is empty"):
         aoti_rt.load(b, device=device)
@@ -118,7 +112,7 @@ def test_empty_view_of_real_storage_is_refused(lm_bundle, device, copy_bundle):
 def test_manifest_inputs_must_match_the_so(three_bundle, device, copy_bundle):
     """An input spec of [] used to skip every input check (a (1, 64) input read as (3, 64))."""
     b = copy_bundle(three_bundle)
-    _edit_manifest(b, lambda raw: raw["methods"]["a"].__setitem__("inputs", []))
+    edit_manifest(b, lambda raw: raw["methods"]["a"].__setitem__("inputs", []))
     with pytest.raises(aoti_rt.BundleError, match="describes 0 inputs"):
         aoti_rt.load(b, device=device)
 
@@ -128,7 +122,7 @@ def test_lying_input_shape_is_caught_by_aoti(three_bundle, device, copy_bundle):
     (AOTI_RUNTIME_CHECK_INPUTS, which aoti_rt turns on) refuses before any kernel reads."""
     assert os.environ.get("AOTI_RUNTIME_CHECK_INPUTS") == "1"
     b = copy_bundle(three_bundle)
-    _edit_manifest(b, lambda raw: raw["methods"]["a"]["inputs"][0].__setitem__("shape", [1, 64]))
+    edit_manifest(b, lambda raw: raw["methods"]["a"]["inputs"][0].__setitem__("shape", [1, 64]))
     with aoti_rt.load(b, device=device) as m:
         with pytest.raises(aoti_rt.AOTIError):
             m.a(torch.randn(1, 64, device=device))
@@ -192,7 +186,7 @@ def test_small_weight_claiming_a_big_weights_digest_cannot_poison(three_bundle, 
         small["digest"] = big["digest"]
         for c in _constants(raw, "stack.layers.0.bias"):
             c["digest"] = big["digest"]
-    _edit_manifest(bad, lie)
+    edit_manifest(bad, lie)
     x = torch.randn(3, 64, device=device)
     want = Subset(make_stack(device), METHOD_LAYERS["a"])(x)
     try:
@@ -284,7 +278,7 @@ def test_distinct_bundles_do_not_leak(three_bundle, tmp_path):
         d.mkdir()
         for f in ("manifest.json", "weights.safetensors", "a.so"):
             shutil.copyfile(src / f, d / f)
-        _edit_manifest(d, lambda raw: [raw["methods"].pop(k) for k in ("b", "c")])
+        edit_manifest(d, lambda raw: [raw["methods"].pop(k) for k in ("b", "c")])
         with aoti_rt.load(d, device="cpu") as m:
             m.a(x)
         assert not any(str(d) in key[0] for key in aoti_rt.abi._open), "the .so is still held"
@@ -307,7 +301,7 @@ def test_out_spec_with_another_leaf_count_is_refused(three_bundle, device, copy_
 
     b = copy_bundle(three_bundle)
     spec = pytree.treespec_dumps(pytree.tree_flatten((0, 1))[1])
-    _edit_manifest(b, lambda raw: raw["methods"]["a"].__setitem__("out_spec", spec))
+    edit_manifest(b, lambda raw: raw["methods"]["a"].__setitem__("out_spec", spec))
     base = aoti_rt.cache_stats(device)["bytes_allocated"]
     with pytest.raises(aoti_rt.BundleError, match="out_spec has 2 leaves"):
         aoti_rt.load(b, device=device)
@@ -353,6 +347,6 @@ def test_edited_probe_cache_is_never_trusted(stock_artifact, device, edit):
 def test_unlookable_so_name_is_a_bundle_error(three_bundle, device, copy_bundle):
     """A file name the OS refuses to look up (over NAME_MAX) made Path.is_file raise OSError."""
     b = copy_bundle(three_bundle)
-    _edit_manifest(b, lambda raw: raw["methods"]["a"].__setitem__("so", "x" * 300))
+    edit_manifest(b, lambda raw: raw["methods"]["a"].__setitem__("so", "x" * 300))
     with pytest.raises(aoti_rt.BundleError, match="shared object"):
         aoti_rt.load(b, device=device)
