@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from . import device as _device
-from .bundle import (MANIFEST_MAX_BYTES, is_regular_file, MethodSpec, WeightSpec, parse_method_and_weights,
-                     read_manifest_bytes, strict_json, weight_id)
+from .bundle import (MANIFEST_MAX_BYTES, MethodSpec, WeightSpec, is_regular_file,
+                     parse_method_and_weights, read_manifest_bytes, strict_json, weight_id)
 from .probe import probe_method
 from .errors import BundleError
 from .runtime import Method, weight_source
@@ -60,7 +60,7 @@ def _cached_probe(path: Path, fp: dict, so: Path, blob: Path) -> tuple[MethodSpe
         spec, table = parse_method_and_weights(raw.get("method"), raw.get("weights"), str(path))
     except BundleError:
         return None
-    size = blob.stat().st_size
+    size = fp["blob"][2]             # the blob's size, part of the identity just matched
     if spec.so != so.name or any(w.offset + w.nbytes > size for w in table.values()):
         return None
     return spec, table
