@@ -1,10 +1,17 @@
-"""Build hook: setuptools metadata lives in setup.cfg; this only declares the Cython module."""
+"""Build hook: setuptools metadata lives in setup.cfg; this only declares the Cython modules.
+
+Four extension modules, one job each, cimporting each other through their .pxd files:
+``_memory`` (driver table, allocators, Buffer), ``_cache`` (the weight cache), ``_bind``
+(the AOTI C ABI, constant binding, the run call), ``_load`` (store -> buffers).
+"""
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
+MODULES = ("_memory", "_cache", "_bind", "_load")
+
 setup(
     ext_modules=cythonize(
-        [Extension("aoti_rt._cache", ["aoti_rt/_cache.pyx"], extra_compile_args=["-O3"])],
+        [Extension(f"aoti_rt.{m}", [f"aoti_rt/{m}.pyx"], extra_compile_args=["-O3"]) for m in MODULES],
         compiler_directives={"language_level": "3"},
     )
 )

@@ -1,8 +1,10 @@
-"""Devices: one allocator, one weight cache and (for CUDA) the copy engines per device.
+"""Devices: what a device is (:class:`Device`) and what aoti_rt holds for it (:class:`DeviceRuntime`).
 
-CUDA is driven through cuda-python's driver bindings: ``cuInit``, the device's primary
+A :class:`DeviceRuntime` owns one device's allocator, weight cache, copy engines (for CUDA),
+pinned stores and memory counters; :func:`get` gives the one per device, created on first
+use. CUDA is driven through cuda-python's driver bindings: ``cuInit``, the device's primary
 context (the one PyTorch and AOTI use), and ``cuGetProcAddress`` for the entry points the
-Cython cache calls directly. Without an NVIDIA driver, :func:`cuda_available` is False and
+Cython core calls directly. Without an NVIDIA driver, :func:`cuda_available` is False and
 asking for a CUDA device raises a clear error.
 """
 
@@ -10,12 +12,14 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 
-from . import _cache
-from .errors import AotiRtError
+from . import _cache, _load, _memory
+from .errors import AotiRtError, CudaError
 
 _lock = threading.Lock()
-_devices: dict[str, "DeviceRuntime"] = {}
+_devices: dict["Device", "DeviceRuntime"] = {}
 _cuda_state: dict[str, object] = {}
 
 #: cudaVersion passed to cuGetProcAddress (12.0: the _v2 entry points)
@@ -32,7 +36,7 @@ def _ok(result, what: str):
     """Unpack a cuda-python ``(CUresult, *values)`` tuple, raising on error."""
     err, *rest = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
-        raise _cache.CudaError(what, int(err))
+        raise CudaError(what, int(err))
     return rest[0] if len(rest) == 1 else rest
 
 
@@ -59,31 +63,62 @@ def _init_cuda() -> None:
         count = _ok(drv.cuDeviceGetCount(), "cuDeviceGetCount")
         pointers = {}
         flags = drv.CUdriverProcAddress_flags.CU_GET_PROC_ADDRESS_DEFAULT
-        for sym in _cache.DRIVER_SYMBOLS:
+        for sym in _memory.DRIVER_SYMBOLS:
             res = drv.cuGetProcAddress(sym.encode(), _PROC_VERSION, flags)
             pointers[sym] = int(_ok(res, f"cuGetProcAddress({sym})")[0])
-        _cache.install_driver(pointers)
+        _memory.install_driver(pointers)
         _cuda_state["count"] = int(count)
 
 
-def normalize(device: str | None, default: str = "cpu") -> str:
-    """"cuda" -> "cuda:0"; checks the device exists."""
-    dev = (device or default).strip().lower()
-    if dev == "cpu":
-        return "cpu"
-    if dev == "cuda":
-        dev = "cuda:0"
-    if not dev.startswith("cuda:") or not dev[5:].isdigit():
-        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'")
-    try:
-        _init_cuda()
-    except Exception:  # noqa: BLE001
-        pass
-    count = int(_cuda_state.get("count", 0))
-    if int(dev[5:]) >= count:
-        why = _cuda_state.get("error") or f"{count} CUDA device(s) present"
-        raise AotiRtError(f"device {dev} is not available ({why}); load on 'cpu' or on an existing GPU")
-    return dev
+@dataclass(frozen=True)
+class Device:
+    """A device aoti_rt runs on: ``Device("cpu")`` or ``Device("cuda", n)``.
+
+    Frozen and hashable, so it keys per-device state; ``str(device)`` is the spelling torch
+    and AOTI use (``"cpu"``, ``"cuda:0"``). :meth:`parse` turns what users write into one.
+    """
+
+    kind: Literal["cpu", "cuda"]
+    index: int = 0
+
+    @classmethod
+    def parse(cls, spec: "str | Device | None", default: "str | Device" = "cpu") -> "Device":
+        """``"cpu"``, ``"cuda"`` (device 0) or ``"cuda:N"`` (or a Device) as a Device that
+        exists on this machine; ``None`` means ``default``.
+
+        Raises:
+            ValueError: not a device name aoti_rt knows.
+            AotiRtError: a CUDA device this machine does not have (the message says why).
+        """
+        spec = default if spec is None else spec
+        if isinstance(spec, Device):
+            dev = spec
+        else:
+            text = str(spec).strip().lower()
+            kind, _, num = text.partition(":")
+            if text == "cpu":
+                return cls("cpu")
+            if kind != "cuda" or (num and not num.isdigit()) or (_ and not num):
+                raise ValueError(f"unknown device {spec!r}: use 'cpu', 'cuda' or 'cuda:N'")
+            dev = cls("cuda", int(num or 0))
+        if dev.is_cuda:
+            try:
+                _init_cuda()
+            except Exception:  # noqa: BLE001
+                pass
+            count = int(_cuda_state.get("count", 0))
+            if dev.index >= count:
+                why = _cuda_state.get("error") or f"{count} CUDA device(s) present"
+                raise AotiRtError(f"device {dev} is not available ({why}); load on 'cpu' or on an "
+                                  f"existing GPU")
+        return dev
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.kind == "cuda"
+
+    def __str__(self) -> str:
+        return f"cuda:{self.index}" if self.is_cuda else "cpu"
 
 
 @dataclass(frozen=True)
@@ -99,13 +134,19 @@ class ShareCandidate:
 
 @dataclass
 class DeviceRuntime:
-    """Everything aoti_rt holds for one device."""
+    """Everything aoti_rt holds for one device; :func:`get` gives the one per device.
 
-    device: str
-    allocator: _cache.Allocator
+    It owns the device's allocator and weight cache, the loader's pooled copy engines (CUDA),
+    the stores pinned for it (:func:`aoti_rt.pin_store`), the share candidates of on-demand
+    verification, and its memory counters: what legacy (unshared) methods hold and the
+    sampled device-wide peak. :mod:`aoti_rt.memory` only reports them.
+    """
+
+    device: Device
+    allocator: _memory.Allocator
     cache: _cache.WeightCache
     context: int = 0
-    pinned: _cache.Allocator | None = None     # host memory for staging and pinned stores
+    pinned: _memory.Allocator | None = None     # host memory for staging and pinned stores
     stagers: list = field(default_factory=list)
     stager_lock: threading.Lock = field(default_factory=threading.Lock)
     #: resolved store path -> PinnedStore (loader.pin_store) whose image loads copy from
@@ -114,14 +155,74 @@ class DeviceRuntime:
     #: another bundle may share once the copy's store bytes hash to the digest
     share_candidates: dict = field(default_factory=dict)
     share_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: methods whose .so lacks the Pairs entry point, and the bytes of their private copies
+    legacy_methods: int = 0
+    legacy_bytes: int = 0
+    #: the largest device-wide used bytes sampled (cuMemGetInfo), None before any sample
+    peak_used: int | None = None
+    counter_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def is_cuda(self) -> bool:
-        return self.device != "cpu"
+        return self.device.is_cuda
 
     @property
     def index(self) -> int:
-        return int(self.device[5:]) if self.is_cuda else 0
+        return self.device.index
+
+    # -- memory counters ------------------------------------------------------------------
+
+    def count_legacy(self, methods: int, nbytes: int) -> None:
+        """Count a method whose .so holds its own private weights (negative: one less)."""
+        with self.counter_lock:
+            self.legacy_methods += methods
+            self.legacy_bytes += nbytes
+
+    def memory_info(self) -> tuple[int, int]:
+        """(free, total) bytes of a CUDA device, device-wide (cuMemGetInfo in its primary context)."""
+        drv = _driver()
+        _ok(drv.cuCtxPushCurrent(drv.CUcontext(self.context)), "cuCtxPushCurrent")
+        try:
+            free, total = _ok(drv.cuMemGetInfo(), "cuMemGetInfo")
+        finally:
+            drv.cuCtxPopCurrent()
+        return int(free), int(total)
+
+    def sample(self) -> int | None:
+        """Read device-wide used bytes now and fold them into :attr:`peak_used`; None on the CPU."""
+        if not self.is_cuda:
+            return None
+        free, total = self.memory_info()
+        used = total - free
+        with self.counter_lock:
+            if self.peak_used is None or used > self.peak_used:
+                self.peak_used = used
+        return used
+
+    def reset_peak(self) -> None:
+        """Start new high-water marks: own bytes allocated and reserved, and the sampled peak."""
+        self.allocator.reset_peak()
+        with self.counter_lock:
+            self.peak_used = None
+
+    # -- pinned stores --------------------------------------------------------------------
+
+    def pinned_store(self, store: Path):
+        """The open :class:`aoti_rt.loader.PinnedStore` of ``store`` (resolved), or None."""
+        return self.pinned_stores.get(store)
+
+    def add_pinned_store(self, pinned) -> None:
+        self.pinned_stores[pinned.path] = pinned
+
+    def remove_pinned_store(self, pinned) -> None:
+        if self.pinned_stores.get(pinned.path) is pinned:
+            del self.pinned_stores[pinned.path]
+
+    def pinned_store_bytes(self) -> int:
+        """Host bytes of the stores pinned for this device."""
+        return sum(p.nbytes for p in list(self.pinned_stores.values()))
+
+    # -- on-demand sharing ----------------------------------------------------------------
 
     def offer_shared(self, content_key: str, candidate: "ShareCandidate") -> None:
         """Remember a bundle-scoped cache entry as the copy of ``content_key`` that other
@@ -149,6 +250,8 @@ class DeviceRuntime:
             if self.share_candidates.get(content_key) is candidate:
                 del self.share_candidates[content_key]
 
+    # -- the loader's copy engines --------------------------------------------------------
+
     def take_stagers(self, n: int, chunk_bytes: int) -> list:
         """Borrow ``n`` copy engines (created on first use and kept for later loads)."""
         with self.stager_lock:
@@ -157,7 +260,7 @@ class DeviceRuntime:
                 self.stagers.remove(s)
             got = fit[:n]
         while len(got) < n:
-            got.append(_cache.Stager(self.pinned, self.context, chunk_bytes))
+            got.append(_load.Stager(self.pinned, self.context, chunk_bytes))
         return got
 
     def give_stagers(self, stagers: list) -> None:
@@ -170,42 +273,31 @@ class DeviceRuntime:
             self.stagers.clear()
 
 
-def get(device: str) -> DeviceRuntime:
-    """The runtime of a normalized device string, created on first use."""
+def get(device: "str | Device") -> DeviceRuntime:
+    """The runtime of a device (a :class:`Device` or its name), created on first use."""
+    dev = device if isinstance(device, Device) else Device.parse(device)
     with _lock:
-        rt = _devices.get(device)
+        rt = _devices.get(dev)
         if rt is not None:
             return rt
-    if device == "cpu":
-        rt = DeviceRuntime("cpu", _cache.HostAllocator("cpu"), _cache.WeightCache(),
-                           pinned=_cache.HostAllocator("host"))
+    if not dev.is_cuda:
+        rt = DeviceRuntime(dev, _memory.HostAllocator("cpu"), _cache.WeightCache(),
+                           pinned=_memory.HostAllocator("host"))
     else:
         import torch
 
         _init_cuda()
         drv = _driver()
-        idx = int(device[5:])
         torch.cuda.init()
-        dev = _ok(drv.cuDeviceGet(idx), "cuDeviceGet")
-        ctx = int(_ok(drv.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain"))
-        rt = DeviceRuntime(device, _cache.CudaAllocator(device, idx, ctx), _cache.WeightCache(),
-                           context=ctx, pinned=_cache.PinnedAllocator(f"pinned:{idx}", ctx))
+        handle = _ok(drv.cuDeviceGet(dev.index), "cuDeviceGet")
+        ctx = int(_ok(drv.cuDevicePrimaryCtxRetain(handle), "cuDevicePrimaryCtxRetain"))
+        rt = DeviceRuntime(dev, _memory.CudaAllocator(str(dev), dev.index, ctx), _cache.WeightCache(),
+                           context=ctx, pinned=_memory.PinnedAllocator(f"pinned:{dev.index}", ctx))
     with _lock:
-        return _devices.setdefault(device, rt)
+        return _devices.setdefault(dev, rt)
 
 
-def all_runtimes() -> dict[str, DeviceRuntime]:
+def all_runtimes() -> dict[Device, DeviceRuntime]:
+    """The runtimes created so far, by device."""
     with _lock:
         return dict(_devices)
-
-
-def device_memory_info(device: str) -> tuple[int, int]:
-    """(free, total) bytes of a CUDA device, device-wide (cuMemGetInfo in its primary context)."""
-    rt = get(device)
-    drv = _driver()
-    _ok(drv.cuCtxPushCurrent(drv.CUcontext(rt.context)), "cuCtxPushCurrent")
-    try:
-        free, total = _ok(drv.cuMemGetInfo(), "cuMemGetInfo")
-    finally:
-        drv.cuCtxPopCurrent()
-    return int(free), int(total)

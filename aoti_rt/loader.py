@@ -1,6 +1,6 @@
 """Move weight bytes from a store file into cache buffers, verifying them on the way.
 
-The needed weights become a :class:`aoti_rt._cache.LoadPlan` (pieces of at most one hash
+The needed weights become a :class:`aoti_rt._load.LoadPlan` (pieces of at most one hash
 block, sorted by file offset, grouped into chunks read with one ``pread`` each). Worker
 threads run the plan without the GIL: on the CPU they read straight into the weights'
 buffers; on CUDA each worker reads into its pinned staging buffers and enqueues async copies
@@ -20,9 +20,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import _cache
+from . import _load, _memory
 from .bundle import file_identity, open_regular
-from .device import DeviceRuntime
+from .device import Device, DeviceRuntime
 from .digest import PREFIX, is_verifiable
 from .errors import BundleError
 
@@ -33,7 +33,7 @@ PROGRESS_MIN_BYTES = 256 << 20
 #: worker threads (``$AOTI_RT_LOAD_WORKERS`` overrides)
 WORKERS = int(os.environ.get("AOTI_RT_LOAD_WORKERS", 0)) or max(1, min(16, os.cpu_count() or 1))
 #: when verifying, pieces up to this many bytes per worker are hashed by aoti_rt's own C BLAKE3
-#: without the GIL (at most _cache.C_HASH_MAX); larger ones by the blake3 package, which is
+#: without the GIL (at most _load.C_HASH_MAX); larger ones by the blake3 package, which is
 #: several times faster per byte but takes the GIL once per piece. Measured on 4 KiB pieces:
 #: ~3.5 us each in C vs ~2.2 us through blake3 on one core, but the blake3 calls are
 #: serialised by the GIL (2 workers: no faster than 1), while the C path scales with workers.
@@ -41,7 +41,7 @@ C_HASH_PER_WORKER = 1 << 10
 
 
 def read_weights(rt: DeviceRuntime, store: Path, offsets: Sequence[int], sizes: Sequence[int],
-                 buffers: Sequence[_cache.Buffer], *, digests: Sequence[str | None] | None = None,
+                 buffers: Sequence[_memory.Buffer], *, digests: Sequence[str | None] | None = None,
                  names: Sequence[str] | None = None, workers: int | None = None,
                  chunk_bytes: int | None = None, progress: bool | None = None) -> int:
     """Fill ``buffers[i]`` with ``sizes[i]`` bytes at ``offsets[i]`` of ``store``.
@@ -78,11 +78,11 @@ def read_weights(rt: DeviceRuntime, store: Path, offsets: Sequence[int], sizes: 
     total = int(sum(sizes))
     chunk = int(chunk_bytes or CHUNK_BYTES)
     source = f"weight store {store}"
-    pinned = rt.pinned_stores.get(store.resolve())
+    pinned = rt.pinned_store(store.resolve())
     image = pinned.image if pinned is not None else None    # our reference keeps it alive
     if image is not None and pinned.current():
         _check_extents(offsets, sizes, image.nbytes, store, label)
-        plan = _cache.LoadPlan(offsets, sizes, buffers, chunk, verify=verify, source=source)
+        plan = _load.LoadPlan(offsets, sizes, buffers, chunk, verify=verify, source=source)
         # unverified: one thread, one stream, as fast as the copy engine; verified: the
         # workers hash their chunks from the image while their copies run
         nworkers = max(1, min(int(workers or WORKERS), plan.num_chunks)) if verify else 1
@@ -90,7 +90,7 @@ def read_weights(rt: DeviceRuntime, store: Path, offsets: Sequence[int], sizes: 
         if plan.num_pieces:
             stagers = rt.take_stagers(nworkers, chunk) if rt.is_cuda else [None] * nworkers
             try:
-                _cache.run_workers(plan, nworkers, lambda w: _cache.copy_from_host(
+                _load.run_workers(plan, nworkers, lambda w: _load.copy_from_host(
                     plan, image, stagers[w], w, nworkers))
             finally:
                 if rt.is_cuda:
@@ -102,7 +102,7 @@ def read_weights(rt: DeviceRuntime, store: Path, offsets: Sequence[int], sizes: 
     bar = None
     try:
         _check_extents(offsets, sizes, size, store, label)
-        plan = _cache.LoadPlan(offsets, sizes, buffers, chunk, verify=verify, source=source)
+        plan = _load.LoadPlan(offsets, sizes, buffers, chunk, verify=verify, source=source)
         nworkers = max(1, min(int(workers or WORKERS), plan.num_chunks))
         _tune(plan, nworkers)
         bar = _progress(total, progress)
@@ -154,23 +154,23 @@ def _check_extents(offsets: list[int], sizes: list[int], size: int, store: Path,
                               f"the file has {size}; re-copy or recompile the bundle")
 
 
-def _tune(plan: _cache.LoadPlan, nworkers: int) -> None:
+def _tune(plan: _load.LoadPlan, nworkers: int) -> None:
     """Which pieces the workers hash in C (see C_HASH_PER_WORKER)."""
     if plan.verify and plan.c_hash_max:
         plan.c_hash_max = min(plan.c_hash_max, nworkers * C_HASH_PER_WORKER)
 
 
-def _check_digests(plan: _cache.LoadPlan, digests: Sequence[str | None], store: Path, label) -> None:
+def _check_digests(plan: _load.LoadPlan, digests: Sequence[str | None], store: Path, label) -> None:
     i = plan.first_mismatch(list(digests))
     if i >= 0:
         raise BundleError(f"{label(i)} of {store}: its bytes do not match its digest: the store is "
                           f"corrupt or was tampered with; re-copy or recompile the bundle")
 
 
-def _run(plan: _cache.LoadPlan, nworkers: int, fn, bar) -> list:
-    """Run the plan's workers (see :func:`aoti_rt._cache.run_workers`), moving the bar."""
+def _run(plan: _load.LoadPlan, nworkers: int, fn, bar) -> list:
+    """Run the plan's workers (see :func:`aoti_rt._load.run_workers`), moving the bar."""
     update = None if bar is None else (lambda done: bar.update(done - bar.n))
-    return _cache.run_workers(plan, nworkers, fn, update)
+    return _load.run_workers(plan, nworkers, fn, update)
 
 
 class PinnedStore:
@@ -193,7 +193,7 @@ class PinnedStore:
             self.image = rt.pinned.allocate(size)
             bar = _progress(size, progress)
             try:
-                plan = _cache.LoadPlan([0], [size], [self.image], CHUNK_BYTES,
+                plan = _load.LoadPlan([0], [size], [self.image], CHUNK_BYTES,
                                        source=f"weight store {self.path}")
                 nworkers = max(1, min(WORKERS, plan.num_chunks))
                 _run(plan, nworkers, lambda w: plan.run_host(fd, w, nworkers), bar)
@@ -207,15 +207,14 @@ class PinnedStore:
             os.close(fd)
         self.nbytes = size
         rt.cache.add_bytes_read(size)
-        rt.pinned_stores[self.path] = self
+        rt.add_pinned_store(self)
 
     def current(self) -> bool:
         """True while the file on disk is the one that was pinned."""
         return self.image is not None and file_identity(self.path) == self._stat
 
     def close(self) -> None:
-        if self.rt.pinned_stores.get(self.path) is self:
-            del self.rt.pinned_stores[self.path]
+        self.rt.remove_pinned_store(self)
         self.image = None
 
     def __enter__(self) -> "PinnedStore":
@@ -243,7 +242,7 @@ def _close_bar(bar, total: int) -> None:
         bar.close()
 
 
-def pin_store(path: str | os.PathLike[str], *, device: str | None = None,
+def pin_store(path: str | os.PathLike[str], *, device: "str | Device | None" = None,
               progress: bool | None = None) -> PinnedStore:
     """Hold a bundle's weight store in page-locked host memory for ``device``.
 
@@ -259,5 +258,5 @@ def pin_store(path: str | os.PathLike[str], *, device: str | None = None,
     if p.is_dir():
         bundle = read_bundle(p)
         store, default = bundle.store_path, bundle.manifest.device
-    rt = _device.get(_device.normalize(device, default=default))
+    rt = _device.get(Device.parse(device, default=default))
     return PinnedStore(rt, store, progress=progress)

@@ -5,26 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import device as _device
+from .device import Device
 
 
-#: device -> (methods, bytes) bound the legacy, unshared way
-_legacy: dict[str, tuple[int, int]] = {}
-
-
-def add_legacy(device: str, methods: int, nbytes: int) -> None:
-    """Count a method whose .so holds its own private weights (no Pairs entry point)."""
-    m, b = _legacy.get(device, (0, 0))
-    _legacy[device] = (m + methods, b + nbytes)
-
-
-def _default_device(device: str | None) -> str:
+def _runtime(device: "str | Device | None") -> _device.DeviceRuntime:
+    """The runtime a report is about: ``device``, else the first GPU in use, else the CPU."""
     if device is not None:
-        return _device.normalize(device)
-    cuda = sorted(d for d in _device.all_runtimes() if d != "cpu")
-    return cuda[0] if cuda else "cpu"
+        return _device.get(Device.parse(device))
+    cuda = sorted((d for d in _device.all_runtimes() if d.is_cuda), key=lambda d: d.index)
+    return _device.get(cuda[0] if cuda else Device("cpu"))
 
 
-def cache_stats(device: str | None = None) -> dict:
+def cache_stats(device: "str | Device | None" = None) -> dict:
     """Counters of the weight cache of one device (default: the first GPU in use, else CPU).
 
     Keys: ``entries`` (cached weight buffers), ``bytes_allocated`` and
@@ -38,61 +30,48 @@ def cache_stats(device: str | None = None) -> dict:
     stores held by :func:`aoti_rt.pin_store`), ``staging_bytes`` (pooled pinned staging
     buffers of the loader; :func:`free_staging` returns them).
     """
-    dev = _default_device(device)
-    rt = _device.get(dev)
+    rt = _runtime(device)
     stats = rt.cache.stats()
     a = rt.allocator
-    legacy_methods, legacy_bytes = _legacy.get(dev, (0, 0))
-    pinned_stores = sum(p.nbytes for p in list(rt.pinned_stores.values()))
-    stats.update(device=dev, pinned_store_bytes=pinned_stores,
+    pinned_stores = rt.pinned_store_bytes()
+    stats.update(device=str(rt.device), pinned_store_bytes=pinned_stores,
                  staging_bytes=rt.pinned.bytes_allocated - pinned_stores if rt.pinned else 0,
                  bytes_allocated=a.bytes_allocated,
                  peak_bytes_allocated=a.peak_bytes_allocated, bytes_reserved=a.bytes_reserved,
                  peak_bytes_reserved=a.peak_bytes_reserved, num_allocations=a.num_allocations,
                  num_slabs=a.num_slabs,
-                 legacy_methods=legacy_methods, legacy_bytes=legacy_bytes)
+                 legacy_methods=rt.legacy_methods, legacy_bytes=rt.legacy_bytes)
     return stats
 
 
-def free_staging(device: str | None = None) -> None:
+def free_staging(device: "str | Device | None" = None) -> None:
     """Free the loader's pooled pinned staging buffers (re-created by the next load)."""
-    _device.get(_default_device(device)).free_staging()
+    _runtime(device).free_staging()
 
 
-def reset_peak(device: str | None = None) -> None:
+def reset_peak(device: "str | Device | None" = None) -> None:
     """Start new high-water marks: own bytes allocated and reserved, and the sampled device peak."""
-    dev = _default_device(device)
-    _device.get(dev).allocator.reset_peak()
-    _peak_used.pop(dev, None)
+    _runtime(device).reset_peak()
 
 
-def set_memory_limit(nbytes: int, device: str | None = None) -> None:
+def set_memory_limit(nbytes: int, device: "str | Device | None" = None) -> None:
     """Cap the bytes aoti_rt may allocate for weights on a device (0: no cap).
 
     An allocation past the cap raises :class:`aoti_rt.AllocationError` and leaves nothing
     allocated, as a full device would.
     """
-    _device.get(_default_device(device)).allocator.limit = int(nbytes)
+    _runtime(device).allocator.limit = int(nbytes)
 
 
 # -- device-wide memory -------------------------------------------------------------------
 
-_peak_used: dict[str, int] = {}
-
-
-def sample(device: str) -> int | None:
+def sample(device: "str | Device") -> int | None:
     """Read device-wide used bytes now (cuMemGetInfo) and fold it into the sampled peak.
 
     aoti_rt samples after every weight load and bind; :class:`Sampler` samples in the
     background while a block of code runs. Returns None on the CPU.
     """
-    if device == "cpu":
-        return None
-    free, total = _device.device_memory_info(device)
-    used = total - free
-    if used > _peak_used.get(device, 0):
-        _peak_used[device] = used
-    return used
+    return _device.get(device).sample()
 
 
 class Sampler:
@@ -103,21 +82,22 @@ class Sampler:
     >>> memory_report("cuda:0").device_peak_used_bytes
     """
 
-    def __init__(self, device: str, interval: float = 0.001):
+    def __init__(self, device: "str | Device", interval: float = 0.001):
         import threading
 
-        self.device = device
+        self._rt = _device.get(device)
+        self.device = str(self._rt.device)
         self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="aoti_rt-sampler")
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            sample(self.device)
+            self._rt.sample()
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "Sampler":
-        if self.device != "cpu":
+        if self._rt.is_cuda:
             self._thread.start()
         return self
 
@@ -125,8 +105,7 @@ class Sampler:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
-        if self.device != "cpu":
-            sample(self.device)
+        self._rt.sample()
 
 
 @dataclass(frozen=True)
@@ -183,15 +162,14 @@ class MemoryReport:
         return out
 
 
-def memory_report(device: str | None = None) -> MemoryReport:
+def memory_report(device: "str | Device | None" = None) -> MemoryReport:
     """The memory report of one device (default as in :func:`cache_stats`)."""
-    dev = _default_device(device)
-    rt = _device.get(dev)
+    rt = _runtime(device)
     used = total = peak = None
-    if dev != "cpu":
-        free, total = _device.device_memory_info(dev)
+    if rt.is_cuda:
+        free, total = rt.memory_info()
         used = total - free
-        peak = max(_peak_used.get(dev, 0), used)
+        peak = max(rt.peak_used or 0, used)
     a = rt.allocator
-    return MemoryReport(dev, a.bytes_allocated, a.peak_bytes_allocated, a.bytes_reserved,
+    return MemoryReport(str(rt.device), a.bytes_allocated, a.peak_bytes_allocated, a.bytes_reserved,
                         a.peak_bytes_reserved, len(rt.cache), used, peak, total)

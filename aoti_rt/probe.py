@@ -46,13 +46,13 @@ def probe_method(so_path: Path, blob: Path | None, device: str, mutated: set[str
     from .abi import SharedObject
 
     so = SharedObject(so_path)
-    handle = so.create(device)
+    handle = so.abi.create(device)
     try:
         infos = so.constants(handle)
-        spec = so.call_spec(handle)
-        n_in = so.num_inputs(handle)
+        spec = so.abi.call_spec(handle)
+        n_in = so.abi.num_inputs(handle)
     finally:
-        so.delete(handle)
+        so.abi.delete(handle)
         so.close()
     runner, tensors = _probe(so_path, blob, device)
     out = []

@@ -23,7 +23,7 @@ computes):
   same bundle gets fresh state initialised from the store.
 
 Every buffer is at least as large as what the .so may reach through the constant bound to it
-(:meth:`aoti_rt._cache.BindPlan.need`: the view's start plus ``GetConstantDataSize``), so a
+(:meth:`aoti_rt._bind.BindPlan.need`: the view's start plus ``GetConstantDataSize``), so a
 manifest whose views are smaller than the compiled ones cannot make a kernel read or write
 outside its buffer.
 """
@@ -39,14 +39,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import _cache, device as _device, loader, memory as _memory
-from .abi import _P, SharedObject, torch_shim
+from . import _bind, _cache, _memory, device as _device, loader
+from .abi import SharedObject, blob_layout, torch_shim
 from .bundle import (DTYPE_CODES, ITEMSIZE, Bundle, ConstantSpec, InputSpec, MethodSpec,
                      WeightSpec, divergent_fqns, file_identity, read_bundle)
 from .digest import file_digests
+from .device import Device
 from .errors import AOTIError, BundleError, ClosedError, InputError
 
-_PAIRS = _P + "UpdateUserManagedConstantBufferPairs"
 _instance_ids = itertools.count(1)
 #: .so constant type codes whose memory generated code never writes (model_base.h)
 _READ_ONLY_KINDS = (1, 3)    # parameter, tensor constant
@@ -96,11 +96,11 @@ class _Binding:
             self._done = True
         try:
             if self.handle:
-                self.so.delete(self.handle)   # the container stops pointing at our memory first
+                self.so.abi.delete(self.handle)   # the container stops pointing at our memory first
         finally:
             self.handle = 0
             if self.legacy_bytes:
-                _memory.add_legacy(self.rt.device, -1, -self.legacy_bytes)
+                self.rt.count_legacy(-1, -self.legacy_bytes)
             if self.acq is not None:
                 self.rt.cache.release(self.acq)
                 self.acq = None
@@ -120,26 +120,28 @@ class Method:
                  typed_inputs: bool = True):
         self.name = name
         self.spec = spec
-        self.device = rt.device
+        #: the device it runs on, as torch spells it ("cpu", "cuda:0")
+        self.device = str(rt.device)
         self._rt = rt
         self._cv = threading.Condition()
         self._inflight = 0
         self._closed = False
         self.bytes_read = 0      # weight bytes this method's load read from disk
         # fqn -> (buffer, constant, mutable): what weight() hands out
-        self._buffers: dict[str, tuple[_cache.Buffer, ConstantSpec, bool]] = {}
+        self._buffers: dict[str, tuple[_memory.Buffer, ConstantSpec, bool]] = {}
         so = SharedObject.open(so_path)
         try:
-            self.shared = so.has(_PAIRS)     # False: a legacy .so, weights private to AOTI
-            handle = so.create(rt.device)
+            # False: a legacy .so, weights private to AOTI
+            self.shared = so.has("UpdateUserManagedConstantBufferPairs")
+            handle = so.abi.create(self.device)
         except BaseException:
             so.release()
             raise
         self._binding = _Binding(so, handle, rt)
         self._finalizer = weakref.finalize(self, self._binding.free)
         try:
-            n_out = so.num_outputs(handle)
-            n_in = so.num_inputs(handle)
+            n_out = so.abi.num_outputs(handle)
+            n_in = so.abi.num_inputs(handle)
             # a bundle describes every input; a stock artifact none (the .so's own input
             # checks, which aoti_rt turns on, are what guards its kernels then)
             if typed_inputs and len(spec.inputs) != n_in:
@@ -159,25 +161,25 @@ class Method:
         except BaseException:
             self._finalizer()
             raise
-        if rt.is_cuda:
-            _memory.sample(rt.device)
+        rt.sample()
         self._n_out = n_out
         self._n_in = n_in
-        self._run_fn = so.addresses[_P + "Run"]
+        self._abi = so.abi
+        self._where = f"method {name!r}"
         self._prepare_calls()
 
     # -- binding --------------------------------------------------------------------------
 
-    def _check_constants(self, so: SharedObject, handle: int, plan: _cache.BindPlan) -> None:
+    def _check_constants(self, so: SharedObject, handle: int, plan: _bind.BindPlan) -> None:
         """The .so's constant table must be the manifest's: count, names, dtypes (one C loop,
-        :meth:`aoti_rt._cache.BindPlan.check`, which raises what it finds)."""
-        check_constant_table(so, handle, plan)
+        :meth:`aoti_rt._bind.BindPlan.check`, which raises what it finds)."""
+        plan.check(so.abi, handle)
         if self.shared and not plan.checked:
             raise AOTIError(f"method {self.name!r}: {so.path.name} has the Pairs entry point but not "
                             f"GetConstantDataSize, so the memory its kernels assume cannot be checked; "
                             f"recompile it with a newer torch")
 
-    def _keys(self, source: _Source, plan: _cache.BindPlan
+    def _keys(self, source: _Source, plan: _bind.BindPlan
               ) -> tuple[list[str], list[str | None], list[WeightSpec], list[int], list[int]]:
         """This method's weights: each one's own cache key, its content key where it may be
         shared with other bundles (else None), the bytes its buffer needs, and each constant's
@@ -246,7 +248,7 @@ class Method:
                     rt.forget_shared(content[j], cand)
         return out
 
-    def _bind_shared(self, source: _Source, plan: _cache.BindPlan, progress: bool | None) -> None:
+    def _bind_shared(self, source: _Source, plan: _bind.BindPlan, progress: bool | None) -> None:
         rt = self._rt
         b = self._binding
         keys, content, weights, need, of_constant = self._keys(source, plan)
@@ -283,13 +285,11 @@ class Method:
                         keys[i], str(source.store), read_from, w.offset, w.nbytes))
         rt.cache.wait(acq)
         cs = self.spec.constants
-        shim = torch_shim()
-        plan.bind([acq.buffers[i] for i in of_constant], b.so.addresses[_PAIRS], b.handle,
-                  1 if rt.is_cuda else 0, rt.index, shim["aoti_torch_create_tensor_from_blob_v2"],
-                  shim["aoti_torch_delete_tensor_object"], b.so.last_error)
+        torch_shim()
+        plan.bind(b.so.abi, b.handle, [acq.buffers[i] for i in of_constant], 1 if rt.is_cuda else 0, rt.index)
         self._buffers = {c.fqn: (acq.buffers[i], c, weights[i].mutable) for c, i in zip(cs, of_constant)}
 
-    def _bind_legacy(self, source: _Source, plan: _cache.BindPlan) -> None:
+    def _bind_legacy(self, source: _Source, plan: _bind.BindPlan) -> None:
         """No Pairs entry point: AOTI loads its own private copy from a blob (unshared).
 
         AOTI reads ``GetConstantDataSize`` bytes per constant from the blob, so the blob is
@@ -303,22 +303,20 @@ class Method:
         if not plan.checked:
             raise AOTIError(f"method {self.name!r}: {so.path.name} lacks GetConstantDataSize, so its "
                             f"blob layout is unknown; recompile it with a newer torch")
-        import ctypes
-
-        blob = bytearray()
+        slots = [plan.so_size(i) for i in range(len(self.spec.constants))]
+        offsets, total = blob_layout(slots)
+        blob = bytearray(total)
         with open(source.store, "rb") as f:
-            for i, c in enumerate(self.spec.constants):
+            for c, at, size in zip(self.spec.constants, offsets, slots):
                 w = source.weights[c.weight]
-                size = plan.so_size(i)
                 f.seek(w.offset)
                 data = f.read(min(w.nbytes, size))
                 if len(data) != min(w.nbytes, size):
                     raise BundleError(f"weight store {source.store} is truncated")
-                blob += data + bytes(size - len(data))
-        buf = (ctypes.c_uint8 * len(blob)).from_buffer(blob)
-        so.update_constants_from_blob(b.handle, ctypes.addressof(buf))
-        b.legacy_bytes = len(blob)
-        _memory.add_legacy(self.device, 1, len(blob))
+                blob[at:at + len(data)] = data
+        so.abi.update_constants_from_blob(b.handle, blob)
+        b.legacy_bytes = total
+        self._rt.count_legacy(1, total)
 
     # -- calling --------------------------------------------------------------------------
 
@@ -407,11 +405,7 @@ class Method:
         try:
             leaves = self._flatten(args, kwargs)
             handles = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(list(leaves))
-            rc, outs = _cache.run_container(self._run_fn, self._binding.handle, handles,
-                                            self._n_out, self._stream())
-            if rc != 0:
-                raise AOTIError(f"method {self.name!r} failed in AOTI Run: "
-                                f"{self._binding.so.last_error() or 'see stderr'}")
+            outs = self._abi.run(self._binding.handle, handles, self._n_out, self._stream(), self._where)
             tensors = torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs(outs)
         finally:
             with self._cv:
@@ -475,24 +469,16 @@ class Method:
         return f"<aoti_rt.Method {self.name} ({len(self.spec.constants)} constants, {state})>"
 
 
-def bind_plan(constants: Sequence[ConstantSpec], where: str = "method") -> _cache.BindPlan:
+def bind_plan(constants: Sequence[ConstantSpec], where: str = "method") -> _bind.BindPlan:
     """A method's constants (manifest order) as the C arrays of one Pairs call; ``where``
     names the method in the plan's errors."""
-    return _cache.BindPlan([c.name for c in constants], [DTYPE_CODES[c.dtype] for c in constants],
+    return _bind.BindPlan([c.name for c in constants], [DTYPE_CODES[c.dtype] for c in constants],
                            [ITEMSIZE[c.dtype] for c in constants],
                            [c.shape for c in constants], [c.stride for c in constants],
                            [c.storage_offset for c in constants], [c.fqn for c in constants], where)
 
 
-def check_constant_table(so: SharedObject, handle: int, plan: _cache.BindPlan) -> None:
-    """Check a container's constant table against ``plan``; raises :class:`BundleError` for
-    the first difference, :class:`AOTIError` if the table cannot be read."""
-    plan.check(so.addresses[_P + "GetNumConstants"], so.addresses[_P + "GetConstantName"],
-               so.addresses[_P + "GetConstantDtype"], so.addresses.get(_P + "GetConstantDataSize", 0),
-               so.addresses.get(_P + "GetConstantType", 0), handle, so.path.name, so.last_error)
-
-
-def buffer_view(buf: _cache.Buffer, c: ConstantSpec):
+def buffer_view(buf: _memory.Buffer, c: ConstantSpec):
     """Wrap a cache Buffer as a torch tensor with a constant's view (holds the Buffer)."""
     import torch
 
@@ -528,13 +514,14 @@ class Model:
     the names. Use ``with aoti_rt.load(path) as model:`` or call :meth:`close`.
     """
 
-    def __init__(self, bundle: Bundle, device: str, *, methods: Sequence[str] | None = None,
+    def __init__(self, bundle: Bundle, device: "str | Device", *, methods: Sequence[str] | None = None,
                  progress: bool | None = None, verify: bool | str = True):
         self.bundle = bundle
         self.manifest = bundle.manifest
-        self.device = device
-        self._methods: dict[str, Method] = {}
         rt = _device.get(device)
+        #: the device it runs on, as torch spells it ("cpu", "cuda:0")
+        self.device = str(rt.device)
+        self._methods: dict[str, Method] = {}
         source = weight_source(bundle.store_path, bundle.manifest.weights, verify=verify)
         names = list(bundle.manifest.methods) if methods is None else list(methods)
         try:
@@ -600,7 +587,7 @@ class Model:
         return f"<aoti_rt.Model {self.bundle.root.name} methods={self.methods} on {self.device}>"
 
 
-def load(path: str | Path, *, device: str | None = None, methods: Sequence[str] | None = None,
+def load(path: str | Path, *, device: "str | Device | None" = None, methods: Sequence[str] | None = None,
          progress: bool | None = None, verify: bool | str = True) -> Model:
     """Load a bundle written by :func:`aoti_rt.compile`.
 
@@ -632,11 +619,11 @@ def load(path: str | Path, *, device: str | None = None, methods: Sequence[str] 
     """
     bundle = read_bundle(path)
     try:
-        dev = _device.normalize(device, default=bundle.manifest.device)
+        dev = Device.parse(device, default=bundle.manifest.device)
     except ValueError as e:
         raise BundleError(str(e)) from None
     compiled = "cpu" if bundle.manifest.device == "cpu" else "cuda"
-    if ("cpu" if dev == "cpu" else "cuda") != compiled:
+    if dev.kind != compiled:
         raise BundleError(f"{path} was compiled for {bundle.manifest.device}; an AOTI .so runs only "
                          f"on the device type it was compiled for, so load it on {compiled}")
     if verify not in (True, False, "load"):

@@ -22,9 +22,11 @@ from pathlib import Path
 import torch
 
 from . import device as _device
+from .abi import blob_layout
 from .bundle import (MANIFEST_MAX_BYTES, MethodSpec, WeightSpec, is_regular_file,
                      parse_method_and_weights, read_manifest_bytes, strict_json, weight_id)
 from .probe import probe_method
+from .device import Device
 from .errors import BundleError
 from .runtime import Method, weight_source
 
@@ -66,20 +68,19 @@ def _cached_probe(path: Path, fp: dict, so: Path, blob: Path) -> tuple[MethodSpe
     return spec, table
 
 
-def probe_artifact(so: Path, blob: Path, device: str) -> tuple[MethodSpec, dict[str, WeightSpec]]:
+def probe_artifact(so: Path, blob: Path, device: Device) -> tuple[MethodSpec, dict[str, WeightSpec]]:
     """The manifest-equivalent of a stock artifact, from the cached probe or a new one."""
     fp = _fingerprint(so, blob)
     for p in _cache_path(so):
         hit = _cached_probe(p, fp, so, blob)
         if hit is not None:
             return hit
-    probe_dev = "cpu" if device == "cpu" else device
-    consts, call_spec, _ = probe_method(so, blob, probe_dev, mutated=set())
+    consts, call_spec, _ = probe_method(so, blob, str(device), mutated=set())
     weights: dict[str, WeightSpec] = {}
     specs = []
-    offset = 0
+    offsets, _ = blob_layout([max(c.data_size, len(data)) for c, data in consts])
     size = blob.stat().st_size
-    for c, data in consts:
+    for (c, data), offset in zip(consts, offsets):
         c.mutable = c.kind == "buffer"
         wid = weight_id(c.fqn, c.digest, c.mutable)
         if offset + len(data) > size:
@@ -89,7 +90,6 @@ def probe_artifact(so: Path, blob: Path, device: str) -> tuple[MethodSpec, dict[
                                            digest=c.digest, mutable=c.mutable, fqns=[c.fqn]))
         c.weight = wid
         specs.append(c)
-        offset += max(c.data_size, len(data))
     ispec, ospec = call_spec if call_spec else (None, None)
     spec = MethodSpec(so=so.name, inputs=[], outputs=[], in_spec=ispec, out_spec=ospec, constants=specs)
     record = {"fingerprint": fp, "method": asdict(spec),
@@ -107,7 +107,7 @@ def probe_artifact(so: Path, blob: Path, device: str) -> tuple[MethodSpec, dict[
 
 
 def load_method(so_path: str | os.PathLike[str], weights: str | os.PathLike[str], *,
-                device: str | None = None, name: str | None = None) -> Method:
+                device: "str | Device | None" = None, name: str | None = None) -> Method:
     """Load one stock AOTI artifact as a :class:`Method` that shares the weight cache.
 
     Args:
@@ -121,7 +121,7 @@ def load_method(so_path: str | os.PathLike[str], weights: str | os.PathLike[str]
     for p, what in ((so, "shared object"), (blob, "weights blob")):
         if not is_regular_file(p):
             raise BundleError(f"{what} {p} does not exist")
-    dev = _device.normalize(device, default="cuda:0" if _device.cuda_available() else "cpu")
+    dev = Device.parse(device, default="cuda" if _device.cuda_available() else "cpu")
     spec, table = probe_artifact(so, blob, dev)
     rt = _device.get(dev)
     source = weight_source(blob, table)

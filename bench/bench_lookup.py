@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 
 import aoti_rt
-from aoti_rt import _cache
+from aoti_rt import _bind, _cache
 from aoti_rt.device import DeviceRuntime
 from aoti_rt.device import get as device_runtime
 from bench import common
@@ -76,7 +76,7 @@ def lookup_table(report: common.Report, rt: DeviceRuntime, reps: int) -> None:
                              ("ns_best", "ns/key best", "{:.1f}"), ("ns_median", "ns/key median", "{:.1f}")])
     for k in KEY_COUNTS:
         _lookup_rows(table, rt, k, reps)
-        common.free_memory(rt.device)
+        common.free_memory(str(rt.device))
 
 
 def _lookup_rows(table: common.Table, rt: DeviceRuntime, k: int, reps: int) -> None:
@@ -189,11 +189,11 @@ def _bind_pieces(row: Callable[[str, list[float]], None], first: aoti_rt.Model, 
     """Time Method construction with every weight cached, and the parts of it that stand alone.
 
     Uses aoti_rt internals (``runtime.Method``/``weight_source``, ``abi.SharedObject``,
-    ``_cache.BindPlan``) the way ``Method._bind_shared`` does.
+    ``_bind.BindPlan``) the way ``Method._bind_shared`` does.
     """
     from aoti_rt.abi import SharedObject, torch_shim
     from aoti_rt.bundle import read_bundle
-    from aoti_rt.runtime import _PAIRS, Method, bind_plan, check_constant_table, weight_source
+    from aoti_rt.runtime import Method, bind_plan, weight_source
 
     name = first.methods[0]
     bundle = first.bundle
@@ -214,26 +214,27 @@ def _bind_pieces(row: Callable[[str, list[float]], None], first: aoti_rt.Model, 
     keys = list(held.keys)
     sizes = [b.nbytes for b in held.buffers]
     buffers = [first[name]._buffers[c.fqn][0] for c in cs]
-    shim = torch_shim()
+    torch_shim()
+    dev = str(rt.device)
 
     def create_delete() -> None:
         s = SharedObject(so_path)
-        s.delete(s.create(rt.device))
+        s.abi.delete(s.abi.create(dev))
+        s.close()
 
     def acquire_release() -> None:
         rt.cache.release(rt.cache.acquire(keys, sizes, rt.allocator))
 
-    def make_plan() -> _cache.BindPlan:
+    def make_plan() -> _bind.BindPlan:
         return bind_plan(cs)
 
-    def check(so: SharedObject, handle: int, plan: _cache.BindPlan) -> None:
-        check_constant_table(so, handle, plan)       # raises on any difference
+    def check(so: SharedObject, handle: int, plan: _bind.BindPlan) -> None:
+        plan.check(so.abi, handle)       # raises on any difference
 
     def bind(so: SharedObject, handle: int) -> None:
         plan = make_plan()
         check(so, handle, plan)        # bind needs what check reads (the sizes the .so assumes)
-        plan.bind(buffers, so.addresses[_PAIRS], handle, 1 if rt.is_cuda else 0, rt.index,
-                  shim["aoti_torch_create_tensor_from_blob_v2"], shim["aoti_torch_delete_tensor_object"])
+        plan.bind(so.abi, handle, buffers, 1 if rt.is_cuda else 0, rt.index)
 
     row("Method(...) construction, all cached (bind path)", common.repeat(method, reps))
     row("  read_bundle (manifest parse + checks; in load, not Method)",
@@ -241,17 +242,18 @@ def _bind_pieces(row: Callable[[str, list[float]], None], first: aoti_rt.Model, 
     row("  SharedObject + CreateWithDevice + Delete", common.repeat(common.stopwatch(create_delete), reps))
     row("  WeightCache.acquire (hits) + release", common.repeat(common.stopwatch(acquire_release), reps))
     so = SharedObject(so_path)
-    handle = so.create(rt.device)
+    handle = so.abi.create(dev)
     try:
         plan = make_plan()
         row("  BindPlan from the manifest", common.repeat(common.stopwatch(make_plan), reps))
         row("  constant-table check (BindPlan.check, one nogil loop)",
             common.repeat(common.stopwatch(lambda: check(so, handle, plan)), reps))
-        row("  (for comparison) the same table walked over ctypes",
+        row("  (for comparison) the same table read into Python objects (SharedObject.constants)",
             common.repeat(common.stopwatch(lambda: so.constants(handle)), reps))
         row("  BindPlan + check + bind (one Pairs call)", common.repeat(common.stopwatch(lambda: bind(so, handle)), reps))
     finally:
-        so.delete(handle)
+        so.abi.delete(handle)
+        so.close()
 
 
 def run(args: argparse.Namespace, report: common.Report) -> None:

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import torch
 
 import aoti_rt
+from aoti_rt.abi import blob_layout
 
 #: decimal gigabyte: throughputs are GB/s = 1e9 bytes per second
 GB = 1e9
@@ -180,9 +181,9 @@ def used_memory(device: str) -> int:
     """Device-wide used bytes (``total - free`` from cuMemGetInfo) on CUDA; this process's
     resident set size on the CPU."""
     if is_cuda(device):
-        from aoti_rt.device import device_memory_info
+        from aoti_rt.device import get as device_runtime
 
-        free, total = device_memory_info(device)
+        free, total = device_runtime(device).memory_info()
         return total - free
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -455,18 +456,19 @@ def build_stock(cache: Path, name: str, params: Mapping[str, Any],
     return built, so, blobs[0]
 
 
-def _blob_pieces(manifest: aoti_rt.Manifest, method: str) -> list[tuple[Any, int]]:
-    """``(weight, bytes it takes in the blob)`` for each constant of ``method``, in order."""
-    out = []
+def _blob_pieces(manifest: aoti_rt.Manifest, method: str) -> tuple[list[tuple[Any, int]], int]:
+    """``[(weight, bytes its slot takes in the blob)]`` for each constant of ``method`` in
+    order, and the blob's size (:func:`aoti_rt.abi.blob_layout`)."""
+    pieces = []
     for c in manifest.methods[method].constants:
         w = manifest.weights[c.weight]
-        out.append((w, max(c.data_size, w.nbytes)))
-    return out
+        pieces.append((w, max(c.data_size, w.nbytes)))
+    return pieces, blob_layout([n for _, n in pieces])[1]
 
 
 def blob_size(manifest: aoti_rt.Manifest, method: str) -> int:
     """Bytes of ``method``'s stock ``binary_blob``: what stock AOTI allocates to load it."""
-    return sum(n for _, n in _blob_pieces(manifest, method))
+    return _blob_pieces(manifest, method)[1]
 
 
 def _stock_dir(bundle: Path) -> Path:
@@ -482,8 +484,7 @@ def stock_blob(bundle: Path, method: str) -> Path:
     so methods with identical blobs share one file on disk.
     """
     b = aoti_rt.read_bundle(bundle)
-    pieces = _blob_pieces(b.manifest, method)
-    size = sum(n for _, n in pieces)
+    pieces, size = _blob_pieces(b.manifest, method)
     key = hashlib.sha256(json.dumps([(w.id, n) for w, n in pieces]).encode()).hexdigest()[:16]
     out = _stock_dir(bundle) / f"{key}_weights.blob"
     if out.is_file() and out.stat().st_size == size:

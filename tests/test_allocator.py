@@ -11,17 +11,17 @@ import pytest
 import torch
 
 import aoti_rt
-from aoti_rt import _cache
+from aoti_rt import _cache, _memory
 
-SMALL, SLAB, ALIGN = _cache.SMALL_MAX, _cache.SLAB_BYTES, _cache.SLAB_ALIGN
+SMALL, SLAB, ALIGN = _memory.SMALL_MAX, _memory.SLAB_BYTES, _memory.SLAB_ALIGN
 
 
-def fresh_allocator(device: str) -> _cache.Allocator:
+def fresh_allocator(device: str) -> _memory.Allocator:
     """An allocator of its own (not the device runtime's), so counts start at zero."""
     if device == "cpu":
-        return _cache.HostAllocator("cpu")
+        return _memory.HostAllocator("cpu")
     rt = aoti_rt.device.get(device)
-    return _cache.CudaAllocator(device, rt.index, rt.context)
+    return _memory.CudaAllocator(device, rt.index, rt.context)
 
 
 def test_small_buffers_share_slabs(device):
@@ -114,7 +114,7 @@ def test_threads_allocating_and_freeing_small_buffers(device):
     runs without the GIL): live buffers never overlap and everything returns at the end."""
     a = fresh_allocator(device)
     errors: list[str] = []
-    live: list[list[_cache.Buffer]] = [[] for _ in range(8)]
+    live: list[list[_memory.Buffer]] = [[] for _ in range(8)]
 
     def worker(w: int) -> None:
         mine = live[w]

@@ -9,9 +9,9 @@ pytest.importorskip("hypothesis", reason="pip install -e '.[test]' installs hypo
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from aoti_rt import _cache  # noqa: E402
+from aoti_rt import _memory  # noqa: E402
 
-SMALL, SLAB = _cache.SMALL_MAX, _cache.SLAB_BYTES
+SMALL, SLAB = _memory.SMALL_MAX, _memory.SLAB_BYTES
 
 
 @settings(max_examples=60, deadline=None)
@@ -19,8 +19,8 @@ SMALL, SLAB = _cache.SMALL_MAX, _cache.SLAB_BYTES
                           st.integers(0, 1000).map(lambda i: ("free", i))), max_size=80))
 def test_accounting_under_any_alloc_free_sequence(ops):
     """Property (CPU): the counters equal what the live buffers imply, and all returns to 0."""
-    a = _cache.HostAllocator("cpu")
-    live: list[_cache.Buffer] = []
+    a = _memory.HostAllocator("cpu")
+    live: list[_memory.Buffer] = []
     for op, x in ops:
         if op == "alloc":
             live.append(a.allocate(x))

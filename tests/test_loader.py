@@ -19,7 +19,7 @@ from blake3 import blake3
 from hypothesis import given, settings, strategies as st
 
 import aoti_rt
-from aoti_rt import _cache, digest, loader
+from aoti_rt import _load, digest, loader
 from aoti_rt.bundle import read_bundle
 from aoti_rt.device import get as runtime
 
@@ -104,7 +104,7 @@ def test_own_blake3_equals_the_blake3_package(n, seed):
     """The C BLAKE3 that hashes small pieces and digest roots without the GIL."""
     data = seed.to_bytes(4, "little") * (n // 4 + 1)
     data = data[:n]
-    assert _cache.b3_hash(data) == blake3(data).digest()
+    assert _load.b3_hash(data) == blake3(data).digest()
 
 
 def test_own_blake3_at_chunk_boundaries():
@@ -112,10 +112,10 @@ def test_own_blake3_at_chunk_boundaries():
     for k in list(range(0, 40)) + [64, 65, 127, 128, 129, 255, 256, 257, 299, 300]:
         for d in (-1, 0, 1):
             n = max(0, 1024 * k + d)
-            assert _cache.b3_hash(data[:n]) == blake3(data[:n]).digest(), n
+            assert _load.b3_hash(data[:n]) == blake3(data[:n]).digest(), n
     for n in (0, 1, BLOCK, BLOCK + 1, 5 * BLOCK):
         h = _pattern(32 * digest.num_blocks(n), seed=n % 7)
-        assert _cache.b3_combine(n, h) == digest.combine(n, h)
+        assert _load.b3_combine(n, h) == digest.combine(n, h)
 
 
 # -- plans ----------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ def test_plan_splits_weights_at_block_boundaries():
     sizes = [2 * BLOCK + 1, 5, 0, BLOCK]
     offsets = [100, 100 + sizes[0], 0, 100 + sizes[0] + 5]
     bufs = [rt.allocator.allocate(s) for s in sizes]
-    plan = _cache.LoadPlan(offsets, sizes, bufs, 2 * BLOCK, verify=True)
+    plan = _load.LoadPlan(offsets, sizes, bufs, 2 * BLOCK, verify=True)
     assert plan.num_pieces == 3 + 1 + 0 + 1
     assert plan.total_bytes == sum(sizes)
     assert plan.max_end == offsets[3] + BLOCK
@@ -133,17 +133,17 @@ def test_plan_splits_weights_at_block_boundaries():
     assert plan.num_chunks == 2      # [B, B] and [1, 5, B]
     assert plan.buffers == tuple(bufs)     # the plan holds its destinations
     with pytest.raises(ValueError, match="at least the hash block"):
-        _cache.LoadPlan(offsets, sizes, bufs, BLOCK - 1)
+        _load.LoadPlan(offsets, sizes, bufs, BLOCK - 1)
     with pytest.raises(ValueError, match="holds"):
-        _cache.LoadPlan([0], [BLOCK], [rt.allocator.allocate(16)], BLOCK)
+        _load.LoadPlan([0], [BLOCK], [rt.allocator.allocate(16)], BLOCK)
     with pytest.raises(TypeError):
-        _cache.LoadPlan([0], [16], [12345], BLOCK)
+        _load.LoadPlan([0], [16], [12345], BLOCK)
 
 
 def test_plan_keeps_its_buffers_alive():
     rt = runtime("cpu")
     before = rt.allocator.bytes_allocated
-    plan = _cache.LoadPlan([0], [1 << 20], [rt.allocator.allocate(1 << 20)], BLOCK)
+    plan = _load.LoadPlan([0], [1 << 20], [rt.allocator.allocate(1 << 20)], BLOCK)
     gc.collect()
     assert rt.allocator.bytes_allocated - before == 1 << 20
     del plan
@@ -169,12 +169,12 @@ def test_compiler_digest_equals_loader_digest(three_bundle, device):
     for w, buf in zip(weights, bufs):
         assert _contents(buf, w.nbytes) == data[w.offset:w.offset + w.nbytes]
     # the plan's own digests are the compiler's
-    plan = _cache.LoadPlan([w.offset for w in weights], [w.nbytes for w in weights], bufs,
+    plan = _load.LoadPlan([w.offset for w in weights], [w.nbytes for w in weights], bufs,
                            loader.CHUNK_BYTES, verify=True)
     stagers = rt.take_stagers(1, loader.CHUNK_BYTES) if rt.is_cuda else None
     fd = os.open(b.store_path, os.O_RDONLY)
     try:
-        _cache.run_workers(plan, 1, (lambda w: stagers[0].run(plan, fd)) if rt.is_cuda else
+        _load.run_workers(plan, 1, (lambda w: stagers[0].run(plan, fd)) if rt.is_cuda else
                            (lambda w: plan.run_host(fd)))
     finally:
         os.close(fd)
@@ -268,12 +268,12 @@ def test_both_hashing_paths_agree(tmp_path, c_hash_max):
     store = _store(tmp_path, data)
     rt = runtime("cpu")
     bufs = [rt.allocator.allocate(s) for s in sizes]
-    plan = _cache.LoadPlan(offsets, sizes, bufs, 2 * BLOCK, verify=True)
+    plan = _load.LoadPlan(offsets, sizes, bufs, 2 * BLOCK, verify=True)
     assert plan.c_hash_max > 0          # our C BLAKE3 passed its self-check against blake3
     plan.c_hash_max = c_hash_max
     fd = os.open(store, os.O_RDONLY)
     try:
-        _cache.run_workers(plan, 2, lambda w: plan.run_host(fd, w, 2))
+        _load.run_workers(plan, 2, lambda w: plan.run_host(fd, w, 2))
     finally:
         os.close(fd)
     assert plan.digests() == want
@@ -320,7 +320,7 @@ def test_store_shorter_than_the_weights_is_refused_before_reading(tmp_path):
     with pytest.raises(aoti_rt.BundleError, match="corrupt"):
         loader.read_weights(rt, store, [-1], [10], [buf], progress=False)
     # the low-level read reports a short file itself
-    plan = _cache.LoadPlan([50], [64], [buf], BLOCK, source="test store")
+    plan = _load.LoadPlan([50], [64], [buf], BLOCK, source="test store")
     fd = os.open(store, os.O_RDONLY)
     try:
         with pytest.raises(aoti_rt.BundleError, match="test store ended early.*truncated"):
@@ -355,10 +355,10 @@ def test_pinned_store_bad_offset_is_refused(tmp_path, device):
         with pytest.raises(aoti_rt.BundleError, match="truncated"):
             loader.read_weights(rt, store, [len(data) - 100], [4096], [buf], progress=False)
         # and copy_from_host itself refuses a piece past the image, before copying anything
-        plan = _cache.LoadPlan([len(data) - 100], [4096], [buf], BLOCK, verify=True, source="pinned")
+        plan = _load.LoadPlan([len(data) - 100], [4096], [buf], BLOCK, verify=True, source="pinned")
         stager = rt.take_stagers(1, BLOCK)[0] if rt.is_cuda else None
         with pytest.raises(aoti_rt.BundleError, match="past the end"):
-            _cache.copy_from_host(plan, pinned.image, stager)
+            _load.copy_from_host(plan, pinned.image, stager)
         if stager is not None:
             rt.give_stagers([stager])
         assert plan.bytes_done == 0
@@ -380,7 +380,7 @@ def _interrupt_twice(monkeypatch, second_when_cancelled: bool):
     once the load has started, and again a moment later (or once the load is being
     cancelled). Both count only while run_workers is running: an interrupt that comes after
     it returned is counted as late and ignored, so it cannot land in the test's own checks."""
-    real = _cache.run_workers
+    real = _load.run_workers
     seen: dict = {"raised": 0, "late": 0, "in_load": False}
 
     def on_sigint(signum, frame):
@@ -417,7 +417,7 @@ def _interrupt_twice(monkeypatch, second_when_cancelled: bool):
         finally:
             seen["in_load"] = False
 
-    monkeypatch.setattr(_cache, "run_workers", spy)
+    monkeypatch.setattr(_load, "run_workers", spy)
     old = signal.signal(signal.SIGINT, on_sigint)
     return seen, lambda: signal.signal(signal.SIGINT, old)
 
@@ -469,7 +469,7 @@ def test_second_interrupt_while_joining_is_deferred(tmp_path):
     store = _store(tmp_path, data)
     rt = runtime("cpu")
     bufs = [rt.allocator.allocate(len(data))]
-    plan = _cache.LoadPlan([0], [len(data)], bufs, BLOCK, verify=True)
+    plan = _load.LoadPlan([0], [len(data)], bufs, BLOCK, verify=True)
     seen = {"raised": 0, "in": True}
     finished = []
 
@@ -498,7 +498,7 @@ def test_second_interrupt_while_joining_is_deferred(tmp_path):
         helper = threading.Thread(target=interrupter, daemon=True)
         helper.start()
         with pytest.raises(KeyboardInterrupt) as e:
-            _cache.run_workers(plan, 2, fn)
+            _load.run_workers(plan, 2, fn)
         seen["in"] = False
         helper.join()
     finally:
@@ -517,7 +517,7 @@ def test_worker_error_cancels_the_others(tmp_path):
     store = _store(tmp_path, data)
     rt = runtime("cpu")
     bufs = [rt.allocator.allocate(16 * BLOCK)]
-    plan = _cache.LoadPlan([0], [16 * BLOCK], bufs, BLOCK, verify=True)
+    plan = _load.LoadPlan([0], [16 * BLOCK], bufs, BLOCK, verify=True)
     fd = os.open(store, os.O_RDONLY)
 
     def fn(w):
@@ -528,7 +528,7 @@ def test_worker_error_cancels_the_others(tmp_path):
 
     try:
         with pytest.raises(RuntimeError, match="worker 1 failed"):
-            _cache.run_workers(plan, 2, fn)
+            _load.run_workers(plan, 2, fn)
     finally:
         os.close(fd)
     assert plan.cancelled and plan.active_workers == 0

@@ -353,7 +353,7 @@ def test_manifest_lying_about_constants(three_bundle, device, copy_bundle, lie, 
 
 def test_so_without_entry_points(three_bundle, device, copy_bundle):
     b = copy_bundle(three_bundle)
-    shutil.copyfile(aoti_rt._cache.__file__, b / "b.so")     # a real .so, but not an AOTI model
+    shutil.copyfile(aoti_rt._memory.__file__, b / "b.so")     # a real .so, but not an AOTI model
     base = stats(device)
     with pytest.raises(aoti_rt.AOTIError, match="lacks AOTInductorModelContainer"):
         aoti_rt.load(b, device=device)

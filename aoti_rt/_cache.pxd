@@ -1,0 +1,34 @@
+# cython: language_level=3
+"""The weight cache: a reference-counted registry ``key -> Buffer`` (see ``_cache.pyx``)."""
+
+from aoti_rt._memory cimport Allocator, Buffer
+
+
+cdef class _Entry:
+    cdef readonly object key
+    cdef readonly Buffer buffer
+    cdef readonly Py_ssize_t refs
+    cdef bint loading      # True while the first user fills it
+    cdef str error         # why the fill failed, for waiters (a message: no traceback cycles)
+    cdef object error_type # the failed fill's exception class, re-raised for waiters
+    cdef list aliases      # further keys that name this entry (WeightCache.alias), or None
+
+
+cdef class Acquisition:
+    cdef readonly list keys
+    cdef readonly list buffers
+    cdef readonly list to_fill
+    cdef readonly list pending
+    cdef list entries
+    cdef bint released
+
+
+cdef class WeightCache:
+    cdef dict _entries
+    cdef object _lock
+    cdef object _filled    # Condition on _lock: some fill finished
+    cdef readonly long long hits
+    cdef readonly long long misses
+    cdef readonly long long bytes_read
+
+    cdef _release_locked(self, Acquisition acq)

@@ -1,0 +1,123 @@
+# cython: language_level=3
+"""Raw memory: the CUDA driver table, allocators and the Buffer that owns one allocation.
+
+cimported by the cache (``_cache``) and the load pipeline (``_load``); see ``_memory.pyx``.
+"""
+
+from libc.stdint cimport uintptr_t
+
+# ---- the CUDA driver entry points aoti_rt calls (filled by install_driver) ---------------
+
+ctypedef int CUresult
+ctypedef unsigned long long CUdeviceptr
+ctypedef void* CUcontext
+ctypedef void* CUstream
+ctypedef void* CUevent
+
+ctypedef CUresult (*f_ctx_push)(CUcontext) noexcept nogil
+ctypedef CUresult (*f_ctx_pop)(CUcontext*) noexcept nogil
+ctypedef CUresult (*f_mem_alloc)(CUdeviceptr*, size_t) noexcept nogil
+ctypedef CUresult (*f_mem_free)(CUdeviceptr) noexcept nogil
+ctypedef CUresult (*f_host_alloc)(void**, size_t, unsigned int) noexcept nogil
+ctypedef CUresult (*f_host_free)(void*) noexcept nogil
+ctypedef CUresult (*f_memcpy_htod_async)(CUdeviceptr, const void*, size_t, CUstream) noexcept nogil
+ctypedef CUresult (*f_stream_create)(CUstream*, unsigned int) noexcept nogil
+ctypedef CUresult (*f_stream_destroy)(CUstream) noexcept nogil
+ctypedef CUresult (*f_stream_sync)(CUstream) noexcept nogil
+ctypedef CUresult (*f_event_create)(CUevent*, unsigned int) noexcept nogil
+ctypedef CUresult (*f_event_record)(CUevent, CUstream) noexcept nogil
+ctypedef CUresult (*f_event_sync)(CUevent) noexcept nogil
+ctypedef CUresult (*f_event_destroy)(CUevent) noexcept nogil
+
+cdef struct Driver:
+    f_ctx_push ctx_push
+    f_ctx_pop ctx_pop
+    f_mem_alloc mem_alloc
+    f_mem_free mem_free
+    f_host_alloc host_alloc
+    f_host_free host_free
+    f_memcpy_htod_async memcpy_htod_async
+    f_stream_create stream_create
+    f_stream_destroy stream_destroy
+    f_stream_sync stream_sync
+    f_event_create event_create
+    f_event_record event_record
+    f_event_sync event_sync
+    f_event_destroy event_destroy
+
+#: the process's driver table, and whether install_driver filled it
+cdef Driver drv
+cdef bint drv_ready
+
+#: raise CudaError(what, rc) unless rc is CUDA_SUCCESS
+cdef int check(CUresult rc, str what) except -1
+
+# ---- atomics on a long long, for counters shared by worker threads ----------------------
+
+cdef extern from *:
+    """
+    static inline void aoti_rt_atomic_add(long long* p, long long v) { __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+    static inline long long aoti_rt_atomic_load(long long* p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+    static inline long long aoti_rt_atomic_load_acq(long long* p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline long long aoti_rt_atomic_add_acqrel(long long* p, long long v) { return __atomic_fetch_add(p, v, __ATOMIC_ACQ_REL); }
+    static inline long long aoti_rt_atomic_or(long long* p, long long v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }
+    static inline int aoti_rt_atomic_cas(long long* p, long long expect, long long desired) {
+        return __atomic_compare_exchange_n(p, &expect, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+    }
+    """
+    void aoti_rt_atomic_add(long long* p, long long v) nogil
+    long long aoti_rt_atomic_load(long long* p) nogil
+    long long aoti_rt_atomic_load_acq(long long* p) nogil
+    long long aoti_rt_atomic_add_acqrel(long long* p, long long v) nogil
+    long long aoti_rt_atomic_or(long long* p, long long v) nogil
+    int aoti_rt_atomic_cas(long long* p, long long expect, long long desired) nogil
+
+# ---- allocators and buffers -------------------------------------------------------------
+
+cdef class _Slab:
+    cdef uintptr_t ptr
+    cdef size_t size
+    cdef size_t used       # bump offset of the next buffer
+    cdef Py_ssize_t live   # Buffers carved from it and still alive
+
+
+cdef class Allocator:
+    cdef readonly str device
+    cdef readonly Py_ssize_t bytes_allocated
+    cdef readonly Py_ssize_t peak_bytes_allocated
+    cdef readonly Py_ssize_t bytes_reserved
+    cdef readonly Py_ssize_t peak_bytes_reserved
+    cdef readonly Py_ssize_t num_allocations
+    cdef readonly Py_ssize_t num_slabs
+    cdef public Py_ssize_t limit
+    cdef public size_t small_max
+    cdef readonly bint is_cuda
+    cdef _Slab _slab       # the slab small Buffers are carved from now (None: none)
+
+    cdef int _raw_alloc(self, size_t nbytes, uintptr_t* out) noexcept nogil
+    cdef void _raw_free(self, uintptr_t ptr) noexcept nogil
+    cdef uintptr_t _reserve(self, size_t n) except 0
+    cdef void _unreserve(self, uintptr_t ptr, size_t n) noexcept
+    cpdef Buffer allocate(self, size_t nbytes)
+    cdef void _free(self, Buffer buf) noexcept
+
+
+cdef class HostAllocator(Allocator):
+    pass
+
+
+cdef class CudaAllocator(Allocator):
+    cdef CUcontext ctx
+    cdef readonly int ordinal
+
+
+cdef class PinnedAllocator(Allocator):
+    cdef CUcontext ctx
+
+
+cdef class Buffer:
+    cdef readonly uintptr_t ptr
+    cdef readonly size_t nbytes
+    cdef readonly Allocator allocator
+    cdef _Slab slab        # the slab it was carved from, or None: it owns its raw memory
+    cdef Py_ssize_t _shape[1]

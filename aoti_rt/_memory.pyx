@@ -1,0 +1,323 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Raw memory for one device: the CUDA driver table, allocators, and the Buffer that owns
+one allocation (the habits of CuPy's ``memory.pyx``).
+
+Ownership, in one line each:
+
+* an :class:`Allocator` hands out raw memory for one device and keeps its accounting
+  (:class:`HostAllocator` ``posix_memalign``, :class:`CudaAllocator` ``cuMemAlloc``,
+  :class:`PinnedAllocator` ``cuMemHostAlloc``);
+* a :class:`Buffer` owns one allocation and frees it in ``__dealloc__``, so any Python
+  object that holds the Buffer (a cache entry, a load plan, a tensor view given to a user)
+  keeps the memory alive.
+
+CUDA is reached through driver entry points that cuda-python resolved
+(``cuGetProcAddress``); :func:`install_driver` receives their addresses, so this module
+needs no CUDA header to build and imports on machines without a GPU.
+"""
+
+cimport cython
+from libc.stdint cimport uintptr_t
+from libc.stdlib cimport free
+
+from aoti_rt.errors import AllocationError, CudaError
+
+cdef extern from "stdlib.h" nogil:
+    int posix_memalign(void** memptr, size_t alignment, size_t size)
+
+
+# ----------------------------------------------------------------------------------------
+# CUDA driver entry points (filled by install_driver from cuda-python's cuGetProcAddress)
+
+drv_ready = False
+
+#: driver symbol -> the Driver field it fills; cuda.py resolves exactly these names.
+DRIVER_SYMBOLS = (
+    "cuCtxPushCurrent", "cuCtxPopCurrent", "cuMemAlloc", "cuMemFree", "cuMemHostAlloc",
+    "cuMemFreeHost", "cuMemcpyHtoDAsync", "cuStreamCreate",
+    "cuStreamDestroy", "cuStreamSynchronize", "cuEventCreate", "cuEventRecord",
+    "cuEventSynchronize", "cuEventDestroy",
+)
+
+
+def install_driver(dict pointers):
+    """Install the CUDA driver entry points, ``{symbol: address}`` for DRIVER_SYMBOLS."""
+    global drv_ready
+    missing = [s for s in DRIVER_SYMBOLS if not pointers.get(s)]
+    if missing:
+        raise CudaError(f"resolving the CUDA driver entry points {missing}", 500)
+    drv.ctx_push = <f_ctx_push><uintptr_t>pointers["cuCtxPushCurrent"]
+    drv.ctx_pop = <f_ctx_pop><uintptr_t>pointers["cuCtxPopCurrent"]
+    drv.mem_alloc = <f_mem_alloc><uintptr_t>pointers["cuMemAlloc"]
+    drv.mem_free = <f_mem_free><uintptr_t>pointers["cuMemFree"]
+    drv.host_alloc = <f_host_alloc><uintptr_t>pointers["cuMemHostAlloc"]
+    drv.host_free = <f_host_free><uintptr_t>pointers["cuMemFreeHost"]
+    drv.memcpy_htod_async = <f_memcpy_htod_async><uintptr_t>pointers["cuMemcpyHtoDAsync"]
+    drv.stream_create = <f_stream_create><uintptr_t>pointers["cuStreamCreate"]
+    drv.stream_destroy = <f_stream_destroy><uintptr_t>pointers["cuStreamDestroy"]
+    drv.stream_sync = <f_stream_sync><uintptr_t>pointers["cuStreamSynchronize"]
+    drv.event_create = <f_event_create><uintptr_t>pointers["cuEventCreate"]
+    drv.event_record = <f_event_record><uintptr_t>pointers["cuEventRecord"]
+    drv.event_sync = <f_event_sync><uintptr_t>pointers["cuEventSynchronize"]
+    drv.event_destroy = <f_event_destroy><uintptr_t>pointers["cuEventDestroy"]
+    drv_ready = True
+
+
+cdef int check(CUresult rc, str what) except -1:
+    if rc != 0:
+        raise CudaError(what, rc)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
+# Allocators and buffers
+
+cdef enum:
+    _SLAB_ALIGN = 256
+
+#: buffers up to this size are carved from shared slabs (one raw allocation per slab, not
+#: per weight: a model with 10k small constants pays ~10 cuMemAlloc calls, not 10k)
+SMALL_MAX = 64 << 10
+#: bytes of one slab
+SLAB_BYTES = 2 << 20
+#: alignment of a buffer inside a slab (cuMemAlloc's own is 256; Triton kernels assume 16)
+SLAB_ALIGN = _SLAB_ALIGN
+
+
+cdef class _Slab:
+    """One raw allocation that small Buffers are carved from, returned when its last goes."""
+
+
+
+cdef class Allocator:
+    """Raw memory for one device, with exact accounting of what is live.
+
+    ``bytes_allocated`` and ``peak_bytes_allocated`` count the bytes of live Buffers;
+    ``bytes_reserved`` and ``peak_bytes_reserved`` the raw memory behind them (slabs
+    included, so at most one partly used slab more than the live bytes when nothing was
+    freed). Buffers of at most ``small_max`` bytes (0: none) share :data:`SLAB_BYTES` slabs,
+    a slab being returned when its last Buffer goes. ``limit`` (0: none) caps
+    ``bytes_allocated``: an allocation past it raises :class:`AllocationError` as a full
+    device would.
+    """
+
+
+    def __cinit__(self, *args, **kwargs):
+        self.small_max = SMALL_MAX
+
+    def __init__(self, str device):
+        self.device = device
+
+    cdef int _raw_alloc(self, size_t nbytes, uintptr_t* out) noexcept nogil:
+        return -1
+
+    cdef void _raw_free(self, uintptr_t ptr) noexcept nogil:
+        pass
+
+    cdef uintptr_t _reserve(self, size_t n) except 0:
+        """Raw memory of ``n`` bytes, counted in ``bytes_reserved``."""
+        cdef uintptr_t ptr = 0
+        cdef int rc
+        with nogil:
+            rc = self._raw_alloc(n, &ptr)
+        if rc != 0 or ptr == 0:
+            raise AllocationError(
+                f"could not allocate {n} bytes on {self.device} (error {rc}, "
+                f"{self.bytes_reserved} bytes held by aoti_rt); free device memory "
+                f"or close unused models")
+        self.bytes_reserved += n
+        if self.bytes_reserved > self.peak_bytes_reserved:
+            self.peak_bytes_reserved = self.bytes_reserved
+        return ptr
+
+    cdef void _unreserve(self, uintptr_t ptr, size_t n) noexcept:
+        with nogil:
+            self._raw_free(ptr)
+        self.bytes_reserved -= n
+
+    cpdef Buffer allocate(self, size_t nbytes):
+        """Allocate ``nbytes`` (at least 1) and return the owning :class:`Buffer`."""
+        cdef size_t n = nbytes if nbytes > 0 else 1
+        cdef size_t need = (n + _SLAB_ALIGN - 1) & ~(<size_t>_SLAB_ALIGN - 1)
+        cdef _Slab slab
+        cdef Buffer buf = Buffer.__new__(Buffer)
+        if self.limit and self.bytes_allocated + <Py_ssize_t>n > self.limit:
+            raise AllocationError(
+                f"allocating {n} bytes on {self.device} would exceed the aoti_rt memory "
+                f"limit ({self.bytes_allocated} of {self.limit} bytes in use); close "
+                f"unused models or raise the limit with aoti_rt.set_memory_limit()")
+        if n <= self.small_max:
+            slab = self._slab
+            if slab is None or slab.used + need > slab.size:
+                slab = _Slab.__new__(_Slab)
+                slab.ptr = self._reserve(SLAB_BYTES)     # the GIL is released in here
+                slab.size = SLAB_BYTES
+                self.num_slabs += 1
+                self._slab = slab
+            buf.ptr = slab.ptr + slab.used
+            slab.used += need
+            slab.live += 1
+            buf.slab = slab
+        else:
+            buf.ptr = self._reserve(n)
+        buf.nbytes = n
+        buf.allocator = self
+        self.bytes_allocated += n
+        self.num_allocations += 1
+        if self.bytes_allocated > self.peak_bytes_allocated:
+            self.peak_bytes_allocated = self.bytes_allocated
+        return buf
+
+    cdef void _free(self, Buffer buf) noexcept:
+        cdef _Slab slab = buf.slab
+        cdef uintptr_t ptr
+        self.bytes_allocated -= buf.nbytes
+        self.num_allocations -= 1
+        if slab is None:
+            self._unreserve(buf.ptr, buf.nbytes)
+            return
+        slab.live -= 1
+        if slab.live == 0:
+            # Retire the slab before the raw free lets go of the GIL: another thread must not
+            # carve a buffer out of memory that is being returned.
+            ptr = slab.ptr
+            slab.ptr = 0
+            if self._slab is slab:
+                self._slab = None
+            self.num_slabs -= 1
+            self._unreserve(ptr, slab.size)
+
+    def reset_peak(self):
+        """Start new high-water marks from the bytes live (and reserved) now."""
+        self.peak_bytes_allocated = self.bytes_allocated
+        self.peak_bytes_reserved = self.bytes_reserved
+
+
+cdef class HostAllocator(Allocator):
+    """256-byte aligned host memory (``posix_memalign``): the CPU twin of cuMemAlloc."""
+
+    cdef int _raw_alloc(self, size_t nbytes, uintptr_t* out) noexcept nogil:
+        cdef void* p = NULL
+        cdef int rc = posix_memalign(&p, _SLAB_ALIGN, nbytes)
+        if rc == 0:
+            out[0] = <uintptr_t>p
+        return rc
+
+    cdef void _raw_free(self, uintptr_t ptr) noexcept nogil:
+        free(<void*>ptr)
+
+
+cdef class CudaAllocator(Allocator):
+    """Device memory from ``cuMemAlloc`` in the device's primary context."""
+
+
+    def __init__(self, str device, int ordinal, uintptr_t context):
+        if not drv_ready:
+            raise CudaError("the CUDA driver is not initialised (aoti_rt.device.get initialises it)", 3)
+        self.device = device
+        self.ordinal = ordinal
+        self.ctx = <CUcontext>context
+        self.is_cuda = True
+
+    cdef int _raw_alloc(self, size_t nbytes, uintptr_t* out) noexcept nogil:
+        cdef CUdeviceptr p = 0
+        cdef CUcontext prev
+        cdef CUresult rc = drv.ctx_push(self.ctx)
+        if rc != 0:
+            return rc
+        rc = drv.mem_alloc(&p, nbytes)
+        drv.ctx_pop(&prev)
+        if rc == 0:
+            out[0] = <uintptr_t>p
+        return rc
+
+    cdef void _raw_free(self, uintptr_t ptr) noexcept nogil:
+        cdef CUcontext prev
+        if drv.ctx_push(self.ctx) == 0:
+            drv.mem_free(<CUdeviceptr>ptr)
+            drv.ctx_pop(&prev)
+
+
+cdef class PinnedAllocator(Allocator):
+    """Page-locked host memory (``cuMemHostAlloc``) for staging copies to a device."""
+
+
+    def __init__(self, str device, uintptr_t context):
+        if not drv_ready:
+            raise CudaError("the CUDA driver is not initialised (aoti_rt.device.get initialises it)", 3)
+        self.device = device
+        self.ctx = <CUcontext>context
+        self.small_max = 0      # staging buffers and pinned stores are large: no slabs
+
+    cdef int _raw_alloc(self, size_t nbytes, uintptr_t* out) noexcept nogil:
+        cdef void* p = NULL
+        cdef CUcontext prev
+        cdef CUresult rc = drv.ctx_push(self.ctx)
+        if rc != 0:
+            return rc
+        rc = drv.host_alloc(&p, nbytes, 0)
+        drv.ctx_pop(&prev)
+        if rc == 0:
+            out[0] = <uintptr_t>p
+        return rc
+
+    cdef void _raw_free(self, uintptr_t ptr) noexcept nogil:
+        drv.host_free(<void*>ptr)
+
+
+@cython.no_gc     # refers only to its allocator and slab, which never refer back: no cycles
+cdef class Buffer:
+    """One allocation, freed when this object goes.
+
+    Host buffers export the buffer protocol (``memoryview(buf)``, ``torch.frombuffer``);
+    CUDA buffers export ``__cuda_array_interface__`` (``torch.as_tensor(buf, device=...)``).
+    Either way the consumer holds a reference to the Buffer, so a tensor view of a cached
+    weight keeps its memory alive after the cache has let it go.
+    """
+
+
+    def __cinit__(self):
+        self.ptr = 0
+
+    def __dealloc__(self):
+        if self.ptr != 0 and self.allocator is not None:
+            self.allocator._free(self)
+            self.ptr = 0
+
+    @property
+    def device(self) -> str:
+        return self.allocator.device
+
+    def __repr__(self):
+        return f"<aoti_rt Buffer {self.nbytes} bytes on {self.allocator.device} at 0x{self.ptr:x}>"
+
+    def __getbuffer__(self, Py_buffer* view, int flags):
+        if self.allocator.is_cuda:
+            raise BufferError("a CUDA buffer has no host buffer interface")
+        self._shape[0] = <Py_ssize_t>self.nbytes
+        view.buf = <void*>self.ptr
+        view.obj = self
+        view.len = <Py_ssize_t>self.nbytes
+        view.readonly = 0
+        view.itemsize = 1
+        view.format = "B"
+        view.ndim = 1
+        view.shape = self._shape
+        view.strides = NULL
+        view.suboffsets = NULL
+        view.internal = NULL
+
+    def __releasebuffer__(self, Py_buffer* view):
+        pass
+
+    @property
+    def __cuda_array_interface__(self):
+        if not self.allocator.is_cuda:
+            raise AttributeError("__cuda_array_interface__ is only defined for CUDA buffers")
+        return {"shape": (self.nbytes,), "typestr": "|u1", "data": (self.ptr, False),
+                "version": 3, "strides": None, "stream": None}
+
+
+# ----------------------------------------------------------------------------------------
+# The weight cache
+
