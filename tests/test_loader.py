@@ -484,10 +484,12 @@ def test_second_interrupt_while_joining_is_deferred(tmp_path):
         finished.append(w)
 
     def interrupter():
-        while plan.active_workers < 2:  # both threads started (their start() is not interrupted)
+        deadline = time.monotonic() + 30
+        # both threads started (their start() is not interrupted)
+        while plan.active_workers < 2 and time.monotonic() < deadline:
             time.sleep(0.0001)
         _ctrl_c()
-        while not plan.cancelled:
+        while not plan.cancelled and time.monotonic() < deadline:
             time.sleep(0.0001)
         time.sleep(0.005)               # the workers are in their 50 ms: main is joining them
         _ctrl_c()

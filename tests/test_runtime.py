@@ -6,6 +6,7 @@ import gc
 import re
 import shutil
 import threading
+import time
 
 import pytest
 import torch
@@ -230,13 +231,15 @@ def test_close_waits_for_running_calls(three_bundle, device):
     threads = [threading.Thread(target=caller) for _ in range(4)]
     for t in threads:
         t.start()
-    while len(results) < 20:
-        pass
+    deadline = time.monotonic() + 60
+    while len(results) < 20 and not errors and time.monotonic() < deadline:
+        time.sleep(0.001)
     model.close()        # must not free under a running call
     stop.set()
     for t in threads:
         t.join()
     assert not errors and all(results)
+    assert len(results) >= 20, "the callers did not run 20 calls in 60 s"
 
 
 # -- bad input ------------------------------------------------------------------------------
