@@ -6,6 +6,11 @@ gives each constant's internal name, FQN, dtype, kind and data size; torch's own
 loaded with the method's blob, gives the exact view (shape, stride, storage offset) and bytes
 AOTI expects. Storages are keyed by content digest, so a weight used by several methods, or
 tied under two FQNs, is written to the store once.
+
+``_compile`` is the outline: export the programs, resolve the device, compile each method
+(:func:`_compile_method`: its .so and MethodSpec, independent of the other methods), bind its
+constants to weights in method order (:class:`_WeightTable`), write the store, then the
+manifest, last.
 """
 
 from __future__ import annotations
@@ -19,13 +24,16 @@ import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .bundle import (MANIFEST, STORE, ConstantSpec, InputSpec, Manifest, MethodSpec, WeightSpec,
                      divergent_fqns, dtype_name, read_store_header, safe_tensor_name, weight_id)
 from .errors import CompileError
 from .probe import probe_method
+
+if TYPE_CHECKING:
+    from torch.export import ExportedProgram
 
 _METHOD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 #: names a method may not take: they are attributes of Model
@@ -158,88 +166,141 @@ def compile(programs: Mapping[str, Any], path: str | os.PathLike[str], *, device
 def _compile(programs: Mapping[str, Any], out: Path, device: str | None, progress: bool) -> Path:
     """The work of :func:`compile`, once its arguments and output directory are checked."""
     import torch
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
+    eps = _export_programs(programs)
+    device = _resolve_device(eps, device)
+    mutated = set().union(*(_mutated_fqns(ep) for ep in eps.values()))
+    methods: dict[str, MethodSpec] = {}
+    weights = _WeightTable()
+    bar = tqdm(list(eps.items()), desc="aoti_rt compile", unit="method", disable=not progress)
+    with tempfile.TemporaryDirectory(prefix="aoti_rt_") as tmp:
+        for name, ep in bar:
+            bar.set_postfix_str(name)
+            method, data = _compile_method(name, ep, Path(tmp) / name, out, device, mutated)
+            weights.bind(method, data)          # in method order: it names the store tensors
+            methods[name] = method
+    _warn_divergent_fqns(methods)
+    weights.write_store(out)
+    _write_manifest(out, Manifest(device=device, methods=methods, weights=weights.specs, store=STORE,
+                                  torch_version=torch.__version__, aoti_rt_version=__version__))
+    return out
+
+
+def _export_programs(programs: Mapping[str, Any]) -> dict[str, ExportedProgram]:
+    """Each method's ExportedProgram (tuples are exported), warning where example inputs alias."""
     eps = {name: _as_exported(name, prog) for name, prog in programs.items()}
     for name, ep in eps.items():
         _warn_aliased_examples(name, ep)
+    return eps
+
+
+def _resolve_device(eps: Mapping[str, ExportedProgram], device: str | None) -> str:
+    """The manifest's device: ``device`` (checked against the programs') or theirs; cuda is cuda:N."""
+    import torch
+
     devices = {_program_device(ep) for ep in eps.values()}
     if len(devices) > 1:
         raise CompileError(f"methods were exported on different devices {sorted(devices)}")
     dev_type = devices.pop()
     if device is None:
-        device = "cuda:0" if dev_type == "cuda" else "cpu"
-    elif torch.device(device).type != dev_type:
+        return "cuda:0" if dev_type == "cuda" else "cpu"
+    if torch.device(device).type != dev_type:
         raise CompileError(f"device={device!r} but the programs were exported on {dev_type}; "
                            f"export them on {device}")
     if torch.device(device).type == "cuda" and torch.device(device).index is None:
-        device = "cuda:0"
+        return "cuda:0"
+    return device
 
-    mutated = set().union(*(_mutated_fqns(ep) for ep in eps.values()))
-    methods: dict[str, MethodSpec] = {}
-    weights: dict[str, WeightSpec] = {}
-    store_tensors: dict[str, Any] = {}
-    digest_to_tensor: dict[str, str] = {}
-    taken: set[str] = set()
-    bar = tqdm(list(eps.items()), desc="aoti_rt compile", unit="method", disable=not progress)
-    with tempfile.TemporaryDirectory(prefix="aoti_rt_") as tmp:
-        for name, ep in bar:
-            bar.set_postfix_str(name)
-            work = Path(tmp) / name
-            work.mkdir()
-            args, kwargs = ep.example_inputs if ep.example_inputs is not None else ((), {})
-            so_tmp = Path(torch._inductor.aot_compile(ep.module(), args, kwargs,
-                                                      options=_aoti_options(work / f"{name}.so")))
-            blobs = sorted(work.rglob("*_weights.blob"))
-            blob = blobs[0] if blobs else None
-            consts, spec, n_in = probe_method(so_tmp, blob, device, mutated)
-            inputs = _inputs(ep)
-            if len(inputs) != n_in:
-                raise CompileError(f"method {name!r}: the .so takes {n_in} inputs but the program has "
-                                   f"{len(inputs)} tensor inputs; non-tensor inputs are not supported")
-            specs = []
-            for c, data in consts:
-                wid = weight_id(c.fqn, c.digest, c.mutable)
-                if wid not in weights:
-                    tname = digest_to_tensor.get(c.digest)
-                    if tname is None:
-                        tname = safe_tensor_name(c.fqn, taken)
-                        digest_to_tensor[c.digest] = tname
-                        store_tensors[tname] = _store_tensor(c, data)
-                    weights[wid] = WeightSpec(id=wid, tensor=tname, offset=-1, nbytes=len(data),
-                                              digest=c.digest, mutable=c.mutable)
-                if c.fqn not in weights[wid].fqns:
-                    weights[wid].fqns.append(c.fqn)
-                c.weight = wid
-                specs.append(c)
-            ispec = ospec = None
-            try:
-                ispec = torch.utils._pytree.treespec_dumps(ep.call_spec.in_spec)
-                ospec = torch.utils._pytree.treespec_dumps(ep.call_spec.out_spec)
-            except Exception:  # noqa: BLE001 - fall back to the .so's own spec
-                if spec is not None:
-                    ispec, ospec = spec
-            so_name = f"{name}.so"
-            shutil.copyfile(so_tmp, out / so_name)
-            methods[name] = MethodSpec(so=so_name, inputs=inputs,
-                                       outputs=list(ep.graph_signature.user_outputs),
-                                       in_spec=ispec, out_spec=ospec, constants=specs)
-        for fqn, first, other in divergent_fqns(methods):
-            warnings.warn(f"constant {fqn} differs between methods {first!r} and {other!r}; "
-                          f"it is kept as two weights", stacklevel=3)
-        save_file(store_tensors, str(out / STORE), metadata={"format": "pt", "writer": f"aoti_rt {__version__}"})
-    header = read_store_header(out / STORE)
-    for w in weights.values():
-        _, _, b, e = header.tensors[w.tensor]
-        w.offset = b
-        assert e - b == w.nbytes, (w.tensor, e - b, w.nbytes)
-    manifest = Manifest(device=device, methods=methods, weights=weights, store=STORE,
-                        torch_version=torch.__version__, aoti_rt_version=__version__)
+
+def _compile_method(name: str, ep: ExportedProgram, workdir: Path, out: Path, device: str,
+                    mutated: set[str]) -> tuple[MethodSpec, list[bytes]]:
+    """Compile one method to ``out/<name>.so``, independently: its MethodSpec and constants' bytes."""
+    import torch
+
+    workdir.mkdir()
+    args, kwargs = ep.example_inputs if ep.example_inputs is not None else ((), {})
+    so_tmp = Path(torch._inductor.aot_compile(ep.module(), args, kwargs,
+                                              options=_aoti_options(workdir / f"{name}.so")))
+    blobs = sorted(workdir.rglob("*_weights.blob"))
+    consts, so_spec, n_in = probe_method(so_tmp, blobs[0] if blobs else None, device, mutated)
+    inputs = _inputs(ep)
+    if len(inputs) != n_in:
+        raise CompileError(f"method {name!r}: the .so takes {n_in} inputs but the program has "
+                           f"{len(inputs)} tensor inputs; non-tensor inputs are not supported")
+    in_spec, out_spec = _call_spec(ep, so_spec)
+    method = MethodSpec(so=f"{name}.so", inputs=inputs, outputs=list(ep.graph_signature.user_outputs),
+                        in_spec=in_spec, out_spec=out_spec, constants=[c for c, _ in consts])
+    shutil.copyfile(so_tmp, out / method.so)
+    return method, [data for _, data in consts]
+
+
+def _call_spec(ep: ExportedProgram, so_spec: tuple[str, str] | None) -> tuple[str | None, str | None]:
+    """The method's (in_spec, out_spec) pytree specs as torch serialises them, else the .so's own."""
+    import torch
+
+    in_spec = out_spec = None
+    try:
+        in_spec = torch.utils._pytree.treespec_dumps(ep.call_spec.in_spec)
+        out_spec = torch.utils._pytree.treespec_dumps(ep.call_spec.out_spec)
+    except Exception:  # noqa: BLE001 - fall back to the .so's own spec
+        if so_spec is not None:
+            in_spec, out_spec = so_spec
+    return in_spec, out_spec
+
+
+class _WeightTable:
+    """The manifest's WeightSpecs, one per weight id, and the STORE's tensors, one per digest."""
+
+    def __init__(self) -> None:
+        self.specs: dict[str, WeightSpec] = {}
+        self._tensors: dict[str, Any] = {}        # store tensor name -> tensor
+        self._by_digest: dict[str, str] = {}      # digest -> store tensor name
+        self._taken: set[str] = set()             # store tensor names (safe_tensor_name's set)
+
+    def bind(self, method: MethodSpec, data: list[bytes]) -> None:
+        """Bind a method's constants (``data``: their storage bytes) to weights, adding new ones."""
+        for c, storage in zip(method.constants, data):
+            wid = weight_id(c.fqn, c.digest, c.mutable)
+            if wid not in self.specs:
+                self.specs[wid] = WeightSpec(id=wid, tensor=self._tensor_for(c, storage), offset=-1,
+                                             nbytes=len(storage), digest=c.digest, mutable=c.mutable)
+            if c.fqn not in self.specs[wid].fqns:
+                self.specs[wid].fqns.append(c.fqn)
+            c.weight = wid
+
+    def _tensor_for(self, c: ConstantSpec, storage: bytes) -> str:
+        """The name of the store tensor with ``c``'s digest, added (holding ``storage``) if new."""
+        name = self._by_digest.get(c.digest)
+        if name is None:
+            name = self._by_digest[c.digest] = safe_tensor_name(c.fqn, self._taken)
+            self._tensors[name] = _store_tensor(c, storage)
+        return name
+
+    def write_store(self, out: Path) -> None:
+        """Write ``out/STORE`` and set each weight's offset from the header as written."""
+        from safetensors.torch import save_file
+
+        save_file(self._tensors, str(out / STORE), metadata={"format": "pt", "writer": f"aoti_rt {__version__}"})
+        header = read_store_header(out / STORE)
+        for w in self.specs.values():
+            _, _, b, e = header.tensors[w.tensor]
+            w.offset = b
+            assert e - b == w.nbytes, (w.tensor, e - b, w.nbytes)
+
+
+def _warn_divergent_fqns(methods: dict[str, MethodSpec]) -> None:
+    """Warn (at the caller of :func:`compile`) for each FQN two methods bind to different weights."""
+    for fqn, first, other in divergent_fqns(methods):
+        warnings.warn(f"constant {fqn} differs between methods {first!r} and {other!r}; "
+                      f"it is kept as two weights", stacklevel=4)
+
+
+def _write_manifest(out: Path, manifest: Manifest) -> None:
+    """Write ``out/MANIFEST`` through a rename, last, so that a bundle with a manifest is complete."""
     tmp_manifest = out / (MANIFEST + ".tmp")
     tmp_manifest.write_text(manifest.to_json())
     os.replace(tmp_manifest, out / MANIFEST)
-    return out
 
 
 def _store_tensor(c: ConstantSpec, data: bytes):
@@ -279,4 +340,4 @@ def _warn_aliased_examples(name: str, ep) -> None:
             if j != i:
                 warnings.warn(f"method {name!r}: example inputs {j} and {i} share memory, so the exported "
                               f"program assumes they alias; export with distinct tensors (e.g. .clone())",
-                              stacklevel=4)
+                              stacklevel=5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -189,6 +190,27 @@ def test_aliased_example_inputs_warn(tmp_path):
     ep = torch.export.export(Add(), (x, x))
     with pytest.warns(UserWarning, match="share memory"):
         aoti_rt.compile({"fwd": ep}, tmp_path / "b", progress=False)
+
+
+def test_compile_warnings_point_at_the_caller(tmp_path):
+    """Both compile-time warnings name the line that called aoti_rt.compile, not aoti_rt's own."""
+    class Scale(torch.nn.Module):
+        def __init__(self, seed):
+            super().__init__()
+            # 64 elements: of a parameter of 4, AOTI binds no constant (there would be nothing to differ)
+            self.w = torch.nn.Parameter(torch.randn(64, generator=torch.Generator().manual_seed(seed)))
+
+        def forward(self, a, b):
+            return a * self.w + b
+
+    x = torch.randn(64)
+    progs = {"a": torch.export.export(Scale(0), (x, x)), "b": (Scale(1), (x, x.clone()))}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        aoti_rt.compile(progs, tmp_path / "b", progress=False)
+    ours = [w for w in caught if "share memory" in str(w.message) or "differs between methods" in str(w.message)]
+    assert len(ours) == 2, [str(w.message) for w in caught]
+    assert all(w.filename == __file__ for w in ours), [(w.filename, w.lineno) for w in ours]
 
 
 def test_method_without_weights(tmp_path):
