@@ -41,6 +41,8 @@ cdef class LoadPlan:
     cdef object _hasher
     cdef object _hash_error
     cdef public long long c_hash_max    # pieces up to this size are hashed by our C code, nogil
+    cdef readonly double max_bytes_per_s  # the rate cap of the workers together (0: none)
+    cdef double t0                      # when the plan was made (CLOCK_MONOTONIC, seconds)
     cdef long long done                 # bytes moved so far (atomic)
     cdef long long hashed               # bytes hashed so far (atomic)
     cdef long long state                # _CANCELLED | workers inside their loop (atomic)
@@ -48,6 +50,7 @@ cdef class LoadPlan:
     cdef long long bodies_active        # ... and have not ended yet (atomic)
 
     cdef void _wait_bodies(self, long long started) noexcept nogil
+    cdef void _throttle(self) noexcept nogil
     cdef void _cancel(self) noexcept nogil
     cdef bint _cancelled(self) noexcept nogil
     cdef bint _enter(self) noexcept nogil
@@ -61,10 +64,15 @@ cdef class LoadPlan:
                               CUstream stream) noexcept nogil
 
 
+cdef enum:
+    MAX_STAGING_DEPTH = 4
+
+
 cdef class Stager:
-    cdef readonly Buffer staging_a
-    cdef readonly Buffer staging_b
+    cdef readonly tuple staging         # its pinned staging Buffers (depth of them)
+    cdef char* bufs[MAX_STAGING_DEPTH]
+    cdef CUevent ev[MAX_STAGING_DEPTH]
+    cdef readonly int depth
     cdef CUstream stream
-    cdef CUevent ev[2]
     cdef CUcontext ctx
     cdef readonly long long chunk_bytes

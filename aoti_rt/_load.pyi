@@ -38,10 +38,10 @@ class LoadPlan:
     def run_host(self, fd: int, worker: int = 0, nworkers: int = 1) -> None: ...
 
 class Stager:
-    staging_a: Buffer
-    staging_b: Buffer
+    staging: tuple[Buffer, ...]
+    depth: int
     chunk_bytes: int
-    def __init__(self, pinned: PinnedAllocator, context: int, chunk_bytes: int) -> None: ...
+    def __init__(self, pinned: PinnedAllocator, context: int, chunk_bytes: int, depth: int = 2) -> None: ...
     def run(self, plan: LoadPlan, fd: int, worker: int = 0, nworkers: int = 1) -> None: ...
 
 def run_workers(plan: LoadPlan, nworkers: int, fn: Callable[[int], Any],

@@ -31,6 +31,7 @@ from libc.errno cimport errno, EINTR
 from libc.stdint cimport int64_t, uint8_t, uint64_t, uintptr_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from aoti_rt._memory cimport (Buffer, CUcontext, CUdeviceptr, CUresult, CUstream, PinnedAllocator,
                               aoti_rt_atomic_add, aoti_rt_atomic_add_acqrel, aoti_rt_atomic_cas,
@@ -51,6 +52,7 @@ cdef extern from "_blake3.h" nogil:
 cdef enum:
     _HASH_BYTES = 32
     _READ_EOF = -1          # read_full: the file ended before the bytes it should hold
+    _DIRECT_ALIGN = 4096
 
 # LoadPlan.state: the cancel bit, and below it the number of workers inside their loop
 cdef long long _CANCELLED = 1LL << 62
@@ -71,6 +73,12 @@ _CUDA_STEPS = {1: "making the device context current (cuCtxPushCurrent)",
                5: "synchronising the copy stream (cuStreamSynchronize)"}
 
 
+cdef inline double _monotonic() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
 cdef int read_full(int fd, char* dst, int64_t nbytes, int64_t off) noexcept nogil:
     """pread until done: 0, an errno (> 0), or _READ_EOF if the file ends first."""
     cdef ssize_t got
@@ -85,6 +93,30 @@ cdef int read_full(int fd, char* dst, int64_t nbytes, int64_t off) noexcept nogi
         dst += got
         nbytes -= got
         off += got
+    return 0
+
+
+#: O_DIRECT reads start, end and land on multiples of this (the page and the common block size)
+DIRECT_ALIGN = _DIRECT_ALIGN
+
+
+cdef int read_direct(int fd, char* dst, int64_t nbytes, int64_t need, int64_t off) noexcept nogil:
+    """pread ``nbytes`` (aligned) at ``off`` (aligned) from an O_DIRECT fd into ``dst``
+    (aligned) until at least ``need`` bytes are in (the file may end inside the last aligned
+    block): 0, an errno, or _READ_EOF if the file ends before ``need``."""
+    cdef ssize_t got
+    cdef int64_t have = 0
+    while have < need:
+        got = pread(fd, dst + have, <size_t>(nbytes - have), off + have)
+        if got < 0:
+            if errno == EINTR:
+                continue
+            return errno if errno > 0 else 5     # EIO
+        if got == 0:
+            return _READ_EOF
+        have += got
+        if have < need and (have & (_DIRECT_ALIGN - 1)):
+            return _READ_EOF                     # a short read mid-file: it ended early
     return 0
 
 
@@ -173,7 +205,7 @@ cdef class LoadPlan:
         self.hashes = NULL
 
     def __init__(self, list file_offsets, list sizes, list buffers, long long chunk_bytes, *,
-                 bint verify=False, str source="the weight store"):
+                 bint verify=False, str source="the weight store", double max_bytes_per_s=0):
         cdef Py_ssize_t i, n = len(file_offsets), cap, np = 0, nc = 0
         cdef int64_t off, left, take, size
         cdef long long block
@@ -189,6 +221,10 @@ cdef class LoadPlan:
         self.chunk_bytes = chunk_bytes
         self.block_bytes = block
         self.verify = verify
+        if max_bytes_per_s < 0:
+            raise ValueError("max_bytes_per_s must be positive (0: no cap)")
+        self.max_bytes_per_s = max_bytes_per_s
+        self.t0 = _monotonic()
         self.source = source
         self.num_weights = n
         self.buffers = tuple(buffers)
@@ -297,6 +333,18 @@ cdef class LoadPlan:
         while (aoti_rt_atomic_load_acq(&self.bodies_begun) < started
                or aoti_rt_atomic_load_acq(&self.bodies_active) > 0):
             usleep(200)
+
+    cdef void _throttle(self) noexcept nogil:
+        """With a rate cap, wait until the bytes moved so far are within the cap (checking for
+        a cancel every 50 ms), so a load next to a running model leaves it copy bandwidth."""
+        cdef double ahead
+        if self.max_bytes_per_s <= 0:
+            return
+        while not self._cancelled():
+            ahead = self.t0 + aoti_rt_atomic_load(&self.done) / self.max_bytes_per_s - _monotonic()
+            if ahead <= 0:
+                return
+            usleep(<unsigned int>(min(ahead, 0.05) * 1e6))
 
     cdef void _cancel(self) noexcept nogil:
         aoti_rt_atomic_or(&self.state, _CANCELLED)
@@ -493,6 +541,7 @@ cdef class LoadPlan:
             c = worker
             while c < self.num_chunks and kind == _E_NONE and not self._cancelled():
                 ch = &self.chunks[c]
+                self._throttle()
                 p = ch.first
                 end = ch.first + ch.count
                 hp = p
@@ -643,60 +692,69 @@ def run_workers(LoadPlan plan, int nworkers, fn, progress=None, double interval=
 
 
 cdef class Stager:
-    """A worker's CUDA copy engine: two pinned staging buffers, a stream, two events.
+    """A worker's CUDA copy engine: ``depth`` pinned staging buffers, a stream, an event each.
 
-    :meth:`run` reads the worker's chunks into alternating staging buffers and enqueues
+    :meth:`run` reads the worker's chunks into the staging buffers in turn and enqueues
     ``cuMemcpyHtoDAsync`` for their pieces; a buffer is reused only after the event recorded
-    behind its copies has fired, so a read overlaps the previous chunk's copy. No per-weight
-    synchronisation; one stream synchronise at the end.
+    behind its copies has fired, so reads run ahead of the copies by up to ``depth - 1``
+    chunks. No per-weight synchronisation; one stream synchronise at the end.
     """
 
     def __cinit__(self):
         self.stream = NULL
-        self.ev[0] = NULL
-        self.ev[1] = NULL
+        self.depth = 0
+        for i in range(MAX_STAGING_DEPTH):
+            self.ev[i] = NULL
+            self.bufs[i] = NULL
 
-    def __init__(self, PinnedAllocator pinned, uintptr_t context, long long chunk_bytes):
+    def __init__(self, PinnedAllocator pinned, uintptr_t context, long long chunk_bytes, int depth=2):
         cdef CUcontext prev
+        cdef int i
+        if depth < 2 or depth > MAX_STAGING_DEPTH:
+            raise ValueError(f"staging depth must be 2 to {MAX_STAGING_DEPTH}")
         self.ctx = <CUcontext>context
         self.chunk_bytes = chunk_bytes
-        self.staging_a = pinned.allocate(chunk_bytes)
-        self.staging_b = pinned.allocate(chunk_bytes)
+        # slack for O_DIRECT reads, which start and end on DIRECT_ALIGN boundaries
+        self.staging = tuple(pinned.allocate(chunk_bytes + 2 * _DIRECT_ALIGN) for i in range(depth))
+        for i in range(depth):
+            self.bufs[i] = <char*>(<Buffer>self.staging[i]).ptr
         check(drv.ctx_push(self.ctx), "cuCtxPushCurrent")
         try:
-            check(drv.stream_create(&self.stream, 1), "cuStreamCreate")   # non-blocking
-            check(drv.event_create(&self.ev[0], 2), "cuEventCreate")      # disable timing
-            check(drv.event_create(&self.ev[1], 2), "cuEventCreate")
+            check(drv.stream_create(&self.stream, 1), "cuStreamCreate")    # non-blocking
+            for i in range(depth):
+                check(drv.event_create(&self.ev[i], 2), "cuEventCreate")   # disable timing
+                self.depth = i + 1
         finally:
             drv.ctx_pop(&prev)
 
     def __dealloc__(self):
         cdef CUcontext prev
-        if drv_ready and (self.stream != NULL or self.ev[0] != NULL):
+        cdef int i
+        if drv_ready and (self.stream != NULL or self.depth):
             if drv.ctx_push(self.ctx) == 0:
                 if self.stream != NULL:
                     drv.stream_sync(self.stream)
                     drv.stream_destroy(self.stream)
-                if self.ev[0] != NULL:
-                    drv.event_destroy(self.ev[0])
-                if self.ev[1] != NULL:
-                    drv.event_destroy(self.ev[1])
+                for i in range(self.depth):
+                    drv.event_destroy(self.ev[i])
                 drv.ctx_pop(&prev)
 
-    def run(self, LoadPlan plan, int fd, int worker=0, int nworkers=1) -> None:
+    def run(self, LoadPlan plan, int fd, int worker=0, int nworkers=1, bint direct=False) -> None:
         """Move worker ``worker``'s chunks to the device.
 
         With ``plan.verify`` a chunk is read in runs of at most one block, and each run is
         hashed from the staging buffer right after its read, then its copies are enqueued.
+        With ``direct``, ``fd`` was opened with ``O_DIRECT`` (a cold page cache): each chunk
+        is read whole over its :data:`DIRECT_ALIGN`-aligned extent, then hashed and copied.
         Raises :class:`BundleError` (the store) or :class:`CudaError` (a driver call).
         """
         cdef Py_ssize_t c, p, q, end, k = 0
         cdef int rc = 0, sync, kind = _E_NONE, step = 0
-        cdef int64_t n, at = 0
+        cdef int64_t n, at = 0, src_off, a1
         cdef int64_t limit = plan.block_bytes if plan.verify else plan.chunk_bytes
         cdef Chunk* ch
         cdef char* stage
-        cdef char* bufs[2]
+        cdef int slot, depth = self.depth
         cdef CUcontext prev
         if plan.chunk_bytes > self.chunk_bytes:
             raise ValueError("plan chunks exceed the staging buffers")
@@ -706,8 +764,6 @@ cdef class Stager:
             raise ValueError("bad worker index")
         if not plan._enter():
             return
-        bufs[0] = <char*>self.staging_a.ptr
-        bufs[1] = <char*>self.staging_b.ptr
         with nogil:
             rc = drv.ctx_push(self.ctx)
             if rc != 0:
@@ -716,27 +772,41 @@ cdef class Stager:
                 c = worker
                 while c < plan.num_chunks and not plan._cancelled():
                     ch = &plan.chunks[c]
-                    stage = bufs[k & 1]
-                    if k >= 2:
-                        rc = drv.event_sync(self.ev[k & 1])
+                    slot = k % depth
+                    stage = self.bufs[slot]
+                    if k >= depth:
+                        rc = drv.event_sync(self.ev[slot])
                         if rc != 0:
                             kind, step = _E_CUDA, 2
                             break
+                    plan._throttle()
                     p = ch.first
                     end = ch.first + ch.count
+                    src_off = ch.file_off
+                    if direct:
+                        # the whole chunk at once, over its aligned extent (the staging buffers
+                        # have DIRECT_ALIGN bytes of slack on each side)
+                        src_off = ch.file_off & ~(<int64_t>_DIRECT_ALIGN - 1)
+                        a1 = (ch.file_off + ch.nbytes + _DIRECT_ALIGN - 1) & ~(<int64_t>_DIRECT_ALIGN - 1)
+                        rc = read_direct(fd, stage, a1 - src_off, ch.file_off + ch.nbytes - src_off, src_off)
+                        if rc != 0:
+                            kind = _E_EOF if rc == _READ_EOF else _E_READ
+                            at = ch.file_off
+                            break
                     while p < end:
                         q = plan._subrange(p, end, limit, False)
                         n = plan.pieces[q - 1].file_off + plan.pieces[q - 1].nbytes - plan.pieces[p].file_off
-                        rc = read_full(fd, stage + (plan.pieces[p].file_off - ch.file_off), n,
-                                       plan.pieces[p].file_off)
-                        if rc != 0:
-                            kind = _E_EOF if rc == _READ_EOF else _E_READ
-                            at = plan.pieces[p].file_off
-                            break
-                        if plan.verify and plan._hash(p, q, stage, ch.file_off) != 0:
+                        if not direct:
+                            rc = read_full(fd, stage + (plan.pieces[p].file_off - src_off), n,
+                                           plan.pieces[p].file_off)
+                            if rc != 0:
+                                kind = _E_EOF if rc == _READ_EOF else _E_READ
+                                at = plan.pieces[p].file_off
+                                break
+                        if plan.verify and plan._hash(p, q, stage, src_off) != 0:
                             kind = _E_HASH
                             break
-                        rc = plan._copy_async(p, q, stage, ch.file_off, self.stream)
+                        rc = plan._copy_async(p, q, stage, src_off, self.stream)
                         if rc != 0:
                             kind, step = _E_CUDA, 3
                             break
@@ -746,7 +816,7 @@ cdef class Stager:
                             break
                     if kind != _E_NONE:
                         break
-                    rc = drv.event_record(self.ev[k & 1], self.stream)
+                    rc = drv.event_record(self.ev[slot], self.stream)
                     if rc != 0:
                         kind, step = _E_CUDA, 4
                         break
@@ -803,6 +873,7 @@ def copy_from_host(LoadPlan plan, Buffer image, Stager stager=None, int worker=0
             c = worker
             while c < plan.num_chunks and kind == _E_NONE and not plan._cancelled():
                 ch = &plan.chunks[c]
+                plan._throttle()
                 p = ch.first
                 end = ch.first + ch.count
                 while p < end:
@@ -828,6 +899,7 @@ def copy_from_host(LoadPlan plan, Buffer image, Stager stager=None, int worker=0
                 c = worker
                 while c < plan.num_chunks and not plan._cancelled():
                     ch = &plan.chunks[c]
+                    plan._throttle()
                     end = ch.first + ch.count
                     rc = plan._copy_async(ch.first, end, base, 0, stream)
                     if rc != 0:

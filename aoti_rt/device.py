@@ -252,20 +252,28 @@ class DeviceRuntime:
 
     # -- the loader's copy engines --------------------------------------------------------
 
-    def take_stagers(self, n: int, chunk_bytes: int) -> list:
-        """Borrow ``n`` copy engines (created on first use and kept for later loads)."""
+    def take_stagers(self, n: int, chunk_bytes: int, depth: int = 2, *, create: bool = True) -> list:
+        """Borrow ``n`` copy engines with staging of at least ``chunk_bytes`` x ``depth``
+        from the pool (kept from earlier loads); those the pool lacks are made now, or, with
+        ``create=False``, left as None for the worker to make (:meth:`new_stager`) in its own
+        thread, so pinning staging memory overlaps the other workers' reads."""
         with self.stager_lock:
-            fit = [s for s in self.stagers if s.chunk_bytes >= chunk_bytes]
-            for s in fit[:n]:
+            fit = [s for s in self.stagers if s.chunk_bytes >= chunk_bytes and s.depth >= depth][:n]
+            for s in fit:
                 self.stagers.remove(s)
-            got = fit[:n]
+        got: list = list(fit)
         while len(got) < n:
-            got.append(_load.Stager(self.pinned, self.context, chunk_bytes))
+            got.append(self.new_stager(chunk_bytes, depth) if create else None)
         return got
 
+    def new_stager(self, chunk_bytes: int, depth: int = 2) -> "_load.Stager":
+        """A new copy engine: ``depth`` pinned staging buffers of ``chunk_bytes``, a stream."""
+        return _load.Stager(self.pinned, self.context, chunk_bytes, depth)
+
     def give_stagers(self, stagers: list) -> None:
+        """Return borrowed copy engines to the pool (None entries are skipped)."""
         with self.stager_lock:
-            self.stagers.extend(stagers)
+            self.stagers.extend(s for s in stagers if s is not None)
 
     def free_staging(self) -> None:
         """Drop the pooled pinned staging buffers (they are re-created on the next load)."""

@@ -27,7 +27,11 @@ from .digest import PREFIX, is_verifiable
 from .errors import BundleError
 
 #: bytes per chunk (one pread, one staging buffer); a multiple of the hash block
-CHUNK_BYTES = 32 << 20
+#: (``$AOTI_RT_CHUNK_MIB`` overrides)
+CHUNK_BYTES = (int(os.environ.get("AOTI_RT_CHUNK_MIB", 0)) or 32) << 20
+#: staging buffers per CUDA worker: reads run ahead of copies by depth - 1 chunks
+#: (``$AOTI_RT_STAGING_DEPTH`` overrides)
+STAGING_DEPTH = int(os.environ.get("AOTI_RT_STAGING_DEPTH", 0)) or 2
 #: loads smaller than this never show a progress bar by default (they take well under a second)
 PROGRESS_MIN_BYTES = 256 << 20
 #: worker threads (``$AOTI_RT_LOAD_WORKERS`` overrides)
@@ -43,7 +47,8 @@ C_HASH_PER_WORKER = 1 << 10
 def read_weights(rt: DeviceRuntime, store: Path, offsets: Sequence[int], sizes: Sequence[int],
                  buffers: Sequence[_memory.Buffer], *, digests: Sequence[str | None] | None = None,
                  names: Sequence[str] | None = None, workers: int | None = None,
-                 chunk_bytes: int | None = None, progress: bool | None = None) -> int:
+                 chunk_bytes: int | None = None, progress: bool | None = None,
+                 max_bytes_per_s: float | None = None, direct: bool | None = None) -> int:
     """Fill ``buffers[i]`` with ``sizes[i]`` bytes at ``offsets[i]`` of ``store``.
 
     With ``digests`` (one per weight, ``"b3t:..."`` as :func:`aoti_rt.digest.weight_digest`
@@ -59,6 +64,13 @@ def read_weights(rt: DeviceRuntime, store: Path, offsets: Sequence[int], sizes: 
     shorter than the weights need, cannot be read or does not match the digests, and
     :class:`aoti_rt.errors.CudaError` if a copy fails. Whatever interrupts it (Ctrl-C), no
     worker touches the file or the buffers once it has returned or raised.
+
+    ``max_bytes_per_s`` caps the workers' rate together (a load next to a model that is
+    serving leaves it host->device bandwidth). ``direct``: read with ``O_DIRECT`` (True), through
+    the page cache (False), or, by default (None, ``$AOTI_RT_DIRECT`` overrides), with
+    ``O_DIRECT`` on CUDA when a sample of the weights' pages is not in the page cache: a
+    cold read then goes from the disk straight into the pinned staging buffers, without
+    filling the page cache on the way.
     """
     n = len(offsets)
     if len(sizes) != n or len(buffers) != n or (digests is not None and len(digests) != n) \
@@ -82,7 +94,8 @@ def read_weights(rt: DeviceRuntime, store: Path, offsets: Sequence[int], sizes: 
     image = pinned.image if pinned is not None else None    # our reference keeps it alive
     if image is not None and pinned.current():
         _check_extents(offsets, sizes, image.nbytes, store, label)
-        plan = _load.LoadPlan(offsets, sizes, buffers, chunk, verify=verify, source=source)
+        plan = _load.LoadPlan(offsets, sizes, buffers, chunk, verify=verify, source=source,
+                              max_bytes_per_s=max_bytes_per_s or 0)
         # unverified: one thread, one stream, as fast as the copy engine; verified: the
         # workers hash their chunks from the image while their copies run
         nworkers = max(1, min(int(workers or WORKERS), plan.num_chunks)) if verify else 1
@@ -102,18 +115,30 @@ def read_weights(rt: DeviceRuntime, store: Path, offsets: Sequence[int], sizes: 
     bar = None
     try:
         _check_extents(offsets, sizes, size, store, label)
-        plan = _load.LoadPlan(offsets, sizes, buffers, chunk, verify=verify, source=source)
+        plan = _load.LoadPlan(offsets, sizes, buffers, chunk, verify=verify, source=source,
+                              max_bytes_per_s=max_bytes_per_s or 0)
         nworkers = max(1, min(int(workers or WORKERS), plan.num_chunks))
         _tune(plan, nworkers)
         bar = _progress(total, progress)
         if not plan.num_pieces:
             pass
         elif rt.is_cuda:
-            stagers = rt.take_stagers(nworkers, chunk)
+            # pooled copy engines where there are; a worker without one pins its own staging
+            # in its thread, so a process's first load pins memory while other workers read
+            stagers = rt.take_stagers(nworkers, chunk, STAGING_DEPTH, create=False)
+            dfd = _open_direct(store, fd, offsets, sizes, direct)
+
+            def work(w: int) -> None:
+                if stagers[w] is None:
+                    stagers[w] = rt.new_stager(chunk, STAGING_DEPTH)
+                stagers[w].run(plan, dfd if dfd is not None else fd, w, nworkers, dfd is not None)
+
             try:
-                _run(plan, nworkers, lambda w: stagers[w].run(plan, fd, w, nworkers), bar)
+                _run(plan, nworkers, work, bar)
             finally:
                 rt.give_stagers(stagers)
+                if dfd is not None:
+                    os.close(dfd)
         else:
             _run(plan, nworkers, lambda w: plan.run_host(fd, w, nworkers), bar)
         if bar is not None:
@@ -138,6 +163,53 @@ def _open_store(store: Path) -> tuple[int, int]:
         os.close(fd)
         raise
     return fd, st.st_size
+
+
+def page_cache_cold(fd: int, offsets: Sequence[int], sizes: Sequence[int], samples: int = 16) -> bool:
+    """Whether most of a sample of the weights' pages are not in the page cache.
+
+    Reads one page at up to ``samples`` places spread over the weights with
+    ``RWF_NOWAIT``, which fails instead of going to the disk: no I/O, a few microseconds."""
+    if not hasattr(os, "RWF_NOWAIT") or not offsets:
+        return False
+    order = sorted(range(len(offsets)), key=offsets.__getitem__)
+    spots = []
+    for k in range(samples):
+        i = order[k * len(order) // samples] if len(order) >= samples else order[k % len(order)]
+        if sizes[i]:
+            spots.append(offsets[i] + (sizes[i] * (k % 3)) // 3)
+    page = bytearray(4096)
+    missed = 0
+    for off in spots:
+        try:
+            os.preadv(fd, [page], off, os.RWF_NOWAIT)
+        except BlockingIOError:
+            missed += 1
+        except OSError:
+            return False        # RWF_NOWAIT not supported here: assume warm
+    return bool(spots) and 2 * missed >= len(spots)
+
+
+def _open_direct(store: Path, fd: int, offsets: Sequence[int], sizes: Sequence[int],
+                 direct: bool | None) -> int | None:
+    """An ``O_DIRECT`` fd of the store when it should be read that way (see read_weights), else None.
+
+    A file system without O_DIRECT (tmpfs) reads through the page cache instead."""
+    env = os.environ.get("AOTI_RT_DIRECT")
+    if direct is None and env in ("0", "1"):
+        direct = env == "1"
+    if direct is None:
+        direct = page_cache_cold(fd, offsets, sizes)
+    if not direct or not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        dfd = os.open(store, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return None
+    if os.fstat(dfd).st_ino != os.fstat(fd).st_ino:     # replaced since it was checked
+        os.close(dfd)
+        return None
+    return dfd
 
 
 def _check_extents(offsets: list[int], sizes: list[int], size: int, store: Path, label) -> None:

@@ -117,7 +117,7 @@ class Method:
 
     def __init__(self, name: str, spec: MethodSpec, so_path: Path, source: _Source,
                  rt: _device.DeviceRuntime, *, progress: bool | None = None,
-                 typed_inputs: bool = True):
+                 typed_inputs: bool = True, max_load_gbps: float | None = None):
         self.name = name
         self.spec = spec
         #: the device it runs on, as torch spells it ("cpu", "cuda:0")
@@ -155,7 +155,7 @@ class Method:
                 raise BundleError(f"method {name!r}: {e}; the bundle is inconsistent, recompile it") from None
             self._check_constants(so, handle, plan)
             if self.shared:
-                self._bind_shared(source, plan, progress)
+                self._bind_shared(source, plan, progress, max_load_gbps)
             else:
                 self._bind_legacy(source, plan)
         except BaseException:
@@ -248,7 +248,8 @@ class Method:
                     rt.forget_shared(content[j], cand)
         return out
 
-    def _bind_shared(self, source: _Source, plan: _bind.BindPlan, progress: bool | None) -> None:
+    def _bind_shared(self, source: _Source, plan: _bind.BindPlan, progress: bool | None,
+                     max_load_gbps: float | None = None) -> None:
         rt = self._rt
         b = self._binding
         keys, content, weights, need, of_constant = self._keys(source, plan)
@@ -268,7 +269,8 @@ class Method:
                                         digests=([weights[i].digest for i in fill]
                                                  if source.verify == "load" else None),
                                         names=[(weights[i].fqns or [weights[i].id])[0] for i in fill],
-                                        progress=progress)
+                                        progress=progress,
+                                        max_bytes_per_s=(max_load_gbps or 0) * 1e9)
                 rt.cache.add_bytes_read(n)
                 self.bytes_read = n
         except BaseException as e:
@@ -515,7 +517,8 @@ class Model:
     """
 
     def __init__(self, bundle: Bundle, device: "str | Device", *, methods: Sequence[str] | None = None,
-                 progress: bool | None = None, verify: bool | str = True):
+                 progress: bool | None = None, verify: bool | str = True,
+                 max_load_gbps: float | None = None):
         self.bundle = bundle
         self.manifest = bundle.manifest
         rt = _device.get(device)
@@ -529,7 +532,7 @@ class Model:
                 if name not in bundle.manifest.methods:
                     raise BundleError(f"bundle has no method {name!r}; it has {list(bundle.manifest.methods)}")
                 self._methods[name] = Method(name, bundle.manifest.methods[name], bundle.so_path(name),
-                                             source, rt, progress=progress)
+                                             source, rt, progress=progress, max_load_gbps=max_load_gbps)
         except BaseException:
             self.close()
             raise
@@ -588,7 +591,8 @@ class Model:
 
 
 def load(path: str | Path, *, device: "str | Device | None" = None, methods: Sequence[str] | None = None,
-         progress: bool | None = None, verify: bool | str = True) -> Model:
+         progress: bool | None = None, verify: bool | str = True,
+         max_load_gbps: float | None = None) -> Model:
     """Load a bundle written by :func:`aoti_rt.compile`.
 
     Args:
@@ -605,6 +609,8 @@ def load(path: str | Path, *, device: "str | Device | None" = None, methods: Seq
             :class:`BundleError` at once; the loader's threads hash as they read, slower).
             ``False``: never hash; this bundle's weights are shared among its own methods
             and instances only.
+        max_load_gbps: cap the loader's host->device rate (GB/s, 1e9 bytes/s), so a model
+            loading next to one that is serving leaves it copy bandwidth (default: no cap).
 
     Returns:
         The :class:`Model`; close it (or use ``with``) to release its memory.
@@ -617,6 +623,8 @@ def load(path: str | Path, *, device: "str | Device | None" = None, methods: Seq
         >>> with aoti_rt.load("lm.aoti", device="cuda") as model:
         ...     logits = model.prefill(tokens)
     """
+    if max_load_gbps is not None and not max_load_gbps > 0:
+        raise ValueError(f"max_load_gbps must be a positive number of GB/s, not {max_load_gbps!r}")
     bundle = read_bundle(path)
     try:
         dev = Device.parse(device, default=bundle.manifest.device)
@@ -628,4 +636,4 @@ def load(path: str | Path, *, device: "str | Device | None" = None, methods: Seq
                          f"on the device type it was compiled for, so load it on {compiled}")
     if verify not in (True, False, "load"):
         raise ValueError(f"verify must be True, False or 'load', not {verify!r}")
-    return Model(bundle, dev, methods=methods, progress=progress, verify=verify)
+    return Model(bundle, dev, methods=methods, progress=progress, verify=verify, max_load_gbps=max_load_gbps)

@@ -538,3 +538,84 @@ def test_worker_error_cancels_the_others(tmp_path):
     assert not _load_threads()
     with pytest.raises(RuntimeError, match="did not finish"):
         plan.digests()
+
+
+# -- start-up and serving: O_DIRECT on a cold page cache, the rate cap ---------------------------
+
+def _weights_at(data: bytes, k: int = 37) -> tuple[list[int], list[int]]:
+    """k weights of uneven sizes at unaligned offsets covering ``data`` (a store's layout)."""
+    cuts = sorted({0, len(data)} | {(i * 7919 * 4099) % len(data) for i in range(1, k)})
+    return cuts[:-1], [b - a for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_direct_reads_match_buffered_reads(tmp_path, device, verify):
+    """O_DIRECT reads (aligned extents into the staging slack) give the very bytes buffered
+    reads give, for weights at unaligned offsets, with and without hashing; on the CPU, and
+    where the file system has no O_DIRECT, ``direct=True`` falls back to buffered reads."""
+    data = _pattern(3 * BLOCK + 12345, seed=3)
+    store = _store(tmp_path, data)
+    offsets, sizes = _weights_at(data)
+    rt = runtime(device)
+    digests = [digest.weight_digest(data[o:o + n]) for o, n in zip(offsets, sizes)] if verify else None
+    for direct in (True, False):
+        bufs = [rt.allocator.allocate(n) for n in sizes]
+        loader.read_weights(rt, store, offsets, sizes, bufs, digests=digests, progress=False,
+                            direct=direct, chunk_bytes=BLOCK)
+        for o, n, b in zip(offsets, sizes, bufs):
+            assert _contents(b, n) == data[o:o + n], (direct, o, n)
+        del bufs
+    gc.collect()
+
+
+def test_direct_read_of_a_truncated_store_is_refused(tmp_path, device):
+    data = _pattern(BLOCK + 5000, seed=4)
+    store = _store(tmp_path, data)
+    rt = runtime(device)
+    buf = rt.allocator.allocate(BLOCK)
+    # the manifest claims more than the file holds: refused before reading
+    with pytest.raises(aoti_rt.BundleError, match="truncated"):
+        loader.read_weights(rt, store, [5000], [BLOCK + 1], [rt.allocator.allocate(BLOCK + 1)],
+                            progress=False, direct=True)
+    loader.read_weights(rt, store, [5000], [BLOCK], [buf], progress=False, direct=True)
+    assert _contents(buf, BLOCK) == data[5000:5000 + BLOCK]
+
+
+def test_page_cache_cold_sees_dropped_pages(tmp_path):
+    """A file just written is in the page cache; after POSIX_FADV_DONTNEED (clean pages) it
+    is not, and the sample says so without reading the disk."""
+    data = _pattern(8 << 20, seed=5)
+    store = _store(tmp_path, data)
+    offsets, sizes = _weights_at(data, 16)
+    fd = os.open(store, os.O_RDONLY)
+    try:
+        assert not loader.page_cache_cold(fd, offsets, sizes)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if not loader.page_cache_cold(fd, offsets, sizes):
+            pytest.skip("this file system keeps the pages (tmpfs) or lacks RWF_NOWAIT")
+        os.pread(fd, len(data), 0)                      # read once: warm again
+        assert not loader.page_cache_cold(fd, offsets, sizes)
+    finally:
+        os.close(fd)
+
+
+def test_rate_cap_holds_the_loader_to_it(tmp_path, device):
+    """With max_bytes_per_s, the workers together move no faster than the cap (and the
+    bytes are right); without, the same load is much faster."""
+    data = _pattern(16 * BLOCK, seed=6)          # 64 MiB
+    store = _store(tmp_path, data)
+    rt = runtime(device)
+    bufs = [rt.allocator.allocate(4 * BLOCK) for _ in range(4)]
+    offsets, sizes = [i * 4 * BLOCK for i in range(4)], [4 * BLOCK] * 4
+    cap = 200e6                                  # 200 MB/s: ~0.34 s for 64 MiB
+    t0 = time.perf_counter()
+    loader.read_weights(rt, store, offsets, sizes, bufs, progress=False, max_bytes_per_s=cap,
+                        chunk_bytes=BLOCK, workers=4)
+    capped = time.perf_counter() - t0
+    # the last chunk may start at the cap's deadline for the bytes before it
+    assert capped >= (len(data) - BLOCK) / cap * 0.95, capped
+    for o, b in zip(offsets, bufs):
+        assert _contents(b, 4 * BLOCK) == data[o:o + 4 * BLOCK]
+    with pytest.raises(ValueError, match="max_load_gbps"):
+        aoti_rt.load(tmp_path, max_load_gbps=-1)   # checked before anything else is done

@@ -1,0 +1,333 @@
+"""Start-up: the first load of a process, repeat loads, a cold disk, and loading next to a
+model that is serving. Every row runs in a fresh Python process.
+
+Each child process imports torch and aoti_rt and brings the CUDA context up (``torch.cuda.init``
+and one tiny tensor: a serving process has both before it loads a model; the import seconds
+are reported apart), then times what its row names, up to a device synchronise:
+
+  first load       ``aoti_rt.load(bundle)`` (prefill + decode) the first time in the process,
+                   from the call to usable methods (aoti_rt's own device set-up included)
+  repeat load      the same load again in that process (the model closed in between), median
+  stock AOTI       ``AOTIModelContainerRunnerCuda(so)`` + ``update_constant_buffer_from_blob``
+                   on the stock artifact of prefill, first in the process
+  safetensors      ``safetensors.torch.load_file(store, device=...)``, first in the process
+  copy ceiling     a pinned host tensor of the same bytes ``.to(device)`` (pinning not timed)
+  cold rows        the same after dropping the page cache (``/proc/sys/vm/drop_caches``; the
+                   rows are skipped, saying why, where that is not allowed): aoti_rt as it
+                   chooses (O_DIRECT when the pages are not cached), aoti_rt forced through the
+                   page cache, safetensors, and ``dd iflag=direct`` of the store (the disk)
+  serving rows     model A (the bundle) runs decode steps in a loop; step time idle, then
+                   while a second bundle (a hard-linked copy, loaded with ``verify=False``: 2 GiB
+                   moved) loads uncapped and capped with ``max_load_gbps``
+
+``--configs`` runs the first/repeat rows once per loader configuration
+(``chunk_mib,depth,workers``; 0 keeps the default), to size the staging pool on a new host.
+Full size: 16 x Linear(8192, 8192, bias=False) bf16 = 2 GiB (the bench_load model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# the children import torch and aoti_rt themselves, timed: nothing heavy is imported up here
+
+COLUMNS = [
+    ("row", "row", "{}"),
+    ("config", "loader config", "{}"),
+    ("ms_first", "ms first", "{:.1f}"),
+    ("gbps_first", "GB/s first", "{:.2f}"),
+    ("ms_median", "ms repeat (median)", "{:.1f}"),
+    ("gbps_median", "GB/s repeat", "{:.2f}"),
+]
+RESULT = "AOTI_RT_BENCH_RESULT "
+
+
+# ---------------------------------------------------------------------------------------
+# children: one measurement each, in a fresh process
+
+def _child(kind: str, a: dict[str, Any]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    import torch
+
+    t1 = time.perf_counter()
+    import aoti_rt
+
+    t2 = time.perf_counter()
+    dev = a["device"]
+    cuda = dev != "cpu"
+    if cuda:
+        torch.cuda.init()
+        torch.empty(1, device=dev)
+        torch.cuda.synchronize(dev)
+    out: dict[str, Any] = {"import_torch_s": t1 - t0, "import_aoti_rt_s": t2 - t1}
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(dev)
+
+    if kind == "aoti":
+        times = []
+        for i in range(1 + a["repeats"]):
+            if i == 0 and a.get("profile"):
+                import cProfile
+                import io
+                import pstats
+
+                prof = cProfile.Profile()
+                prof.enable()
+            s = time.perf_counter()
+            m = aoti_rt.load(a["bundle"], device=dev, progress=False)
+            sync()
+            times.append(time.perf_counter() - s)
+            if i == 0 and a.get("profile"):
+                prof.disable()
+                buf = io.StringIO()
+                pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(18)
+                out["profile"] = buf.getvalue()
+            m.close()
+        out.update(first_s=times[0], repeat_s=times[1:], nbytes=a["nbytes"],
+                   staging_bytes=aoti_rt.cache_stats(dev)["staging_bytes"])
+    elif kind == "stock":
+        s = time.perf_counter()
+        runner = torch._C._aoti.AOTIModelContainerRunnerCuda(a["so"], 1, dev)
+        runner.update_constant_buffer_from_blob(a["blob"])
+        sync()
+        out.update(first_s=time.perf_counter() - s, repeat_s=[], nbytes=a["nbytes"])
+    elif kind == "safetensors":
+        from safetensors.torch import load_file
+
+        times = []
+        for _ in range(1 + a["repeats"]):
+            s = time.perf_counter()
+            t = load_file(a["store"], device=dev)
+            sync()
+            times.append(time.perf_counter() - s)
+            del t
+            if cuda:
+                torch.cuda.empty_cache()
+        out.update(first_s=times[0], repeat_s=times[1:], nbytes=a["nbytes"])
+    elif kind == "ceiling":
+        host = torch.empty(a["nbytes"], dtype=torch.uint8).pin_memory()
+        host.fill_(1)
+        times = []
+        for _ in range(1 + a["repeats"]):
+            s = time.perf_counter()
+            d = host.to(dev, non_blocking=True)
+            sync()
+            times.append(time.perf_counter() - s)
+            del d
+        out.update(first_s=times[0], repeat_s=times[1:], nbytes=a["nbytes"])
+    elif kind == "serve":
+        out.update(_serve(aoti_rt, torch, a, sync))
+    else:
+        raise ValueError(kind)
+    return out
+
+
+def _serve(aoti_rt: Any, torch: Any, a: dict[str, Any], sync) -> dict[str, Any]:
+    """Decode step times of model A: idle, then while model B loads (uncapped, then capped)."""
+    import threading
+
+    dev = a["device"]
+    model = aoti_rt.load(a["bundle"], device=dev, methods=["decode"], progress=False)
+    x = torch.randn(1, a["dim"], device=dev, dtype=getattr(torch, a["dtype"]))
+
+    def step() -> float:
+        s = time.perf_counter()
+        model.decode(x)
+        sync()
+        return time.perf_counter() - s
+
+    for _ in range(20):
+        step()
+    idle = [step() for _ in range(300)]
+    out: dict[str, Any] = {"idle_ms": _stats(idle)}
+    for label, cap in (("uncapped", None), (f"capped {a['cap']} GB/s", a["cap"])):
+        done = threading.Event()
+        took: list[float] = []
+
+        def load_b() -> None:
+            s = time.perf_counter()
+            b = aoti_rt.load(a["second"], device=dev, methods=["decode"], verify=False,
+                             progress=False, max_load_gbps=cap)
+            sync()
+            took.append(time.perf_counter() - s)
+            b.close()
+            done.set()
+
+        t = threading.Thread(target=load_b)
+        t.start()
+        during = []
+        while not done.is_set():
+            during.append(step())
+        t.join()
+        out[label] = {"step_ms": _stats(during), "load_s": took[0], "steps": len(during)}
+    model.close()
+    return out
+
+
+def _stats(samples: list[float]) -> dict[str, float]:
+    s = sorted(samples)
+    return {"p50": statistics.median(s) * 1e3, "p99": s[min(len(s) - 1, int(len(s) * 0.99))] * 1e3,
+            "max": s[-1] * 1e3}
+
+
+# ---------------------------------------------------------------------------------------
+# the parent
+
+def _spawn(kind: str, a: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--child-args", json.dumps(a)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+    for line in p.stdout.splitlines():
+        if line.startswith(RESULT):
+            return json.loads(line[len(RESULT):])
+    raise RuntimeError(f"{kind} child failed (rc {p.returncode}): {p.stderr[-2000:]}")
+
+
+def _drop_caches() -> str | None:
+    """Drop the page cache; None if done, else why it cannot be."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return None
+    except OSError as e:
+        return f"cannot drop the page cache here ({e.strerror}): needs root on the host"
+
+
+def _configs(text: str | None) -> list[tuple[str, dict[str, str]]]:
+    if not text:
+        return [("default", {})]
+    out = []
+    for item in text.split(";"):
+        chunk, depth, workers = (int(v) for v in item.split(","))
+        env = {k: str(v) for k, v in (("AOTI_RT_CHUNK_MIB", chunk), ("AOTI_RT_STAGING_DEPTH", depth),
+                                      ("AOTI_RT_LOAD_WORKERS", workers)) if v}
+        out.append((f"chunk {chunk or 'dflt'} MiB, depth {depth or 'dflt'}, {workers or 'dflt'} workers", env))
+    return out
+
+
+def run(args: argparse.Namespace, report: Any) -> None:
+    import aoti_rt
+
+    from bench import common
+    from bench.bench_load import spec_for
+
+    dev = args.device
+    if not common.is_cuda(dev):
+        report.notes.append("start-up rows need a CUDA device: nothing measured")
+        return
+    spec = spec_for(args.size)
+    report.params.update(spec.params())
+    built = common.build_model(args.cache, "load", spec.params(), partial(spec.programs, dev), dev)
+    _, so, blob = common.build_stock(args.cache, "load_prefill", spec.params(),
+                                     lambda: spec.programs(dev)["prefill"], dev)
+    bundle = aoti_rt.read_bundle(built.path)
+    nbytes = bundle.manifest.unique_weight_bytes(list(bundle.manifest.methods))
+    prefill_bytes = bundle.manifest.unique_weight_bytes(["prefill"])
+    base = {"device": dev, "bundle": str(built.path), "repeats": args.repeats, "nbytes": nbytes}
+    table = report.table(f"start-up, each row a fresh process: {spec.layers} x Linear({spec.dim}, {spec.dim}) "
+                         f"{spec.dtype}, {nbytes / common.GB:.2f} GB of unique weights", COLUMNS)
+
+    def add(row: str, config: str, r: dict[str, Any]) -> None:
+        n = r["nbytes"]
+        med = statistics.median(r["repeat_s"]) if r.get("repeat_s") else None
+        table.add(row=row, config=config, ms_first=r["first_s"] * 1e3, gbps_first=n / r["first_s"] / common.GB,
+                  ms_median=None if med is None else med * 1e3,
+                  gbps_median=None if med is None else n / med / common.GB,
+                  import_torch_s=r["import_torch_s"], import_aoti_rt_s=r["import_aoti_rt_s"],
+                  repeat_s=r.get("repeat_s"), staging_bytes=r.get("staging_bytes"))
+
+    def warm() -> None:
+        for p in (bundle.store_path, blob):
+            common.read_file(p)
+
+    warm()
+    first = True
+    for label, env in _configs(args.configs):
+        r = _spawn("aoti", {**base, "profile": first}, env)
+        if first:
+            report.notes.append("profile of the first load (default config):\n" + r.get("profile", ""))
+            first = False
+        add("aoti_rt.load (page cache warm)", label, r)
+    add("stock AOTI runner + blob (prefill)", "-",
+        _spawn("stock", {**base, "so": str(so), "blob": str(blob), "nbytes": prefill_bytes}))
+    add("safetensors.torch.load_file", "-", _spawn("safetensors", {**base, "store": str(bundle.store_path)}))
+    add("host->device copy, pinned (ceiling)", "-", _spawn("ceiling", base))
+    r = _spawn("aoti", {**base, "repeats": 0})
+    report.notes.append(f"import torch {r['import_torch_s']:.2f} s, then import aoti_rt "
+                        f"{r['import_aoti_rt_s']:.2f} s (not in the rows)")
+
+    # a cold page cache
+    why = _drop_caches()
+    if why is not None:
+        report.notes.append(f"cold rows skipped: {why}")
+    else:
+        cold = {**base, "repeats": 0}
+        add("aoti_rt.load, cold page cache (auto: O_DIRECT)", "default", _spawn("aoti", cold))
+        _drop_caches()
+        add("aoti_rt.load, cold page cache, buffered (AOTI_RT_DIRECT=0)", "default",
+            _spawn("aoti", cold, {"AOTI_RT_DIRECT": "0"}))
+        _drop_caches()
+        add("safetensors.torch.load_file, cold", "-", _spawn("safetensors", {**cold, "store": str(bundle.store_path)}))
+        _drop_caches()
+        s = time.perf_counter()
+        subprocess.run(["dd", f"if={bundle.store_path}", "of=/dev/null", "bs=8M", "iflag=direct"],
+                       check=True, capture_output=True)
+        sec = time.perf_counter() - s
+        size = bundle.store_path.stat().st_size
+        table.add(row="dd iflag=direct of the store (the disk)", config="bs=8M", ms_first=sec * 1e3,
+                  gbps_first=size / sec / common.GB)
+        warm()
+
+    # loading next to a model that serves
+    with tempfile.TemporaryDirectory(dir=built.path.parent) as tmp:
+        second = Path(tmp) / "second"
+        shutil.copytree(built.path, second, copy_function=os.link)
+        r = _spawn("serve", {**base, "second": str(second), "cap": args.serve_cap, "dim": spec.dim,
+                             "dtype": spec.dtype})
+    serve = report.table("decode step of model A while model B (2 GiB) loads, same GPU", [
+        ("case", "case", "{}"), ("p50", "step ms p50", "{:.3f}"), ("p99", "step ms p99", "{:.3f}"),
+        ("max", "step ms max", "{:.3f}"), ("load_s", "B's load s", "{:.3f}"), ("steps", "steps", "{}")])
+    serve.add(case="idle", **r["idle_ms"])
+    for k, v in r.items():
+        if k != "idle_ms" and isinstance(v, dict) and "step_ms" in v:
+            serve.add(case=f"B loading, {k}", load_s=v["load_s"], steps=v["steps"], **v["step_ms"])
+
+
+def _extra(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--configs", default=None,
+                   help="loader configurations to compare, 'chunk_mib,depth,workers;...' (0: default)")
+    p.add_argument("--serve-cap", type=float, default=10.0, help="max_load_gbps of the capped serving row")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-args", default=None, help=argparse.SUPPRESS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the start-up rows (the parent: it spawns one child process per row)."""
+    from bench import common
+
+    return common.main_of("bench_start", __doc__, run, _extra)(argv)
+
+
+if __name__ == "__main__":
+    if "--child" in sys.argv:
+        i = sys.argv.index("--child")
+        kind, payload = sys.argv[i + 1], json.loads(sys.argv[sys.argv.index("--child-args") + 1])
+        print(RESULT + json.dumps(_child(kind, payload)), flush=True)
+        sys.exit(0)
+    sys.exit(main())
