@@ -43,6 +43,7 @@ cdef class LoadPlan:
     cdef public long long c_hash_max    # pieces up to this size are hashed by our C code, nogil
     cdef readonly double max_bytes_per_s  # the rate cap of the workers together (0: none)
     cdef double t0                      # when the plan was made (CLOCK_MONOTONIC, seconds)
+    cdef long long reserved             # bytes of the chunks that took their turn (atomic)
     cdef long long done                 # bytes moved so far (atomic)
     cdef long long hashed               # bytes hashed so far (atomic)
     cdef long long state                # _CANCELLED | workers inside their loop (atomic)
@@ -50,7 +51,7 @@ cdef class LoadPlan:
     cdef long long bodies_active        # ... and have not ended yet (atomic)
 
     cdef void _wait_bodies(self, long long started) noexcept nogil
-    cdef void _throttle(self) noexcept nogil
+    cdef void _throttle(self, int64_t nbytes) noexcept nogil
     cdef void _cancel(self) noexcept nogil
     cdef bint _cancelled(self) noexcept nogil
     cdef bint _enter(self) noexcept nogil

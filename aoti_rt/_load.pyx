@@ -334,14 +334,16 @@ cdef class LoadPlan:
                or aoti_rt_atomic_load_acq(&self.bodies_active) > 0):
             usleep(200)
 
-    cdef void _throttle(self) noexcept nogil:
-        """With a rate cap, wait until the bytes moved so far are within the cap (checking for
+    cdef void _throttle(self, int64_t nbytes) noexcept nogil:
+        """With a rate cap, wait for this chunk's turn: each chunk reserves its bytes and may
+        start once the bytes reserved before it fit the cap (workers together, checking for
         a cancel every 50 ms), so a load next to a running model leaves it copy bandwidth."""
-        cdef double ahead
+        cdef double start_at, ahead
         if self.max_bytes_per_s <= 0:
             return
+        start_at = self.t0 + aoti_rt_atomic_add_acqrel(&self.reserved, nbytes) / self.max_bytes_per_s
         while not self._cancelled():
-            ahead = self.t0 + aoti_rt_atomic_load(&self.done) / self.max_bytes_per_s - _monotonic()
+            ahead = start_at - _monotonic()
             if ahead <= 0:
                 return
             usleep(<unsigned int>(min(ahead, 0.05) * 1e6))
@@ -541,7 +543,7 @@ cdef class LoadPlan:
             c = worker
             while c < self.num_chunks and kind == _E_NONE and not self._cancelled():
                 ch = &self.chunks[c]
-                self._throttle()
+                self._throttle(ch.nbytes)
                 p = ch.first
                 end = ch.first + ch.count
                 hp = p
@@ -779,7 +781,7 @@ cdef class Stager:
                         if rc != 0:
                             kind, step = _E_CUDA, 2
                             break
-                    plan._throttle()
+                    plan._throttle(ch.nbytes)
                     p = ch.first
                     end = ch.first + ch.count
                     src_off = ch.file_off
@@ -873,7 +875,7 @@ def copy_from_host(LoadPlan plan, Buffer image, Stager stager=None, int worker=0
             c = worker
             while c < plan.num_chunks and kind == _E_NONE and not plan._cancelled():
                 ch = &plan.chunks[c]
-                plan._throttle()
+                plan._throttle(ch.nbytes)
                 p = ch.first
                 end = ch.first + ch.count
                 while p < end:
@@ -899,7 +901,7 @@ def copy_from_host(LoadPlan plan, Buffer image, Stager stager=None, int worker=0
                 c = worker
                 while c < plan.num_chunks and not plan._cancelled():
                     ch = &plan.chunks[c]
-                    plan._throttle()
+                    plan._throttle(ch.nbytes)
                     end = ch.first + ch.count
                     rc = plan._copy_async(ch.first, end, base, 0, stream)
                     if rc != 0:

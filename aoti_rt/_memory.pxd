@@ -20,6 +20,8 @@ ctypedef CUresult (*f_mem_alloc)(CUdeviceptr*, size_t) noexcept nogil
 ctypedef CUresult (*f_mem_free)(CUdeviceptr) noexcept nogil
 ctypedef CUresult (*f_host_alloc)(void**, size_t, unsigned int) noexcept nogil
 ctypedef CUresult (*f_host_free)(void*) noexcept nogil
+ctypedef CUresult (*f_host_register)(void*, size_t, unsigned int) noexcept nogil
+ctypedef CUresult (*f_host_unregister)(void*) noexcept nogil
 ctypedef CUresult (*f_memcpy_htod_async)(CUdeviceptr, const void*, size_t, CUstream) noexcept nogil
 ctypedef CUresult (*f_stream_create)(CUstream*, unsigned int) noexcept nogil
 ctypedef CUresult (*f_stream_destroy)(CUstream) noexcept nogil
@@ -36,6 +38,8 @@ cdef struct Driver:
     f_mem_free mem_free
     f_host_alloc host_alloc
     f_host_free host_free
+    f_host_register host_register
+    f_host_unregister host_unregister
     f_memcpy_htod_async memcpy_htod_async
     f_stream_create stream_create
     f_stream_destroy stream_destroy
@@ -95,7 +99,7 @@ cdef class Allocator:
     cdef _Slab _slab       # the slab small Buffers are carved from now (None: none)
 
     cdef int _raw_alloc(self, size_t nbytes, uintptr_t* out) noexcept nogil
-    cdef void _raw_free(self, uintptr_t ptr) noexcept nogil
+    cdef void _raw_free(self, uintptr_t ptr, size_t nbytes) noexcept nogil
     cdef uintptr_t _reserve(self, size_t n) except 0
     cdef void _unreserve(self, uintptr_t ptr, size_t n) noexcept
     cpdef Buffer allocate(self, size_t nbytes)
@@ -113,6 +117,7 @@ cdef class CudaAllocator(Allocator):
 
 cdef class PinnedAllocator(Allocator):
     cdef CUcontext ctx
+    cdef readonly bint huge_pages     # page-locked by cuMemHostRegister over huge-page mmaps
 
 
 cdef class Buffer:

@@ -31,7 +31,8 @@ class CudaAllocator(Allocator):
     def __init__(self, device: str, ordinal: int, context: int) -> None: ...
 
 class PinnedAllocator(Allocator):
-    def __init__(self, device: str, context: int) -> None: ...
+    huge_pages: bool
+    def __init__(self, device: str, context: int, huge_pages: bool = False) -> None: ...
 
 class Buffer:
     ptr: int

@@ -25,6 +25,13 @@ from aoti_rt.errors import AllocationError, CudaError
 cdef extern from "stdlib.h" nogil:
     int posix_memalign(void** memptr, size_t alignment, size_t size)
 
+cdef extern from "sys/mman.h" nogil:
+    void* mmap(void* addr, size_t length, int prot, int flags, int fd, long offset)
+    int munmap(void* addr, size_t length)
+    int madvise(void* addr, size_t length, int advice)
+    void* MAP_FAILED
+    int PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS, MADV_HUGEPAGE
+
 
 # ----------------------------------------------------------------------------------------
 # CUDA driver entry points (filled by install_driver from cuda-python's cuGetProcAddress)
@@ -34,7 +41,7 @@ drv_ready = False
 #: driver symbol -> the Driver field it fills; cuda.py resolves exactly these names.
 DRIVER_SYMBOLS = (
     "cuCtxPushCurrent", "cuCtxPopCurrent", "cuMemAlloc", "cuMemFree", "cuMemHostAlloc",
-    "cuMemFreeHost", "cuMemcpyHtoDAsync", "cuStreamCreate",
+    "cuMemFreeHost", "cuMemHostRegister", "cuMemHostUnregister", "cuMemcpyHtoDAsync", "cuStreamCreate",
     "cuStreamDestroy", "cuStreamSynchronize", "cuEventCreate", "cuEventRecord",
     "cuEventSynchronize", "cuEventDestroy",
 )
@@ -52,6 +59,8 @@ def install_driver(dict pointers):
     drv.mem_free = <f_mem_free><uintptr_t>pointers["cuMemFree"]
     drv.host_alloc = <f_host_alloc><uintptr_t>pointers["cuMemHostAlloc"]
     drv.host_free = <f_host_free><uintptr_t>pointers["cuMemFreeHost"]
+    drv.host_register = <f_host_register><uintptr_t>pointers["cuMemHostRegister"]
+    drv.host_unregister = <f_host_unregister><uintptr_t>pointers["cuMemHostUnregister"]
     drv.memcpy_htod_async = <f_memcpy_htod_async><uintptr_t>pointers["cuMemcpyHtoDAsync"]
     drv.stream_create = <f_stream_create><uintptr_t>pointers["cuStreamCreate"]
     drv.stream_destroy = <f_stream_destroy><uintptr_t>pointers["cuStreamDestroy"]
@@ -111,7 +120,7 @@ cdef class Allocator:
     cdef int _raw_alloc(self, size_t nbytes, uintptr_t* out) noexcept nogil:
         return -1
 
-    cdef void _raw_free(self, uintptr_t ptr) noexcept nogil:
+    cdef void _raw_free(self, uintptr_t ptr, size_t nbytes) noexcept nogil:
         pass
 
     cdef uintptr_t _reserve(self, size_t n) except 0:
@@ -132,7 +141,7 @@ cdef class Allocator:
 
     cdef void _unreserve(self, uintptr_t ptr, size_t n) noexcept:
         with nogil:
-            self._raw_free(ptr)
+            self._raw_free(ptr, n)
         self.bytes_reserved -= n
 
     cpdef Buffer allocate(self, size_t nbytes):
@@ -203,7 +212,7 @@ cdef class HostAllocator(Allocator):
             out[0] = <uintptr_t>p
         return rc
 
-    cdef void _raw_free(self, uintptr_t ptr) noexcept nogil:
+    cdef void _raw_free(self, uintptr_t ptr, size_t nbytes) noexcept nogil:
         free(<void*>ptr)
 
 
@@ -231,7 +240,7 @@ cdef class CudaAllocator(Allocator):
             out[0] = <uintptr_t>p
         return rc
 
-    cdef void _raw_free(self, uintptr_t ptr) noexcept nogil:
+    cdef void _raw_free(self, uintptr_t ptr, size_t nbytes) noexcept nogil:
         cdef CUcontext prev
         if drv.ctx_push(self.ctx) == 0:
             drv.mem_free(<CUdeviceptr>ptr)
@@ -239,30 +248,58 @@ cdef class CudaAllocator(Allocator):
 
 
 cdef class PinnedAllocator(Allocator):
-    """Page-locked host memory (``cuMemHostAlloc``) for staging copies to a device."""
+    """Page-locked host memory for staging copies to a device.
 
+    By default ``cuMemHostAlloc``. With ``huge_pages=True``: an anonymous mapping advised to
+    use transparent huge pages, page-locked with ``cuMemHostRegister`` (pinning is per page,
+    so 2 MiB pages may pin faster; :mod:`bench.bench_start` compares both on a host).
+    """
 
-    def __init__(self, str device, uintptr_t context):
+    def __init__(self, str device, uintptr_t context, bint huge_pages=False):
         if not drv_ready:
             raise CudaError("the CUDA driver is not initialised (aoti_rt.device.get initialises it)", 3)
         self.device = device
         self.ctx = <CUcontext>context
+        self.huge_pages = huge_pages
         self.small_max = 0      # staging buffers and pinned stores are large: no slabs
 
     cdef int _raw_alloc(self, size_t nbytes, uintptr_t* out) noexcept nogil:
         cdef void* p = NULL
         cdef CUcontext prev
+        cdef size_t n
         cdef CUresult rc = drv.ctx_push(self.ctx)
         if rc != 0:
             return rc
-        rc = drv.host_alloc(&p, nbytes, 0)
+        if self.huge_pages:
+            n = _huge_round(nbytes)
+            p = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+            if p == MAP_FAILED:
+                rc = 2                                  # CUDA_ERROR_OUT_OF_MEMORY
+            else:
+                madvise(p, n, MADV_HUGEPAGE)            # a hint: 4 KiB pages where THP is off
+                rc = drv.host_register(p, n, 0)
+                if rc != 0:
+                    munmap(p, n)
+        else:
+            rc = drv.host_alloc(&p, nbytes, 0)
         drv.ctx_pop(&prev)
         if rc == 0:
             out[0] = <uintptr_t>p
         return rc
 
-    cdef void _raw_free(self, uintptr_t ptr) noexcept nogil:
-        drv.host_free(<void*>ptr)
+    cdef void _raw_free(self, uintptr_t ptr, size_t nbytes) noexcept nogil:
+        cdef CUcontext prev
+        if not self.huge_pages:
+            drv.host_free(<void*>ptr)
+            return
+        if drv.ctx_push(self.ctx) == 0:
+            drv.host_unregister(<void*>ptr)
+            drv.ctx_pop(&prev)
+        munmap(<void*>ptr, _huge_round(nbytes))
+
+
+cdef inline size_t _huge_round(size_t n) noexcept nogil:
+    return (n + (<size_t>2 << 20) - 1) & ~((<size_t>2 << 20) - 1)
 
 
 @cython.no_gc     # refers only to its allocator and slab, which never refer back: no cycles

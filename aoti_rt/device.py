@@ -10,6 +10,7 @@ asking for a CUDA device raises a clear error.
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,10 @@ from .errors import AotiRtError, CudaError
 _lock = threading.Lock()
 _devices: dict["Device", "DeviceRuntime"] = {}
 _cuda_state: dict[str, object] = {}
+
+#: page-lock staging buffers and pinned stores as huge-page mappings (cuMemHostRegister)
+#: instead of cuMemHostAlloc (``$AOTI_RT_HUGE_PAGES=1``)
+HUGE_PAGES = os.environ.get("AOTI_RT_HUGE_PAGES") == "1"
 
 #: cudaVersion passed to cuGetProcAddress (12.0: the _v2 entry points)
 _PROC_VERSION = 12000
@@ -300,7 +305,8 @@ def get(device: "str | Device") -> DeviceRuntime:
         handle = _ok(drv.cuDeviceGet(dev.index), "cuDeviceGet")
         ctx = int(_ok(drv.cuDevicePrimaryCtxRetain(handle), "cuDevicePrimaryCtxRetain"))
         rt = DeviceRuntime(dev, _memory.CudaAllocator(str(dev), dev.index, ctx), _cache.WeightCache(),
-                           context=ctx, pinned=_memory.PinnedAllocator(f"pinned:{dev.index}", ctx))
+                           context=ctx, pinned=_memory.PinnedAllocator(f"pinned:{dev.index}", ctx,
+                                                                       huge_pages=HUGE_PAGES))
     with _lock:
         return _devices.setdefault(dev, rt)
 

@@ -113,10 +113,10 @@ def _child(kind: str, a: dict[str, Any]) -> dict[str, Any]:
         times = []
         for _ in range(1 + a["repeats"]):
             s = time.perf_counter()
-            t = load_file(a["store"], device=dev)
+            loaded = load_file(a["store"], device=dev)
             sync()
             times.append(time.perf_counter() - s)
-            del t
+            del loaded
             if cuda:
                 torch.cuda.empty_cache()
         out.update(first_s=times[0], repeat_s=times[1:], nbytes=a["nbytes"])
@@ -126,11 +126,37 @@ def _child(kind: str, a: dict[str, Any]) -> dict[str, Any]:
         times = []
         for _ in range(1 + a["repeats"]):
             s = time.perf_counter()
-            d = host.to(dev, non_blocking=True)
+            copied = host.to(dev, non_blocking=True)
             sync()
             times.append(time.perf_counter() - s)
-            del d
+            del copied
         out.update(first_s=times[0], repeat_s=times[1:], nbytes=a["nbytes"])
+    elif kind == "pin":
+        from aoti_rt import _memory
+        from aoti_rt.device import get as runtime
+
+        rt = runtime(dev)
+        rows = []
+        for huge in (False, True):
+            alloc = _memory.PinnedAllocator(f"pin-test:{huge}", rt.context, huge_pages=huge)
+            for mib in a["sizes_mib"]:
+                s = time.perf_counter()
+                buf = alloc.allocate(mib << 20)
+                took = time.perf_counter() - s
+                s = time.perf_counter()
+                del buf
+                rows.append({"huge_pages": huge, "mib": mib, "alloc_ms": took * 1e3,
+                             "free_ms": (time.perf_counter() - s) * 1e3})
+        out["rows"] = rows
+    elif kind == "serve-child":
+        out["load_t0"] = time.time()
+        s = time.perf_counter()
+        b = aoti_rt.load(a["second"], device=dev, methods=["decode"], verify=False, progress=False,
+                         max_load_gbps=a.get("cap"))
+        sync()
+        out["load_s"] = time.perf_counter() - s
+        out["load_t1"] = time.time()
+        b.close()
     elif kind == "serve":
         out.update(_serve(aoti_rt, torch, a, sync))
     else:
@@ -176,6 +202,20 @@ def _serve(aoti_rt: Any, torch: Any, a: dict[str, Any], sync) -> dict[str, Any]:
             during.append(step())
         t.join()
         out[label] = {"step_ms": _stats(during), "load_s": took[0], "steps": len(during)}
+    # B loads in another process: the copy engine shared, not this process's GIL
+    for label, cap in (("other process, uncapped", None), (f"other process, capped {a['cap']} GB/s", a["cap"])):
+        args = {**a, "cap": cap}
+        p = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", "serve-child",
+                              "--child-args", json.dumps(args)], stdout=subprocess.PIPE, text=True)
+        stamped = []
+        while p.poll() is None:
+            stamped.append((time.time(), step()))
+        text = p.stdout.read() if p.stdout else ""
+        res = next((json.loads(x[len(RESULT):]) for x in text.splitlines() if x.startswith(RESULT)), {})
+        # only the steps that overlap B's load count (B's import and CUDA start-up come first)
+        t0, t1 = res.get("load_t0", 0.0), res.get("load_t1", float("inf"))
+        during = [d for at, d in stamped if at + d >= t0 and at <= t1]
+        out[label] = {"step_ms": _stats(during or [0.0]), "load_s": res.get("load_s"), "steps": len(during)}
     model.close()
     return out
 
@@ -293,6 +333,14 @@ def run(args: argparse.Namespace, report: Any) -> None:
         table.add(row="dd iflag=direct of the store (the disk)", config="bs=8M", ms_first=sec * 1e3,
                   gbps_first=size / sec / common.GB)
         warm()
+
+    # what page-locking host memory costs (the staging pool of a first load)
+    r = _spawn("pin", {**base, "sizes_mib": [64, 256, 1024]})
+    pin = report.table("page-locking host memory, fresh process", [
+        ("huge_pages", "huge pages (THP + cuMemHostRegister)", "{}"), ("mib", "MiB", "{}"),
+        ("alloc_ms", "allocate ms", "{:.1f}"), ("free_ms", "free ms", "{:.1f}")])
+    for row in r["rows"]:
+        pin.add(**row)
 
     # loading next to a model that serves
     with tempfile.TemporaryDirectory(dir=built.path.parent) as tmp:
