@@ -160,6 +160,10 @@ class DeviceRuntime:
     #: another bundle may share once the copy's store bytes hash to the digest
     share_candidates: dict = field(default_factory=dict)
     share_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: a background thread is pinning the staging pool ahead of the first load
+    staging_thread: threading.Thread | None = None
+    #: a load has taken stagers since: the background thread stops (workers pin their own)
+    staging_taken: bool = False
     #: methods whose .so lacks the Pairs entry point, and the bytes of their private copies
     legacy_methods: int = 0
     legacy_bytes: int = 0
@@ -263,6 +267,7 @@ class DeviceRuntime:
         ``create=False``, left as None for the worker to make (:meth:`new_stager`) in its own
         thread, so pinning staging memory overlaps the other workers' reads."""
         with self.stager_lock:
+            self.staging_taken = True
             fit = [s for s in self.stagers if s.chunk_bytes >= chunk_bytes and s.depth >= depth][:n]
             for s in fit:
                 self.stagers.remove(s)
@@ -270,6 +275,31 @@ class DeviceRuntime:
         while len(got) < n:
             got.append(self.new_stager(chunk_bytes, depth) if create else None)
         return got
+
+    def prepare_stagers(self, n: int, chunk_bytes: int, depth: int = 2) -> None:
+        """Start pinning ``n`` copy engines in a background thread, once per device.
+
+        Page-locking host memory is most of a process's first load; started when a model
+        load begins, it overlaps reading the manifest, opening the .so files and creating
+        the containers. The thread stops once the pool holds ``n`` or a load takes from it
+        (that load's workers pin what they lack themselves)."""
+        with self.stager_lock:
+            if not self.is_cuda or self.staging_thread is not None:
+                return
+
+            def fill() -> None:
+                try:
+                    while True:
+                        with self.stager_lock:
+                            fit = sum(s.chunk_bytes >= chunk_bytes and s.depth >= depth for s in self.stagers)
+                            if self.staging_taken or fit >= n:
+                                return
+                        self.give_stagers([self.new_stager(chunk_bytes, depth)])
+                except Exception:  # noqa: BLE001 - out of pinned memory, say: the loader retries and reports
+                    return
+
+            self.staging_thread = threading.Thread(target=fill, name="aoti_rt-staging", daemon=True)
+            self.staging_thread.start()
 
     def new_stager(self, chunk_bytes: int, depth: int = 2) -> "_load.Stager":
         """A new copy engine: ``depth`` pinned staging buffers of ``chunk_bytes``, a stream."""

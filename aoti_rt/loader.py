@@ -46,6 +46,12 @@ WORKERS = int(os.environ.get("AOTI_RT_LOAD_WORKERS", 0)) or max(1, min(16, os.cp
 C_HASH_PER_WORKER = 1 << 10
 
 
+def prepare(rt: DeviceRuntime) -> None:
+    """Begin pinning the device's staging pool in the background (see
+    :meth:`DeviceRuntime.prepare_stagers`); a load calls it first thing."""
+    rt.prepare_stagers(WORKERS, CHUNK_BYTES, STAGING_DEPTH)
+
+
 def read_weights(rt: DeviceRuntime, store: Path, offsets: Sequence[int], sizes: Sequence[int],
                  buffers: Sequence[_memory.Buffer], *, digests: Sequence[str | None] | None = None,
                  names: Sequence[str] | None = None, workers: int | None = None,

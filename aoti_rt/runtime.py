@@ -522,6 +522,7 @@ class Model:
         self.bundle = bundle
         self.manifest = bundle.manifest
         rt = _device.get(device)
+        loader.prepare(rt)         # pin the staging pool while the .so files open
         #: the device it runs on, as torch spells it ("cpu", "cuda:0")
         self.device = str(rt.device)
         self._methods: dict[str, Method] = {}

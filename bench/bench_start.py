@@ -21,7 +21,9 @@ are reported apart), then times what its row names, up to a device synchronise:
                    moved) loads uncapped and capped with ``max_load_gbps``
 
 ``--configs`` runs the first/repeat rows once per loader configuration
-(``chunk_mib,depth,workers``; 0 keeps the default), to size the staging pool on a new host.
+(``chunk_mib,depth,workers[,huge_pages]``; 0 keeps the default), to size the staging pool on a
+new host. Two rows without a GPU show what the host's memory allows: the loader's workers
+reading the store from the page cache into host memory, and one large memcpy.
 Full size: 16 x Linear(8192, 8192, bias=False) bf16 = 2 GiB (the bench_load model).
 """
 
@@ -96,7 +98,7 @@ def _child(kind: str, a: dict[str, Any]) -> dict[str, Any]:
             if i == 0 and a.get("profile"):
                 prof.disable()
                 buf = io.StringIO()
-                pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(18)
+                pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(40)
                 out["profile"] = buf.getvalue()
             m.close()
         out.update(first_s=times[0], repeat_s=times[1:], nbytes=a["nbytes"],
@@ -148,6 +150,32 @@ def _child(kind: str, a: dict[str, Any]) -> dict[str, Any]:
                 rows.append({"huge_pages": huge, "mib": mib, "alloc_ms": took * 1e3,
                              "free_ms": (time.perf_counter() - s) * 1e3})
         out["rows"] = rows
+    elif kind == "host":
+        # what the host's memory allows without a GPU: page cache -> host buffers (the loader's
+        # CPU path, its worker threads) and one big memcpy (torch's threads)
+        from aoti_rt import loader
+        from aoti_rt.bundle import read_bundle
+        from aoti_rt.device import get as runtime
+
+        rt = runtime("cpu")
+        b = read_bundle(a["bundle"])
+        ws = list(b.manifest.weights.values())
+        bufs = [rt.allocator.allocate(w.nbytes) for w in ws]
+        reads = []
+        for _ in range(1 + a["repeats"]):
+            s = time.perf_counter()
+            loader.read_weights(rt, b.store_path, [w.offset for w in ws], [w.nbytes for w in ws], bufs,
+                                progress=False)
+            reads.append(time.perf_counter() - s)
+        del bufs
+        src = torch.ones(a["nbytes"], dtype=torch.uint8)
+        dst = torch.empty_like(src)
+        copies = []
+        for _ in range(1 + a["repeats"]):
+            s = time.perf_counter()
+            dst.copy_(src)
+            copies.append(time.perf_counter() - s)
+        out.update(read_s=reads, memcpy_s=copies, threads=torch.get_num_threads(), nbytes=a["nbytes"])
     elif kind == "serve-child":
         out["load_t0"] = time.time()
         s = time.perf_counter()
@@ -254,10 +282,11 @@ def _configs(text: str | None) -> list[tuple[str, dict[str, str]]]:
         return [("default", {})]
     out = []
     for item in text.split(";"):
-        chunk, depth, workers = (int(v) for v in item.split(","))
+        chunk, depth, workers, huge = ([int(v) for v in item.split(",")] + [0])[:4]
         env = {k: str(v) for k, v in (("AOTI_RT_CHUNK_MIB", chunk), ("AOTI_RT_STAGING_DEPTH", depth),
-                                      ("AOTI_RT_LOAD_WORKERS", workers)) if v}
-        out.append((f"chunk {chunk or 'dflt'} MiB, depth {depth or 'dflt'}, {workers or 'dflt'} workers", env))
+                                      ("AOTI_RT_LOAD_WORKERS", workers), ("AOTI_RT_HUGE_PAGES", huge)) if v}
+        out.append((f"chunk {chunk or 'dflt'} MiB, depth {depth or 'dflt'}, {workers or 'dflt'} workers"
+                    f"{', huge pages' if huge else ''}", env))
     return out
 
 
@@ -308,6 +337,10 @@ def run(args: argparse.Namespace, report: Any) -> None:
         _spawn("stock", {**base, "so": str(so), "blob": str(blob), "nbytes": prefill_bytes}))
     add("safetensors.torch.load_file", "-", _spawn("safetensors", {**base, "store": str(bundle.store_path)}))
     add("host->device copy, pinned (ceiling)", "-", _spawn("ceiling", base))
+    r = _spawn("host", base)
+    for label, key in (("page cache -> host memory, loader workers (no GPU)", "read_s"),
+                       (f"host memcpy, {r['threads']} torch threads (no GPU)", "memcpy_s")):
+        add(label, "-", {**r, "first_s": r[key][0], "repeat_s": r[key][1:]})
     r = _spawn("aoti", {**base, "repeats": 0})
     report.notes.append(f"import torch {r['import_torch_s']:.2f} s, then import aoti_rt "
                         f"{r['import_aoti_rt_s']:.2f} s (not in the rows)")
@@ -359,7 +392,8 @@ def run(args: argparse.Namespace, report: Any) -> None:
 
 def _extra(p: argparse.ArgumentParser) -> None:
     p.add_argument("--configs", default=None,
-                   help="loader configurations to compare, 'chunk_mib,depth,workers;...' (0: default)")
+                   help="loader configurations to compare, 'chunk_mib,depth,workers[,huge_pages];...' "
+                        "(0: default)")
     p.add_argument("--serve-cap", type=float, default=10.0, help="max_load_gbps of the capped serving row")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-args", default=None, help=argparse.SUPPRESS)
