@@ -23,9 +23,10 @@ _lock = threading.Lock()
 _devices: dict["Device", "DeviceRuntime"] = {}
 _cuda_state: dict[str, object] = {}
 
-#: page-lock staging buffers and pinned stores as huge-page mappings (cuMemHostRegister)
-#: instead of cuMemHostAlloc (``$AOTI_RT_HUGE_PAGES=1``)
-HUGE_PAGES = os.environ.get("AOTI_RT_HUGE_PAGES") == "1"
+#: page-lock staging buffers and pinned stores as mappings advised to use transparent huge
+#: pages, registered with cuMemHostRegister, instead of cuMemHostAlloc: on the H200 host 256 MiB
+#: took 40 ms instead of 85, 1 GiB 200 ms instead of 349 (``$AOTI_RT_HUGE_PAGES=0``: off)
+HUGE_PAGES = os.environ.get("AOTI_RT_HUGE_PAGES", "1") != "0"
 
 #: cudaVersion passed to cuGetProcAddress (12.0: the _v2 entry points)
 _PROC_VERSION = 12000

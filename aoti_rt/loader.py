@@ -28,9 +28,10 @@ from .errors import BundleError
 
 #: bytes per chunk (one pread, one staging buffer); a multiple of the hash block
 #: (``$AOTI_RT_CHUNK_MIB`` overrides). Page-locking the staging pool is most of a process's
-#: first load: on the H200 host, 16 workers x 2 x 32 MiB (1 GiB pinned) made the first load of
-#: 2 GiB take 610 ms and the repeat 74 ms; 8 MiB chunks 210 ms and 63 ms (bench_start)
-CHUNK_BYTES = (int(os.environ.get("AOTI_RT_CHUNK_MIB", 0)) or 8) << 20
+#: first load, so it is small: on the H200 host (bench_start, 2 GiB, 16 workers, depth 2) the
+#: first load / repeat load took 610 / 74 ms with 32 MiB chunks, 157 / 52 ms with 4 MiB, and
+#: 107 / 48 ms with 4 MiB pinned as huge pages (device.HUGE_PAGES)
+CHUNK_BYTES = (int(os.environ.get("AOTI_RT_CHUNK_MIB", 0)) or 4) << 20
 #: staging buffers per CUDA worker: reads run ahead of copies by depth - 1 chunks
 #: (``$AOTI_RT_STAGING_DEPTH`` overrides)
 STAGING_DEPTH = int(os.environ.get("AOTI_RT_STAGING_DEPTH", 0)) or 2
