@@ -12,6 +12,7 @@ import argparse
 import json
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -80,13 +81,16 @@ def draw_chart(out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    load, memory = _load(out, "bench_load"), _load(out, "bench_memory")
-    panels = [p for p in (load, memory) if p is not None]
+    load, start, memory = _load(out, "bench_load"), _load(out, "bench_start"), _load(out, "bench_memory")
+    if start is not None and not (start["tables"] and start["tables"][0]["rows"]):
+        start = None          # run on a CPU: no start-up rows
+    panels = [p for p in (load, start, memory) if p is not None]
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(9 * len(panels), 6.5), squeeze=False)
+    draw = {id(load): _load_panel, id(start): _start_panel, id(memory): _memory_panel}
     for ax, data in zip(axes[0], panels):
-        (_load_panel if data is load else _memory_panel)(ax, data)
+        draw[id(data)](ax, data)
     env = panels[0]["env"]
     fig.suptitle(f"aoti_rt {env['aoti_rt']} on {env['card']} ({env['device']}), torch {env['torch']}, "
                  f"{env['date']}, size {panels[0]['params'].get('size')}")
@@ -111,6 +115,26 @@ def _load_panel(ax: Any, data: dict[str, Any]) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("GB/s (median bar, best tick; 1 GB = 1e9 B)")
     ax.set_title(data["tables"][0]["title"], fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+
+
+def _start_panel(ax: Any, data: dict[str, Any]) -> None:
+    """First load in a fresh process next to the repeat load, GB/s."""
+    rows = [r for r in data["tables"][0]["rows"] if r.get("gbps_first")]
+    names = [r["row"] + ("" if r.get("config") in (None, "-", "default") else f" [{r['config']}]") for r in rows]
+    ys = list(range(len(rows)))
+    first = [r["gbps_first"] for r in rows]
+    repeat = [r.get("gbps_median") or 0 for r in rows]
+    ax.barh([y - 0.2 for y in ys], first, height=0.4, color="tab:blue", label="first load in the process")
+    ax.barh([y + 0.2 for y in ys], repeat, height=0.4, color="tab:cyan", label="repeat load (median)")
+    for y, f, r in zip(ys, first, repeat):
+        ax.text(f, y - 0.2, f" {f:.1f}", va="center", fontsize=7)
+        if r:
+            ax.text(r, y + 0.2, f" {r:.1f}", va="center", fontsize=7)
+    ax.set_yticks(ys, names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("GB/s (1 GB = 1e9 B)")
+    ax.set_title("\n".join(textwrap.wrap(data["tables"][0]["title"], 70)), fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
 
 
