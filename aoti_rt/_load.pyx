@@ -79,31 +79,11 @@ cdef inline double _monotonic() noexcept nogil:
     return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
-cdef int read_full(int fd, char* dst, int64_t nbytes, int64_t off) noexcept nogil:
-    """pread until done: 0, an errno (> 0), or _READ_EOF if the file ends first."""
-    cdef ssize_t got
-    while nbytes > 0:
-        got = pread(fd, dst, <size_t>nbytes, off)
-        if got < 0:
-            if errno == EINTR:
-                continue
-            return errno if errno > 0 else 5     # EIO
-        if got == 0:
-            return _READ_EOF
-        dst += got
-        nbytes -= got
-        off += got
-    return 0
-
-
-#: O_DIRECT reads start, end and land on multiples of this (the page and the common block size)
-DIRECT_ALIGN = _DIRECT_ALIGN
-
-
-cdef int read_direct(int fd, char* dst, int64_t nbytes, int64_t need, int64_t off) noexcept nogil:
-    """pread ``nbytes`` (aligned) at ``off`` (aligned) from an O_DIRECT fd into ``dst``
-    (aligned) until at least ``need`` bytes are in (the file may end inside the last aligned
-    block): 0, an errno, or _READ_EOF if the file ends before ``need``."""
+cdef int read_at(int fd, char* dst, int64_t nbytes, int64_t need, int64_t off, bint direct) noexcept nogil:
+    """pread ``nbytes`` at ``off`` into ``dst`` until at least ``need`` of them are in: 0, an
+    errno (> 0), or _READ_EOF if the file ends first. ``direct``: ``fd`` is O_DIRECT, and
+    ``dst``, ``off`` and ``nbytes`` are DIRECT_ALIGN-aligned (``need`` may end inside the last
+    aligned block, where the file ends); a short read before ``need`` means the file ended."""
     cdef ssize_t got
     cdef int64_t have = 0
     while have < need:
@@ -115,9 +95,17 @@ cdef int read_direct(int fd, char* dst, int64_t nbytes, int64_t need, int64_t of
         if got == 0:
             return _READ_EOF
         have += got
-        if have < need and (have & (_DIRECT_ALIGN - 1)):
-            return _READ_EOF                     # a short read mid-file: it ended early
+        if direct and have < need and (have & (_DIRECT_ALIGN - 1)):
+            return _READ_EOF
     return 0
+
+
+cdef inline int read_full(int fd, char* dst, int64_t nbytes, int64_t off) noexcept nogil:
+    return read_at(fd, dst, nbytes, nbytes, off, False)
+
+
+#: O_DIRECT reads start, end and land on multiples of this (the page and the common block size)
+DIRECT_ALIGN = _DIRECT_ALIGN
 
 
 #: pieces up to this many bytes are hashed by aoti_rt's own C BLAKE3 without the GIL; larger
@@ -790,7 +778,7 @@ cdef class Stager:
                         # have DIRECT_ALIGN bytes of slack on each side)
                         src_off = ch.file_off & ~(<int64_t>_DIRECT_ALIGN - 1)
                         a1 = (ch.file_off + ch.nbytes + _DIRECT_ALIGN - 1) & ~(<int64_t>_DIRECT_ALIGN - 1)
-                        rc = read_direct(fd, stage, a1 - src_off, ch.file_off + ch.nbytes - src_off, src_off)
+                        rc = read_at(fd, stage, a1 - src_off, ch.file_off + ch.nbytes - src_off, src_off, True)
                         if rc != 0:
                             kind = _E_EOF if rc == _READ_EOF else _E_READ
                             at = ch.file_off
