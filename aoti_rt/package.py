@@ -402,14 +402,26 @@ def _elf_symbols(fd: int, size: int, what: str, names: set[bytes]) -> tuple[list
 
 
 def embedded_constants(so: Path, need: int) -> tuple[int, int]:
-    """``(file offset, size)`` of the ``binary_blob`` an AOTI .so embeds (its weights, when it
-    was built with ``package_constants_in_so=True``): the bytes between its symbols
-    ``_binary_constants_bin_start`` and ``_end``, or, for a .so built with
-    ``force_mmap_weights``, the weights appended to the file that those 16 bytes describe
-    (size and magic number). ``need`` is the sum of its constants' ``GetConstantDataSize``.
+    """Where an AOTI .so built with ``package_constants_in_so=True`` keeps its weights.
 
-    Raises :class:`BundleError` if the .so is not a sound ELF file or holds fewer bytes than
-    ``need``.
+    They are a ``binary_blob`` (each constant's storage in index order, at prefix sums of
+    ``GetConstantDataSize``) between its symbols ``_binary_constants_bin_start`` and ``_end``,
+    or, for a .so built with ``force_mmap_weights``, appended to the file (those 16 bytes then
+    hold its size and a magic number, which must match the file's last 8 bytes).
+
+    Args:
+        so: the .so file.
+        need: the sum of its constants' ``GetConstantDataSize``.
+
+    Returns:
+        ``(file offset, size)`` of the blob in the .so.
+
+    Raises:
+        BundleError: the .so is not a sound 64-bit little-endian ELF file, or holds fewer bytes
+            than ``need``.
+
+    Example:
+        >>> at, n = embedded_constants(Path("model.so"), need=25088)
     """
     what = f"shared object {so}"
     fd, st = open_regular(so, "shared object")
