@@ -31,10 +31,11 @@ outside its buffer.
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,11 +71,13 @@ def source_scope(path: Path) -> str:
     return f"{Path(path).resolve()}@{file_identity(Path(path))}"
 
 
-def weight_source(store: Path, weights: dict[str, WeightSpec], *, verify: bool | str = True) -> _Source:
+def weight_source(store: Path, weights: dict[str, WeightSpec], *, verify: bool | str = True,
+                  scope: str | None = None) -> _Source:
     """The weights of one new model instance read from ``store`` (a bundle's store or a stock
-    artifact's blob): its own mutable state, its store's scope for unverified content."""
-    return _Source(Path(store), weights, f"model{next(_instance_ids)}", bundle=source_scope(Path(store)),
-                   verify=verify)
+    artifact's blob): its own mutable state (or ``scope``'s, to share it with the sources of
+    the same instance), its store's scope for unverified content."""
+    return _Source(Path(store), weights, scope or f"model{next(_instance_ids)}",
+                   bundle=source_scope(Path(store)), verify=verify)
 
 
 class _Binding:
@@ -133,7 +136,7 @@ class Method:
         try:
             # False: a legacy .so, weights private to AOTI
             self.shared = so.has("UpdateUserManagedConstantBufferPairs")
-            handle = so.abi.create(self.device)
+            handle = self._create(so)
         except BaseException:
             so.release()
             raise
@@ -169,6 +172,10 @@ class Method:
         self._prepare_calls()
 
     # -- binding --------------------------------------------------------------------------
+
+    def _create(self, so: SharedObject) -> int:
+        """A new AOTI container of ``so`` on this method's device (its handle)."""
+        return so.abi.create(self.device)
 
     def _check_constants(self, so: SharedObject, handle: int, plan: _bind.BindPlan) -> None:
         """The .so's constant table must be the manifest's: count, names, dtypes (one C loop,
@@ -591,13 +598,16 @@ class Model:
         return f"<aoti_rt.Model {self.bundle.root.name} methods={self.methods} on {self.device}>"
 
 
-def load(path: str | Path, *, device: "str | Device | None" = None, methods: Sequence[str] | None = None,
-         progress: bool | None = None, verify: bool | str = True,
+def load(path: "str | Path | Mapping[str, Any]", *, device: "str | Device | None" = None,
+         methods: Sequence[str] | None = None, progress: bool | None = None, verify: bool | str = True,
          max_load_gbps: float | None = None) -> Model:
-    """Load a bundle written by :func:`aoti_rt.compile`.
+    """Load a bundle written by :func:`aoti_rt.compile`, or ``.pt2`` packages.
 
     Args:
-        path: the bundle directory.
+        path: the bundle directory; or a ``.pt2`` file (``aoti_compile_and_package``,
+            ``package_aoti``: one method per AOTI model in it), or a mapping of method name to
+            ``.pt2`` file (or ``(file, model name)``), loaded as one model
+            (:func:`aoti_rt.package.load_package`).
         device: "cpu", "cuda" or "cuda:N"; default: the device it was compiled for.
         methods: load only these methods (default: all).
         progress: show a progress bar while loading (default: for loads of 2 GiB or more,
@@ -617,15 +627,23 @@ def load(path: str | Path, *, device: "str | Device | None" = None, methods: Seq
         The :class:`Model`; close it (or use ``with``) to release its memory.
 
     Raises:
-        BundleError: the bundle is missing, corrupt or inconsistent, or was compiled for
-            another device type. AOTIError, AllocationError, CudaError: see their docs.
+        BundleError: the bundle (or package) is missing, corrupt or inconsistent, or was
+            compiled for another device type. AOTIError, AllocationError, CudaError: see their
+            docs.
 
     Example:
         >>> with aoti_rt.load("lm.aoti", device="cuda") as model:
         ...     logits = model.prefill(tokens)
+        >>> lm = aoti_rt.load({"prefill": "prefill.pt2", "decode": "decode.pt2"}, device="cuda")
     """
     if max_load_gbps is not None and not max_load_gbps > 0:
         raise ValueError(f"max_load_gbps must be a positive number of GB/s, not {max_load_gbps!r}")
+    if isinstance(path, Mapping) or (isinstance(path, (str, os.PathLike))
+                                     and (os.path.isfile(path) or os.fspath(path).endswith(".pt2"))):
+        from .package import load_package
+
+        return load_package(path, device=device, methods=methods, progress=progress, verify=verify,
+                            max_load_gbps=max_load_gbps)
     bundle = read_bundle(path)
     try:
         dev = Device.parse(device, default=bundle.manifest.device)

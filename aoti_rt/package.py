@@ -1,0 +1,1124 @@
+"""Load PyTorch ``.pt2`` packages as a :class:`~aoti_rt.runtime.Model` that shares the weight cache.
+
+A ``.pt2`` (``torch._inductor.aoti_compile_and_package``, ``torch._inductor.package.package_aoti``)
+is a zip archive written by PyTorch's ``PyTorchFileWriter``: every entry stored uncompressed
+(64-byte aligned) under one root folder, with each AOTI model ``<name>`` under
+``<root>/data/aotinductor/<name>/``: its ``.so`` and, depending on how it was compiled, its
+weights
+
+* inside the .so (``aot_inductor.package_constants_in_so=True``, the default): the
+  ``binary_blob`` layout between the symbols ``_binary_constants_bin_start`` and
+  ``_binary_constants_bin_end`` (or appended to the file, for ``force_mmap_weights``);
+* in a ``*_weights.blob`` entry beside it (``package_constants_on_disk_format="binary_blob"``);
+* as ``<root>/data/weights/weight_N`` entries (``"pickle_weights"``): each a ``torch.save``
+  zip whose one storage record is stored, named per FQN by the model's ``weights_config.json``.
+
+What aoti_rt does with a package, once per package file (the result is cached):
+
+1. parse the zip's central directory and check every entry (names that would escape a
+   folder, entries past the end of the file, encryption, duplicates: :class:`BundleError`);
+2. extract only what the .so needs on disk (the .so, kernel binaries, metadata: never the
+   weights or the C++ sources) into a content-addressed directory,
+   ``$XDG_CACHE_HOME/aoti_rt/pt2/<sha256>/`` (or ``$AOTI_RT_CACHE/pt2/``), written under a
+   temporary name and renamed into place, and reused by every later load;
+3. probe the .so once with torch's own AOTI runner (:func:`aoti_rt.probe.probe_method`, as
+   :func:`aoti_rt.load_method` does) for each constant's view and bytes, find where those
+   bytes lie in the archive (the blob's or the .so's ``binary_blob`` layout), and check that
+   they hash to what AOTI itself loaded: a layout aoti_rt misunderstands is refused, never
+   bound. A ``pickle_weights`` .so cannot load its weights itself (torch's loader binds them
+   from Python): its constants' names, dtypes, kinds and sizes come from the .so's C ABI and
+   their views from ``weights_config.json``, exactly what torch's own loader binds, checked to
+   fit in the stored bytes;
+4. record the result (keyed to the archive's device, inode, size and mtime and the torch
+   version, checked like a manifest when read back: a stale or edited record is probed
+   again, never bound) under ``<cache>/pt2/records/``.
+
+Each load then reads only the record and the weights its methods need, with the same loader
+and checks as bundles (:func:`aoti_rt.loader.read_weights`), straight from the ``.pt2`` file
+at each stored entry's offset (``pread``, no extraction); a weight blob or .so that was
+re-zipped with compression is read from its decompressed copy in the cache directory, and
+compressed pickled weights are refused.
+
+Weights embedded in the .so: AOTI's ``CreateWithDevice`` copies them into a private buffer
+before anything else can run (torch 2.13 has no entry point that skips it). aoti_rt binds
+the shared cache's buffers into the container's second constant buffer, makes it the active
+one (``SwapConstantBuffer``) and frees AOTI's copy (``FreeInactiveConstantBuffer``) before
+the load returns: the copy costs a transient peak of one method's weights while it loads,
+and nothing after.
+
+Without the exported program there is no record of which buffers a method writes in place,
+so every buffer is treated as mutable state (as :mod:`aoti_rt.stock` does): shared by FQN
+(and initial contents) among the methods of one loaded :class:`PackageModel`, whether they
+come from one package or several, and never across two loads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import stat
+import struct
+import tempfile
+import warnings
+import zipfile
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, Union
+
+from . import device as _device, loader
+from .abi import SharedObject, blob_layout
+from .bundle import (DTYPE_NAMES, MANIFEST_MAX_BYTES, MAX_INT, MAX_RANK, ConstantSpec, Manifest, MethodSpec,
+                     WeightSpec, divergent_fqns, is_regular_file, open_regular, parse_method_and_weights,
+                     read_manifest_bytes, strict_json, weight_id)
+from .device import Device
+from .digest import file_digests
+from .errors import AOTIError, AotiRtError, BundleError, CompileError
+from .probe import probe_method
+from .runtime import Method, Model, weight_source
+
+#: the version of the probe records written under ``<cache>/pt2/records/``
+RECORD_VERSION = 1
+#: a package with more entries than this is refused before its names are read
+MAX_ENTRIES = 1 << 20
+#: a central directory larger than this is refused before it is read
+CENTRAL_DIR_MAX = 256 << 20
+#: a JSON entry (metadata, weights_config.json) larger than this is refused
+JSON_MAX = 16 << 20
+#: a .so symbol or string table larger than this is refused
+ELF_TABLE_MAX = 256 << 20
+#: bytes copied (or inflated) per step while extracting
+_CHUNK = 8 << 20
+
+#: what ``load`` accepts for packages: a path, or method name -> path or (path, model name)
+PackageSpec = Union[str, "os.PathLike[str]",
+                    Mapping[str, Union[str, "os.PathLike[str]", "tuple[str | os.PathLike[str], str]"]]]
+
+_AOTI_DIR = "data/aotinductor/"
+_WEIGHTS_DIR = "data/weights/"
+_WEIGHTS_CONFIG = "weights_config.json"
+#: one path component aoti_rt will write or look up: no separators, no leading dot
+_SAFE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,254}")
+#: files of a model folder that the .so never reads (weights are read in place)
+_NOT_EXTRACTED = (".cpp", ".h", ".hpp", ".S")
+#: the storage record of a torch.save zip
+_STORAGE = re.compile(r"[^/]+/data/[0-9]+")
+_STORED, _DEFLATED = zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED
+
+
+def cache_root() -> Path:
+    """Where extracted package files and probe records live: ``$AOTI_RT_CACHE/pt2``, else
+    ``$XDG_CACHE_HOME/aoti_rt/pt2``, else ``~/.cache/aoti_rt/pt2``."""
+    base = os.environ.get("AOTI_RT_CACHE")
+    if base:
+        return Path(base) / "pt2"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aoti_rt" / "pt2"
+
+
+# -- the zip archive -----------------------------------------------------------------------------
+
+class _Entry(NamedTuple):
+    name: str
+    header_offset: int     # of its local header, relative to the archive's start
+    compress_size: int
+    file_size: int
+    method: int
+    crc: int
+    flags: int
+
+
+def _pread(fd: int, n: int, offset: int, what: str) -> bytes:
+    parts, got = [], 0
+    try:
+        while got < n:
+            b = os.pread(fd, min(n - got, _CHUNK), offset + got)
+            if not b:
+                break
+            parts.append(b)
+            got += len(b)
+    except OSError as e:
+        raise BundleError(f"cannot read {what} ({e}); check the file and its permissions") from None
+    return b"".join(parts)
+
+
+class _Range:
+    """A read-only file object over bytes ``[base, base + size)`` of an open file (what zipfile
+    reads: the package, or a zip stored inside it)."""
+
+    def __init__(self, fd: int, base: int, size: int, what: str):
+        self.fd, self.base, self.size, self.what, self.pos = fd, base, size, what, 0
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        pos = (offset, self.pos + offset, self.size + offset)[whence]
+        if pos < 0:
+            raise OSError(22, "seek before the start of the archive")
+        self.pos = pos
+        return pos
+
+    def read(self, n: int | None = -1) -> bytes:
+        left = max(0, self.size - self.pos)
+        n = left if n is None or n < 0 else min(n, left)
+        data = _pread(self.fd, n, self.base + self.pos, self.what)
+        self.pos += len(data)
+        return data
+
+
+class _Archive:
+    """A zip archive (a ``.pt2``, or a ``torch.save`` zip stored inside one) with every entry
+    checked: names, bounds, compression. Offsets it returns are absolute in the file."""
+
+    def __init__(self, path: Path, fd: int, base: int, size: int, what: str, *, owns_fd: bool = False):
+        self.path, self.fd, self.base, self.size, self.what = path, fd, base, size, what
+        self.owns_fd = owns_fd
+        self.entries: dict[str, _Entry] = {}
+        f = _Range(fd, base, size, what)
+        try:
+            end = zipfile._EndRecData(f)      # the end record only: sizes to check before reading on
+            if end is None:
+                raise BundleError(f"{what} is not a zip archive (no end record): it is truncated, or not "
+                                  f"a .pt2 package; re-create or re-copy it")
+            if end[zipfile._ECD_SIZE] > CENTRAL_DIR_MAX or end[zipfile._ECD_ENTRIES_TOTAL] > MAX_ENTRIES:
+                raise BundleError(f"{what} declares a {end[zipfile._ECD_SIZE]}-byte central directory of "
+                                  f"{end[zipfile._ECD_ENTRIES_TOTAL]} entries, more than aoti_rt reads "
+                                  f"({CENTRAL_DIR_MAX >> 20} MiB, {MAX_ENTRIES}); the archive is corrupt")
+            infos = zipfile.ZipFile(f).infolist()
+        except BundleError:
+            raise
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # noqa: BLE001 - zipfile raises many types on crafted input
+            raise BundleError(f"{what} is not a readable zip archive ({type(e).__name__}: {e}); it is "
+                              f"truncated or corrupt: re-create or re-copy it") from None
+        if len(infos) > MAX_ENTRIES:
+            raise BundleError(f"{what} has {len(infos)} entries, more than the {MAX_ENTRIES} aoti_rt reads")
+        for i in infos:
+            name = i.orig_filename
+            if "\x00" in name or "\\" in name or name.startswith("/") or ".." in name.split("/"):
+                raise BundleError(f"{what}: entry {name!r} points outside the archive's folder; the "
+                                  f"archive is crafted or corrupt, do not use it")
+            if name in self.entries:
+                raise BundleError(f"{what}: entry {name!r} appears twice; the archive is corrupt")
+            if i.flag_bits & 1:
+                raise BundleError(f"{what}: entry {name!r} is encrypted; aoti_rt reads unencrypted packages")
+            if not 0 <= i.header_offset <= size - 30 or i.compress_size < 0 or i.file_size < 0:
+                raise BundleError(f"{what}: entry {name!r} points past the end of the archive "
+                                  f"({size} bytes); it is truncated or corrupt: re-create or re-copy it")
+            self.entries[name] = _Entry(name, i.header_offset, i.compress_size, i.file_size,
+                                        i.compress_type, i.CRC, i.flag_bits)
+
+    @classmethod
+    def open(cls, path: Path) -> "_Archive":
+        fd, st = open_regular(path, "package")
+        try:
+            os.set_blocking(fd, True)
+            return cls(path, fd, 0, st.st_size, f"package {path}", owns_fd=True)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def close(self) -> None:
+        if self.owns_fd and self.fd >= 0:
+            os.close(self.fd)
+        self.fd = -1
+
+    def __enter__(self) -> "_Archive":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def root(self) -> str:
+        """The one folder every entry of a PyTorch archive is under."""
+        roots = {n.partition("/")[0] for n in self.entries}
+        if len(roots) != 1 or any("/" not in n for n in self.entries):
+            raise BundleError(f"{self.what} is not a PyTorch archive (its entries are not under one folder)")
+        return roots.pop()
+
+    def data_offset(self, e: _Entry) -> int:
+        """The absolute file offset of an entry's bytes (from its local header, checked)."""
+        h = _pread(self.fd, 30, self.base + e.header_offset, self.what)
+        if len(h) < 30 or h[:4] != b"PK\x03\x04":
+            raise BundleError(f"{self.what}: entry {e.name!r} has no local header where the central "
+                              f"directory says; the archive is corrupt: re-create or re-copy it")
+        _, _, _, method, _, _, _, _, _, nlen, xlen = struct.unpack("<4sHHHHHIIIHH", h)
+        if method != e.method:
+            raise BundleError(f"{self.what}: entry {e.name!r} has two compression methods; the archive is corrupt")
+        start = e.header_offset + 30 + nlen + xlen
+        if start + e.compress_size > self.size:
+            raise BundleError(f"{self.what} is truncated: entry {e.name!r} needs bytes up to "
+                              f"{start + e.compress_size}, it has {self.size}; re-create or re-copy it")
+        if e.method == _STORED and e.compress_size != e.file_size:
+            raise BundleError(f"{self.what}: stored entry {e.name!r} has two sizes; the archive is corrupt")
+        return self.base + start
+
+    def stored(self, e: _Entry, what: str) -> tuple[int, int]:
+        """``(absolute offset, size)`` of an uncompressed entry's bytes; a compressed one is refused."""
+        if e.method != _STORED:
+            raise BundleError(f"{what} ({e.name!r}) is compressed; aoti_rt reads weights in place from the "
+                              f"archive, so they must be stored uncompressed, as torch writes them: re-create "
+                              f"the package with torch, or re-zip it without compression (zip -0)")
+        return self.data_offset(e), e.file_size
+
+    def copy(self, e: _Entry, out: int) -> str:
+        """Write an entry's (inflated) bytes to file descriptor ``out``; returns their SHA-256.
+        Its size and CRC-32 are checked; at most the declared size is ever written."""
+        def write(piece: bytes) -> None:
+            view = memoryview(piece)
+            while view:
+                view = view[os.write(out, view):]
+        return self._stream(e, write)
+
+    def read_small(self, e: _Entry, limit: int = JSON_MAX) -> bytes:
+        """A small entry's bytes (metadata, JSON); one larger than ``limit`` is refused."""
+        if e.file_size > limit:
+            raise BundleError(f"{self.what}: entry {e.name!r} is {e.file_size} bytes, more than the {limit} "
+                              f"aoti_rt reads for it; the archive is corrupt")
+        parts: list[bytes] = []
+        self._stream(e, parts.append)
+        return b"".join(parts)
+
+    def _stream(self, e: _Entry, sink) -> str:
+        """Pass an entry's bytes, inflated, to ``sink`` in pieces; check its size and CRC-32."""
+        at = self.data_offset(e)
+        left = e.compress_size
+        sha, crc, done = hashlib.sha256(), 0, 0
+
+        def emit(piece: bytes) -> None:
+            nonlocal crc, done
+            done += len(piece)
+            if done > e.file_size:
+                raise BundleError(f"{self.what}: entry {e.name!r} inflates to more than its declared "
+                                  f"{e.file_size} bytes; the archive is corrupt or crafted")
+            sha.update(piece)
+            crc = zlib.crc32(piece, crc)
+            sink(piece)
+
+        def chunk() -> bytes:
+            nonlocal at, left
+            n = min(left, _CHUNK)
+            data = _pread(self.fd, n, at, self.what)
+            if len(data) < n:
+                raise BundleError(f"{self.what} is truncated (entry {e.name!r}); re-create or re-copy it")
+            at += n
+            left -= n
+            return data
+
+        if e.method == _STORED:
+            while left:
+                emit(chunk())
+        elif e.method == _DEFLATED:
+            d = zlib.decompressobj(-15)
+            pending = b""
+            try:
+                while not d.eof:
+                    if not pending and left:
+                        pending = chunk()
+                    piece = d.decompress(pending, _CHUNK)
+                    pending = d.unconsumed_tail
+                    emit(piece)
+                    if not piece and not pending and not left and not d.eof:
+                        raise BundleError(f"{self.what}: entry {e.name!r} ends inside its compressed data; "
+                                          f"the archive is truncated or corrupt")
+            except zlib.error as err:
+                raise BundleError(f"{self.what}: entry {e.name!r} is not valid deflate data ({err}); "
+                                  f"the archive is corrupt") from None
+        else:
+            raise BundleError(f"{self.what}: entry {e.name!r} uses zip compression method {e.method}; "
+                              f"aoti_rt reads stored and deflated entries: re-create the package with torch")
+        if done != e.file_size or crc != e.crc:
+            raise BundleError(f"{self.what}: entry {e.name!r} does not match its declared size and CRC-32; "
+                              f"the archive is corrupt: re-create or re-copy it")
+        return sha.hexdigest()
+
+    def models(self) -> dict[str, dict[str, _Entry]]:
+        """model name -> {file name: entry} of each folder under ``data/aotinductor/``, in archive
+        order. Names must be plain file names (they become paths in the cache)."""
+        prefix = f"{self.root()}/{_AOTI_DIR}"
+        out: dict[str, dict[str, _Entry]] = {}
+        for name, e in self.entries.items():
+            if not name.startswith(prefix):
+                continue
+            model, _, rest = name[len(prefix):].partition("/")
+            if not rest or "/" in rest:
+                continue            # a folder entry, or a nested file no .so looks for
+            for part, kind in ((model, "model name"), (rest, "file name")):
+                if not _SAFE.fullmatch(part):
+                    raise BundleError(f"{self.what}: {kind} {part!r} (entry {name!r}) is not a plain file "
+                                      f"name aoti_rt can use; the archive is crafted or corrupt")
+            out.setdefault(model, {})[rest] = e
+        return out
+
+
+# -- the .so's embedded constants ------------------------------------------------------------
+
+def _elf_symbols(fd: int, size: int, what: str, names: set[bytes]) -> tuple[list[tuple], dict[bytes, tuple[int, int]]]:
+    """The section headers of a 64-bit little-endian ELF file and ``name -> (value, section)``
+    for the wanted symbols (from ``.dynsym``, else ``.symtab``). Every offset is checked."""
+    def bad(why: str) -> BundleError:
+        return BundleError(f"{what}: {why}; the .so is corrupt or not an AOTInductor model for this machine")
+
+    hdr = _pread(fd, 64, 0, what)
+    if len(hdr) < 64 or hdr[:4] != b"\x7fELF" or hdr[4] != 2 or hdr[5] != 1:
+        raise bad("not a 64-bit little-endian ELF file")
+    (shoff,) = struct.unpack_from("<Q", hdr, 0x28)
+    shentsize, shnum, _ = struct.unpack_from("<HHH", hdr, 0x3A)
+    if shentsize != 64 or shnum == 0 or shoff + 64 * shnum > size:
+        raise bad("its section header table is missing or outside the file")
+    table = _pread(fd, 64 * shnum, shoff, what)
+    # (name, type, flags, addr, offset, size, link, info, addralign, entsize)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", table, 64 * i) for i in range(shnum)]
+    for kind in (11, 2):                      # SHT_DYNSYM, then SHT_SYMTAB
+        for s in sections:
+            if s[1] != kind:
+                continue
+            if s[9] != 24 or s[5] % 24 or s[5] > ELF_TABLE_MAX or s[4] + s[5] > size or s[6] >= shnum:
+                raise bad("its symbol table is malformed")
+            strtab = sections[s[6]]
+            if strtab[1] != 3 or strtab[5] > ELF_TABLE_MAX or strtab[4] + strtab[5] > size:
+                raise bad("its symbol string table is malformed")
+            syms = _pread(fd, s[5], s[4], what)
+            strs = _pread(fd, strtab[5], strtab[4], what)
+            found: dict[bytes, tuple[int, int]] = {}
+            for name, _, _, shndx, value, _ in struct.iter_unpack("<IBBHQQ", syms):
+                end = strs.find(b"\0", name)
+                if name < len(strs) and end > 0 and strs[name:end] in names:
+                    found[strs[name:end]] = (value, shndx)
+            if len(found) == len(names):
+                return sections, found
+    raise bad(f"it lacks the symbols {b', '.join(sorted(names)).decode()}")
+
+
+def embedded_constants(so: Path, need: int) -> tuple[int, int]:
+    """Where an AOTI .so built with ``package_constants_in_so=True`` keeps its weights.
+
+    They are a ``binary_blob`` (each constant's storage in index order, at prefix sums of
+    ``GetConstantDataSize``) between its symbols ``_binary_constants_bin_start`` and ``_end``,
+    or, for a .so built with ``force_mmap_weights``, appended to the file (those 16 bytes then
+    hold its size and a magic number, which must match the file's last 8 bytes).
+
+    Args:
+        so: the .so file.
+        need: the sum of its constants' ``GetConstantDataSize``.
+
+    Returns:
+        ``(file offset, size)`` of the blob in the .so.
+
+    Raises:
+        BundleError: the .so is not a sound 64-bit little-endian ELF file, or holds fewer bytes
+            than ``need``.
+
+    Example:
+        >>> at, n = embedded_constants(Path("model.so"), need=25088)
+    """
+    what = f"shared object {so}"
+    fd, st = open_regular(so, "shared object")
+    try:
+        size = st.st_size
+        sections, syms = _elf_symbols(fd, size, what, {b"_binary_constants_bin_start", b"_binary_constants_bin_end"})
+        (start, sec), (end, sec_end) = syms[b"_binary_constants_bin_start"], syms[b"_binary_constants_bin_end"]
+        if sec != sec_end or not 0 < sec < len(sections):
+            raise BundleError(f"{what}: its constants symbols are not in one section; the .so is corrupt")
+        _, kind, _, addr, offset, length, *_ = sections[sec]
+        if kind != 1 or not addr <= start <= end <= addr + length or offset + length > size:
+            raise BundleError(f"{what}: its constants symbols lie outside their section's bytes; the .so is corrupt")
+        at, n = offset + (start - addr), end - start
+        if need <= n:
+            return at, n
+        if n == 16:                            # force_mmap_weights: [size + 8, magic], weights at the end
+            total, magic = struct.unpack("<QQ", _pread(fd, 16, at, what))
+            tail = _pread(fd, 8, size - 8, what) if size >= 8 else b""
+            if 8 + need <= total <= size and (size - total) % 16384 == 0 and tail == struct.pack("<Q", magic):
+                return size - total, total - 8
+        raise BundleError(f"{what} embeds {n} bytes of constants but its constants need {need}; the .so is "
+                          f"corrupt or was built in a way aoti_rt does not know")
+    finally:
+        os.close(fd)
+
+
+# -- probing a package -----------------------------------------------------------------------
+
+@dataclass
+class ModelRecord:
+    """What aoti_rt knows about one model of a package after probing it (cached per package)."""
+
+    name: str
+    device: str                  # AOTI_DEVICE_KEY from its metadata ("cpu", "cuda"; "" unknown)
+    dir: str                     # its extraction folder under cache_root(): a SHA-256 of the files
+    files: dict[str, int]        # extracted file -> size
+    so: str                      # the model .so among files
+    store: str | None            # weights read from the package itself (None) or from this file in dir
+    embedded: bool               # weights embedded in the .so (AOTI loads a private copy on create)
+    method: MethodSpec
+    weights: dict[str, WeightSpec]
+
+    def folder(self) -> Path:
+        return cache_root() / self.dir
+
+
+def _fingerprint(path: Path) -> dict:
+    """The identity a probe record is keyed to: the package file's device, inode, size and
+    mtime, and the torch that probed it."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise BundleError(f"cannot read package {path} ({e})") from None
+    import torch
+
+    return {"pt2": [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns], "torch": torch.__version__,
+            "version": RECORD_VERSION}
+
+
+def _record_path(path: Path) -> Path:
+    return cache_root() / "records" / f"{hashlib.sha256(os.fsencode(os.path.abspath(path))).hexdigest()[:32]}.json"
+
+
+def _complete(folder: Path, files: dict[str, int]) -> bool:
+    """Whether ``folder`` holds each file, a regular file of its size (an extraction aoti_rt finished)."""
+    try:
+        return all(stat.S_ISREG((st := os.lstat(folder / f)).st_mode) and st.st_size == n for f, n in files.items())
+    except OSError:
+        return False
+
+
+def _cached_record(path: Path, fp: dict) -> list[ModelRecord] | None:
+    """The probe record of this package file if it is current and passes the manifest's checks;
+    None otherwise (the package is then probed again)."""
+    rp = _record_path(path)
+    try:
+        raw = strict_json(read_manifest_bytes(rp), str(rp), MANIFEST_MAX_BYTES)
+    except (OSError, BundleError):
+        return None
+    if not isinstance(raw, dict) or raw.get("fingerprint") != fp or type(raw.get("models")) is not list:
+        return None
+    out = []
+    size = fp["pt2"][2]
+    for m in raw["models"]:
+        try:
+            rec = _parse_record(m, str(rp))
+        except (BundleError, TypeError, ValueError, KeyError, AttributeError):
+            return None
+        folder = rec.folder()
+        limit = size if rec.store is None else rec.files.get(rec.store, -1)
+        if not _complete(folder, rec.files) or any(w.offset + w.nbytes > limit for w in rec.weights.values()):
+            return None
+        out.append(rec)
+    return out or None
+
+
+def _parse_record(m: Any, where: str) -> ModelRecord:
+    spec, table = parse_method_and_weights(m["method"], m["weights"], where)
+    files = m["files"]
+    ok = (type(m["name"]) is str and _SAFE.fullmatch(m["name"]) and type(m["dir"]) is str
+          and re.fullmatch(r"[0-9a-f]{64}", m["dir"]) and type(files) is dict
+          and all(type(f) is str and _SAFE.fullmatch(f) and type(n) is int and n >= 0 for f, n in files.items())
+          and spec.so in files and m["so"] == spec.so and m["device"] in ("", "cpu", "cuda")
+          and (m["store"] is None or m["store"] in files) and type(m["embedded"]) is bool)
+    if not ok:
+        raise BundleError(f"{where}: malformed record")
+    return ModelRecord(m["name"], m["device"], m["dir"], files, spec.so, m["store"], m["embedded"], spec, table)
+
+
+def _device_key(arc: _Archive, files: dict[str, _Entry]) -> str:
+    """AOTI_DEVICE_KEY of a model from its ``*_metadata.json`` files ("" if none says)."""
+    keys = set()
+    for f, e in files.items():
+        if f.endswith("_metadata.json"):
+            meta = strict_json(arc.read_small(e), f"{arc.what}: {e.name}", JSON_MAX)
+            key = meta.get("AOTI_DEVICE_KEY") if isinstance(meta, dict) else None
+            if isinstance(key, str) and key:
+                keys.add(key)
+    if len(keys) > 1:
+        raise BundleError(f"{arc.what}: the metadata of one model names devices {sorted(keys)}; re-create it")
+    key = keys.pop() if keys else ""
+    if key not in ("", "cpu", "cuda"):
+        raise BundleError(f"{arc.what}: a model was compiled for {key!r}; aoti_rt runs cpu and cuda models")
+    return key
+
+
+def _extract(arc: _Archive, entries: dict[str, _Entry]) -> tuple[str, dict[str, int]]:
+    """Extract ``entries`` into a content-addressed folder under cache_root(); returns the
+    folder's name and the files' sizes. Written under a temporary name and renamed into place;
+    a folder that exists with those files is reused."""
+    base = cache_root()
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=base))
+    except OSError as e:
+        raise AotiRtError(f"cannot create aoti_rt's package cache under {base} ({e}); set AOTI_RT_CACHE "
+                          f"or XDG_CACHE_HOME to a writable directory") from None
+    try:
+        sizes, digests = {}, {}
+        for f, e in sorted(entries.items()):
+            fd = os.open(staging / f, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+                         | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                digests[f] = arc.copy(e, fd)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            sizes[f] = e.file_size
+        h = hashlib.sha256()
+        for f in sorted(digests):
+            h.update(f"{f}\0{sizes[f]}\0{digests[f]}\n".encode())
+        name = h.hexdigest()
+        final = base / name
+        if not _complete(final, sizes):
+            try:
+                os.rename(staging, final)
+            except OSError:
+                if not _complete(final, sizes):       # not another process's finished copy
+                    raise AotiRtError(f"aoti_rt's package cache folder {final} is damaged; delete it and "
+                                      f"load again") from None
+        return name, sizes
+    except OSError as e:
+        raise AotiRtError(f"cannot write aoti_rt's package cache under {base} ({e}); free disk space or "
+                          f"set AOTI_RT_CACHE to a writable directory") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+class _Pickled(NamedTuple):
+    offset: int                  # absolute, in the package
+    nbytes: int
+    shape: list[int]
+    stride: list[int]
+    storage_offset: int
+
+
+def _ints(v: Any, rank: bool) -> bool:
+    return type(v) is list and len(v) <= MAX_RANK and all(type(x) is int and 0 <= x < MAX_INT for x in v) \
+        if rank else type(v) is int and 0 <= v < MAX_INT
+
+
+def _pickled_storages(arc: _Archive, root: str, config: _Entry, what: str) -> dict[str, _Pickled]:
+    """FQN -> its storage in the archive and its view, for ``pickle_weights``: the model's
+    ``weights_config.json`` maps each FQN to ``[file, shape, stride, storage offset]``, the file
+    a ``torch.save`` zip stored under ``data/weights/`` whose one storage record is stored too.
+    These views are what torch's own loader binds (the .so cannot load such weights itself)."""
+    cfg = strict_json(arc.read_small(config), f"{what}: {_WEIGHTS_CONFIG}", JSON_MAX)
+    if type(cfg) is not dict:
+        raise BundleError(f"{what}: {_WEIGHTS_CONFIG} is not an object; the package is corrupt")
+    storages: dict[str, tuple[int, int]] = {}
+    out = {}
+    for fqn, row in cfg.items():
+        if not (type(row) is list and len(row) == 4 and type(row[0]) is str and _SAFE.fullmatch(row[0])
+                and _ints(row[1], True) and _ints(row[2], True) and len(row[1]) == len(row[2])
+                and _ints(row[3], False)):
+            raise BundleError(f"{what}: {_WEIGHTS_CONFIG} entry {fqn!r} is not [file, shape, stride, offset]; "
+                              f"the package is corrupt")
+        file = row[0]
+        if file not in storages:
+            e = arc.entries.get(f"{root}/{_WEIGHTS_DIR}{file}")
+            if e is None:
+                raise BundleError(f"{what}: {_WEIGHTS_CONFIG} names {_WEIGHTS_DIR}{file} for {fqn!r}, which the "
+                                  f"archive lacks; the package is incomplete: re-create it")
+            start, n = arc.stored(e, f"weights file {file}")
+            inner = _Archive(arc.path, arc.fd, start, n, f"{arc.what}: {e.name}")
+            recs = [r for name, r in inner.entries.items() if _STORAGE.fullmatch(name)]
+            if len(recs) != 1:
+                raise BundleError(f"{inner.what} holds {len(recs)} tensor storages; aoti_rt reads weights "
+                                  f"saved one storage per file, as torch packages them")
+            storages[file] = inner.stored(recs[0], f"the storage of weights file {file}")
+        out[fqn] = _Pickled(*storages[file], row[1], row[2], row[3])
+    return out
+
+
+def _pickled_constants(arc: _Archive, so: Path, device: Device, storages: dict[str, _Pickled],
+                       what: str) -> tuple[list[tuple[ConstantSpec, int]], Any, list[int]]:
+    """The constants of a ``pickle_weights`` .so: names, dtypes, kinds and sizes from its C ABI,
+    views from ``weights_config.json``, digests of the stored bytes."""
+    obj = SharedObject(so)
+    try:
+        handle = obj.abi.create(str(device))    # no weights in the .so: allocates none
+        try:
+            infos = obj.constants(handle)
+            call_spec = obj.abi.call_spec(handle)
+        finally:
+            obj.abi.delete(handle)
+    finally:
+        obj.close()
+    ranges = sorted({(p.offset, p.nbytes) for p in storages.values()})
+    digests = dict(zip(ranges, file_digests(arc.path, ranges)))
+    out, at = [], []
+    for info in infos:
+        if info.from_folded or info.kind == "folded":
+            raise BundleError(f"{what}: constant {info.fqn} is folded at run time; aoti_rt does not support "
+                              f"aot_inductor.use_runtime_constant_folding")
+        p = storages.get(info.fqn)
+        if p is None:
+            raise BundleError(f"{what}: {_WEIGHTS_CONFIG} has no entry for constant {info.fqn}; the package is "
+                              f"incomplete: re-create it")
+        if info.dtype_code not in DTYPE_NAMES:
+            raise BundleError(f"{what}: constant {info.fqn} has dtype code {info.dtype_code}, which aoti_rt "
+                              f"does not know")
+        c = ConstantSpec(name=info.name, fqn=info.fqn, dtype=DTYPE_NAMES[info.dtype_code], shape=list(p.shape),
+                         stride=list(p.stride), storage_offset=p.storage_offset, data_size=info.data_size or p.nbytes,
+                         kind=info.kind, mutable=False, digest=digests[(p.offset, p.nbytes)], weight="")
+        if c.extent > p.nbytes or c.data_size > -(-max(p.nbytes, 1) // 64) * 64:
+            raise BundleError(f"{what}: constant {info.fqn} ({c.dtype}{c.shape}, {c.data_size} bytes in the .so) "
+                              f"does not fit its pickled storage of {p.nbytes} bytes; the package's weights and "
+                              f".so disagree")
+        out.append((c, p.nbytes))
+        at.append(p.offset)
+    return out, call_spec, at
+
+
+def _blob_size(so: Path) -> int:
+    """The bytes of weights blob a ``binary_blob`` .so reads (``GetConstantsBlobSize``: the
+    8-byte size its ``_binary_constants_bin_start`` holds)."""
+    what = f"shared object {so}"
+    fd, st = open_regular(so, "shared object")
+    try:
+        sections, syms = _elf_symbols(fd, st.st_size, what, {b"_binary_constants_bin_start"})
+        start, sec = syms[b"_binary_constants_bin_start"]
+        if not 0 < sec < len(sections):
+            raise BundleError(f"{what}: its constants symbol is in no section; the .so is corrupt")
+        _, kind, _, addr, offset, length, *_ = sections[sec]
+        if kind != 1 or not addr <= start <= start + 8 <= addr + length or offset + length > st.st_size:
+            raise BundleError(f"{what}: its constants symbol lies outside its section's bytes; the .so is corrupt")
+        return struct.unpack("<Q", _pread(fd, 8, offset + start - addr, what))[0]
+    finally:
+        os.close(fd)
+
+
+def _constant_bytes(so: Path, device: Device) -> int:
+    """The sum of the .so's ``GetConstantDataSize`` over its non-folded constants."""
+    obj = SharedObject(so)
+    try:
+        handle = obj.abi.create(str(device))    # weights outside the .so: allocates none
+        try:
+            return sum(c.data_size for c in obj.constants(handle) if not c.from_folded)
+        finally:
+            obj.abi.delete(handle)
+    finally:
+        obj.close()
+
+
+def _probe(so: Path, blob: Path | None, device: Device, what: str) -> tuple[list[tuple[ConstantSpec, int]], Any]:
+    """Each constant's view and byte count as torch's own AOTI runner holds it, and the call spec."""
+    try:
+        consts, call_spec, _ = probe_method(so, blob, str(device), mutated=set())
+        return [(c, len(data)) for c, data in consts], call_spec
+    except CompileError as e:
+        raise BundleError(f"{what}: {e}") from None
+    except AotiRtError:
+        raise
+    except RuntimeError as e:                 # torch's AOTI runner
+        raise AOTIError(f"{what}: torch's AOTI runner could not load {so.name} ({e})") from None
+
+
+def _probe_model(arc: _Archive, root: str, name: str, files: dict[str, _Entry], key: str,
+                 device: Device) -> ModelRecord:
+    what = f"{arc.what}: model {name!r}"
+    sos = sorted(f for f in files if f.endswith(".so"))
+    if len(sos) > 1:
+        sos = [f for f in sos if f.endswith(".wrapper.so")] or sos
+    if not sos:
+        how = (" (it holds C++ sources only: aot_inductor.package_cpp_only); build it, or package it with "
+               "torch._inductor.aoti_compile_and_package" if any(f.endswith(".cpp") for f in files) else "")
+        raise BundleError(f"{what} has no compiled .so{how}; the package is incomplete")
+    if len(sos) > 1:
+        raise BundleError(f"{what} has {len(sos)} shared objects ({sos}) and aoti_rt cannot tell which is the "
+                          f"model; re-create the package with aoti_compile_and_package")
+    so_name = sos[0]
+    blobs = [f for f in files if f.endswith("_weights.blob")]
+    if len(blobs) > 1:
+        raise BundleError(f"{what} has {len(blobs)} weight blobs; the package is corrupt")
+    blob = files[blobs[0]] if blobs else None
+    config = files.get(_WEIGHTS_CONFIG)
+    pickled = blob is None and config is not None
+    extract = {f: e for f, e in files.items()
+               if not f.endswith(_NOT_EXTRACTED) and f != _WEIGHTS_CONFIG
+               and not (e is blob and e.method == _STORED)}
+    folder_name, sizes = _extract(arc, extract)
+    folder = cache_root() / folder_name
+    so = folder / so_name
+    so_entry = files[so_name]
+    tmp: Path | None = None
+    try:
+        if blob is not None:                   # binary_blob: read in place, or from its inflated copy
+            embedded = False
+            if blob.method == _STORED:
+                store, (base, length) = None, arc.stored(blob, "weights blob")
+            else:
+                store, base, length = blobs[0], 0, blob.file_size
+            # torch's runner maps as many bytes as the .so says, whatever the file has
+            need = max(_blob_size(so), _constant_bytes(so, device))
+            if length < need:
+                raise BundleError(f"{what}: its weights blob has {length} bytes but the .so reads {need}; the "
+                                  f"package is truncated or corrupt: re-create or re-copy it")
+            if store is None:
+                tmp = probe_blob = _copy_range(arc.fd, base, need)
+            else:
+                probe_blob = folder / blobs[0]
+            consts, call_spec = _probe(so, probe_blob, device, what)
+            at = _in_blob(consts, base, length, what)
+        elif pickled:                          # pickle_weights: each storage in place
+            embedded, store = False, None
+            storages = _pickled_storages(arc, root, config, what)
+            consts, call_spec, at = _pickled_constants(arc, so, device, storages, what)
+        else:                                  # embedded in the .so
+            embedded = True
+            consts, call_spec = _probe(so, None, device, what)
+            need = sum(c.data_size for c, _ in consts)
+            start, length = embedded_constants(so, need) if consts else (0, 0)
+            if so_entry.method == _STORED:
+                store, base = None, arc.data_offset(so_entry) + start
+            else:
+                store, base = so_name, start
+            at = _in_blob(consts, base, length, what)
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+    store_path = arc.path if store is None else folder / store
+    if not pickled:
+        _check_bytes(store_path, consts, at, what)
+    weights: dict[str, WeightSpec] = {}
+    specs = []
+    for (c, nbytes), offset in zip(consts, at):
+        c.mutable = c.kind == "buffer"
+        wid = weight_id(c.fqn, c.digest, c.mutable)
+        w = weights.setdefault(wid, WeightSpec(id=wid, tensor=c.name, offset=offset, nbytes=nbytes,
+                                               digest=c.digest, mutable=c.mutable, fqns=[]))
+        if c.fqn not in w.fqns:
+            w.fqns.append(c.fqn)
+        c.weight = wid
+        specs.append(c)
+    ispec, ospec = call_spec if call_spec else (None, None)
+    spec = MethodSpec(so=so_name, inputs=[], outputs=[], in_spec=ispec, out_spec=ospec, constants=specs)
+    rec = {"name": name, "device": key, "dir": folder_name, "files": sizes, "so": so_name, "store": store,
+           "embedded": embedded, "method": asdict(spec), "weights": {k: asdict(w) for k, w in weights.items()}}
+    return _parse_record(rec, what)          # what a later load reads back passes the same checks
+
+
+def _copy_range(fd: int, offset: int, n: int) -> Path:
+    """A temporary file holding bytes ``[offset, offset + n)`` of ``fd`` (a blob for the probe)."""
+    out, path = tempfile.mkstemp(prefix=".probe-", dir=cache_root())
+    try:
+        done = 0
+        while done < n:
+            if hasattr(os, "copy_file_range"):
+                got = os.copy_file_range(fd, out, min(n - done, 1 << 30), offset + done)
+            else:
+                got = os.write(out, _pread(fd, min(n - done, _CHUNK), offset + done, "package"))
+            if got <= 0:
+                raise BundleError(f"the package is truncated: its weights blob ends at byte {offset + done}")
+            done += got
+    except BaseException:
+        os.close(out)
+        Path(path).unlink(missing_ok=True)
+        raise
+    os.close(out)
+    return Path(path)
+
+
+def _in_blob(consts: list[tuple[ConstantSpec, int]], base: int, length: int, what: str) -> list[int]:
+    """Absolute offsets of the probed constants in a ``binary_blob`` of ``length`` bytes at ``base``."""
+    offsets, _ = blob_layout([max(c.data_size, n) for c, n in consts])
+    for (c, n), off in zip(consts, offsets):
+        if off + n > length:
+            raise BundleError(f"{what}: constant {c.fqn} needs bytes up to {off + n} of its weights, which "
+                              f"have {length}; the package is truncated or corrupt")
+    return [base + off for off in offsets]
+
+
+def _check_bytes(store: Path, consts: list[tuple[ConstantSpec, int]], at: list[int], what: str) -> None:
+    """The bytes at each recorded place must be what AOTI itself loaded (hashed once, at probe)."""
+    try:
+        got = file_digests(store, [(off, n) for (_, n), off in zip(consts, at)])
+    except OSError as e:
+        raise BundleError(f"{what}: cannot read its weights from {store} ({e})") from None
+    for (c, _), d in zip(consts, got):
+        if d != c.digest:
+            raise BundleError(f"{what}: the bytes aoti_rt found for constant {c.fqn} in {store.name} are not the "
+                              f"ones AOTI loaded; this package's weight layout is not one aoti_rt understands")
+
+
+def inspect_package(path: str | os.PathLike[str], device: "str | Device | None" = None
+                    ) -> tuple[list[ModelRecord], Device]:
+    """Describe a ``.pt2`` package: one :class:`ModelRecord` per AOTI model, in archive order,
+    and the device it loads on. Probes the package (once; later calls read the cached record).
+
+    Args:
+        path: the ``.pt2`` file.
+        device: "cpu", "cuda" or "cuda:N"; default: the device its metadata names.
+
+    Returns:
+        ``(records, device)``.
+
+    Raises:
+        BundleError: the file is not a readable ``.pt2`` package, is crafted or corrupt, holds no
+            AOTI model, or was compiled for another device type. AOTIError: its .so cannot be
+            loaded. AotiRtError: the cache directory is not writable.
+
+    Example:
+        >>> records, dev = aoti_rt.package.inspect_package("model.pt2")
+        >>> [r.name for r in records]
+        ['model']
+    """
+    p = Path(path)
+    if not is_regular_file(p):
+        raise BundleError(f"package {p} does not exist or is not a regular file")
+    fp = _fingerprint(p)
+    hit = _cached_record(p, fp)
+    if hit is not None:
+        return hit, _device_for(device, {r.name: r.device for r in hit}, p)
+    with _Archive.open(p) as arc:
+        root = arc.root()
+        fmt = arc.entries.get(f"{root}/archive_format")
+        if fmt is None or arc.read_small(fmt, 64) != b"pt2":
+            raise BundleError(f"{p} is a zip archive but not a .pt2 package (no archive_format 'pt2'); create "
+                              f"one with torch._inductor.aoti_compile_and_package")
+        models = arc.models()
+        if not models:
+            raise BundleError(f"{p} holds no AOTInductor model (nothing under data/aotinductor/); compile it with "
+                              f"torch._inductor.aoti_compile_and_package")
+        keys = {name: _device_key(arc, files) for name, files in models.items()}
+        dev = _device_for(device, keys, p)
+        records = [_probe_model(arc, root, name, files, keys[name], dev) for name, files in models.items()]
+    if _fingerprint(p) == fp:             # unchanged while probed: the record may be reused
+        _write_record(p, fp, records)
+    return records, dev
+
+
+def _write_record(p: Path, fp: dict, records: list[ModelRecord]) -> None:
+    rp = _record_path(p)
+    body = {"fingerprint": fp, "package": str(p.resolve()),
+            "models": [{**asdict(r), "method": asdict(r.method),
+                        "weights": {k: asdict(w) for k, w in r.weights.items()}} for r in records]}
+    import json
+
+    try:
+        rp.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=rp.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(body))
+        os.replace(tmp, rp)
+    except OSError:
+        pass                               # not cached: the next load probes again
+
+
+def _device_for(device: "str | Device | None", keys: dict[str, str], path: Path) -> Device:
+    known = {k for k in keys.values() if k}
+    default = "cuda" if "cuda" in known else "cpu" if known else ("cuda" if _device.cuda_available() else "cpu")
+    try:
+        dev = Device.parse(device, default=default)
+    except ValueError as e:
+        raise BundleError(str(e)) from None
+    for name, key in keys.items():
+        if key and key != dev.kind:
+            raise BundleError(f"{path}: model {name!r} was compiled for {key}; an AOTI .so runs only on the "
+                              f"device type it was compiled for, so load it on {key}")
+    return dev
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+def _c_entry(so: SharedObject, name: str, *argtypes):
+    """A C entry point of an opened .so that ModelABI does not bind (ctypes; releases the GIL)."""
+    lib = getattr(so, "_lib", None)
+    if lib is None:
+        raise AOTIError(f"{so.path.name} was unloaded")
+    try:
+        addr = ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+    except AttributeError:
+        return None
+    return ctypes.CFUNCTYPE(ctypes.c_int32, *argtypes)(addr)
+
+
+class _PackageMethod(Method):
+    """A :class:`Method` of a package's model: created with its extraction folder as AOTI's
+    ``cubin_dir`` (where a CUDA .so finds its kernels), and for a .so that embeds its weights,
+    bound through the second constant buffer so that AOTI's private copy can be freed."""
+
+    def __init__(self, *args: Any, folder: Path, embedded: bool, **kwargs: Any):
+        self._folder = folder
+        self._embedded = embedded
+        super().__init__(*args, **kwargs)
+
+    def _create(self, so: SharedObject) -> int:
+        create = _c_entry(so, "AOTInductorModelContainerCreateWithDevice", ctypes.POINTER(ctypes.c_void_p),
+                          ctypes.c_size_t, ctypes.c_char_p, ctypes.c_char_p)
+        if create is None:
+            raise AOTIError(f"{so.path.name} lacks AOTInductorModelContainerCreateWithDevice; recompile it "
+                            f"with a newer torch")
+        handle = ctypes.c_void_p()
+        rc = create(ctypes.byref(handle), 1, self.device.encode(), str(self._folder).encode())
+        if rc != 0 or not handle.value:
+            raise AOTIError(f"CreateWithDevice failed in {so.path.name}: {so.abi.last_error() or 'see stderr'}")
+        return handle.value
+
+    def _bind_shared(self, source, plan, progress, max_load_gbps=None) -> None:
+        so, handle = self._binding.so, self._binding.handle
+        swap = _c_entry(so, "AOTInductorModelContainerSwapConstantBuffer", ctypes.c_void_p)
+        free = _c_entry(so, "AOTInductorModelContainerFreeInactiveConstantBuffer", ctypes.c_void_p)
+        trade = self._embedded and swap is not None and free is not None
+        if trade and swap(handle) != 0:       # the empty second buffer becomes the active one
+            raise AOTIError(f"method {self.name!r}: SwapConstantBuffer failed: {so.abi.last_error()}")
+        super()._bind_shared(source, plan, progress, max_load_gbps)
+        if trade:
+            if free(handle) != 0:              # AOTI's own copy, made by CreateWithDevice
+                raise AOTIError(f"method {self.name!r}: FreeInactiveConstantBuffer failed: {so.abi.last_error()}")
+        elif self._embedded and self.spec.constants:
+            self._keep_private(plan, "it lacks SwapConstantBuffer/FreeInactiveConstantBuffer")
+
+    def _bind_legacy(self, source, plan) -> None:
+        if not self._embedded:                 # its weights are outside: only Pairs can bind them
+            raise AOTIError(f"method {self.name!r}: {self._binding.so.path.name} lacks "
+                            f"UpdateUserManagedConstantBufferPairs, so weights packaged outside the .so "
+                            f"cannot be bound; recompile the package with torch >= 2.10")
+        self._buffers = {}
+        if self.spec.constants:                # CreateWithDevice loaded AOTI's own copy
+            self._keep_private(plan, "it lacks UpdateUserManagedConstantBufferPairs")
+
+    def _keep_private(self, plan, why: str) -> None:
+        n = sum(plan.so_size(i) if plan.checked else c.data_size for i, c in enumerate(self.spec.constants))
+        self._binding.legacy_bytes = n
+        self._rt.count_legacy(1, n)
+        warnings.warn(f"method {self.name!r}: {self._binding.so.path.name} keeps AOTI's private copy of its "
+                      f"embedded weights ({n} bytes, counted in cache_stats() legacy_bytes) because {why}; "
+                      f"recompile it with torch >= 2.10 to share them", stacklevel=4)
+
+
+class PackageModel(Model):
+    """A :class:`~aoti_rt.runtime.Model` made of the AOTI models of one or more ``.pt2`` packages.
+
+    Its methods share one copy of each weight (by content, as bundles do) and one scope of
+    mutable state: a buffer one method writes in place (a KV cache) is what the others read,
+    whichever package each method came from; a second load gets its own.
+
+    Attributes:
+        packages: the package files, in the order their methods were loaded.
+        manifest: a manifest-equivalent description (methods and weights, by content); each
+            weight's offset refers to the store of the package its method came from.
+    """
+
+    def __init__(self, groups: Sequence[tuple[Path, list[tuple[str, ModelRecord]]]], device: Device, *,
+                 progress: bool | None = None, verify: bool | str = True,
+                 max_load_gbps: float | None = None):
+        self.bundle = None
+        self.packages = [p for p, _ in groups]
+        rt = _device.get(device)
+        loader.prepare(rt)         # pin the staging pool while the .so files open
+        self.device = str(rt.device)
+        self._methods: dict[str, Method] = {}
+        scope = None
+        table: dict[str, WeightSpec] = {}
+        try:
+            for path, members in groups:
+                per_store: dict[Path, dict[str, WeightSpec]] = {}
+                for _, rec in members:
+                    store = path if rec.store is None else rec.folder() / rec.store
+                    per_store.setdefault(store, {}).update(rec.weights)
+                sources = {}
+                for store, weights in per_store.items():
+                    sources[store] = weight_source(store, weights, verify=verify, scope=scope)
+                    scope = sources[store].scope       # one instance scope for the whole model
+                for method_name, rec in members:
+                    store = path if rec.store is None else rec.folder() / rec.store
+                    self._methods[method_name] = _PackageMethod(
+                        method_name, rec.method, rec.folder() / rec.so, sources[store], rt, progress=progress,
+                        typed_inputs=False, folder=rec.folder(), embedded=rec.embedded,
+                        max_load_gbps=max_load_gbps)
+                    for wid, w in rec.weights.items():
+                        table.setdefault(wid, w)
+        except BaseException:
+            self.close()
+            raise
+        self.manifest = Manifest(device=self.device, methods={n: m.spec for n, m in self._methods.items()},
+                                 weights=table)
+        for fqn, first, other in divergent_fqns({n: m.spec for n, m in self._methods.items()}):
+            warnings.warn(f"{fqn} has a different dtype/shape/stride or value in methods {first!r} "
+                          f"and {other!r}: each binds a private copy", stacklevel=3)
+
+    def __repr__(self) -> str:
+        names = ", ".join(p.name for p in dict.fromkeys(self.packages))
+        return f"<aoti_rt.Model {names} methods={self.methods} on {self.device}>"
+
+
+def load_package(packages: PackageSpec, *, device: "str | Device | None" = None,
+                 methods: Sequence[str] | None = None, progress: bool | None = None,
+                 verify: bool | str = True, max_load_gbps: float | None = None) -> PackageModel:
+    """Load ``.pt2`` packages as one model (what :func:`aoti_rt.load` does for a ``.pt2``).
+
+    Args:
+        packages: a ``.pt2`` path (one method per AOTI model in it, named after the model:
+            ``"model"`` for ``aoti_compile_and_package``), or a mapping of method name to a
+            ``.pt2`` path holding one model, or to ``(path, model name)``.
+        device: "cpu", "cuda" or "cuda:N"; default: the device the packages were compiled for.
+        methods: load only these methods (default: all).
+        progress: show a progress bar while loading (as :func:`aoti_rt.load`).
+        verify: as :func:`aoti_rt.load`: weights are shared with other packages and bundles
+            (and between the packages of this model) once verified (``True``, default),
+            verified while loading too (``"load"``), or never shared across packages (``False``).
+
+    Returns:
+        The :class:`PackageModel`; close it (or use ``with``) to release its memory.
+
+    Raises:
+        BundleError: a package is missing, not a ``.pt2``, crafted, truncated or corrupt,
+            lacks a named model, or was compiled for another device type. AOTIError: a .so
+            cannot be loaded or bound. AotiRtError: the cache directory is not writable.
+            AllocationError, CudaError: see their docs.
+
+    Example:
+        >>> with aoti_rt.load({"prefill": "prefill.pt2", "decode": "decode.pt2"}) as lm:
+        ...     logits = lm.prefill(tokens)         # fills the KV cache decode reads
+        ...     step = lm.decode(token, pos)
+    """
+    if verify not in (True, False, "load"):
+        raise ValueError(f"verify must be True, False or 'load', not {verify!r}")
+    wanted: dict[Path, list[tuple[str, str | None]]] = {}
+    if isinstance(packages, Mapping):
+        if not packages:
+            raise BundleError("no packages given: pass {'method': 'file.pt2', ...}")
+        for method_name, value in packages.items():
+            if type(method_name) is not str or not method_name:
+                raise BundleError(f"method names must be non-empty strings, not {method_name!r}")
+            path, model = (value if isinstance(value, tuple) and len(value) == 2 else (value, None))
+            wanted.setdefault(Path(path), []).append((method_name, model))
+    else:
+        wanted[Path(packages)] = []
+    dev: "str | Device | None" = device
+    groups = []
+    for path, asked in wanted.items():
+        records, dev = inspect_package(path, dev)
+        by_name = {r.name: r for r in records}
+        if not asked:                          # a single package: every model is a method
+            asked = [(r.name, r.name) for r in records]
+        members = []
+        for method_name, model in asked:
+            if model is None:
+                if len(records) != 1:
+                    raise BundleError(f"{path} holds models {list(by_name)}; name one: "
+                                      f"{{{method_name!r}: ({str(path)!r}, {records[0].name!r})}}")
+                model = records[0].name
+            if model not in by_name:
+                raise BundleError(f"{path} has no model {model!r}; it has {list(by_name)}")
+            members.append((method_name, by_name[model]))
+        groups.append((path, members))
+    if methods is not None:
+        every = [m for _, members in groups for m, _ in members]
+        for m in methods:
+            if m not in every:
+                raise BundleError(f"the packages have no method {m!r}; they have {every}")
+        groups = [(p, [(m, r) for m, r in members if m in methods]) for p, members in groups]
+        groups = [(p, members) for p, members in groups if members]
+    return PackageModel(groups, dev, progress=progress, verify=verify, max_load_gbps=max_load_gbps)
+
+
+__all__ = ["load_package", "inspect_package", "PackageModel", "ModelRecord", "embedded_constants",
+           "cache_root", "PackageSpec"]
