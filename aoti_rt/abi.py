@@ -60,6 +60,50 @@ def blob_layout(data_sizes: Sequence[int]) -> tuple[list[int], int]:
     return offsets, at
 
 
+#: what generated code calls for an operator it has no C shim for (a ``torch.library``
+#: custom op, a fallback kernel): only a .so that calls it imports it
+PROXY_EXECUTOR_CALL = "aoti_torch_proxy_executor_call_function"
+
+
+def imports_symbol(path: str | os.PathLike[str], name: str) -> bool | None:
+    """Whether the ELF64 little-endian file at ``path`` imports ``name`` (an undefined symbol
+    of its ``.dynsym``); None where the file is not one this can read."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
+                return None
+            shoff, = struct.unpack_from("<Q", head, 0x28)
+            shentsize, shnum = struct.unpack_from("<HH", head, 0x3A)
+            if shentsize != 64 or not 0 < shnum < 65280:
+                return None
+            f.seek(shoff)
+            table = f.read(64 * shnum)
+            if len(table) != 64 * shnum:
+                return None
+            # (type, offset, size, link) of each section
+            sections = [struct.unpack_from("<4xI16xQQI", table, 64 * i) for i in range(shnum)]
+            for kind, offset, size, link in sections:
+                if kind != 11 or link >= shnum:        # SHT_DYNSYM, with its string table
+                    continue
+                f.seek(offset)
+                syms = f.read(size)
+                _, str_off, str_size, _ = sections[link]
+                f.seek(str_off)
+                strtab = f.read(str_size)
+                want = name.encode()
+                for at in range(0, len(syms) - 23, 24):
+                    st_name, st_shndx = struct.unpack_from("<I2xH", syms, at)
+                    if st_shndx == 0 and strtab[st_name:st_name + len(want) + 1] == want + b"\0":
+                        return True
+                return False
+    except (OSError, struct.error):
+        return None
+    return None
+
+
 _open_lock = threading.Lock()
 #: (resolved path, file identity) -> the SharedObject methods hold, with its user count
 _open: dict[tuple, "SharedObject"] = {}

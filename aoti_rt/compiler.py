@@ -231,8 +231,48 @@ def _compile_method(name: str, ep: ExportedProgram, workdir: Path, out: Path, de
     in_spec, out_spec = _call_spec(ep, so_spec)
     method = MethodSpec(so=f"{name}.so", inputs=inputs, outputs=list(ep.graph_signature.user_outputs),
                         in_spec=in_spec, out_spec=out_spec, constants=[c for c, _ in consts])
+    extern = _extern_kernels(name, so_tmp, workdir)
     shutil.copyfile(so_tmp, out / method.so)
+    if extern is not None:
+        # torch's runner finds it by the .so's stem and builds the proxy executor from it
+        shutil.copyfile(extern, (out / method.so).with_suffix(".json"))
     return method, [data for _, data in consts]
+
+
+def _extern_kernels(name: str, so: Path, workdir: Path) -> Path | None:
+    """The extern-kernel JSON AOTI wrote for a method whose .so calls operators through the
+    proxy executor (``torch.library`` custom ops, fallback kernels without a C shim), else None.
+
+    AOTI writes it beside the wrapper source (``<key>.wrapper.json``) only when there are such
+    nodes; the .so then imports the proxy executor's entry point. The two must agree: a .so
+    that needs a proxy executor without the JSON would fail at its first call, so it is
+    refused here."""
+    import json
+
+    import torch
+
+    from .abi import PROXY_EXECUTOR_CALL, imports_symbol
+
+    objs = sorted(workdir.rglob("custom_objs_config.json"))
+    if objs:
+        held = ", ".join(sorted(json.loads(objs[0].read_text()))) or "?"
+        raise CompileError(f"method {name!r} holds torchbind objects ({held}); aoti_rt cannot run "
+                           f"methods with torchbind constants: keep the object out of the exported "
+                           f"method (pass tensors instead)")
+    found = sorted(p for p in workdir.rglob("*.json") if p.with_suffix(".cpp").is_file())
+    if len(found) > 1:
+        raise CompileError(f"method {name!r}: AOTI wrote {len(found)} extern-kernel JSON files "
+                           f"({', '.join(p.name for p in found)}) for one .so; report this with "
+                           f"your torch version (torch {torch.__version__})")
+    needs = imports_symbol(so, PROXY_EXECUTOR_CALL)
+    if needs is False:
+        return None            # nothing in the .so calls a proxy executor: it runs directly
+    if not found and needs:
+        raise CompileError(f"method {name!r}: {so.name} calls operators through AOTI's proxy "
+                           f"executor but AOTI wrote no extern-kernel JSON for them, so it could "
+                           f"not run; export it without custom ops, or report this with your "
+                           f"torch version (torch {torch.__version__})")
+    return found[0] if found else None
 
 
 def _call_spec(ep: ExportedProgram, so_spec: tuple[str, str] | None) -> tuple[str | None, str | None]:

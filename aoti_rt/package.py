@@ -961,14 +961,14 @@ class _PackageMethod(Method):
             raise AOTIError(f"CreateWithDevice failed in {so.path.name}: {so.abi.last_error() or 'see stderr'}")
         return handle.value
 
-    def _bind_shared(self, source, plan, progress, max_load_gbps=None) -> None:
+    def _bind_shared(self, source, plan, progress, max_load_gbps=None, extern=None) -> None:
         so, handle = self._binding.so, self._binding.handle
         swap = _c_entry(so, "AOTInductorModelContainerSwapConstantBuffer", ctypes.c_void_p)
         free = _c_entry(so, "AOTInductorModelContainerFreeInactiveConstantBuffer", ctypes.c_void_p)
         trade = self._embedded and swap is not None and free is not None
         if trade and swap(handle) != 0:       # the empty second buffer becomes the active one
             raise AOTIError(f"method {self.name!r}: SwapConstantBuffer failed: {so.abi.last_error()}")
-        super()._bind_shared(source, plan, progress, max_load_gbps)
+        super()._bind_shared(source, plan, progress, max_load_gbps, extern)
         if trade:
             if free(handle) != 0:              # AOTI's own copy, made by CreateWithDevice
                 raise AOTIError(f"method {self.name!r}: FreeInactiveConstantBuffer failed: {so.abi.last_error()}")

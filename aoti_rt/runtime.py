@@ -4,7 +4,9 @@ Data flows one way: :func:`load` reads and checks a bundle, each :class:`Method`
 weights from the device's :class:`~aoti_rt._cache.WeightCache` (reading from the store only
 the weights nobody holds yet), and binds them to its AOTI container in one
 ``UpdateUserManagedConstantBufferPairs`` call. Closing (or dropping) a method releases its
-references; a weight's memory goes with its last user.
+references; a weight's memory goes with its last user. A method whose .so calls operators
+through AOTI's proxy executor (custom ops: ``<method>.json`` beside it) runs through torch's
+own runner instead, with the same buffers bound to the runner's container.
 
 Cache keys (a bundle is untrusted input: nothing it claims may change what another bundle
 computes):
@@ -41,9 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from . import _bind, _cache, _memory, device as _device, loader
-from .abi import SharedObject, blob_layout, torch_shim
+from .abi import PROXY_EXECUTOR_CALL, SharedObject, blob_layout, imports_symbol, torch_shim
 from .bundle import (DTYPE_CODES, ITEMSIZE, Bundle, ConstantSpec, InputSpec, MethodSpec,
-                     WeightSpec, divergent_fqns, file_identity, read_bundle)
+                     WeightSpec, divergent_fqns, file_identity, is_regular_file, read_bundle)
 from .digest import file_digests
 from .device import Device
 from .errors import AOTIError, BundleError, ClosedError, InputError
@@ -89,6 +91,9 @@ class _Binding:
         self.rt = rt
         self.acq: _cache.Acquisition | None = None
         self.legacy_bytes = 0
+        #: torch's AOTI runner, for a .so that calls operators through a proxy executor
+        #: (it owns the container then; ``handle`` is 0)
+        self.runner = None
         self._done = False
         self._lock = threading.Lock()
 
@@ -98,6 +103,7 @@ class _Binding:
                 return
             self._done = True
         try:
+            self.runner = None                    # its destructor deletes its container
             if self.handle:
                 self.so.abi.delete(self.handle)   # the container stops pointing at our memory first
         finally:
@@ -132,6 +138,7 @@ class Method:
         self.bytes_read = 0      # weight bytes this method's load read from disk
         # fqn -> (buffer, constant, mutable): what weight() hands out
         self._buffers: dict[str, tuple[_memory.Buffer, ConstantSpec, bool]] = {}
+        self._runner_lock = threading.Lock()
         so = SharedObject.open(so_path)
         try:
             # False: a legacy .so, weights private to AOTI
@@ -157,8 +164,9 @@ class Method:
             except ValueError as e:
                 raise BundleError(f"method {name!r}: {e}; the bundle is inconsistent, recompile it") from None
             self._check_constants(so, handle, plan)
+            extern = self._extern_kernels(so)
             if self.shared:
-                self._bind_shared(source, plan, progress, max_load_gbps)
+                self._bind_shared(source, plan, progress, max_load_gbps, extern)
             else:
                 self._bind_legacy(source, plan)
         except BaseException:
@@ -256,7 +264,7 @@ class Method:
         return out
 
     def _bind_shared(self, source: _Source, plan: _bind.BindPlan, progress: bool | None,
-                     max_load_gbps: float | None = None) -> None:
+                     max_load_gbps: float | None = None, extern: Path | None = None) -> None:
         rt = self._rt
         b = self._binding
         keys, content, weights, need, of_constant = self._keys(source, plan)
@@ -294,9 +302,79 @@ class Method:
                         keys[i], str(source.store), read_from, w.offset, w.nbytes))
         rt.cache.wait(acq)
         cs = self.spec.constants
-        torch_shim()
-        plan.bind(b.so.abi, b.handle, [acq.buffers[i] for i in of_constant], 1 if rt.is_cuda else 0, rt.index)
+        if extern is None:
+            torch_shim()
+            plan.bind(b.so.abi, b.handle, [acq.buffers[i] for i in of_constant], 1 if rt.is_cuda else 0, rt.index)
+        else:
+            self._bind_runner(extern, [acq.buffers[i] for i in of_constant])
         self._buffers = {c.fqn: (acq.buffers[i], c, weights[i].mutable) for c, i in zip(cs, of_constant)}
+
+    # -- methods that call operators through AOTI's proxy executor -----------------------
+
+    def _extern_kernels(self, so: SharedObject) -> Path | None:
+        """The extern-kernel JSON beside a .so that calls operators through a proxy executor
+        (``torch.library`` custom ops, fallback kernels), else None; a .so that needs one
+        without it is refused here rather than at its first call.
+
+        torch's runner looks for exactly ``<so stem>.json``, so that is where it must be. A .so
+        that does not import the proxy executor's entry point runs directly, JSON or not."""
+        path = so.path.with_suffix(".json")
+        needs = imports_symbol(so.path, PROXY_EXECUTOR_CALL)
+        if needs is False:
+            return None
+        if not is_regular_file(path):
+            if needs:
+                raise BundleError(f"method {self.name!r}: {so.path.name} calls operators (custom ops or "
+                                  f"fallback kernels) through AOTI's proxy executor, which is built from "
+                                  f"the extern-kernel JSON AOTI wrote with it; {path.name} is missing beside "
+                                  f"it. Recompile the bundle with this aoti_rt (it keeps that file), or put "
+                                  f"the <key>.wrapper.json from the AOTI build there as {path.name}")
+            return None
+        if not self.shared:
+            raise AOTIError(f"method {self.name!r}: {so.path.name} calls operators through a proxy "
+                            f"executor but lacks UpdateUserManagedConstantBufferPairs, so its weights "
+                            f"cannot be shared; recompile it with torch >= 2.10")
+        return path
+
+    def _bind_runner(self, extern: Path, buffers: list[_memory.Buffer]) -> None:
+        """Bind through torch's own AOTI runner, which builds the proxy executor from
+        ``extern`` and passes it to every Run (aoti_rt's direct Run has none to pass).
+
+        Its container binds the cache's buffers user-managed (a shallow tensor per constant,
+        no copy: one copy of each weight, as on the direct path); the tensors own no memory,
+        so the shallow copies AOTI never frees keep no weight alive. The container made for
+        the checks is deleted: the runner's is the one that runs."""
+        import torch
+
+        b = self._binding
+        b.so.abi.delete(b.handle)
+        b.handle = 0
+        try:
+            if self._rt.is_cuda:
+                b.runner = torch._C._aoti.AOTIModelContainerRunnerCuda(str(b.so.path), 1, self.device)
+            else:
+                b.runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(b.so.path), 1)
+            views = {c.name: _unowned_view(buf, c) for c, buf in zip(self.spec.constants, buffers)}
+            b.runner.update_constant_buffer(views, False, True, True)
+        except RuntimeError as e:
+            raise AOTIError(f"method {self.name!r}: torch's AOTI runner could not load {b.so.path.name} "
+                            f"with the operators it calls ({extern.name}): {e}. Register those operators "
+                            f"in this process (import the module or load the library that defines "
+                            f"them) before loading") from e
+
+    def _run_runner(self, leaves) -> list:
+        """One call through torch's runner, one at a time per method.
+
+        The runner's ``run`` holds the GIL, and a container of one model makes a second call
+        wait for the first inside it; the first needs the GIL back whenever its custom op runs
+        Python: the two would wait for each other for ever. Waiting on this lock instead
+        releases the GIL."""
+        stream = self._stream()
+        try:
+            with self._runner_lock:
+                return self._binding.runner.run(list(leaves), _capsule(stream) if stream else None)
+        except RuntimeError as e:
+            raise AOTIError(f"{self._where} failed in AOTI Run: {e}") from e
 
     def _bind_legacy(self, source: _Source, plan: _bind.BindPlan) -> None:
         """No Pairs entry point: AOTI loads its own private copy from a blob (unshared).
@@ -413,9 +491,12 @@ class Method:
             self._inflight += 1
         try:
             leaves = self._flatten(args, kwargs)
-            handles = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(list(leaves))
-            outs = self._abi.run(self._binding.handle, handles, self._n_out, self._stream(), self._where)
-            tensors = torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs(outs)
+            if self._binding.runner is None:
+                handles = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(list(leaves))
+                outs = self._abi.run(self._binding.handle, handles, self._n_out, self._stream(), self._where)
+                tensors = torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs(outs)
+            else:
+                tensors = self._run_runner(leaves)
         finally:
             with self._cv:
                 self._inflight -= 1
@@ -497,6 +578,31 @@ def buffer_view(buf: _memory.Buffer, c: ConstantSpec):
         raw = torch.frombuffer(buf, dtype=torch.uint8)
     typed = raw.view(getattr(torch, c.dtype))
     return typed.as_strided(c.shape, c.stride, c.storage_offset)
+
+
+def _unowned_view(buf: _memory.Buffer, c: ConstantSpec):
+    """A tensor with a constant's view of a cache Buffer that owns nothing (no reference to the
+    Buffer: whoever binds it keeps the Buffer alive while it is bound)."""
+    import torch
+
+    device = torch.device(buf.device)
+    storage = torch._C._construct_storage_from_data_pointer(buf.ptr, device, buf.nbytes)
+    return torch.empty(0, dtype=getattr(torch, c.dtype), device=device).set_(
+        storage, c.storage_offset, c.shape, c.stride)
+
+
+_new_capsule = None
+
+
+def _capsule(pointer: int):
+    """A PyCapsule holding ``pointer`` (how torch's runner takes a stream handle)."""
+    global _new_capsule
+    if _new_capsule is None:
+        import ctypes
+
+        proto = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)
+        _new_capsule = proto(("PyCapsule_New", ctypes.pythonapi))
+    return _new_capsule(pointer, None, None)
 
 
 def _load_spec(text: str | None, leaves: int, what: str):
