@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import _bind
-from .bundle import is_regular_file
+from . import _bind, elf
+from .bundle import is_regular_file, open_regular, pread_all
 from .errors import AOTIError, BundleError
 
 # Generated AOTI code checks each input's dtype, sizes (dynamic ranges too), strides and device
@@ -63,45 +64,6 @@ def blob_layout(data_sizes: Sequence[int]) -> tuple[list[int], int]:
 #: what generated code calls for an operator it has no C shim for (a ``torch.library``
 #: custom op, a fallback kernel): only a .so that calls it imports it
 PROXY_EXECUTOR_CALL = "aoti_torch_proxy_executor_call_function"
-
-
-def imports_symbol(path: str | os.PathLike[str], name: str) -> bool | None:
-    """Whether the ELF64 little-endian file at ``path`` imports ``name`` (an undefined symbol
-    of its ``.dynsym``); None where the file is not one this can read."""
-    import struct
-
-    try:
-        with open(path, "rb") as f:
-            head = f.read(64)
-            if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
-                return None
-            shoff, = struct.unpack_from("<Q", head, 0x28)
-            shentsize, shnum = struct.unpack_from("<HH", head, 0x3A)
-            if shentsize != 64 or not 0 < shnum < 65280:
-                return None
-            f.seek(shoff)
-            table = f.read(64 * shnum)
-            if len(table) != 64 * shnum:
-                return None
-            # (type, offset, size, link) of each section
-            sections = [struct.unpack_from("<4xI16xQQI", table, 64 * i) for i in range(shnum)]
-            for kind, offset, size, link in sections:
-                if kind != 11 or link >= shnum:        # SHT_DYNSYM, with its string table
-                    continue
-                f.seek(offset)
-                syms = f.read(size)
-                _, str_off, str_size, _ = sections[link]
-                f.seek(str_off)
-                strtab = f.read(str_size)
-                want = name.encode()
-                for at in range(0, len(syms) - 23, 24):
-                    st_name, st_shndx = struct.unpack_from("<I2xH", syms, at)
-                    if st_shndx == 0 and strtab[st_name:st_name + len(want) + 1] == want + b"\0":
-                        return True
-                return False
-    except (OSError, struct.error):
-        return None
-    return None
 
 
 _open_lock = threading.Lock()
@@ -210,3 +172,33 @@ def torch_shim() -> None:
                 _shim[name] = ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
             _bind.install_torch_shim(_shim["aoti_torch_create_tensor_from_blob_v2"],
                                      _shim["aoti_torch_delete_tensor_object"])
+
+
+def blob_bytes_needed(so: Path, device: object) -> int:
+    """The bytes of ``binary_blob`` a .so reads: the size its ``_binary_constants_bin_start``
+    symbol states (``GetConstantsBlobSize``) or the sum of its non-folded constants'
+    ``GetConstantDataSize``, whichever is larger. Torch's runner maps that many bytes of a blob
+    without checking the file: check a blob against it before handing it over."""
+    what = f"shared object {so}"
+    fd, st = open_regular(Path(so), "shared object")
+    try:
+        secs, syms = elf.symbols(fd, st.st_size, what, {b"_binary_constants_bin_start"})
+        start, sec = syms[b"_binary_constants_bin_start"]
+        if not 0 < sec < len(secs):
+            raise BundleError(f"{what}: its constants symbol is in no section; the .so is corrupt")
+        _, kind, _, addr, offset, length, *_ = secs[sec]
+        if kind != 1 or not addr <= start <= start + 8 <= addr + length or offset + length > st.st_size:
+            raise BundleError(f"{what}: its constants symbol lies outside its section's bytes; the .so is corrupt")
+        stated = struct.unpack("<Q", pread_all(fd, 8, offset + start - addr, what))[0]
+    finally:
+        os.close(fd)
+    obj = SharedObject(so)
+    try:
+        handle = obj.abi.create(str(device))    # weights outside the .so: allocates none
+        try:
+            summed = sum(c.data_size for c in obj.constants(handle) if not c.from_folded)
+        finally:
+            obj.abi.delete(handle)
+    finally:
+        obj.close()
+    return max(stated, summed)

@@ -578,8 +578,9 @@ def open_regular(path: Path, what: str) -> tuple[int, os.stat_result]:
     return fd, st
 
 
-def _pread(fd: int, n: int, offset: int, path: Path) -> bytes:
-    """Up to ``n`` bytes at ``offset`` (fewer only at the end of the file)."""
+def pread_all(fd: int, n: int, offset: int, what: "str | Path") -> bytes:
+    """Up to ``n`` bytes at ``offset`` (fewer only at the end of the file); a read error is a
+    :class:`BundleError` naming ``what``."""
     parts, got = [], 0
     try:
         while got < n:
@@ -589,7 +590,7 @@ def _pread(fd: int, n: int, offset: int, path: Path) -> bytes:
             parts.append(b)
             got += len(b)
     except OSError as e:
-        raise BundleError(f"cannot read {path} ({e}); check the bundle's files") from None
+        raise BundleError(f"cannot read {what} ({e}); check the file and its permissions") from None
     return b"".join(parts)
 
 
@@ -600,7 +601,7 @@ def read_manifest_bytes(path: Path) -> bytes:
         if st.st_size > MANIFEST_MAX_BYTES:
             raise BundleError(f"manifest {path} is {st.st_size} bytes, more than the {MANIFEST_MAX_BYTES >> 20} MiB "
                               f"a manifest may have; {_RECOMPILE}")
-        data = _pread(fd, MANIFEST_MAX_BYTES + 1, 0, path)
+        data = pread_all(fd, MANIFEST_MAX_BYTES + 1, 0, path)
         if len(data) > MANIFEST_MAX_BYTES:
             raise BundleError(f"manifest {path} grew past {MANIFEST_MAX_BYTES >> 20} MiB while being read")
         return data
@@ -631,7 +632,7 @@ def read_store_header(path: Path) -> StoreHeader:
     fd, st = open_regular(path, "weight store")
     try:
         size = st.st_size
-        head = _pread(fd, 8, 0, path)
+        head = pread_all(fd, 8, 0, path)
         if len(head) < 8:
             raise BundleError(f"weight store {path} is truncated ({size} bytes): recompile or re-copy the bundle")
         (hlen,) = struct.unpack("<Q", head)
@@ -641,7 +642,7 @@ def read_store_header(path: Path) -> StoreHeader:
         if hlen > size - 8:
             raise BundleError(f"weight store {path} is truncated or has a corrupt header (header length {hlen} "
                               f"in a {size}-byte file); recompile or re-copy the bundle")
-        raw = _pread(fd, hlen, 8, path)
+        raw = pread_all(fd, hlen, 8, path)
         if len(raw) < hlen:
             raise BundleError(f"weight store {path} is truncated (shrank while being read)")
         tensors = _store_tensors(raw, path, 8 + hlen, size)

@@ -251,7 +251,8 @@ def _extern_kernels(name: str, so: Path, workdir: Path) -> Path | None:
 
     import torch
 
-    from .abi import PROXY_EXECUTOR_CALL, imports_symbol
+    from .abi import PROXY_EXECUTOR_CALL
+    from .elf import imports_symbol
 
     objs = sorted(workdir.rglob("custom_objs_config.json"))
     if objs:

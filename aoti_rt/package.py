@@ -70,10 +70,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Union
 
-from . import device as _device, loader
-from .abi import SharedObject, blob_layout
+from . import device as _device, elf, loader
+from .abi import SharedObject, blob_bytes_needed, blob_layout
 from .bundle import (DTYPE_NAMES, MANIFEST_MAX_BYTES, MAX_INT, MAX_RANK, ConstantSpec, Manifest, MethodSpec,
-                     WeightSpec, divergent_fqns, is_regular_file, open_regular, parse_method_and_weights,
+                     WeightSpec, divergent_fqns, is_regular_file, open_regular, parse_method_and_weights, pread_all,
                      read_manifest_bytes, strict_json, weight_id)
 from .device import Device
 from .digest import file_digests
@@ -89,8 +89,6 @@ MAX_ENTRIES = 1 << 20
 CENTRAL_DIR_MAX = 256 << 20
 #: a JSON entry (metadata, weights_config.json) larger than this is refused
 JSON_MAX = 16 << 20
-#: a .so symbol or string table larger than this is refused
-ELF_TABLE_MAX = 256 << 20
 #: bytes copied (or inflated) per step while extracting
 _CHUNK = 8 << 20
 
@@ -131,20 +129,6 @@ class _Entry(NamedTuple):
     flags: int
 
 
-def _pread(fd: int, n: int, offset: int, what: str) -> bytes:
-    parts, got = [], 0
-    try:
-        while got < n:
-            b = os.pread(fd, min(n - got, _CHUNK), offset + got)
-            if not b:
-                break
-            parts.append(b)
-            got += len(b)
-    except OSError as e:
-        raise BundleError(f"cannot read {what} ({e}); check the file and its permissions") from None
-    return b"".join(parts)
-
-
 class _Range:
     """A read-only file object over bytes ``[base, base + size)`` of an open file (what zipfile
     reads: the package, or a zip stored inside it)."""
@@ -171,7 +155,7 @@ class _Range:
     def read(self, n: int | None = -1) -> bytes:
         left = max(0, self.size - self.pos)
         n = left if n is None or n < 0 else min(n, left)
-        data = _pread(self.fd, n, self.base + self.pos, self.what)
+        data = pread_all(self.fd, n, self.base + self.pos, self.what)
         self.pos += len(data)
         return data
 
@@ -249,7 +233,7 @@ class _Archive:
 
     def data_offset(self, e: _Entry) -> int:
         """The absolute file offset of an entry's bytes (from its local header, checked)."""
-        h = _pread(self.fd, 30, self.base + e.header_offset, self.what)
+        h = pread_all(self.fd, 30, self.base + e.header_offset, self.what)
         if len(h) < 30 or h[:4] != b"PK\x03\x04":
             raise BundleError(f"{self.what}: entry {e.name!r} has no local header where the central "
                               f"directory says; the archive is corrupt: re-create or re-copy it")
@@ -309,7 +293,7 @@ class _Archive:
         def chunk() -> bytes:
             nonlocal at, left
             n = min(left, _CHUNK)
-            data = _pread(self.fd, n, at, self.what)
+            data = pread_all(self.fd, n, at, self.what)
             if len(data) < n:
                 raise BundleError(f"{self.what} is truncated (entry {e.name!r}); re-create or re-copy it")
             at += n
@@ -364,43 +348,6 @@ class _Archive:
 
 # -- the .so's embedded constants ------------------------------------------------------------
 
-def _elf_symbols(fd: int, size: int, what: str, names: set[bytes]) -> tuple[list[tuple], dict[bytes, tuple[int, int]]]:
-    """The section headers of a 64-bit little-endian ELF file and ``name -> (value, section)``
-    for the wanted symbols (from ``.dynsym``, else ``.symtab``). Every offset is checked."""
-    def bad(why: str) -> BundleError:
-        return BundleError(f"{what}: {why}; the .so is corrupt or not an AOTInductor model for this machine")
-
-    hdr = _pread(fd, 64, 0, what)
-    if len(hdr) < 64 or hdr[:4] != b"\x7fELF" or hdr[4] != 2 or hdr[5] != 1:
-        raise bad("not a 64-bit little-endian ELF file")
-    (shoff,) = struct.unpack_from("<Q", hdr, 0x28)
-    shentsize, shnum, _ = struct.unpack_from("<HHH", hdr, 0x3A)
-    if shentsize != 64 or shnum == 0 or shoff + 64 * shnum > size:
-        raise bad("its section header table is missing or outside the file")
-    table = _pread(fd, 64 * shnum, shoff, what)
-    # (name, type, flags, addr, offset, size, link, info, addralign, entsize)
-    sections = [struct.unpack_from("<IIQQQQIIQQ", table, 64 * i) for i in range(shnum)]
-    for kind in (11, 2):                      # SHT_DYNSYM, then SHT_SYMTAB
-        for s in sections:
-            if s[1] != kind:
-                continue
-            if s[9] != 24 or s[5] % 24 or s[5] > ELF_TABLE_MAX or s[4] + s[5] > size or s[6] >= shnum:
-                raise bad("its symbol table is malformed")
-            strtab = sections[s[6]]
-            if strtab[1] != 3 or strtab[5] > ELF_TABLE_MAX or strtab[4] + strtab[5] > size:
-                raise bad("its symbol string table is malformed")
-            syms = _pread(fd, s[5], s[4], what)
-            strs = _pread(fd, strtab[5], strtab[4], what)
-            found: dict[bytes, tuple[int, int]] = {}
-            for name, _, _, shndx, value, _ in struct.iter_unpack("<IBBHQQ", syms):
-                end = strs.find(b"\0", name)
-                if name < len(strs) and end > 0 and strs[name:end] in names:
-                    found[strs[name:end]] = (value, shndx)
-            if len(found) == len(names):
-                return sections, found
-    raise bad(f"it lacks the symbols {b', '.join(sorted(names)).decode()}")
-
-
 def embedded_constants(so: Path, need: int) -> tuple[int, int]:
     """Where an AOTI .so built with ``package_constants_in_so=True`` keeps its weights.
 
@@ -427,7 +374,7 @@ def embedded_constants(so: Path, need: int) -> tuple[int, int]:
     fd, st = open_regular(so, "shared object")
     try:
         size = st.st_size
-        sections, syms = _elf_symbols(fd, size, what, {b"_binary_constants_bin_start", b"_binary_constants_bin_end"})
+        sections, syms = elf.symbols(fd, size, what, {b"_binary_constants_bin_start", b"_binary_constants_bin_end"})
         (start, sec), (end, sec_end) = syms[b"_binary_constants_bin_start"], syms[b"_binary_constants_bin_end"]
         if sec != sec_end or not 0 < sec < len(sections):
             raise BundleError(f"{what}: its constants symbols are not in one section; the .so is corrupt")
@@ -438,8 +385,8 @@ def embedded_constants(so: Path, need: int) -> tuple[int, int]:
         if need <= n:
             return at, n
         if n == 16:                            # force_mmap_weights: [size + 8, magic], weights at the end
-            total, magic = struct.unpack("<QQ", _pread(fd, 16, at, what))
-            tail = _pread(fd, 8, size - 8, what) if size >= 8 else b""
+            total, magic = struct.unpack("<QQ", pread_all(fd, 16, at, what))
+            tail = pread_all(fd, 8, size - 8, what) if size >= 8 else b""
             if 8 + need <= total <= size and (size - total) % 16384 == 0 and tail == struct.pack("<Q", magic):
                 return size - total, total - 8
         raise BundleError(f"{what} embeds {n} bytes of constants but its constants need {need}; the .so is "
@@ -676,37 +623,6 @@ def _pickled_constants(arc: _Archive, so: Path, device: Device, storages: dict[s
     return out, call_spec, at
 
 
-def _blob_size(so: Path) -> int:
-    """The bytes of weights blob a ``binary_blob`` .so reads (``GetConstantsBlobSize``: the
-    8-byte size its ``_binary_constants_bin_start`` holds)."""
-    what = f"shared object {so}"
-    fd, st = open_regular(so, "shared object")
-    try:
-        sections, syms = _elf_symbols(fd, st.st_size, what, {b"_binary_constants_bin_start"})
-        start, sec = syms[b"_binary_constants_bin_start"]
-        if not 0 < sec < len(sections):
-            raise BundleError(f"{what}: its constants symbol is in no section; the .so is corrupt")
-        _, kind, _, addr, offset, length, *_ = sections[sec]
-        if kind != 1 or not addr <= start <= start + 8 <= addr + length or offset + length > st.st_size:
-            raise BundleError(f"{what}: its constants symbol lies outside its section's bytes; the .so is corrupt")
-        return struct.unpack("<Q", _pread(fd, 8, offset + start - addr, what))[0]
-    finally:
-        os.close(fd)
-
-
-def _constant_bytes(so: Path, device: Device) -> int:
-    """The sum of the .so's ``GetConstantDataSize`` over its non-folded constants."""
-    obj = SharedObject(so)
-    try:
-        handle = obj.abi.create(str(device))    # weights outside the .so: allocates none
-        try:
-            return sum(c.data_size for c in obj.constants(handle) if not c.from_folded)
-        finally:
-            obj.abi.delete(handle)
-    finally:
-        obj.close()
-
-
 def _probe(so: Path, blob: Path | None, device: Device, what: str) -> tuple[list[tuple[ConstantSpec, int]], Any]:
     """Each constant's view and byte count as torch's own AOTI runner holds it, and the call spec."""
     try:
@@ -756,7 +672,7 @@ def _probe_model(arc: _Archive, root: str, name: str, files: dict[str, _Entry], 
             else:
                 store, base, length = blobs[0], 0, blob.file_size
             # torch's runner maps as many bytes as the .so says, whatever the file has
-            need = max(_blob_size(so), _constant_bytes(so, device))
+            need = blob_bytes_needed(so, device)
             if length < need:
                 raise BundleError(f"{what}: its weights blob has {length} bytes but the .so reads {need}; the "
                                   f"package is truncated or corrupt: re-create or re-copy it")
@@ -813,7 +729,7 @@ def _copy_range(fd: int, offset: int, n: int) -> Path:
             if hasattr(os, "copy_file_range"):
                 got = os.copy_file_range(fd, out, min(n - done, 1 << 30), offset + done)
             else:
-                got = os.write(out, _pread(fd, min(n - done, _CHUNK), offset + done, "package"))
+                got = os.write(out, pread_all(fd, min(n - done, _CHUNK), offset + done, "package"))
             if got <= 0:
                 raise BundleError(f"the package is truncated: its weights blob ends at byte {offset + done}")
             done += got

@@ -43,7 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from . import _bind, _cache, _memory, device as _device, loader
-from .abi import PROXY_EXECUTOR_CALL, SharedObject, blob_layout, imports_symbol, torch_shim
+from .abi import PROXY_EXECUTOR_CALL, SharedObject, blob_layout, torch_shim
+from .elf import imports_symbol
 from .bundle import (DTYPE_CODES, ITEMSIZE, Bundle, ConstantSpec, InputSpec, MethodSpec,
                      WeightSpec, divergent_fqns, file_identity, is_regular_file, read_bundle)
 from .digest import file_digests

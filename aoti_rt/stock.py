@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import device as _device
-from .abi import blob_layout
+from .abi import blob_bytes_needed, blob_layout
 from .bundle import (MANIFEST_MAX_BYTES, MethodSpec, WeightSpec, is_regular_file,
                      parse_method_and_weights, read_manifest_bytes, strict_json, weight_id)
 from .probe import probe_method
@@ -68,6 +68,17 @@ def _cached_probe(path: Path, fp: dict, so: Path, blob: Path) -> tuple[MethodSpe
     return spec, table
 
 
+def _check_blob_covers(so: Path, blob: Path, device: Device) -> None:
+    """A blob shorter than what the .so reads is refused before torch's runner maps it (the
+    runner maps the size the .so states without checking the file: a SIGBUS on the first
+    access past its end)."""
+    need = blob_bytes_needed(so, device)
+    size = blob.stat().st_size
+    if size < need:
+        raise BundleError(f"weights blob {blob} has {size} bytes but {so.name} reads {need}; it is truncated "
+                          f"or belongs to another .so: re-copy it or recompile")
+
+
 def probe_artifact(so: Path, blob: Path, device: Device) -> tuple[MethodSpec, dict[str, WeightSpec]]:
     """The manifest-equivalent of a stock artifact, from the cached probe or a new one."""
     fp = _fingerprint(so, blob)
@@ -75,6 +86,7 @@ def probe_artifact(so: Path, blob: Path, device: Device) -> tuple[MethodSpec, di
         hit = _cached_probe(p, fp, so, blob)
         if hit is not None:
             return hit
+    _check_blob_covers(so, blob, device)
     consts, call_spec, _ = probe_method(so, blob, str(device), mutated=set())
     weights: dict[str, WeightSpec] = {}
     specs = []

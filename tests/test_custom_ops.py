@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 import aoti_rt
-from aoti_rt.abi import PROXY_EXECUTOR_CALL, imports_symbol
+from aoti_rt.abi import PROXY_EXECUTOR_CALL
+from aoti_rt.elf import imports_symbol
 from aoti_rt.bundle import read_bundle
 from aoti_rt.compiler import _extern_kernels
 

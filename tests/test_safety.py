@@ -352,3 +352,24 @@ def test_unlookable_so_name_is_a_bundle_error(three_bundle, device, copy_bundle)
     edit_manifest(b, lambda raw: raw["methods"]["a"].__setitem__("so", "x" * 300))
     with pytest.raises(aoti_rt.BundleError, match="shared object"):
         aoti_rt.load(b, device=device)
+
+
+def test_stock_blob_shorter_than_the_so_reads_is_refused(stock_artifact, device, tmp_path):
+    """torch's runner maps as many blob bytes as the .so states without checking the file: a
+    truncated blob was a SIGBUS that killed the process. It is refused before the probe (run in
+    a child process, so a regression fails this test instead of killing the suite)."""
+    import shutil
+    import subprocess
+    import sys
+
+    so, blob, _ = stock_artifact
+    d = tmp_path / "art"
+    shutil.copytree(so.parent, d)
+    short = d / blob.relative_to(so.parent)
+    with open(short, "r+b") as f:
+        f.truncate(short.stat().st_size // 2)
+    code = (f"import aoti_rt\ntry:\n    aoti_rt.load_method({str(d / so.name)!r}, {str(short)!r}, device={device!r})\n"
+            f"except aoti_rt.BundleError as e:\n    print('REFUSED', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert "REFUSED" in r.stdout and "truncated" in r.stdout, r.stdout

@@ -1,0 +1,94 @@
+"""Read what aoti_rt needs from a shared object's ELF tables: sections and symbols.
+
+A 64-bit little-endian ELF file is untrusted input like the rest of a bundle or package:
+every offset and size is checked against the file before it is read, and anything that does
+not fit is a :class:`~aoti_rt.errors.BundleError`. Used to find the weights AOTI embeds in a
+.so (:mod:`aoti_rt.package`) and whether a .so calls operators through a proxy executor.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+from .bundle import open_regular, pread_all
+from .errors import BundleError
+
+#: symbol and string tables larger than this are refused (a real AOTI .so has a few MiB)
+TABLE_MAX = 256 << 20
+SHT_SYMTAB, SHT_STRTAB, SHT_DYNSYM = 2, 3, 11
+
+
+def _bad(what: str, why: str) -> BundleError:
+    return BundleError(f"{what}: {why}; the .so is corrupt or not an AOTInductor model for this machine")
+
+
+def sections(fd: int, size: int, what: str) -> list[tuple]:
+    """The section headers ``(name, type, flags, addr, offset, size, link, info, addralign,
+    entsize)`` of the ELF file open as ``fd`` (``size`` bytes)."""
+    hdr = pread_all(fd, 64, 0, what)
+    if len(hdr) < 64 or hdr[:4] != b"\x7fELF" or hdr[4] != 2 or hdr[5] != 1:
+        raise _bad(what, "not a 64-bit little-endian ELF file")
+    (shoff,) = struct.unpack_from("<Q", hdr, 0x28)
+    shentsize, shnum, _ = struct.unpack_from("<HHH", hdr, 0x3A)
+    if shentsize != 64 or shnum == 0 or shoff + 64 * shnum > size:
+        raise _bad(what, "its section header table is missing or outside the file")
+    table = pread_all(fd, 64 * shnum, shoff, what)
+    return [struct.unpack_from("<IIQQQQIIQQ", table, 64 * i) for i in range(shnum)]
+
+
+def symbol_table(fd: int, size: int, what: str, secs: list[tuple], kind: int) -> list[tuple[bytes, int, int]] | None:
+    """``(name, section index, value)`` of every symbol in the first table of ``kind``
+    (SHT_DYNSYM or SHT_SYMTAB), or None if the file has none."""
+    for s in secs:
+        if s[1] != kind:
+            continue
+        if s[9] != 24 or s[5] % 24 or s[5] > TABLE_MAX or s[4] + s[5] > size or s[6] >= len(secs):
+            raise _bad(what, "its symbol table is malformed")
+        strtab = secs[s[6]]
+        if strtab[1] != SHT_STRTAB or strtab[5] > TABLE_MAX or strtab[4] + strtab[5] > size:
+            raise _bad(what, "its symbol string table is malformed")
+        syms = pread_all(fd, s[5], s[4], what)
+        strs = pread_all(fd, strtab[5], strtab[4], what)
+        out = []
+        for name, _, _, shndx, value, _ in struct.iter_unpack("<IBBHQQ", syms):
+            end = strs.find(b"\0", name)
+            if name < len(strs) and end > 0:
+                out.append((strs[name:end], shndx, value))
+        return out
+    return None
+
+
+def symbols(fd: int, size: int, what: str, names: set[bytes]) -> tuple[list[tuple], dict[bytes, tuple[int, int]]]:
+    """The section headers and ``name -> (value, section index)`` of the wanted symbols
+    (from ``.dynsym``, else ``.symtab``); a BundleError if any is missing."""
+    secs = sections(fd, size, what)
+    for kind in (SHT_DYNSYM, SHT_SYMTAB):
+        table = symbol_table(fd, size, what, secs, kind)
+        if table is None:
+            continue
+        found = {name: (value, shndx) for name, shndx, value in table if name in names}
+        if len(found) == len(names):
+            return secs, found
+    raise _bad(what, f"it lacks the symbols {b', '.join(sorted(names)).decode()}")
+
+
+def imports_symbol(path: str | os.PathLike[str], name: str) -> bool | None:
+    """Whether the .so at ``path`` imports ``name`` (an undefined symbol of its ``.dynsym``);
+    None where it is not an ELF file this can read."""
+    try:
+        fd, st = open_regular(Path(path), "shared object")
+    except BundleError:
+        return None
+    try:
+        what = f"shared object {path}"
+        table = symbol_table(fd, st.st_size, what, sections(fd, st.st_size, what), SHT_DYNSYM)
+    except BundleError:
+        return None
+    finally:
+        os.close(fd)
+    if table is None:
+        return None
+    want = name.encode()
+    return any(n == want and shndx == 0 for n, shndx, _ in table)
