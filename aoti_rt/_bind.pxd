@@ -31,6 +31,7 @@ ctypedef int32_t (*f_update_pairs)(ContainerHandle, const ConstantMapEntry* pair
                                    c_bool use_inactive, c_bool validate_full_update) noexcept nogil
 ctypedef int32_t (*f_update_from_blob)(ContainerHandle, const uint8_t* blob) noexcept nogil
 ctypedef int32_t (*f_last_error)(const char** message) noexcept nogil
+ctypedef int32_t (*f_container_op)(ContainerHandle) noexcept nogil
 
 cdef struct ModelFns:
     # required by every AOTI .so aoti_rt runs
@@ -50,6 +51,8 @@ cdef struct ModelFns:
     f_get_call_spec get_call_spec
     f_update_pairs update_pairs
     f_update_from_blob update_from_blob
+    f_container_op swap_constant_buffer
+    f_container_op free_inactive_constant_buffer
     f_last_error last_error
 
 # ---- the libtorch shim functions that wrap memory as tensor handles ---------------------

@@ -33,6 +33,7 @@ ENTRY_POINTS = {
     _P + "GetConstantDtype": True, _P + "GetConstantType": False,
     _P + "GetConstantDataSize": False, _P + "GetConstantFromFolded": False,
     _P + "GetCallSpec": False, _P + "UpdateUserManagedConstantBufferPairs": False,
+    _P + "SwapConstantBuffer": False, _P + "FreeInactiveConstantBuffer": False,
     "AOTInductorModelUpdateConstantsFromBlob": False, "AOTInductorGetLastError": False,
 }
 
@@ -100,6 +101,9 @@ cdef class ModelABI:
         self.fns.get_call_spec = <f_get_call_spec><uintptr_t>_address(addresses, _P + "GetCallSpec")
         self.fns.update_pairs = <f_update_pairs><uintptr_t>_address(addresses, _P + "UpdateUserManagedConstantBufferPairs")
         self.fns.update_from_blob = <f_update_from_blob><uintptr_t>_address(addresses, "AOTInductorModelUpdateConstantsFromBlob")
+        self.fns.swap_constant_buffer = <f_container_op><uintptr_t>_address(addresses, _P + "SwapConstantBuffer")
+        self.fns.free_inactive_constant_buffer = <f_container_op><uintptr_t>_address(
+            addresses, _P + "FreeInactiveConstantBuffer")
         self.fns.last_error = <f_last_error><uintptr_t>_address(addresses, "AOTInductorGetLastError")
 
     def has(self, str name) -> bool:
@@ -133,19 +137,38 @@ cdef class ModelABI:
 
     # -- container lifecycle --------------------------------------------------------------
 
-    def create(self, str device) -> int:
-        """Create a container for ``device`` ("cpu", "cuda:N"); returns its handle."""
+    def create(self, str device, cubin_dir=None) -> int:
+        """Create a container for ``device`` ("cpu", "cuda:N"); returns its handle.
+        ``cubin_dir``: where a CUDA .so finds its kernel binaries (default: beside it)."""
         cdef ContainerHandle h = NULL
         cdef bytes dev = device.encode()
+        cdef bytes kernels = None if cubin_dir is None else str(cubin_dir).encode()
         cdef const char* d = dev
+        cdef const char* k = NULL if kernels is None else <const char*>kernels
         cdef int32_t rc
         self._has(<void*>self.fns.create_with_device, "CreateWithDevice")
         with nogil:
-            rc = self.fns.create_with_device(&h, 1, d, NULL)
+            rc = self.fns.create_with_device(&h, 1, d, k)
         self._ok(rc, "CreateWithDevice")
         if h == NULL:
             raise AOTIError(f"CreateWithDevice returned no container for {self.so_name}")
         return <uintptr_t>h
+
+    def swap_constant_buffer(self, uintptr_t container) -> None:
+        """Make the container's inactive constant buffer the active one (``SwapConstantBuffer``)."""
+        cdef int32_t rc
+        self._has(<void*>self.fns.swap_constant_buffer, "SwapConstantBuffer")
+        with nogil:
+            rc = self.fns.swap_constant_buffer(<ContainerHandle>container)
+        self._ok(rc, "SwapConstantBuffer")
+
+    def free_inactive_constant_buffer(self, uintptr_t container) -> None:
+        """Free the container's inactive constant buffer (``FreeInactiveConstantBuffer``)."""
+        cdef int32_t rc
+        self._has(<void*>self.fns.free_inactive_constant_buffer, "FreeInactiveConstantBuffer")
+        with nogil:
+            rc = self.fns.free_inactive_constant_buffer(<ContainerHandle>container)
+        self._ok(rc, "FreeInactiveConstantBuffer")
 
     def delete(self, uintptr_t container) -> None:
         """Delete a container (it stops pointing at any bound memory)."""

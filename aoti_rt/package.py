@@ -54,7 +54,6 @@ come from one package or several, and never across two loads.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import re
@@ -843,18 +842,6 @@ def _device_for(device: "str | Device | None", keys: dict[str, str], path: Path)
 
 # -- loading ---------------------------------------------------------------------------------
 
-def _c_entry(so: SharedObject, name: str, *argtypes):
-    """A C entry point of an opened .so that ModelABI does not bind (ctypes; releases the GIL)."""
-    lib = getattr(so, "_lib", None)
-    if lib is None:
-        raise AOTIError(f"{so.path.name} was unloaded")
-    try:
-        addr = ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
-    except AttributeError:
-        return None
-    return ctypes.CFUNCTYPE(ctypes.c_int32, *argtypes)(addr)
-
-
 class _PackageMethod(Method):
     """A :class:`Method` of a package's model: created with its extraction folder as AOTI's
     ``cubin_dir`` (where a CUDA .so finds its kernels), and for a .so that embeds its weights,
@@ -866,28 +853,16 @@ class _PackageMethod(Method):
         super().__init__(*args, **kwargs)
 
     def _create(self, so: SharedObject) -> int:
-        create = _c_entry(so, "AOTInductorModelContainerCreateWithDevice", ctypes.POINTER(ctypes.c_void_p),
-                          ctypes.c_size_t, ctypes.c_char_p, ctypes.c_char_p)
-        if create is None:
-            raise AOTIError(f"{so.path.name} lacks AOTInductorModelContainerCreateWithDevice; recompile it "
-                            f"with a newer torch")
-        handle = ctypes.c_void_p()
-        rc = create(ctypes.byref(handle), 1, self.device.encode(), str(self._folder).encode())
-        if rc != 0 or not handle.value:
-            raise AOTIError(f"CreateWithDevice failed in {so.path.name}: {so.abi.last_error() or 'see stderr'}")
-        return handle.value
+        return so.abi.create(self.device, self._folder)
 
     def _bind_shared(self, source, plan, progress, max_load_gbps=None, extern=None) -> None:
-        so, handle = self._binding.so, self._binding.handle
-        swap = _c_entry(so, "AOTInductorModelContainerSwapConstantBuffer", ctypes.c_void_p)
-        free = _c_entry(so, "AOTInductorModelContainerFreeInactiveConstantBuffer", ctypes.c_void_p)
-        trade = self._embedded and swap is not None and free is not None
-        if trade and swap(handle) != 0:       # the empty second buffer becomes the active one
-            raise AOTIError(f"method {self.name!r}: SwapConstantBuffer failed: {so.abi.last_error()}")
+        abi, handle = self._binding.so.abi, self._binding.handle
+        trade = self._embedded and abi.has("SwapConstantBuffer") and abi.has("FreeInactiveConstantBuffer")
+        if trade:
+            abi.swap_constant_buffer(handle)   # the empty second buffer becomes the active one
         super()._bind_shared(source, plan, progress, max_load_gbps, extern)
         if trade:
-            if free(handle) != 0:              # AOTI's own copy, made by CreateWithDevice
-                raise AOTIError(f"method {self.name!r}: FreeInactiveConstantBuffer failed: {so.abi.last_error()}")
+            abi.free_inactive_constant_buffer(handle)   # AOTI's own copy, made by CreateWithDevice
         elif self._embedded and self.spec.constants:
             self._keep_private(plan, "it lacks SwapConstantBuffer/FreeInactiveConstantBuffer")
 
