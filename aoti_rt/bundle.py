@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 import stat
@@ -134,11 +135,48 @@ class ConstantSpec:
 
 
 @dataclass
+class DimRange:
+    """The sizes one dynamic dimension of an input may take, as ``torch.export`` proved them.
+
+    A size is valid when ``min <= size <= max`` (``max`` None: no upper bound) and
+    ``(size - min) % step == 0`` (a derived dimension such as ``2 * T`` has step 2). The
+    dimensions of one method that share a ``symbol`` (one ``torch.export.Dim``) move together:
+    ``(size - min) // step`` is the same for all of them.
+    """
+
+    min: int
+    max: int | None
+    step: int = 1
+    symbol: str = ""
+
+
+@dataclass
 class InputSpec:
+    """One tensor input of a method (an input of its .so), in call order."""
+
     name: str
     dtype: str
     shape: list[int | None]   # None: a dynamic dimension
     device: str
+    #: per dimension (parallel to ``shape``): the range of a dynamic one; None for a static one
+    #: or one whose range export does not state as ``step * symbol + offset``. Absent (None)
+    #: in bundles written before ranges were recorded.
+    dims: list[DimRange | None] | None = None
+
+
+#: Python types a non-tensor input may be fixed to (what JSON can carry exactly)
+FIXED_INPUT_TYPES = (type(None), bool, int, float, str)
+
+
+@dataclass
+class FixedInput:
+    """A non-tensor input (``None``, a bool, an int, a float or a str) that ``torch.export``
+    specialised to its example value. The .so does not take it; a call must pass this value.
+    """
+
+    index: int               # its position among the call's flattened inputs (in_spec leaves)
+    name: str
+    value: None | bool | int | float | str
 
 
 @dataclass
@@ -149,6 +187,8 @@ class MethodSpec:
     in_spec: str | None
     out_spec: str | None
     constants: list[ConstantSpec]
+    #: non-tensor inputs fixed at export, in call order (absent in older bundles: none)
+    fixed_inputs: list[FixedInput] = field(default_factory=list)
 
 
 # -- strict JSON -----------------------------------------------------------------------------
@@ -313,6 +353,34 @@ def _dim(v: Any) -> int | None:
     return None if v is None else _int(v)
 
 
+def _positive(v: Any) -> int:
+    if _int(v) == 0:
+        raise _Invalid(f"must be an integer in [1, 2**62), not {_show(v)}")
+    return v
+
+
+def _optional(check: Check) -> Check:
+    def opt(v: Any) -> Any:
+        return None if v is None else check(v)
+    return opt
+
+
+def _fixed_value(v: Any) -> None | bool | int | float | str:
+    if v is None or type(v) is bool:
+        return v
+    if type(v) is int:
+        if not -MAX_INT < v < MAX_INT:
+            raise _Invalid(f"must be an integer in (-2**62, 2**62), not {_show(v)}")
+        return v
+    if type(v) is float:
+        if not math.isfinite(v):      # 1e999 parses to inf
+            raise _Invalid(f"must be a finite number, not {_show(v)}")
+        return v
+    if type(v) is str:
+        return _text(v, MAX_NAME)
+    raise _Invalid(f"must be null, a boolean, a number or a string, not {_show(v)}")
+
+
 def _list(item: Check, max_len: int | None = None) -> Check:
     def check(v: Any) -> list:
         if type(v) is not list:
@@ -378,11 +446,23 @@ def _record(cls: type, table: dict[str, _Field]) -> Check:
     return check
 
 
+DIM_FIELDS = {
+    "min": _Field(_int),
+    "max": _Field(_optional(_int)),
+    "step": _Field(_positive, 1),
+    "symbol": _Field(_short_text, ""),
+}
 INPUT_FIELDS = {
     "name": _Field(_name),
     "dtype": _Field(_dtype),
     "shape": _Field(_list(_dim, MAX_RANK)),
     "device": _Field(_name),
+    "dims": _Field(_optional(_list(_optional(_record(DimRange, DIM_FIELDS)), MAX_RANK)), None),
+}
+FIXED_INPUT_FIELDS = {
+    "index": _Field(_int),
+    "name": _Field(_name),
+    "value": _Field(_fixed_value),
 }
 CONSTANT_FIELDS = {
     "name": _Field(_name),
@@ -404,6 +484,7 @@ METHOD_FIELDS = {
     "in_spec": _Field(_opt_text, None),
     "out_spec": _Field(_opt_text, None),
     "constants": _Field(_list(_record(ConstantSpec, CONSTANT_FIELDS))),
+    "fixed_inputs": _Field(_list(_record(FixedInput, FIXED_INPUT_FIELDS)), []),
 }
 WEIGHT_FIELDS = {
     "id": _Field(_name),
@@ -507,6 +588,31 @@ def parse_method_and_weights(method: Any, weights: Any, where: str) -> tuple[Met
     return spec, table
 
 
+def _check_inputs(mname: str, m: MethodSpec) -> None:
+    """A method's inputs: each dimension range fits its shape; fixed inputs have distinct
+    positions among the call's ``len(inputs) + len(fixed_inputs)`` flattened inputs."""
+    for i, inp in enumerate(m.inputs):
+        if inp.dims is None:
+            continue
+        at = f"methods[{mname!r}].inputs[{i}] ({inp.name}).dims"
+        if len(inp.dims) != len(inp.shape):
+            raise _Invalid(f"has {len(inp.dims)} entries for a shape of rank {len(inp.shape)}", at)
+        for d, (size, r) in enumerate(zip(inp.shape, inp.dims)):
+            if r is None:
+                continue
+            if size is not None:
+                raise _Invalid(f"gives a range for static dimension {d} (size {size})", f"{at}[{d}]")
+            if r.max is not None and r.max < r.min:
+                raise _Invalid(f"has max {r.max} below min {r.min}", f"{at}[{d}]")
+    leaves = len(m.inputs) + len(m.fixed_inputs)
+    seen: set[int] = set()
+    for k, f in enumerate(m.fixed_inputs):
+        if f.index >= leaves or f.index in seen:
+            raise _Invalid(f"is {f.index}: positions of fixed inputs are distinct and below {leaves} "
+                           f"(inputs + fixed inputs)", f"methods[{mname!r}].fixed_inputs[{k}].index")
+        seen.add(f.index)
+
+
 def _check_manifest(man: Manifest) -> None:
     """The cross-field rules of a manifest (types are already checked)."""
     if not man.methods:
@@ -519,6 +625,7 @@ def _check_manifest(man: Manifest) -> None:
             raise _Invalid(f"is {_show(w.digest)}, but an immutable weight's id is its digest",
                            f"weights[{wid!r}].digest")
     for mname, m in man.methods.items():
+        _check_inputs(mname, m)
         names: set[str] = set()
         for i, c in enumerate(m.constants):
             def at(field: str = "") -> str:
@@ -863,6 +970,7 @@ def human_bytes(n: float) -> str:
     return f"{n}"
 
 
-__all__ = ["Bundle", "Manifest", "MethodSpec", "ConstantSpec", "WeightSpec", "InputSpec", "StoreHeader",
+__all__ = ["Bundle", "Manifest", "MethodSpec", "ConstantSpec", "WeightSpec", "InputSpec", "DimRange",
+           "FixedInput", "StoreHeader",
            "read_bundle", "read_store_header", "strict_json", "digest_ok", "parse_method_and_weights",
            "DTYPE_CODES", "human_bytes"]

@@ -223,3 +223,15 @@ def test_method_without_weights(tmp_path):
     assert read_bundle(path).manifest.weights == {}
     with aoti_rt.load(path) as m:
         torch.testing.assert_close(m.fwd(a, b), a * 2 + b)
+
+
+def test_store_holds_each_weight_typed(three_bundle, device):
+    """The store is written by aoti_rt itself: any safetensors reader gets the weights back
+    with their dtype and shape."""
+    params = {f"stack.{k}": v.detach().cpu() for k, v in make_stack(device).state_dict().items()}
+    b = read_bundle(three_bundle)
+    with safe_open(str(b.store_path), framework="pt") as f:
+        for w in b.manifest.weights.values():
+            t = f.get_tensor(w.tensor)
+            p = next(params[q] for q in w.fqns if q in params)
+            assert t.dtype == p.dtype and torch.equal(t, p), w.fqns
