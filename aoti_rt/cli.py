@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .errors import AotiRtError
+
 DESCRIPTION = """\
 aoti_rt runs multi-method AOTInductor models (an LLM's prefill and decode, an encoder and a
 decoder) keeping one copy of each weight in device memory, however many methods use it.
@@ -123,6 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "bench":
         return _bench(argv[1:])
     args = p.parse_args(argv)
+    try:
+        return _command(p, args)
+    except AotiRtError as e:              # a bad bundle or device: say so, no traceback
+        print(f"aoti_rt {args.cmd}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+
+
+def _command(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.cmd == "inspect":
         return _inspect(args)
     if args.cmd == "verify":

@@ -117,3 +117,13 @@ def test_no_import_cycle():
     # the load path does not import the compiler
     for m in ("runtime", "loader", "stock", "device", "abi", "bundle"):
         assert "compiler" not in graph[m], m
+
+
+def test_cli_reports_a_bad_bundle_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "aoti_rt", "inspect", str(tmp_path)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2
+    assert "BundleError" in r.stderr and "not an aoti_rt bundle" in r.stderr and "Traceback" not in r.stderr
