@@ -17,7 +17,7 @@ cdef struct ConstantMapEntry:           # AOTInductorConstantMapEntry (torch >= 
 
 ctypedef int32_t (*f_create_with_device)(ContainerHandle* out, size_t num_models,
                                          const char* device, const char* cubin_dir) noexcept nogil
-ctypedef int32_t (*f_delete)(ContainerHandle) noexcept nogil
+ctypedef int32_t (*f_container_op)(ContainerHandle) noexcept nogil      # Delete, Swap..., Free...
 ctypedef int32_t (*f_run)(ContainerHandle, AtenTensorHandle* inputs, size_t num_inputs,
                           AtenTensorHandle* outputs, size_t num_outputs, void* stream,
                           void* proxy_executor) noexcept nogil
@@ -31,12 +31,11 @@ ctypedef int32_t (*f_update_pairs)(ContainerHandle, const ConstantMapEntry* pair
                                    c_bool use_inactive, c_bool validate_full_update) noexcept nogil
 ctypedef int32_t (*f_update_from_blob)(ContainerHandle, const uint8_t* blob) noexcept nogil
 ctypedef int32_t (*f_last_error)(const char** message) noexcept nogil
-ctypedef int32_t (*f_container_op)(ContainerHandle) noexcept nogil
 
 cdef struct ModelFns:
     # required by every AOTI .so aoti_rt runs
     f_create_with_device create_with_device
-    f_delete delete
+    f_container_op delete
     f_run run
     f_get_count get_num_inputs
     f_get_count get_num_outputs
@@ -71,6 +70,7 @@ cdef class ModelABI:
     cdef readonly frozenset available      # the entry points this .so has
 
     cdef int _has(self, const void* fn, str name) except -1
+    cdef int _container_op(self, f_container_op fn, str name, uintptr_t container) except -1
     cdef str _why(self)
     cdef int _ok(self, int32_t rc, str what) except -1
 

@@ -87,7 +87,7 @@ cdef class ModelABI:
                             "Compile it with torch._inductor.aot_compile / aoti_rt.compile.")
         self.available = frozenset(n for n in ENTRY_POINTS if addresses.get(n))
         self.fns.create_with_device = <f_create_with_device><uintptr_t>_address(addresses, _P + "CreateWithDevice")
-        self.fns.delete = <f_delete><uintptr_t>_address(addresses, _P + "Delete")
+        self.fns.delete = <f_container_op><uintptr_t>_address(addresses, _P + "Delete")
         self.fns.run = <f_run><uintptr_t>_address(addresses, _P + "Run")
         self.fns.get_num_inputs = <f_get_count><uintptr_t>_address(addresses, _P + "GetNumInputs")
         self.fns.get_num_outputs = <f_get_count><uintptr_t>_address(addresses, _P + "GetNumOutputs")
@@ -156,27 +156,23 @@ cdef class ModelABI:
 
     def swap_constant_buffer(self, uintptr_t container) -> None:
         """Make the container's inactive constant buffer the active one (``SwapConstantBuffer``)."""
-        cdef int32_t rc
-        self._has(<void*>self.fns.swap_constant_buffer, "SwapConstantBuffer")
-        with nogil:
-            rc = self.fns.swap_constant_buffer(<ContainerHandle>container)
-        self._ok(rc, "SwapConstantBuffer")
+        self._container_op(self.fns.swap_constant_buffer, "SwapConstantBuffer", container)
 
     def free_inactive_constant_buffer(self, uintptr_t container) -> None:
         """Free the container's inactive constant buffer (``FreeInactiveConstantBuffer``)."""
+        self._container_op(self.fns.free_inactive_constant_buffer, "FreeInactiveConstantBuffer", container)
+
+    cdef int _container_op(self, f_container_op fn, str name, uintptr_t container) except -1:
+        """Call an entry point that takes only the container, without the GIL."""
         cdef int32_t rc
-        self._has(<void*>self.fns.free_inactive_constant_buffer, "FreeInactiveConstantBuffer")
+        self._has(<void*>fn, name)
         with nogil:
-            rc = self.fns.free_inactive_constant_buffer(<ContainerHandle>container)
-        self._ok(rc, "FreeInactiveConstantBuffer")
+            rc = fn(<ContainerHandle>container)
+        return self._ok(rc, name)
 
     def delete(self, uintptr_t container) -> None:
         """Delete a container (it stops pointing at any bound memory)."""
-        cdef int32_t rc
-        self._has(<void*>self.fns.delete, "Delete")
-        with nogil:
-            rc = self.fns.delete(<ContainerHandle>container)
-        self._ok(rc, "Delete")
+        self._container_op(self.fns.delete, "Delete", container)
 
     # -- metadata -------------------------------------------------------------------------
 
