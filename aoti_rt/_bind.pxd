@@ -75,6 +75,11 @@ cdef class ModelABI:
     cdef int _ok(self, int32_t rc, str what) except -1
 
 
+cdef class CallGate:
+    cdef long long inflight        # calls between enter() and exit() (atomic)
+    cdef long long closed          # close() began (atomic)
+
+
 cdef class BindPlan:
     cdef readonly Py_ssize_t n
     cdef readonly bint checked     # check() ran and the table matched: need() is known

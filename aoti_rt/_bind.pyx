@@ -19,8 +19,12 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t, uintptr_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset, strcmp
 
-from aoti_rt._memory cimport Buffer
-from aoti_rt.errors import AOTIError, BundleError
+from aoti_rt._memory cimport (Buffer, aoti_rt_atomic_add_acqrel, aoti_rt_atomic_load_acq,
+                              aoti_rt_atomic_or)
+from aoti_rt.errors import AOTIError, BundleError, ClosedError
+
+cdef extern from "unistd.h" nogil:
+    int usleep(unsigned int usec)
 
 _P = "AOTInductorModelContainer"
 
@@ -274,6 +278,36 @@ cdef class ModelABI:
         finally:
             free(ins)
             free(outs)
+
+
+# ----------------------------------------------------------------------------------------
+# Calls in flight
+
+cdef class CallGate:
+    """Counts a method's calls in flight so that closing it waits for them, at two atomic
+    operations a call (a Condition cost ~0.4 us a call). :meth:`enter` counts a call in, or
+    raises :class:`ClosedError` once :meth:`close` began; :meth:`close` then waits, without the
+    GIL, until every call that got in has left, so the container can be deleted."""
+
+    def enter(self, where="the method") -> None:
+        aoti_rt_atomic_add_acqrel(&self.inflight, 1)
+        if aoti_rt_atomic_load_acq(&self.closed):
+            aoti_rt_atomic_add_acqrel(&self.inflight, -1)
+            raise ClosedError(f"{where} is closed")
+
+    def exit(self) -> None:
+        aoti_rt_atomic_add_acqrel(&self.inflight, -1)
+
+    def close(self) -> None:
+        """Refuse new calls and wait until the running ones have left (idempotent)."""
+        aoti_rt_atomic_or(&self.closed, 1)
+        with nogil:
+            while aoti_rt_atomic_load_acq(&self.inflight) > 0:
+                usleep(200)
+
+    @property
+    def is_closed(self) -> bool:
+        return aoti_rt_atomic_load_acq(&self.closed) != 0
 
 
 # ----------------------------------------------------------------------------------------

@@ -134,9 +134,7 @@ class Method:
         #: the device it runs on, as torch spells it ("cpu", "cuda:0")
         self.device = str(rt.device)
         self._rt = rt
-        self._cv = threading.Condition()
-        self._inflight = 0
-        self._closed = False
+        self._gate = _bind.CallGate()     # calls in flight; close() waits for them
         self.bytes_read = 0      # weight bytes this method's load read from disk
         # fqn -> (buffer, constant, mutable): what weight() hands out
         self._buffers: dict[str, tuple[_memory.Buffer, ConstantSpec, bool]] = {}
@@ -619,25 +617,17 @@ class Method:
                 dtype, device or size, or a fixed input has another value.
             ClosedError: the method was closed. AOTIError: the .so's own run failed.
         """
-        import torch
-
-        with self._cv:
-            if self._closed:
-                raise ClosedError(f"method {self.name!r} is closed")
-            self._inflight += 1
+        self._gate.enter(self._where)
         try:
             leaves = self._flatten(args, kwargs)
             if self._binding.runner is None:
-                handles = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(list(leaves))
-                outs = self._abi.run(self._binding.handle, handles, self._n_out, self._stream(), self._where)
-                tensors = torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs(outs)
+                outs = self._abi.run(self._binding.handle, _to_handles(list(leaves)), self._n_out,
+                                     self._stream(), self._where)
+                tensors = _from_handles(outs)
             else:
                 tensors = self._run_runner(leaves)
         finally:
-            with self._cv:
-                self._inflight -= 1
-                if self._closed:
-                    self._cv.notify_all()
+            self._gate.exit()
         if self._out_kind == "single":
             return tensors[0]
         if self._out_kind == "tuple":
@@ -662,7 +652,7 @@ class Method:
         other model on the device, so it comes back as a copy: no caller can change what
         another model computes through it.
         """
-        if self._closed:
+        if self._gate.is_closed:
             raise ClosedError(f"method {self.name!r} is closed")
         try:
             buf, c, mutable = self._buffers[fqn]
@@ -673,14 +663,11 @@ class Method:
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._gate.is_closed
 
     def close(self) -> None:
         """Wait for running calls, delete the container and release this method's weights."""
-        with self._cv:
-            self._closed = True
-            while self._inflight:
-                self._cv.wait()
+        self._gate.close()
         self._buffers = {}
         self._finalizer()
 
@@ -691,8 +678,37 @@ class Method:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else self.device
+        state = "closed" if self.closed else self.device
         return f"<aoti_rt.Method {self.name} ({len(self.spec.constants)} constants, {state})>"
+
+
+def _is_package(path: "str | os.PathLike[str]") -> bool:
+    """A ``.pt2`` name, or a file that starts like a zip archive (a bundle is a directory)."""
+    if os.fspath(path).endswith(".pt2"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
+def _to_handles(tensors: list) -> list:
+    """Tensors as AtenTensorHandle capsules for Run (which steals them)."""
+    global _to_handles
+    import torch
+
+    _to_handles = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors    # bound once, then called directly
+    return _to_handles(tensors)
+
+
+def _from_handles(handles: list) -> list:
+    """Run's output handles as tensors (the handles are consumed)."""
+    global _from_handles
+    import torch
+
+    _from_handles = torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs
+    return _from_handles(handles)
 
 
 def bind_plan(constants: Sequence[ConstantSpec], where: str = "method") -> _bind.BindPlan:
@@ -944,8 +960,7 @@ def load(path: "str | Path | Mapping[str, Any]", *, device: "str | Device | None
     """
     if max_load_gbps is not None and not max_load_gbps > 0:
         raise ValueError(f"max_load_gbps must be a positive number of GB/s, not {max_load_gbps!r}")
-    if isinstance(path, Mapping) or (isinstance(path, (str, os.PathLike))
-                                     and (os.path.isfile(path) or os.fspath(path).endswith(".pt2"))):
+    if isinstance(path, Mapping) or (isinstance(path, (str, os.PathLike)) and _is_package(path)):
         from .package import load_package
 
         return load_package(path, device=device, methods=methods, progress=progress, verify=verify,
