@@ -469,7 +469,9 @@ def test_second_interrupt_while_joining_is_deferred(tmp_path):
     store = _store(tmp_path, data)
     rt = runtime("cpu")
     bufs = [rt.allocator.allocate(len(data))]
-    plan = _load.LoadPlan([0], [len(data)], bufs, BLOCK, verify=True)
+    # paced at 128 MB/s (0.5 s for 64 MiB): both workers are inside their loops together however
+    # busy the machine is (unpaced, one could finish before the other started)
+    plan = _load.LoadPlan([0], [len(data)], bufs, BLOCK, verify=True, max_bytes_per_s=128e6)
     seen = {"raised": 0, "in": True}
     finished = []
 
