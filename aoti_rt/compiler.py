@@ -296,8 +296,9 @@ def compile(programs: Mapping[str, Any], path: str | os.PathLike[str], *, device
             ``{"max_autotune": True}``); those in :data:`RESERVED_OPTIONS` are aoti_rt's.
         jobs: how many methods to compile at once, each in a worker process (forked on the
             CPU, a fresh interpreter for CUDA programs, which then holds its own copy of the
-            program's weights on the device). Default: one per CPU core, at most one per
-            method; 1 compiles them one after another in this process.
+            program's weights on the device). Default: for CPU programs one per core, at most
+            one per method; for CUDA programs 1 (one after another in this process) until the
+            parallel CUDA path has been measured on a GPU host.
 
     Returns:
         The bundle directory. It is written in a staging directory inside ``path`` and moved
@@ -365,22 +366,35 @@ def _publish(stage: Path, out: Path, overwrite: bool) -> None:
     stage.rmdir()
 
 
-def _check_jobs(jobs: int | None, n_methods: int) -> int:
+def _check_jobs(jobs: int | None, n_methods: int) -> int | None:
+    """``jobs`` checked and capped at the method count; None (the default) is decided once the
+    device is known (see :func:`_default_jobs`)."""
     if jobs is None:
-        return max(1, min(n_methods, os.cpu_count() or 1))
+        return None
     if type(jobs) is not int or jobs < 1:
         raise CompileError(f"jobs must be a positive int (methods compiled at once), not {jobs!r}")
     return min(jobs, n_methods)
 
 
+def _default_jobs(device: str, n_methods: int) -> int:
+    """One worker per core for CPU programs. CUDA programs compile one after another unless
+    ``jobs`` asks otherwise: their workers are fresh interpreters that each hold a copy of the
+    weights on the device, a path not yet measured on a GPU host."""
+    if device != "cpu":
+        return 1
+    return max(1, min(n_methods, os.cpu_count() or 1))
+
+
 def _compile(programs: Mapping[str, Any], out: Path, device: str | None, progress: bool,
-             options: dict[str, Any], jobs: int) -> Path:
+             options: dict[str, Any], jobs: int | None) -> Path:
     """The work of :func:`compile`, once its arguments and output directory are checked."""
     import torch
 
     eps = _export_programs(programs)
     signatures = {name: _signature(name, ep) for name, ep in eps.items()}   # before any AOTI work
     device = _resolve_device(eps, device)
+    if jobs is None:
+        jobs = _default_jobs(device, len(eps))
     mutated = set().union(*(_mutated_fqns(ep) for ep in eps.values()))
     with _Progress(len(eps) + 1, progress) as bar, tempfile.TemporaryDirectory(prefix="aoti_rt_") as tmp:
         todo = [_Job(name, Path(tmp) / name, out, device, mutated, *signatures[name], options)
