@@ -708,26 +708,42 @@ cdef class Stager:
         self.staging = tuple(pinned.allocate(chunk_bytes + 2 * _DIRECT_ALIGN) for i in range(depth))
         for i in range(depth):
             self.bufs[i] = <char*>(<Buffer>self.staging[i]).ptr
-        check(drv.ctx_push(self.ctx), "cuCtxPushCurrent")
-        try:
-            check(drv.stream_create(&self.stream, 1), "cuStreamCreate")    # non-blocking
-            for i in range(depth):
-                check(drv.event_create(&self.ev[i], 2), "cuEventCreate")   # disable timing
-                self.depth = i + 1
-        finally:
-            drv.ctx_pop(&prev)
+        # without the GIL: a driver call may wait for the driver's lock while another thread
+        # pins memory, and holding the GIL then would stall every Python thread (a model
+        # serving in this process) for that long
+        cdef CUresult rc = 0
+        cdef int step = 0                   # 1 push, 2 stream, 3 an event
+        with nogil:
+            rc = drv.ctx_push(self.ctx)
+            if rc != 0:
+                step = 1
+            else:
+                rc = drv.stream_create(&self.stream, 1)            # non-blocking
+                if rc != 0:
+                    step = 2
+                else:
+                    for i in range(depth):
+                        rc = drv.event_create(&self.ev[i], 2)      # disable timing
+                        if rc != 0:
+                            step = 3
+                            break
+                        self.depth = i + 1
+                drv.ctx_pop(&prev)
+        if rc != 0:
+            check(rc, ("cuCtxPushCurrent", "cuStreamCreate", "cuEventCreate")[step - 1])
 
     def __dealloc__(self):
         cdef CUcontext prev
         cdef int i
         if drv_ready and (self.stream != NULL or self.depth):
-            if drv.ctx_push(self.ctx) == 0:
-                if self.stream != NULL:
-                    drv.stream_sync(self.stream)
-                    drv.stream_destroy(self.stream)
-                for i in range(self.depth):
-                    drv.event_destroy(self.ev[i])
-                drv.ctx_pop(&prev)
+            with nogil:
+                if drv.ctx_push(self.ctx) == 0:
+                    if self.stream != NULL:
+                        drv.stream_sync(self.stream)
+                        drv.stream_destroy(self.stream)
+                    for i in range(self.depth):
+                        drv.event_destroy(self.ev[i])
+                    drv.ctx_pop(&prev)
 
     def run(self, LoadPlan plan, int fd, int worker=0, int nworkers=1, bint direct=False) -> None:
         """Move worker ``worker``'s chunks to the device.
