@@ -46,6 +46,30 @@ class ConstantInfo:
     from_folded: bool
 
 
+@dataclass(frozen=True)
+class Description:
+    """What a .so's C ABI tells about it, read from a container made for the purpose."""
+
+    constants: list[ConstantInfo]
+    call_spec: tuple[str, str] | None
+    num_inputs: int
+
+
+def describe(path: str | os.PathLike[str], device: object) -> Description:
+    """Open the .so at ``path``, create a container on ``device`` (a .so whose weights are not
+    inside it allocates none for them), read its constant table, call spec and input count,
+    then delete the container and unload the .so."""
+    so = SharedObject(path)
+    try:
+        handle = so.abi.create(str(device))
+        try:
+            return Description(so.constants(handle), so.abi.call_spec(handle), so.abi.num_inputs(handle))
+        finally:
+            so.abi.delete(handle)
+    finally:
+        so.close()
+
+
 def blob_layout(data_sizes: Sequence[int]) -> tuple[list[int], int]:
     """AOTI's ``binary_blob`` format: ``(offset of each constant, total bytes)``.
 
@@ -192,13 +216,5 @@ def blob_bytes_needed(so: Path, device: object) -> int:
         stated = struct.unpack("<Q", pread_all(fd, 8, offset + start - addr, what))[0]
     finally:
         os.close(fd)
-    obj = SharedObject(so)
-    try:
-        handle = obj.abi.create(str(device))    # weights outside the .so: allocates none
-        try:
-            summed = sum(c.data_size for c in obj.constants(handle) if not c.from_folded)
-        finally:
-            obj.abi.delete(handle)
-    finally:
-        obj.close()
+    summed = sum(c.data_size for c in describe(so, device).constants if not c.from_folded)
     return max(stated, summed)

@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Union
 
 from . import device as _device, elf, loader
-from .abi import SharedObject, blob_bytes_needed, blob_layout
+from .abi import SharedObject, blob_bytes_needed, blob_layout, describe
 from .bundle import (DTYPE_NAMES, MANIFEST_MAX_BYTES, MAX_INT, MAX_RANK, ConstantSpec, Manifest, MethodSpec,
                      WeightSpec, divergent_fqns, is_regular_file, open_regular, parse_method_and_weights, pread_all,
                      read_manifest_bytes, strict_json, weight_id)
@@ -586,16 +586,8 @@ def _pickled_constants(arc: _Archive, so: Path, device: Device, storages: dict[s
                        what: str) -> tuple[list[tuple[ConstantSpec, int]], Any, list[int]]:
     """The constants of a ``pickle_weights`` .so: names, dtypes, kinds and sizes from its C ABI,
     views from ``weights_config.json``, digests of the stored bytes."""
-    obj = SharedObject(so)
-    try:
-        handle = obj.abi.create(str(device))    # no weights in the .so: allocates none
-        try:
-            infos = obj.constants(handle)
-            call_spec = obj.abi.call_spec(handle)
-        finally:
-            obj.abi.delete(handle)
-    finally:
-        obj.close()
+    d = describe(so, device)                     # no weights in the .so: allocates none
+    infos, call_spec = d.constants, d.call_spec
     ranges = sorted({(p.offset, p.nbytes) for p in storages.values()})
     digests = dict(zip(ranges, file_digests(arc.path, ranges)))
     out, at = [], []

@@ -43,17 +43,10 @@ def storage_bytes(t) -> bytes:
 
 def probe_method(so_path: Path, blob: Path | None, device: str, mutated: set[str]):
     """Describe a compiled method's constants: ([(ConstantSpec, storage bytes)], call spec, n_in)."""
-    from .abi import SharedObject
+    from .abi import describe
 
-    so = SharedObject(so_path)
-    handle = so.abi.create(device)
-    try:
-        infos = so.constants(handle)
-        spec = so.abi.call_spec(handle)
-        n_in = so.abi.num_inputs(handle)
-    finally:
-        so.abi.delete(handle)
-        so.close()
+    d = describe(so_path, device)
+    infos, spec, n_in = d.constants, d.call_spec, d.num_inputs
     runner, tensors = _probe(so_path, blob, device)
     out = []
     try:
