@@ -12,6 +12,7 @@ written here too (:func:`blob_layout`), once for the runtime, the stock loader a
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import struct
 import threading
@@ -170,6 +171,13 @@ class SharedObject:
             import _ctypes
 
             _ctypes.dlclose(lib._handle)
+
+    @functools.cached_property
+    def calls_proxy_executor(self) -> bool | None:
+        """Whether the .so calls operators through AOTI's proxy executor (it imports
+        :data:`PROXY_EXECUTOR_CALL`); None where its ELF tables cannot be read. Read once per
+        opened file, not per method load."""
+        return elf.imports_symbol(self.path, PROXY_EXECUTOR_CALL)
 
     def has(self, name: str) -> bool:
         """Whether the .so exports entry point ``name`` (with or without the container prefix)."""

@@ -43,8 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _bind, _cache, _memory, device as _device, loader
-from .abi import PROXY_EXECUTOR_CALL, SharedObject, blob_layout, torch_shim
-from .elf import imports_symbol
+from .abi import SharedObject, blob_layout, torch_shim
 from .bundle import (DTYPE_CODES, ITEMSIZE, Bundle, ConstantSpec, InputSpec, MethodSpec,
                      WeightSpec, divergent_fqns, file_identity, is_regular_file, read_bundle)
 from .digest import file_digests
@@ -319,7 +318,7 @@ class Method:
         torch's runner looks for exactly ``<so stem>.json``, so that is where it must be. A .so
         that does not import the proxy executor's entry point runs directly, JSON or not."""
         path = so.path.with_suffix(".json")
-        needs = imports_symbol(so.path, PROXY_EXECUTOR_CALL)
+        needs = so.calls_proxy_executor
         if needs is False:
             return None
         if not is_regular_file(path):
@@ -413,6 +412,9 @@ class Method:
         from torch.utils import _pytree as pytree
 
         n_in, n_out = self._n_in, self._n_out
+        # tensors as the handles Run steals, and its output handles as tensors
+        self._to_handles = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors
+        self._from_handles = torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs
         self._flat_in = self._in_spec is None or \
             self._in_spec == pytree.tree_flatten((tuple(range(n_in)), {}))[1]
         if self._out_spec is None:
@@ -621,9 +623,9 @@ class Method:
         try:
             leaves = self._flatten(args, kwargs)
             if self._binding.runner is None:
-                outs = self._abi.run(self._binding.handle, _to_handles(list(leaves)), self._n_out,
+                outs = self._abi.run(self._binding.handle, self._to_handles(list(leaves)), self._n_out,
                                      self._stream(), self._where)
-                tensors = _from_handles(outs)
+                tensors = self._from_handles(outs)
             else:
                 tensors = self._run_runner(leaves)
         finally:
@@ -691,24 +693,6 @@ def _is_package(path: "str | os.PathLike[str]") -> bool:
             return f.read(4) == b"PK\x03\x04"
     except OSError:
         return False
-
-
-def _to_handles(tensors: list) -> list:
-    """Tensors as AtenTensorHandle capsules for Run (which steals them)."""
-    global _to_handles
-    import torch
-
-    _to_handles = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors    # bound once, then called directly
-    return _to_handles(tensors)
-
-
-def _from_handles(handles: list) -> list:
-    """Run's output handles as tensors (the handles are consumed)."""
-    global _from_handles
-    import torch
-
-    _from_handles = torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs
-    return _from_handles(handles)
 
 
 def bind_plan(constants: Sequence[ConstantSpec], where: str = "method") -> _bind.BindPlan:
