@@ -69,7 +69,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Union
 
-from . import device as _device, elf, loader
+from . import device as _device, elf
 from .abi import SharedObject, blob_bytes_needed, blob_layout, describe
 from .bundle import (DTYPE_NAMES, MANIFEST_MAX_BYTES, MAX_INT, MAX_RANK, ConstantSpec, Manifest, MethodSpec,
                      WeightSpec, divergent_fqns, is_regular_file, open_regular, parse_method_and_weights, pread_all,
@@ -895,7 +895,6 @@ class PackageModel(Model):
         self.bundle = None
         self.packages = [p for p, _ in groups]
         rt = _device.get(device)
-        loader.prepare(rt)         # pin the staging pool while the .so files open
         self.device = str(rt.device)
         self._methods: dict[str, Method] = {}
         scope = None

@@ -138,6 +138,7 @@ class Method:
         # fqn -> (buffer, constant, mutable): what weight() hands out
         self._buffers: dict[str, tuple[_memory.Buffer, ConstantSpec, bool]] = {}
         self._runner_lock = threading.Lock()
+        loader.prepare(rt)         # pin the staging pool (once per device) while the .so opens
         so = SharedObject.open(so_path)
         try:
             # False: a legacy .so, weights private to AOTI
@@ -835,7 +836,6 @@ class Model:
         self.bundle = bundle
         self.manifest = bundle.manifest
         rt = _device.get(device)
-        loader.prepare(rt)         # pin the staging pool while the .so files open
         #: the device it runs on, as torch spells it ("cpu", "cuda:0")
         self.device = str(rt.device)
         self._methods: dict[str, Method] = {}
