@@ -3,6 +3,7 @@
 pointers (:class:`ModelABI`), and one method's constants as C arrays (:class:`BindPlan`).
 See ``_bind.pyx``."""
 
+from cpython.pythread cimport PyThread_type_lock
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t, uintptr_t
 
 # ---- torch/csrc/inductor/aoti_runtime/interface.h (every call returns 0 on success) -----
@@ -53,6 +54,7 @@ cdef struct ModelFns:
     f_container_op swap_constant_buffer
     f_container_op free_inactive_constant_buffer
     f_last_error last_error
+    f_run run_single_threaded
 
 # ---- the libtorch shim functions that wrap memory as tensor handles ---------------------
 
@@ -78,6 +80,7 @@ cdef class ModelABI:
 cdef class CallGate:
     cdef long long inflight        # calls between enter() and exit() (atomic)
     cdef long long closed          # close() began (atomic)
+    cdef PyThread_type_lock launch # held while a call launches on the container (RunSingleThreaded)
 
 
 cdef class BindPlan:

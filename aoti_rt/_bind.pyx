@@ -15,6 +15,8 @@ Ownership, in one line each:
 """
 
 from cpython.pycapsule cimport PyCapsule_New, PyCapsule_GetPointer
+from cpython.pythread cimport (PyThread_acquire_lock, PyThread_allocate_lock, PyThread_free_lock,
+                               PyThread_release_lock, WAIT_LOCK)
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t, uintptr_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset, strcmp
@@ -39,6 +41,7 @@ ENTRY_POINTS = {
     _P + "GetCallSpec": False, _P + "UpdateUserManagedConstantBufferPairs": False,
     _P + "SwapConstantBuffer": False, _P + "FreeInactiveConstantBuffer": False,
     "AOTInductorModelUpdateConstantsFromBlob": False, "AOTInductorGetLastError": False,
+    _P + "RunSingleThreaded": False,
 }
 
 #: AOTI constant type codes (model_base.h ConstantType)
@@ -109,6 +112,7 @@ cdef class ModelABI:
         self.fns.free_inactive_constant_buffer = <f_container_op><uintptr_t>_address(
             addresses, _P + "FreeInactiveConstantBuffer")
         self.fns.last_error = <f_last_error><uintptr_t>_address(addresses, "AOTInductorGetLastError")
+        self.fns.run_single_threaded = <f_run><uintptr_t>_address(addresses, _P + "RunSingleThreaded")
 
     def has(self, str name) -> bool:
         """Whether the .so exports entry point ``name`` (with or without the container prefix)."""
@@ -248,8 +252,17 @@ cdef class ModelABI:
         self._ok(rc, "AOTInductorModelUpdateConstantsFromBlob")
 
     def run(self, uintptr_t container, list input_handles, Py_ssize_t num_outputs,
-            uintptr_t stream, where="the method"):
-        """Call ``Run`` without the GIL; returns the output handles as PyCapsules.
+            uintptr_t stream, where="the method", CallGate gate=None):
+        """Run the container on ``stream`` without the GIL; returns the output handles as
+        PyCapsules.
+
+        With a ``gate`` (the method's :class:`CallGate`) and a .so that has it, this calls
+        ``RunSingleThreaded`` under the gate's launch lock: it only launches the kernels on
+        ``stream``. ``Run`` instead hands out the container's one model instance through a
+        queue that waits for the previous call's kernels to finish (``cudaEventSynchronize``:
+        the CPU never runs ahead of the GPU by more than one call) and queries that event
+        (``cudaEventQuery``), which a stream being captured into a CUDA graph forbids.
+        Calls still launch one at a time, so the instance's state is never shared by two.
 
         ``input_handles`` are PyCapsules from ``unsafe_alloc_void_ptrs_from_tensors``, which
         AOTI steals; the outputs go to ``alloc_tensors_by_stealing_from_void_ptrs``. Raises
@@ -259,7 +272,12 @@ cdef class ModelABI:
         cdef AtenTensorHandle* ins = <AtenTensorHandle*>malloc(max(n_in, 1) * sizeof(AtenTensorHandle))
         cdef AtenTensorHandle* outs = <AtenTensorHandle*>malloc(max(num_outputs, 1) * sizeof(AtenTensorHandle))
         cdef int32_t rc
-        if self.fns.run == NULL:
+        cdef f_run fn = self.fns.run
+        cdef PyThread_type_lock lock = NULL
+        if gate is not None and self.fns.run_single_threaded != NULL:
+            fn = self.fns.run_single_threaded
+            lock = gate.launch
+        if fn == NULL:
             free(ins); free(outs)
             self._has(NULL, "Run")
         if ins == NULL or outs == NULL:
@@ -270,8 +288,11 @@ cdef class ModelABI:
                 ins[i] = PyCapsule_GetPointer(input_handles[i], NULL)
             memset(outs, 0, max(num_outputs, 1) * sizeof(AtenTensorHandle))
             with nogil:
-                rc = self.fns.run(<ContainerHandle>container, ins, n_in, outs, num_outputs,
-                                  <void*>stream, NULL)
+                if lock != NULL:
+                    PyThread_acquire_lock(lock, WAIT_LOCK)
+                rc = fn(<ContainerHandle>container, ins, n_in, outs, num_outputs, <void*>stream, NULL)
+                if lock != NULL:
+                    PyThread_release_lock(lock)
             if rc != 0:
                 raise AOTIError(f"{where} failed in AOTI Run: {self._why()}")
             return [PyCapsule_New(outs[i], NULL, NULL) for i in range(num_outputs)]
@@ -287,7 +308,17 @@ cdef class CallGate:
     """Counts a method's calls in flight so that closing it waits for them, at two atomic
     operations a call (a Condition cost ~0.4 us a call). :meth:`enter` counts a call in, or
     raises :class:`ClosedError` once :meth:`close` began; :meth:`close` then waits, without the
-    GIL, until every call that got in has left, so the container can be deleted."""
+    GIL, until every call that got in has left, so the container can be deleted. Its launch
+    lock lets one call at a time launch on the container (:meth:`ModelABI.run`)."""
+
+    def __cinit__(self):
+        self.launch = PyThread_allocate_lock()
+        if self.launch == NULL:
+            raise MemoryError("CallGate")
+
+    def __dealloc__(self):
+        if self.launch != NULL:
+            PyThread_free_lock(self.launch)
 
     def enter(self, where="the method") -> None:
         aoti_rt_atomic_add_acqrel(&self.inflight, 1)

@@ -625,7 +625,7 @@ class Method:
             leaves = self._flatten(args, kwargs)
             if self._binding.runner is None:
                 outs = self._abi.run(self._binding.handle, self._to_handles(list(leaves)), self._n_out,
-                                     self._stream(), self._where)
+                                     self._stream(), self._where, self._gate)
                 tensors = self._from_handles(outs)
             else:
                 tensors = self._run_runner(leaves)

@@ -8,6 +8,10 @@ same .so (the bundle's ``decode.so``): aoti_rt through ``aoti_rt.load``, torch t
 calls with a synchronize only before and after it; the variants' loops are interleaved, in
 rotating order, so host drift between them does not favour one; the table gives
 microseconds per call (median and best over the samples).
+
+On CUDA two more rows: the same call captured once into a CUDA graph (``torch.cuda.graph``)
+and replayed, and a second table with the demo LM's decode step (embedding, attention over
+the KV cache, MLP, head: tens of kernels), called vs replayed from a captured graph.
 """
 
 from __future__ import annotations
@@ -78,6 +82,47 @@ def run(args: argparse.Namespace, report: common.Report) -> None:
     table.notes.append(f"outputs agree: max |difference| to the stock runner = {diff:.3g}")
     table.notes.append("aoti_rt and stock run the same .so; the difference is the calling path "
                        "(input checks, pytree, handle conversion, Run)")
+    if common.is_cuda(dev):
+        _decode_graph(args, report, calls, samples)
+
+
+def _captured(fn: Callable[[], object]) -> tuple[Callable[[], object], object]:
+    """``fn`` captured into a CUDA graph (after a warm-up on a side stream): (replay, output)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph.replay, out
+
+
+def _decode_graph(args: argparse.Namespace, report: common.Report, calls: int, samples: int) -> None:
+    """The demo LM's decode step through aoti_rt, called and replayed from a CUDA graph."""
+    from aoti_rt import demo
+
+    dev = args.device
+    built = common.build_model(args.cache, "call_lm", {"demo": demo.DEMO_VERSION},
+                               lambda: demo.export_methods(demo.make_model(dev)), dev)
+    table = report.table("decode step of the demo LM (4 layers, KV cache) through aoti_rt, called vs "
+                         "replayed from a CUDA graph", [
+                             ("variant", "variant", "{}"), ("us_median", "us/step median", "{:.2f}"),
+                             ("us_best", "us/step best", "{:.2f}")])
+    with aoti_rt.load(built.path, device=dev) as model, torch.no_grad():
+        tok = torch.tensor([3], device=dev)
+        pos = torch.tensor([8], device=dev)
+        replay, out = _captured(lambda: model.decode(tok, pos))
+        replay()
+        diff = float((out - model.decode(tok, pos)).abs().max())
+        results = per_call({"aoti_rt model.decode(tok, pos)": lambda: model.decode(tok, pos),
+                            "the same, captured: CUDAGraph.replay()": replay}, dev, calls // 4, samples)
+    for variant, us in results.items():
+        best, median = common.best_median(us)
+        table.add(variant=variant, us_median=median, us_best=best, samples_us=us)
+    table.notes.append(f"replayed output vs a call: max |difference| = {diff:.3g}")
 
 
 def measure(path: Path, dev: str, calls: int, samples: int) -> tuple[dict[str, list[float]], float]:
@@ -91,9 +136,12 @@ def measure(path: Path, dev: str, calls: int, samples: int) -> tuple[dict[str, l
         method = model.decode
         ref = runner.run([x])[0]
         diff = max(float((method(x) - ref).abs().max()), float((eager(x) - ref).abs().max()))
-        results = per_call({STOCK: lambda: runner.run([x]),
-                            "aoti_rt Method(x)": lambda: method(x),
-                            "eager nn.Module(x) (reference)": lambda: eager(x)}, dev, calls, samples)
+        fns = {STOCK: lambda: runner.run([x]),
+               "aoti_rt Method(x)": lambda: method(x),
+               "eager nn.Module(x) (reference)": lambda: eager(x)}
+        if common.is_cuda(dev):
+            fns["aoti_rt Method(x) captured in a CUDA graph, replay()"] = _captured(lambda: method(x))[0]
+        results = per_call(fns, dev, calls, samples)
     return results, diff
 
 

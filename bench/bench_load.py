@@ -73,8 +73,10 @@ COLUMNS = [
 ]
 
 
-def spec_for(size: str) -> common.StackSpec:
-    layers, dim = (16, 8192) if size == "full" else (4, 256)
+def spec_for(size: str, layers: int | None = None) -> common.StackSpec:
+    """The bench_load model: 16 x Linear(8192, 8192) bf16 on ``full``; ``layers`` overrides the depth."""
+    depth, dim = (16, 8192) if size == "full" else (4, 256)
+    layers = layers or depth
     return common.StackSpec(layers, dim, (("prefill", 0, layers, 4), ("decode", 0, layers, 1)))
 
 

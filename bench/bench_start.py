@@ -300,11 +300,13 @@ def run(args: argparse.Namespace, report: Any) -> None:
     if not common.is_cuda(dev):
         report.notes.append("start-up rows need a CUDA device: nothing measured")
         return
-    spec = spec_for(args.size)
+    spec = spec_for(args.size, args.layers)
     report.params.update(spec.params())
     built = common.build_model(args.cache, "load", spec.params(), partial(spec.programs, dev), dev)
-    _, so, blob = common.build_stock(args.cache, "load_prefill", spec.params(),
-                                     lambda: spec.programs(dev)["prefill"], dev)
+    full = args.rows == "all"
+    if full:
+        _, so, blob = common.build_stock(args.cache, "load_prefill", spec.params(),
+                                         lambda: spec.programs(dev)["prefill"], dev)
     bundle = aoti_rt.read_bundle(built.path)
     nbytes = bundle.manifest.unique_weight_bytes(list(bundle.manifest.methods))
     prefill_bytes = bundle.manifest.unique_weight_bytes(["prefill"])
@@ -322,7 +324,7 @@ def run(args: argparse.Namespace, report: Any) -> None:
                   repeat_s=r.get("repeat_s"), staging_bytes=r.get("staging_bytes"))
 
     def warm() -> None:
-        for p in (bundle.store_path, blob):
+        for p in (bundle.store_path, blob) if full else (bundle.store_path,):
             common.read_file(p)
 
     warm()
@@ -333,8 +335,9 @@ def run(args: argparse.Namespace, report: Any) -> None:
             report.notes.append("profile of the first load (default config):\n" + r.get("profile", ""))
             first = False
         add("aoti_rt.load (page cache warm)", label, r)
-    add("stock AOTI runner + blob (prefill)", "-",
-        _spawn("stock", {**base, "so": str(so), "blob": str(blob), "nbytes": prefill_bytes}))
+    if full:
+        add("stock AOTI runner + blob (prefill)", "-",
+            _spawn("stock", {**base, "so": str(so), "blob": str(blob), "nbytes": prefill_bytes}))
     add("safetensors.torch.load_file", "-", _spawn("safetensors", {**base, "store": str(bundle.store_path)}))
     add("host->device copy, pinned (ceiling)", "-", _spawn("ceiling", base))
     r = _spawn("host", base)
@@ -344,6 +347,9 @@ def run(args: argparse.Namespace, report: Any) -> None:
     r = _spawn("aoti", {**base, "repeats": 0})
     report.notes.append(f"import torch {r['import_torch_s']:.2f} s, then import aoti_rt "
                         f"{r['import_aoti_rt_s']:.2f} s (not in the rows)")
+    if not full:
+        report.notes.append("--rows first: the stock, cold, pinning and serving rows were not run")
+        return
 
     # a cold page cache
     why = _drop_caches()
@@ -394,6 +400,10 @@ def _extra(p: argparse.ArgumentParser) -> None:
     p.add_argument("--configs", default=None,
                    help="loader configurations to compare, 'chunk_mib,depth,workers[,huge_pages];...' "
                         "(0: default)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="depth of the model (default 16 on --size full; 80 gives a 10.7 GB model)")
+    p.add_argument("--rows", choices=("all", "first"), default="all",
+                   help="first: only the page-cache rows (first/repeat load, safetensors, copy ceiling)")
     p.add_argument("--serve-cap", type=float, default=10.0, help="max_load_gbps of the capped serving row")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-args", default=None, help=argparse.SUPPRESS)
