@@ -320,6 +320,15 @@ cdef class CallGate:
         if self.launch != NULL:
             PyThread_free_lock(self.launch)
 
+    def lock_launch(self) -> None:
+        """Wait until no call is launching, and keep others from launching until
+        :meth:`unlock_launch` (rebinding a container's constants needs that)."""
+        with nogil:
+            PyThread_acquire_lock(self.launch, WAIT_LOCK)
+
+    def unlock_launch(self) -> None:
+        PyThread_release_lock(self.launch)
+
     def enter(self, where="the method") -> None:
         aoti_rt_atomic_add_acqrel(&self.inflight, 1)
         if aoti_rt_atomic_load_acq(&self.closed):

@@ -195,6 +195,43 @@ cdef class WeightCache:
             e.aliases.append(new_key)
             return True
 
+    def forget(self, key) -> bool:
+        """Unlink the entry named ``key`` (and its aliases) so that no later :meth:`acquire`
+        finds it; whoever holds it keeps it (its references and Buffer are untouched).
+
+        For memory whose bytes no longer are what the key says (``update_weights`` wrote new
+        values into it). Returns False if no entry has that name."""
+        cdef _Entry e
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None:
+                return False
+            for k in [e.key] + (e.aliases or []):
+                if self._entries.get(k) is e:
+                    del self._entries[k]
+            return True
+
+    def replace(self, Acquisition acq, Py_ssize_t i, Buffer buffer):
+        """Give back ``acq``'s reference to its ``i``-th entry and hold ``buffer`` there
+        instead, as a private entry no key names (a copy-on-write replacement); it goes with
+        the acquisition's release like the others."""
+        cdef _Entry e, mine
+        with self._lock:
+            if acq.released:
+                raise AotiRtError("the acquisition was released")
+            e = acq.entries[i]
+            e.refs -= 1
+            if e.refs <= 0:
+                for k in [e.key] + (e.aliases or []):
+                    if self._entries.get(k) is e:
+                        del self._entries[k]
+            mine = _Entry.__new__(_Entry)
+            mine.key = None
+            mine.buffer = buffer
+            mine.refs = 1
+            acq.entries[i] = mine
+            acq.buffers[i] = buffer
+
     def buffer(self, key):
         """The Buffer cached under ``key``, or None (the cache count is unchanged)."""
         cdef _Entry e = self._entries.get(key)

@@ -72,6 +72,10 @@ ITEMSIZE = {
     "float8_e5m2": 1, "float8_e4m3fn": 1, "float8_e5m2fnuz": 1, "float8_e4m3fnuz": 1,
     "uint16": 2, "uint32": 4, "uint64": 8,
 }
+#: dtype -> its safetensors name, for the dtypes every safetensors reader knows
+ST_DTYPES = {"bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "int32": "I32", "int64": "I64",
+             "float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64",
+             "float8_e5m2": "F8_E5M2", "float8_e4m3fn": "F8_E4M3"}
 CONSTANT_KINDS = ("parameter", "buffer", "tensor_constant", "folded", "unknown")
 
 _RECOMPILE = "the bundle is corrupt or was not written by aoti_rt.compile(): recompile it"

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .bundle import (FIXED_INPUT_TYPES, ITEMSIZE, MANIFEST, MAX_INT, MAX_NAME, STORE, ConstantSpec,
+from .bundle import (FIXED_INPUT_TYPES, ITEMSIZE, MANIFEST, MAX_INT, MAX_NAME, ST_DTYPES, STORE, ConstantSpec,
                      DimRange, FixedInput, InputSpec, Manifest, MethodSpec, WeightSpec,
                      divergent_fqns, dtype_name, read_store_header, safe_tensor_name, weight_id)
 from .errors import AotiRtError, CompileError
@@ -835,20 +835,16 @@ class _WeightTable:
             assert e - b == w.nbytes, (w.tensor, e - b, w.nbytes)
 
 
-#: dtype -> its safetensors name, for the dtypes every safetensors reader knows
-_ST_DTYPES = {"bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "int32": "I32", "int64": "I64",
-              "float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64",
-              "float8_e5m2": "F8_E5M2", "float8_e4m3fn": "F8_E4M3"}
-_ST_ITEMSIZE = {st: ITEMSIZE[dt] for dt, st in _ST_DTYPES.items()}
+_ST_ITEMSIZE = {st: ITEMSIZE[dt] for dt, st in ST_DTYPES.items()}
 
 
 def _store_layout(c: ConstantSpec, nbytes: int) -> tuple[str, list[int]]:
     """How the store holds a storage: typed (its dtype and shape) if the constant covers it
     contiguously and safetensors names the dtype, else as ``nbytes`` U8 bytes."""
     numel = math.prod(c.shape)
-    if (c.storage_offset == 0 and c.dtype in _ST_DTYPES and numel > 0
+    if (c.storage_offset == 0 and c.dtype in ST_DTYPES and numel > 0
             and numel * ITEMSIZE[c.dtype] == nbytes and c.stride == _contig_strides(c.shape)):
-        return _ST_DTYPES[c.dtype], list(c.shape)
+        return ST_DTYPES[c.dtype], list(c.shape)
     return "U8", [nbytes]
 
 

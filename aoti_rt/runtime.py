@@ -40,7 +40,7 @@ import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _bind, _cache, _memory, device as _device, loader
 from .abi import SharedObject, blob_layout, torch_shim
@@ -49,6 +49,9 @@ from .bundle import (DTYPE_CODES, ITEMSIZE, Bundle, ConstantSpec, InputSpec, Met
 from .digest import file_digests
 from .device import Device
 from .errors import AOTIError, BundleError, ClosedError, InputError
+
+if TYPE_CHECKING:
+    from .update import UpdateReport
 
 _instance_ids = itertools.count(1)
 #: .so constant type codes whose memory generated code never writes (model_base.h)
@@ -302,12 +305,38 @@ class Method:
                         keys[i], str(source.store), read_from, w.offset, w.nbytes))
         rt.cache.wait(acq)
         cs = self.spec.constants
+        # what a copy-on-write weight update rebinds: the plan and each constant's weight
+        self._plan, self._of_constant, self._extern = plan, of_constant, extern
         if extern is None:
             torch_shim()
             plan.bind(b.so.abi, b.handle, [acq.buffers[i] for i in of_constant], 1 if rt.is_cuda else 0, rt.index)
         else:
             self._bind_runner(extern, [acq.buffers[i] for i in of_constant])
         self._buffers = {c.fqn: (acq.buffers[i], c, weights[i].mutable) for c, i in zip(cs, of_constant)}
+
+    def _rebind(self, replaced: dict[int, _memory.Buffer]) -> None:
+        """Bind new buffers in place of some weights (a copy-on-write update): ``replaced`` maps
+        an index of this method's acquisition to its new Buffer, which the acquisition holds
+        from then on; the old one is given back to the cache once the container no longer
+        points at it. No call launches while the container is rebound."""
+        b, rt = self._binding, self._rt
+        buffers = list(b.acq.buffers)
+        for i, buf in replaced.items():
+            buffers[i] = buf
+        bound = [buffers[i] for i in self._of_constant]
+        if self._extern is None:
+            self._gate.lock_launch()
+            try:
+                self._plan.bind(b.so.abi, b.handle, bound, 1 if rt.is_cuda else 0, rt.index)
+            finally:
+                self._gate.unlock_launch()
+        else:
+            views = {c.name: _unowned_view(buf, c) for c, buf in zip(self.spec.constants, bound)}
+            with self._runner_lock:
+                b.runner.update_constant_buffer(views, False, True, True)
+        for i, buf in replaced.items():
+            rt.cache.replace(b.acq, i, buf)
+        self._buffers = {c.fqn: (buf, c, self._buffers[c.fqn][2]) for c, buf in zip(self.spec.constants, bound)}
 
     # -- methods that call operators through AOTI's proxy executor -----------------------
 
@@ -884,6 +913,37 @@ class Model:
             if fqn in m._buffers:
                 return m.weight(fqn)
         raise KeyError(f"no method of this model binds {fqn!r}")
+
+    def update_weights(self, weights: "Mapping[str, Any] | str | os.PathLike[str]", *, shared: bool = True,
+                       strict: bool = True, progress: bool | None = None) -> "UpdateReport":
+        """Write new values into this model's weights, without reloading or rebinding.
+
+        Args:
+            weights: ``{fqn: tensor}`` (any device; dtype and shape must be the constant's), or
+                the path of a safetensors file whose tensor names are FQNs (read by the load
+                pipeline straight into device memory where a tensor covers its buffer).
+            shared: True (default): write in place. Every model in this process bound to the
+                same weights, and every process attached to them (``share=``), sees the new
+                values; models loaded later read their own stores. False: copy on write, only
+                this model changes (its methods are rebound to private copies).
+            strict: refuse FQNs this model does not bind (False: ignore them).
+
+        This model's own state (a KV cache) is always written in place. Calls already queued
+        on the device's current stream finish with the old values first.
+
+        Returns:
+            An :class:`aoti_rt.update.UpdateReport` (FQNs written, bytes, seconds).
+
+        Raises:
+            InputError: an unknown FQN (with ``strict``), a dtype or shape that differs, or an
+                in-place update of weights mapped read-only from another process.
+            BundleError: a safetensors file that is truncated or corrupt.
+        """
+        from .update import update_weights
+
+        if self.closed:
+            raise ClosedError("the model is closed")
+        return update_weights(self, weights, shared=shared, strict=strict, progress=progress)
 
     def close(self) -> None:
         """Close every method; memory no other model uses is freed."""

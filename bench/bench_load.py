@@ -141,7 +141,37 @@ def run(args: argparse.Namespace, report: common.Report) -> None:
     stock_rows(case)
     file_loader_rows(case)
     copy_rows(case)
+    update_rows(case)
     cached_second_method(report, built.path, dev, args.repeats)
+
+
+def update_rows(case: Case) -> None:
+    """``Model.update_weights`` of every weight of prefill + decode: from a safetensors file
+    (page cache warm) and from device tensors, in place, and copy on write."""
+    from safetensors.torch import save_file
+
+    with aoti_rt.load(case.bundle.root, device=case.dev) as model:
+        fqns = sorted({f for m in model.methods for f in model[m].constants})
+        new = {f: -model.weight(f) for f in fqns}                      # other values, on the device
+        nbytes = sum(t.numel() * t.element_size() for t in new.values())
+        with tempfile.TemporaryDirectory(dir=case.bundle.root.parent) as tmp:
+            path = Path(tmp) / "new.safetensors"
+            save_file({f: t.cpu() for f, t in new.items()}, str(path))
+            common.read_file(path)
+            case.add(f"Model.update_weights(safetensors file), in place ({len(fqns)} weights)", nbytes,
+                     partial(case.timed, partial(model.update_weights, path)))
+            ok = all(torch.equal(model.weight(f), new[f]) for f in fqns[:4])
+        case.add("Model.update_weights({fqn: device tensor}), in place", nbytes,
+                 partial(case.timed, partial(model.update_weights, new)))
+        case.table.notes.append(f"update_weights: the bound weights equal the new values: {ok}")
+
+    def cow() -> float:
+        with aoti_rt.load(case.bundle.root, device=case.dev) as m:
+            return case.timed(partial(m.update_weights, new, shared=False))
+
+    case.add("Model.update_weights({fqn: device tensor}), copy on write", nbytes, cow)
+    new.clear()
+    common.free_memory(case.dev)
 
 
 def aoti_rows(case: Case) -> None:
