@@ -30,9 +30,10 @@ commands:
 SERVE_HELP = """\
 Hold a bundle's weights on a device for other processes of this user.
 
-A process that loads the same bundle directory with aoti_rt.load(BUNDLE, device=D, share=NAME)
-on the same device maps these weights read-only (one copy in memory, nothing read from disk)
-and allocates only its own mutable state (a KV cache). Only processes of this user may attach.
+A process that loads the bundle with aoti_rt.load(BUNDLE, device=D, share=NAME) on the same
+device maps these weights read-only (one copy in memory, nothing read from disk) and allocates
+only its own mutable state (a KV cache). Only processes of this user may attach. The weights are
+hashed while loading (verify="load"), so copies of the bundle elsewhere may attach too.
 Prints one line when it serves, then serves until SIGINT or SIGTERM. Processes attached when it
 stops keep running on what they mapped (the memory goes with the last of them); a later load
 with the same NAME then serves the weights itself.
@@ -131,7 +132,10 @@ def _serve_weights(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    model = aoti_rt.load(args.bundle, device=args.device, share=name, progress=False)
+    # every weight hashed while loading (once, for a long-lived server): then copies of the
+    # bundle elsewhere may attach too, not only loads of this very store file
+    model = aoti_rt.load(args.bundle, device=args.device, share=name, progress=False,
+                         verify="load" if args.verify else True)
     try:
         info = model.share
         if info.role != "exporter":
@@ -182,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     ps.add_argument("--name", default=None,
                     help="the share name clients pass as share= (default: the bundle directory's name)")
     ps.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the bundle's)")
+    ps.add_argument("--no-verify", dest="verify", action="store_false",
+                    help="do not hash the weights while loading (then only loads of this very bundle "
+                         "directory may attach, not copies of it)")
     sub.add_parser("bench", help="run the benchmark suite", add_help=False)
     if argv and argv[0] == "demo":
         from .demo import main as demo_main

@@ -877,7 +877,7 @@ class Model:
             if name not in bundle.manifest.methods:
                 raise BundleError(f"bundle has no method {name!r}; it has {list(bundle.manifest.methods)}")
         if share is not None:
-            self._share = source.share = serving.begin(bundle, rt, share, names)
+            self._share = source.share = serving.begin(bundle, rt, share, names, verify=verify)
             # a model dropped without close() stops serving and detaches all the same
             weakref.finalize(self, self._share.close)
         try:

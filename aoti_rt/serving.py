@@ -15,9 +15,13 @@ kernel (memfd) counts the mappings, so a client keeps computing after the export
 or exited, and the memory goes with the last process. An exporter that closes stops serving at
 once; a later load of ``name`` exports anew.
 
-Identity: a client attaches only to an exporter of the very same bundle (the manifest's
-SHA-256, which covers every weight's digest, and the same store file: device, inode, size and
-modification time) on the very same device (the GPU's UUID), else :class:`ShareError`.
+Identity: a client attaches only to an exporter of the same bundle on the same device (the
+GPU's UUID, whatever ordinal it has in each process), else :class:`ShareError`. The same
+bundle is the same manifest (its SHA-256, which covers every weight's digest) and either the
+same store file (device, inode, size, modification time: the very bytes the client would read)
+or, for a copy of the bundle elsewhere, an exporter that checked every weight against its
+digest while loading (``verify="load"``, as ``serve-weights`` loads): the rule by which one
+process shares weights between bundles only once their bytes are verified.
 """
 
 from __future__ import annotations
@@ -76,8 +80,8 @@ class ShareInfo:
 
 
 def bundle_identity(bundle: Bundle) -> dict[str, Any]:
-    """What a client must share with the exporter to take its weights: the manifest's SHA-256
-    (every weight's digest, every method) and the identity of the store file."""
+    """What names a bundle to other processes: the manifest's SHA-256 (every weight's digest,
+    every method) and the identity of its store file (see the module docstring)."""
     manifest = (bundle.root / MANIFEST).read_bytes()
     st = os.stat(bundle.store_path)
     return {"manifest_sha256": hashlib.sha256(manifest).hexdigest(),
@@ -142,7 +146,8 @@ class Exporter(_Role):
     """The process that holds a bundle's weights for the others: one arena for its immutable
     weights, then a :class:`~aoti_rt.share.ShareServer` answering clients with it."""
 
-    def __init__(self, server: _share.ShareServer, bundle: Bundle, rt: DeviceRuntime, methods: list[str]):
+    def __init__(self, server: _share.ShareServer, bundle: Bundle, rt: DeviceRuntime, methods: list[str],
+                 verified: bool = False):
         self.name = server.name
         self.rt = rt
         self.server = server
@@ -150,7 +155,9 @@ class Exporter(_Role):
         # its own namespace of cache keys: its weights are the arena's, even where this process
         # caches the same bundle privately already (a plain load's copy cannot be exported)
         self.scope = f"share:{self.name}:{os.getpid()}:{next(_exporters)}"
-        self.identity = bundle_identity(bundle)
+        #: verified: every weight read was hashed against its digest (verify="load"), so
+        #: copies of the bundle may attach, not only loads of this very store file
+        self.identity = {**bundle_identity(bundle), "verified": bool(verified)}
         rt.check_shareable()
         dev = rt.device
         self.allocator = _memory.ArenaAllocator(str(dev), dev.index if dev.is_cuda else -1, rt.context,
@@ -236,10 +243,16 @@ class Client(_Role):
         self.exporter_pid = attachment.server_pid
         fds = attachment.take_fds()
         try:
-            if msg.get("identity") != bundle_identity(bundle):
+            theirs, mine = msg.get("identity"), bundle_identity(bundle)
+            theirs = theirs if isinstance(theirs, dict) else {}
+            if theirs.get("manifest_sha256") != mine["manifest_sha256"]:
                 raise ShareError(f"share {self.name!r} is served by pid {self.exporter_pid} for another bundle "
-                                 f"(its manifest or store file differs from {bundle.root}'s); load the same "
-                                 f"bundle directory, or use another share name")
+                                 f"(its manifest differs from {bundle.root}'s); load that bundle, or use another "
+                                 f"share name")
+            if theirs.get("store") != mine["store"] and theirs.get("verified") is not True:
+                raise ShareError(f"share {self.name!r} is served by pid {self.exporter_pid} from another copy of "
+                                 f"this bundle whose weights it did not verify; load the same bundle directory, "
+                                 f"or have the exporter load with verify='load' (serve-weights does)")
             want = rt.identity()
             if msg.get("device") != want:
                 raise ShareError(f"share {self.name!r} is served by pid {self.exporter_pid} on device "
@@ -306,9 +319,10 @@ class Client(_Role):
                          self.read_only)
 
 
-def begin(bundle: Bundle, rt: DeviceRuntime, name: str, methods: list[str], *,
+def begin(bundle: Bundle, rt: DeviceRuntime, name: str, methods: list[str], *, verify: bool | str = True,
           timeout: float | None = None) -> Exporter | Client:
-    """Attach to the process that serves ``name``, or claim ``name`` and become its exporter.
+    """Attach to the process that serves ``name``, or claim ``name`` and become its exporter
+    (of ``methods``, loaded with ``verify``).
 
     A process that claims the name first serves it once its load completes; one that finds it
     claimed waits for that answer (``timeout``, default :data:`ATTACH_TIMEOUT`). If the
@@ -335,7 +349,7 @@ def begin(bundle: Bundle, rt: DeviceRuntime, name: str, methods: list[str], *,
             time.sleep(0.01)          # claimed in between: attach to that process
             continue
         try:
-            return Exporter(server, bundle, rt, methods)
+            return Exporter(server, bundle, rt, methods, verified=verify == "load")
         except BaseException:
             server.close()
             raise
