@@ -676,14 +676,21 @@ cdef class SharedArena(_Slab):
     # -- both -----------------------------------------------------------------------------
 
     def export(self) -> int:
-        """A new file descriptor for this arena, the caller's to send (``SCM_RIGHTS``) and close."""
+        """A new file descriptor for this arena, the caller's to send (``SCM_RIGHTS``) and close
+        (host: opened read-only; CUDA: the VMM allocation's shareable handle, which the
+        receiving process maps with the access it asks for: :meth:`attach` asks read-only)."""
         cdef int fd = -1
         cdef CUcontext prev
         cdef CUresult rc
         if not self.mapped or self.imported:
             raise ShareError("only a mapped arena this process created can be exported")
         if not self.is_cuda:
-            return os.dup(self.fd)
+            # a read-only open of the memfd, not a dup of the exporter's read-write descriptor:
+            # a client cannot map it writable even on a kernel without F_SEAL_FUTURE_WRITE
+            try:
+                return os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:      # no /proc: the seals alone keep clients from writing
+                return os.dup(self.fd)
         with nogil:
             rc = drv.ctx_push(self.ctx)
             if rc == 0:

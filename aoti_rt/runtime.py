@@ -942,7 +942,7 @@ class Model:
         return all(m.closed for m in self._methods.values())
 
     @property
-    def share(self):
+    def share(self) -> "serving.ShareInfo | None":
         """How this model shares its weights across processes (loaded with ``share=name``):
         a :class:`aoti_rt.serving.ShareInfo` (role ``"exporter"`` or ``"client"``, clients
         attached now, arena bytes, ...), or None for a model loaded without ``share=``."""
