@@ -255,7 +255,7 @@ class ShareServer:
                 conn.close()
                 return
             self._answer(conn)
-        except OSError:
+        except Exception:  # noqa: BLE001 - this client sees its connection close; the others are served
             conn.close()
             return
         conn.setblocking(False)

@@ -208,6 +208,34 @@ def test_share_names_are_checked():
     assert share.address("m", 1000) == b"\0aoti_rt.1000.m"
 
 
+def test_a_client_waits_for_the_exporter_and_retries_if_it_gives_up():
+    """A name is claimed before the exporter loads: a client that connects meanwhile waits for
+    the answer, and sees None (nobody serves: it may export itself) if the exporter gives up."""
+    name = _name("wait", "cpu")
+    for serves in (True, False):
+        server = share.ShareServer.bind(name)
+        assert server is not None and share.ShareServer.bind(name) is None      # claimed once
+        got: list = []
+        t = threading.Thread(target=lambda: got.append(share.attach(name, timeout=30)))
+        t.start()
+        time.sleep(0.2)
+        assert t.is_alive() and not got                   # waiting in the listen backlog
+        if serves:
+            server.serve({"hello": 1}, lambda: [])
+        else:
+            server.close()
+        t.join(30)
+        if serves:
+            assert got[0].payload["hello"] == 1 and got[0].server_pid == os.getpid()
+            _wait_for(lambda: server.stats()["clients"] == 1, "the client to count")
+            got[0].close()
+            _wait_for(lambda: server.stats()["clients"] == 0, "the client to detach")
+            server.close()
+        else:
+            assert got == [None]
+    assert share.attach(name, timeout=5) is None
+
+
 # -- processes --------------------------------------------------------------------------------
 
 def test_client_computes_like_eager_and_reads_no_weight(lm_bundle, device, tmp_path):
@@ -291,6 +319,30 @@ def test_kv_cache_is_private_and_a_killed_client_detaches(lm_bundle, device, tmp
         _same(gens["a"].logits, want["a"][1])
         assert workers["a"].stop() == 0
         _wait_for(lambda: exporter.share.clients == 0, "the last client to detach")
+
+
+def test_processes_started_together_load_once(lm_bundle, device, tmp_path):
+    """Two processes load the same name at the same moment: one exports, the other waits for
+    it and attaches (reads no weight)."""
+    name = _name("together", device)
+    a, b = Worker(tmp_path), Worker(tmp_path)
+    try:
+        for w in (a, b):
+            w.p.stdin.write(json.dumps({"op": "load", "bundle": str(lm_bundle), "device": device,
+                                        "share": name}) + "\n")
+            w.p.stdin.flush()
+        answers = {w.p.pid: w.answers.get(timeout=120) for w in (a, b)}
+        roles = sorted(x["share"]["role"] for x in answers.values())
+        assert roles == ["client", "exporter"], answers
+        exporter_pid = next(pid for pid, x in answers.items() if x["share"]["role"] == "exporter")
+        client = next(x for x in answers.values() if x["share"]["role"] == "client")
+        assert client["share"]["exporter_pid"] == exporter_pid
+        assert client["bytes_read"] == _mutable_bytes(lm_bundle)
+        assert a.stop() == 0 and b.stop() == 0
+    finally:
+        for w in (a, b):
+            if w.p.poll() is None:
+                w.p.kill()
 
 
 def test_clients_outlive_the_exporter(lm_bundle, device, tmp_path):
@@ -454,3 +506,13 @@ def test_a_failed_attach_leaves_nothing(lm_bundle, device):
                 os.close(fd)
     gc.collect()
     assert _memory.arena_totals() == before and len(rt.cache) == entries
+
+
+def test_cli_explains_serve_weights():
+    top = subprocess.run([sys.executable, "-m", "aoti_rt", "--help"], capture_output=True, text=True, check=True,
+                         cwd=ROOT).stdout
+    assert "serve-weights" in top and "share=NAME" in top
+    out = subprocess.run([sys.executable, "-m", "aoti_rt", "serve-weights", "--help"], capture_output=True,
+                         text=True, check=True, cwd=ROOT).stdout
+    for words in ("share=NAME", "SIGINT or SIGTERM", "read-only", "--name", "--device", "--no-verify"):
+        assert words in out, words
