@@ -30,7 +30,7 @@ import selectors
 import socket
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .errors import ShareError
@@ -72,7 +72,7 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 
 # -- messages ----------------------------------------------------------------------------------
 
-def send_message(sock: socket.socket, message: dict[str, Any], fds: list[int] = ()) -> None:
+def send_message(sock: socket.socket, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
     """Send one message; ``fds`` travel with its length prefix (the caller still owns them)."""
     body = json.dumps(message, separators=(",", ":")).encode()
     head = len(body).to_bytes(4, "big")
