@@ -13,16 +13,17 @@ from .bundle import Bundle, Manifest, read_bundle
 from .compiler import compile
 from .device import cuda_available
 from .errors import (AllocationError, AOTIError, AotiRtError, BundleError, ClosedError,
-                     CompileError, CudaError, InputError)
+                     CompileError, CudaError, InputError, ShareError)
 from .loader import PinnedStore, pin_store
 from .memory import (MemoryReport, Sampler, cache_stats, free_staging, memory_report, reset_peak,
                      set_memory_limit)
 from .runtime import Method, Model, load
+from .serving import ShareInfo
 from .stock import load_method
 
 __all__ = [
     "compile", "load", "load_method", "cache_stats", "free_staging", "memory_report", "MemoryReport", "Sampler", "reset_peak", "set_memory_limit",
-    "cuda_available", "pin_store", "PinnedStore", "Model", "Method", "Bundle", "Manifest", "read_bundle",
-    "AotiRtError", "BundleError", "CompileError", "AOTIError", "InputError", "ClosedError",
-    "AllocationError", "CudaError",
+    "cuda_available", "pin_store", "PinnedStore", "Model", "Method", "ShareInfo", "Bundle", "Manifest",
+    "read_bundle", "AotiRtError", "BundleError", "CompileError", "AOTIError", "InputError", "ClosedError",
+    "AllocationError", "CudaError", "ShareError",
 ]

@@ -58,17 +58,20 @@ cdef class WeightCache:
         cdef _Entry e = self._entries.get(key)
         return 0 if e is None else e.refs
 
-    def acquire(self, list keys, list sizes, Allocator allocator) -> Acquisition:
+    def acquire(self, list keys, list sizes, Allocator allocator, list allocators=None) -> Acquisition:
         """Take one reference to each key, allocating (not filling) those not cached.
 
-        On allocation failure every reference taken by this call is given back and the
-        error propagates, so a failed acquire leaves the cache as it was.
+        A key not cached is allocated by ``allocators[i]`` where that is given and not None
+        (weights an exporter places in a shared arena), else by ``allocator``. On allocation
+        failure every reference taken by this call is given back and the error propagates, so
+        a failed acquire leaves the cache as it was.
         """
         cdef Acquisition acq = Acquisition.__new__(Acquisition)
         cdef Py_ssize_t i, n = len(keys)
         cdef _Entry e
-        if len(sizes) != n:
-            raise ValueError("keys and sizes differ in length")
+        cdef Allocator alloc
+        if len(sizes) != n or (allocators is not None and len(allocators) != n):
+            raise ValueError("keys, sizes and allocators differ in length")
         acq.keys = keys
         acq.buffers = [None] * n
         acq.entries = []
@@ -85,9 +88,10 @@ cdef class WeightCache:
                         if e.loading:
                             acq.pending.append(i)
                     else:
+                        alloc = allocator if allocators is None or allocators[i] is None else allocators[i]
                         e = _Entry.__new__(_Entry)
                         e.key = key
-                        e.buffer = allocator.allocate(<size_t>sizes[i])
+                        e.buffer = alloc.allocate(<size_t>sizes[i])
                         e.refs = 1
                         e.loading = True
                         self._entries[key] = e
@@ -104,6 +108,43 @@ cdef class WeightCache:
                         self.hits -= 1
                 self._release_locked(acq)
                 raise
+        return acq
+
+    def adopt(self, list keys, list buffers) -> Acquisition:
+        """Take one reference to each key, caching ``buffers[i]`` under ``keys[i]`` where the key
+        is not cached: Buffers whose bytes are there already (mapped from another process that
+        exports them). A key that is cached keeps its own entry (``buffers[i]`` is not used).
+
+        Nothing is counted as a hit or a miss (the method that acquires the keys next counts
+        its hits) and nothing is left to fill; give the references back with :meth:`release`.
+        """
+        cdef Acquisition acq = Acquisition.__new__(Acquisition)
+        cdef Py_ssize_t i, n = len(keys)
+        cdef _Entry e
+        if len(buffers) != n:
+            raise ValueError("keys and buffers differ in length")
+        for b in buffers:
+            if not isinstance(b, Buffer):
+                raise TypeError(f"adopt() takes Buffers, not {type(b).__name__}")
+        acq.keys = keys
+        acq.buffers = [None] * n
+        acq.entries = []
+        acq.to_fill = []
+        acq.pending = []
+        with self._lock:
+            for i in range(n):
+                key = keys[i]
+                e = self._entries.get(key)
+                if e is None:
+                    e = _Entry.__new__(_Entry)
+                    e.key = key
+                    e.buffer = <Buffer>buffers[i]
+                    self._entries[key] = e
+                elif e.loading:
+                    acq.pending.append(i)
+                e.refs += 1
+                acq.entries.append(e)
+                acq.buffers[i] = e.buffer
         return acq
 
     cdef _release_locked(self, Acquisition acq):

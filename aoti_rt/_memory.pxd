@@ -31,6 +31,46 @@ ctypedef CUresult (*f_event_record)(CUevent, CUstream) noexcept nogil
 ctypedef CUresult (*f_event_sync)(CUevent) noexcept nogil
 ctypedef CUresult (*f_event_destroy)(CUevent) noexcept nogil
 
+# CUDA virtual memory management (VMM): the layouts of cuda.h (12.x and 13.0), declared here so
+# that no CUDA header is needed to build. Enum-typed fields are C ints (4 bytes); the sizes are
+# checked at compile time in _memory.pyx (8, 32 and 12 bytes).
+ctypedef unsigned long long CUmemGenericAllocationHandle
+
+cdef struct CUmemLocation:
+    int type                   # CUmemLocationType: 1 = CU_MEM_LOCATION_TYPE_DEVICE
+    int id                     # the device ordinal
+
+cdef struct CUmemAllocFlags:
+    unsigned char compressionType
+    unsigned char gpuDirectRDMACapable
+    unsigned short usage
+    unsigned char reserved[4]
+
+cdef struct CUmemAllocationProp:
+    int type                   # CUmemAllocationType: 1 = CU_MEM_ALLOCATION_TYPE_PINNED
+    int requestedHandleTypes   # CUmemAllocationHandleType: 1 = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+    CUmemLocation location
+    void* win32HandleMetaData
+    CUmemAllocFlags allocFlags
+
+cdef struct CUmemAccessDesc:
+    CUmemLocation location
+    int flags                  # CUmemAccess_flags: 1 = PROT_READ, 3 = PROT_READWRITE
+
+ctypedef CUresult (*f_mem_create)(CUmemGenericAllocationHandle*, size_t, const CUmemAllocationProp*,
+                                  unsigned long long) noexcept nogil
+ctypedef CUresult (*f_mem_release)(CUmemGenericAllocationHandle) noexcept nogil
+ctypedef CUresult (*f_mem_address_reserve)(CUdeviceptr*, size_t, size_t, CUdeviceptr,
+                                           unsigned long long) noexcept nogil
+ctypedef CUresult (*f_mem_address_free)(CUdeviceptr, size_t) noexcept nogil
+ctypedef CUresult (*f_mem_map)(CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle,
+                               unsigned long long) noexcept nogil
+ctypedef CUresult (*f_mem_unmap)(CUdeviceptr, size_t) noexcept nogil
+ctypedef CUresult (*f_mem_set_access)(CUdeviceptr, size_t, const CUmemAccessDesc*, size_t) noexcept nogil
+ctypedef CUresult (*f_mem_granularity)(size_t*, const CUmemAllocationProp*, int) noexcept nogil
+ctypedef CUresult (*f_mem_export)(void*, CUmemGenericAllocationHandle, int, unsigned long long) noexcept nogil
+ctypedef CUresult (*f_mem_import)(CUmemGenericAllocationHandle*, void*, int) noexcept nogil
+
 cdef struct Driver:
     f_ctx_push ctx_push
     f_ctx_pop ctx_pop
@@ -48,10 +88,23 @@ cdef struct Driver:
     f_event_record event_record
     f_event_sync event_sync
     f_event_destroy event_destroy
+    # optional: VMM, for weights shared across processes (NULL where the driver lacks them)
+    f_mem_create mem_create
+    f_mem_release mem_release
+    f_mem_address_reserve mem_address_reserve
+    f_mem_address_free mem_address_free
+    f_mem_map mem_map
+    f_mem_unmap mem_unmap
+    f_mem_set_access mem_set_access
+    f_mem_granularity mem_granularity
+    f_mem_export mem_export
+    f_mem_import mem_import
 
-#: the process's driver table, and whether install_driver filled it
+#: the process's driver table, whether install_driver filled it, and whether it found every
+#: VMM entry point
 cdef Driver drv
 cdef bint drv_ready
+cdef bint drv_vmm
 
 #: raise CudaError(what, rc) unless rc is CUDA_SUCCESS
 cdef int check(CUresult rc, str what) except -1
@@ -85,6 +138,28 @@ cdef class _Slab:
     cdef Py_ssize_t live   # Buffers carved from it and still alive
 
 
+cdef class SharedArena(_Slab):
+    # _Slab's ptr/size/used/live: its mapping, its bytes (rounded up to a page or the VMM
+    # granularity), the bump offset of the next Buffer and the Buffers carved from it and alive
+    cdef readonly str device
+    cdef readonly bint is_cuda
+    cdef readonly bint read_only   # mapped read-only in this process
+    cdef readonly bint imported    # mapped from another process's handle
+    cdef int fd                    # host: the memfd it maps (owned); -1 otherwise
+    cdef CUmemGenericAllocationHandle handle   # cuda: the VMM allocation (owned); 0 otherwise
+    cdef CUcontext ctx
+    cdef int ordinal
+    cdef bint mapped
+
+    cdef _setup(self, str device, int ordinal, uintptr_t context)
+    cdef _mapped(self)
+    cdef _create_host(self, size_t nbytes)
+    cdef _attach_host(self, int fd, size_t nbytes)
+    cdef _create_cuda(self, size_t nbytes)
+    cdef _attach_cuda(self, int fd, size_t nbytes)
+    cdef int _unmap(self) noexcept
+
+
 cdef class Allocator:
     cdef readonly str device
     cdef readonly Py_ssize_t bytes_allocated
@@ -115,6 +190,23 @@ cdef class CudaAllocator(Allocator):
     cdef readonly int ordinal
 
 
+cdef class ArenaAllocator(Allocator):
+    cdef readonly list arenas      # the SharedArenas it counts in bytes_reserved
+    cdef readonly int ordinal      # the CUDA device's ordinal; -1: host memory (memfd)
+    cdef CUcontext ctx
+    cdef readonly Allocator parent # whose memory limit its new arenas respect (or None)
+    cdef readonly bint frozen      # no more carving: its arenas are exported (and read-only)
+    cdef readonly bint closed
+    cdef public size_t grow_bytes  # the least size of an arena opened when the current is full
+    cdef SharedArena _current      # the arena allocate() carves from now (None: none)
+    cdef object __weakref__
+
+    cdef SharedArena _open(self, size_t nbytes)
+    cdef _count_arena(self, SharedArena arena)
+    cdef void _drop(self, SharedArena arena) noexcept
+    cdef Buffer _buffer(self, SharedArena arena, size_t offset, size_t n)
+
+
 cdef class PinnedAllocator(Allocator):
     cdef CUcontext ctx
     cdef readonly bint huge_pages     # page-locked by cuMemHostRegister over huge-page mmaps
@@ -124,5 +216,6 @@ cdef class Buffer:
     cdef readonly uintptr_t ptr
     cdef readonly size_t nbytes
     cdef readonly Allocator allocator
-    cdef _Slab slab        # the slab it was carved from, or None: it owns its raw memory
+    cdef _Slab slab        # the slab or SharedArena it was carved from (kept alive by this
+                           # reference), or None: it owns its raw memory
     cdef Py_ssize_t _shape[1]

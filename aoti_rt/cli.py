@@ -17,7 +17,26 @@ commands:
   inspect   show a bundle's methods, constants, shared vs private bytes and dedup ratio
   verify    re-hash every weight of a bundle's store against its manifest
   load      load a bundle on a device and print its cache stats and memory report
+  serve-weights
+            hold a bundle's weights on a device for other processes of this user: each
+            process that loads the bundle with aoti_rt.load(BUNDLE, device=D, share=NAME)
+            maps them read-only instead of reading its own copy, and allocates only its
+            own state (a KV cache); NAME defaults to the bundle directory's name. Prints one
+            line when it serves; serves until SIGINT or SIGTERM (clients keep what they
+            mapped after it stops)
   bench     run the benchmark suite (bench/ in a source checkout) and write tables + JSON
+"""
+
+SERVE_HELP = """\
+Hold a bundle's weights on a device for other processes of this user.
+
+A process that loads the bundle with aoti_rt.load(BUNDLE, device=D, share=NAME) on the same
+device maps these weights read-only (one copy in memory, nothing read from disk) and allocates
+only its own mutable state (a KV cache). Only processes of this user may attach. The weights are
+hashed while loading (verify="load"), so copies of the bundle elsewhere may attach too.
+Prints one line when it serves, then serves until SIGINT or SIGTERM. Processes attached when it
+stops keep running on what they mapped (the memory goes with the last of them); a later load
+with the same NAME then serves the weights itself.
 """
 
 
@@ -91,6 +110,49 @@ def _load(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_share_name(bundle: str) -> str:
+    """A share name from a bundle path: its directory's name, in the characters a name allows."""
+    import os
+    import re
+
+    base = os.path.basename(os.path.normpath(bundle)) or "bundle"
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", base).lstrip("._-")[:64]
+    return name or "bundle"
+
+
+def _serve_weights(args: argparse.Namespace) -> int:
+    import os
+    import signal
+    import threading
+
+    import aoti_rt
+    from .bundle import human_bytes
+
+    name = args.name or default_share_name(args.bundle)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    # every weight hashed while loading (once, for a long-lived server): then copies of the
+    # bundle elsewhere may attach too, not only loads of this very store file
+    model = aoti_rt.load(args.bundle, device=args.device, share=name, progress=False,
+                         verify="load" if args.verify else True)
+    try:
+        info = model.share
+        if info.role != "exporter":
+            print(f"aoti_rt serve-weights: {name!r} is served already (pid {info.exporter_pid}); stop that "
+                  f"process or choose another --name", file=sys.stderr)
+            return 2
+        print(f"aoti_rt serve-weights: serving {name!r} on {info.device}: {info.weights} weights, "
+              f"{human_bytes(info.weight_bytes)} in {info.arenas} shared arena(s) "
+              f"({'read-only' if info.read_only else 'writable'}), pid {os.getpid()}; "
+              f"stop with SIGINT or SIGTERM", flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        model.close()
+    return 0
+
+
 def _bench(argv: list[str]) -> int:
     import os
 
@@ -108,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m aoti_rt", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", metavar="{demo,inspect,verify,load,bench}")
+    sub = p.add_subparsers(dest="cmd", metavar="{demo,inspect,verify,load,serve-weights,bench}")
     sub.add_parser("demo", help="run the prefill/decode demo", add_help=False)
     pi = sub.add_parser("inspect", help="describe a bundle")
     pi.add_argument("bundle", help="bundle directory")
@@ -118,6 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     pl = sub.add_parser("load", help="load a bundle and print the memory report")
     pl.add_argument("bundle", help="bundle directory")
     pl.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the bundle's)")
+    ps = sub.add_parser("serve-weights", help="hold a bundle's weights for other processes (load(share=NAME))",
+                        description=SERVE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ps.add_argument("bundle", help="bundle directory")
+    ps.add_argument("--name", default=None,
+                    help="the share name clients pass as share= (default: the bundle directory's name)")
+    ps.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the bundle's)")
+    ps.add_argument("--no-verify", dest="verify", action="store_false",
+                    help="do not hash the weights while loading (then only loads of this very bundle "
+                         "directory may attach, not copies of it)")
     sub.add_parser("bench", help="run the benchmark suite", add_help=False)
     if argv and argv[0] == "demo":
         from .demo import main as demo_main
@@ -139,5 +210,7 @@ def _command(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return _verify(args)
     if args.cmd == "load":
         return _load(args)
+    if args.cmd == "serve-weights":
+        return _serve_weights(args)
     p.print_help()
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -72,6 +73,12 @@ def _init_cuda() -> None:
         for sym in _memory.DRIVER_SYMBOLS:
             res = drv.cuGetProcAddress(sym.encode(), _PROC_VERSION, flags)
             pointers[sym] = int(_ok(res, f"cuGetProcAddress({sym})")[0])
+        for sym in _memory.VMM_SYMBOLS:        # optional: only share= needs them
+            try:
+                pointers[sym] = int(_ok(drv.cuGetProcAddress(sym.encode(), _PROC_VERSION, flags),
+                                        f"cuGetProcAddress({sym})")[0])
+            except CudaError:
+                pointers[sym] = 0
         _memory.install_driver(pointers)
         _cuda_state["count"] = int(count)
 
@@ -170,6 +177,8 @@ class DeviceRuntime:
     legacy_bytes: int = 0
     #: the largest device-wide used bytes sampled (cuMemGetInfo), None before any sample
     peak_used: int | None = None
+    #: the arena allocators of models that share weights with other processes (load(share=))
+    arena_allocators: "weakref.WeakSet[_memory.ArenaAllocator]" = field(default_factory=weakref.WeakSet)
     counter_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -187,6 +196,53 @@ class DeviceRuntime:
         with self.counter_lock:
             self.legacy_methods += methods
             self.legacy_bytes += nbytes
+
+    def identity(self) -> str:
+        """What names this device across processes: ``"cpu"``, or ``"cuda:GPU-<uuid>"`` (the
+        physical GPU, whatever ordinal ``CUDA_VISIBLE_DEVICES`` gives it in each process)."""
+        if not self.is_cuda:
+            return "cpu"
+        drv = _driver()
+        handle = _ok(drv.cuDeviceGet(self.index), "cuDeviceGet")
+        get_uuid = getattr(drv, "cuDeviceGetUuid_v2", None) or drv.cuDeviceGetUuid
+        raw = bytes(_ok(get_uuid(handle), "cuDeviceGetUuid").bytes)
+        h = raw.hex()
+        return f"cuda:GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
+
+    def check_shareable(self) -> None:
+        """Raise :class:`aoti_rt.errors.ShareError` unless this device can share weights with
+        other processes: the host can (memfd); a GPU needs the driver's virtual memory
+        management with POSIX file-descriptor handles."""
+        from .errors import ShareError
+
+        if not self.is_cuda:
+            return
+        if not _memory.vmm_available():
+            why = ("its struct layouts do not match this platform" if not _memory.VMM_LAYOUT_OK else
+                   "the driver lacks the virtual memory management entry points (driver >= 10.2)")
+            raise ShareError(f"{self.device} cannot share weights across processes: {why}; load without share=")
+        drv = _driver()
+        handle = _ok(drv.cuDeviceGet(self.index), "cuDeviceGet")
+        # CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED (102; its name differs between
+        # cuda-bindings releases) and CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED
+        for code, what in ((102, "virtual memory management"), (103, "POSIX file-descriptor memory handles")):
+            if not _ok(drv.cuDeviceGetAttribute(drv.CUdevice_attribute(code), handle),
+                       f"cuDeviceGetAttribute({code})"):
+                raise ShareError(f"{self.device} does not support {what} (needed to share weights across "
+                                 f"processes: a MIG instance or a driver setting can disable it); load without share=")
+
+    def shared_bytes(self) -> tuple[int, int]:
+        """Bytes of the arenas mapped on this device for weights shared across processes:
+        ``(exported, imported)`` (an exporter's arenas live in its own device memory; imported
+        ones are another process's memory, mapped here)."""
+        exported = imported = 0
+        for alloc in list(self.arena_allocators):
+            for arena in list(alloc.arenas):
+                if arena.imported:
+                    imported += arena.nbytes
+                else:
+                    exported += arena.nbytes
+        return exported, imported
 
     def memory_info(self) -> tuple[int, int]:
         """(free, total) bytes of a CUDA device, device-wide (cuMemGetInfo in its primary context)."""

@@ -69,5 +69,11 @@ class AllocationError(AotiRtError, MemoryError):
         return (type(self), self.args)
 
 
+class ShareError(AotiRtError, RuntimeError):
+    """Weights could not be shared with, or taken from, another process (``load(..., share=)``):
+    a connection refused, a share name held by another user or serving another bundle or
+    device, a driver without the sharing entry points. The message says which and what to do."""
+
+
 __all__ = ["AotiRtError", "BundleError", "CompileError", "AOTIError", "InputError",
-           "ClosedError", "AllocationError", "CudaError"]
+           "ClosedError", "AllocationError", "CudaError", "ShareError"]

@@ -28,7 +28,10 @@ def cache_stats(device: "str | Device | None" = None) -> dict:
     ``legacy_methods`` and ``legacy_bytes`` (methods whose .so lacks the Pairs entry point
     and hold a private, unshared copy inside AOTI), ``pinned_store_bytes`` (host memory of
     stores held by :func:`aoti_rt.pin_store`), ``staging_bytes`` (pooled pinned staging
-    buffers of the loader; :func:`free_staging` returns them).
+    buffers of the loader; :func:`free_staging` returns them), ``shared_exported_bytes`` and
+    ``shared_imported_bytes`` (arenas of weights shared across processes with
+    ``load(..., share=)``: exported from this process's memory, or another process's mapped
+    here; neither is in ``bytes_allocated``).
     """
     rt = _runtime(device)
     stats = rt.cache.stats()
@@ -41,6 +44,7 @@ def cache_stats(device: "str | Device | None" = None) -> dict:
                  peak_bytes_reserved=a.peak_bytes_reserved, num_allocations=a.num_allocations,
                  num_slabs=a.num_slabs,
                  legacy_methods=rt.legacy_methods, legacy_bytes=rt.legacy_bytes)
+    stats["shared_exported_bytes"], stats["shared_imported_bytes"] = rt.shared_bytes()
     return stats
 
 

@@ -24,6 +24,12 @@ computes):
   instance and the weight, so the methods of one Model share it and a second ``load`` of the
   same bundle gets fresh state initialised from the store.
 
+Across processes (``load(..., share=name)``, :mod:`aoti_rt.serving`): an exporting model
+places its immutable weights (read-only kinds that are never written) in a shared arena under
+keys of its own (``share:<name>:...|`` + the bundle key), so that they are the arena's even if
+this process caches the bundle privately too; a client caches the Buffers it maps under the
+keys above, which its methods then find.
+
 Every buffer is at least as large as what the .so may reach through the constant bound to it
 (:meth:`aoti_rt._bind.BindPlan.need`: the view's start plus ``GetConstantDataSize``), so a
 manifest whose views are smaller than the compiled ones cannot make a kernel read or write
@@ -42,13 +48,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import _bind, _cache, _memory, device as _device, loader
+from . import _bind, _cache, _memory, device as _device, loader, serving
 from .abi import SharedObject, blob_layout, torch_shim
 from .bundle import (DTYPE_CODES, ITEMSIZE, Bundle, ConstantSpec, InputSpec, MethodSpec,
                      WeightSpec, divergent_fqns, file_identity, is_regular_file, read_bundle)
 from .digest import file_digests
 from .device import Device
-from .errors import AOTIError, BundleError, ClosedError, InputError
+from .errors import AOTIError, BundleError, ClosedError, InputError, ShareError
+from .share import check_name
 
 if TYPE_CHECKING:
     from .update import UpdateReport
@@ -69,6 +76,8 @@ class _Source:
     #: True: share with other bundles only verified content (checked on demand); "load":
     #: check every weight while loading too; False: share within the bundle only
     verify: bool | str = False
+    #: the model's part in sharing weights across processes (aoti_rt.serving), or None
+    share: Any = None
 
 
 def source_scope(path: Path) -> str:
@@ -141,7 +150,8 @@ class Method:
         # fqn -> (buffer, constant, mutable): what weight() hands out
         self._buffers: dict[str, tuple[_memory.Buffer, ConstantSpec, bool]] = {}
         self._runner_lock = threading.Lock()
-        loader.prepare(rt)         # pin the staging pool (once per device) while the .so opens
+        if source.share is None or source.share.reads_store:
+            loader.prepare(rt)     # pin the staging pool (once per device) while the .so opens
         so = SharedObject.open(so_path)
         try:
             # False: a legacy .so, weights private to AOTI
@@ -198,13 +208,15 @@ class Method:
                             f"recompile it with a newer torch")
 
     def _keys(self, source: _Source, plan: _bind.BindPlan
-              ) -> tuple[list[str], list[str | None], list[WeightSpec], list[int], list[int]]:
+              ) -> tuple[list[str], list[str | None], list[WeightSpec], list[int], list[int], list[bool]]:
         """This method's weights: each one's own cache key, its content key where it may be
-        shared with other bundles (else None), the bytes its buffer needs, and each constant's
-        index among them (see the module docstring for the key rules)."""
+        shared with other bundles (else None), the bytes its buffer needs, each constant's
+        index among them, and whether each is fixed: never written (immutable, and a read-only
+        kind to the .so), what may be shared read-only across processes (see the module
+        docstring for the key rules)."""
         weights: list[WeightSpec] = []
         need: list[int] = []
-        shareable: list[bool] = []
+        fixed: list[bool] = []
         index: dict[str, int] = {}
         of_constant = []
         for i, c in enumerate(self.spec.constants):
@@ -214,21 +226,21 @@ class Method:
                 at = index[w.id] = len(weights)
                 weights.append(w)
                 need.append(w.nbytes)
-                shareable.append(bool(source.verify) and not w.mutable)
+                fixed.append(not w.mutable)
             of_constant.append(at)
             need[at] = max(need[at], plan.need(i))
             if plan.so_kind(i) not in _READ_ONLY_KINDS:
-                shareable[at] = False
+                fixed[at] = False
         keys: list[str] = []
         content: list[str | None] = []
-        for w, n, share in zip(weights, need, shareable):
+        for w, n, share in zip(weights, need, (bool(source.verify) and f for f in fixed)):
             size = f"{w.nbytes}" if n == w.nbytes else f"{w.nbytes}+{n - w.nbytes}"
             if w.mutable:
                 keys.append(f"{source.scope}|{w.id}|{size}")
             else:
                 keys.append(f"{source.bundle}|{w.digest}|{size}")
             content.append(f"{w.digest}|{size}" if share else None)
-        return keys, content, weights, need, of_constant
+        return keys, content, weights, need, of_constant, fixed
 
     def _share_verified(self, source: _Source, keys: list[str], content: list[str | None],
                         weights: list[WeightSpec]) -> list[str]:
@@ -270,10 +282,20 @@ class Method:
                      max_load_gbps: float | None = None, extern: Path | None = None) -> None:
         rt = self._rt
         b = self._binding
-        keys, content, weights, need, of_constant = self._keys(source, plan)
+        keys, content, weights, need, of_constant, fixed = self._keys(source, plan)
+        share = source.share
+        allocators = None
+        if share is not None:      # an exporter places fixed weights in its arena
+            keys, content, allocators = share.route(keys, content, weights, need, fixed)
         if source.verify:
             keys = self._share_verified(source, keys, content, weights)
-        acq = rt.cache.acquire(keys, need, rt.allocator)
+        # a client caches the weights it maps from the exporter, held until acquired here
+        hold = None if share is None else share.adopt(rt.cache, keys, weights, need, fixed)
+        try:
+            acq = rt.cache.acquire(keys, need, rt.allocator, allocators)
+        finally:
+            if hold is not None:
+                rt.cache.release(hold)
         b.acq = acq
         # the store's identity before reading: a copy is offered for sharing only if the
         # store did not change while it was read
@@ -304,6 +326,8 @@ class Method:
                     rt.offer_shared(content[i], _device.ShareCandidate(
                         keys[i], str(source.store), read_from, w.offset, w.nbytes))
         rt.cache.wait(acq)
+        if share is not None:
+            share.filled(keys, acq, weights, need, fixed)
         cs = self.spec.constants
         # what a copy-on-write weight update rebinds: the plan and each constant's weight
         self._plan, self._of_constant, self._extern = plan, of_constant, extern
@@ -740,6 +764,10 @@ def buffer_view(buf: _memory.Buffer, c: ConstantSpec):
 
     if buf.allocator.is_cuda:
         raw = torch.as_tensor(buf, device=buf.device)
+    elif buf.read_only:
+        with warnings.catch_warnings():       # weights shared read-only: weight() copies them
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.frombuffer(buf, dtype=torch.uint8)
     else:
         raw = torch.frombuffer(buf, dtype=torch.uint8)
     typed = raw.view(getattr(torch, c.dtype))
@@ -856,12 +884,16 @@ class Model:
     """A loaded bundle: its methods, sharing one copy of each weight.
 
     ``model["decode"]`` or ``model.decode`` gives a :class:`Method`; ``model.methods`` lists
-    the names. Use ``with aoti_rt.load(path) as model:`` or call :meth:`close`.
+    the names. Use ``with aoti_rt.load(path) as model:`` or call :meth:`close`. Loaded with
+    ``share=name``, :attr:`share` says whether it exports its weights or maps another
+    process's.
     """
+
+    _share: Any = None
 
     def __init__(self, bundle: Bundle, device: "str | Device", *, methods: Sequence[str] | None = None,
                  progress: bool | None = None, verify: bool | str = True,
-                 max_load_gbps: float | None = None):
+                 max_load_gbps: float | None = None, share: str | None = None):
         self.bundle = bundle
         self.manifest = bundle.manifest
         rt = _device.get(device)
@@ -870,12 +902,19 @@ class Model:
         self._methods: dict[str, Method] = {}
         source = weight_source(bundle.store_path, bundle.manifest.weights, verify=verify)
         names = list(bundle.manifest.methods) if methods is None else list(methods)
+        for name in names:
+            if name not in bundle.manifest.methods:
+                raise BundleError(f"bundle has no method {name!r}; it has {list(bundle.manifest.methods)}")
+        if share is not None:
+            self._share = source.share = serving.begin(bundle, rt, share, names, verify=verify)
+            # a model dropped without close() stops serving and detaches all the same
+            weakref.finalize(self, self._share.close)
         try:
             for name in names:
-                if name not in bundle.manifest.methods:
-                    raise BundleError(f"bundle has no method {name!r}; it has {list(bundle.manifest.methods)}")
                 self._methods[name] = Method(name, bundle.manifest.methods[name], bundle.so_path(name),
                                              source, rt, progress=progress, max_load_gbps=max_load_gbps)
+            if self._share is not None:
+                self._share.ready()       # an exporter starts serving now
         except BaseException:
             self.close()
             raise
@@ -946,13 +985,28 @@ class Model:
         return update_weights(self, weights, shared=shared, strict=strict, progress=progress)
 
     def close(self) -> None:
-        """Close every method; memory no other model uses is freed."""
+        """Close every method; memory no other model uses is freed.
+
+        A model that exports its weights (``share=``) stops serving first; what attached
+        processes mapped stays theirs until they let go. A client detaches."""
+        share = self._share
+        if share is not None:
+            share.stop()
         for m in self._methods.values():
             m.close()
+        if share is not None:
+            share.close()
 
     @property
     def closed(self) -> bool:
         return all(m.closed for m in self._methods.values())
+
+    @property
+    def share(self) -> "serving.ShareInfo | None":
+        """How this model shares its weights across processes (loaded with ``share=name``):
+        a :class:`aoti_rt.serving.ShareInfo` (role ``"exporter"`` or ``"client"``, clients
+        attached now, arena bytes, ...), or None for a model loaded without ``share=``."""
+        return None if self._share is None else self._share.info()
 
     def __enter__(self) -> "Model":
         return self
@@ -966,7 +1020,7 @@ class Model:
 
 def load(path: "str | Path | Mapping[str, Any]", *, device: "str | Device | None" = None,
          methods: Sequence[str] | None = None, progress: bool | None = None, verify: bool | str = True,
-         max_load_gbps: float | None = None) -> Model:
+         max_load_gbps: float | None = None, share: str | None = None) -> Model:
     """Load a bundle written by :func:`aoti_rt.compile`, or ``.pt2`` packages.
 
     Args:
@@ -988,14 +1042,21 @@ def load(path: "str | Path | Mapping[str, Any]", *, device: "str | Device | None
             and instances only.
         max_load_gbps: cap the loader's host->device rate (GB/s, 1e9 bytes/s), so a model
             loading next to one that is serving leaves it copy bandwidth (default: no cap).
+        share: a name (1-64 of ``A-Z a-z 0-9 . _ -``) under which processes of this user on
+            this device hold one copy of the bundle's weights. If a process serves ``name``,
+            this one maps its weights read-only and reads none of them (only its own mutable
+            state, a KV cache, is allocated and read); otherwise it loads them into memory it
+            can share and serves ``name`` until the model is closed. A bundle directory only
+            (not ``.pt2`` packages). See :mod:`aoti_rt.serving` and ``model.share``.
 
     Returns:
         The :class:`Model`; close it (or use ``with``) to release its memory.
 
     Raises:
         BundleError: the bundle (or package) is missing, corrupt or inconsistent, or was
-            compiled for another device type. AOTIError, AllocationError, CudaError: see their
-            docs.
+            compiled for another device type. ShareError: ``share=`` is served for another
+            bundle or device or by another user, or the device cannot share memory.
+            AOTIError, AllocationError, CudaError: see their docs.
 
     Example:
         >>> with aoti_rt.load("lm.aoti", device="cuda") as model:
@@ -1005,6 +1066,10 @@ def load(path: "str | Path | Mapping[str, Any]", *, device: "str | Device | None
     if max_load_gbps is not None and not max_load_gbps > 0:
         raise ValueError(f"max_load_gbps must be a positive number of GB/s, not {max_load_gbps!r}")
     if isinstance(path, Mapping) or (isinstance(path, (str, os.PathLike)) and _is_package(path)):
+        if share is not None:
+            raise ShareError("share= takes a bundle directory (what aoti_rt.compile writes); .pt2 packages "
+                             "are not shared across processes: compile the model with aoti_rt.compile, or "
+                             "load the package without share=")
         from .package import load_package
 
         return load_package(path, device=device, methods=methods, progress=progress, verify=verify,
@@ -1020,4 +1085,7 @@ def load(path: "str | Path | Mapping[str, Any]", *, device: "str | Device | None
                          f"on the device type it was compiled for, so load it on {compiled}")
     if verify not in (True, False, "load"):
         raise ValueError(f"verify must be True, False or 'load', not {verify!r}")
-    return Model(bundle, dev, methods=methods, progress=progress, verify=verify, max_load_gbps=max_load_gbps)
+    if share is not None:
+        check_name(share)
+    return Model(bundle, dev, methods=methods, progress=progress, verify=verify, max_load_gbps=max_load_gbps,
+                 share=share)

@@ -123,7 +123,8 @@ def copy_bundle(tmp_path):
 
 @pytest.fixture(autouse=True)
 def no_leaks():
-    """Every test must leave aoti_rt's allocations where it found them."""
+    """Every test must leave aoti_rt's allocations where it found them (and the arenas of
+    weights shared across processes)."""
     import gc
 
     def held():
@@ -131,9 +132,11 @@ def no_leaks():
                 for d, rt in aoti_rt.device.all_runtimes().items()}
 
     before = held()
+    arenas = aoti_rt._memory.arena_totals()
     yield
     gc.collect()
     for d, (n, r) in held().items():
         n0, r0 = before.get(d, (0, 0))
         assert n == n0, f"{d}: {n - n0} bytes left allocated"
         assert r == r0, f"{d}: {r - r0} bytes left reserved"
+    assert aoti_rt._memory.arena_totals() == arenas, "shared arenas left mapped"

@@ -1,0 +1,358 @@
+"""One copy of a bundle's weights across the processes of one device: a model's side of
+``aoti_rt.load(bundle, share=name)``.
+
+The first process to load ``name`` *exports*: its immutable weights (those the ``.so`` reports
+as parameters or tensor constants and the manifest as never written) go into one shared arena
+(:class:`aoti_rt._memory.ArenaAllocator`: a VMM allocation on CUDA, a memfd on the host), and it
+serves ``name`` (:mod:`aoti_rt.share`). Every later process on the device *attaches*: it maps
+the arenas read-only, caches each weight's Buffer under the key it computes itself for its
+bundle, so its methods find every weight cached and read nothing from the store, and allocates
+only its own mutable state (a KV cache), which is never shared.
+
+Lifetimes: a client is attached while its connection is open (closing the model, exiting or
+being killed closes it). The memory lives while any process maps it: the driver (VMM) or the
+kernel (memfd) counts the mappings, so a client keeps computing after the exporter has closed
+or exited, and the memory goes with the last process. An exporter that closes stops serving at
+once; a later load of ``name`` exports anew.
+
+Identity: a client attaches only to an exporter of the same bundle on the same device (the
+GPU's UUID, whatever ordinal it has in each process), else :class:`ShareError`. The same
+bundle is the same manifest (its SHA-256, which covers every weight's digest) and either the
+same store file (device, inode, size, modification time: the very bytes the client would read)
+or, for a copy of the bundle elsewhere, an exporter that checked every weight against its
+digest while loading (``verify="load"``, as ``serve-weights`` loads): the rule by which one
+process shares weights between bundles only once their bytes are verified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from . import _cache, _memory, share as _share
+from .bundle import ITEMSIZE, MANIFEST, Bundle, WeightSpec
+from .device import DeviceRuntime
+from .errors import ShareError
+
+#: seconds a process waits for the exporter's answer (the exporter may still be loading)
+ATTACH_TIMEOUT = float(os.environ.get("AOTI_RT_SHARE_TIMEOUT", "600"))
+#: manifest kinds that the runtime may place in a shared arena (the .so must agree at bind)
+_ARENA_KINDS = ("parameter", "tensor_constant")
+_exporters = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class ShareInfo:
+    """What ``model.share`` says about a model loaded with ``share=name``.
+
+    Attributes:
+        name: the share name.
+        role: ``"exporter"`` (its memory, served to others) or ``"client"`` (mapped from the
+            exporter's).
+        device: the device, as torch spells it.
+        exporter_pid: the exporting process.
+        clients: processes attached now (exporter; None for a client).
+        attached: clients answered so far (exporter; None for a client).
+        arenas, arena_bytes: the shared arenas this process maps, and their bytes.
+        weights, weight_bytes: the weights bound from them (an exporter's: placed in them).
+        private_weights: immutable weights a client read from its own store because the
+            exporter did not load them (it loaded fewer methods); 0 for an exporter.
+        read_only: whether the arenas are mapped read-only in this process.
+    """
+
+    name: str
+    role: Literal["exporter", "client"]
+    device: str
+    exporter_pid: int
+    clients: int | None
+    attached: int | None
+    arenas: int
+    arena_bytes: int
+    weights: int
+    weight_bytes: int
+    private_weights: int
+    read_only: bool
+
+
+def bundle_identity(bundle: Bundle) -> dict[str, Any]:
+    """What names a bundle to other processes: the manifest's SHA-256 (every weight's digest,
+    every method) and the identity of its store file (see the module docstring)."""
+    manifest = (bundle.root / MANIFEST).read_bytes()
+    st = os.stat(bundle.store_path)
+    return {"manifest_sha256": hashlib.sha256(manifest).hexdigest(),
+            "store": [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]}
+
+
+def _arena_estimate(bundle: Bundle, methods: list[str]) -> int:
+    """Bytes of the arena that holds the immutable weights of ``methods``: each distinct
+    (digest, buffer size) once, each buffer as large as its constants reach (the manifest's
+    data sizes, which the .so checks at bind), at 256-byte alignment."""
+    man = bundle.manifest
+    need: dict[str, int] = {}
+    arena: dict[str, bool] = {}
+    for name in methods:
+        for c in man.methods[name].constants:
+            w = man.weights[c.weight]
+            n = max(need.get(w.id, w.nbytes), c.storage_offset * ITEMSIZE[c.dtype] + c.data_size)
+            need[w.id] = n
+            arena[w.id] = arena.get(w.id, True) and not w.mutable and c.kind in _ARENA_KINDS
+    distinct = {(man.weights[i].digest, n) for i, n in need.items() if arena[i]}
+    align = _memory.SLAB_ALIGN
+    return sum(-(-n // align) * align for _, n in distinct)
+
+
+class _Role:
+    """How a model's weights take part in sharing: the hooks ``Method._bind_shared`` calls."""
+
+    name: str
+    rt: DeviceRuntime
+    #: whether the model reads most of its weights from its store (the loader pre-pins staging)
+    reads_store = True
+
+    def route(self, keys: list[str], content: list[str | None], weights: list[WeightSpec], need: list[int],
+              fixed: list[bool]) -> tuple[list[str], list[str | None], list[Any] | None]:
+        """The keys a method acquires, its content keys, and per key the allocator of a weight
+        not cached (None: the device's)."""
+        return keys, content, None
+
+    def adopt(self, cache: _cache.WeightCache, keys: list[str], weights: list[WeightSpec], need: list[int],
+              fixed: list[bool]) -> _cache.Acquisition | None:
+        """Cache what this process has without reading it (held until the method acquired)."""
+        return None
+
+    def filled(self, keys: list[str], acq: _cache.Acquisition, weights: list[WeightSpec], need: list[int],
+               fixed: list[bool]) -> None:
+        """A method has acquired and filled its weights."""
+
+    def ready(self) -> None:
+        """Every method is loaded."""
+
+    def stop(self) -> None:
+        """The model is closing: stop serving (an exporter)."""
+
+    def close(self) -> None:
+        """The model is closed: let go of the connection and the arenas (idempotent)."""
+
+    def info(self) -> ShareInfo:
+        raise NotImplementedError
+
+
+class Exporter(_Role):
+    """The process that holds a bundle's weights for the others: one arena for its immutable
+    weights, then a :class:`~aoti_rt.share.ShareServer` answering clients with it."""
+
+    def __init__(self, server: _share.ShareServer, bundle: Bundle, rt: DeviceRuntime, methods: list[str],
+                 verified: bool = False):
+        self.name = server.name
+        self.rt = rt
+        self.server = server
+        self.bundle = bundle
+        # its own namespace of cache keys: its weights are the arena's, even where this process
+        # caches the same bundle privately already (a plain load's copy cannot be exported)
+        self.scope = f"share:{self.name}:{os.getpid()}:{next(_exporters)}"
+        #: verified: every weight read was hashed against its digest (verify="load"), so
+        #: copies of the bundle may attach, not only loads of this very store file
+        self.identity = {**bundle_identity(bundle), "verified": bool(verified)}
+        rt.check_shareable()
+        dev = rt.device
+        self.allocator = _memory.ArenaAllocator(str(dev), dev.index if dev.is_cuda else -1, rt.context,
+                                                parent=rt.allocator)
+        rt.arena_allocators.add(self.allocator)
+        self.allocator.reserve(_arena_estimate(bundle, methods))
+        #: cache key -> (digest, buffer bytes, Buffer) of each weight placed in the arena
+        self.records: dict[str, tuple[str, int, _memory.Buffer]] = {}
+        self.read_only = False
+        self._stopped = False
+
+    def route(self, keys, content, weights, need, fixed):
+        keys, content = list(keys), list(content)
+        allocators: list[Any] = [None] * len(keys)
+        for j, f in enumerate(fixed):
+            if f:
+                keys[j] = f"{self.scope}|{keys[j]}"
+                content[j] = None        # never a content key: that entry may not be the arena's
+                allocators[j] = self.allocator
+        return keys, content, allocators
+
+    def filled(self, keys, acq, weights, need, fixed):
+        for j, f in enumerate(fixed):
+            buf = acq.buffers[j]
+            if f and buf.allocator is self.allocator:
+                self.records[keys[j]] = (weights[j].digest, need[j], buf)
+
+    def ready(self) -> None:
+        """Make the arenas read-only and start serving them."""
+        self.read_only = self.allocator.freeze()
+        arenas = list(self.allocator.arenas)
+        where = {id(a): i for i, a in enumerate(arenas)}
+        table = []
+        for digest, nbytes, buf in self.records.values():
+            arena = buf.arena
+            table.append([digest, nbytes, where[id(arena)], buf.ptr - arena.address])
+        payload = {"name": self.name, "pid": os.getpid(), "identity": self.identity,
+                   "device": self.rt.identity(),
+                   "arenas": [{"size": a.nbytes, "kind": a.kind} for a in arenas], "weights": table}
+
+        def descriptors() -> list[int]:
+            fds: list[int] = []
+            try:
+                for a in arenas:
+                    fds.append(a.export())
+            except BaseException:
+                for fd in fds:
+                    os.close(fd)
+                raise
+            return fds
+
+        self.server.serve(payload, descriptors)
+
+    def stop(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self.server.close()
+
+    def close(self) -> None:
+        self.stop()
+        self.records = {}
+        self.allocator.close()
+
+    def info(self) -> ShareInfo:
+        s = self.server.stats()
+        arenas = list(self.allocator.arenas)
+        return ShareInfo(self.name, "exporter", str(self.rt.device), os.getpid(), s["clients"], s["attached"],
+                         len(arenas), sum(a.nbytes for a in arenas), len(self.records),
+                         sum(n for _, n, _ in self.records.values()), 0, self.read_only)
+
+
+class Client(_Role):
+    """A process that maps the arenas of the exporter of its bundle and reads only what the
+    exporter does not hold (its own mutable state)."""
+
+    reads_store = False
+
+    def __init__(self, attachment: _share.Attachment, bundle: Bundle, rt: DeviceRuntime):
+        self.attachment = attachment
+        self.rt = rt
+        msg = attachment.payload
+        self.name = str(msg.get("name"))
+        self.exporter_pid = attachment.server_pid
+        fds = attachment.take_fds()
+        try:
+            theirs, mine = msg.get("identity"), bundle_identity(bundle)
+            theirs = theirs if isinstance(theirs, dict) else {}
+            if theirs.get("manifest_sha256") != mine["manifest_sha256"]:
+                raise ShareError(f"share {self.name!r} is served by pid {self.exporter_pid} for another bundle "
+                                 f"(its manifest differs from {bundle.root}'s); load that bundle, or use another "
+                                 f"share name")
+            if theirs.get("store") != mine["store"] and theirs.get("verified") is not True:
+                raise ShareError(f"share {self.name!r} is served by pid {self.exporter_pid} from another copy of "
+                                 f"this bundle whose weights it did not verify; load the same bundle directory, "
+                                 f"or have the exporter load with verify='load' (serve-weights does)")
+            want = rt.identity()
+            if msg.get("device") != want:
+                raise ShareError(f"share {self.name!r} is served by pid {self.exporter_pid} on device "
+                                 f"{msg.get('device')}, this load is on {rt.device} ({want}); load on that "
+                                 f"device, or use another share name")
+            rt.check_shareable()
+            arenas = msg.get("arenas")
+            if not isinstance(arenas, list) or len(arenas) != len(fds) or not all(
+                    isinstance(a, dict) and type(a.get("size")) is int for a in arenas):
+                raise ShareError(f"the exporter of {self.name!r} sent {len(fds)} descriptors for "
+                                 f"{arenas if not isinstance(arenas, list) else len(arenas)} arenas; refusing it")
+            dev = rt.device
+            self.allocator = _memory.ArenaAllocator(str(dev), dev.index if dev.is_cuda else -1, rt.context)
+            rt.arena_allocators.add(self.allocator)
+            try:
+                self.arenas = [self.allocator.attach(fd, a["size"]) for fd, a in zip(fds, arenas)]
+            except BaseException:
+                self.allocator.close()
+                raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+        #: (digest, buffer bytes) -> (arena index, offset)
+        self.table: dict[tuple[str, int], tuple[int, int]] = {}
+        for row in msg.get("weights") or []:
+            if not (isinstance(row, list) and len(row) == 4 and isinstance(row[0], str)
+                    and all(type(v) is int for v in row[1:]) and 0 <= row[2] < len(self.arenas)):
+                self.close()
+                raise ShareError(f"the exporter of {self.name!r} sent a weight entry {row!r:.80}; refusing it")
+            self.table[(row[0], row[1])] = (row[2], row[3])
+        self.read_only = all(a.read_only for a in self.arenas)
+        if not self.read_only:
+            warnings.warn(f"share {self.name!r}: the driver mapped the shared weights writable (it cannot map "
+                          f"them read-only here); this process must not write them", stacklevel=4)
+        self.weights = 0
+        self.weight_bytes = 0
+        self.private = 0
+
+    def adopt(self, cache, keys, weights, need, fixed):
+        ks: list[str] = []
+        bufs: list[_memory.Buffer] = []
+        for j, f in enumerate(fixed):
+            if not f or keys[j] in cache:
+                continue
+            where = self.table.get((weights[j].digest, need[j]))
+            if where is None:
+                self.private += 1          # the exporter did not load it: read from the store
+                continue
+            ks.append(keys[j])
+            bufs.append(self.allocator.carve(self.arenas[where[0]], where[1], need[j]))
+            self.weights += 1
+            self.weight_bytes += need[j]
+        return cache.adopt(ks, bufs) if ks else None
+
+    def close(self) -> None:
+        self.attachment.close()            # detached: the exporter's count drops
+        self.arenas = []
+        self.allocator.close()
+
+    def info(self) -> ShareInfo:
+        arenas = list(self.allocator.arenas)
+        return ShareInfo(self.name, "client", str(self.rt.device), self.exporter_pid, None, None, len(arenas),
+                         sum(a.nbytes for a in arenas), self.weights, self.weight_bytes, self.private,
+                         self.read_only)
+
+
+def begin(bundle: Bundle, rt: DeviceRuntime, name: str, methods: list[str], *, verify: bool | str = True,
+          timeout: float | None = None) -> Exporter | Client:
+    """Attach to the process that serves ``name``, or claim ``name`` and become its exporter
+    (of ``methods``, loaded with ``verify``).
+
+    A process that claims the name first serves it once its load completes; one that finds it
+    claimed waits for that answer (``timeout``, default :data:`ATTACH_TIMEOUT`). If the
+    exporter gives up before answering (its load failed, or it closed), this tries again.
+    """
+    _share.check_name(name)
+    rt.check_shareable()
+    timeout = ATTACH_TIMEOUT if timeout is None else timeout
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ShareError(f"could neither attach to nor serve share {name!r} in {timeout} s: its "
+                             f"exporters kept going away before answering")
+        att = _share.attach(name, timeout=left)
+        if att is not None:
+            try:
+                return Client(att, bundle, rt)
+            except BaseException:
+                att.close()
+                raise
+        server = _share.ShareServer.bind(name)
+        if server is None:
+            time.sleep(0.01)          # claimed in between: attach to that process
+            continue
+        try:
+            return Exporter(server, bundle, rt, methods, verified=verify == "load")
+        except BaseException:
+            server.close()
+            raise
+
+
+__all__ = ["ShareInfo", "Exporter", "Client", "begin", "bundle_identity", "ATTACH_TIMEOUT"]

@@ -1,0 +1,380 @@
+"""The wire protocol of weights shared across processes: who may connect, what is said, and how
+file descriptors travel. Pure Python, and it knows nothing of models or memory:
+:mod:`aoti_rt.serving` builds what an exporter says and maps what a client receives.
+
+* A share name is an abstract Unix socket, ``\\0aoti_rt.<uid>.<name>``: no file to clean up
+  after a crash (the kernel frees the name with its last descriptor), and one namespace per
+  user. An abstract socket has no permissions, so each end checks the other's credentials
+  (``SO_PEERCRED``, which the kernel fills in): the server refuses any peer whose uid is not
+  the allowed one (its own): it says why, sends no descriptor and closes; the client refuses
+  a server of another uid (a stranger that bound the name first must not feed it handles).
+* A message is a 4-byte big-endian length and that many bytes of UTF-8 JSON. The server's
+  answer carries the descriptors (``SCM_RIGHTS``) on its length prefix.
+* The client says nothing: connecting is asking. The server answers at once with
+  ``{"ok": true, "protocol": 1, ...}`` and one descriptor per arena, or with
+  ``{"ok": false, "error": ...}`` and none.
+* A client is attached while its connection is open: the server counts it until EOF, which
+  the kernel delivers when the client closes the socket, exits or is killed (SIGKILL too).
+* A server binds its name before it loads what it will serve, so that processes started at
+  the same time load once: a client that connects early waits in the listen backlog for the
+  answer; if the server gives up, the client sees the connection close and tries again.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import selectors
+import socket
+import struct
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .errors import ShareError
+
+#: version of what the server says; a client refuses another
+PROTOCOL = 1
+#: the largest message either side reads (a manifest of 100k weights is ~10 MB)
+MAX_MESSAGE = 256 << 20
+#: the most descriptors a client accepts in one answer (one per arena)
+MAX_FDS = 64
+#: seconds a server waits for a client to take its answer before dropping it
+SEND_TIMEOUT = 30.0
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_UCRED = struct.Struct("3i")      # struct ucred: pid, uid, gid
+
+
+def check_name(name: str) -> str:
+    """``name`` if it can name a share (1-64 of ``A-Z a-z 0-9 . _ -``, not starting with a
+    punctuation mark), else :class:`ValueError`."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"share name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with "
+                         f"a letter or digit")
+    return name
+
+
+def address(name: str, uid: int | None = None) -> bytes:
+    """The abstract socket address of a share name for a user (default: this process's)."""
+    uid = os.geteuid() if uid is None else uid
+    return b"\0" + f"aoti_rt.{uid}.{check_name(name)}".encode()
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """``(pid, uid, gid)`` of the process at the other end of a connected Unix socket."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
+    return pid, uid, gid
+
+
+# -- messages ----------------------------------------------------------------------------------
+
+def send_message(sock: socket.socket, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    """Send one message; ``fds`` travel with its length prefix (the caller still owns them)."""
+    body = json.dumps(message, separators=(",", ":")).encode()
+    head = len(body).to_bytes(4, "big")
+    sent = socket.send_fds(sock, [head], list(fds)) if fds else sock.send(head)
+    if sent < len(head):
+        sock.sendall(head[sent:])
+    sock.sendall(body)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    parts = []
+    while n:
+        got = sock.recv(min(n, 1 << 20))
+        if not got:
+            raise EOFError("the connection closed in the middle of a message")
+        parts.append(got)
+        n -= len(got)
+    return b"".join(parts)
+
+
+def recv_message(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any], list[int]]:
+    """Receive one message and the descriptors sent with it (the caller owns them: close them).
+
+    Raises EOFError if the peer closed before a whole message came, :class:`ShareError` if
+    what came is not a message of this protocol."""
+    if max_fds:
+        head, fds, flags, _ = socket.recv_fds(sock, 4, max_fds, socket.MSG_CMSG_CLOEXEC)
+    else:
+        head, fds, flags = sock.recv(4), [], 0
+    try:
+        if not head:
+            raise EOFError("the peer closed the connection")
+        if flags & socket.MSG_CTRUNC:
+            raise ShareError(f"the peer sent more than {max_fds} descriptors")
+        head += _recv_exact(sock, 4 - len(head))
+        n = int.from_bytes(head, "big")
+        if n > MAX_MESSAGE:
+            raise ShareError(f"the peer announced a message of {n} bytes (at most {MAX_MESSAGE})")
+        try:
+            message = json.loads(_recv_exact(sock, n))
+        except ValueError as e:
+            raise ShareError(f"the peer sent a message that is not JSON ({e})") from None
+        if not isinstance(message, dict):
+            raise ShareError("the peer sent a message that is not a JSON object")
+        return message, fds
+    except BaseException:
+        _close_all(fds)
+        raise
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+# -- the server --------------------------------------------------------------------------------
+
+class ShareServer:
+    """Serves one share name: answers each client with a payload and fresh descriptors, counts
+    the clients attached, refuses other users.
+
+    :meth:`bind` claims the name (connections queue from then on); :meth:`serve` starts the
+    daemon thread that answers them; :meth:`close` stops it, drops every client connection and
+    frees the name. ``allowed_uid`` (default: this process's effective uid) is the only uid
+    answered; a test sets another to prove that a stranger is refused.
+    """
+
+    def __init__(self, sock: socket.socket, name: str, *, allowed_uid: int | None = None):
+        self.name = name
+        self.allowed_uid = os.geteuid() if allowed_uid is None else allowed_uid
+        self._sock = sock
+        self._payload: dict[str, Any] | None = None
+        self._descriptors: Callable[[], list[int]] | None = None
+        self._lock = threading.Lock()
+        self._clients: dict[socket.socket, int] = {}     # connection -> client pid
+        self._attached = 0
+        self._refused = 0
+        self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._closed = False
+
+    @classmethod
+    def bind(cls, name: str, *, allowed_uid: int | None = None) -> "ShareServer | None":
+        """Claim ``name`` for this user, or None if a process holds it already."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(address(name))
+            sock.listen(128)
+        except OSError as e:
+            sock.close()
+            if e.errno == errno.EADDRINUSE:
+                return None
+            raise ShareError(f"could not claim share name {name!r}: {e}") from None
+        return cls(sock, name, allowed_uid=allowed_uid)
+
+    def serve(self, payload: dict[str, Any], descriptors: Callable[[], list[int]]) -> None:
+        """Start answering: each allowed client gets ``{"ok": true, "protocol": PROTOCOL,
+        **payload}`` and the descriptors ``descriptors()`` returns for it (new ones each time,
+        which the server closes once sent)."""
+        if self._closed:
+            raise ShareError(f"the server of {self.name!r} is closed")
+        self._payload = {"ok": True, "protocol": PROTOCOL, **payload}
+        self._descriptors = descriptors
+        self._sock.setblocking(False)
+        self._thread = threading.Thread(target=self._run, name=f"aoti_rt-share-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stats(self) -> dict[str, Any]:
+        """``clients`` attached now (and their ``pids``), ``attached`` in all, ``refused``."""
+        with self._lock:
+            return {"name": self.name, "clients": len(self._clients), "pids": sorted(self._clients.values()),
+                    "attached": self._attached, "refused": self._refused, "serving": self.serving}
+
+    @property
+    def serving(self) -> bool:
+        return self._thread is not None and not self._closed
+
+    def close(self) -> None:
+        """Stop answering, close every client connection and free the name (idempotent).
+
+        What clients mapped stays theirs: closing a connection takes nothing back."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            try:
+                self._wake_w.send(b"x")
+            except OSError:
+                pass
+            self._thread.join()
+        else:
+            self._sock.close()        # queued connections see EOF: their clients try again
+        self._wake_r.close()
+        self._wake_w.close()
+        self._payload = self._descriptors = None
+
+    # -- the thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self._sock, selectors.EVENT_READ, "listen")
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        try:
+            while True:
+                for key, _ in sel.select():
+                    if key.data == "wake":
+                        return
+                    if key.data == "listen":
+                        self._accept(sel)
+                    else:
+                        self._readable(sel, key.fileobj)
+        finally:
+            with self._lock:
+                conns = list(self._clients)
+                self._clients.clear()
+            for conn in conns:
+                conn.close()
+            sel.close()
+            self._sock.close()
+
+    def _accept(self, sel: selectors.BaseSelector) -> None:
+        try:
+            conn, _ = self._sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:      # out of descriptors, say: this client sees its connection close
+            return
+        try:
+            pid, uid, _ = peer_credentials(conn)
+            conn.settimeout(SEND_TIMEOUT)
+            if uid != self.allowed_uid:
+                with self._lock:
+                    self._refused += 1
+                send_message(conn, {"ok": False, "protocol": PROTOCOL,
+                                    "error": f"uid {uid} may not attach to share {self.name!r}: it serves "
+                                             f"uid {self.allowed_uid} only"})
+                conn.close()
+                return
+            self._answer(conn)
+        except Exception:  # noqa: BLE001 - this client sees its connection close; the others are served
+            conn.close()
+            return
+        conn.setblocking(False)
+        with self._lock:
+            self._clients[conn] = pid
+            self._attached += 1
+        sel.register(conn, selectors.EVENT_READ, "client")
+
+    def _answer(self, conn: socket.socket) -> None:
+        try:
+            fds = self._descriptors() if self._descriptors is not None else []
+        except Exception as e:  # noqa: BLE001 - a driver that cannot export: tell the client why
+            send_message(conn, {"ok": False, "protocol": PROTOCOL,
+                                "error": f"the exporter could not make handles: {type(e).__name__}: {e}"})
+            raise OSError("refused") from None
+        try:
+            send_message(conn, self._payload or {}, fds)
+        finally:
+            _close_all(fds)
+
+    def _readable(self, sel: selectors.BaseSelector, conn: socket.socket) -> None:
+        try:
+            data = conn.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            return               # a client says nothing; whatever it sends is ignored
+        sel.unregister(conn)
+        with self._lock:
+            self._clients.pop(conn, None)
+        conn.close()
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        return f"<aoti_rt ShareServer {self.name!r} clients={s['clients']} serving={s['serving']}>"
+
+
+# -- the client --------------------------------------------------------------------------------
+
+class Attachment:
+    """A client's connection to the process that serves a share name, and what it answered.
+
+    Keep it open while the weights are used: the server counts the client until it closes
+    (:meth:`close`, exit or a kill). ``fds`` are the received descriptors, the caller's to
+    close once mapped (:meth:`take_fds` hands them over).
+    """
+
+    def __init__(self, sock: socket.socket, payload: dict[str, Any], fds: list[int], server_pid: int):
+        self.sock = sock
+        self.payload = payload
+        self.fds = fds
+        self.server_pid = server_pid
+
+    def take_fds(self) -> list[int]:
+        """The received descriptors, now the caller's to close."""
+        fds, self.fds = self.fds, []
+        return fds
+
+    @property
+    def closed(self) -> bool:
+        return self.sock.fileno() < 0
+
+    def close(self) -> None:
+        """Detach: close the connection (and any descriptor not taken)."""
+        _close_all(self.take_fds())
+        self.sock.close()
+
+
+def attach(name: str, *, timeout: float | None = None, expected_uid: int | None = None) -> Attachment | None:
+    """Connect to the process that serves ``name`` for this user and take its answer.
+
+    Returns None when nobody serves it (or the server closed before answering: a load that
+    failed or a model closed), so the caller may serve it itself. ``expected_uid`` (default:
+    this process's effective uid) is the only uid whose answer is taken.
+
+    Raises:
+        ShareError: the name is held by another user's process, the server refused this
+            process, its answer is not this protocol's, or it did not answer in ``timeout``
+            seconds (it may still be loading what it will serve).
+    """
+    want = os.geteuid() if expected_uid is None else expected_uid
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(address(name))
+        except (ConnectionRefusedError, FileNotFoundError):
+            sock.close()
+            return None
+        pid, uid, _ = peer_credentials(sock)
+        if uid != want:
+            raise ShareError(f"share name {name!r} is held by a process of uid {uid} (pid {pid}), not by uid "
+                             f"{want}; refusing handles from another user. Use another share name")
+        try:
+            message, fds = recv_message(sock, MAX_FDS)
+        except (EOFError, ConnectionResetError):
+            sock.close()
+            return None
+        except socket.timeout:
+            raise ShareError(f"the process serving {name!r} (pid {pid}) did not answer in {timeout} s (it may "
+                             f"still be loading); wait longer ($AOTI_RT_SHARE_TIMEOUT) or use another name") \
+                from None
+        if not message.get("ok"):
+            _close_all(fds)
+            raise ShareError(f"the process serving {name!r} (pid {pid}) refused this process: "
+                             f"{message.get('error', 'no reason given')}")
+        if message.get("protocol") != PROTOCOL:
+            _close_all(fds)
+            raise ShareError(f"the process serving {name!r} (pid {pid}) speaks protocol "
+                             f"{message.get('protocol')!r}, this aoti_rt {PROTOCOL}: run the same aoti_rt "
+                             f"version in both, or use another name")
+        sock.settimeout(None)
+        return Attachment(sock, message, fds, pid)
+    except BaseException:
+        sock.close()
+        raise
+
+
+__all__ = ["PROTOCOL", "ShareServer", "Attachment", "attach", "address", "check_name", "peer_credentials",
+           "send_message", "recv_message"]

@@ -1,0 +1,92 @@
+"""A process of tests/test_share.py: loads a bundle with ``share=`` and runs what it is told.
+
+One JSON command per line on stdin, one JSON answer per line on stdout (prefixed with
+``ANSWER``, so nothing else printed is mistaken for one). Commands:
+
+  {"op": "load", "bundle", "device", "share"}  -> model.share, bytes read, cache stats
+  {"op": "prefill", "tokens": [...]}            -> the logits (a list of rows)
+  {"op": "decode", "token": t, "pos": p}        -> the logits row
+  {"op": "maps"}                                -> this process's /proc/self/maps lines of shared weights
+  {"op": "write"}                               -> what writing a shared weight does (CPU: in a
+                                                   forked child, its signal; CUDA: the error; the
+                                                   process is not to be used after it on CUDA)
+  {"op": "close"}                               -> arena totals after the model closed
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import json
+import os
+import sys
+
+import torch
+
+import aoti_rt
+from aoti_rt import _memory
+
+ANSWER = "ANSWER "
+
+
+def main() -> int:
+    model = None
+    dev = "cpu"
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        op = cmd["op"]
+        out: dict = {"op": op}
+        try:
+            if op == "load":
+                dev = cmd["device"]
+                model = aoti_rt.load(cmd["bundle"], device=dev, share=cmd["share"], progress=False)
+                out.update(share=dataclasses.asdict(model.share),
+                           bytes_read=sum(m.bytes_read for m in (model[n] for n in model.methods)),
+                           stats=aoti_rt.cache_stats(dev))
+            elif op == "prefill":
+                with torch.no_grad():
+                    logits = model.prefill(torch.tensor(cmd["tokens"], device=dev))
+                out["logits"] = logits.cpu().tolist()
+            elif op == "decode":
+                with torch.no_grad():
+                    logits = model.decode(torch.tensor([cmd["token"]], device=dev),
+                                          torch.tensor([cmd["pos"]], device=dev))
+                out["logits"] = logits[-1].cpu().tolist()
+            elif op == "maps":
+                with open("/proc/self/maps") as f:
+                    out["lines"] = [x.strip() for x in f if "aoti_rt-weights" in x]
+            elif op == "write":
+                ptr = next(b for b, _, _ in model.prefill._buffers.values() if b.read_only).ptr
+                if dev == "cpu":
+                    pid = os.fork()
+                    if pid == 0:                      # the child writes, and should die of it
+                        ctypes.memset(ptr, 0, 16)
+                        os._exit(0)
+                    _, status = os.waitpid(pid, 0)
+                    out["signal"] = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+                else:
+                    buf = next(b for b, _, _ in model.prefill._buffers.values() if b.read_only)
+                    try:
+                        torch.as_tensor(buf, device=dev).fill_(0)
+                        torch.cuda.synchronize(dev)
+                        out["error"] = None
+                    except RuntimeError as e:
+                        out["error"] = str(e)[:300]
+            elif op == "close":
+                model.close()
+                model = None
+                import gc
+
+                gc.collect()
+                out["arenas"] = list(_memory.arena_totals())
+            else:
+                raise ValueError(op)
+        except aoti_rt.AotiRtError as e:
+            out["error_type"] = type(e).__name__
+            out["error"] = str(e)
+        print(ANSWER + json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
