@@ -32,9 +32,10 @@ Why this and not the legacy ``cuIpcGetMemHandle``:
 
 The CPU twin, so that the whole mechanism runs in CI: ``memfd_create`` + ``ftruncate`` +
 ``mmap(MAP_SHARED)`` for the exporter, sealed against shrinking (a client cannot make the
-exporter fault) and, once filled, against writes (``F_SEAL_FUTURE_WRITE``: no process can map it
-writable again); clients ``mmap(PROT_READ, MAP_SHARED)`` the received descriptor. The kernel
-keeps the pages while any process maps them.
+exporter fault); clients get a read-only reopen of it and ``mmap(PROT_READ, MAP_SHARED)`` it, so
+no client can map it writable, while the exporter can make its own mapping writable again for
+an in-place weight update (:meth:`SharedArena.unprotect`). The kernel keeps the pages while any
+process maps them.
 
 CUDA is reached through driver entry points that cuda-python resolved
 (``cuGetProcAddress``); :func:`install_driver` receives their addresses, so this module
@@ -385,14 +386,11 @@ cdef enum:
     _CU_GRANULARITY_MINIMUM = 0
     _CU_ERROR_OUT_OF_MEMORY = 2
 
-#: fcntl's sealing commands and seals (linux/fcntl.h): F_SEAL_FUTURE_WRITE (Linux 5.1) is not a
-#: name in every Python's fcntl module
+#: fcntl's sealing commands and seals (linux/fcntl.h), not names in every Python's fcntl module
 _F_ADD_SEALS = 1033
 _F_GET_SEALS = 1034
-_F_SEAL_SEAL = 0x1
 _F_SEAL_SHRINK = 0x2
 _F_SEAL_GROW = 0x4
-_F_SEAL_FUTURE_WRITE = 0x10
 
 #: arenas mapped in this process now, and their bytes (a test's proof that nothing leaked)
 cdef long long _arenas_live = 0
@@ -686,7 +684,8 @@ cdef class SharedArena(_Slab):
             raise ShareError("only a mapped arena this process created can be exported")
         if not self.is_cuda:
             # a read-only open of the memfd, not a dup of the exporter's read-write descriptor:
-            # a client cannot map it writable even on a kernel without F_SEAL_FUTURE_WRITE
+            # a client cannot map it writable: the exporter's own mapping can be made writable
+            # again for an in-place update (unprotect), so the memfd is not sealed against writes
             try:
                 return os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
             except OSError:      # no /proc: the seals alone keep clients from writing
@@ -701,11 +700,10 @@ cdef class SharedArena(_Slab):
         return fd
 
     def protect(self) -> bool:
-        """Make this process's mapping read-only (an exporter, once its weights are written);
-        host: also seal the memfd so that no process can map it writable again. Returns
-        :attr:`read_only` (False where the driver cannot map read-only: then it stays writable)."""
-        import fcntl
-
+        """Make this process's mapping read-only (an exporter, once its weights are written).
+        Returns :attr:`read_only` (False where the driver cannot map read-only: then it stays
+        writable). Clients cannot map the memfd writable whatever this process does: they get
+        a read-only descriptor (:meth:`export`)."""
         cdef CUcontext prev
         cdef CUresult rc = 0
         if not self.mapped or self.read_only:
@@ -713,10 +711,6 @@ cdef class SharedArena(_Slab):
         if not self.is_cuda:
             if mprotect(<void*>self.ptr, self.size, PROT_READ) != 0:
                 return False
-            try:
-                fcntl.fcntl(self.fd, _F_ADD_SEALS, _F_SEAL_FUTURE_WRITE | _F_SEAL_SEAL)
-            except OSError:        # a kernel before 5.1: clients still map it read-only
-                pass
             self.read_only = True
             return True
         with nogil:
@@ -726,6 +720,31 @@ cdef class SharedArena(_Slab):
                 drv.ctx_pop(&prev)
         self.read_only = rc == 0
         return self.read_only
+
+    def unprotect(self) -> None:
+        """Make the exporter's own mapping writable again (an in-place weight update; then
+        :meth:`protect` again). Clients' mappings stay read-only. Raises :class:`ShareError` for
+        an arena mapped from another process."""
+        cdef CUcontext prev
+        cdef CUresult rc = 0
+        if self.imported:
+            raise ShareError("weights mapped from another process are read-only here; update them in "
+                             "the process that exports them")
+        if not self.mapped or not self.read_only:
+            return
+        if not self.is_cuda:
+            if mprotect(<void*>self.ptr, self.size, PROT_READ | PROT_WRITE) != 0:
+                raise ShareError(f"could not make a shared arena of {self.size} bytes writable again")
+            self.read_only = False
+            return
+        with nogil:
+            rc = drv.ctx_push(self.ctx)
+            if rc == 0:
+                rc = _vmm_access(<CUdeviceptr>self.ptr, self.size, self.ordinal, _CU_ACCESS_READWRITE)
+                drv.ctx_pop(&prev)
+        if rc != 0:
+            raise CudaError(f"cuMemSetAccess (read-write) of a shared arena on {self.device}", rc)
+        self.read_only = False
 
     cdef int _unmap(self) noexcept:
         global _arenas_live, _arena_bytes_live

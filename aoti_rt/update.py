@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from . import loader
 from .bundle import ITEMSIZE, ST_DTYPES, ConstantSpec, read_store_header, view_bytes
 from .errors import AotiRtError, ClosedError, InputError
+from .runtime import buffer_view, raw_view
 
 if TYPE_CHECKING:
     from .runtime import Method, Model
@@ -143,12 +144,18 @@ def update_weights(model: "Model", weights: "Mapping[str, Any] | str | os.PathLi
             t.holders.append((m, i))
             if all(c.fqn != w.fqn for w, _ in t.writes):
                 t.writes.append((c, value))
+    # shared arenas written in place: an exporter's own, made writable for the update
+    arenas: dict[int, Any] = {}
     if shared:
         for t in targets.values():
-            if getattr(t.buffer.allocator, "read_only", False):
+            arena = t.buffer.arena
+            if arena is None or not t.buffer.read_only:
+                continue
+            if arena.imported:
                 raise InputError("update_weights: this model's weights are mapped read-only from another "
                                  "process (share=); update them in the process that exports them, or pass "
                                  "shared=False for a private copy")
+            arenas[id(arena)] = arena
     report = UpdateReport(fqns=sorted(k for k in given if k in bound))
     rt = next(iter(model._methods.values()))._rt
     if rt.is_cuda:
@@ -162,29 +169,17 @@ def update_weights(model: "Model", weights: "Mapping[str, Any] | str | os.PathLi
             if t.mutable:
                 continue
             new = rt.allocator.allocate(t.buffer.nbytes)
-            _raw(new).copy_(_raw(t.buffer))
+            raw_view(new).copy_(raw_view(t.buffer))
             fresh[key] = new
-    # the new values
-    direct: list[tuple[int, int, Any]] = []          # (file offset, bytes, buffer): the load pipeline
-    for key, t in targets.items():
-        dest = fresh.get(key, t.buffer)
-        for c, value in t.writes:
-            nbytes = view_bytes(c.shape, c.stride, c.storage_offset, ITEMSIZE[c.dtype])
-            if path is not None and c.storage_offset == 0 and _contiguous(c):
-                _, _, start, end = value
-                direct.append((start, end - start, dest))
-            else:
-                if path is not None:
-                    value = _read_host(path, value, c)
-                from .runtime import buffer_view
-
-                buffer_view(dest, c).copy_(value)
-            report.nbytes += nbytes
-    if direct:
-        report.bytes_read = loader.read_weights(rt, path, [d[0] for d in direct], [d[1] for d in direct],
-                                                [d[2] for d in direct], progress=progress)
-    if rt.is_cuda:
-        torch.cuda.current_stream(rt.index).synchronize()
+    for arena in arenas.values():
+        arena.unprotect()
+    try:
+        report.nbytes, report.bytes_read = _write(rt, targets, fresh, path, progress)
+        if rt.is_cuda:
+            torch.cuda.current_stream(rt.index).synchronize()
+    finally:
+        for arena in arenas.values():
+            arena.protect()
     # the old content keys no longer describe the shared buffers written in place
     for key, t in targets.items():
         if key in fresh:
@@ -204,13 +199,28 @@ def update_weights(model: "Model", weights: "Mapping[str, Any] | str | os.PathLi
     return report
 
 
-def _raw(buf: Any):
-    """A uint8 tensor over a whole Buffer (holds it)."""
-    import torch
-
-    if buf.allocator.is_cuda:
-        return torch.as_tensor(buf, device=buf.device)
-    return torch.frombuffer(buf, dtype=torch.uint8)
+def _write(rt: Any, targets: dict[int, _Target], fresh: dict[int, Any], path: Path | None,
+           progress: bool | None) -> tuple[int, int]:
+    """Write every target's new values (into its private copy where it has one); returns the
+    bytes written and the bytes the load pipeline read from ``path``."""
+    written = 0
+    direct: list[tuple[int, int, Any]] = []          # (file offset, bytes, buffer): the load pipeline
+    for key, t in targets.items():
+        dest = fresh.get(key, t.buffer)
+        for c, value in t.writes:
+            if path is not None and c.storage_offset == 0 and _contiguous(c):
+                _, _, start, end = value
+                direct.append((start, end - start, dest))
+            else:
+                if path is not None:
+                    value = _read_host(path, value, c)
+                buffer_view(dest, c).copy_(value)
+            written += view_bytes(c.shape, c.stride, c.storage_offset, ITEMSIZE[c.dtype])
+    read = 0
+    if direct:
+        read = loader.read_weights(rt, path, [d[0] for d in direct], [d[1] for d in direct],
+                                   [d[2] for d in direct], progress=progress)
+    return written, read
 
 
 def _read_host(path: Path, entry: tuple[str, list[int], int, int], c: ConstantSpec):

@@ -37,6 +37,8 @@ SPEC = common.StackSpec(layers=1, dim=64, methods=(("decode", 0, 1, 1),), dtype=
 def _extra(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calls", type=int, default=None,
                    help="calls per timed loop (default: 10000 full, 2000 small)")
+    p.add_argument("--graph-only", action="store_true",
+                   help="only the demo LM's decode step, called vs replayed from a CUDA graph")
 
 
 def per_call(fns: dict[str, Callable[[], object]], dev: str, calls: int,
@@ -68,6 +70,12 @@ def run(args: argparse.Namespace, report: common.Report) -> None:
     calls = args.calls or (10_000 if args.size == "full" else 2_000)
     samples = max(args.repeats, 9)
     report.params.update(SPEC.params(), calls=calls, samples=samples)
+    if args.graph_only:
+        if common.is_cuda(dev):
+            _decode_graph(args, report, calls, samples)
+        else:
+            report.notes.append("--graph-only needs a CUDA device: nothing measured")
+        return
     built = common.build_model(args.cache, "call", SPEC.params(), lambda: SPEC.programs(dev), dev)
     table = report.table(f"per-call overhead, Linear({SPEC.dim}, {SPEC.dim}) {SPEC.dtype}, input [1, {SPEC.dim}], "
                          f"{calls} calls per loop, {samples} loops", [

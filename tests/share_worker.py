@@ -10,6 +10,7 @@ One JSON command per line on stdin, one JSON answer per line on stdout (prefixed
   {"op": "write"}                               -> what writing a shared weight does (CPU: in a
                                                    forked child, its signal; CUDA: the error; the
                                                    process is not to be used after it on CUDA)
+  {"op": "update", "shared": bool}              -> model.update_weights(the seed-1 demo LM's weights)
   {"op": "close"}                               -> arena totals after the model closed
 """
 
@@ -24,9 +25,15 @@ import sys
 import torch
 
 import aoti_rt
-from aoti_rt import _memory
+from aoti_rt import _memory, demo
 
 ANSWER = "ANSWER "
+
+
+def new_lm_weights(device: str) -> dict[str, torch.Tensor]:
+    """The demo LM's weights for seed 1 (not its KV cache), by the FQNs the methods bind."""
+    lm = demo.make_model(device, seed=1)
+    return {f"lm.{k}": v for k, v in lm.state_dict().items() if not k.endswith("_cache")}
 
 
 def main() -> int:
@@ -72,6 +79,9 @@ def main() -> int:
                         out["error"] = None
                     except RuntimeError as e:
                         out["error"] = str(e)[:300]
+            elif op == "update":
+                report = model.update_weights(new_lm_weights(dev), shared=cmd["shared"], strict=False)
+                out.update(fqns=len(report.fqns), copied_on_write=report.copied_on_write)
             elif op == "close":
                 model.close()
                 model = None

@@ -285,6 +285,38 @@ def test_client_computes_like_eager_and_reads_no_weight(lm_bundle, device, tmp_p
     assert share.attach(name, timeout=10) is None   # closed: nobody serves the name
 
 
+def test_the_exporter_updates_in_place_and_its_clients_compute_with_the_new_weights(lm_bundle, device, tmp_path):
+    """update_weights(shared=True) in the exporter writes the one copy every process maps (its
+    own mapping made writable for the update, read-only again after); a client may not write
+    it, but may take a private copy."""
+    from share_worker import new_lm_weights
+
+    name = _name("update", device)
+    lm1 = demo.make_model(device, seed=1)
+    with torch.no_grad():
+        want, want_logits = demo.generate(demo.Prefill(lm1), demo.Decode(lm1), torch.tensor(PROMPT, device=device), 3)
+    w = Worker(tmp_path)
+    with aoti_rt.load(lm_bundle, device=device, share=name) as exporter:
+        assert "error" not in w.ask(op="load", bundle=str(lm_bundle), device=device, share=name)
+        ans = w.ask(op="update", shared=True)
+        assert ans["error_type"] == "InputError" and "exports" in ans["error"]
+        report = exporter.update_weights(new_lm_weights(device), strict=False)
+        assert report.fqns and report.copied_on_write == 0
+        assert exporter.share.read_only
+        remote = Remote(w, PROMPT)
+        for _ in range(2):
+            remote.step()
+        assert remote.tokens == want
+        _same(remote.logits, want_logits)
+        ans = w.ask(op="update", shared=False)            # a private copy: allowed
+        assert "error" not in ans and ans["copied_on_write"] > 0
+        if device == "cpu":
+            with open("/proc/self/maps") as f:
+                mine = [x for x in f if "aoti_rt-weights" in x]
+            assert mine and all(x.split()[1] == "r--s" for x in mine), mine
+        w.stop()
+
+
 def test_kv_cache_is_private_and_a_killed_client_detaches(lm_bundle, device, tmp_path):
     """Three processes generate from different prompts, interleaved step by step: each is
     eager's (mutable state is never shared). SIGKILL of one: the exporter's count drops and
