@@ -83,6 +83,8 @@ cdef int check(CUresult rc, str what) except -1:
 
 cdef enum:
     _SLAB_ALIGN = 256
+    # CU_MEMHOSTALLOC_PORTABLE and CU_MEMHOSTREGISTER_PORTABLE (cuda.h): both 0x01
+    _HOST_PORTABLE = 0x01
 
 #: buffers up to this size are carved from shared slabs (one raw allocation per slab, not
 #: per weight: a model with 10k small constants pays ~10 cuMemAlloc calls, not 10k)
@@ -253,6 +255,12 @@ cdef class PinnedAllocator(Allocator):
     By default ``cuMemHostAlloc``. With ``huge_pages=True``: an anonymous mapping advised to
     use transparent huge pages, page-locked with ``cuMemHostRegister`` (pinning is per page,
     so 2 MiB pages may pin faster; :mod:`bench.bench_start` compares both on a host).
+
+    Either way the memory is *portable* (``CU_MEMHOSTALLOC_PORTABLE``,
+    ``CU_MEMHOSTREGISTER_PORTABLE``): pinned for every CUDA context, not only the one that
+    allocated it, so a replicated load's staging buffer feeds copies to every device at the
+    pinned rate (under unified addressing cuMemHostAlloc memory is portable anyway; a
+    registration is not unless asked).
     """
 
     def __init__(self, str device, uintptr_t context, bint huge_pages=False):
@@ -277,11 +285,11 @@ cdef class PinnedAllocator(Allocator):
                 rc = 2                                  # CUDA_ERROR_OUT_OF_MEMORY
             else:
                 madvise(p, n, MADV_HUGEPAGE)            # a hint: 4 KiB pages where THP is off
-                rc = drv.host_register(p, n, 0)
+                rc = drv.host_register(p, n, _HOST_PORTABLE)
                 if rc != 0:
                     munmap(p, n)
         else:
-            rc = drv.host_alloc(&p, nbytes, 0)
+            rc = drv.host_alloc(&p, nbytes, _HOST_PORTABLE)
         drv.ctx_pop(&prev)
         if rc == 0:
             out[0] = <uintptr_t>p
