@@ -19,9 +19,9 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t, uintptr_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset, strcmp
 
-from aoti_rt._memory cimport (Buffer, aoti_rt_atomic_add_acqrel, aoti_rt_atomic_load_acq,
-                              aoti_rt_atomic_or)
-from aoti_rt.errors import AOTIError, BundleError, ClosedError
+from aoti_rt._memory cimport (Buffer, CUcontext, CUresult, aoti_rt_atomic_add_acqrel,
+                              aoti_rt_atomic_load_acq, aoti_rt_atomic_or, drv)
+from aoti_rt.errors import AOTIError, BundleError, ClosedError, CudaError
 
 cdef extern from "unistd.h" nogil:
     int usleep(unsigned int usec)
@@ -248,17 +248,27 @@ cdef class ModelABI:
         self._ok(rc, "AOTInductorModelUpdateConstantsFromBlob")
 
     def run(self, uintptr_t container, list input_handles, Py_ssize_t num_outputs,
-            uintptr_t stream, where="the method"):
+            uintptr_t stream, where="the method", uintptr_t context=0):
         """Call ``Run`` without the GIL; returns the output handles as PyCapsules.
 
         ``input_handles`` are PyCapsules from ``unsafe_alloc_void_ptrs_from_tensors``, which
         AOTI steals; the outputs go to ``alloc_tensors_by_stealing_from_void_ptrs``. Raises
         :class:`AOTIError` naming ``where`` if AOTI reports a failure.
+
+        ``context`` (a CUDA container): the primary context of the container's device, made
+        current around the call (``cuCtxPushCurrent``/``cuCtxPopCurrent``, a few tens of ns):
+        AOTI creates the event it records after each run on the *current* device at the first
+        call, and a container of cuda:1 called while cuda:0 is current would record an
+        event of one device on a stream of another (an error). The caller's current device is
+        the same afterwards.
         """
         cdef Py_ssize_t i, n_in = len(input_handles)
+        cdef CUcontext ctx = <CUcontext>context
+        cdef CUcontext prev
+        cdef CUresult pushed = 1
         cdef AtenTensorHandle* ins = <AtenTensorHandle*>malloc(max(n_in, 1) * sizeof(AtenTensorHandle))
         cdef AtenTensorHandle* outs = <AtenTensorHandle*>malloc(max(num_outputs, 1) * sizeof(AtenTensorHandle))
-        cdef int32_t rc
+        cdef int32_t rc = 0
         if self.fns.run == NULL:
             free(ins); free(outs)
             self._has(NULL, "Run")
@@ -270,8 +280,18 @@ cdef class ModelABI:
                 ins[i] = PyCapsule_GetPointer(input_handles[i], NULL)
             memset(outs, 0, max(num_outputs, 1) * sizeof(AtenTensorHandle))
             with nogil:
-                rc = self.fns.run(<ContainerHandle>container, ins, n_in, outs, num_outputs,
-                                  <void*>stream, NULL)
+                if ctx != NULL:
+                    pushed = drv.ctx_push(ctx)
+                if ctx == NULL or pushed == 0:
+                    rc = self.fns.run(<ContainerHandle>container, ins, n_in, outs, num_outputs,
+                                      <void*>stream, NULL)
+                if pushed == 0:
+                    drv.ctx_pop(&prev)
+            if ctx != NULL and pushed != 0:
+                if _delete_tensor != NULL:      # Run did not take the inputs: free them here
+                    for i in range(n_in):
+                        _delete_tensor(ins[i])
+                raise CudaError("making the model's device current for its call (cuCtxPushCurrent)", pushed)
             if rc != 0:
                 raise AOTIError(f"{where} failed in AOTI Run: {self._why()}")
             return [PyCapsule_New(outs[i], NULL, NULL) for i in range(num_outputs)]

@@ -10,14 +10,16 @@ asking for a CUDA device raises a clear error.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from . import _cache, _load, _memory
-from .errors import AotiRtError, CudaError
+from .errors import CudaError, DeviceError
 
 _lock = threading.Lock()
 _devices: dict["Device", "DeviceRuntime"] = {}
@@ -76,6 +78,23 @@ def _init_cuda() -> None:
         _cuda_state["count"] = int(count)
 
 
+def _current_index() -> int:
+    """torch's current CUDA device index (what ``"cuda"`` means to torch); 0 where CUDA is
+    absent (the caller then refuses the device)."""
+    try:
+        _init_cuda()
+    except Exception:  # noqa: BLE001 - no driver: Device.parse says so
+        return 0
+    if not _cuda_state.get("count"):
+        return 0
+    try:
+        import torch
+
+        return int(torch.cuda.current_device())
+    except Exception:  # noqa: BLE001 - a CPU-only torch next to a driver
+        return 0
+
+
 @dataclass(frozen=True)
 class Device:
     """A device aoti_rt runs on: ``Device("cpu")`` or ``Device("cuda", n)``.
@@ -88,13 +107,17 @@ class Device:
     index: int = 0
 
     @classmethod
-    def parse(cls, spec: "str | Device | None", default: "str | Device" = "cpu") -> "Device":
-        """``"cpu"``, ``"cuda"`` (device 0) or ``"cuda:N"`` (or a Device) as a Device that
-        exists on this machine; ``None`` means ``default``.
+    def parse(cls, spec: "str | Device | None", default: "str | Device" = "cpu", *,
+              check: bool = True) -> "Device":
+        """``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (or a Device, or a ``torch.device``) as a
+        Device that exists on this machine; ``None`` means ``default``. ``"cuda"`` is torch's
+        current CUDA device, as it is for torch (``torch.cuda.set_device(rank)`` in each
+        process of a ``torchrun`` job makes ``"cuda"`` that rank's GPU).
 
         Raises:
-            ValueError: not a device name aoti_rt knows.
-            AotiRtError: a CUDA device this machine does not have (the message says why).
+            DeviceError: not a device name aoti_rt knows, or (unless ``check=False``) a CUDA
+                device this machine does not have (the message says why). A ``ValueError``
+                and an ``AotiRtError``.
         """
         spec = default if spec is None else spec
         if isinstance(spec, Device):
@@ -105,9 +128,9 @@ class Device:
             if text == "cpu":
                 return cls("cpu")
             if kind != "cuda" or (num and not num.isdigit()) or (_ and not num):
-                raise ValueError(f"unknown device {spec!r}: use 'cpu', 'cuda' or 'cuda:N'")
-            dev = cls("cuda", int(num or 0))
-        if dev.is_cuda:
+                raise DeviceError(f"unknown device {spec!r}: use 'cpu', 'cuda' or 'cuda:N'")
+            dev = cls("cuda", int(num) if num else _current_index())
+        if dev.is_cuda and check:
             try:
                 _init_cuda()
             except Exception:  # noqa: BLE001
@@ -115,8 +138,9 @@ class Device:
             count = int(_cuda_state.get("count", 0))
             if dev.index >= count:
                 why = _cuda_state.get("error") or f"{count} CUDA device(s) present"
-                raise AotiRtError(f"device {dev} is not available ({why}); load on 'cpu' or on an "
-                                  f"existing GPU")
+                raise DeviceError(f"device {dev} is not available ({why}); load on 'cpu' or on an "
+                                  f"existing GPU (cuda:0 to cuda:{count - 1})" if count else
+                                  f"device {dev} is not available ({why}); load on 'cpu'")
         return dev
 
     @property
@@ -125,6 +149,50 @@ class Device:
 
     def __str__(self) -> str:
         return f"cuda:{self.index}" if self.is_cuda else "cpu"
+
+
+def parse_devices(spec: "Sequence[str | Device]", default: "str | Device" = "cpu") -> list[Device]:
+    """A list of devices (what ``load(..., device=[...])`` takes) as Devices that exist here.
+
+    Raises:
+        DeviceError: the list is empty, names a device twice (``"cuda"`` is ``"cuda:0"``),
+            mixes the CPU with GPUs, or names a device that is unknown or absent.
+    """
+    if isinstance(spec, (str, Device)) or not isinstance(spec, Sequence):
+        raise DeviceError(f"expected a list of devices, got {spec!r}")
+    devs = [Device.parse(s, default=default, check=False) for s in spec]
+    if not devs:
+        raise DeviceError("an empty list of devices: name at least one, e.g. ['cuda:0', 'cuda:1']")
+    seen: set[Device] = set()
+    for d in devs:
+        if d in seen:
+            raise DeviceError(f"device {d} appears twice in {[str(s) for s in spec]}: each device holds one "
+                              f"copy of the weights, so list each once")
+        seen.add(d)
+    if len({d.kind for d in devs}) > 1:
+        raise DeviceError(f"{[str(d) for d in devs]} mixes the CPU with GPUs: an AOTI .so runs only on the "
+                          f"device type it was compiled for; list only CUDA devices (or only 'cpu')")
+    return [Device.parse(d) for d in devs]       # each one must exist
+
+
+@contextlib.contextmanager
+def device_guard(device: "Device | str") -> Iterator[None]:
+    """Make ``device`` torch's current CUDA device inside the block, and the previous one
+    current again after it (a no-op for the CPU).
+
+    AOTI's ``CreateWithDevice("cuda:N")`` calls ``cudaSetDevice(N)`` on the calling thread,
+    and torch's runner makes CUDA calls on the current device: every call of that kind
+    aoti_rt makes runs inside this guard, so loading a model on cuda:1 leaves the caller's
+    current device as it was, and nothing of cuda:1 is created on another device.
+    """
+    dev = device if isinstance(device, Device) else Device.parse(device)
+    if not dev.is_cuda:
+        yield
+        return
+    import torch
+
+    with torch.cuda.device(dev.index):
+        yield
 
 
 @dataclass(frozen=True)

@@ -338,6 +338,6 @@ def pin_store(path: str | os.PathLike[str], *, device: "str | Device | None" = N
     store, default = p, "cpu"
     if p.is_dir():
         bundle = read_bundle(p)
-        store, default = bundle.store_path, bundle.manifest.device
+        store, default = bundle.store_path, "cpu" if bundle.manifest.device == "cpu" else "cuda"
     rt = _device.get(Device.parse(device, default=default))
     return PinnedStore(rt, store, progress=progress)

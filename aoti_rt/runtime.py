@@ -103,9 +103,10 @@ class _Binding:
                 return
             self._done = True
         try:
-            self.runner = None                    # its destructor deletes its container
-            if self.handle:
-                self.so.abi.delete(self.handle)   # the container stops pointing at our memory first
+            with _device.device_guard(self.rt.device):    # AOTI frees its device objects there
+                self.runner = None                    # its destructor deletes its container
+                if self.handle:
+                    self.so.abi.delete(self.handle)   # the container stops pointing at our memory first
         finally:
             self.handle = 0
             if self.legacy_bytes:
@@ -371,7 +372,7 @@ class Method:
         releases the GIL."""
         stream = self._stream()
         try:
-            with self._runner_lock:
+            with self._runner_lock, _device.device_guard(self._rt.device):
                 return self._binding.runner.run(list(leaves), _capsule(stream) if stream else None)
         except RuntimeError as e:
             raise AOTIError(f"{self._where} failed in AOTI Run: {e}") from e
@@ -457,6 +458,8 @@ class Method:
         if self._linked:       # only such methods pay for the check (an instance attribute wins)
             self._flatten = self._flatten_linked
         self._grad_warned = False
+        #: the device's primary context, made current around each Run (ModelABI.run)
+        self._context = self._rt.context if self._rt.is_cuda else 0
         if self._rt.is_cuda:
             raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
             index = self._rt.index
@@ -625,7 +628,7 @@ class Method:
             leaves = self._flatten(args, kwargs)
             if self._binding.runner is None:
                 outs = self._abi.run(self._binding.handle, self._to_handles(list(leaves)), self._n_out,
-                                     self._stream(), self._where)
+                                     self._stream(), self._where, self._context)
                 tensors = self._from_handles(outs)
             else:
                 tensors = self._run_runner(leaves)
