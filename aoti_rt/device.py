@@ -371,8 +371,28 @@ class DeviceRuntime:
             self.staging_thread.start()
 
     def new_stager(self, chunk_bytes: int, depth: int = 2) -> "_load.Stager":
-        """A new copy engine: ``depth`` pinned staging buffers of ``chunk_bytes``, a stream."""
-        return _load.Stager(self.pinned, self.context, chunk_bytes, depth)
+        """A new copy engine: ``depth`` pinned staging buffers of ``chunk_bytes``, a stream
+        (``chunk_bytes=0``: no staging, a stream and events only)."""
+        return _load.Stager(self.pinned if chunk_bytes else None, self.context, chunk_bytes, depth,
+                            str(self.device))
+
+    def take_copy_engines(self, n: int, depth: int = 2) -> list:
+        """Borrow ``n`` copy engines for a replicated load's other devices: only their streams
+        and events are used (the first device's staging buffers are read), so the pool's
+        engines without staging go first, then any pooled one, then new ones without staging
+        (no host memory pinned for them). Give them back with :meth:`give_stagers`."""
+        with self.stager_lock:
+            bare = sorted((s for s in self.stagers if s.depth >= depth), key=lambda s: s.chunk_bytes)[:n]
+            for s in bare:
+                self.stagers.remove(s)
+        got: list = list(bare)
+        try:
+            while len(got) < n:
+                got.append(self.new_stager(0, depth))
+        except BaseException:
+            self.give_stagers(got)
+            raise
+        return got
 
     def give_stagers(self, stagers: list) -> None:
         """Return borrowed copy engines to the pool (None entries are skipped)."""
