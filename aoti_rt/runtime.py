@@ -32,6 +32,7 @@ outside its buffer.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
@@ -103,7 +104,11 @@ class _Binding:
                 return
             self._done = True
         try:
-            with _device.device_guard(self.rt.device):    # AOTI frees its device objects there
+            with contextlib.ExitStack() as guard:
+                try:
+                    guard.enter_context(_device.device_guard(self.rt.device))  # AOTI frees its objects there
+                except Exception:  # noqa: BLE001 - at interpreter exit torch may be gone: delete anyway
+                    pass
                 self.runner = None                    # its destructor deletes its container
                 if self.handle:
                     self.so.abi.delete(self.handle)   # the container stops pointing at our memory first
