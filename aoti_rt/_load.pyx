@@ -70,7 +70,8 @@ _CUDA_STEPS = {1: "making the device context current (cuCtxPushCurrent)",
                2: "waiting for a staging buffer (cuEventSynchronize)",
                3: "copying to the device (cuMemcpyHtoDAsync)",
                4: "recording a copy event (cuEventRecord)",
-               5: "synchronising the copy stream (cuStreamSynchronize)"}
+               5: "synchronising the copy stream (cuStreamSynchronize)",
+               6: "relaying from the first device (cuStreamWaitEvent, cuMemcpyPeerAsync)"}
 
 
 cdef inline double _monotonic() noexcept nogil:
@@ -202,6 +203,37 @@ cdef void _memcpy_pieces(Piece* pieces, Py_ssize_t p0, Py_ssize_t p1, const char
     cdef Py_ssize_t p
     for p in range(p0, p1):
         memcpy(<void*>pieces[p].dst, src + (pieces[p].file_off - src_off), <size_t>pieces[p].nbytes)
+
+
+cdef CUresult _relay_pieces(Piece* dst, Piece* src, Py_ssize_t p0, Py_ssize_t p1, CUcontext dctx,
+                           CUcontext sctx, CUstream stream) noexcept nogil:
+    """Enqueue device->device copies of pieces ``[p0, p1)`` from ``src``'s destinations (on the
+    device of ``sctx``) to ``dst``'s (``dctx``'s device, whose ``stream`` carries them), one
+    per run of pieces of one weight contiguous on both devices (``cuMemcpyPeerAsync``: over
+    NVLink where peer access is enabled)."""
+    cdef Py_ssize_t p = p0, q
+    cdef int64_t n
+    cdef CUresult rc
+    while p < p1:
+        q = p + 1
+        n = dst[p].nbytes
+        while q < p1 and dst[q].weight == dst[q - 1].weight \
+                and dst[q].dst == dst[q - 1].dst + <uintptr_t>dst[q - 1].nbytes \
+                and src[q].dst == src[q - 1].dst + <uintptr_t>src[q - 1].nbytes:
+            n += dst[q].nbytes
+            q += 1
+        rc = drv.memcpy_peer_async(<CUdeviceptr>dst[p].dst, dctx, <CUdeviceptr>src[p].dst, sctx, <size_t>n, stream)
+        if rc != 0:
+            return rc
+        p = q
+    return 0
+
+
+cdef void _memcpy_relay(Piece* dst, Piece* src, Py_ssize_t p0, Py_ssize_t p1) noexcept nogil:
+    """The host twin of :func:`_relay_pieces`: copy each piece from ``src``'s destination."""
+    cdef Py_ssize_t p
+    for p in range(p0, p1):
+        memcpy(<void*>dst[p].dst, <const void*>src[p].dst, <size_t>dst[p].nbytes)
 
 
 cdef class LoadPlan:
@@ -991,7 +1023,7 @@ cdef inline void _pop_context() noexcept nogil:
 
 
 def run_replicated(tuple plans, tuple stagers, int fd, int worker=0, int nworkers=1, bint direct=False,
-                   tuple staging=None) -> None:
+                   tuple staging=None, bint relay=False) -> None:
     """Move worker ``worker``'s chunks to the buffers of every plan, reading each chunk once.
 
     ``plans[0]`` (the primary) drives the load: its chunks are read, its rate cap paces them,
@@ -1008,9 +1040,16 @@ def run_replicated(tuple plans, tuple stagers, int fd, int worker=0, int nworker
     event recorded on each, and the staging buffer is reused only once every device's event
     has fired. With ``direct``, ``fd`` was opened with ``O_DIRECT`` (as :meth:`Stager.run`).
 
+    With ``relay``, only the first device is copied to from the staging buffer; each other
+    device then copies the chunk's pieces from the first device's memory
+    (``cuMemcpyPeerAsync`` on its own stream, after waiting for the first device's event of the
+    chunk): the host link carries each byte once, the GPUs' link (NVLink) the rest, and a
+    staging buffer is reused once the first device's copies are done.
+
     Host destinations (``stagers`` empty): ``staging`` gives the host buffer(s) a chunk is
     read into (each at least ``chunk_bytes`` + 2 x :data:`DIRECT_ALIGN`), from which each
-    piece is ``memcpy``'d to every plan's destination; no ``direct``.
+    piece is ``memcpy``'d to every plan's destination (with ``relay``: to the first plan's,
+    then from there to the others'); no ``direct``.
 
     Raises :class:`BundleError` (the store), :class:`CudaError` naming the device whose
     driver call failed, or ``ValueError`` for plans or engines that do not fit together.
@@ -1027,6 +1066,7 @@ def run_replicated(tuple plans, tuple stagers, int fd, int worker=0, int nworker
     cdef CUevent evs[MAX_REPLICAS][MAX_STAGING_DEPTH]
     cdef char* bufs[MAX_STAGING_DEPTH]
     cdef int depth = MAX_STAGING_DEPTH, slot, kind = _E_NONE, step = 0, bad = -1, rc = 0
+    cdef Py_ssize_t ncopy = 1 if relay else nrep       # devices copied to from the staging buffer
     cdef CUresult sync
     cdef int64_t n, at = 0, src_off, a1
     cdef int64_t limit
@@ -1092,7 +1132,7 @@ def run_replicated(tuple plans, tuple stagers, int fd, int worker=0, int nworker
             stage = bufs[slot]
             if on_cuda and k >= depth:
                 # every device's copies out of this staging buffer must be done
-                for j in range(nrep):
+                for j in range(ncopy):
                     rc = drv.ctx_push(ctxs[j])
                     if rc != 0:
                         kind, step, bad = _E_CUDA, 1, j
@@ -1128,7 +1168,7 @@ def run_replicated(tuple plans, tuple stagers, int fd, int worker=0, int nworker
                 if primary.verify and primary._hash(p, q, stage, src_off) != 0:
                     kind = _E_HASH
                     break
-                for j in range(nrep):
+                for j in range(ncopy):
                     if not on_cuda:
                         _memcpy_pieces(pieces[j], p, q, stage, src_off)
                         continue
@@ -1155,6 +1195,16 @@ def run_replicated(tuple plans, tuple stagers, int fd, int worker=0, int nworker
                     if rc != 0:
                         kind, step, bad = _E_CUDA, 1, j
                         break
+                    if j and relay:
+                        # the chunk is on the first device once its event fires: copy it from there
+                        rc = drv.stream_wait_event(streams[j], evs[0][slot], 0)
+                        if rc == 0:
+                            rc = _relay_pieces(pieces[j], pieces[0], ch.first, ch.first + ch.count,
+                                               ctxs[j], ctxs[0], streams[j])
+                        if rc != 0:
+                            _pop_context()
+                            kind, step, bad = _E_CUDA, 6, j
+                            break
                     rc = drv.event_record(evs[j][slot], streams[j])
                     _pop_context()
                     if rc != 0:
@@ -1162,6 +1212,9 @@ def run_replicated(tuple plans, tuple stagers, int fd, int worker=0, int nworker
                         break
                 if kind != _E_NONE:
                     break
+            elif relay:
+                for j in range(1, nrep):
+                    _memcpy_relay(pieces[j], pieces[0], ch.first, ch.first + ch.count)
             k += 1
             c += nworkers
         if on_cuda:

@@ -43,7 +43,7 @@ DRIVER_SYMBOLS = (
     "cuCtxPushCurrent", "cuCtxPopCurrent", "cuMemAlloc", "cuMemFree", "cuMemHostAlloc",
     "cuMemFreeHost", "cuMemHostRegister", "cuMemHostUnregister", "cuMemcpyHtoDAsync", "cuStreamCreate",
     "cuStreamDestroy", "cuStreamSynchronize", "cuEventCreate", "cuEventRecord",
-    "cuEventSynchronize", "cuEventDestroy",
+    "cuEventSynchronize", "cuEventDestroy", "cuMemcpyPeerAsync", "cuStreamWaitEvent",
 )
 
 
@@ -62,6 +62,8 @@ def install_driver(dict pointers):
     drv.host_register = <f_host_register><uintptr_t>pointers["cuMemHostRegister"]
     drv.host_unregister = <f_host_unregister><uintptr_t>pointers["cuMemHostUnregister"]
     drv.memcpy_htod_async = <f_memcpy_htod_async><uintptr_t>pointers["cuMemcpyHtoDAsync"]
+    drv.memcpy_peer_async = <f_memcpy_peer_async><uintptr_t>pointers["cuMemcpyPeerAsync"]
+    drv.stream_wait_event = <f_stream_wait_event><uintptr_t>pointers["cuStreamWaitEvent"]
     drv.stream_create = <f_stream_create><uintptr_t>pointers["cuStreamCreate"]
     drv.stream_destroy = <f_stream_destroy><uintptr_t>pointers["cuStreamDestroy"]
     drv.stream_sync = <f_stream_sync><uintptr_t>pointers["cuStreamSynchronize"]

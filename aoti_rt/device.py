@@ -238,6 +238,8 @@ class DeviceRuntime:
     legacy_bytes: int = 0
     #: the largest device-wide used bytes sampled (cuMemGetInfo), None before any sample
     peak_used: int | None = None
+    #: other device -> whether this device's copies may read its memory directly (peer access)
+    peers: dict = field(default_factory=dict)
     counter_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -282,6 +284,38 @@ class DeviceRuntime:
         self.allocator.reset_peak()
         with self.counter_lock:
             self.peak_used = None
+
+    def peer_access(self, other: "DeviceRuntime") -> bool:
+        """Whether this GPU can read ``other``'s memory directly (NVLink or PCIe peer to peer),
+        enabling that access for this device's context the first time (``cuCtxEnablePeerAccess``;
+        a process-wide setting torch makes the same way when it copies between GPUs). False for
+        the CPU, for the same device and where the hardware cannot."""
+        if not (self.is_cuda and other.is_cuda) or other.device == self.device:
+            return False
+        with self.counter_lock:
+            known = self.peers.get(other.device)
+        if known is not None:
+            return known
+        drv = _driver()
+        ok = False
+        try:
+            can = _ok(drv.cuDeviceCanAccessPeer(_ok(drv.cuDeviceGet(self.index), "cuDeviceGet"),
+                                                _ok(drv.cuDeviceGet(other.index), "cuDeviceGet")),
+                      "cuDeviceCanAccessPeer")
+            if can:
+                _ok(drv.cuCtxPushCurrent(drv.CUcontext(self.context)), "cuCtxPushCurrent")
+                try:
+                    res = drv.cuCtxEnablePeerAccess(drv.CUcontext(other.context), 0)
+                finally:
+                    drv.cuCtxPopCurrent()
+                err = res[0] if isinstance(res, tuple) else res
+                # 704: CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED (by torch, say)
+                ok = int(err) in (0, 704)
+        except CudaError:
+            ok = False
+        with self.counter_lock:
+            self.peers[other.device] = ok
+        return ok
 
     # -- pinned stores --------------------------------------------------------------------
 

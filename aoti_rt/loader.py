@@ -38,6 +38,12 @@ CHUNK_BYTES = (int(os.environ.get("AOTI_RT_CHUNK_MIB", 0)) or 4) << 20
 #: staging buffers per CUDA worker: reads run ahead of copies by depth - 1 chunks
 #: (``$AOTI_RT_STAGING_DEPTH`` overrides)
 STAGING_DEPTH = int(os.environ.get("AOTI_RT_STAGING_DEPTH", 0)) or 2
+#: how a replicated load reaches its other devices (``$AOTI_RT_REPLICATE``): "host", each
+#: device copies every chunk from the pinned staging buffer (the host link carries the bytes
+#: once per device); "peer", only the first device copies from the host and the others copy
+#: the chunk from its memory (``cuMemcpyPeerAsync``: NVLink, the host link carries them once),
+#: where every device has peer access to the first (else "host")
+REPLICATE = os.environ.get("AOTI_RT_REPLICATE", "host")
 #: loads smaller than this never show a progress bar by default (they take well under a second)
 PROGRESS_MIN_BYTES = 256 << 20
 #: worker threads (``$AOTI_RT_LOAD_WORKERS`` overrides)
@@ -162,7 +168,8 @@ def read_replicated(rts: Sequence[DeviceRuntime], store: Path, offsets: Sequence
                     buffers: Sequence[Sequence[_memory.Buffer]], *,
                     digests: Sequence[str | None] | None = None, names: Sequence[str] | None = None,
                     workers: int | None = None, chunk_bytes: int | None = None, progress: bool | None = None,
-                    max_bytes_per_s: float | None = None, direct: bool | None = None) -> int:
+                    max_bytes_per_s: float | None = None, direct: bool | None = None,
+                    relay: bool | None = None) -> int:
     """Fill ``buffers[d][i]`` (memory of device ``rts[d]``) with ``sizes[i]`` bytes at
     ``offsets[i]`` of ``store`` on every device at once, reading each byte of the store once.
 
@@ -174,6 +181,8 @@ def read_replicated(rts: Sequence[DeviceRuntime], store: Path, offsets: Sequence
     only once every device's copies are done. ``max_bytes_per_s`` paces the chunks, so each
     device receives at most that rate. The first device's pool lends the staging buffers;
     the others lend only streams and events (:meth:`DeviceRuntime.take_copy_engines`).
+    ``relay`` (default :data:`REPLICATE` == "peer"): the other devices copy each chunk from the
+    first device's memory instead (peer to peer), where all of them have peer access to it.
 
     Returns the bytes read from the store (once, however many devices). If a device holds the
     store pinned (:func:`pin_store`), each device is filled on its own (:func:`read_weights`:
@@ -213,6 +222,9 @@ def read_replicated(rts: Sequence[DeviceRuntime], store: Path, offsets: Sequence
         if not primary.num_pieces:
             pass
         elif rts[0].is_cuda:
+            if relay is None:
+                relay = REPLICATE == "peer"
+            relay = bool(relay) and all(rt.peer_access(rts[0]) for rt in rts[1:])
             first = rts[0].take_stagers(nworkers, chunk, STAGING_DEPTH, create=False)
             others: list[list] = []
             dfd = None
@@ -225,7 +237,8 @@ def read_replicated(rts: Sequence[DeviceRuntime], store: Path, offsets: Sequence
                     if first[w] is None:      # pinned in the worker's own thread (see read_weights)
                         first[w] = rts[0].new_stager(chunk, STAGING_DEPTH)
                     _load.run_replicated(plans, (first[w], *(o[w] for o in others)),
-                                         dfd if dfd is not None else fd, w, nworkers, dfd is not None)
+                                         dfd if dfd is not None else fd, w, nworkers, dfd is not None,
+                                         None, relay)
 
                 _run(primary, nworkers, work, bar)
             finally:
@@ -239,7 +252,7 @@ def read_replicated(rts: Sequence[DeviceRuntime], store: Path, offsets: Sequence
 
             def work(w: int) -> None:
                 staging = host.allocate(chunk + 2 * _load.DIRECT_ALIGN)
-                _load.run_replicated(plans, (), fd, w, nworkers, False, (staging,))
+                _load.run_replicated(plans, (), fd, w, nworkers, False, (staging,), bool(relay))
 
             _run(primary, nworkers, work, bar)
         if bar is not None:

@@ -6,6 +6,9 @@ the median of the repeat loads (the model closed in between):
   cuda:0 alone            ``aoti_rt.load(bundle, device="cuda:0")``
   replicated              ``aoti_rt.load(bundle, device=["cuda:0", "cuda:1"])``: each chunk of
                           the store read once into one pinned staging buffer, copied to both
+  replicated, peer relay  the same with ``AOTI_RT_REPLICATE=peer``: the chunk copied to cuda:0
+                          from the host, to cuda:1 from cuda:0 (NVLink, where the GPUs have
+                          peer access; the row says whether they had)
   two loads, one by one   ``load(bundle, device="cuda:0")`` then ``device="cuda:1"`` (the store
                           read twice)
   two loads at once       the same two loads from two threads
@@ -124,6 +127,12 @@ def _child(kind: str, a: dict[str, Any]) -> dict[str, Any]:
                 m.close()
         out.update(first_s=times[0], repeat_s=times[1:], read=reads,
                    staging_bytes=aoti_rt.cache_stats(devices[0])["staging_bytes"])
+        if mode == "replicated":
+            from aoti_rt import loader
+            from aoti_rt.device import get as runtime
+
+            out["replicate"] = loader.REPLICATE
+            out["peer_access"] = {str(k): v for k, v in runtime(devices[1]).peers.items()}
     elif kind == "ceiling":
         host = torch.empty(a["nbytes"], dtype=torch.uint8).pin_memory()
         host.fill_(1)
@@ -146,9 +155,9 @@ def _child(kind: str, a: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 # the parent
 
-def _spawn(kind: str, a: dict[str, Any]) -> dict[str, Any]:
+def _spawn(kind: str, a: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--child-args", json.dumps(a)]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), timeout=1800)
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=1800)
     for line in p.stdout.splitlines():
         if line.startswith(RESULT):
             return json.loads(line[len(RESULT):])
@@ -208,13 +217,19 @@ def run(args: argparse.Namespace, report: Any) -> None:
                   ratio_first=first / alone["first"], ratio_median=None if med is None else med / alone["median"],
                   read_gb=None if not read else statistics.median(read) / common.GB,
                   repeat_s=r.get("repeat_s"), max_diff=r.get("max_diff"), staging_bytes=r.get("staging_bytes"),
-                  bytes_to_devices=moved)
+                  bytes_to_devices=moved, replicate=r.get("replicate"), peer_access=r.get("peer_access"))
 
     add("aoti_rt.load, cuda:0 alone", PAIR[:1], _spawn("load", {**base, "devices": PAIR[:1], "mode": "one"}),
         nbytes)
-    r = _spawn("load", {**base, "devices": PAIR, "mode": "replicated"})
+    r = _spawn("load", {**base, "devices": PAIR, "mode": "replicated"}, {"AOTI_RT_REPLICATE": "host"})
     add("aoti_rt.load, replicated (store read once)", PAIR, r, 2 * nbytes)
     report.notes.append(f"replicated: max |decode output cuda:0 - cuda:1| = {r.get('max_diff')}")
+    r = _spawn("load", {**base, "devices": PAIR, "mode": "replicated"}, {"AOTI_RT_REPLICATE": "peer"})
+    relayed = all(r.get("peer_access", {}).values()) and bool(r.get("peer_access"))
+    add(f"aoti_rt.load, replicated, peer relay ({'cuda:1 <- cuda:0' if relayed else 'no peer access: from the host'})",
+        PAIR, r, 2 * nbytes)
+    report.notes.append(f"replicated, peer relay: peer access {r.get('peer_access')}, max |decode output "
+                        f"cuda:0 - cuda:1| = {r.get('max_diff')}")
     add("two aoti_rt.load, one after the other", PAIR, _spawn("load", {**base, "devices": PAIR, "mode": "one"}),
         2 * nbytes)
     add("two aoti_rt.load at once (two threads)", PAIR, _spawn("load", {**base, "devices": PAIR, "mode": "threads"}),

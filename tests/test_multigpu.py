@@ -160,9 +160,10 @@ def _weights(total: int):
     return offs, sizes
 
 
+@pytest.mark.parametrize("relay", [False, True])
 @pytest.mark.parametrize("nworkers", [1, 3])
 @pytest.mark.parametrize("verify", [False, True])
-def test_run_replicated_fans_each_chunk_out_to_every_destination(tmp_path, nworkers, verify):
+def test_run_replicated_fans_each_chunk_out_to_every_destination(tmp_path, nworkers, verify, relay):
     data = _pattern(3 * digest.BLOCK + 12345)
     store = tmp_path / "store.bin"
     store.write_bytes(data)
@@ -175,7 +176,7 @@ def test_run_replicated_fans_each_chunk_out_to_every_destination(tmp_path, nwork
     fd = os.open(store, os.O_RDONLY)
     try:
         _load.run_workers(plans[0], nworkers, lambda w: _load.run_replicated(
-            plans, (), fd, w, nworkers, False, (host.allocate(digest.BLOCK + 2 * _load.DIRECT_ALIGN),)))
+            plans, (), fd, w, nworkers, False, (host.allocate(digest.BLOCK + 2 * _load.DIRECT_ALIGN),), relay))
     finally:
         os.close(fd)
     for bufs in dests:
@@ -305,8 +306,12 @@ def test_same_bundle_on_two_gpus_has_a_cache_each(cuda_three):
 
 @pytest.mark.cuda
 @needs_2_gpus
+@pytest.mark.parametrize("mode", ["host", "peer"])
 @pytest.mark.parametrize("verify", [True, "load"])
-def test_replicated_load_equals_two_loads_and_reads_once(cuda_three, verify):
+def test_replicated_load_equals_two_loads_and_reads_once(cuda_three, verify, mode, monkeypatch):
+    """Both ways of reaching cuda:1: from the staging buffer ("host") and from cuda:0's copy
+    over the GPUs' link ("peer", where the GPUs have peer access; else the same as "host")."""
+    monkeypatch.setattr(loader, "REPLICATE", mode)
     man = read_bundle(cuda_three).manifest
     base = {d: _held(d) for d in PAIR}
     read = {d: _read(d) for d in PAIR}
@@ -389,6 +394,28 @@ def test_replicated_load_failing_on_one_device_frees_both(cuda_three, copy_bundl
     with pytest.raises(aoti_rt.BundleError, match="do not match its digest"):
         aoti_rt.load(bad, device=PAIR, verify="load")
     assert {d: _held(d) for d in PAIR} == base
+
+
+@pytest.mark.cuda
+@needs_2_gpus
+def test_relay_copies_from_the_first_device(tmp_path):
+    """The Cython relay on two GPUs, straight: every byte lands on both, the store read once."""
+    rts = [runtime(d) for d in PAIR]
+    if not rts[1].peer_access(rts[0]):
+        pytest.skip("cuda:1 has no peer access to cuda:0 here: replicated loads copy from the host")
+    data = _pattern(3 * digest.BLOCK + 12345)
+    store = tmp_path / "store.bin"
+    store.write_bytes(data)
+    offs, sizes = _weights(len(data))
+    bufs = [[rt.allocator.allocate(n) for n in sizes] for rt in rts]
+    n = loader.read_replicated(rts, store, offs, sizes, bufs, relay=True, workers=3, progress=False,
+                               digests=[digest.weight_digest(data[o:o + k]) for o, k in zip(offs, sizes)])
+    assert n == sum(sizes)
+    for rt, bb in zip(rts, bufs):
+        for off, k, b in zip(offs, sizes, bb):
+            got = torch.as_tensor(b, device=str(rt.device))[:k].cpu().numpy().tobytes()
+            assert got == data[off:off + k]
+    del bufs
 
 
 @pytest.mark.cuda
