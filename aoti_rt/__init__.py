@@ -13,7 +13,7 @@ from .bundle import Bundle, Manifest, read_bundle
 from .compiler import compile
 from .device import cuda_available
 from .errors import (AllocationError, AOTIError, AotiRtError, BundleError, ClosedError,
-                     CompileError, CudaError, InputError, ShareError)
+                     CompileError, CudaError, DeviceError, InputError, ShareError)
 from .loader import PinnedStore, pin_store
 from .memory import (MemoryReport, Sampler, cache_stats, free_staging, memory_report, reset_peak,
                      set_memory_limit)
@@ -25,5 +25,5 @@ __all__ = [
     "compile", "load", "load_method", "cache_stats", "free_staging", "memory_report", "MemoryReport", "Sampler", "reset_peak", "set_memory_limit",
     "cuda_available", "pin_store", "PinnedStore", "Model", "Method", "ShareInfo", "Bundle", "Manifest",
     "read_bundle", "AotiRtError", "BundleError", "CompileError", "AOTIError", "InputError", "ClosedError",
-    "AllocationError", "CudaError", "ShareError",
+    "AllocationError", "CudaError", "DeviceError", "ShareError",
 ]

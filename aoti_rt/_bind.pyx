@@ -21,9 +21,9 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t, uintptr_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset, strcmp
 
-from aoti_rt._memory cimport (Buffer, aoti_rt_atomic_add_acqrel, aoti_rt_atomic_load_acq,
-                              aoti_rt_atomic_or)
-from aoti_rt.errors import AOTIError, BundleError, ClosedError
+from aoti_rt._memory cimport (Buffer, CUcontext, CUresult, aoti_rt_atomic_add_acqrel,
+                              aoti_rt_atomic_load_acq, aoti_rt_atomic_or, drv)
+from aoti_rt.errors import AOTIError, BundleError, ClosedError, CudaError
 
 cdef extern from "unistd.h" nogil:
     int usleep(unsigned int usec)
@@ -252,7 +252,7 @@ cdef class ModelABI:
         self._ok(rc, "AOTInductorModelUpdateConstantsFromBlob")
 
     def run(self, uintptr_t container, list input_handles, Py_ssize_t num_outputs,
-            uintptr_t stream, where="the method", CallGate gate=None):
+            uintptr_t stream, where="the method", CallGate gate=None, uintptr_t context=0):
         """Run the container on ``stream`` without the GIL; returns the output handles as
         PyCapsules.
 
@@ -267,11 +267,21 @@ cdef class ModelABI:
         ``input_handles`` are PyCapsules from ``unsafe_alloc_void_ptrs_from_tensors``, which
         AOTI steals; the outputs go to ``alloc_tensors_by_stealing_from_void_ptrs``. Raises
         :class:`AOTIError` naming ``where`` if AOTI reports a failure.
+
+        ``context`` (a CUDA container): the primary context of the container's device, made
+        current around the call (``cuCtxPushCurrent``/``cuCtxPopCurrent``, a few tens of ns):
+        AOTI loads its kernels, and ``Run`` creates the event it records, on the *current*
+        device at the first call, and a container of cuda:1 called while cuda:0 is current
+        would launch or record on a stream of another device (an error). The caller's current
+        device is the same afterwards.
         """
         cdef Py_ssize_t i, n_in = len(input_handles)
+        cdef CUcontext ctx = <CUcontext>context
+        cdef CUcontext prev
+        cdef CUresult pushed = 1
         cdef AtenTensorHandle* ins = <AtenTensorHandle*>malloc(max(n_in, 1) * sizeof(AtenTensorHandle))
         cdef AtenTensorHandle* outs = <AtenTensorHandle*>malloc(max(num_outputs, 1) * sizeof(AtenTensorHandle))
-        cdef int32_t rc
+        cdef int32_t rc = 0
         cdef f_run fn = self.fns.run
         cdef PyThread_type_lock lock = NULL
         if gate is not None and self.fns.run_single_threaded != NULL:
@@ -288,11 +298,21 @@ cdef class ModelABI:
                 ins[i] = PyCapsule_GetPointer(input_handles[i], NULL)
             memset(outs, 0, max(num_outputs, 1) * sizeof(AtenTensorHandle))
             with nogil:
-                if lock != NULL:
-                    PyThread_acquire_lock(lock, WAIT_LOCK)
-                rc = fn(<ContainerHandle>container, ins, n_in, outs, num_outputs, <void*>stream, NULL)
-                if lock != NULL:
-                    PyThread_release_lock(lock)
+                if ctx != NULL:
+                    pushed = drv.ctx_push(ctx)
+                if ctx == NULL or pushed == 0:
+                    if lock != NULL:
+                        PyThread_acquire_lock(lock, WAIT_LOCK)
+                    rc = fn(<ContainerHandle>container, ins, n_in, outs, num_outputs, <void*>stream, NULL)
+                    if lock != NULL:
+                        PyThread_release_lock(lock)
+                if pushed == 0:
+                    drv.ctx_pop(&prev)
+            if ctx != NULL and pushed != 0:
+                if _delete_tensor != NULL:      # Run did not take the inputs: free them here
+                    for i in range(n_in):
+                        _delete_tensor(ins[i])
+                raise CudaError("making the model's device current for its call (cuCtxPushCurrent)", pushed)
             if rc != 0:
                 raise AOTIError(f"{where} failed in AOTI Run: {self._why()}")
             return [PyCapsule_New(outs[i], NULL, NULL) for i in range(num_outputs)]

@@ -1,6 +1,6 @@
 # cython: language_level=3
-"""The load pipeline: a LoadPlan (what goes where) and a Stager (one worker's CUDA copy
-engine). See ``_load.pyx``."""
+"""The load pipeline: a LoadPlan (what goes where), a Stager (one worker's CUDA copy
+engine) and the replicated load (one read, a copy to each device). See ``_load.pyx``."""
 
 from libc.stdint cimport int64_t, uint8_t, uintptr_t
 
@@ -30,7 +30,8 @@ cdef class LoadPlan:
     cdef readonly Py_ssize_t num_chunks
     cdef readonly Py_ssize_t num_weights
     cdef readonly long long total_bytes
-    cdef readonly long long chunk_bytes
+    cdef readonly long long chunk_bytes  # 0: a copy engine without staging (stream and events only)
+    cdef readonly str device            # the device it copies to ("cuda:1"), for error messages
     cdef readonly long long block_bytes
     cdef readonly long long max_end     # the end of the furthest piece in the file
     cdef readonly bint verify
@@ -63,10 +64,12 @@ cdef class LoadPlan:
     cdef int _hash_large(self, Py_ssize_t p0, Py_ssize_t p1, const char* src, int64_t src_off) noexcept with gil
     cdef CUresult _copy_async(self, Py_ssize_t p0, Py_ssize_t p1, const char* src, int64_t src_off,
                               CUstream stream) noexcept nogil
+    cdef bint _same_layout(self, LoadPlan other) noexcept nogil
 
 
 cdef enum:
     MAX_STAGING_DEPTH = 4
+    MAX_REPLICAS = 16           # target devices of one replicated load
 
 
 cdef class Stager:
@@ -76,4 +79,5 @@ cdef class Stager:
     cdef readonly int depth
     cdef CUstream stream
     cdef CUcontext ctx
-    cdef readonly long long chunk_bytes
+    cdef readonly long long chunk_bytes  # 0: a copy engine without staging (stream and events only)
+    cdef readonly str device            # the device it copies to ("cuda:1"), for error messages

@@ -70,7 +70,8 @@ _CUDA_STEPS = {1: "making the device context current (cuCtxPushCurrent)",
                2: "waiting for a staging buffer (cuEventSynchronize)",
                3: "copying to the device (cuMemcpyHtoDAsync)",
                4: "recording a copy event (cuEventRecord)",
-               5: "synchronising the copy stream (cuStreamSynchronize)"}
+               5: "synchronising the copy stream (cuStreamSynchronize)",
+               6: "relaying from the first device (cuStreamWaitEvent, cuMemcpyPeerAsync)"}
 
 
 cdef inline double _monotonic() noexcept nogil:
@@ -167,6 +168,72 @@ cdef bint _b3_ok():
             ok = ok and b3_combine(n, h) == _digest.combine(n, h)
         _b3_state = 1 if ok else 0
     return _b3_state == 1
+
+
+cdef CUresult _copy_pieces(Piece* pieces, Py_ssize_t p0, Py_ssize_t p1, const char* src, int64_t src_off,
+                           CUstream stream) noexcept nogil:
+    """Enqueue host->device copies of ``pieces[p0:p1]`` from ``src + (file_off - src_off)``,
+    one per run of pieces contiguous in the file and on the device, on ``stream`` (whose
+    context must be current)."""
+    cdef Py_ssize_t p = p0, q
+    cdef int64_t n
+    cdef CUresult rc
+    while p < p1:
+        q = p + 1
+        n = pieces[p].nbytes
+        # one copy may not span two allocations, even ones adjacent in the address space
+        # (consecutive cuMemAlloc slabs often are: CUDA_ERROR_INVALID_VALUE), so only the
+        # pieces of one weight are merged
+        while q < p1 and pieces[q].weight == pieces[q - 1].weight \
+                and pieces[q].dst == pieces[q - 1].dst + <uintptr_t>pieces[q - 1].nbytes \
+                and pieces[q].file_off == pieces[q - 1].file_off + pieces[q - 1].nbytes:
+            n += pieces[q].nbytes
+            q += 1
+        rc = drv.memcpy_htod_async(<CUdeviceptr>pieces[p].dst, src + (pieces[p].file_off - src_off),
+                                   <size_t>n, stream)
+        if rc != 0:
+            return rc
+        p = q
+    return 0
+
+
+cdef void _memcpy_pieces(Piece* pieces, Py_ssize_t p0, Py_ssize_t p1, const char* src,
+                         int64_t src_off) noexcept nogil:
+    """Copy ``pieces[p0:p1]`` from ``src + (file_off - src_off)`` to their host destinations."""
+    cdef Py_ssize_t p
+    for p in range(p0, p1):
+        memcpy(<void*>pieces[p].dst, src + (pieces[p].file_off - src_off), <size_t>pieces[p].nbytes)
+
+
+cdef CUresult _relay_pieces(Piece* dst, Piece* src, Py_ssize_t p0, Py_ssize_t p1, CUcontext dctx,
+                           CUcontext sctx, CUstream stream) noexcept nogil:
+    """Enqueue device->device copies of pieces ``[p0, p1)`` from ``src``'s destinations (on the
+    device of ``sctx``) to ``dst``'s (``dctx``'s device, whose ``stream`` carries them), one
+    per run of pieces of one weight contiguous on both devices (``cuMemcpyPeerAsync``: over
+    NVLink where peer access is enabled)."""
+    cdef Py_ssize_t p = p0, q
+    cdef int64_t n
+    cdef CUresult rc
+    while p < p1:
+        q = p + 1
+        n = dst[p].nbytes
+        while q < p1 and dst[q].weight == dst[q - 1].weight \
+                and dst[q].dst == dst[q - 1].dst + <uintptr_t>dst[q - 1].nbytes \
+                and src[q].dst == src[q - 1].dst + <uintptr_t>src[q - 1].nbytes:
+            n += dst[q].nbytes
+            q += 1
+        rc = drv.memcpy_peer_async(<CUdeviceptr>dst[p].dst, dctx, <CUdeviceptr>src[p].dst, sctx, <size_t>n, stream)
+        if rc != 0:
+            return rc
+        p = q
+    return 0
+
+
+cdef void _memcpy_relay(Piece* dst, Piece* src, Py_ssize_t p0, Py_ssize_t p1) noexcept nogil:
+    """The host twin of :func:`_relay_pieces`: copy each piece from ``src``'s destination."""
+    cdef Py_ssize_t p
+    for p in range(p0, p1):
+        memcpy(<void*>dst[p].dst, <const void*>src[p].dst, <size_t>dst[p].nbytes)
 
 
 cdef class LoadPlan:
@@ -422,28 +489,33 @@ cdef class LoadPlan:
 
     cdef CUresult _copy_async(self, Py_ssize_t p0, Py_ssize_t p1, const char* src, int64_t src_off,
                               CUstream stream) noexcept nogil:
-        """Enqueue host->device copies of pieces ``[p0, p1)`` from ``src + (file_off - src_off)``,
-        one per run of pieces contiguous in the file and on the device."""
-        cdef Py_ssize_t p = p0, q
-        cdef int64_t n
-        cdef CUresult rc
-        while p < p1:
-            q = p + 1
-            n = self.pieces[p].nbytes
-            # one copy may not span two allocations, even ones adjacent in the address space
-            # (consecutive cuMemAlloc slabs often are: CUDA_ERROR_INVALID_VALUE), so only the
-            # pieces of one weight are merged
-            while q < p1 and self.pieces[q].weight == self.pieces[q - 1].weight \
-                    and self.pieces[q].dst == self.pieces[q - 1].dst + <uintptr_t>self.pieces[q - 1].nbytes \
-                    and self.pieces[q].file_off == self.pieces[q - 1].file_off + self.pieces[q - 1].nbytes:
-                n += self.pieces[q].nbytes
-                q += 1
-            rc = drv.memcpy_htod_async(<CUdeviceptr>self.pieces[p].dst,
-                                       src + (self.pieces[p].file_off - src_off), <size_t>n, stream)
-            if rc != 0:
-                return rc
-            p = q
-        return 0
+        """Enqueue host->device copies of pieces ``[p0, p1)`` from ``src + (file_off - src_off)``
+        (:func:`_copy_pieces`)."""
+        return _copy_pieces(self.pieces, p0, p1, src, src_off, stream)
+
+    cdef bint _same_layout(self, LoadPlan other) noexcept nogil:
+        """Whether ``other`` cuts the same weights of the same store into the same pieces and
+        chunks (its destinations may differ): a replicated load reads ``self``'s chunks once
+        and copies each piece to ``other``'s destination of the same index."""
+        cdef Py_ssize_t i
+        if (other.num_pieces != self.num_pieces or other.num_chunks != self.num_chunks
+                or other.chunk_bytes != self.chunk_bytes or other.total_bytes != self.total_bytes):
+            return False
+        for i in range(self.num_pieces):
+            if (other.pieces[i].file_off != self.pieces[i].file_off
+                    or other.pieces[i].nbytes != self.pieces[i].nbytes
+                    or other.pieces[i].weight != self.pieces[i].weight):
+                return False
+        for i in range(self.num_chunks):
+            if (other.chunks[i].first != self.chunks[i].first or other.chunks[i].count != self.chunks[i].count
+                    or other.chunks[i].file_off != self.chunks[i].file_off
+                    or other.chunks[i].nbytes != self.chunks[i].nbytes):
+                return False
+        return True
+
+    def same_layout(self, LoadPlan other not None) -> bool:
+        """Whether ``other`` has this plan's pieces and chunks (see :func:`run_replicated`)."""
+        return self._same_layout(other)
 
     def digests(self) -> list:
         """One digest string per requested weight (caller's order), from the workers' hashes."""
@@ -684,6 +756,11 @@ def run_workers(LoadPlan plan, int nworkers, fn, progress=None, double interval=
 cdef class Stager:
     """A worker's CUDA copy engine: ``depth`` pinned staging buffers, a stream, an event each.
 
+    With ``chunk_bytes=0`` it has no staging buffers: a replicated load's worker copies from
+    the first device's staging buffers on each other device's stream (:func:`run_replicated`).
+    Staging memory is portable pinned memory (:class:`~aoti_rt._memory.PinnedAllocator`), so
+    any device's copies may read it.
+
     :meth:`run` reads the worker's chunks into the staging buffers in turn and enqueues
     ``cuMemcpyHtoDAsync`` for their pieces; a buffer is reused only after the event recorded
     behind its copies has fired, so reads run ahead of the copies by up to ``depth - 1``
@@ -697,16 +774,22 @@ cdef class Stager:
             self.ev[i] = NULL
             self.bufs[i] = NULL
 
-    def __init__(self, PinnedAllocator pinned, uintptr_t context, long long chunk_bytes, int depth=2):
+    def __init__(self, PinnedAllocator pinned, uintptr_t context, long long chunk_bytes, int depth=2,
+                 str device=""):
         cdef CUcontext prev
         cdef int i
         if depth < 2 or depth > MAX_STAGING_DEPTH:
             raise ValueError(f"staging depth must be 2 to {MAX_STAGING_DEPTH}")
+        if chunk_bytes < 0 or (chunk_bytes and pinned is None):
+            raise ValueError("staging buffers of chunk_bytes > 0 need a PinnedAllocator (0: none)")
         self.ctx = <CUcontext>context
         self.chunk_bytes = chunk_bytes
-        # slack for O_DIRECT reads, which start and end on DIRECT_ALIGN boundaries
-        self.staging = tuple(pinned.allocate(chunk_bytes + 2 * _DIRECT_ALIGN) for i in range(depth))
-        for i in range(depth):
+        self.device = device
+        # slack for O_DIRECT reads, which start and end on DIRECT_ALIGN boundaries; a copy
+        # engine of a replicated load's other devices has none (it copies from the first's)
+        self.staging = tuple(pinned.allocate(chunk_bytes + 2 * _DIRECT_ALIGN) for i in range(depth)) \
+            if chunk_bytes else ()
+        for i in range(len(self.staging)):
             self.bufs[i] = <char*>(<Buffer>self.staging[i]).ptr
         # without the GIL: a driver call may wait for the driver's lock while another thread
         # pins memory, and holding the GIL then would stall every Python thread (a model
@@ -932,3 +1015,223 @@ def copy_from_host(LoadPlan plan, Buffer image, Stager stager=None, int worker=0
         plan._exit()
     if kind != _E_NONE:
         raise _load_error(plan, kind, rc, 0, step)
+
+
+cdef inline void _pop_context() noexcept nogil:
+    cdef CUcontext prev
+    drv.ctx_pop(&prev)
+
+
+def run_replicated(tuple plans, tuple stagers, int fd, int worker=0, int nworkers=1, bint direct=False,
+                   tuple staging=None, bint relay=False) -> None:
+    """Move worker ``worker``'s chunks to the buffers of every plan, reading each chunk once.
+
+    ``plans[0]`` (the primary) drives the load: its chunks are read, its rate cap paces them,
+    with ``verify`` it hashes them, and its cancel, progress and workers' count are the
+    load's; every other plan must cut the same weights into the same pieces
+    (:meth:`LoadPlan.same_layout`, made from the same offsets and sizes) and only names their
+    destinations on another device. A worker reads a chunk into one staging buffer, hashes
+    it, and copies each piece to each plan's destination of the same index.
+
+    CUDA (every plan's buffers on a device): ``stagers[j]`` is a copy engine of plan ``j``'s
+    device, whose stream and events carry that device's copies; the staging buffers are
+    ``stagers[0]``'s (portable pinned memory, so every device's copies may read them; the
+    others may have none). Each chunk's copies are enqueued on every device's stream, an
+    event recorded on each, and the staging buffer is reused only once every device's event
+    has fired. With ``direct``, ``fd`` was opened with ``O_DIRECT`` (as :meth:`Stager.run`).
+
+    With ``relay``, only the first device is copied to from the staging buffer; each other
+    device then copies the chunk's pieces from the first device's memory
+    (``cuMemcpyPeerAsync`` on its own stream, after waiting for the first device's event of the
+    chunk): the host link carries each byte once, the GPUs' link (NVLink) the rest, and a
+    staging buffer is reused once the first device's copies are done.
+
+    Host destinations (``stagers`` empty): ``staging`` gives the host buffer(s) a chunk is
+    read into (each at least ``chunk_bytes`` + 2 x :data:`DIRECT_ALIGN`), from which each
+    piece is ``memcpy``'d to every plan's destination (with ``relay``: to the first plan's,
+    then from there to the others'); no ``direct``.
+
+    Raises :class:`BundleError` (the store), :class:`CudaError` naming the device whose
+    driver call failed, or ``ValueError`` for plans or engines that do not fit together.
+    Whatever fails, every copy enqueued has finished (each device's stream synchronised)
+    before this returns, so the caller may free the buffers and stagers.
+    """
+    cdef Py_ssize_t nrep = len(plans), j, c, p, q, end, k = 0
+    cdef LoadPlan primary, rp
+    cdef Stager st
+    cdef Buffer b
+    cdef Piece* pieces[MAX_REPLICAS]
+    cdef CUcontext ctxs[MAX_REPLICAS]
+    cdef CUstream streams[MAX_REPLICAS]
+    cdef CUevent evs[MAX_REPLICAS][MAX_STAGING_DEPTH]
+    cdef char* bufs[MAX_STAGING_DEPTH]
+    cdef int depth = MAX_STAGING_DEPTH, slot, kind = _E_NONE, step = 0, bad = -1, rc = 0
+    cdef Py_ssize_t ncopy = 1 if relay else nrep       # devices copied to from the staging buffer
+    cdef CUresult sync
+    cdef int64_t n, at = 0, src_off, a1
+    cdef int64_t limit
+    cdef Chunk* ch
+    cdef char* stage
+    cdef bint on_cuda
+    if nrep < 1 or nrep > MAX_REPLICAS:
+        raise ValueError(f"a replicated load copies to 1 to {MAX_REPLICAS} destinations, not {nrep}")
+    if nworkers < 1 or worker < 0:
+        raise ValueError("bad worker index")
+    primary = <LoadPlan?>plans[0]
+    on_cuda = primary.on_cuda
+    for j in range(nrep):
+        rp = <LoadPlan?>plans[j]
+        if j and rp.verify:
+            raise ValueError("only the first plan of a replicated load may verify (the bytes are hashed once)")
+        if j and not primary._same_layout(rp):
+            raise ValueError(f"replicated plan {j} does not cut the weights as the first does; make every "
+                             f"plan from the same offsets, sizes and chunk_bytes")
+        if rp.num_pieces and rp.on_cuda != on_cuda:
+            raise ValueError("a replicated load's destinations must all be on the host or all on CUDA devices")
+        for q in range(j):
+            if plans[q] is rp:
+                raise ValueError("a replicated load names one plan twice")
+        pieces[j] = rp.pieces
+    if primary.num_chunks == 0:
+        return
+    limit = primary.block_bytes if primary.verify else primary.chunk_bytes
+    if on_cuda:
+        if stagers is None or len(stagers) != nrep:
+            raise ValueError("a replicated load to CUDA devices needs one Stager per plan")
+        for j in range(nrep):
+            st = <Stager?>stagers[j]
+            if st.depth < depth:
+                depth = st.depth
+            ctxs[j] = st.ctx
+            streams[j] = st.stream
+            for q in range(st.depth):
+                evs[j][q] = st.ev[q]
+        st = <Stager>stagers[0]
+        if primary.chunk_bytes > st.chunk_bytes or len(st.staging) < depth:
+            raise ValueError("plan chunks exceed the first Stager's staging buffers")
+        for q in range(depth):
+            bufs[q] = st.bufs[q]
+    else:
+        if direct:
+            raise ValueError("direct reads need CUDA destinations (host staging is not O_DIRECT-aligned)")
+        if not staging:
+            raise ValueError("a replicated load to host buffers needs a host staging buffer")
+        depth = min(len(staging), MAX_STAGING_DEPTH)
+        for q in range(depth):
+            b = <Buffer?>staging[q]
+            if b.allocator.is_cuda or <int64_t>b.nbytes < primary.chunk_bytes + 2 * _DIRECT_ALIGN:
+                raise ValueError(f"host staging buffers must hold chunk_bytes + {2 * _DIRECT_ALIGN} bytes")
+            bufs[q] = <char*>b.ptr
+    if not primary._enter():
+        return
+    with nogil:
+        c = worker
+        while c < primary.num_chunks and not primary._cancelled():
+            ch = &primary.chunks[c]
+            slot = k % depth
+            stage = bufs[slot]
+            if on_cuda and k >= depth:
+                # every device's copies out of this staging buffer must be done
+                for j in range(ncopy):
+                    rc = drv.ctx_push(ctxs[j])
+                    if rc != 0:
+                        kind, step, bad = _E_CUDA, 1, j
+                        break
+                    rc = drv.event_sync(evs[j][slot])
+                    _pop_context()
+                    if rc != 0:
+                        kind, step, bad = _E_CUDA, 2, j
+                        break
+                if kind != _E_NONE:
+                    break
+            primary._throttle(ch.nbytes)
+            p = ch.first
+            end = ch.first + ch.count
+            src_off = ch.file_off
+            if direct:
+                src_off = ch.file_off & ~(<int64_t>_DIRECT_ALIGN - 1)
+                a1 = (ch.file_off + ch.nbytes + _DIRECT_ALIGN - 1) & ~(<int64_t>_DIRECT_ALIGN - 1)
+                rc = read_at(fd, stage, a1 - src_off, ch.file_off + ch.nbytes - src_off, src_off, True)
+                if rc != 0:
+                    kind = _E_EOF if rc == _READ_EOF else _E_READ
+                    at = ch.file_off
+                    break
+            while p < end:
+                q = primary._subrange(p, end, limit, False)
+                n = primary.pieces[q - 1].file_off + primary.pieces[q - 1].nbytes - primary.pieces[p].file_off
+                if not direct:
+                    rc = read_full(fd, stage + (primary.pieces[p].file_off - src_off), n, primary.pieces[p].file_off)
+                    if rc != 0:
+                        kind = _E_EOF if rc == _READ_EOF else _E_READ
+                        at = primary.pieces[p].file_off
+                        break
+                if primary.verify and primary._hash(p, q, stage, src_off) != 0:
+                    kind = _E_HASH
+                    break
+                for j in range(ncopy):
+                    if not on_cuda:
+                        _memcpy_pieces(pieces[j], p, q, stage, src_off)
+                        continue
+                    rc = drv.ctx_push(ctxs[j])
+                    if rc != 0:
+                        kind, step, bad = _E_CUDA, 1, j
+                        break
+                    rc = _copy_pieces(pieces[j], p, q, stage, src_off, streams[j])
+                    _pop_context()
+                    if rc != 0:
+                        kind, step, bad = _E_CUDA, 3, j
+                        break
+                if kind != _E_NONE:
+                    break
+                aoti_rt_atomic_add(&primary.done, n)
+                p = q
+                if p < end and primary._cancelled():
+                    break
+            if kind != _E_NONE:
+                break
+            if on_cuda:
+                for j in range(nrep):
+                    rc = drv.ctx_push(ctxs[j])
+                    if rc != 0:
+                        kind, step, bad = _E_CUDA, 1, j
+                        break
+                    if j and relay:
+                        # the chunk is on the first device once its event fires: copy it from there
+                        rc = drv.stream_wait_event(streams[j], evs[0][slot], 0)
+                        if rc == 0:
+                            rc = _relay_pieces(pieces[j], pieces[0], ch.first, ch.first + ch.count,
+                                               ctxs[j], ctxs[0], streams[j])
+                        if rc != 0:
+                            _pop_context()
+                            kind, step, bad = _E_CUDA, 6, j
+                            break
+                    rc = drv.event_record(evs[j][slot], streams[j])
+                    _pop_context()
+                    if rc != 0:
+                        kind, step, bad = _E_CUDA, 4, j
+                        break
+                if kind != _E_NONE:
+                    break
+            elif relay:
+                for j in range(1, nrep):
+                    _memcpy_relay(pieces[j], pieces[0], ch.first, ch.first + ch.count)
+            k += 1
+            c += nworkers
+        if on_cuda:
+            # copies already enqueued read the staging buffers: wait for them in any case
+            for j in range(nrep):
+                sync = drv.ctx_push(ctxs[j])
+                if sync == 0:
+                    sync = drv.stream_sync(streams[j])
+                    _pop_context()
+                if sync != 0 and kind == _E_NONE:
+                    kind, step, rc, bad = _E_CUDA, 5, sync, j
+        if kind != _E_NONE:
+            primary._cancel()
+        primary._exit()
+    if kind == _E_NONE:
+        return
+    if kind == _E_CUDA and bad >= 0:
+        st = <Stager>stagers[bad]
+        raise CudaError(f"{_CUDA_STEPS.get(step, 'loading')} on {st.device or f'replica {bad}'}", rc)
+    raise _load_error(primary, kind, rc, at, step)

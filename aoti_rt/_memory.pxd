@@ -23,6 +23,9 @@ ctypedef CUresult (*f_host_free)(void*) noexcept nogil
 ctypedef CUresult (*f_host_register)(void*, size_t, unsigned int) noexcept nogil
 ctypedef CUresult (*f_host_unregister)(void*) noexcept nogil
 ctypedef CUresult (*f_memcpy_htod_async)(CUdeviceptr, const void*, size_t, CUstream) noexcept nogil
+ctypedef CUresult (*f_memcpy_peer_async)(CUdeviceptr, CUcontext, CUdeviceptr, CUcontext, size_t,
+                                         CUstream) noexcept nogil
+ctypedef CUresult (*f_stream_wait_event)(CUstream, CUevent, unsigned int) noexcept nogil
 ctypedef CUresult (*f_stream_create)(CUstream*, unsigned int) noexcept nogil
 ctypedef CUresult (*f_stream_destroy)(CUstream) noexcept nogil
 ctypedef CUresult (*f_stream_sync)(CUstream) noexcept nogil
@@ -81,6 +84,8 @@ cdef struct Driver:
     f_host_register host_register
     f_host_unregister host_unregister
     f_memcpy_htod_async memcpy_htod_async
+    f_memcpy_peer_async memcpy_peer_async
+    f_stream_wait_event stream_wait_event
     f_stream_create stream_create
     f_stream_destroy stream_destroy
     f_stream_sync stream_sync

@@ -80,7 +80,7 @@ DRIVER_SYMBOLS = (
     "cuCtxPushCurrent", "cuCtxPopCurrent", "cuMemAlloc", "cuMemFree", "cuMemHostAlloc",
     "cuMemFreeHost", "cuMemHostRegister", "cuMemHostUnregister", "cuMemcpyHtoDAsync", "cuStreamCreate",
     "cuStreamDestroy", "cuStreamSynchronize", "cuEventCreate", "cuEventRecord",
-    "cuEventSynchronize", "cuEventDestroy",
+    "cuEventSynchronize", "cuEventDestroy", "cuMemcpyPeerAsync", "cuStreamWaitEvent",
 )
 
 
@@ -121,6 +121,8 @@ def install_driver(dict pointers):
     drv.host_register = <f_host_register><uintptr_t>pointers["cuMemHostRegister"]
     drv.host_unregister = <f_host_unregister><uintptr_t>pointers["cuMemHostUnregister"]
     drv.memcpy_htod_async = <f_memcpy_htod_async><uintptr_t>pointers["cuMemcpyHtoDAsync"]
+    drv.memcpy_peer_async = <f_memcpy_peer_async><uintptr_t>pointers["cuMemcpyPeerAsync"]
+    drv.stream_wait_event = <f_stream_wait_event><uintptr_t>pointers["cuStreamWaitEvent"]
     drv.stream_create = <f_stream_create><uintptr_t>pointers["cuStreamCreate"]
     drv.stream_destroy = <f_stream_destroy><uintptr_t>pointers["cuStreamDestroy"]
     drv.stream_sync = <f_stream_sync><uintptr_t>pointers["cuStreamSynchronize"]
@@ -155,6 +157,8 @@ cdef int check(CUresult rc, str what) except -1:
 
 cdef enum:
     _SLAB_ALIGN = 256
+    # CU_MEMHOSTALLOC_PORTABLE and CU_MEMHOSTREGISTER_PORTABLE (cuda.h): both 0x01
+    _HOST_PORTABLE = 0x01
 
 #: buffers up to this size are carved from shared slabs (one raw allocation per slab, not
 #: per weight: a model with 10k small constants pays ~10 cuMemAlloc calls, not 10k)
@@ -325,6 +329,12 @@ cdef class PinnedAllocator(Allocator):
     By default ``cuMemHostAlloc``. With ``huge_pages=True``: an anonymous mapping advised to
     use transparent huge pages, page-locked with ``cuMemHostRegister`` (pinning is per page,
     so 2 MiB pages may pin faster; :mod:`bench.bench_start` compares both on a host).
+
+    Either way the memory is *portable* (``CU_MEMHOSTALLOC_PORTABLE``,
+    ``CU_MEMHOSTREGISTER_PORTABLE``): pinned for every CUDA context, not only the one that
+    allocated it, so a replicated load's staging buffer feeds copies to every device at the
+    pinned rate (under unified addressing cuMemHostAlloc memory is portable anyway; a
+    registration is not unless asked).
     """
 
     def __init__(self, str device, uintptr_t context, bint huge_pages=False):
@@ -349,11 +359,11 @@ cdef class PinnedAllocator(Allocator):
                 rc = 2                                  # CUDA_ERROR_OUT_OF_MEMORY
             else:
                 madvise(p, n, MADV_HUGEPAGE)            # a hint: 4 KiB pages where THP is off
-                rc = drv.host_register(p, n, 0)
+                rc = drv.host_register(p, n, _HOST_PORTABLE)
                 if rc != 0:
                     munmap(p, n)
         else:
-            rc = drv.host_alloc(&p, nbytes, 0)
+            rc = drv.host_alloc(&p, nbytes, _HOST_PORTABLE)
         drv.ctx_pop(&prev)
         if rc == 0:
             out[0] = <uintptr_t>p

@@ -60,13 +60,16 @@ def describe(path: str | os.PathLike[str], device: object) -> Description:
     """Open the .so at ``path``, create a container on ``device`` (a .so whose weights are not
     inside it allocates none for them), read its constant table, call spec and input count,
     then delete the container and unload the .so."""
+    from .device import device_guard
+
     so = SharedObject(path)
     try:
-        handle = so.abi.create(str(device))
-        try:
-            return Description(so.constants(handle), so.abi.call_spec(handle), so.abi.num_inputs(handle))
-        finally:
-            so.abi.delete(handle)
+        with device_guard(str(device)):     # CreateWithDevice makes its device current
+            handle = so.abi.create(str(device))
+            try:
+                return Description(so.constants(handle), so.abi.call_spec(handle), so.abi.num_inputs(handle))
+            finally:
+                so.abi.delete(handle)
     finally:
         so.close()
 

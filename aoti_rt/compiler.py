@@ -148,15 +148,16 @@ def _check_name(name: Any) -> None:
 
 
 def _program_device(ep) -> str:
+    """Where a program's tensors are: "cpu" or "cuda:N" (the GPU it was exported on)."""
     import torch
 
-    devices = {t.device.type for t in list(ep.state_dict.values()) + list(ep.constants.values())
-               if isinstance(t, torch.Tensor)}
+    tensors = [t for t in list(ep.state_dict.values()) + list(ep.constants.values()) if isinstance(t, torch.Tensor)]
     for node in ep.graph.nodes:
         val = node.meta.get("val")
         if node.op == "placeholder" and isinstance(val, torch.Tensor):
-            devices.add(val.device.type)
-    devices.discard("meta")
+            tensors.append(val)
+    devices = {"cpu" if t.device.type == "cpu" else f"{t.device.type}:{t.device.index or 0}"
+               for t in tensors if t.device.type != "meta"}
     if len(devices) > 1:
         raise CompileError(f"the program mixes devices {sorted(devices)}; export it on one device")
     return devices.pop() if devices else "cpu"
@@ -430,14 +431,15 @@ def _resolve_device(eps: Mapping[str, ExportedProgram], device: str | None) -> s
     devices = {_program_device(ep) for ep in eps.values()}
     if len(devices) > 1:
         raise CompileError(f"methods were exported on different devices {sorted(devices)}")
-    dev_type = devices.pop()
+    exported = devices.pop()                 # "cpu" or "cuda:N": the probe runs there too
+    dev_type = torch.device(exported).type
     if device is None:
-        return "cuda:0" if dev_type == "cuda" else "cpu"
+        return exported
     if torch.device(device).type != dev_type:
         raise CompileError(f"device={device!r} but the programs were exported on {dev_type}; "
                            f"export them on {device}")
     if torch.device(device).type == "cuda" and torch.device(device).index is None:
-        return "cuda:0"
+        return exported
     return device
 
 

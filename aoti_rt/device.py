@@ -10,15 +10,17 @@ asking for a CUDA device raises a clear error.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import weakref
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from . import _cache, _load, _memory
-from .errors import AotiRtError, CudaError
+from .errors import CudaError, DeviceError
 
 _lock = threading.Lock()
 _devices: dict["Device", "DeviceRuntime"] = {}
@@ -83,6 +85,23 @@ def _init_cuda() -> None:
         _cuda_state["count"] = int(count)
 
 
+def _current_index() -> int:
+    """torch's current CUDA device index (what ``"cuda"`` means to torch); 0 where CUDA is
+    absent (the caller then refuses the device)."""
+    try:
+        _init_cuda()
+    except Exception:  # noqa: BLE001 - no driver: Device.parse says so
+        return 0
+    if not _cuda_state.get("count"):
+        return 0
+    try:
+        import torch
+
+        return int(torch.cuda.current_device())
+    except Exception:  # noqa: BLE001 - a CPU-only torch next to a driver
+        return 0
+
+
 @dataclass(frozen=True)
 class Device:
     """A device aoti_rt runs on: ``Device("cpu")`` or ``Device("cuda", n)``.
@@ -95,13 +114,17 @@ class Device:
     index: int = 0
 
     @classmethod
-    def parse(cls, spec: "str | Device | None", default: "str | Device" = "cpu") -> "Device":
-        """``"cpu"``, ``"cuda"`` (device 0) or ``"cuda:N"`` (or a Device) as a Device that
-        exists on this machine; ``None`` means ``default``.
+    def parse(cls, spec: "str | Device | None", default: "str | Device" = "cpu", *,
+              check: bool = True) -> "Device":
+        """``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (or a Device, or a ``torch.device``) as a
+        Device that exists on this machine; ``None`` means ``default``. ``"cuda"`` is torch's
+        current CUDA device, as it is for torch (``torch.cuda.set_device(rank)`` in each
+        process of a ``torchrun`` job makes ``"cuda"`` that rank's GPU).
 
         Raises:
-            ValueError: not a device name aoti_rt knows.
-            AotiRtError: a CUDA device this machine does not have (the message says why).
+            DeviceError: not a device name aoti_rt knows, or (unless ``check=False``) a CUDA
+                device this machine does not have (the message says why). A ``ValueError``
+                and an ``AotiRtError``.
         """
         spec = default if spec is None else spec
         if isinstance(spec, Device):
@@ -112,9 +135,9 @@ class Device:
             if text == "cpu":
                 return cls("cpu")
             if kind != "cuda" or (num and not num.isdigit()) or (_ and not num):
-                raise ValueError(f"unknown device {spec!r}: use 'cpu', 'cuda' or 'cuda:N'")
-            dev = cls("cuda", int(num or 0))
-        if dev.is_cuda:
+                raise DeviceError(f"unknown device {spec!r}: use 'cpu', 'cuda' or 'cuda:N'")
+            dev = cls("cuda", int(num) if num else _current_index())
+        if dev.is_cuda and check:
             try:
                 _init_cuda()
             except Exception:  # noqa: BLE001
@@ -122,8 +145,9 @@ class Device:
             count = int(_cuda_state.get("count", 0))
             if dev.index >= count:
                 why = _cuda_state.get("error") or f"{count} CUDA device(s) present"
-                raise AotiRtError(f"device {dev} is not available ({why}); load on 'cpu' or on an "
-                                  f"existing GPU")
+                raise DeviceError(f"device {dev} is not available ({why}); load on 'cpu' or on an "
+                                  f"existing GPU (cuda:0 to cuda:{count - 1})" if count else
+                                  f"device {dev} is not available ({why}); load on 'cpu'")
         return dev
 
     @property
@@ -132,6 +156,50 @@ class Device:
 
     def __str__(self) -> str:
         return f"cuda:{self.index}" if self.is_cuda else "cpu"
+
+
+def parse_devices(spec: "Sequence[str | Device]", default: "str | Device" = "cpu") -> list[Device]:
+    """A list of devices (what ``load(..., device=[...])`` takes) as Devices that exist here.
+
+    Raises:
+        DeviceError: the list is empty, names a device twice (``"cuda"`` is ``"cuda:0"``),
+            mixes the CPU with GPUs, or names a device that is unknown or absent.
+    """
+    if isinstance(spec, (str, Device)) or not isinstance(spec, Sequence):
+        raise DeviceError(f"expected a list of devices, got {spec!r}")
+    devs = [Device.parse(s, default=default, check=False) for s in spec]
+    if not devs:
+        raise DeviceError("an empty list of devices: name at least one, e.g. ['cuda:0', 'cuda:1']")
+    seen: set[Device] = set()
+    for d in devs:
+        if d in seen:
+            raise DeviceError(f"device {d} appears twice in {[str(s) for s in spec]}: each device holds one "
+                              f"copy of the weights, so list each once")
+        seen.add(d)
+    if len({d.kind for d in devs}) > 1:
+        raise DeviceError(f"{[str(d) for d in devs]} mixes the CPU with GPUs: an AOTI .so runs only on the "
+                          f"device type it was compiled for; list only CUDA devices (or only 'cpu')")
+    return [Device.parse(d) for d in devs]       # each one must exist
+
+
+@contextlib.contextmanager
+def device_guard(device: "Device | str") -> Iterator[None]:
+    """Make ``device`` torch's current CUDA device inside the block, and the previous one
+    current again after it (a no-op for the CPU).
+
+    AOTI's ``CreateWithDevice("cuda:N")`` calls ``cudaSetDevice(N)`` on the calling thread,
+    and torch's runner makes CUDA calls on the current device: every call of that kind
+    aoti_rt makes runs inside this guard, so loading a model on cuda:1 leaves the caller's
+    current device as it was, and nothing of cuda:1 is created on another device.
+    """
+    dev = device if isinstance(device, Device) else Device.parse(device)
+    if not dev.is_cuda:
+        yield
+        return
+    import torch
+
+    with torch.cuda.device(dev.index):
+        yield
 
 
 @dataclass(frozen=True)
@@ -179,6 +247,8 @@ class DeviceRuntime:
     peak_used: int | None = None
     #: the arena allocators of models that share weights with other processes (load(share=))
     arena_allocators: "weakref.WeakSet[_memory.ArenaAllocator]" = field(default_factory=weakref.WeakSet)
+    #: other device -> whether this device's copies may read its memory directly (peer access)
+    peers: dict = field(default_factory=dict)
     counter_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -271,6 +341,38 @@ class DeviceRuntime:
         with self.counter_lock:
             self.peak_used = None
 
+    def peer_access(self, other: "DeviceRuntime") -> bool:
+        """Whether this GPU can read ``other``'s memory directly (NVLink or PCIe peer to peer),
+        enabling that access for this device's context the first time (``cuCtxEnablePeerAccess``;
+        a process-wide setting torch makes the same way when it copies between GPUs). False for
+        the CPU, for the same device and where the hardware cannot."""
+        if not (self.is_cuda and other.is_cuda) or other.device == self.device:
+            return False
+        with self.counter_lock:
+            known = self.peers.get(other.device)
+        if known is not None:
+            return known
+        drv = _driver()
+        ok = False
+        try:
+            can = _ok(drv.cuDeviceCanAccessPeer(_ok(drv.cuDeviceGet(self.index), "cuDeviceGet"),
+                                                _ok(drv.cuDeviceGet(other.index), "cuDeviceGet")),
+                      "cuDeviceCanAccessPeer")
+            if can:
+                _ok(drv.cuCtxPushCurrent(drv.CUcontext(self.context)), "cuCtxPushCurrent")
+                try:
+                    res = drv.cuCtxEnablePeerAccess(drv.CUcontext(other.context), 0)
+                finally:
+                    drv.cuCtxPopCurrent()
+                err = res[0] if isinstance(res, tuple) else res
+                # 704: CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED (by torch, say)
+                ok = int(err) in (0, 704)
+        except CudaError:
+            ok = False
+        with self.counter_lock:
+            self.peers[other.device] = ok
+        return ok
+
     # -- pinned stores --------------------------------------------------------------------
 
     def pinned_store(self, store: Path):
@@ -359,8 +461,28 @@ class DeviceRuntime:
             self.staging_thread.start()
 
     def new_stager(self, chunk_bytes: int, depth: int = 2) -> "_load.Stager":
-        """A new copy engine: ``depth`` pinned staging buffers of ``chunk_bytes``, a stream."""
-        return _load.Stager(self.pinned, self.context, chunk_bytes, depth)
+        """A new copy engine: ``depth`` pinned staging buffers of ``chunk_bytes``, a stream
+        (``chunk_bytes=0``: no staging, a stream and events only)."""
+        return _load.Stager(self.pinned if chunk_bytes else None, self.context, chunk_bytes, depth,
+                            str(self.device))
+
+    def take_copy_engines(self, n: int, depth: int = 2) -> list:
+        """Borrow ``n`` copy engines for a replicated load's other devices: only their streams
+        and events are used (the first device's staging buffers are read), so the pool's
+        engines without staging go first, then any pooled one, then new ones without staging
+        (no host memory pinned for them). Give them back with :meth:`give_stagers`."""
+        with self.stager_lock:
+            bare = sorted((s for s in self.stagers if s.depth >= depth), key=lambda s: s.chunk_bytes)[:n]
+            for s in bare:
+                self.stagers.remove(s)
+        got: list = list(bare)
+        try:
+            while len(got) < n:
+                got.append(self.new_stager(0, depth))
+        except BaseException:
+            self.give_stagers(got)
+            raise
+        return got
 
     def give_stagers(self, stagers: list) -> None:
         """Return borrowed copy engines to the pool (None entries are skipped)."""

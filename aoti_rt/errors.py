@@ -33,6 +33,11 @@ class ClosedError(AotiRtError, RuntimeError):
     """The Method or Model was closed."""
 
 
+class DeviceError(AotiRtError, ValueError):
+    """A device asked for cannot be used: it does not exist on this machine, or a list of
+    devices names one twice or mixes the CPU with GPUs."""
+
+
 #: CUresult codes worth naming in a message (cuda.h); the rest are shown by number.
 _CU_RESULTS = {
     1: "CUDA_ERROR_INVALID_VALUE", 2: "CUDA_ERROR_OUT_OF_MEMORY", 3: "CUDA_ERROR_NOT_INITIALIZED",
@@ -76,4 +81,4 @@ class ShareError(AotiRtError, RuntimeError):
 
 
 __all__ = ["AotiRtError", "BundleError", "CompileError", "AOTIError", "InputError",
-           "ClosedError", "AllocationError", "CudaError", "ShareError"]
+           "ClosedError", "DeviceError", "AllocationError", "CudaError", "ShareError"]

@@ -1,5 +1,8 @@
 """Move weight bytes from a store file into cache buffers, verifying them on the way.
 
+:func:`read_weights` fills one device's buffers; :func:`read_replicated` fills the same weights
+on several devices at once, reading each byte of the store once.
+
 The needed weights become a :class:`aoti_rt._load.LoadPlan` (pieces of at most one hash
 block, sorted by file offset, grouped into chunks read with one ``pread`` each). Worker
 threads run the plan without the GIL: on the CPU they read straight into the weights'
@@ -35,6 +38,12 @@ CHUNK_BYTES = (int(os.environ.get("AOTI_RT_CHUNK_MIB", 0)) or 4) << 20
 #: staging buffers per CUDA worker: reads run ahead of copies by depth - 1 chunks
 #: (``$AOTI_RT_STAGING_DEPTH`` overrides)
 STAGING_DEPTH = int(os.environ.get("AOTI_RT_STAGING_DEPTH", 0)) or 2
+#: how a replicated load reaches its other devices (``$AOTI_RT_REPLICATE``): "host", each
+#: device copies every chunk from the pinned staging buffer (the host link carries the bytes
+#: once per device); "peer", only the first device copies from the host and the others copy
+#: the chunk from its memory (``cuMemcpyPeerAsync``: NVLink, the host link carries them once),
+#: where every device has peer access to the first (else "host")
+REPLICATE = os.environ.get("AOTI_RT_REPLICATE", "host")
 #: loads smaller than this never show a progress bar by default (they take well under a second)
 PROGRESS_MIN_BYTES = 256 << 20
 #: worker threads (``$AOTI_RT_LOAD_WORKERS`` overrides)
@@ -88,14 +97,7 @@ def read_weights(rt: DeviceRuntime, store: Path, offsets: Sequence[int], sizes: 
     offsets, sizes, buffers = list(offsets), list(sizes), list(buffers)
     store = Path(store)
     label = (lambda i: f"weight {names[i]!r}") if names is not None else (lambda i: f"weight {i}")
-    verify = digests is not None and any(d is not None for d in digests)
-    if verify:
-        for i, d in enumerate(digests):
-            if d is not None and not is_verifiable(d):
-                raise BundleError(
-                    f"{label(i)} of {store} declares digest {str(d)[:20]!r}..., which aoti_rt cannot "
-                    f"verify while loading (it checks {PREFIX!r} BLAKE3 digests); recompile the bundle "
-                    f"with this version of aoti_rt")
+    verify = _check_verifiable(digests, store, label)
     total = int(sum(sizes))
     chunk = int(chunk_bytes or CHUNK_BYTES)
     source = f"weight store {store}"
@@ -160,6 +162,122 @@ def read_weights(rt: DeviceRuntime, store: Path, offsets: Sequence[int], sizes: 
     if verify:
         _check_digests(plan, digests, store, label)
     return total
+
+
+def read_replicated(rts: Sequence[DeviceRuntime], store: Path, offsets: Sequence[int], sizes: Sequence[int],
+                    buffers: Sequence[Sequence[_memory.Buffer]], *,
+                    digests: Sequence[str | None] | None = None, names: Sequence[str] | None = None,
+                    workers: int | None = None, chunk_bytes: int | None = None, progress: bool | None = None,
+                    max_bytes_per_s: float | None = None, direct: bool | None = None,
+                    relay: bool | None = None) -> int:
+    """Fill ``buffers[d][i]`` (memory of device ``rts[d]``) with ``sizes[i]`` bytes at
+    ``offsets[i]`` of ``store`` on every device at once, reading each byte of the store once.
+
+    The same contract as :func:`read_weights` (``digests`` checked once: every device gets the
+    bytes that were hashed; the same errors; nothing touches the file or the buffers once it
+    has returned or raised), for several devices: each worker reads a chunk into one pinned
+    (portable) staging buffer of the first device's pool and enqueues its host->device copies
+    on every device's own stream (:func:`aoti_rt._load.run_replicated`), reusing the buffer
+    only once every device's copies are done. ``max_bytes_per_s`` paces the chunks, so each
+    device receives at most that rate. The first device's pool lends the staging buffers;
+    the others lend only streams and events (:meth:`DeviceRuntime.take_copy_engines`).
+    ``relay`` (default :data:`REPLICATE` == "peer"): the other devices copy each chunk from the
+    first device's memory instead (peer to peer), where all of them have peer access to it.
+
+    Returns the bytes read from the store (once, however many devices). If a device holds the
+    store pinned (:func:`pin_store`), each device is filled on its own (:func:`read_weights`:
+    from its image, or read) and the bytes read are summed. On the CPU (one device: ``rts``
+    ``[cpu]``) a chunk is read into a host staging buffer and copied to the destinations.
+    """
+    n = len(offsets)
+    nd = len(rts)
+    if nd < 1 or len(buffers) != nd or any(len(b) != n for b in buffers):
+        raise ValueError("one list of buffers per device, each with one buffer per weight")
+    if len(sizes) != n or (digests is not None and len(digests) != n) or (names is not None and len(names) != n):
+        raise ValueError("offsets, sizes (and digests, names) must have the same length")
+    if len({rt.device for rt in rts}) != nd or len({rt.is_cuda for rt in rts}) != 1:
+        raise ValueError("a replicated read needs distinct devices, all CUDA or the one CPU")
+    store = Path(store)
+    if any(rt.pinned_store(store.resolve()) is not None for rt in rts):
+        return sum(read_weights(rt, store, offsets, sizes, bufs, digests=digests, names=names, workers=workers,
+                                chunk_bytes=chunk_bytes, progress=progress, max_bytes_per_s=max_bytes_per_s,
+                                direct=direct) for rt, bufs in zip(rts, buffers))
+    offsets, sizes = list(offsets), list(sizes)
+    label = (lambda i: f"weight {names[i]!r}") if names is not None else (lambda i: f"weight {i}")
+    verify = _check_verifiable(digests, store, label)
+    total = int(sum(sizes))
+    chunk = int(chunk_bytes or CHUNK_BYTES)
+    source = f"weight store {store}"
+    fd, size = _open_store(store)
+    bar = None
+    try:
+        _check_extents(offsets, sizes, size, store, label)
+        plans = tuple(_load.LoadPlan(offsets, sizes, list(bufs), chunk, verify=verify and d == 0, source=source,
+                                     max_bytes_per_s=(max_bytes_per_s or 0) if d == 0 else 0)
+                      for d, bufs in enumerate(buffers))
+        primary = plans[0]
+        nworkers = max(1, min(int(workers or WORKERS), primary.num_chunks))
+        _tune(primary, nworkers)
+        bar = _progress(total, progress)
+        if not primary.num_pieces:
+            pass
+        elif rts[0].is_cuda:
+            if relay is None:
+                relay = REPLICATE == "peer"
+            relay = bool(relay) and all(rt.peer_access(rts[0]) for rt in rts[1:])
+            first = rts[0].take_stagers(nworkers, chunk, STAGING_DEPTH, create=False)
+            others: list[list] = []
+            dfd = None
+            try:
+                for rt in rts[1:]:
+                    others.append(rt.take_copy_engines(nworkers, STAGING_DEPTH))
+                dfd = _open_direct(store, fd, offsets, sizes, direct)
+
+                def work(w: int) -> None:
+                    if first[w] is None:      # pinned in the worker's own thread (see read_weights)
+                        first[w] = rts[0].new_stager(chunk, STAGING_DEPTH)
+                    _load.run_replicated(plans, (first[w], *(o[w] for o in others)),
+                                         dfd if dfd is not None else fd, w, nworkers, dfd is not None,
+                                         None, relay)
+
+                _run(primary, nworkers, work, bar)
+            finally:
+                rts[0].give_stagers(first)
+                for rt, engines in zip(rts[1:], others):
+                    rt.give_stagers(engines)
+                if dfd is not None:
+                    os.close(dfd)
+        else:
+            host = rts[0].pinned
+
+            def work(w: int) -> None:
+                staging = host.allocate(chunk + 2 * _load.DIRECT_ALIGN)
+                _load.run_replicated(plans, (), fd, w, nworkers, False, (staging,), bool(relay))
+
+            _run(primary, nworkers, work, bar)
+        if bar is not None:
+            _close_bar(bar, total)
+            bar = None
+    finally:
+        os.close(fd)
+        if bar is not None:
+            bar.close()
+    if verify:
+        _check_digests(primary, digests, store, label)
+    return total
+
+
+def _check_verifiable(digests: Sequence[str | None] | None, store: Path, label) -> bool:
+    """Whether any weight is to be hashed; a digest the loader cannot check is a BundleError."""
+    verify = digests is not None and any(d is not None for d in digests)
+    if verify:
+        for i, d in enumerate(digests):
+            if d is not None and not is_verifiable(d):
+                raise BundleError(
+                    f"{label(i)} of {store} declares digest {str(d)[:20]!r}..., which aoti_rt cannot "
+                    f"verify while loading (it checks {PREFIX!r} BLAKE3 digests); recompile the bundle "
+                    f"with this version of aoti_rt")
+    return verify
 
 
 def _open_store(store: Path) -> tuple[int, int]:
@@ -338,6 +456,6 @@ def pin_store(path: str | os.PathLike[str], *, device: "str | Device | None" = N
     store, default = p, "cpu"
     if p.is_dir():
         bundle = read_bundle(p)
-        store, default = bundle.store_path, bundle.manifest.device
+        store, default = bundle.store_path, "cpu" if bundle.manifest.device == "cpu" else "cuda"
     rt = _device.get(Device.parse(device, default=default))
     return PinnedStore(rt, store, progress=progress)

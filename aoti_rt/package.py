@@ -821,10 +821,7 @@ def _write_record(p: Path, fp: dict, records: list[ModelRecord]) -> None:
 def _device_for(device: "str | Device | None", keys: dict[str, str], path: Path) -> Device:
     known = {k for k in keys.values() if k}
     default = "cuda" if "cuda" in known else "cpu" if known else ("cuda" if _device.cuda_available() else "cpu")
-    try:
-        dev = Device.parse(device, default=default)
-    except ValueError as e:
-        raise BundleError(str(e)) from None
+    dev = Device.parse(device, default=default)      # a DeviceError names a bad or absent device
     for name, key in keys.items():
         if key and key != dev.kind:
             raise BundleError(f"{path}: model {name!r} was compiled for {key}; an AOTI .so runs only on the "

@@ -21,13 +21,17 @@ def _probe(so_path: Path, blob: Path, device: str):
     """Load the method the stock way in torch's runner; return fqn -> tensor as AOTI holds it."""
     import torch
 
+    from .device import device_guard
+
     if device == "cpu":
         runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(so_path), 1)
     else:
-        runner = torch._C._aoti.AOTIModelContainerRunnerCuda(str(so_path), 1, device)
-    if blob is not None and blob.stat().st_size > 0:    # a method without weights has an empty blob
-        runner.update_constant_buffer_from_blob(str(blob))
-    tensors = dict(runner.extract_constants_map(False))
+        with device_guard(device):      # the runner's container makes its device current
+            runner = torch._C._aoti.AOTIModelContainerRunnerCuda(str(so_path), 1, device)
+    with device_guard(device):
+        if blob is not None and blob.stat().st_size > 0:    # a method without weights has an empty blob
+            runner.update_constant_buffer_from_blob(str(blob))
+        tensors = dict(runner.extract_constants_map(False))
     return runner, tensors
 
 
@@ -67,5 +71,8 @@ def probe_method(so_path: Path, blob: Path | None, device: str, mutated: set[str
                 data_size=info.data_size or len(data), kind=info.kind,
                 mutable=info.fqn in mutated, digest=digest, weight=""), data))
     finally:
-        del runner, tensors
+        from .device import device_guard
+
+        with device_guard(device):      # the container frees its weights on their device
+            del runner, tensors
     return out, spec, n_in

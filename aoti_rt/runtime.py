@@ -38,6 +38,7 @@ outside its buffer.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
@@ -46,7 +47,7 @@ import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 from . import _bind, _cache, _memory, device as _device, loader, serving
 from .abi import SharedObject, blob_layout, torch_shim
@@ -54,7 +55,7 @@ from .bundle import (DTYPE_CODES, ITEMSIZE, Bundle, ConstantSpec, InputSpec, Met
                      WeightSpec, divergent_fqns, file_identity, is_regular_file, read_bundle)
 from .digest import file_digests
 from .device import Device
-from .errors import AOTIError, BundleError, ClosedError, InputError, ShareError
+from .errors import AOTIError, BundleError, ClosedError, DeviceError, InputError, ShareError
 from .share import check_name
 
 if TYPE_CHECKING:
@@ -115,9 +116,14 @@ class _Binding:
                 return
             self._done = True
         try:
-            self.runner = None                    # its destructor deletes its container
-            if self.handle:
-                self.so.abi.delete(self.handle)   # the container stops pointing at our memory first
+            with contextlib.ExitStack() as guard:
+                try:
+                    guard.enter_context(_device.device_guard(self.rt.device))  # AOTI frees its objects there
+                except Exception:  # noqa: BLE001 - at interpreter exit torch may be gone: delete anyway
+                    pass
+                self.runner = None                    # its destructor deletes its container
+                if self.handle:
+                    self.so.abi.delete(self.handle)   # the container stops pointing at our memory first
         finally:
             self.handle = 0
             if self.legacy_bytes:
@@ -126,6 +132,104 @@ class _Binding:
                 self.rt.cache.release(self.acq)
                 self.acq = None
             self.so.release()                 # the last method of a .so unloads it
+
+
+@dataclass
+class _Pending:
+    """A method's weights between acquiring them and binding them: which entries it created
+    (``acq.to_fill``) and what filling and binding them needs."""
+
+    source: _Source
+    plan: _bind.BindPlan
+    extern: Path | None
+    keys: list[str]
+    content: list[str | None]
+    weights: list[WeightSpec]
+    of_constant: list[int]
+    acq: _cache.Acquisition
+    read_from: tuple | None
+    need: list[int]          # the bytes each weight's buffer holds
+    fixed: list[bool]        # never written: what an exporter shares read-only (load(share=))
+    published: bool = False
+
+    def digests(self) -> list[str | None] | None:
+        """The digests the loader checks while reading (``verify="load"``), else None."""
+        if self.source.verify != "load":
+            return None
+        return [self.weights[i].digest for i in self.acq.to_fill]
+
+    def names(self) -> list[str]:
+        """A name per weight to fill, for error messages (its first FQN)."""
+        return [(self.weights[i].fqns or [self.weights[i].id])[0] for i in self.acq.to_fill]
+
+
+class _Replicas:
+    """The methods of one replicated load (one per device) waiting for their weights.
+
+    Each :class:`Method` of the load acquires its weights on its own device and hands the
+    acquisition here (:meth:`defer`) instead of reading; :meth:`fill` then reads every weight
+    that some device lacks once and copies it to each device that lacks it
+    (:func:`aoti_rt.loader.read_replicated`), publishes the entries and binds every method.
+    A weight that only one device lacks (the others hold it cached) is read for it alone.
+    """
+
+    def __init__(self, progress: bool | None, max_load_gbps: float | None):
+        self.progress = progress
+        self.max_load_gbps = max_load_gbps
+        self.waiting: list[tuple[Method, _Pending]] = []
+
+    def defer(self, method: "Method", pending: _Pending) -> None:
+        self.waiting.append((method, pending))
+
+    def fill(self) -> None:
+        """Read and bind the waiting methods' weights. On failure every waiting entry is
+        published as failed and the error raised: the caller closes the methods."""
+        waiting, self.waiting = self.waiting, []
+        try:
+            read = self._read(waiting)
+        except BaseException as e:
+            for m, p in waiting:
+                m._publish(p, error=e)
+            raise
+        for (m, p), n in zip(waiting, read):
+            m._publish(p, n)
+        for m, p in waiting:
+            with _device.device_guard(m._rt.device):
+                m._bind_acquired(p)
+            m._rt.sample()
+
+    def abandon(self, error: BaseException) -> None:
+        """Publish the entries of methods still waiting as failed (a construction failed)."""
+        waiting, self.waiting = self.waiting, []
+        for m, p in waiting:
+            m._publish(p, error=error)
+
+    def _read(self, waiting: list[tuple["Method", _Pending]]) -> list[int]:
+        """Fill every waiting method's new entries; the bytes read, counted for the first
+        device of each read (the store is read once per weight, whatever the devices)."""
+        read = [0] * len(waiting)
+        # weight -> the waiting methods lacking it (by store: a bundle has one)
+        lacking: dict[tuple[Path, str], list[tuple[int, int]]] = {}
+        for k, (m, p) in enumerate(waiting):
+            for i in p.acq.to_fill:
+                lacking.setdefault((Path(p.source.store), p.weights[i].id), []).append((k, i))
+        groups: dict[tuple[Path, tuple[int, ...]], list[list[tuple[int, int]]]] = {}
+        for (store, _), who in lacking.items():
+            groups.setdefault((store, tuple(k for k, _ in who)), []).append(who)
+        for (store, ks), items in groups.items():
+            first = waiting[ks[0]][1]
+            ws = [waiting[k][1].weights[i] for k, i in (who[0] for who in items)]
+            buffers = [[waiting[k][1].acq.buffers[i] for k, i in who] for who in items]
+            per_device = [list(col) for col in zip(*buffers)]       # [device][weight]
+            digests = [w.digest for w in ws] if first.source.verify == "load" else None
+            names = [(w.fqns or [w.id])[0] for w in ws]
+            rts = [waiting[k][0]._rt for k in ks]
+            rate = (self.max_load_gbps or 0) * 1e9
+            n = loader.read_replicated(rts, store, [w.offset for w in ws], [w.nbytes for w in ws], per_device,
+                                       digests=digests, names=names, progress=self.progress,
+                                       max_bytes_per_s=rate)
+            read[ks[0]] += n
+        return read
 
 
 class Method:
@@ -139,7 +243,8 @@ class Method:
 
     def __init__(self, name: str, spec: MethodSpec, so_path: Path, source: _Source,
                  rt: _device.DeviceRuntime, *, progress: bool | None = None,
-                 typed_inputs: bool = True, max_load_gbps: float | None = None):
+                 typed_inputs: bool = True, max_load_gbps: float | None = None,
+                 replicas: "_Replicas | None" = None):
         self.name = name
         self.spec = spec
         #: the device it runs on, as torch spells it ("cpu", "cuda:0")
@@ -150,8 +255,20 @@ class Method:
         # fqn -> (buffer, constant, mutable): what weight() hands out
         self._buffers: dict[str, tuple[_memory.Buffer, ConstantSpec, bool]] = {}
         self._runner_lock = threading.Lock()
-        if source.share is None or source.share.reads_store:
+        #: a replicated load this method is part of: its weights are read by the group, for
+        #: every device at once (:class:`_Replicas`); None: it reads its own
+        self._replicas = replicas
+        self._pending: _Pending | None = None
+        if replicas is None and (source.share is None or source.share.reads_store):
             loader.prepare(rt)     # pin the staging pool (once per device) while the .so opens
+        # AOTI's CreateWithDevice makes its device current on this thread, and its calls below
+        # run on the current device: the caller's current device is restored afterwards
+        with _device.device_guard(rt.device):
+            self._construct(source, so_path, progress, typed_inputs, max_load_gbps)
+
+    def _construct(self, source: _Source, so_path: Path, progress: bool | None, typed_inputs: bool,
+                   max_load_gbps: float | None) -> None:
+        name, spec, rt = self.name, self.spec, self._rt
         so = SharedObject.open(so_path)
         try:
             # False: a legacy .so, weights private to AOTI
@@ -182,7 +299,8 @@ class Method:
                 self._bind_shared(source, plan, progress, max_load_gbps, extern)
             else:
                 self._bind_legacy(source, plan)
-        except BaseException:
+        except BaseException as e:
+            self._abandon(e)
             self._finalizer()
             raise
         rt.sample()
@@ -280,8 +398,25 @@ class Method:
 
     def _bind_shared(self, source: _Source, plan: _bind.BindPlan, progress: bool | None,
                      max_load_gbps: float | None = None, extern: Path | None = None) -> None:
+        """Acquire the method's weights from the cache, fill those nobody holds from the store,
+        and bind them: in one go, or, in a replicated load, the fill and the bind later, when
+        the group has read the weights for every device (:class:`_Replicas`)."""
+        pending = self._acquire_shared(source, plan, extern)
+        if self._replicas is not None:
+            self._replicas.defer(self, pending)
+            return
+        try:
+            n = self._read(pending, progress, max_load_gbps)
+        except BaseException as e:
+            self._publish(pending, error=e)
+            raise
+        self._publish(pending, n)
+        self._bind_acquired(pending)
+
+    def _acquire_shared(self, source: _Source, plan: _bind.BindPlan, extern: Path | None) -> "_Pending":
+        """One reference to each of the method's weights in the device's cache; the entries
+        this method created must be filled (``pending.acq.to_fill``) and published."""
         rt = self._rt
-        b = self._binding
         keys, content, weights, need, of_constant, fixed = self._keys(source, plan)
         share = source.share
         allocators = None
@@ -296,47 +431,74 @@ class Method:
         finally:
             if hold is not None:
                 rt.cache.release(hold)
-        b.acq = acq
+        self._binding.acq = acq
         # the store's identity before reading: a copy is offered for sharing only if the
         # store did not change while it was read
         read_from = file_identity(Path(source.store)) if source.verify is True else None
-        try:
-            fill = acq.to_fill
-            if fill:
-                n = loader.read_weights(rt, source.store, [weights[i].offset for i in fill],
-                                        [weights[i].nbytes for i in fill],
-                                        [acq.buffers[i] for i in fill],
-                                        digests=([weights[i].digest for i in fill]
-                                                 if source.verify == "load" else None),
-                                        names=[(weights[i].fqns or [weights[i].id])[0] for i in fill],
-                                        progress=progress,
-                                        max_bytes_per_s=(max_load_gbps or 0) * 1e9)
-                rt.cache.add_bytes_read(n)
-                self.bytes_read = n
-        except BaseException as e:
-            rt.cache.publish(acq, e)
-            raise
-        rt.cache.publish(acq)
-        if read_from is not None and read_from == file_identity(Path(source.store)):
+        self._pending = _Pending(source, plan, extern, keys, content, weights, of_constant, acq, read_from,
+                                 need, fixed)
+        return self._pending
+
+    def _read(self, pending: "_Pending", progress: bool | None, max_load_gbps: float | None) -> int:
+        """Fill the entries this method created from the store; the bytes read."""
+        fill, weights, acq, source = pending.acq.to_fill, pending.weights, pending.acq, pending.source
+        if not fill:
+            return 0
+        return loader.read_weights(self._rt, source.store, [weights[i].offset for i in fill],
+                                   [weights[i].nbytes for i in fill], [acq.buffers[i] for i in fill],
+                                   digests=pending.digests(), names=pending.names(),
+                                   progress=progress, max_bytes_per_s=(max_load_gbps or 0) * 1e9)
+
+    def _publish(self, pending: "_Pending", nbytes: int = 0, error: BaseException | None = None) -> None:
+        """Mark the entries this method filled as ready (``nbytes`` read for them), or as failed
+        with ``error`` (waiters in other threads raise it). Once per pending acquisition."""
+        if pending.published:
+            return
+        pending.published = True
+        rt = self._rt
+        if error is not None:
+            rt.cache.publish(pending.acq, error)
+            return
+        rt.cache.add_bytes_read(nbytes)
+        self.bytes_read = nbytes
+        rt.cache.publish(pending.acq)
+        source, keys, content = pending.source, pending.keys, pending.content
+        if pending.read_from is not None and pending.read_from == file_identity(Path(source.store)):
             # this bundle's own copies: other bundles may share them once that store's bytes
             # hash to their digests
-            for i in acq.to_fill:
+            for i in pending.acq.to_fill:
                 if content[i] is not None and keys[i] != content[i]:
-                    w = weights[i]
+                    w = pending.weights[i]
                     rt.offer_shared(content[i], _device.ShareCandidate(
-                        keys[i], str(source.store), read_from, w.offset, w.nbytes))
+                        keys[i], str(source.store), pending.read_from, w.offset, w.nbytes))
+
+    def _abandon(self, error: BaseException) -> None:
+        """A construction that fails: entries this method created and did not publish are
+        published as failed, so no thread waits on them."""
+        if self._pending is not None:
+            self._publish(self._pending, error=error)
+
+    def _bind_acquired(self, pending: "_Pending") -> None:
+        """Wait for the weights other threads fill, then bind every buffer to the container."""
+        rt = self._rt
+        b = self._binding
+        acq, of_constant = pending.acq, pending.of_constant
         rt.cache.wait(acq)
-        if share is not None:
-            share.filled(keys, acq, weights, need, fixed)
+        share = pending.source.share
+        if share is not None:      # an exporter's arena is complete: make it read-only, serve it
+            share.filled(pending.keys, acq, pending.weights, pending.need, pending.fixed)
         cs = self.spec.constants
         # what a copy-on-write weight update rebinds: the plan and each constant's weight
-        self._plan, self._of_constant, self._extern = plan, of_constant, extern
-        if extern is None:
+        self._plan, self._of_constant, self._extern = pending.plan, of_constant, pending.extern
+        if pending.extern is None:
             torch_shim()
-            plan.bind(b.so.abi, b.handle, [acq.buffers[i] for i in of_constant], 1 if rt.is_cuda else 0, rt.index)
+            pending.plan.bind(b.so.abi, b.handle, [acq.buffers[i] for i in of_constant],
+                              1 if rt.is_cuda else 0, rt.index)
         else:
-            self._bind_runner(extern, [acq.buffers[i] for i in of_constant])
-        self._buffers = {c.fqn: (acq.buffers[i], c, weights[i].mutable) for c, i in zip(cs, of_constant)}
+            self._bind_runner(pending.extern, [acq.buffers[i] for i in of_constant])
+        self._buffers = {c.fqn: (acq.buffers[i], c, pending.weights[i].mutable)
+                         for c, i in zip(cs, of_constant)}
+        self._pending = None
 
     def _rebind(self, replaced: dict[int, _memory.Buffer]) -> None:
         """Bind new buffers in place of some weights (a copy-on-write update): ``replaced`` maps
@@ -424,7 +586,7 @@ class Method:
         releases the GIL."""
         stream = self._stream()
         try:
-            with self._runner_lock:
+            with self._runner_lock, _device.device_guard(self._rt.device):
                 return self._binding.runner.run(list(leaves), _capsule(stream) if stream else None)
         except RuntimeError as e:
             raise AOTIError(f"{self._where} failed in AOTI Run: {e}") from e
@@ -510,6 +672,8 @@ class Method:
         if self._linked:       # only such methods pay for the check (an instance attribute wins)
             self._flatten = self._flatten_linked
         self._grad_warned = False
+        #: the device's primary context, made current around each Run (ModelABI.run)
+        self._context = self._rt.context if self._rt.is_cuda else 0
         if self._rt.is_cuda:
             raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
             index = self._rt.index
@@ -678,7 +842,7 @@ class Method:
             leaves = self._flatten(args, kwargs)
             if self._binding.runner is None:
                 outs = self._abi.run(self._binding.handle, self._to_handles(list(leaves)), self._n_out,
-                                     self._stream(), self._where, self._gate)
+                                     self._stream(), self._where, self._gate, self._context)
                 tensors = self._from_handles(outs)
             else:
                 tensors = self._run_runner(leaves)
@@ -885,6 +1049,15 @@ def _describe_range(r) -> str:
     return text if r.step == 1 else f"{text} in steps of {r.step} ({r.min} + {r.step}k)"
 
 
+def _method_names(bundle: Bundle, methods: Sequence[str] | None) -> list[str]:
+    """The methods to load (default: all), each checked to be in the bundle."""
+    names = list(bundle.manifest.methods) if methods is None else list(methods)
+    for name in names:
+        if name not in bundle.manifest.methods:
+            raise BundleError(f"bundle has no method {name!r}; it has {list(bundle.manifest.methods)}")
+    return names
+
+
 class Model:
     """A loaded bundle: its methods, sharing one copy of each weight.
 
@@ -899,17 +1072,10 @@ class Model:
     def __init__(self, bundle: Bundle, device: "str | Device", *, methods: Sequence[str] | None = None,
                  progress: bool | None = None, verify: bool | str = True,
                  max_load_gbps: float | None = None, share: str | None = None):
-        self.bundle = bundle
-        self.manifest = bundle.manifest
         rt = _device.get(device)
-        #: the device it runs on, as torch spells it ("cpu", "cuda:0")
-        self.device = str(rt.device)
-        self._methods: dict[str, Method] = {}
+        self._start(bundle, rt)
         source = weight_source(bundle.store_path, bundle.manifest.weights, verify=verify)
-        names = list(bundle.manifest.methods) if methods is None else list(methods)
-        for name in names:
-            if name not in bundle.manifest.methods:
-                raise BundleError(f"bundle has no method {name!r}; it has {list(bundle.manifest.methods)}")
+        names = _method_names(bundle, methods)
         if share is not None:
             self._share = source.share = serving.begin(bundle, rt, share, names, verify=verify)
             # a model dropped without close() stops serving and detaches all the same
@@ -923,9 +1089,59 @@ class Model:
         except BaseException:
             self.close()
             raise
+        self._warn_divergent()
+
+    def _start(self, bundle: Bundle, rt: _device.DeviceRuntime) -> None:
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        #: the device it runs on, as torch spells it ("cpu", "cuda:0")
+        self.device = str(rt.device)
+        self._methods: dict[str, Method] = {}
+
+    def _warn_divergent(self) -> None:
         for fqn, first, other in divergent_fqns({n: m.spec for n, m in self._methods.items()}):
             warnings.warn(f"{fqn} has a different dtype/shape/stride or value in methods {first!r} "
-                          f"and {other!r}: each binds a private copy", stacklevel=3)
+                          f"and {other!r}: each binds a private copy", stacklevel=4)
+
+    @classmethod
+    def replicated(cls, bundle: Bundle, devices: Sequence["str | Device"], *,
+                   methods: Sequence[str] | None = None, progress: bool | None = None,
+                   verify: bool | str = True, max_load_gbps: float | None = None) -> list["Model"]:
+        """One Model of ``bundle`` per device, each weight read from the store once.
+
+        What ``aoti_rt.load(path, device=[...])`` does for a bundle: the same as one
+        :class:`Model` per device (each device's cache holds its own copy, each model its own
+        state), but the weights the devices lack are read once and copied to every device
+        from the same staging buffer (:func:`aoti_rt.loader.read_replicated`). A failure on
+        any device frees what was allocated on all of them.
+        """
+        rts = [_device.get(d) for d in devices]
+        if len({rt.device for rt in rts}) != len(rts):
+            raise DeviceError(f"each device may appear once in {[str(rt.device) for rt in rts]}")
+        names = _method_names(bundle, methods)
+        models = []
+        for rt in rts:
+            m = cls.__new__(cls)
+            m._start(bundle, rt)
+            models.append(m)
+        # each device its own model instance (its own mutable state); one store for all
+        sources = [weight_source(bundle.store_path, bundle.manifest.weights, verify=verify) for _ in rts]
+        loader.prepare(rts[0])     # the first device's pool stages for all (the others lend streams)
+        group = _Replicas(progress, max_load_gbps)
+        try:
+            for name in names:
+                spec = bundle.manifest.methods[name]
+                for model, rt, source in zip(models, rts, sources):
+                    model._methods[name] = Method(name, spec, bundle.so_path(name), source, rt, progress=progress,
+                                                  max_load_gbps=max_load_gbps, replicas=group)
+                group.fill()
+        except BaseException as e:
+            group.abandon(e)
+            for model in models:
+                model.close()
+            raise
+        models[0]._warn_divergent()
+        return models
 
     @property
     def methods(self) -> list[str]:
@@ -1023,9 +1239,22 @@ class Model:
         return f"<aoti_rt.Model {self.bundle.root.name} methods={self.methods} on {self.device}>"
 
 
+@overload
 def load(path: "str | Path | Mapping[str, Any]", *, device: "str | Device | None" = None,
          methods: Sequence[str] | None = None, progress: bool | None = None, verify: bool | str = True,
-         max_load_gbps: float | None = None, share: str | None = None) -> Model:
+         max_load_gbps: float | None = None, share: str | None = None) -> Model: ...
+
+
+@overload
+def load(path: "str | Path | Mapping[str, Any]", *, device: "list[str | Device] | tuple[str | Device, ...]",
+         methods: Sequence[str] | None = None, progress: bool | None = None, verify: bool | str = True,
+         max_load_gbps: float | None = None, share: None = None) -> list[Model]: ...
+
+
+def load(path: "str | Path | Mapping[str, Any]", *,
+         device: "str | Device | list[str | Device] | tuple[str | Device, ...] | None" = None,
+         methods: Sequence[str] | None = None, progress: bool | None = None, verify: bool | str = True,
+         max_load_gbps: float | None = None, share: str | None = None) -> "Model | list[Model]":
     """Load a bundle written by :func:`aoti_rt.compile`, or ``.pt2`` packages.
 
     Args:
@@ -1033,7 +1262,13 @@ def load(path: "str | Path | Mapping[str, Any]", *, device: "str | Device | None
             ``package_aoti``: one method per AOTI model in it), or a mapping of method name to
             ``.pt2`` file (or ``(file, model name)``), loaded as one model
             (:func:`aoti_rt.package.load_package`).
-        device: "cpu", "cuda" or "cuda:N"; default: the device it was compiled for.
+        device: "cpu", "cuda" (torch's current CUDA device, as for torch) or "cuda:N";
+            default: "cpu" for a CPU bundle, the current CUDA device for a CUDA one. A list
+            (or tuple) of devices loads one model per device and returns them in that order:
+            each device's cache holds its own copy, each model its own state, and a bundle's
+            store is read once for all of them (the weights a device lacks are copied to it
+            from the same staging buffer as the others'; ``.pt2`` packages are loaded once per
+            device). List each device once, all CUDA (or just ``["cpu"]``).
         methods: load only these methods (default: all).
         progress: show a progress bar while loading (default: for loads of 2 GiB or more,
             when stderr is a terminal).
@@ -1046,30 +1281,39 @@ def load(path: "str | Path | Mapping[str, Any]", *, device: "str | Device | None
             ``False``: never hash; this bundle's weights are shared among its own methods
             and instances only.
         max_load_gbps: cap the loader's host->device rate (GB/s, 1e9 bytes/s), so a model
-            loading next to one that is serving leaves it copy bandwidth (default: no cap).
+            loading next to one that is serving leaves it copy bandwidth (default: no cap;
+            with a list of devices, each device's rate).
         share: a name (1-64 of ``A-Z a-z 0-9 . _ -``) under which processes of this user on
             this device hold one copy of the bundle's weights. If a process serves ``name``,
             this one maps its weights read-only and reads none of them (only its own mutable
             state, a KV cache, is allocated and read); otherwise it loads them into memory it
-            can share and serves ``name`` until the model is closed. A bundle directory only
-            (not ``.pt2`` packages). See :mod:`aoti_rt.serving` and ``model.share``.
+            can share and serves ``name`` until the model is closed. A bundle directory on one
+            device only (not ``.pt2`` packages, not a list of devices). See
+            :mod:`aoti_rt.serving` and ``model.share``.
 
     Returns:
-        The :class:`Model`; close it (or use ``with``) to release its memory.
+        The :class:`Model` (a list of them, one per device, for a list of devices); close
+        it (or use ``with``) to release its memory.
 
     Raises:
         BundleError: the bundle (or package) is missing, corrupt or inconsistent, or was
-            compiled for another device type. ShareError: ``share=`` is served for another
-            bundle or device or by another user, or the device cannot share memory.
-            AOTIError, AllocationError, CudaError: see their docs.
+            compiled for another device type. DeviceError: a device is unknown or absent, or a
+            list names one twice or mixes the CPU with GPUs. ShareError: ``share=`` is served
+            for another bundle or device or by another user, or the device cannot share memory.
+            AOTIError, AllocationError, CudaError: see their docs. A failed load leaves nothing
+            allocated on any device.
 
     Example:
         >>> with aoti_rt.load("lm.aoti", device="cuda") as model:
         ...     logits = model.prefill(tokens)
         >>> lm = aoti_rt.load({"prefill": "prefill.pt2", "decode": "decode.pt2"}, device="cuda")
+        >>> m0, m1 = aoti_rt.load("lm.aoti", device=["cuda:0", "cuda:1"])   # the store read once
     """
     if max_load_gbps is not None and not max_load_gbps > 0:
         raise ValueError(f"max_load_gbps must be a positive number of GB/s, not {max_load_gbps!r}")
+    if verify not in (True, False, "load"):
+        raise ValueError(f"verify must be True, False or 'load', not {verify!r}")
+    many = isinstance(device, (list, tuple))
     if isinstance(path, Mapping) or (isinstance(path, (str, os.PathLike)) and _is_package(path)):
         if share is not None:
             raise ShareError("share= takes a bundle directory (what aoti_rt.compile writes); .pt2 packages "
@@ -1077,20 +1321,31 @@ def load(path: "str | Path | Mapping[str, Any]", *, device: "str | Device | None
                              "load the package without share=")
         from .package import load_package
 
-        return load_package(path, device=device, methods=methods, progress=progress, verify=verify,
-                            max_load_gbps=max_load_gbps)
+        if not many:
+            return load_package(path, device=device, methods=methods, progress=progress, verify=verify,
+                                max_load_gbps=max_load_gbps)
+        out: list[Model] = []
+        try:
+            for d in _device.parse_devices(device):
+                out.append(load_package(path, device=d, methods=methods, progress=progress, verify=verify,
+                                        max_load_gbps=max_load_gbps))
+        except BaseException:
+            for m in out:
+                m.close()
+            raise
+        return out
     bundle = read_bundle(path)
-    try:
-        dev = Device.parse(device, default=bundle.manifest.device)
-    except ValueError as e:
-        raise BundleError(str(e)) from None
     compiled = "cpu" if bundle.manifest.device == "cpu" else "cuda"
-    if dev.kind != compiled:
+    devs = _device.parse_devices(device, default=compiled) if many else [Device.parse(device, default=compiled)]
+    if devs[0].kind != compiled:
         raise BundleError(f"{path} was compiled for {bundle.manifest.device}; an AOTI .so runs only "
-                         f"on the device type it was compiled for, so load it on {compiled}")
-    if verify not in (True, False, "load"):
-        raise ValueError(f"verify must be True, False or 'load', not {verify!r}")
+                          f"on the device type it was compiled for, so load it on {compiled}")
     if share is not None:
         check_name(share)
-    return Model(bundle, dev, methods=methods, progress=progress, verify=verify, max_load_gbps=max_load_gbps,
+    if many:
+        if share is not None:
+            raise ShareError("share= takes one device: load once per device, each with its own name")
+        return Model.replicated(bundle, devs, methods=methods, progress=progress, verify=verify,
+                                max_load_gbps=max_load_gbps)
+    return Model(bundle, devs[0], methods=methods, progress=progress, verify=verify, max_load_gbps=max_load_gbps,
                  share=share)
