@@ -510,16 +510,17 @@ class Method:
         for i, buf in replaced.items():
             buffers[i] = buf
         bound = [buffers[i] for i in self._of_constant]
-        if self._extern is None:
-            self._gate.lock_launch()
-            try:
-                self._plan.bind(b.so.abi, b.handle, bound, 1 if rt.is_cuda else 0, rt.index)
-            finally:
-                self._gate.unlock_launch()
-        else:
-            views = {c.name: _unowned_view(buf, c) for c, buf in zip(self.spec.constants, bound)}
-            with self._runner_lock:
-                b.runner.update_constant_buffer(views, False, True, True)
+        with _device.device_guard(rt.device):
+            if self._extern is None:
+                self._gate.lock_launch()
+                try:
+                    self._plan.bind(b.so.abi, b.handle, bound, 1 if rt.is_cuda else 0, rt.index)
+                finally:
+                    self._gate.unlock_launch()
+            else:
+                views = {c.name: _unowned_view(buf, c) for c, buf in zip(self.spec.constants, bound)}
+                with self._runner_lock:
+                    b.runner.update_constant_buffer(views, False, True, True)
         for i, buf in replaced.items():
             rt.cache.replace(b.acq, i, buf)
         self._buffers = {c.fqn: (buf, c, self._buffers[c.fqn][2]) for c, buf in zip(self.spec.constants, bound)}

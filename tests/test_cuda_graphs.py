@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="no CUDA GPU
 PROMPT = list(range(1, 9))
 
 
-@pytest.mark.parametrize("device", ["cuda:0"])
+@pytest.mark.parametrize("device", ["cuda:0"], indirect=True)
 def test_decode_step_replays_from_a_cuda_graph_like_eager(lm_bundle, device):
     lm = demo.make_model(device)
     eager_prefill, eager_decode = demo.Prefill(lm), demo.Decode(lm)
@@ -57,7 +57,7 @@ def test_decode_step_replays_from_a_cuda_graph_like_eager(lm_bundle, device):
         torch.testing.assert_close(out, model.decode(tok, pos))
 
 
-@pytest.mark.parametrize("device", ["cuda:0"])
+@pytest.mark.parametrize("device", ["cuda:0"], indirect=True)
 def test_calls_launch_without_waiting_for_the_previous_call(lm_bundle, device):
     """Two calls in a row: the second returns while the first one's kernels still run
     (``Run`` would wait for them: cudaEventSynchronize on its one model instance)."""
