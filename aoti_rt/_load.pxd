@@ -58,6 +58,10 @@ cdef class LoadPlan:
     cdef bint _enter(self) noexcept nogil
     cdef void _exit(self) noexcept nogil
     cdef void _wait_idle(self) noexcept nogil
+    cdef int _stage_chunk(self, int fd, Chunk* ch, char* stage, bint direct, int64_t* src_off,
+                          int* rc, int64_t* at) noexcept nogil
+    cdef int _stage_pieces(self, int fd, Py_ssize_t p, Py_ssize_t q, char* stage, int64_t src_off,
+                           bint direct, int* rc, int64_t* at) noexcept nogil
     cdef Py_ssize_t _subrange(self, Py_ssize_t p, Py_ssize_t end, int64_t limit, bint same_dst) noexcept nogil
     cdef int _hash(self, Py_ssize_t p0, Py_ssize_t p1, const char* src, int64_t src_off) noexcept nogil
     cdef const char* _piece_data(self, Py_ssize_t p, const char* src, int64_t src_off) noexcept nogil

@@ -426,6 +426,38 @@ cdef class LoadPlan:
         while aoti_rt_atomic_load_acq(&self.state) & _ACTIVE_MASK:
             usleep(200)
 
+    cdef int _stage_chunk(self, int fd, Chunk* ch, char* stage, bint direct, int64_t* src_off,
+                          int* rc, int64_t* at) noexcept nogil:
+        """Set ``src_off``, the file offset of ``stage[0]`` for chunk ``ch``; with ``direct``, read
+        the whole chunk now, over its aligned extent (the staging buffers have DIRECT_ALIGN
+        bytes of slack on each side). Returns an ``_E_`` kind (``rc``, ``at``: what failed)."""
+        cdef int64_t a1
+        src_off[0] = ch.file_off
+        if not direct:
+            return _E_NONE
+        src_off[0] = ch.file_off & ~(<int64_t>_DIRECT_ALIGN - 1)
+        a1 = (ch.file_off + ch.nbytes + _DIRECT_ALIGN - 1) & ~(<int64_t>_DIRECT_ALIGN - 1)
+        rc[0] = read_at(fd, stage, a1 - src_off[0], ch.file_off + ch.nbytes - src_off[0], src_off[0], True)
+        if rc[0] != 0:
+            at[0] = ch.file_off
+            return _E_EOF if rc[0] == _READ_EOF else _E_READ
+        return _E_NONE
+
+    cdef int _stage_pieces(self, int fd, Py_ssize_t p, Py_ssize_t q, char* stage, int64_t src_off,
+                           bint direct, int* rc, int64_t* at) noexcept nogil:
+        """Pieces ``p..q-1`` of a chunk in ``stage``: read now (unless the chunk was read whole,
+        ``direct``) and hashed where the plan verifies. Returns an ``_E_`` kind."""
+        cdef int64_t first = self.pieces[p].file_off
+        cdef int64_t n = self.pieces[q - 1].file_off + self.pieces[q - 1].nbytes - first
+        if not direct:
+            rc[0] = read_full(fd, stage + (first - src_off), n, first)
+            if rc[0] != 0:
+                at[0] = first
+                return _E_EOF if rc[0] == _READ_EOF else _E_READ
+        if self.verify and self._hash(p, q, stage, src_off) != 0:
+            return _E_HASH
+        return _E_NONE
+
     cdef Py_ssize_t _subrange(self, Py_ssize_t p, Py_ssize_t end, int64_t limit, bint same_dst) noexcept nogil:
         """The end of the run of pieces from ``p`` (before ``end``) of at most ``limit`` bytes
         (at least one piece); with ``same_dst``, only pieces contiguous in their destination."""
@@ -839,7 +871,7 @@ cdef class Stager:
         """
         cdef Py_ssize_t c, p, q, end, k = 0
         cdef int rc = 0, sync, kind = _E_NONE, step = 0
-        cdef int64_t n, at = 0, src_off, a1
+        cdef int64_t n, at = 0, src_off
         cdef int64_t limit = plan.block_bytes if plan.verify else plan.chunk_bytes
         cdef Chunk* ch
         cdef char* stage
@@ -871,29 +903,14 @@ cdef class Stager:
                     plan._throttle(ch.nbytes)
                     p = ch.first
                     end = ch.first + ch.count
-                    src_off = ch.file_off
-                    if direct:
-                        # the whole chunk at once, over its aligned extent (the staging buffers
-                        # have DIRECT_ALIGN bytes of slack on each side)
-                        src_off = ch.file_off & ~(<int64_t>_DIRECT_ALIGN - 1)
-                        a1 = (ch.file_off + ch.nbytes + _DIRECT_ALIGN - 1) & ~(<int64_t>_DIRECT_ALIGN - 1)
-                        rc = read_at(fd, stage, a1 - src_off, ch.file_off + ch.nbytes - src_off, src_off, True)
-                        if rc != 0:
-                            kind = _E_EOF if rc == _READ_EOF else _E_READ
-                            at = ch.file_off
-                            break
+                    kind = plan._stage_chunk(fd, ch, stage, direct, &src_off, &rc, &at)
+                    if kind != _E_NONE:
+                        break
                     while p < end:
                         q = plan._subrange(p, end, limit, False)
                         n = plan.pieces[q - 1].file_off + plan.pieces[q - 1].nbytes - plan.pieces[p].file_off
-                        if not direct:
-                            rc = read_full(fd, stage + (plan.pieces[p].file_off - src_off), n,
-                                           plan.pieces[p].file_off)
-                            if rc != 0:
-                                kind = _E_EOF if rc == _READ_EOF else _E_READ
-                                at = plan.pieces[p].file_off
-                                break
-                        if plan.verify and plan._hash(p, q, stage, src_off) != 0:
-                            kind = _E_HASH
+                        kind = plan._stage_pieces(fd, p, q, stage, src_off, direct, &rc, &at)
+                        if kind != _E_NONE:
                             break
                         rc = plan._copy_async(p, q, stage, src_off, self.stream)
                         if rc != 0:
@@ -1068,7 +1085,7 @@ def run_replicated(tuple plans, tuple stagers, int fd, int worker=0, int nworker
     cdef int depth = MAX_STAGING_DEPTH, slot, kind = _E_NONE, step = 0, bad = -1, rc = 0
     cdef Py_ssize_t ncopy = 1 if relay else nrep       # devices copied to from the staging buffer
     cdef CUresult sync
-    cdef int64_t n, at = 0, src_off, a1
+    cdef int64_t n, at = 0, src_off
     cdef int64_t limit
     cdef Chunk* ch
     cdef char* stage
@@ -1147,26 +1164,14 @@ def run_replicated(tuple plans, tuple stagers, int fd, int worker=0, int nworker
             primary._throttle(ch.nbytes)
             p = ch.first
             end = ch.first + ch.count
-            src_off = ch.file_off
-            if direct:
-                src_off = ch.file_off & ~(<int64_t>_DIRECT_ALIGN - 1)
-                a1 = (ch.file_off + ch.nbytes + _DIRECT_ALIGN - 1) & ~(<int64_t>_DIRECT_ALIGN - 1)
-                rc = read_at(fd, stage, a1 - src_off, ch.file_off + ch.nbytes - src_off, src_off, True)
-                if rc != 0:
-                    kind = _E_EOF if rc == _READ_EOF else _E_READ
-                    at = ch.file_off
-                    break
+            kind = primary._stage_chunk(fd, ch, stage, direct, &src_off, &rc, &at)
+            if kind != _E_NONE:
+                break
             while p < end:
                 q = primary._subrange(p, end, limit, False)
                 n = primary.pieces[q - 1].file_off + primary.pieces[q - 1].nbytes - primary.pieces[p].file_off
-                if not direct:
-                    rc = read_full(fd, stage + (primary.pieces[p].file_off - src_off), n, primary.pieces[p].file_off)
-                    if rc != 0:
-                        kind = _E_EOF if rc == _READ_EOF else _E_READ
-                        at = primary.pieces[p].file_off
-                        break
-                if primary.verify and primary._hash(p, q, stage, src_off) != 0:
-                    kind = _E_HASH
+                kind = primary._stage_pieces(fd, p, q, stage, src_off, direct, &rc, &at)
+                if kind != _E_NONE:
                     break
                 for j in range(ncopy):
                     if not on_cuda:

@@ -26,10 +26,7 @@ Model: the bench_load model, ``--layers`` x Linear(8192, 8192) bf16 (16 = 2 GiB 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from functools import partial
@@ -38,6 +35,8 @@ from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import child  # noqa: E402 (light: no torch)
 
 # the children import torch and aoti_rt themselves: nothing heavy is imported up here
 
@@ -52,7 +51,6 @@ COLUMNS = [
     ("ratio_median", "x alone (repeat)", "{:.3f}"),
     ("read_gb", "GB read from the store", "{:.2f}"),
 ]
-RESULT = "AOTI_RT_BENCH_RESULT "
 PAIR = ["cuda:0", "cuda:1"]
 
 
@@ -156,12 +154,7 @@ def _child(kind: str, a: dict[str, Any]) -> dict[str, Any]:
 # the parent
 
 def _spawn(kind: str, a: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--child-args", json.dumps(a)]
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=1800)
-    for line in p.stdout.splitlines():
-        if line.startswith(RESULT):
-            return json.loads(line[len(RESULT):])
-    raise RuntimeError(f"{kind} child failed (rc {p.returncode}): {p.stderr[-3000:]}")
+    return child.spawn(__file__, kind, a, env=env, timeout=1800)
 
 
 def _spec(size: str, layers: int | None):
@@ -249,8 +242,7 @@ def _extra(p: argparse.ArgumentParser) -> None:
                    help="depth of the model (default 16 on --size full; 80 gives a 10.7 GB model)")
     p.add_argument("--build-only", action="store_true",
                    help="only compile the model into --cache (a host where one command may not run long)")
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--child-args", default=None, help=argparse.SUPPRESS)
+    child.add_arguments(p)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,9 +253,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if "--child" in sys.argv:
-        i = sys.argv.index("--child")
-        kind, payload = sys.argv[i + 1], json.loads(sys.argv[sys.argv.index("--child-args") + 1])
-        print(RESULT + json.dumps(_child(kind, payload)), flush=True)
-        sys.exit(0)
+    child.run_if_child(_child)
     sys.exit(main())

@@ -16,9 +16,7 @@ what prefill wrote.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 from functools import partial
@@ -28,7 +26,8 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-RESULT = "AOTI_RT_BENCH_RESULT "
+from bench import child  # noqa: E402 (light: no torch)
+
 #: the greedy-generation prompt (the tests' too)
 PROMPT = list(range(1, 9))
 
@@ -131,11 +130,10 @@ def _load_table(args: argparse.Namespace, report: Any) -> None:
     for kind, label in (("aoti_rt", "aoti_rt.load({prefill, decode})"),
                         ("stock", "stock aoti_load_package x 2")):
         for attempt in ("first", "again (extraction and probe cached)") if kind == "aoti_rt" else ("first",):
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--child-args", json.dumps(base)]
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-            r = next((json.loads(x[len(RESULT):]) for x in p.stdout.splitlines() if x.startswith(RESULT)), None)
-            if r is None:
-                table.notes.append(f"{label}: failed (rc {p.returncode}): {p.stderr[-800:]}")
+            try:
+                r = child.spawn(__file__, kind, base, timeout=900)
+            except RuntimeError as e:
+                table.notes.append(f"{label}: {str(e)[-800:]}")
                 continue
             unique = r.get("unique", unique)
             table.add(loader=f"{label}, {attempt}", seconds=r["seconds"], held=r["held"],
@@ -192,8 +190,7 @@ def _generation_table(args: argparse.Namespace, report: Any) -> None:
 def _extra(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tables", choices=("all", "generation"), default="all",
                    help="generation: only the generation table (no 2 GiB packages to build)")
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--child-args", default=None, help=argparse.SUPPRESS)
+    child.add_arguments(p)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,9 +201,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if "--child" in sys.argv:
-        kind = sys.argv[sys.argv.index("--child") + 1]
-        payload = json.loads(sys.argv[sys.argv.index("--child-args") + 1])
-        print(RESULT + json.dumps(_child(kind, payload)), flush=True)
-        sys.exit(0)
+    child.run_if_child(_child)
     sys.exit(main())

@@ -30,7 +30,6 @@ Full size: 16 x Linear(8192, 8192, bias=False) bf16 = 2 GiB (the bench_load mode
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -45,6 +44,8 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import child  # noqa: E402 (light: no torch)
+
 # the children import torch and aoti_rt themselves, timed: nothing heavy is imported up here
 
 COLUMNS = [
@@ -55,7 +56,6 @@ COLUMNS = [
     ("ms_median", "ms repeat (median)", "{:.1f}"),
     ("gbps_median", "GB/s repeat", "{:.2f}"),
 ]
-RESULT = "AOTI_RT_BENCH_RESULT "
 
 
 # ---------------------------------------------------------------------------------------
@@ -233,13 +233,12 @@ def _serve(aoti_rt: Any, torch: Any, a: dict[str, Any], sync) -> dict[str, Any]:
     # B loads in another process: the copy engine shared, not this process's GIL
     for label, cap in (("other process, uncapped", None), (f"other process, capped {a['cap']} GB/s", a["cap"])):
         args = {**a, "cap": cap}
-        p = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", "serve-child",
-                              "--child-args", json.dumps(args)], stdout=subprocess.PIPE, text=True)
+        p = subprocess.Popen(child.command(__file__, "serve-child", args), stdout=subprocess.PIPE, text=True)
         stamped = []
         while p.poll() is None:
             stamped.append((time.time(), step()))
         text = p.stdout.read() if p.stdout else ""
-        res = next((json.loads(x[len(RESULT):]) for x in text.splitlines() if x.startswith(RESULT)), {})
+        res = child.result_of(text) or {}
         # only the steps that overlap B's load count (B's import and CUDA start-up come first)
         t0, t1 = res.get("load_t0", 0.0), res.get("load_t1", float("inf"))
         during = [d for at, d in stamped if at + d >= t0 and at <= t1]
@@ -258,12 +257,7 @@ def _stats(samples: list[float]) -> dict[str, float]:
 # the parent
 
 def _spawn(kind: str, a: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--child-args", json.dumps(a)]
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
-    for line in p.stdout.splitlines():
-        if line.startswith(RESULT):
-            return json.loads(line[len(RESULT):])
-    raise RuntimeError(f"{kind} child failed (rc {p.returncode}): {p.stderr[-2000:]}")
+    return child.spawn(__file__, kind, a, env=env)
 
 
 def _drop_caches() -> str | None:
@@ -405,8 +399,7 @@ def _extra(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows", choices=("all", "first"), default="all",
                    help="first: only the page-cache rows (first/repeat load, safetensors, copy ceiling)")
     p.add_argument("--serve-cap", type=float, default=10.0, help="max_load_gbps of the capped serving row")
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--child-args", default=None, help=argparse.SUPPRESS)
+    child.add_arguments(p)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -417,9 +410,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if "--child" in sys.argv:
-        i = sys.argv.index("--child")
-        kind, payload = sys.argv[i + 1], json.loads(sys.argv[sys.argv.index("--child-args") + 1])
-        print(RESULT + json.dumps(_child(kind, payload)), flush=True)
-        sys.exit(0)
+    child.run_if_child(_child)
     sys.exit(main())
