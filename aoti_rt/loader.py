@@ -18,10 +18,12 @@ immutable weights by digest, so a store whose bytes do not match must never fill
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from . import _load, _memory
 from .bundle import file_identity, open_regular
@@ -122,15 +124,11 @@ def read_weights(rt: DeviceRuntime, store: Path, offsets: Sequence[int], sizes: 
         if verify:
             _check_digests(plan, digests, store, label)
         return 0
-    fd, size = _open_store(store)
-    bar = None
-    try:
-        _check_extents(offsets, sizes, size, store, label)
+    with _reading(store, offsets, sizes, label, total, progress) as (fd, bar):
         plan = _load.LoadPlan(offsets, sizes, buffers, chunk, verify=verify, source=source,
                               max_bytes_per_s=max_bytes_per_s or 0)
         nworkers = max(1, min(int(workers or WORKERS), plan.num_chunks))
         _tune(plan, nworkers)
-        bar = _progress(total, progress)
         if not plan.num_pieces:
             pass
         elif rt.is_cuda:
@@ -152,13 +150,6 @@ def read_weights(rt: DeviceRuntime, store: Path, offsets: Sequence[int], sizes: 
                     os.close(dfd)
         else:
             _run(plan, nworkers, lambda w: plan.run_host(fd, w, nworkers), bar)
-        if bar is not None:
-            _close_bar(bar, total)
-            bar = None
-    finally:
-        os.close(fd)
-        if bar is not None:
-            bar.close()
     if verify:
         _check_digests(plan, digests, store, label)
     return total
@@ -208,17 +199,13 @@ def read_replicated(rts: Sequence[DeviceRuntime], store: Path, offsets: Sequence
     total = int(sum(sizes))
     chunk = int(chunk_bytes or CHUNK_BYTES)
     source = f"weight store {store}"
-    fd, size = _open_store(store)
-    bar = None
-    try:
-        _check_extents(offsets, sizes, size, store, label)
+    with _reading(store, offsets, sizes, label, total, progress) as (fd, bar):
         plans = tuple(_load.LoadPlan(offsets, sizes, list(bufs), chunk, verify=verify and d == 0, source=source,
                                      max_bytes_per_s=(max_bytes_per_s or 0) if d == 0 else 0)
                       for d, bufs in enumerate(buffers))
         primary = plans[0]
         nworkers = max(1, min(int(workers or WORKERS), primary.num_chunks))
         _tune(primary, nworkers)
-        bar = _progress(total, progress)
         if not primary.num_pieces:
             pass
         elif rts[0].is_cuda:
@@ -255,13 +242,6 @@ def read_replicated(rts: Sequence[DeviceRuntime], store: Path, offsets: Sequence
                 _load.run_replicated(plans, (), fd, w, nworkers, False, (staging,), bool(relay))
 
             _run(primary, nworkers, work, bar)
-        if bar is not None:
-            _close_bar(bar, total)
-            bar = None
-    finally:
-        os.close(fd)
-        if bar is not None:
-            bar.close()
     if verify:
         _check_digests(primary, digests, store, label)
     return total
@@ -433,6 +413,25 @@ def _progress(total: int, progress: bool | None):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, unit="B", unit_scale=True, desc="aoti_rt load", delay=delay)
+
+
+@contextlib.contextmanager
+def _reading(store: Path, offsets: Sequence[int], sizes: Sequence[int], label, total: int,
+             progress: bool | None) -> Iterator[tuple[int, Any]]:
+    """The store open for reading, every weight's extent checked to lie inside it, and a
+    progress bar (or None): both closed after the block, the bar filled if it succeeded."""
+    fd, size = _open_store(store)
+    bar = None
+    try:
+        _check_extents(offsets, sizes, size, store, label)
+        bar = _progress(total, progress)
+        yield fd, bar
+        _close_bar(bar, total)
+        bar = None
+    finally:
+        os.close(fd)
+        if bar is not None:
+            bar.close()
 
 
 def _close_bar(bar, total: int) -> None:
