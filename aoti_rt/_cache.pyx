@@ -33,6 +33,15 @@ cdef class Acquisition:
     """
 
 
+cdef inline void _start(Acquisition acq, list keys):
+    """An empty acquisition of ``keys``: no buffer, no entry, nothing to fill or wait for yet."""
+    acq.keys = keys
+    acq.buffers = [None] * len(keys)
+    acq.entries = []
+    acq.to_fill = []
+    acq.pending = []
+
+
 cdef class WeightCache:
     """Reference-counted registry ``key -> Buffer`` shared by every method in the process.
 
@@ -72,11 +81,7 @@ cdef class WeightCache:
         cdef Allocator alloc
         if len(sizes) != n or (allocators is not None and len(allocators) != n):
             raise ValueError("keys, sizes and allocators differ in length")
-        acq.keys = keys
-        acq.buffers = [None] * n
-        acq.entries = []
-        acq.to_fill = []
-        acq.pending = []
+        _start(acq, keys)
         with self._lock:
             try:
                 for i in range(n):
@@ -126,11 +131,7 @@ cdef class WeightCache:
         for b in buffers:
             if not isinstance(b, Buffer):
                 raise TypeError(f"adopt() takes Buffers, not {type(b).__name__}")
-        acq.keys = keys
-        acq.buffers = [None] * n
-        acq.entries = []
-        acq.to_fill = []
-        acq.pending = []
+        _start(acq, keys)
         with self._lock:
             for i in range(n):
                 key = keys[i]
