@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         dist.broadcast(ok, src=0)                      # every rank exits with rank 0's verdict
         return 0 if ok.item() == 1.0 else 1
     finally:
+        # every rank done with the group before any tears it down (a rank that leaves while
+        # another still talks to it can make gloo's shutdown abort the process)
+        dist.barrier()
         dist.destroy_process_group()
         if tmp is not None:
             tmp.cleanup()

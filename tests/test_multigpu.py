@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -232,15 +233,29 @@ def test_read_replicated_of_a_truncated_store_is_refused(tmp_path):
 
 def _torchrun(tmp_path: Path, device: str, timeout: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}     # a crash shows every thread's stack
+    tmp_path.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(ROOT / "examples" / "tensor_parallel.py"), "--device", device, "--workdir", str(tmp_path)]
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+#: what gloo's teardown prints when a rank aborts at exit (pytorch/pytorch#190489, #179291): a
+#: race in torch's shutdown, after the example's result is in
+GLOO_EXIT_ABORT = "terminate called without an active exception"
+
+
 def test_tensor_parallel_example_on_cpu(tmp_path):
-    """torchrun, 2 ranks, gloo: each rank compiles and loads its shards; rank 0 checks the sum."""
-    r = _torchrun(tmp_path, "cpu", 300)
+    """torchrun, 2 ranks, gloo: each rank compiles and loads its shards; rank 0 checks the sum.
+
+    Seen once in CI (not reproduced in 30 runs here): rank 0 printed OK, then aborted at exit
+    in gloo's teardown. That case, and only that one, is run a second time; a wrong result, any
+    other failure, or the abort twice fails the test."""
+    r = _torchrun(tmp_path / "1", "cpu", 300)
+    if r.returncode != 0 and "tensor_parallel: OK" in r.stdout and GLOO_EXIT_ABORT in r.stderr:
+        warnings.warn(f"tensor_parallel: a rank aborted in gloo's teardown after its result: ran again\n"
+                      f"{r.stderr[-2000:]}")
+        r = _torchrun(tmp_path / "2", "cpu", 300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "tensor_parallel: OK" in r.stdout
 
