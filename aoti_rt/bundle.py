@@ -89,6 +89,15 @@ def dtype_name(dtype: Any) -> str:
     return name
 
 
+def contiguous_strides(shape: list[int]) -> list[int]:
+    """The strides of a contiguous tensor of ``shape`` (in elements)."""
+    out, acc = [], 1
+    for s in reversed(shape):
+        out.append(acc)
+        acc *= max(s, 1)
+    return out[::-1]
+
+
 def view_bytes(shape: list[int], stride: list[int], storage_offset: int, itemsize: int) -> int:
     """Bytes of its storage a strided view needs (all entries >= 0): up to and including its
     last element, or up to its storage offset for an empty view."""

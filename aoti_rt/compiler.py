@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .bundle import (FIXED_INPUT_TYPES, ITEMSIZE, MANIFEST, MAX_INT, MAX_NAME, ST_DTYPES, STORE, ConstantSpec,
-                     DimRange, FixedInput, InputSpec, Manifest, MethodSpec, WeightSpec,
+                     DimRange, FixedInput, InputSpec, Manifest, MethodSpec, WeightSpec, contiguous_strides,
                      divergent_fqns, dtype_name, read_store_header, safe_tensor_name, weight_id)
 from .errors import AotiRtError, CompileError
 from .probe import probe_method
@@ -845,7 +845,7 @@ def _store_layout(c: ConstantSpec, nbytes: int) -> tuple[str, list[int]]:
     contiguously and safetensors names the dtype, else as ``nbytes`` U8 bytes."""
     numel = math.prod(c.shape)
     if (c.storage_offset == 0 and c.dtype in ST_DTYPES and numel > 0
-            and numel * ITEMSIZE[c.dtype] == nbytes and c.stride == _contig_strides(c.shape)):
+            and numel * ITEMSIZE[c.dtype] == nbytes and c.stride == contiguous_strides(c.shape)):
         return ST_DTYPES[c.dtype], list(c.shape)
     return "U8", [nbytes]
 
@@ -884,14 +884,6 @@ def _write_manifest(out: Path, manifest: Manifest) -> None:
     tmp_manifest = out / (MANIFEST + ".tmp")
     tmp_manifest.write_text(manifest.to_json())
     os.replace(tmp_manifest, out / MANIFEST)
-
-
-def _contig_strides(shape: list[int]) -> list[int]:
-    out, acc = [], 1
-    for s in reversed(shape):
-        out.append(acc)
-        acc *= max(s, 1)
-    return out[::-1]
 
 
 def _warn_aliased_examples(name: str, ep) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import loader
-from .bundle import ITEMSIZE, ST_DTYPES, ConstantSpec, read_store_header, view_bytes
+from .bundle import ITEMSIZE, ST_DTYPES, ConstantSpec, contiguous_strides, read_store_header, view_bytes
 from .errors import AotiRtError, ClosedError, InputError
 from .runtime import buffer_view, raw_view
 
@@ -69,11 +69,7 @@ class _Target:
 
 
 def _contiguous(c: ConstantSpec) -> bool:
-    expect, acc = [], 1
-    for size in reversed(c.shape):
-        expect.append(acc)
-        acc *= max(size, 1)
-    return list(reversed(expect)) == list(c.stride) or 0 in c.shape
+    return list(c.stride) == contiguous_strides(c.shape) or 0 in c.shape
 
 
 def _bound(model: "Model") -> dict[str, list[tuple["Method", int, ConstantSpec, Any, bool]]]:
@@ -158,10 +154,6 @@ def update_weights(model: "Model", weights: "Mapping[str, Any] | str | os.PathLi
             arenas[id(arena)] = arena
     report = UpdateReport(fqns=sorted(k for k in given if k in bound))
     rt = next(iter(model._methods.values()))._rt
-    if rt.is_cuda:
-        # the calls already queued on the current stream read the old values; the load
-        # pipeline writes on its own streams
-        torch.cuda.current_stream(rt.index).synchronize()
     # copy on write: a private buffer with the old bytes, for each shared weight
     fresh: dict[int, Any] = {}
     if not shared:
@@ -171,22 +163,27 @@ def update_weights(model: "Model", weights: "Mapping[str, Any] | str | os.PathLi
             new = rt.allocator.allocate(t.buffer.nbytes)
             raw_view(new).copy_(raw_view(t.buffer))
             fresh[key] = new
+    if rt.is_cuda:
+        # the calls already queued on the current stream read the old values, and the copies
+        # above must land before the new values: the load pipeline writes on its own streams
+        torch.cuda.current_stream(rt.index).synchronize()
+    # the old content keys stop describing the buffers written in place before any byte is
+    # written: an update that fails halfway (a truncated file, Ctrl-C) leaves no later load
+    # binding half-new memory under the old content's name
+    for key, t in targets.items():
+        if key not in fresh and not t.mutable:
+            for m, i in t.holders:
+                rt.cache.forget(m._binding.acq.keys[i])
     for arena in arenas.values():
         arena.unprotect()
     try:
-        report.nbytes, report.bytes_read = _write(rt, targets, fresh, path, progress)
+        with torch.no_grad():
+            report.nbytes, report.bytes_read = _write(rt, targets, fresh, path, progress)
         if rt.is_cuda:
             torch.cuda.current_stream(rt.index).synchronize()
     finally:
         for arena in arenas.values():
             arena.protect()
-    # the old content keys no longer describe the shared buffers written in place
-    for key, t in targets.items():
-        if key in fresh:
-            continue
-        if not t.mutable:
-            for m, i in t.holders:
-                rt.cache.forget(m._binding.acq.keys[i])
     # rebind the methods whose weights got private copies
     per_method: dict[int, tuple["Method", dict[int, Any]]] = {}
     for key, new in fresh.items():

@@ -91,6 +91,31 @@ def test_update_from_a_safetensors_file_uses_the_load_pipeline(three_bundle, dev
         check(model, new, x)
 
 
+def test_an_update_interrupted_halfway_leaves_no_later_load_binding_its_memory(three_bundle, device,
+                                                                              monkeypatch):
+    """Ctrl-C after some weights were written: a model loaded afterwards must not bind that
+    half-new memory under the old content's name; it reads its own store (old outputs)."""
+    from aoti_rt import update
+
+    x = torch.randn(3, 64, device=device)
+    old = outputs_of(make_stack(device), x)
+    real, calls = update.buffer_view, []
+
+    def interrupted(buf, c):
+        calls.append(c.fqn)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(buf, c)
+
+    with aoti_rt.load(three_bundle, device=device) as model:
+        monkeypatch.setattr(update, "buffer_view", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            model.update_weights(new_values(device, model))
+        monkeypatch.undo()
+        with aoti_rt.load(three_bundle, device=device) as later:
+            check(later, old, x)
+
+
 def test_bad_updates_are_refused_before_anything_is_written(three_bundle, device, tmp_path):
     x = torch.randn(3, 64, device=device)
     old = outputs_of(make_stack(device), x)
