@@ -31,4 +31,5 @@ cdef class WeightCache:
     cdef readonly long long misses
     cdef readonly long long bytes_read
 
+    cdef _unlink_locked(self, _Entry e)
     cdef _release_locked(self, Acquisition acq)

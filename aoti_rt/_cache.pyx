@@ -148,6 +148,15 @@ cdef class WeightCache:
                 acq.buffers[i] = e.buffer
         return acq
 
+    cdef _unlink_locked(self, _Entry e):
+        """No key names ``e`` any more (its own and its aliases); its holders keep it."""
+        if self._entries.get(e.key) is e:
+            del self._entries[e.key]
+        if e.aliases is not None:
+            for k in e.aliases:
+                if self._entries.get(k) is e:
+                    del self._entries[k]
+
     cdef _release_locked(self, Acquisition acq):
         cdef _Entry e
         if acq.released:
@@ -156,12 +165,7 @@ cdef class WeightCache:
         for e in acq.entries:
             e.refs -= 1
             if e.refs <= 0:
-                if self._entries.get(e.key) is e:
-                    del self._entries[e.key]
-                if e.aliases is not None:
-                    for k in e.aliases:
-                        if self._entries.get(k) is e:
-                            del self._entries[k]
+                self._unlink_locked(e)
         acq.entries = []
         acq.buffers = []
 
@@ -248,9 +252,7 @@ cdef class WeightCache:
             e = self._entries.get(key)
             if e is None:
                 return False
-            for k in [e.key] + (e.aliases or []):
-                if self._entries.get(k) is e:
-                    del self._entries[k]
+            self._unlink_locked(e)
             return True
 
     def replace(self, Acquisition acq, Py_ssize_t i, Buffer buffer):
@@ -264,9 +266,7 @@ cdef class WeightCache:
             e = acq.entries[i]
             e.refs -= 1
             if e.refs <= 0:
-                for k in [e.key] + (e.aliases or []):
-                    if self._entries.get(k) is e:
-                        del self._entries[k]
+                self._unlink_locked(e)
             mine = _Entry.__new__(_Entry)
             mine.key = None
             mine.buffer = buffer
