@@ -46,6 +46,11 @@ class ConstantInfo:
     data_size: int
     from_folded: bool
 
+    @property
+    def folded(self) -> bool:
+        """Computed by runtime constant folding (which aoti_rt does not support)."""
+        return self.from_folded or self.kind == "folded"
+
 
 @dataclass(frozen=True)
 class Description:

@@ -592,7 +592,7 @@ def _pickled_constants(arc: _Archive, so: Path, device: Device, storages: dict[s
     digests = dict(zip(ranges, file_digests(arc.path, ranges)))
     out, at = [], []
     for info in infos:
-        if info.from_folded or info.kind == "folded":
+        if info.folded:
             raise BundleError(f"{what}: constant {info.fqn} is folded at run time; aoti_rt does not support "
                               f"aot_inductor.use_runtime_constant_folding")
         p = storages.get(info.fqn)

@@ -55,7 +55,7 @@ def probe_method(so_path: Path, blob: Path | None, device: str, mutated: set[str
     out = []
     try:
         for info in infos:
-            if info.from_folded or info.kind == "folded":
+            if info.folded:
                 raise CompileError(f"{so_path.name}: constant {info.fqn} is folded at run time; aoti_rt "
                                    f"does not support aot_inductor.use_runtime_constant_folding")
             t = tensors.get(info.fqn)
