@@ -40,11 +40,11 @@ re-zipped with compression is read from its decompressed copy in the cache direc
 compressed pickled weights are refused.
 
 Weights embedded in the .so: AOTI's ``CreateWithDevice`` copies them into a private buffer
-before anything else can run (torch 2.13 has no entry point that skips it). aoti_rt binds
-the shared cache's buffers into the container's second constant buffer, makes it the active
-one (``SwapConstantBuffer``) and frees AOTI's copy (``FreeInactiveConstantBuffer``) before
-the load returns: the copy costs a transient peak of one method's weights while it loads,
-and nothing after.
+before anything else can run (torch 2.13 has no entry point that skips it). aoti_rt makes
+that copy the inactive constant buffer (``SwapConstantBuffer``), frees it
+(``FreeInactiveConstantBuffer``) and swaps back before it loads anything, then binds the shared
+cache's buffers: the copy costs a transient peak of one method's weights while its container
+is created, and nothing after.
 
 Without the exported program there is no record of which buffers a method writes in place,
 so every buffer is treated as mutable state (as :mod:`aoti_rt.stock` does): shared by FQN
@@ -848,11 +848,16 @@ class _PackageMethod(Method):
         abi, handle = self._binding.so.abi, self._binding.handle
         trade = self._embedded and abi.has("SwapConstantBuffer") and abi.has("FreeInactiveConstantBuffer")
         if trade:
-            abi.swap_constant_buffer(handle)   # the empty second buffer becomes the active one
+            # AOTI's own copy (made by CreateWithDevice) is freed before anything is loaded, and
+            # the first buffer is the active one again when the shared weights are bound into it.
+            # Binding into the second buffer and leaving it active breaks torch 2.11, whose
+            # RunSingleThreaded checks the *first* buffer's fold state from the second call on
+            # ("Unknown constant state: ConstantState::NONE").
+            abi.swap_constant_buffer(handle)
+            abi.free_inactive_constant_buffer(handle)
+            abi.swap_constant_buffer(handle)
         super()._bind_shared(source, plan, progress, max_load_gbps, extern)
-        if trade:
-            abi.free_inactive_constant_buffer(handle)   # AOTI's own copy, made by CreateWithDevice
-        elif self._embedded and self.spec.constants:
+        if self._embedded and self.spec.constants and not trade:
             self._keep_private(plan, "it lacks SwapConstantBuffer/FreeInactiveConstantBuffer")
 
     def _bind_legacy(self, source, plan) -> None:
