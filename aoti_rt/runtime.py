@@ -500,11 +500,11 @@ class Method:
                          for c, i in zip(cs, of_constant)}
         self._pending = None
 
-    def _rebind(self, replaced: dict[int, _memory.Buffer]) -> None:
-        """Bind new buffers in place of some weights (a copy-on-write update): ``replaced`` maps
-        an index of this method's acquisition to its new Buffer, which the acquisition holds
-        from then on; the old one is given back to the cache once the container no longer
-        points at it. No call launches while the container is rebound."""
+    def _point_at(self, replaced: dict[int, _memory.Buffer]) -> None:
+        """Copy-on-write, step one: point the container at ``replaced`` (acquisition index -> Buffer) and at the
+        acquisition's own buffers elsewhere (``{}``: at those only, which undoes an earlier
+        call); the acquisition and the cache are unchanged, so this can be undone until
+        :meth:`_adopt`. No call launches while the container is rebound."""
         b, rt = self._binding, self._rt
         buffers = list(b.acq.buffers)
         for i, buf in replaced.items():
@@ -521,8 +521,14 @@ class Method:
                 views = {c.name: _unowned_view(buf, c) for c, buf in zip(self.spec.constants, bound)}
                 with self._runner_lock:
                     b.runner.update_constant_buffer(views, False, True, True)
+
+    def _adopt(self, replaced: dict[int, _memory.Buffer]) -> None:
+        """Copy-on-write, step two, after :meth:`_point_at`: the acquisition holds ``replaced`` in place of the buffers
+        the container no longer points at, which go back to the cache."""
+        b, rt = self._binding, self._rt
         for i, buf in replaced.items():
             rt.cache.replace(b.acq, i, buf)
+        bound = [b.acq.buffers[i] for i in self._of_constant]
         self._buffers = {c.fqn: (buf, c, self._buffers[c.fqn][2]) for c, buf in zip(self.spec.constants, bound)}
 
     # -- methods that call operators through AOTI's proxy executor -----------------------

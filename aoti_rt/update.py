@@ -189,11 +189,37 @@ def update_weights(model: "Model", weights: "Mapping[str, Any] | str | os.PathLi
     for key, new in fresh.items():
         for m, i in targets[key].holders:
             per_method.setdefault(id(m), (m, {}))[1][i] = new
-    for m, replaced in per_method.values():
-        m._rebind(replaced)
+    _rebind_all(list(per_method.values()))
     report.copied_on_write = len(fresh)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _rebind_all(rebinds: "list[tuple[Method, dict[int, Any]]]") -> None:
+    """Point every method at its private copies, then let each acquisition hold them: all
+    methods or none. A method that fails to rebind undoes the ones rebound before it (they
+    point at the shared buffers again, which they still hold); one that cannot be undone keeps
+    its private copies (memory it points at is never freed under it) and the error says so."""
+    done: list[tuple["Method", dict[int, Any]]] = []
+    try:
+        for m, replaced in rebinds:
+            m._point_at(replaced)
+            done.append((m, replaced))
+    except BaseException as e:
+        stuck = []
+        for m, replaced in done:
+            try:
+                m._point_at({})
+            except Exception:  # noqa: BLE001 - it keeps the copies it points at
+                m._adopt(replaced)
+                stuck.append(m.name)
+        if stuck:
+            raise AotiRtError(f"update_weights(shared=False) failed ({e}) and could not be undone for "
+                              f"{', '.join(stuck)}: those methods compute with the new values, the others "
+                              f"with the old; update again or load the model anew") from e
+        raise
+    for m, replaced in done:
+        m._adopt(replaced)
 
 
 def _write(rt: Any, targets: dict[int, _Target], fresh: dict[int, Any], path: Path | None,

@@ -136,3 +136,33 @@ def test_bad_updates_are_refused_before_anything_is_written(three_bundle, device
         check(model, old, x)
     with pytest.raises(aoti_rt.errors.ClosedError):
         model.update_weights(values)
+
+
+def test_a_copy_on_write_that_fails_on_one_method_changes_no_method(three_bundle, device, monkeypatch):
+    """Rebinding is all or nothing: the method rebound before the one that fails points at the
+    shared weights again, the private copies are freed, every method computes the old values."""
+    from aoti_rt.runtime import Method
+
+    x = torch.randn(3, 64, device=device)
+    old = outputs_of(make_stack(device), x)
+    real, calls = Method._point_at, []
+
+    def fails_second(self, replaced):
+        calls.append((self.name, bool(replaced)))
+        if len(calls) == 2:
+            raise aoti_rt.AOTIError("injected: Pairs failed")
+        return real(self, replaced)
+
+    with aoti_rt.load(three_bundle, device=device) as model:
+        before = allocated(device)
+        monkeypatch.setattr(Method, "_point_at", fails_second)
+        with pytest.raises(aoti_rt.AOTIError, match="injected"):
+            model.update_weights(new_values(device, model), shared=False)
+        monkeypatch.undo()
+        assert calls[0][1] and calls[1][1] and calls[2] == (calls[0][0], False)   # undone
+        assert allocated(device) == before              # the private copies went
+        check(model, old, x)
+        # a later copy on write works, and still changes only this model
+        report = model.update_weights(new_values(device, model), shared=False)
+        assert report.copied_on_write > 0
+        check(model, outputs_of(make_stack(device, seed=1), x), x)
