@@ -24,6 +24,8 @@ commands:
             own state (a KV cache); NAME defaults to the bundle directory's name. Prints one
             line when it serves; serves until SIGINT or SIGTERM (clients keep what they
             mapped after it stops)
+  cache     show what the .pt2 package cache holds (extracted .so files and kernels, probe
+            records); --prune removes what belongs to packages that are gone or changed
   bench     run the benchmark suite (bench/ in a source checkout) and write tables + JSON
 """
 
@@ -166,11 +168,29 @@ def _bench(argv: list[str]) -> int:
     return bench_main(argv)
 
 
+def _cache(args: argparse.Namespace) -> int:
+    from .package import prune_cache
+
+    prune = args.prune and not args.dry_run
+    r = prune_cache(min_age_s=args.min_age_hours * 3600, dry_run=not prune)
+    mib = 1 << 20
+    print(f"{r.root}: {r.folders} extracted folders ({r.folder_bytes / mib:.1f} MiB), {r.records} probe records")
+    verb = "removed" if prune else "would remove (--prune)"
+    print(f"{verb}: {len(r.stale_records)} records of packages gone or changed, "
+          f"{len(r.unused_folders)} unused folders ({r.freed_bytes / mib:.1f} MiB)")
+    for f in r.unused_folders:
+        print(f"  {f}")
+    if r.kept:
+        print(f"kept {len(r.kept)} unused folders: held by a loaded model or younger than "
+              f"{args.min_age_hours:g} h")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m aoti_rt", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", metavar="{demo,inspect,verify,load,serve-weights,bench}")
+    sub = p.add_subparsers(dest="cmd", metavar="{demo,inspect,verify,load,serve-weights,cache,bench}")
     sub.add_parser("demo", help="run the prefill/decode demo", add_help=False)
     pi = sub.add_parser("inspect", help="describe a bundle")
     pi.add_argument("bundle", help="bundle directory")
@@ -189,6 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     ps.add_argument("--no-verify", dest="verify", action="store_false",
                     help="do not hash the weights while loading (then only loads of this very bundle "
                          "directory may attach, not copies of it)")
+    pc = sub.add_parser("cache", help="show (and --prune) the .pt2 package cache")
+    pc.add_argument("--prune", action="store_true",
+                    help="remove the records and extracted folders of packages that are gone or changed "
+                         "(never a folder a loaded model holds)")
+    pc.add_argument("--dry-run", action="store_true", help="with --prune: only say what would go")
+    pc.add_argument("--min-age-hours", type=float, default=1.0,
+                    help="with --prune: keep unused folders younger than this (default: 1)")
     sub.add_parser("bench", help="run the benchmark suite", add_help=False)
     if argv and argv[0] == "demo":
         from .demo import main as demo_main
@@ -212,5 +239,7 @@ def _command(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return _load(args)
     if args.cmd == "serve-weights":
         return _serve_weights(args)
+    if args.cmd == "cache":
+        return _cache(args)
     p.print_help()
     return 0

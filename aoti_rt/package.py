@@ -54,18 +54,22 @@ come from one package or several, and never across two loads.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
 import os
+import time
 import re
 import shutil
 import stat
 import struct
 import tempfile
 import warnings
+import weakref
 import zipfile
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Union
 
@@ -536,6 +540,130 @@ def _extract(arc: _Archive, entries: dict[str, _Entry]) -> tuple[str, dict[str, 
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _hold(folder: Path, files: dict[str, int]) -> int:
+    """A shared lock on an extraction folder for as long as a model from it is loaded (AOTI
+    loads CUDA kernels from it lazily, at their first launch): :func:`prune_cache` never
+    removes a folder someone holds. Returns the descriptor that holds it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise BundleError(f"aoti_rt's package cache folder {folder} is gone ({e}); load again (it is "
+                          f"extracted anew)") from None
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    if not _complete(folder, files):
+        os.close(fd)
+        raise BundleError(f"aoti_rt's package cache folder {folder} was removed while loading (a "
+                          f"prune_cache?); load again (it is extracted anew)")
+    return fd
+
+
+@dataclass
+class CacheReport:
+    """What :func:`prune_cache` found under :func:`cache_root` and removed (or would remove)."""
+
+    root: Path
+    #: extraction folders and their bytes, before pruning
+    folders: int = 0
+    folder_bytes: int = 0
+    #: probe records, before pruning
+    records: int = 0
+    #: records of packages that are gone or changed since they were probed
+    stale_records: list[Path] = field(default_factory=list)
+    #: folders no current record names (and left-over temporary folders), old enough to go
+    unused_folders: list[Path] = field(default_factory=list)
+    #: unused folders a loaded model still holds, or younger than ``min_age_s``: kept
+    kept: list[Path] = field(default_factory=list)
+    #: bytes of the removed folders
+    freed_bytes: int = 0
+    dry_run: bool = False
+
+
+def _tree_bytes(folder: Path) -> int:
+    n = 0
+    for dirpath, _, names in os.walk(folder):
+        for f in names:
+            try:
+                n += os.lstat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return n
+
+
+def _record_is_current(raw: Any) -> bool:
+    """Whether a probe record's package still is the file it was probed from."""
+    try:
+        st = os.stat(raw["package"])
+        return raw["fingerprint"]["pt2"] == [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+    except (OSError, KeyError, TypeError):
+        return False
+
+
+def prune_cache(*, min_age_s: float = 3600.0, dry_run: bool = False) -> CacheReport:
+    """Remove what the ``.pt2`` cache holds for packages that are gone or changed.
+
+    A probe record whose package no longer is the file it was probed from (deleted,
+    rewritten, moved) is removed; so is an extraction folder that no current record names,
+    unless a loaded model holds it (a shared lock, taken for the life of each package
+    method) or it is younger than ``min_age_s`` (a load may be extracting it right now).
+    The cache of a package still in place is kept: the next load needs it. Any process may
+    run this at any time (``python -m aoti_rt cache --prune``).
+
+    Args:
+        min_age_s: keep unused folders modified less than this many seconds ago.
+        dry_run: only report what would be removed.
+    """
+    root = cache_root()
+    report = CacheReport(root=root, dry_run=dry_run)
+    if not root.is_dir():
+        return report
+    named: set[str] = set()
+    records = root / "records"
+    for rp in sorted(records.glob("*.json")) if records.is_dir() else []:
+        report.records += 1
+        try:
+            raw = json.loads(rp.read_bytes()[:MANIFEST_MAX_BYTES])
+        except (OSError, ValueError):
+            raw = None
+        if isinstance(raw, dict) and _record_is_current(raw):
+            for m in raw.get("models") or []:
+                if isinstance(m, dict) and isinstance(m.get("dir"), str):
+                    named.add(m["dir"])
+            continue
+        report.stale_records.append(rp)
+        if not dry_run:
+            rp.unlink(missing_ok=True)
+    now = time.time()
+    for folder in sorted(root.iterdir()):
+        if folder.name == "records" or folder.is_symlink() or not folder.is_dir():
+            continue
+        report.folders += 1
+        size = _tree_bytes(folder)
+        report.folder_bytes += size
+        if folder.name in named:
+            continue
+        try:
+            young = now - folder.stat().st_mtime < min_age_s
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            if young:
+                report.kept.append(folder)
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:                     # a loaded model holds it
+                report.kept.append(folder)
+                continue
+            report.unused_folders.append(folder)
+            report.freed_bytes += size
+            if not dry_run:
+                shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            os.close(fd)
+    return report
+
+
 class _Pickled(NamedTuple):
     offset: int                  # absolute, in the package
     nbytes: int
@@ -806,8 +934,6 @@ def _write_record(p: Path, fp: dict, records: list[ModelRecord]) -> None:
     body = {"fingerprint": fp, "package": str(p.resolve()),
             "models": [{**asdict(r), "method": asdict(r.method),
                         "weights": {k: asdict(w) for k, w in r.weights.items()}} for r in records]}
-    import json
-
     try:
         rp.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=rp.parent)
@@ -836,10 +962,20 @@ class _PackageMethod(Method):
     ``cubin_dir`` (where a CUDA .so finds its kernels), and for a .so that embeds its weights,
     bound through the second constant buffer so that AOTI's private copy can be freed."""
 
-    def __init__(self, *args: Any, folder: Path, embedded: bool, **kwargs: Any):
+    def __init__(self, *args: Any, folder: Path, files: dict[str, int], embedded: bool, **kwargs: Any):
         self._folder = folder
         self._embedded = embedded
-        super().__init__(*args, **kwargs)
+        # the folder is held until the method closes: AOTI reads kernels from it lazily
+        self._release_folder = weakref.finalize(self, os.close, _hold(folder, files))
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            self._release_folder()
+            raise
+
+    def close(self) -> None:
+        super().close()
+        self._release_folder()
 
     def _create(self, so: SharedObject) -> int:
         return so.abi.create(self.device, self._folder)
@@ -915,7 +1051,7 @@ class PackageModel(Model):
                     store = path if rec.store is None else rec.folder() / rec.store
                     self._methods[method_name] = _PackageMethod(
                         method_name, rec.method, rec.folder() / rec.so, sources[store], rt, progress=progress,
-                        typed_inputs=False, folder=rec.folder(), embedded=rec.embedded,
+                        typed_inputs=False, folder=rec.folder(), files=rec.files, embedded=rec.embedded,
                         max_load_gbps=max_load_gbps)
                     for wid, w in rec.weights.items():
                         table.setdefault(wid, w)

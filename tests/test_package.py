@@ -347,6 +347,104 @@ def test_a_deleted_cache_folder_is_extracted_again(stack_pt2, device, tmp_path):
         torch.testing.assert_close(model.model(x), eager_stack(device)(x))
 
 
+def test_prune_cache_removes_what_gone_packages_left_and_never_a_held_folder(stack_pt2, device, tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.setenv("AOTI_RT_CACHE", str(tmp_path / "cache"))
+    paths = {fmt: tmp_path / f"{fmt}.pt2" for fmt in ("embedded", "blob", "mmap")}
+    for fmt, path in paths.items():
+        shutil.copy(stack_pt2[fmt], path)
+        aoti_rt.load(path, device=device).close()              # extracted, probed, recorded
+    folders = {fmt: package.inspect_package(path, device)[0][0].folder() for fmt, path in paths.items()}
+    assert len(set(folders.values())) == 3
+    keep, gone, held = paths["embedded"], paths["blob"], paths["mmap"]
+    x = torch.randn(3, 64, device=device)
+    want = eager_stack(device)(x)
+    with aoti_rt.load(held, device=device) as model:
+        _prune_around(model, gone, held, folders, x, want)
+    r = package.prune_cache(min_age_s=0)
+    assert r.unused_folders == [folders["mmap"]] and not folders["mmap"].exists()
+    # the package still in place kept its record and folder: its load reads them
+    records = tmp_path / "cache" / "pt2" / "records"
+    before = {f: f.stat().st_mtime_ns for f in records.iterdir()}
+    with aoti_rt.load(keep, device=device) as m:
+        torch.testing.assert_close(m.model(x), want)
+    assert {f: f.stat().st_mtime_ns for f in records.iterdir()} == before
+    assert package.prune_cache(min_age_s=0).unused_folders == []
+
+
+def _prune_around(model, gone: Path, held: Path, folders: dict[str, Path], x, want) -> None:
+    """Prune while ``model`` (loaded from ``held``) is open and both packages are deleted."""
+    gone.unlink()
+    held.unlink()                        # its model stays loaded
+    young = package.prune_cache(dry_run=True)                  # all younger than an hour
+    assert young.unused_folders == [] and sorted(young.kept) == sorted([folders["blob"], folders["mmap"]])
+    dry = package.prune_cache(min_age_s=0, dry_run=True)
+    assert dry.records == 3 and len(dry.stale_records) == 2 and dry.unused_folders == [folders["blob"]]
+    assert all(f.is_dir() for f in folders.values()) and all(f.is_file() for f in dry.stale_records)
+    r = package.prune_cache(min_age_s=0)
+    assert sorted(p.name for p in r.stale_records) == sorted(p.name for p in dry.stale_records)
+    assert r.unused_folders == [folders["blob"]] and r.kept == [folders["mmap"]] and r.freed_bytes > 0
+    assert not folders["blob"].exists() and folders["mmap"].is_dir() and folders["embedded"].is_dir()
+    torch.testing.assert_close(model.model(x), want)           # the held folder was not touched
+
+
+def test_cache_command_prunes_stale_records_and_old_unused_folders(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "cache" / "pt2"
+    (root / "records").mkdir(parents=True)
+    pkg = tmp_path / "here.pt2"
+    pkg.write_bytes(b"PK")
+    st = pkg.stat()
+    live = {"fingerprint": {"pt2": [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]}, "package": str(pkg),
+            "models": [{"dir": "a" * 64}]}
+    (root / "records" / "live.json").write_text(json.dumps(live))
+    (root / "records" / "stale.json").write_text(json.dumps({**live, "package": str(tmp_path / "gone.pt2")}))
+    (root / "records" / "junk.json").write_text("{not json")
+    old = time.time() - 7200
+    for name in ("a" * 64, "b" * 64, ".tmp-crashed"):
+        (root / name).mkdir()
+        (root / name / "model.so").write_bytes(b"x" * 1000)
+        os.utime(root / name, (old, old))
+    (root / ("c" * 64)).mkdir()                                  # young: kept
+    env = {**os.environ, "AOTI_RT_CACHE": str(tmp_path / "cache")}
+    run = [sys.executable, "-m", "aoti_rt", "cache"]
+    out = subprocess.run(run, env=env, capture_output=True, text=True, check=True).stdout
+    assert "4 extracted folders" in out and "3 probe records" in out and "would remove" in out
+    assert len(list(root.iterdir())) == 5                          # a dry run: nothing went
+    out = subprocess.run(run + ["--prune"], env=env, capture_output=True, text=True, check=True).stdout
+    assert "removed: 2 records" in out and "2 unused folders" in out, out
+    assert sorted(p.name for p in root.iterdir()) == sorted(["records", "a" * 64, "c" * 64])
+    assert [p.name for p in (root / "records").iterdir()] == ["live.json"]
+
+
+def test_a_folder_pruned_under_a_load_is_a_bundle_error(stack_pt2, device, tmp_path, monkeypatch):
+    """Removing an extraction folder between the record check and the method's lock (a race
+    with prune_cache) fails the load with what to do, not a crash in dlopen."""
+    monkeypatch.setenv("AOTI_RT_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "p.pt2"
+    shutil.copy(stack_pt2["embedded"], path)
+    folder = package.inspect_package(path, device)[0][0].folder()
+    real = package._hold
+
+    def pruned(f, files):
+        shutil.rmtree(folder)
+        return real(f, files)
+
+    monkeypatch.setattr(package, "_hold", pruned)
+    before = stats(device)["bytes_allocated"]
+    with pytest.raises(aoti_rt.BundleError, match="load again"):
+        aoti_rt.load(path, device=device)
+    assert stats(device)["bytes_allocated"] == before
+    monkeypatch.undo()
+    monkeypatch.setenv("AOTI_RT_CACHE", str(tmp_path / "cache"))
+    with aoti_rt.load(path, device=device) as m:              # extracted anew
+        x = torch.randn(3, 64, device=device)
+        torch.testing.assert_close(m.model(x), eager_stack(device)(x))
+
+
 # -- crafted archives --------------------------------------------------------------------------
 
 def rezip(src: Path, dst: Path, *, edit=None, drop=(), add=None, deflate=()) -> Path:
