@@ -38,9 +38,9 @@ def sections(fd: int, size: int, what: str) -> list[tuple]:
     return [struct.unpack_from("<IIQQQQIIQQ", table, 64 * i) for i in range(shnum)]
 
 
-def symbol_table(fd: int, size: int, what: str, secs: list[tuple], kind: int) -> list[tuple[bytes, int, int]] | None:
-    """``(name, section index, value)`` of every symbol in the first table of ``kind``
-    (SHT_DYNSYM or SHT_SYMTAB), or None if the file has none."""
+def _raw_table(fd: int, size: int, what: str, secs: list[tuple], kind: int) -> tuple[bytes, bytes] | None:
+    """The entries and the string table of the first symbol table of ``kind`` (SHT_DYNSYM or
+    SHT_SYMTAB), checked to lie in the file; None if the file has none."""
     for s in secs:
         if s[1] != kind:
             continue
@@ -49,15 +49,23 @@ def symbol_table(fd: int, size: int, what: str, secs: list[tuple], kind: int) ->
         strtab = secs[s[6]]
         if strtab[1] != SHT_STRTAB or strtab[5] > TABLE_MAX or strtab[4] + strtab[5] > size:
             raise _bad(what, "its symbol string table is malformed")
-        syms = pread_all(fd, s[5], s[4], what)
-        strs = pread_all(fd, strtab[5], strtab[4], what)
-        out = []
-        for name, _, _, shndx, value, _ in struct.iter_unpack("<IBBHQQ", syms):
-            end = strs.find(b"\0", name)
-            if name < len(strs) and end > 0:
-                out.append((strs[name:end], shndx, value))
-        return out
+        return pread_all(fd, s[5], s[4], what), pread_all(fd, strtab[5], strtab[4], what)
     return None
+
+
+def symbol_table(fd: int, size: int, what: str, secs: list[tuple], kind: int) -> list[tuple[bytes, int, int]] | None:
+    """``(name, section index, value)`` of every symbol in the first table of ``kind``
+    (SHT_DYNSYM or SHT_SYMTAB), or None if the file has none."""
+    raw = _raw_table(fd, size, what, secs, kind)
+    if raw is None:
+        return None
+    syms, strs = raw
+    out = []
+    for name, _, _, shndx, value, _ in struct.iter_unpack("<IBBHQQ", syms):
+        end = strs.find(b"\0", name)
+        if name < len(strs) and end > 0:
+            out.append((strs[name:end], shndx, value))
+    return out
 
 
 def symbols(fd: int, size: int, what: str, names: set[bytes]) -> tuple[list[tuple], dict[bytes, tuple[int, int]]]:
@@ -74,21 +82,39 @@ def symbols(fd: int, size: int, what: str, names: set[bytes]) -> tuple[list[tupl
     raise _bad(what, f"it lacks the symbols {b', '.join(sorted(names)).decode()}")
 
 
+#: (device, inode, size, mtime, symbol) -> imports_symbol's answer: a .so is read once per process
+_imports: dict[tuple, bool | None] = {}
+
+
 def imports_symbol(path: str | os.PathLike[str], name: str) -> bool | None:
     """Whether the .so at ``path`` imports ``name`` (an undefined symbol of its ``.dynsym``);
-    None where it is not an ELF file this can read."""
+    None where it is not an ELF file this can read. Remembered per file (its identity and
+    mtime), so loading a method again does not read its tables again."""
     try:
         fd, st = open_regular(Path(path), "shared object")
     except BundleError:
         return None
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, name)
     try:
+        if key in _imports:
+            return _imports[key]
         what = f"shared object {path}"
-        table = symbol_table(fd, st.st_size, what, sections(fd, st.st_size, what), SHT_DYNSYM)
+        raw = _raw_table(fd, st.st_size, what, sections(fd, st.st_size, what), SHT_DYNSYM)
     except BundleError:
         return None
     finally:
         os.close(fd)
-    if table is None:
-        return None
-    want = name.encode()
-    return any(n == want and shndx == 0 for n, shndx, _ in table)
+    found: bool | None = None
+    if raw is not None:
+        syms, strs = raw
+        # every offset where the name ends a string (the table shares suffixes), then one pass
+        # over the entries for an undefined symbol named at one of them
+        want, at, found = name.encode() + b"\0", set(), False
+        i = strs.find(want)
+        while i >= 0:
+            at.add(i)
+            i = strs.find(want, i + 1)
+        if at:
+            found = any(shndx == 0 and off in at for off, _, _, shndx, _, _ in struct.iter_unpack("<IBBHQQ", syms))
+    _imports[key] = found
+    return found

@@ -118,6 +118,19 @@ def test_compile_keeps_the_extern_kernels(custom_bundle):
     assert not (custom_bundle / "plain.json").exists()
 
 
+def test_the_import_check_is_remembered_per_file_not_per_path(custom_bundle, tmp_path):
+    import shutil
+
+    so = tmp_path / "m.so"
+    shutil.copy(custom_bundle / "plain.so", so)
+    assert imports_symbol(so, PROXY_EXECUTOR_CALL) is False
+    assert imports_symbol(so, PROXY_EXECUTOR_CALL) is False       # remembered
+    shutil.copy(custom_bundle / "custom.so", so)                   # another file at that path
+    assert imports_symbol(so, PROXY_EXECUTOR_CALL) is True
+    so.write_bytes(b"not an ELF file")
+    assert imports_symbol(so, PROXY_EXECUTOR_CALL) is None
+
+
 def test_custom_op_method_matches_eager_and_stock(custom_bundle, device):
     net, custom, plain = eager(device)
     x = torch.randn(5, 64, device=device)
