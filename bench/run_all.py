@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from bench import common
 
 BENCHES = ("bench_load", "bench_start", "bench_memory", "bench_lookup", "bench_call", "bench_pt2", "bench_share",
-           "bench_multigpu")
+           "bench_multigpu", "bench_compile")
 CHART = "bench_summary.png"
 
 

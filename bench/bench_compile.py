@@ -1,0 +1,125 @@
+"""Compile time: ``aoti_rt.compile`` of a prefill/decode pair against stock
+``torch._inductor.aoti_compile_and_package`` of each method, side by side in one run.
+
+Model: the bench_load stack (16 x Linear(8192, 8192) bf16 = 2 GiB on ``--size full``,
+``--layers`` to change the depth; 4 x Linear(256, 256) on ``--size small``), methods prefill
+(batch 4) and decode (batch 1) over the same weights. Every row runs in a **fresh process with
+an empty inductor cache** (its own ``TORCHINDUCTOR_CACHE_DIR``), so no row reuses another's
+kernels; exporting is done before the clock starts, in every row alike:
+
+  stock, per method        ``aoti_compile_and_package(ep)`` of each method in turn (the weights
+                           packaged in each .so, torch's default): seconds of each
+  aoti_rt.compile, jobs=1  the whole bundle, one method after another
+  aoti_rt.compile, jobs=N  the whole bundle, each method in its own worker process (forked on
+                           the CPU, a fresh interpreter on CUDA)
+
+The goal (issue 10): aoti_rt's wall time at most the slowest method's stock compile plus 1 s per
+GB of unique weights (aoti_rt's own work: probing each method, hashing and writing the store).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import child  # noqa: E402 (light: no torch)
+
+
+def _child(kind: str, a: dict[str, Any]) -> dict[str, Any]:
+    """One row in this fresh process: export the methods, then time the compile."""
+    import torch
+
+    from bench import common
+
+    dev = a["device"]
+    spec = common.StackSpec(a["layers"], a["dim"], tuple(tuple(m) for m in a["methods"]))
+    eps = {name: torch.export.export(module, args) for name, (module, args) in spec.programs(dev).items()}
+    out = Path(a["out"])
+    if kind == "stock":
+        seconds = {}
+        for name, ep in eps.items():
+            t0 = time.perf_counter()
+            torch._inductor.aoti_compile_and_package(ep, package_path=str(out / f"{name}.pt2"))
+            seconds[name] = time.perf_counter() - t0
+        return {"seconds": seconds}
+    import aoti_rt
+
+    t0 = time.perf_counter()
+    aoti_rt.compile(eps, out / "bundle", progress=False, jobs=a["jobs"])
+    seconds = time.perf_counter() - t0
+    unique = aoti_rt.read_bundle(out / "bundle").manifest.unique_weight_bytes()
+    return {"seconds": seconds, "unique": unique}
+
+
+def run(args: argparse.Namespace, report: Any) -> None:
+    from bench import common
+    from bench.bench_load import spec_for
+
+    dev = args.device
+    spec = spec_for(args.size, args.layers)
+    report.params.update(spec.params())
+    base = {"device": dev, "layers": spec.layers, "dim": spec.dim, "methods": [list(m) for m in spec.methods]}
+    table = report.table(f"compile wall time: {spec.layers} x Linear({spec.dim}, {spec.dim}) {spec.dtype}, "
+                         f"{len(spec.methods)} methods, each row a fresh process with an empty inductor cache",
+                         [("variant", "variant", "{}"), ("seconds", "s", "{:.1f}"),
+                          ("per_method", "per method s", "{}")])
+    n = len(spec.methods)
+    rows = [("stock aoti_compile_and_package, per method", "stock", {}),
+            ("aoti_rt.compile, jobs=1", "aoti_rt", {"jobs": 1}),
+            (f"aoti_rt.compile, jobs={n}", "aoti_rt", {"jobs": n})]
+    got: dict[str, dict[str, Any]] = {}
+    for label, kind, extra in rows:
+        with tempfile.TemporaryDirectory(prefix="aoti_rt-bench-compile-") as tmp:
+            env = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(tmp, "inductor")}
+            common.log(f"{label} ...")
+            try:
+                r = child.spawn(__file__, kind, {**base, **extra, "out": tmp}, env=env, timeout=1800)
+            except RuntimeError as e:
+                table.notes.append(f"{label}: {str(e)[-800:]}")
+                continue
+        got[label] = r
+        if kind == "stock":
+            per = r["seconds"]
+            table.add(variant=label, seconds=sum(per.values()),
+                      per_method=", ".join(f"{k} {v:.1f}" for k, v in per.items()), per_method_s=per)
+        else:
+            table.add(variant=label, seconds=r["seconds"], per_method="", unique_bytes=r["unique"])
+    stock = got.get(rows[0][0])
+    par = got.get(rows[2][0])
+    if stock and par:
+        slowest = max(stock["seconds"].values())
+        gb = par["unique"] / common.GB
+        goal = slowest + gb
+        report.params.update(unique_weight_bytes=par["unique"])
+        table.notes.append(f"goal: at most the slowest stock method ({slowest:.1f} s) + 1 s/GB x {gb:.2f} GB "
+                           f"= {goal:.1f} s; aoti_rt with jobs={n}: {par['seconds']:.1f} s "
+                           f"({'met' if par['seconds'] <= goal else 'NOT met'})"
+                           + (f"; aoti_rt's own work beyond the slowest stock compile: "
+                              f"{(par['seconds'] - slowest) / gb:.1f} s/GB" if gb >= 0.1 else ""))
+    table.notes.append("stock keeps the weights in each .so (torch's default), i.e. writes them once per "
+                       "method; aoti_rt writes them once into the bundle's store")
+
+
+def _extra(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layers", type=int, default=None, help="stack depth (default: 16 full, 4 small)")
+    child.add_arguments(p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the compile rows."""
+    from bench import common
+
+    return common.main_of("bench_compile", __doc__, run, _extra)(argv)
+
+
+if __name__ == "__main__":
+    child.run_if_child(_child)
+    sys.exit(main())
