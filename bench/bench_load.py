@@ -423,6 +423,7 @@ def cached_second_method(report: common.Report, path: Path, dev: str, reps: int)
                            s1["peak_bytes_allocated"] - s0["bytes_allocated"], s1["hits"] - s0["hits"]))
             return seconds
         samples = common.repeat(once, reps)
+        where = _profile_load(path, dev)
     best, median = common.best_median(samples)
     read, allocated, hits = deltas[-1]
     table.add(case="aoti_rt.load(methods=['decode'])", ms_best=best * 1e3, ms_median=median * 1e3,
@@ -433,6 +434,23 @@ def cached_second_method(report: common.Report, path: Path, dev: str, reps: int)
         table.notes.append("bytes read and allocated are 0 in every repetition, as they must be")
     table.notes.append("loading the same method the stock way costs a whole blob load again "
                        "(the 'stock AOTI' rows above)")
+    table.notes.append(f"where one such load spends its time (cProfile, own time, 20 loads): {where}")
+
+
+def _profile_load(path: Path, dev: str, n: int = 20, top: int = 6) -> str:
+    """The functions a cached second method's load spends most of its own time in, per load."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        aoti_rt.load(path, device=dev, methods=["decode"]).close()
+    common.synchronize(dev)
+    prof.disable()
+    st = pstats.Stats(prof).stats                       # (file, line, name) -> (cc, nc, tt, ct, callers)
+    rows = sorted(st.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    return "; ".join(f"{Path(f).name}:{name} {tt / n * 1e3:.3f} ms" for (f, _, name), (_, _, tt, _, _) in rows)
 
 
 main = common.main_of("bench_load", __doc__, run)
