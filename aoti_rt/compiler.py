@@ -75,6 +75,8 @@ RESERVED_OPTIONS = {
     "aot_inductor.package": "aoti_rt writes a bundle, not a .pt2 package",
     "aot_inductor.package_cpp_only": "a bundle needs compiled .so files, not C++ sources",
     "aot_inductor.use_runtime_constant_folding": "constants folded at run time cannot be shared",
+    "always_keep_tensor_constants": "every weight stays a constant that can be shared and updated (inductor "
+                                    "otherwise compiles tensors of up to 8 values into the code as literals)",
 }
 
 
@@ -88,9 +90,13 @@ def _aoti_options(so_path: Path, extra: Mapping[str, Any] | None = None) -> dict
         "aot_inductor.package_constants_in_so": False,
         "aot_inductor.package_constants_on_disk_format": "binary_blob",
         "aot_inductor.embed_kernel_binary": True,   # one self-contained .so per method
+        # a weight of up to 8 values would otherwise become literals in the generated code:
+        # no constant to share, and update_weights could not change what the method computes
+        "always_keep_tensor_constants": True,
     }
     # Only pass what this torch knows (older releases lack some keys).
-    ours = {k: v for k, v in opts.items() if hasattr(cfg.aot_inductor, k.split(".", 1)[1])}
+    ours = {k: v for k, v in opts.items()
+            if (hasattr(cfg.aot_inductor, k.split(".", 1)[1]) if k.startswith("aot_inductor.") else hasattr(cfg, k))}
     return {**(extra or {}), **ours}
 
 

@@ -197,7 +197,7 @@ def test_compile_warnings_point_at_the_caller(tmp_path):
     class Scale(torch.nn.Module):
         def __init__(self, seed):
             super().__init__()
-            # 64 elements: of a parameter of 4, AOTI binds no constant (there would be nothing to differ)
+            # 64 elements, each method's own values: the two methods' "w" differ
             self.w = torch.nn.Parameter(torch.randn(64, generator=torch.Generator().manual_seed(seed)))
 
         def forward(self, a, b):

@@ -166,3 +166,21 @@ def test_a_copy_on_write_that_fails_on_one_method_changes_no_method(three_bundle
         report = model.update_weights(new_values(device, model), shared=False)
         assert report.copied_on_write > 0
         check(model, outputs_of(make_stack(device, seed=1), x), x)
+
+
+def test_a_weight_of_a_few_values_is_a_constant_that_updates(device, tmp_path):
+    """Inductor compiles a tensor of up to 8 values into the code as literals unless told to
+    keep it; aoti_rt.compile keeps it a constant, so an update reaches it like any weight."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).to(device).eval()
+    x = torch.randn(2, 16, device=device)
+    bundle = aoti_rt.compile({"f": (m, (x,))}, tmp_path / "b", progress=False)
+    assert "2.bias" in {c.fqn for c in aoti_rt.read_bundle(bundle).manifest.methods["f"].constants}
+    with aoti_rt.load(bundle, device=device) as model, torch.no_grad():
+        torch.testing.assert_close(model.f(x), m(x))
+        new = torch.randn(4, device=device)
+        model.update_weights({"2.bias": new})
+        m[2].bias.copy_(new)
+        torch.testing.assert_close(model.f(x), m(x))
