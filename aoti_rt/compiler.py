@@ -414,6 +414,7 @@ def _compile(programs: Mapping[str, Any], out: Path, device: str | None, progres
             weights.bind(method, data)
             methods[job.name] = method
         _warn_divergent_fqns(methods)
+        _warn_unknown_kinds(methods)
         bar.phase("writing the weight store")
         weights.write_store(out)
         _write_manifest(out, Manifest(device=device, methods=methods, weights=weights.specs, store=STORE,
@@ -883,6 +884,20 @@ def _warn_divergent_fqns(methods: dict[str, MethodSpec]) -> None:
     for fqn, first, other in divergent_fqns(methods):
         warnings.warn(f"constant {fqn} differs between methods {first!r} and {other!r}; "
                       f"it is kept as two weights", stacklevel=4)
+
+
+def _warn_unknown_kinds(methods: dict[str, MethodSpec]) -> None:
+    """Warn (at the caller of :func:`compile`) where AOTI reports weights of no known kind:
+    the runtime shares a weight beyond its own bundle (another bundle, another process) only
+    when the .so calls it a parameter or tensor constant, never a buffer it might write."""
+    unknown = sorted({c.fqn for m in methods.values() for c in m.constants if c.kind == "unknown" and not c.mutable})
+    if unknown:
+        warnings.warn(f"AOTI reports no kind for {len(unknown)} weights ({', '.join(unknown[:3])}"
+                      f"{', ...' if len(unknown) > 3 else ''}), so they are shared within this bundle only: "
+                      f"not with other bundles, not across processes (share=). Inductor does this to "
+                      f"FQNs that start with a digit (a top-level nn.Sequential or nn.ModuleList): put "
+                      f"the model under an attribute of a module (self.net = Sequential(...)) and compile "
+                      f"that", stacklevel=4)
 
 
 def _write_manifest(out: Path, manifest: Manifest) -> None:

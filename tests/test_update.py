@@ -176,7 +176,9 @@ def test_a_weight_of_a_few_values_is_a_constant_that_updates(device, tmp_path):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).to(device).eval()
     x = torch.randn(2, 16, device=device)
-    bundle = aoti_rt.compile({"f": (m, (x,))}, tmp_path / "b", progress=False)
+    # a top-level Sequential: inductor reports no kind for FQNs starting with a digit, said once
+    with pytest.warns(UserWarning, match="AOTI reports no kind for 4 weights"):
+        bundle = aoti_rt.compile({"f": (m, (x,))}, tmp_path / "b", progress=False)
     assert "2.bias" in {c.fqn for c in aoti_rt.read_bundle(bundle).manifest.methods["f"].constants}
     with aoti_rt.load(bundle, device=device) as model, torch.no_grad():
         torch.testing.assert_close(model.f(x), m(x))
