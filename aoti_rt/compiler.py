@@ -473,8 +473,9 @@ def _compile_method(job: _Job, ep: ExportedProgram) -> tuple[MethodSpec, list[An
     aoti_dir = job.workdir / "aoti"             # AOTI's output: the .so, the blob, its sources
     aoti_dir.mkdir(parents=True, exist_ok=True)
     args, kwargs = ep.example_inputs if ep.example_inputs is not None else ((), {})
+    module, prefix = _rooted(ep.module())
     try:
-        so_tmp = Path(torch._inductor.aot_compile(ep.module(), args, kwargs,
+        so_tmp = Path(torch._inductor.aot_compile(module, args, kwargs,
                                                   options=_aoti_options(aoti_dir / f"{name}.so", job.options)))
     except AotiRtError:
         raise
@@ -482,7 +483,10 @@ def _compile_method(job: _Job, ep: ExportedProgram) -> tuple[MethodSpec, list[An
         raise CompileError(f"method {name!r}: AOTInductor failed to compile it ({type(e).__name__}: "
                            f"{_first_line(e)}); see the chained error for where") from e
     blobs = sorted(aoti_dir.rglob("*_weights.blob"))
-    consts, so_spec, n_in = probe_method(so_tmp, blobs[0] if blobs else None, job.device, job.mutated)
+    consts, so_spec, n_in = probe_method(so_tmp, blobs[0] if blobs else None, job.device,
+                                         {prefix + f for f in job.mutated})
+    for c, _ in consts:
+        c.fqn = c.fqn.removeprefix(prefix)
     if len(job.inputs) != n_in:
         raise CompileError(f"method {name!r}: the .so takes {n_in} tensor inputs but the program has "
                            f"{len(job.inputs)}; this torch's AOTI does not take the inputs export "
@@ -500,6 +504,39 @@ def _compile_method(job: _Job, ep: ExportedProgram) -> tuple[MethodSpec, list[An
     # no write-back (dirty pages of a GB-size blob slowed the store's write 4x)
     shutil.rmtree(aoti_dir, ignore_errors=True)
     return method, [data for _, data in consts]
+
+
+#: the attribute :func:`_rooted` puts a module under
+_ROOT = "aoti_rt_root"
+
+
+def _rooted(gm: Any) -> tuple[Any, str]:
+    """``(module, prefix)`` to compile: ``gm`` itself (prefix ``""``) unless a weight's FQN
+    starts with a digit (a top-level ``nn.Sequential`` or ``nn.ModuleList``). Inductor names
+    such a constant ``constant_0_weight`` and then fails to find it among the parameters, so
+    the .so reports no kind for it and the runtime cannot share it beyond its bundle; under an
+    attribute (``aoti_rt_root.0.weight``) the names match. The caller strips the prefix from
+    the FQNs the .so reports."""
+    import copy
+
+    import torch
+
+    names = [n for n, _ in gm.named_parameters(remove_duplicate=False)] + \
+            [n for n, _ in gm.named_buffers(remove_duplicate=False)]
+    if not any(n[:1].isdigit() for n in names):
+        return gm, ""
+    if hasattr(gm, "_guards_fn"):                # as aot_compile does: it would not find it below
+        node = next(iter(gm.graph.find_nodes(op="call_module", target="_guards_fn")))
+        gm.graph.erase_node(node)
+        delattr(gm, "_guards_fn")
+        gm.recompile()
+    root = torch.nn.Module()
+    setattr(root, _ROOT, gm)
+    graph = copy.deepcopy(gm.graph)
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            node.target = f"{_ROOT}.{node.target}"
+    return torch.fx.GraphModule(root, graph), _ROOT + "."
 
 
 def _extern_kernels(name: str, so: Path, workdir: Path) -> Path | None:
@@ -894,10 +931,10 @@ def _warn_unknown_kinds(methods: dict[str, MethodSpec]) -> None:
     if unknown:
         warnings.warn(f"AOTI reports no kind for {len(unknown)} weights ({', '.join(unknown[:3])}"
                       f"{', ...' if len(unknown) > 3 else ''}), so they are shared within this bundle only: "
-                      f"not with other bundles, not across processes (share=). Inductor does this to "
-                      f"FQNs that start with a digit (a top-level nn.Sequential or nn.ModuleList): put "
-                      f"the model under an attribute of a module (self.net = Sequential(...)) and compile "
-                      f"that", stacklevel=4)
+                      f"not with other bundles, not across processes (share=). Inductor matches constant "
+                      f"names to parameter and buffer names to find the kind; aoti_rt already compiles a "
+                      f"module whose FQNs start with a digit under an attribute for this, so this is "
+                      f"another mismatch: please report it with the FQNs", stacklevel=4)
 
 
 def _write_manifest(out: Path, manifest: Manifest) -> None:

@@ -168,19 +168,28 @@ def test_a_copy_on_write_that_fails_on_one_method_changes_no_method(three_bundle
         check(model, outputs_of(make_stack(device, seed=1), x), x)
 
 
-def test_a_weight_of_a_few_values_is_a_constant_that_updates(device, tmp_path):
+def test_every_weight_is_a_parameter_constant_that_updates(device, tmp_path):
     """Inductor compiles a tensor of up to 8 values into the code as literals unless told to
-    keep it; aoti_rt.compile keeps it a constant, so an update reaches it like any weight."""
+    keep it, and reports no kind for FQNs that start with a digit; aoti_rt.compile keeps every
+    weight a parameter constant, so an update reaches it like any weight."""
     from torch import nn
 
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).to(device).eval()
     x = torch.randn(2, 16, device=device)
-    # a top-level Sequential: inductor reports no kind for FQNs starting with a digit, said once
-    with pytest.warns(UserWarning, match="AOTI reports no kind for 4 weights"):
-        bundle = aoti_rt.compile({"f": (m, (x,))}, tmp_path / "b", progress=False)
-    assert "2.bias" in {c.fqn for c in aoti_rt.read_bundle(bundle).manifest.methods["f"].constants}
+    bundle = aoti_rt.compile({"f": (m, (x,))}, tmp_path / "b", progress=False)
+    # FQNs as the module names them, and parameters to the .so even though they start with a
+    # digit (a top-level Sequential), so they may be shared beyond the bundle
+    consts = aoti_rt.read_bundle(bundle).manifest.methods["f"].constants
+    assert {(c.fqn, c.kind) for c in consts} == {(k, "parameter") for k in m.state_dict()}
+    import shutil
+
+    copy = shutil.copytree(bundle, tmp_path / "copy")
     with aoti_rt.load(bundle, device=device) as model, torch.no_grad():
+        one = allocated(device)
+        with aoti_rt.load(copy, device=device) as other:   # another bundle: shared once verified
+            assert allocated(device) == one
+            torch.testing.assert_close(other.f(x), m(x))
         torch.testing.assert_close(model.f(x), m(x))
         new = torch.randn(4, device=device)
         model.update_weights({"2.bias": new})
