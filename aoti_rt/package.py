@@ -58,12 +58,12 @@ import fcntl
 import hashlib
 import json
 import os
-import time
 import re
 import shutil
 import stat
 import struct
 import tempfile
+import time
 import warnings
 import weakref
 import zipfile
@@ -427,8 +427,12 @@ def _fingerprint(path: Path) -> dict:
         raise BundleError(f"cannot read package {path} ({e})") from None
     import torch
 
-    return {"pt2": [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns], "torch": torch.__version__,
-            "version": RECORD_VERSION}
+    return {"pt2": _identity(st), "torch": torch.__version__, "version": RECORD_VERSION}
+
+
+def _identity(st: os.stat_result) -> list[int]:
+    """What a probe record knows its package file by: device, inode, size, mtime."""
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
 
 
 def _record_path(path: Path) -> Path:
@@ -592,9 +596,9 @@ def _tree_bytes(folder: Path) -> int:
 def _record_is_current(raw: Any) -> bool:
     """Whether a probe record's package still is the file it was probed from."""
     try:
-        st = os.stat(raw["package"])
-        return raw["fingerprint"]["pt2"] == [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
-    except (OSError, KeyError, TypeError):
+        package = raw["package"]
+        return type(package) is str and raw["fingerprint"]["pt2"] == _identity(os.stat(package))
+    except (OSError, KeyError, TypeError, ValueError):
         return False
 
 
@@ -642,14 +646,13 @@ def prune_cache(*, min_age_s: float = 3600.0, dry_run: bool = False) -> CacheRep
         if folder.name in named:
             continue
         try:
-            young = now - folder.stat().st_mtime < min_age_s
+            if now - folder.stat().st_mtime < min_age_s:
+                report.kept.append(folder)
+                continue
             fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
             continue
         try:
-            if young:
-                report.kept.append(folder)
-                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:                     # a loaded model holds it

@@ -501,10 +501,10 @@ class Method:
         self._pending = None
 
     def _point_at(self, replaced: dict[int, _memory.Buffer]) -> None:
-        """Copy-on-write, step one: point the container at ``replaced`` (acquisition index -> Buffer) and at the
-        acquisition's own buffers elsewhere (``{}``: at those only, which undoes an earlier
-        call); the acquisition and the cache are unchanged, so this can be undone until
-        :meth:`_adopt`. No call launches while the container is rebound."""
+        """Copy-on-write, step one: point the container at ``replaced`` (acquisition index ->
+        Buffer) and at the acquisition's own buffers elsewhere (``{}``: at those only, which
+        undoes an earlier call); the acquisition and the cache are unchanged, so this can be
+        undone until :meth:`_adopt`. No call launches while the container is rebound."""
         b, rt = self._binding, self._rt
         buffers = list(b.acq.buffers)
         for i, buf in replaced.items():
@@ -523,8 +523,8 @@ class Method:
                     b.runner.update_constant_buffer(views, False, True, True)
 
     def _adopt(self, replaced: dict[int, _memory.Buffer]) -> None:
-        """Copy-on-write, step two, after :meth:`_point_at`: the acquisition holds ``replaced`` in place of the buffers
-        the container no longer points at, which go back to the cache."""
+        """Copy-on-write, step two, after :meth:`_point_at`: the acquisition holds ``replaced``
+        in place of the buffers the container no longer points at, which go back to the cache."""
         b, rt = self._binding, self._rt
         for i, buf in replaced.items():
             rt.cache.replace(b.acq, i, buf)
