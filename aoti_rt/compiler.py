@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import keyword
+import logging
 import math
 import mmap
 import os
@@ -46,6 +47,11 @@ from .bundle import (FIXED_INPUT_TYPES, ITEMSIZE, MANIFEST, MAX_INT, MAX_NAME, S
                      divergent_fqns, dtype_name, read_store_header, safe_tensor_name, weight_id)
 from .errors import AotiRtError, CompileError
 from .probe import probe_method
+
+#: DEBUG records of where a compile's time goes, each with ``phase`` ("aoti": AOTInductor's
+#: compile of a method, "probe": aoti_rt reading its constants, "store": writing the bundle),
+#: ``method`` (or None) and ``seconds`` as attributes
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from torch.export import ExportedProgram
@@ -304,8 +310,8 @@ def compile(programs: Mapping[str, Any], path: str | os.PathLike[str], *, device
         jobs: how many methods to compile at once, each in a worker process (forked on the
             CPU, a fresh interpreter for CUDA programs, which then holds its own copy of the
             program's weights on the device). Default: for CPU programs one per core, at most
-            one per method; for CUDA programs 1 (one after another in this process) until the
-            parallel CUDA path has been measured on a GPU host.
+            one per method; for CUDA programs 1 (one after another in this process), which
+            measured faster on a GPU host than a worker per method (see ``_default_jobs``).
 
     Returns:
         The bundle directory. It is written in a staging directory inside ``path`` and moved
@@ -385,8 +391,10 @@ def _check_jobs(jobs: int | None, n_methods: int) -> int | None:
 
 def _default_jobs(device: str, n_methods: int) -> int:
     """One worker per core for CPU programs. CUDA programs compile one after another unless
-    ``jobs`` asks otherwise: their workers are fresh interpreters that each hold a copy of the
-    weights on the device, a path not yet measured on a GPU host."""
+    ``jobs`` asks otherwise: their workers are fresh interpreters that each pay torch's start-up
+    of a first compile in a process (the second method of a process compiled in 12 s where the
+    first took 52 s on the H200 host) and hold a copy of the weights on the device; measured
+    there on a 2 GiB pair, jobs=2 took 89.6 s where jobs=1 took 72.4 s."""
     if device != "cpu":
         return 1
     return max(1, min(n_methods, os.cpu_count() or 1))
@@ -416,9 +424,11 @@ def _compile(programs: Mapping[str, Any], out: Path, device: str | None, progres
         _warn_divergent_fqns(methods)
         _warn_unknown_kinds(methods)
         bar.phase("writing the weight store")
+        t0 = time.perf_counter()
         weights.write_store(out)
         _write_manifest(out, Manifest(device=device, methods=methods, weights=weights.specs, store=STORE,
                                       torch_version=torch.__version__, aoti_rt_version=__version__))
+        _timed("store", None, t0)
         bar.step()
     return out
 
@@ -474,6 +484,7 @@ def _compile_method(job: _Job, ep: ExportedProgram) -> tuple[MethodSpec, list[An
     aoti_dir.mkdir(parents=True, exist_ok=True)
     args, kwargs = ep.example_inputs if ep.example_inputs is not None else ((), {})
     module, prefix = _rooted(ep.module())
+    t0 = time.perf_counter()
     try:
         so_tmp = Path(torch._inductor.aot_compile(module, args, kwargs,
                                                   options=_aoti_options(aoti_dir / f"{name}.so", job.options)))
@@ -482,6 +493,8 @@ def _compile_method(job: _Job, ep: ExportedProgram) -> tuple[MethodSpec, list[An
     except Exception as e:  # noqa: BLE001 - inductor's errors are of many types
         raise CompileError(f"method {name!r}: AOTInductor failed to compile it ({type(e).__name__}: "
                            f"{_first_line(e)}); see the chained error for where") from e
+    _timed("aoti", name, t0)
+    t0 = time.perf_counter()
     blobs = sorted(aoti_dir.rglob("*_weights.blob"))
     consts, so_spec, n_in = probe_method(so_tmp, blobs[0] if blobs else None, job.device,
                                          {prefix + f for f in job.mutated})
@@ -500,10 +513,18 @@ def _compile_method(job: _Job, ep: ExportedProgram) -> tuple[MethodSpec, list[An
     if extern is not None:
         # torch's runner finds it by the .so's stem and builds the proxy executor from it
         shutil.copyfile(extern, (job.out / method.so).with_suffix(".json"))
-    # the blob holds a copy of every weight: gone before the store is written, its pages need
-    # no write-back (dirty pages of a GB-size blob slowed the store's write 4x)
+    # the constants' bytes are views of the blob's mapping (probe_method), which outlives its
+    # name: unlinked now, the file is not written back behind the store's write (dirty pages of
+    # a GB-size blob slowed that write 4x) and is gone once the bytes are
     shutil.rmtree(aoti_dir, ignore_errors=True)
+    _timed("probe", name, t0)
     return method, [data for _, data in consts]
+
+
+def _timed(phase: str, method: str | None, since: float) -> None:
+    seconds = time.perf_counter() - since
+    log.debug("%s%s: %.2f s", phase, f" {method}" if method else "", seconds,
+              extra={"phase": phase, "method": method, "seconds": seconds})
 
 
 #: the attribute :func:`_rooted` puts a module under

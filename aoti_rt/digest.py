@@ -21,6 +21,8 @@ loader's 32 MiB chunks, so a chunk of one large weight is exactly eight blocks.
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Iterable
 
 from blake3 import blake3
@@ -63,14 +65,30 @@ def combine(nbytes: int, block_hashes: bytes | bytearray | memoryview | Iterable
     return PREFIX + blake3(_DOMAIN + nbytes.to_bytes(8, "little") + joined).hexdigest()
 
 
+#: a weight of at least this many blocks is hashed by several threads (the hasher releases
+#: the GIL); below it, handing blocks to threads costs more than it saves
+_PARALLEL_BLOCKS = 8
+
+
+@functools.cache
+def _hash_pool():
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, 16)), thread_name_prefix="aoti_rt-digest")
+
+
 def weight_digest(data) -> str:
-    """The digest of a weight's bytes (any contiguous bytes-like object)."""
+    """The digest of a weight's bytes (any contiguous bytes-like object); a large weight's
+    blocks are hashed in parallel threads."""
     mv = memoryview(data)
     if not mv.c_contiguous:
         raise ValueError("weight_digest needs contiguous bytes")
     mv = mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
     n = mv.nbytes
-    return combine(n, b"".join(block_hash(mv[i:i + BLOCK]) for i in range(0, n, BLOCK)))
+    blocks = (mv[i:i + BLOCK] for i in range(0, n, BLOCK))
+    if num_blocks(n) >= _PARALLEL_BLOCKS and (os.cpu_count() or 1) > 1:
+        return combine(n, b"".join(_hash_pool().map(block_hash, blocks)))
+    return combine(n, b"".join(block_hash(b) for b in blocks))
 
 
 def is_verifiable(digest: str) -> bool:
@@ -86,7 +104,6 @@ def file_digests(path, ranges: list[tuple[int, int]], *, workers: int | None = N
     digest claims, by hashing the store it was loaded from: no device memory, no copy.
     Raises OSError if the file cannot be read or is shorter than a range.
     """
-    import os
     from concurrent.futures import ThreadPoolExecutor
 
     jobs = [(i, b, off + b * BLOCK, min(BLOCK, n - b * BLOCK))

@@ -4,14 +4,21 @@ runner.
 The C ABI gives each constant's internal name, FQN, dtype, kind and data size, but not its
 shape, stride or storage offset (they are compiled into the .so). :func:`probe_method` loads
 the method once the stock way (``AOTIModelContainerRunner*`` + ``binary_blob``) and reads the
-exact views and bytes AOTI holds. The compiler probes each method it builds; ``load_method``
-probes a stock artifact once and caches the result beside it.
+exact views AOTI holds. A constant's bytes are a read-only view of the ``binary_blob`` the
+runner loaded them from (AOTI's slot for it, :func:`aoti_rt.abi.blob_layout`; its start, middle
+and end are checked against what the runner loaded), not a copy back from the device: for a
+2 GiB CUDA method that copy and its host first-touch cost seconds. Only a
+method without a blob (weights in the .so) has its bytes copied from the runner's tensors. The
+compiler probes each method it builds; ``load_method`` probes a stock artifact once and caches
+the result beside it.
 """
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
+from .abi import blob_layout
 from .bundle import ConstantSpec, dtype_name
 from .digest import weight_digest
 from .errors import CompileError
@@ -45,16 +52,49 @@ def storage_bytes(t) -> bytes:
     return ctypes.string_at(u8.data_ptr(), u8.numel()) if u8.numel() else b""
 
 
+#: bytes compared at each end and in the middle of a constant taken from the blob
+_SPOT = 64
+
+
+def _same_as_loaded(t, data: memoryview) -> bool:
+    """Whether the runner's tensor ``t`` holds ``data`` at its start, middle and end: a layout
+    that put another constant's bytes in this slot differs there (three small copies, not the
+    whole storage back from the device)."""
+    import torch
+
+    n = len(data)
+    if n == 0:
+        return True
+    u8 = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
+    spans = sorted({(a, min(n, a + _SPOT)) for a in (0, max(0, n // 2 - _SPOT // 2), max(0, n - _SPOT))})
+    got = torch.cat([u8[a:b] for a, b in spans]).cpu().numpy().tobytes()
+    return got == b"".join(bytes(data[a:b]) for a, b in spans)
+
+
+def _blob_view(blob: Path | None) -> memoryview | None:
+    """The whole blob, mapped read-only (None without a blob or for an empty one)."""
+    if blob is None or blob.stat().st_size == 0:
+        return None
+    with open(blob, "rb") as f:
+        return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+
+
 def probe_method(so_path: Path, blob: Path | None, device: str, mutated: set[str]):
-    """Describe a compiled method's constants: ([(ConstantSpec, storage bytes)], call spec, n_in)."""
+    """Describe a compiled method's constants: ([(ConstantSpec, storage bytes)], call spec, n_in).
+
+    The bytes are read-only views of ``blob`` where the blob holds them (see the module's
+    docstring), else ``bytes`` copied from the runner's tensors.
+    """
     from .abi import describe
 
     d = describe(so_path, device)
     infos, spec, n_in = d.constants, d.call_spec, d.num_inputs
     runner, tensors = _probe(so_path, blob, device)
+    view = _blob_view(blob)
+    slots, _ = blob_layout([info.data_size for info in infos])
     out = []
     try:
-        for info in infos:
+        for info, slot in zip(infos, slots):
             if info.folded:
                 raise CompileError(f"{so_path.name}: constant {info.fqn} is folded at run time; aoti_rt "
                                    f"does not support aot_inductor.use_runtime_constant_folding")
@@ -63,7 +103,15 @@ def probe_method(so_path: Path, blob: Path | None, device: str, mutated: set[str
                 t = tensors.get(info.name)
             if t is None:
                 raise CompileError(f"{so_path.name}: AOTI reports constant {info.fqn} but holds no tensor for it")
-            data = storage_bytes(t)
+            nbytes = t.untyped_storage().nbytes()
+            if view is not None and nbytes <= info.data_size and slot + nbytes <= len(view):
+                data = view[slot:slot + nbytes]       # the bytes the runner loaded this constant from
+                if not _same_as_loaded(t, data):
+                    raise CompileError(f"{so_path.name}: constant {info.fqn} is not at byte {slot} of "
+                                       f"{blob.name}, where aoti_rt's reading of AOTI's blob layout puts it; "
+                                       f"this torch's layout differs: please report it with the torch version")
+            else:
+                data = storage_bytes(t)
             digest = weight_digest(data)
             out.append((ConstantSpec(
                 name=info.name, fqn=info.fqn, dtype=dtype_name(t.dtype), shape=list(t.shape),

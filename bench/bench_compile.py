@@ -13,6 +13,10 @@ kernels; exporting is done before the clock starts, in every row alike:
   aoti_rt.compile, jobs=N  the whole bundle, each method in its own worker process (forked on
                            the CPU, a fresh interpreter on CUDA)
 
+The jobs=1 row also splits its time (the compiler's DEBUG timing records): AOTInductor's compile
+of each method against aoti_rt's own work (probing each .so's constants and hashing them, then
+writing the store and manifest).
+
 The goal (issue 10): aoti_rt's wall time at most the slowest method's stock compile plus 1 s per
 GB of unique weights (aoti_rt's own work: probing each method, hashing and writing the store).
 """
@@ -50,13 +54,25 @@ def _child(kind: str, a: dict[str, Any]) -> dict[str, Any]:
             torch._inductor.aoti_compile_and_package(ep, package_path=str(out / f"{name}.pt2"))
             seconds[name] = time.perf_counter() - t0
         return {"seconds": seconds}
-    import aoti_rt
+    import logging
 
+    import aoti_rt
+    from aoti_rt import compiler
+
+    phases: dict[str, float] = {}
+
+    class Phases(logging.Handler):                  # the compiler's timing records (this process's)
+        def emit(self, r: logging.LogRecord) -> None:
+            if hasattr(r, "phase"):
+                phases[r.phase] = phases.get(r.phase, 0.0) + r.seconds
+
+    compiler.log.addHandler(Phases())
+    compiler.log.setLevel(logging.DEBUG)
     t0 = time.perf_counter()
     aoti_rt.compile(eps, out / "bundle", progress=False, jobs=a["jobs"])
     seconds = time.perf_counter() - t0
     unique = aoti_rt.read_bundle(out / "bundle").manifest.unique_weight_bytes()
-    return {"seconds": seconds, "unique": unique}
+    return {"seconds": seconds, "unique": unique, "phases": phases}
 
 
 def run(args: argparse.Namespace, report: Any) -> None:
@@ -70,13 +86,19 @@ def run(args: argparse.Namespace, report: Any) -> None:
     table = report.table(f"compile wall time: {spec.layers} x Linear({spec.dim}, {spec.dim}) {spec.dtype}, "
                          f"{len(spec.methods)} methods, each row a fresh process with an empty inductor cache",
                          [("variant", "variant", "{}"), ("seconds", "s", "{:.1f}"),
-                          ("per_method", "per method s", "{}")])
+                          ("per_method", "per method s", "{}"), ("aoti", "AOTI compile s", "{}"),
+                          ("own", "aoti_rt's own s (probe, store)", "{}")])
     n = len(spec.methods)
     rows = [("stock aoti_compile_and_package, per method", "stock", {}),
             ("aoti_rt.compile, jobs=1", "aoti_rt", {"jobs": 1}),
             (f"aoti_rt.compile, jobs={n}", "aoti_rt", {"jobs": n})]
     got: dict[str, dict[str, Any]] = {}
-    for label, kind, extra in rows:
+    keys = ("stock", "serial", "parallel")
+    if args.rows != "all":
+        report.notes.append(f"--rows {args.rows}: only the rows named were run")
+    for key, (label, kind, extra) in zip(keys, rows):
+        if args.rows != "all" and key not in args.rows.split(","):
+            continue
         with tempfile.TemporaryDirectory(prefix="aoti_rt-bench-compile-") as tmp:
             env = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(tmp, "inductor")}
             common.log(f"{label} ...")
@@ -88,10 +110,15 @@ def run(args: argparse.Namespace, report: Any) -> None:
         got[label] = r
         if kind == "stock":
             per = r["seconds"]
-            table.add(variant=label, seconds=sum(per.values()),
+            table.add(variant=label, seconds=sum(per.values()), aoti="", own="",
                       per_method=", ".join(f"{k} {v:.1f}" for k, v in per.items()), per_method_s=per)
         else:
-            table.add(variant=label, seconds=r["seconds"], per_method="", unique_bytes=r["unique"])
+            ph = r.get("phases") or {}
+            in_process = "aoti" in ph                 # jobs=1; workers' records stay in the workers
+            table.add(variant=label, seconds=r["seconds"], per_method="", unique_bytes=r["unique"], phases=ph,
+                      aoti=f"{ph['aoti']:.1f}" if in_process else "",
+                      own=(f"{ph.get('probe', 0) + ph.get('store', 0):.1f} (probe {ph.get('probe', 0):.1f}, "
+                           f"store {ph.get('store', 0):.1f})") if in_process else "")
     stock = got.get(rows[0][0])
     par = got.get(rows[2][0])
     if stock and par:
@@ -110,6 +137,7 @@ def run(args: argparse.Namespace, report: Any) -> None:
 
 def _extra(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, default=None, help="stack depth (default: 16 full, 4 small)")
+    p.add_argument("--rows", default="all", help="'all', or some of stock,serial,parallel (comma-separated)")
     child.add_arguments(p)
 
 

@@ -412,6 +412,29 @@ def test_load_method_on_stock_artifact(stock_artifact, device):
         torch.testing.assert_close(m2(x), mod(x))
 
 
+def test_probe_reads_constants_from_the_blob_and_checks_its_layout(stock_artifact, device, monkeypatch):
+    """The probe takes each constant's bytes from the blob the runner loaded (no copy back from
+    the device), equal to what the runner holds; a layout that misplaces them is refused."""
+    from aoti_rt import probe
+    from aoti_rt.device import device_guard
+
+    so, blob, _ = stock_artifact
+    consts, _, _ = probe.probe_method(so, blob, device, set())
+    runner, tensors = probe._probe(so, blob, device)
+    try:
+        for c, data in consts:
+            assert isinstance(data, memoryview) and data.readonly
+            held = tensors.get(c.fqn, tensors.get(c.name))
+            assert bytes(data) == probe.storage_bytes(held), c.fqn
+    finally:
+        with device_guard(device):
+            del runner, tensors
+    real = probe.blob_layout
+    monkeypatch.setattr(probe, "blob_layout", lambda sizes: ([0] * len(sizes), real(sizes)[1]))
+    with pytest.raises(aoti_rt.CompileError, match="blob layout"):
+        probe.probe_method(so, blob, device, set())
+
+
 def test_load_method_shares_with_bundle(stock_shared_artifact, three_bundle, device):
     """A stock artifact compiled from the same weights as the bundle's: once the bundle is
     loaded, load_method verifies the bundle's copies (hashing its store) and shares them,
