@@ -77,6 +77,11 @@ def _hash_pool():
     return ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, 16)), thread_name_prefix="aoti_rt-digest")
 
 
+# a forked child (the compiler's CPU workers) inherits the pool without its threads: work
+# handed to it would wait forever, so the child starts a pool of its own
+os.register_at_fork(after_in_child=_hash_pool.cache_clear)
+
+
 def weight_digest(data) -> str:
     """The digest of a weight's bytes (any contiguous bytes-like object); a large weight's
     blocks are hashed in parallel threads."""

@@ -98,6 +98,33 @@ def test_digest_definition():
     assert digest.weight_digest(t.numpy()) == digest.weight_digest(data[:4096])
 
 
+def test_large_weight_digest_is_threaded_and_fork_safe():
+    """A weight of many blocks is hashed by a thread pool to the same digest as block by block,
+    and a forked child (the compiler's CPU workers) hashes one too, not waiting forever on the
+    parent's pool, whose threads it does not have."""
+    n = digest._PARALLEL_BLOCKS * BLOCK + 99
+    data = _pattern(n)
+    serial = digest.combine(n, [blake3(data[i:i + BLOCK]).digest() for i in range(0, n, BLOCK)])
+    assert digest.weight_digest(data) == serial            # the parent's pool now exists
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                           # the child: answer, or be killed
+        try:
+            os.write(w, digest.weight_digest(data).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG)) == (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done == (0, 0):
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's digest hung on the parent's thread pool")
+    with os.fdopen(r, "rb") as f:
+        assert f.read().decode() == serial
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.integers(0, 70_000), st.integers(0, 2**32 - 1))
 def test_own_blake3_equals_the_blake3_package(n, seed):
