@@ -745,10 +745,13 @@ def _pickled_constants(arc: _Archive, so: Path, device: Device, storages: dict[s
     return out, call_spec, at
 
 
-def _probe(so: Path, blob: Path | None, device: Device, what: str) -> tuple[list[tuple[ConstantSpec, int]], Any]:
-    """Each constant's view and byte count as torch's own AOTI runner holds it, and the call spec."""
+def _probe(so: Path, blob: Path | None, device: Device, what: str, *, embedded: bool = False
+           ) -> tuple[list[tuple[ConstantSpec, int]], Any]:
+    """Each constant's view and byte count as torch's own AOTI runner holds it, and the call
+    spec; ``embedded``: the weights are inside the .so (hashed from there, not the device)."""
     try:
-        consts, call_spec, _ = probe_method(so, blob, str(device), mutated=set())
+        consts, call_spec, _ = probe_method(so, blob, str(device), mutated=set(),
+                                            embedded=(lambda need: embedded_constants(so, need)) if embedded else None)
         return [(c, len(data)) for c, data in consts], call_spec
     except CompileError as e:
         raise BundleError(f"{what}: {e}") from None
@@ -810,7 +813,7 @@ def _probe_model(arc: _Archive, root: str, name: str, files: dict[str, _Entry], 
             consts, call_spec, at = _pickled_constants(arc, so, device, storages, what)
         else:                                  # embedded in the .so
             embedded = True
-            consts, call_spec = _probe(so, None, device, what)
+            consts, call_spec = _probe(so, None, device, what, embedded=True)
             need = sum(c.data_size for c, _ in consts)
             start, length = embedded_constants(so, need) if consts else (0, 0)
             if so_entry.method == _STORED:

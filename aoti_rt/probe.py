@@ -8,7 +8,8 @@ exact views AOTI holds. A constant's bytes are a read-only view of the ``binary_
 runner loaded them from (AOTI's slot for it, :func:`aoti_rt.abi.blob_layout`; its start, middle
 and end are checked against what the runner loaded), not a copy back from the device: for a
 2 GiB CUDA method that copy and its host first-touch cost seconds. Only a
-method without a blob (weights in the .so) has its bytes copied from the runner's tensors. The
+method whose weights are neither in a blob nor located in its .so has its bytes copied from
+the runner's tensors. The
 compiler probes each method it builds; ``load_method`` probes a stock artifact once and caches
 the result beside it.
 """
@@ -16,6 +17,7 @@ the result beside it.
 from __future__ import annotations
 
 import mmap
+from collections.abc import Callable
 from pathlib import Path
 
 from .abi import blob_layout
@@ -71,26 +73,37 @@ def _same_as_loaded(t, data: memoryview) -> bool:
     return got == b"".join(bytes(data[a:b]) for a, b in spans)
 
 
-def _blob_view(blob: Path | None) -> memoryview | None:
-    """The whole blob, mapped read-only (None without a blob or for an empty one)."""
-    if blob is None or blob.stat().st_size == 0:
+def _file_view(path: Path, start: int = 0, length: int | None = None) -> memoryview | None:
+    """Bytes ``start`` to ``start + length`` (default: to the end) of ``path``, mapped
+    read-only; None for no bytes."""
+    size = path.stat().st_size
+    end = size if length is None else min(size, start + length)
+    if end <= start:
         return None
-    with open(blob, "rb") as f:
-        return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+    with open(path, "rb") as f:
+        return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))[start:end]
 
 
-def probe_method(so_path: Path, blob: Path | None, device: str, mutated: set[str]):
+def probe_method(so_path: Path, blob: Path | None, device: str, mutated: set[str],
+                 embedded: Callable[[int], tuple[int, int]] | None = None):
     """Describe a compiled method's constants: ([(ConstantSpec, storage bytes)], call spec, n_in).
 
     The bytes are read-only views of ``blob`` where the blob holds them (see the module's
-    docstring), else ``bytes`` copied from the runner's tensors.
+    docstring), else ``bytes`` copied from the runner's tensors. For a .so that keeps its
+    weights inside, ``embedded(need)`` gives ``(file offset, size)`` of that blob in the .so
+    (``need``: the sum of the constants' data sizes), so they are views of the .so instead.
     """
     from .abi import describe
 
     d = describe(so_path, device)
     infos, spec, n_in = d.constants, d.call_spec, d.num_inputs
+    if blob is not None:
+        view, source = _file_view(blob), blob.name
+    elif embedded is not None and infos:
+        view, source = _file_view(so_path, *embedded(sum(i.data_size for i in infos))), f"{so_path.name}'s weights"
+    else:
+        view, source = None, ""
     runner, tensors = _probe(so_path, blob, device)
-    view = _blob_view(blob)
     slots, _ = blob_layout([info.data_size for info in infos])
     out = []
     try:
@@ -108,7 +121,7 @@ def probe_method(so_path: Path, blob: Path | None, device: str, mutated: set[str
                 data = view[slot:slot + nbytes]       # the bytes the runner loaded this constant from
                 if not _same_as_loaded(t, data):
                     raise CompileError(f"{so_path.name}: constant {info.fqn} is not at byte {slot} of "
-                                       f"{blob.name}, where aoti_rt's reading of AOTI's blob layout puts it; "
+                                       f"{source}, where aoti_rt's reading of AOTI's blob layout puts it; "
                                        f"this torch's layout differs: please report it with the torch version")
             else:
                 data = storage_bytes(t)
