@@ -5,13 +5,12 @@ The C ABI gives each constant's internal name, FQN, dtype, kind and data size, b
 shape, stride or storage offset (they are compiled into the .so). :func:`probe_method` loads
 the method once the stock way (``AOTIModelContainerRunner*`` + ``binary_blob``) and reads the
 exact views AOTI holds. A constant's bytes are a read-only view of the ``binary_blob`` the
-runner loaded them from (AOTI's slot for it, :func:`aoti_rt.abi.blob_layout`; its start, middle
-and end are checked against what the runner loaded), not a copy back from the device: for a
-2 GiB CUDA method that copy and its host first-touch cost seconds. Only a
-method whose weights are neither in a blob nor located in its .so has its bytes copied from
-the runner's tensors. The
-compiler probes each method it builds; ``load_method`` probes a stock artifact once and caches
-the result beside it.
+runner loaded them from (AOTI's slot for it, :func:`aoti_rt.abi.blob_layout`), or of the same
+layout inside the .so for weights packaged in it; the start, middle and end of each are checked
+against what the runner loaded. They are not copied back from the device: for a 2 GiB CUDA
+method that copy and its host first-touch cost seconds. Only a method whose weights are in
+neither place has its bytes copied from the runner's tensors. The compiler probes each method
+it builds; ``load_method`` probes a stock artifact once and caches the result beside it.
 """
 
 from __future__ import annotations
