@@ -43,13 +43,18 @@ def _probe(so_path: Path, blob: Path, device: str):
     return runner, tensors
 
 
+def _storage_u8(t):
+    """A tensor's whole storage as a flat uint8 tensor on its device (no copy)."""
+    import torch
+
+    return torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
+
+
 def storage_bytes(t) -> bytes:
     """The bytes of a tensor's whole storage, on the host."""
     import ctypes
 
-    import torch
-
-    u8 = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage()).cpu()
+    u8 = _storage_u8(t).cpu()
     return ctypes.string_at(u8.data_ptr(), u8.numel()) if u8.numel() else b""
 
 
@@ -66,7 +71,7 @@ def _same_as_loaded(t, data: memoryview) -> bool:
     n = len(data)
     if n == 0:
         return True
-    u8 = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
+    u8 = _storage_u8(t)
     spans = sorted({(a, min(n, a + _SPOT)) for a in (0, max(0, n // 2 - _SPOT // 2), max(0, n - _SPOT))})
     got = torch.cat([u8[a:b] for a, b in spans]).cpu().numpy().tobytes()
     return got == b"".join(bytes(data[a:b]) for a, b in spans)
