@@ -49,8 +49,11 @@ from .errors import AotiRtError, CompileError
 from .probe import probe_method
 
 #: DEBUG records of where a compile's time goes, each with ``phase`` ("aoti": AOTInductor's
-#: compile of a method, "probe": aoti_rt reading its constants, "store": writing the bundle),
-#: ``method`` (or None) and ``seconds`` as attributes
+#: compile of a method, "probe": aoti_rt reading its constants, "store": writing the bundle;
+#: with worker processes also "warm-up": the zygote's, "save": a program saved for a worker,
+#: "load": a worker loading it, "handback": a worker writing its constants' bytes),
+#: ``method`` (or None) and ``seconds`` as attributes; a worker's records are emitted here
+#: when it hands back its result
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
@@ -307,11 +310,12 @@ def compile(programs: Mapping[str, Any], path: str | os.PathLike[str], *, device
         inductor_configs: inductor options for every method's AOTI compile, as
             ``torch._inductor.aoti_compile_and_package`` takes them (dotted names, e.g.
             ``{"max_autotune": True}``); those in :data:`RESERVED_OPTIONS` are aoti_rt's.
-        jobs: how many methods to compile at once, each in a worker process (forked on the
-            CPU, a fresh interpreter for CUDA programs, which then holds its own copy of the
-            program's weights on the device). Default: for CPU programs one per core, at most
-            one per method; for CUDA programs 1 (one after another in this process), which
-            measured faster on a GPU host than a worker per method (see ``_default_jobs``).
+        jobs: how many methods to compile at once, each in a worker process that inherits a
+            warm inductor (a fork of this process for CPU programs; for CUDA programs a fork of
+            a fresh interpreter that warmed up without CUDA, and which then holds its own copy
+            of the program's weights on the device). Default: for CPU programs one per core, at
+            most one per method; for CUDA programs 1, one after another in this process (see
+            ``_default_jobs``).
 
     Returns:
         The bundle directory. It is written in a staging directory inside ``path`` and moved
@@ -391,10 +395,11 @@ def _check_jobs(jobs: int | None, n_methods: int) -> int | None:
 
 def _default_jobs(device: str, n_methods: int) -> int:
     """One worker per core for CPU programs. CUDA programs compile one after another unless
-    ``jobs`` asks otherwise: their workers are fresh interpreters that each pay torch's start-up
-    of a first compile in a process (the second method of a process compiled in 12 s where the
-    first took 52 s on the H200 host) and hold a copy of the weights on the device; measured
-    there on a 2 GiB pair, jobs=2 took 89.6 s where jobs=1 took 72.4 s."""
+    ``jobs`` asks otherwise: each CUDA worker gets its program through a file (saving 2 GiB
+    took 10 s, loading it 4 s) and holds a copy of its weights on the device. Measured on the
+    H200 host on a 2 GiB pair (README, "Compile time"): workers forked from a warm zygote
+    took 75.2 s where stock's two compiles took 75.9 s in the same run; jobs=1 has not been
+    timed beside them, and adds no copy of the weights."""
     if device != "cpu":
         return 1
     return max(1, min(n_methods, os.cpu_count() or 1))
@@ -522,7 +527,10 @@ def _compile_method(job: _Job, ep: ExportedProgram) -> tuple[MethodSpec, list[An
 
 
 def _timed(phase: str, method: str | None, since: float) -> None:
-    seconds = time.perf_counter() - since
+    _record(phase, method, time.perf_counter() - since)
+
+
+def _record(phase: str, method: str | None, seconds: float) -> None:
     log.debug("%s%s: %.2f s", phase, f" {method}" if method else "", seconds,
               extra={"phase": phase, "method": method, "seconds": seconds})
 
@@ -602,13 +610,22 @@ def _extern_kernels(name: str, so: Path, workdir: Path) -> Path | None:
 # What overlaps: inductor's lowering is Python (it holds the GIL and patches global state, e.g.
 # torch.fx.traceback's node meta, so two lowerings in threads of one process break each other),
 # and on the CPU most of a method's time is g++ on its generated C++ (one process, one core).
-# So each method compiles in a worker process, all of it (lowering, C++ build, probe): on the
-# CPU a fork of this process (nothing to serialise, no import), for CUDA a fresh interpreter
-# that loads the program saved with torch.export.save (CUDA cannot be forked). A worker hands
-# back its MethodSpec (pickle) and its constants' bytes (one file the parent maps), and the
-# parent binds the methods in their order, so a bundle is the same whatever finished first.
+# So each method compiles in a worker process, all of it (lowering, C++ build, probe).
+#
+# How a worker starts: a fork, which inherits a warm inductor instead of paying a process's
+# start-up again. A first AOTI compile in a process pays inductor's imports and the C++
+# compiler's vector-ISA checks (g++ builds, a process per ISA that loads the result): on the
+# H200 host about 40 s of a 52 s first compile, where the same process's second method took
+# 12 s. For CPU programs the worker is a fork of this process, warmed once here (nothing to
+# serialise). CUDA cannot be forked once initialised, and this process exported CUDA programs;
+# so CUDA workers are forks of a *zygote*: a fresh interpreter started at once, which warms up
+# without touching CUDA (its warm-up overlaps this process saving the programs with
+# torch.export.save), then forks a worker per method; each worker initialises CUDA itself and
+# loads its program. A worker hands back its MethodSpec (pickle) and its constants' bytes (one
+# file the parent maps), and the parent binds the methods in their order, so a bundle is the
+# same whatever finished first.
 
-#: "fork" or "spawn" to force how workers start (tests); None: fork for CPU programs
+#: "fork" or "zygote" to force how workers start (tests); None: fork for CPU programs
 WORKER_START: str | None = None
 
 
@@ -623,10 +640,11 @@ def _build_methods(eps: Mapping[str, ExportedProgram], todo: list[_Job], jobs: i
             built[job.name] = _compile_method(job, eps[job.name])
             bar.step()
         return built
-    fork = _use_fork(todo[0].device)
-    if fork:
+    zygote = None
+    if _use_fork(todo[0].device):
         _warm_up_inductor()
-    start = _start_fork if fork else _start_spawn
+    else:
+        zygote = _Zygote()                    # warms up while the programs are saved
     pending = list(todo)
     running: dict[str, _Worker] = {}
     built = {}
@@ -634,7 +652,8 @@ def _build_methods(eps: Mapping[str, ExportedProgram], todo: list[_Job], jobs: i
         while pending or running:
             while pending and len(running) < jobs:
                 job = pending.pop(0)
-                running[job.name] = start(job, eps[job.name])
+                running[job.name] = _start_fork(job, eps[job.name]) if zygote is None else zygote.start(
+                    job, eps[job.name])
                 bar.phase(f"compiling {', '.join(running)}")
             time.sleep(0.05)
             for name, w in list(running.items()):
@@ -648,13 +667,16 @@ def _build_methods(eps: Mapping[str, ExportedProgram], todo: list[_Job], jobs: i
     finally:
         for w in running.values():
             w.kill()
+        if zygote is not None:
+            zygote.close()
     return built
 
 
 def _warm_up_inductor() -> None:
     """What every first AOTI compile in a process does (import inductor's modules, probe the
-    CPU's vector ISA with the C++ compiler: ~1.6 s), done once here so forked workers inherit
-    it instead of each repeating it. Best effort: a torch without these modules skips it."""
+    CPU's vector ISA with the C++ compiler), done once here so forked workers inherit it
+    instead of each repeating it. It does not initialise CUDA. Best effort: a torch without
+    these modules skips it."""
     with contextlib.suppress(Exception):
         import importlib
 
@@ -675,18 +697,19 @@ def _use_fork(device: str) -> bool:
 
 
 class _Worker:
-    """One method compiling in a worker process; :meth:`result` reads what it handed back."""
+    """One method compiling in a worker process; :meth:`result` reads what it handed back.
+    A fork of this process is waited for here; a zygote's worker through its zygote."""
 
-    def __init__(self, job: _Job, pid: int | None = None, proc: subprocess.Popen | None = None):
+    def __init__(self, job: _Job, pid: int | None = None, zygote: _Zygote | None = None):
         self.job = job
         self.pid = pid
-        self.proc = proc
+        self.zygote = zygote
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            if self.proc is not None:
-                self.returncode = self.proc.poll()
+            if self.zygote is not None:
+                self.returncode = self.zygote.exit_status(self.job)
             else:
                 pid, status = os.waitpid(self.pid, os.WNOHANG)
                 if pid:
@@ -697,20 +720,21 @@ class _Worker:
         """Stop it (a failure elsewhere, or an interrupt) and reap it."""
         if self.poll() is not None:
             return
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-        else:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, 9)
-            os.waitpid(self.pid, 0)
+        if self.zygote is not None:
+            self.zygote.kill(self.job)           # the zygote reaps it
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, 9)
+        os.waitpid(self.pid, 0)
 
     def result(self) -> tuple[MethodSpec, list[Any]]:
         """The worker's MethodSpec and constant bytes (views of its data file), or its error."""
         wd, name = self.job.workdir, self.job.name
         if self.returncode == 0 and (wd / "result.pkl").is_file():
             with open(wd / "result.pkl", "rb") as f:
-                method, spans = pickle.load(f)
+                method, spans, records = pickle.load(f)
+            for phase, m, seconds in records:
+                _record(phase, m, seconds)
             return method, _map_spans(wd / "data.bin", spans)
         if (wd / "error.pkl").is_file():
             with open(wd / "error.pkl", "rb") as f:
@@ -734,17 +758,45 @@ def _map_spans(path: Path, spans: list[tuple[int, int]]) -> list[Any]:
     return [view[o:o + n] for o, n in spans]
 
 
-def _run_job(job: _Job, ep: ExportedProgram) -> None:
-    """In a worker: compile the method and write its result files (renamed into place last)."""
-    method, data = _compile_method(job, ep)
-    spans, offset = [], 0
-    with open(job.workdir / "data.bin", "wb") as f:
-        for d in data:
-            f.write(d)
-            spans.append((offset, len(d)))
-            offset += len(d)
+class _Records(logging.Handler):
+    """A worker's timing records, handed back to the parent with its result."""
+
+    def __init__(self, records: list[tuple[str, str | None, float]]):
+        super().__init__(logging.DEBUG)
+        self.records = records
+
+    def emit(self, r: logging.LogRecord) -> None:
+        if hasattr(r, "phase"):
+            self.records.append((r.phase, r.method, r.seconds))
+
+
+def _run_job(job: _Job, ep: ExportedProgram | Path) -> None:
+    """In a worker: compile the method (``ep``, or the program saved there) and write its
+    result files (renamed into place last)."""
+    import torch
+
+    records: list[tuple[str, str | None, float]] = []
+    handler = _Records(records)
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    try:
+        if isinstance(ep, Path):
+            t0 = time.perf_counter()
+            ep = torch.export.load(ep)
+            _timed("load", job.name, t0)
+        method, data = _compile_method(job, ep)
+        t0 = time.perf_counter()
+        spans, offset = [], 0
+        with open(job.workdir / "data.bin", "wb") as f:
+            for d in data:
+                f.write(d)
+                spans.append((offset, len(d)))
+                offset += len(d)
+        _timed("handback", job.name, t0)
+    finally:
+        log.removeHandler(handler)
     with open(job.workdir / "result.tmp", "wb") as f:
-        pickle.dump((method, spans), f)
+        pickle.dump((method, spans, records), f)
     os.replace(job.workdir / "result.tmp", job.workdir / "result.pkl")
 
 
@@ -773,34 +825,170 @@ def _start_fork(job: _Job, ep: ExportedProgram) -> _Worker:
     return _Worker(job, pid=pid)
 
 
-def _start_spawn(job: _Job, ep: ExportedProgram) -> _Worker:
+class _Zygote:
+    """A fresh interpreter that warms inductor up once, without initialising CUDA, and then
+    forks a worker per method (:func:`_zygote_main`). The parent writes a job's work directory
+    as a line to its stdin; it answers with JSON lines on its stdout: ``{"pid": ..., "dir": ...}``
+    when it forked a job's worker, ``{"exit": code, "dir": ...}`` when the worker ended. Closing
+    its stdin ends it once its workers have; it kills them if this process goes first."""
+
+    def __init__(self) -> None:
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[1])       # the aoti_rt this process runs
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"            # torch.cuda.is_available() without cuInit
+        code = "import sys; from aoti_rt.compiler import _zygote_main; sys.exit(_zygote_main())"
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE)
+        except OSError as e:
+            raise CompileError(f"cannot start a worker process ({e}); compile with jobs=1") from e
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        self._buf = b""
+        self._pids: dict[str, int] = {}
+        self._exits: dict[str, int] = {}
+
+    def start(self, job: _Job, ep: ExportedProgram) -> _Worker:
+        """Save ``ep`` and ``job`` in the job's work directory and have a worker compile it."""
+        import torch
+
+        job.workdir.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        torch.export.save(ep, job.workdir / "program.pt2")
+        _timed("save", job.name, t0)
+        try:
+            with open(job.workdir / "job.pkl", "wb") as f:
+                pickle.dump(job, f)
+        except (pickle.PicklingError, TypeError, AttributeError) as e:
+            raise CompileError(f"method {job.name!r}: an inductor option cannot be handed to a worker "
+                               f"process ({e}); compile with jobs=1") from e
+        try:
+            self.proc.stdin.write(os.fsencode(job.workdir) + b"\n")
+            self.proc.stdin.flush()
+        except OSError:
+            pass                                  # it died: exit_status says so
+        return _Worker(job, zygote=self)
+
+    def _read(self) -> None:
+        while True:
+            try:
+                chunk = self.proc.stdout.read()
+            except OSError:
+                chunk = None
+            if not chunk:
+                break
+            self._buf += chunk
+        *lines, self._buf = self._buf.split(b"\n")
+        for line in lines:
+            msg = json.loads(line)
+            if "warm" in msg:
+                _record("warm-up", None, msg["warm"])
+            elif "pid" in msg:
+                self._pids[msg["dir"]] = msg["pid"]
+            else:
+                self._exits[msg["dir"]] = msg["exit"]
+
+    def exit_status(self, job: _Job) -> int | None:
+        """The exit status of ``job``'s worker, None while it runs (-1: the zygote died)."""
+        self._read()
+        key = os.fsdecode(job.workdir)
+        if key in self._exits:
+            return self._exits[key]
+        if self.proc.poll() is not None:
+            self._read()
+            return self._exits.get(key, -1)
+        return None
+
+    def kill(self, job: _Job) -> None:
+        self._read()
+        pid = self._pids.get(os.fsdecode(job.workdir))
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+
+    def close(self) -> None:
+        """End it: once its workers have ended, or at once (with them) within 10 s."""
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+
+
+def _zygote_main() -> int:
+    """The zygote's loop (see :class:`_Zygote`): warm up, then fork a worker per line read."""
+    import select
+
     import torch
 
-    job.workdir.mkdir(parents=True, exist_ok=True)
-    torch.export.save(ep, job.workdir / "program.pt2")
-    try:
-        with open(job.workdir / "job.pkl", "wb") as f:
-            pickle.dump(job, f)
-    except (pickle.PicklingError, TypeError, AttributeError) as e:
-        raise CompileError(f"method {job.name!r}: an inductor option cannot be handed to a worker "
-                           f"process ({e}); compile with jobs=1") from e
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[1])       # the aoti_rt this process runs
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    code = "import sys; from aoti_rt.compiler import _worker_main; sys.exit(_worker_main(sys.argv[1]))"
-    proc = subprocess.Popen([sys.executable, "-c", code, str(job.workdir)], env=env, stdin=subprocess.DEVNULL)
-    return _Worker(job, proc=proc)
+    proto = os.dup(1)                      # the answers; anything else printed goes to stderr
+    os.dup2(2, 1)
+    t0 = time.perf_counter()
+    _warm_up_inductor()
+    # a fork of a process that initialised CUDA cannot use it; were the warm-up ever to, the
+    # workers are fresh interpreters instead (they pay the start-up, but work)
+    fork = not torch.cuda.is_initialized()
+    workers: dict[int, str] = {}           # pid -> work directory
+    procs: dict[str, subprocess.Popen] = {}
+    buf, stdin_open = b"", True
+
+    def send(msg: dict[str, Any]) -> None:
+        os.write(proto, json.dumps(msg).encode() + b"\n")
+
+    send({"warm": time.perf_counter() - t0})
+
+    while stdin_open or workers or procs:
+        ready = select.select([0], [], [], 0.05)[0] if stdin_open else []
+        if ready:
+            chunk = os.read(0, 65536)
+            if not chunk:                  # the parent closed it, or died: workers still
+                stdin_open = False         # running are not wanted (a failure elsewhere)
+                for pid in workers:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, 9)
+                for p in procs.values():
+                    p.kill()
+            *lines, buf = (buf + chunk).split(b"\n")
+            for line in lines:
+                workdir = os.fsdecode(line)
+                if fork:
+                    pid = os.fork()
+                    if pid == 0:
+                        code = 1
+                        try:
+                            os.close(proto)
+                            os.close(0)
+                            code = _worker_main(workdir)
+                        finally:
+                            sys.stderr.flush()
+                            os._exit(code)
+                    workers[pid] = workdir
+                else:
+                    code = "import sys; from aoti_rt.compiler import _worker_main; sys.exit(_worker_main(sys.argv[1]))"
+                    p = subprocess.Popen([sys.executable, "-c", code, workdir], stdin=subprocess.DEVNULL)
+                    procs[workdir], pid = p, p.pid
+                send({"pid": pid, "dir": workdir})
+        for pid in list(workers):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                send({"exit": os.waitstatus_to_exitcode(status), "dir": workers.pop(pid)})
+        for workdir, p in list(procs.items()):
+            if p.poll() is not None:
+                send({"exit": p.returncode, "dir": workdir})
+                del procs[workdir]
+    return 0
 
 
 def _worker_main(workdir: str) -> int:
-    """A spawned worker's entry point: load the job and the saved program, run the job."""
-    import torch
-
+    """A worker's entry point (forked by the zygote): load the job and the saved program, run it."""
     with open(Path(workdir) / "job.pkl", "rb") as f:
         job = pickle.load(f)
     try:
         with quiet_torch_deprecations():
-            _run_job(job, torch.export.load(Path(workdir) / "program.pt2"))
+            _run_job(job, Path(workdir) / "program.pt2")
         return 0
     except BaseException as e:  # noqa: BLE001 - handed to the parent
         _write_error(job, e)

@@ -10,12 +10,14 @@ kernels; exporting is done before the clock starts, in every row alike:
   stock, per method        ``aoti_compile_and_package(ep)`` of each method in turn (the weights
                            packaged in each .so, torch's default): seconds of each
   aoti_rt.compile, jobs=1  the whole bundle, one method after another
-  aoti_rt.compile, jobs=N  the whole bundle, each method in its own worker process (forked on
-                           the CPU, a fresh interpreter on CUDA)
+  aoti_rt.compile, jobs=N  the whole bundle, each method in its own worker process (forked
+                           from this process on the CPU, from a warm zygote on CUDA)
 
-The jobs=1 row also splits its time (the compiler's DEBUG timing records): AOTInductor's compile
-of each method against aoti_rt's own work (probing each .so's constants and hashing them, then
-writing the store and manifest).
+Each row splits its time (the compiler's DEBUG timing records, the workers' included): the
+jobs=1 row AOTInductor's compile of each method against aoti_rt's own work (probing each .so's
+constants and hashing them, then writing the store and manifest); the jobs=N row, in a note,
+each worker's phases (loading its program, AOTI, probe, handing its constants back) beside the
+zygote's warm-up and the parent's saving of the programs.
 
 The goal (issue 10): aoti_rt's wall time at most the slowest method's stock compile plus 1 s per
 GB of unique weights (aoti_rt's own work: probing each method, hashing and writing the store).
@@ -60,11 +62,13 @@ def _child(kind: str, a: dict[str, Any]) -> dict[str, Any]:
     from aoti_rt import compiler
 
     phases: dict[str, float] = {}
+    records: list[list[Any]] = []
 
-    class Phases(logging.Handler):                  # the compiler's timing records (this process's)
+    class Phases(logging.Handler):                  # the compiler's timing records (its workers' too)
         def emit(self, r: logging.LogRecord) -> None:
             if hasattr(r, "phase"):
                 phases[r.phase] = phases.get(r.phase, 0.0) + r.seconds
+                records.append([r.phase, r.method, r.seconds])
 
     compiler.log.addHandler(Phases())
     compiler.log.setLevel(logging.DEBUG)
@@ -72,7 +76,7 @@ def _child(kind: str, a: dict[str, Any]) -> dict[str, Any]:
     aoti_rt.compile(eps, out / "bundle", progress=False, jobs=a["jobs"])
     seconds = time.perf_counter() - t0
     unique = aoti_rt.read_bundle(out / "bundle").manifest.unique_weight_bytes()
-    return {"seconds": seconds, "unique": unique, "phases": phases}
+    return {"seconds": seconds, "unique": unique, "phases": phases, "records": records}
 
 
 def run(args: argparse.Namespace, report: Any) -> None:
@@ -114,11 +118,24 @@ def run(args: argparse.Namespace, report: Any) -> None:
                       per_method=", ".join(f"{k} {v:.1f}" for k, v in per.items()), per_method_s=per)
         else:
             ph = r.get("phases") or {}
-            in_process = "aoti" in ph                 # jobs=1; workers' records stay in the workers
-            table.add(variant=label, seconds=r["seconds"], per_method="", unique_bytes=r["unique"], phases=ph,
+            per_phase: dict[str, dict[str, float]] = {}      # method -> phase -> seconds
+            for phase, method, sec in r.get("records") or []:
+                if method:
+                    d = per_phase.setdefault(method, {})
+                    d[phase] = d.get(phase, 0.0) + sec
+            in_process = extra.get("jobs") == 1        # the phases add up to the wall time
+            table.add(variant=label, seconds=r["seconds"], unique_bytes=r["unique"], phases=ph,
+                      records=r.get("records"),
+                      per_method="" if in_process else ", ".join(f"{m} {sum(d.values()):.1f}"
+                                                                  for m, d in per_phase.items()),
                       aoti=f"{ph['aoti']:.1f}" if in_process else "",
                       own=(f"{ph.get('probe', 0) + ph.get('store', 0):.1f} (probe {ph.get('probe', 0):.1f}, "
                            f"store {ph.get('store', 0):.1f})") if in_process else "")
+            if not in_process:                     # the workers' phases, each method's in its worker
+                table.notes.append(f"{label}: zygote warm-up {ph.get('warm-up', 0):.1f} s (beside the programs' "
+                                   f"save); " + "; ".join(f"{m}: " + ", ".join(f"{k} {v:.1f}" for k, v in d.items())
+                                                        for m, d in per_phase.items())
+                                   + f"; store {ph.get('store', 0):.1f} s")
     stock = got.get(rows[0][0])
     par = got.get(rows[2][0])
     if stock and par:

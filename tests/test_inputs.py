@@ -11,6 +11,7 @@ import json
 import os
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -373,9 +374,9 @@ def test_parallel_and_serial_compiles_write_the_same_bundle(three_bundle, tmp_pa
     progs = _three_programs(device)
     serial = aoti_rt.compile(progs, tmp_path / "serial", jobs=1, progress=True)
     bar = capsys.readouterr().err
-    monkeypatch.setattr(compiler, "WORKER_START", "spawn")   # as for a CUDA program: fresh interpreters
-    spawned = aoti_rt.compile(progs, tmp_path / "spawned", jobs=2, progress=False)
-    for other in (three_bundle, spawned):
+    monkeypatch.setattr(compiler, "WORKER_START", "zygote")   # as for a CUDA program
+    zygote = aoti_rt.compile(progs, tmp_path / "zygote", jobs=2, progress=False)
+    for other in (three_bundle, zygote):
         assert (other / "manifest.json").read_bytes() == (serial / "manifest.json").read_bytes()
         assert (other / "weights.safetensors").read_bytes() == (serial / "weights.safetensors").read_bytes()
     # the bar moved while the first method compiled: its seconds counted up before a step ended
@@ -389,8 +390,27 @@ def test_jobs_must_be_positive(tmp_path, no_aoti):
             aoti_rt.compile({"fwd": (nn.Linear(2, 2), (torch.randn(1, 2),))}, tmp_path / "b", jobs=jobs)
 
 
-def test_a_failing_worker_is_a_compile_error(tmp_path):
+def _children() -> list[str]:
+    """This process's live child processes (pid: command line)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and fields[0] != "Z":
+            out.append(f"{stat.parent.name}: {(stat.parent / 'cmdline').read_bytes()[:200]!r}")
+    return out
+
+
+@pytest.mark.parametrize("start", ["fork", "zygote"])
+def test_a_failing_worker_is_a_compile_error(tmp_path, monkeypatch, start):
+    """Both ways a worker starts (zygote: as for CUDA programs) hand its error back, and leave
+    no process behind."""
+    monkeypatch.setattr(compiler, "WORKER_START", start)
+    before = _children()
     progs = {"a": (nn.Linear(4, 4), (torch.randn(2, 4),)), "b": (nn.Linear(4, 4), (torch.randn(2, 4),))}
     with pytest.raises(aoti_rt.CompileError, match=r"method '[ab]': AOTInductor failed to compile it"):
         aoti_rt.compile(progs, tmp_path / "b", progress=False, jobs=2, inductor_configs=_bogus_cxx())
     assert not (tmp_path / "b").exists()
+    assert _children() == before
