@@ -23,7 +23,6 @@ import json
 import keyword
 import logging
 import math
-import mmap
 import os
 import pickle
 import re
@@ -46,7 +45,7 @@ from .bundle import (FIXED_INPUT_TYPES, ITEMSIZE, MANIFEST, MAX_INT, MAX_NAME, S
                      DimRange, FixedInput, InputSpec, Manifest, MethodSpec, WeightSpec, contiguous_strides,
                      divergent_fqns, dtype_name, read_store_header, safe_tensor_name, weight_id)
 from .errors import AotiRtError, CompileError
-from .probe import probe_method
+from .probe import FileSpan, OpenFile, probe_method
 
 #: DEBUG records of where a compile's time goes, each with ``phase`` ("aoti": AOTInductor's
 #: compile of a method, "probe": aoti_rt reading its constants, "store": writing the bundle;
@@ -479,9 +478,12 @@ class _Job:
     options: dict[str, Any]
 
 
-def _compile_method(job: _Job, ep: ExportedProgram) -> tuple[MethodSpec, list[Any]]:
+def _compile_method(job: _Job, ep: ExportedProgram, keep_files: bool = False
+                    ) -> tuple[MethodSpec, list[bytes | FileSpan]]:
     """Compile one method to ``job.out/<name>.so``, independently of the others: its
-    MethodSpec and its constants' storage bytes."""
+    MethodSpec and its constants' storage bytes (spans of AOTI's blob, or bytes).
+    ``keep_files``: move the files the spans read into ``job.workdir`` (a worker hands them
+    to its parent by name) rather than unlink them."""
     import torch
 
     name = job.name
@@ -518,9 +520,12 @@ def _compile_method(job: _Job, ep: ExportedProgram) -> tuple[MethodSpec, list[An
     if extern is not None:
         # torch's runner finds it by the .so's stem and builds the proxy executor from it
         shutil.copyfile(extern, (job.out / method.so).with_suffix(".json"))
-    # the constants' bytes are views of the blob's mapping (probe_method), which outlives its
+    # the constants' bytes are spans of the blob (probe_method), open, which outlives its
     # name: unlinked now, the file is not written back behind the store's write (dirty pages of
-    # a GB-size blob slowed that write 4x) and is gone once the bytes are
+    # a GB-size blob slowed that write 4x) and is gone once the spans are; a worker keeps it
+    # for its parent (_run_job)
+    if keep_files:
+        _keep_span_files((data for _, data in consts), job.workdir)
     shutil.rmtree(aoti_dir, ignore_errors=True)
     _timed("probe", name, t0)
     return method, [data for _, data in consts]
@@ -621,9 +626,9 @@ def _extern_kernels(name: str, so: Path, workdir: Path) -> Path | None:
 # so CUDA workers are forks of a *zygote*: a fresh interpreter started at once, which warms up
 # without touching CUDA (its warm-up overlaps this process saving the programs with
 # torch.export.save), then forks a worker per method; each worker initialises CUDA itself and
-# loads its program. A worker hands back its MethodSpec (pickle) and its constants' bytes (one
-# file the parent maps), and the parent binds the methods in their order, so a bundle is the
-# same whatever finished first.
+# loads its program. A worker hands back its MethodSpec (pickle) and its constants' bytes: the
+# AOTI blob they lie in, kept under its work directory, which the parent opens (no copy); the
+# parent binds the methods in their order, so a bundle is the same whatever finished first.
 
 #: "fork" or "zygote" to force how workers start (tests); None: fork for CPU programs
 WORKER_START: str | None = None
@@ -735,7 +740,7 @@ class _Worker:
                 method, spans, records = pickle.load(f)
             for phase, m, seconds in records:
                 _record(phase, m, seconds)
-            return method, _map_spans(wd / "data.bin", spans)
+            return method, _open_spans(wd, spans)
         if (wd / "error.pkl").is_file():
             with open(wd / "error.pkl", "rb") as f:
                 kind, message, tb = pickle.load(f)
@@ -746,16 +751,6 @@ class _Worker:
                                f"traceback:\n{tb}")
         raise CompileError(f"method {name!r}: the worker process compiling it died (exit status "
                            f"{self.returncode}) without a result; compile(..., jobs=1) compiles in this process")
-
-
-def _map_spans(path: Path, spans: list[tuple[int, int]]) -> list[Any]:
-    """Read-only views of ``spans`` (offset, size) of ``path``, mapped, not copied."""
-    size = path.stat().st_size
-    if size == 0:
-        return [b"" for _ in spans]
-    with open(path, "rb") as f:
-        view = memoryview(mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ))
-    return [view[o:o + n] for o, n in spans]
 
 
 class _Records(logging.Handler):
@@ -770,9 +765,33 @@ class _Records(logging.Handler):
             self.records.append((r.phase, r.method, r.seconds))
 
 
+def _keep_span_files(data, workdir: Path) -> None:
+    """Move each file that spans in ``data`` read into ``workdir``, named ``span<i>.bin``: the
+    names a worker hands back (:func:`_run_job`)."""
+    files = {id(d.file): d.file for d in data if isinstance(d, FileSpan)}
+    for i, f in enumerate(files.values()):
+        target = workdir / f"span{i}.bin"
+        os.replace(f.path, target)           # the open file is the same one
+        f.path = target
+
+
+def _open_spans(workdir: Path, spans: list[tuple[str, int, int]]) -> list[FileSpan]:
+    """A worker's constants' bytes (file name in ``workdir``, offset, size) as spans of those
+    files, open; each file is then unlinked (it lives while its spans do)."""
+    files: dict[str, OpenFile] = {}
+    for name, _, _ in spans:
+        if name not in files:
+            files[name] = OpenFile(workdir / name)
+    for f in files.values():
+        f.path.unlink()                      # no writeback behind the store's write
+    return [FileSpan(files[name], offset, n) for name, offset, n in spans]
+
+
 def _run_job(job: _Job, ep: ExportedProgram | Path) -> None:
     """In a worker: compile the method (``ep``, or the program saved there) and write its
-    result files (renamed into place last)."""
+    result files (renamed into place last). Constants read from AOTI's blob are handed back
+    as spans of that file, kept in the work directory; bytes copied from the device are
+    written to ``data.bin``."""
     import torch
 
     records: list[tuple[str, str | None, float]] = []
@@ -784,14 +803,17 @@ def _run_job(job: _Job, ep: ExportedProgram | Path) -> None:
             t0 = time.perf_counter()
             ep = torch.export.load(ep)
             _timed("load", job.name, t0)
-        method, data = _compile_method(job, ep)
+        method, data = _compile_method(job, ep, keep_files=True)
         t0 = time.perf_counter()
         spans, offset = [], 0
         with open(job.workdir / "data.bin", "wb") as f:
             for d in data:
-                f.write(d)
-                spans.append((offset, len(d)))
-                offset += len(d)
+                if isinstance(d, FileSpan):
+                    spans.append((d.file.path.name, d.offset, d.nbytes))
+                else:
+                    f.write(d)
+                    spans.append(("data.bin", offset, len(d)))
+                    offset += len(d)
         _timed("handback", job.name, t0)
     finally:
         log.removeHandler(handler)
@@ -1121,8 +1143,31 @@ def _write_safetensors(path: Path, entries: list[tuple[str, str, list[int], Any]
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for *_, data in order:
-            f.write(data)
+            if isinstance(data, FileSpan):
+                _copy_span(data, f)
+            else:
+                f.write(data)
     os.replace(tmp, path)
+
+
+def _copy_span(span: FileSpan, f) -> None:
+    """Append ``span``'s bytes to the open file ``f``: copied by the kernel where it can
+    (``copy_file_range``: no pass through this process), else read and written in chunks."""
+    f.flush()
+    at, done = f.tell(), 0
+    while done < span.nbytes:
+        n = min(span.nbytes - done, 1 << 30)
+        got = 0
+        if hasattr(os, "copy_file_range"):
+            try:
+                got = os.copy_file_range(span.file.fd, f.fileno(), n, span.offset + done, at + done)
+            except OSError:                  # another filesystem, an old kernel: copy by hand
+                got = 0
+        if got <= 0:
+            chunk = span.file.pread(min(n, 64 << 20), span.offset + done)
+            got = os.pwrite(f.fileno(), chunk, at + done)
+        done += got
+    f.seek(at + span.nbytes)
 
 
 def _warn_divergent_fqns(methods: dict[str, MethodSpec]) -> None:

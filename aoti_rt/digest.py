@@ -105,8 +105,11 @@ def file_digests(path, ranges: list[tuple[int, int]], *, workers: int | None = N
     """The digests of byte ranges ``(offset, nbytes)`` of a file, read and hashed block by
     block in parallel threads (``os.pread`` and the hasher both release the GIL).
 
+    ``path`` may also be a file descriptor open for reading (left open).
+
     Used to verify, on demand, that a weight already in device memory holds the bytes its
-    digest claims, by hashing the store it was loaded from: no device memory, no copy.
+    digest claims, by hashing the store it was loaded from: no device memory, no copy; and
+    by the probe, to hash constants where they lie in a blob, a .so or a package.
     Raises OSError if the file cannot be read or is shorter than a range.
     """
     from concurrent.futures import ThreadPoolExecutor
@@ -114,13 +117,14 @@ def file_digests(path, ranges: list[tuple[int, int]], *, workers: int | None = N
     jobs = [(i, b, off + b * BLOCK, min(BLOCK, n - b * BLOCK))
             for i, (off, n) in enumerate(ranges) for b in range(num_blocks(n))]
     hashes: list[list[bytes]] = [[b""] * num_blocks(n) for _, n in ranges]
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    owned = not isinstance(path, int)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)) if owned else path
     try:
         def one(job) -> None:
             i, b, at, n = job
             data = os.pread(fd, n, at)
             if len(data) != n:
-                raise OSError(f"{path} ends before byte {at + n}")
+                raise OSError(f"{path if owned else 'the file'} ends before byte {at + n}")
             hashes[i][b] = block_hash(data)
 
         n_workers = max(1, min(workers or os.cpu_count() or 1, 16, len(jobs)))
@@ -142,7 +146,8 @@ def file_digests(path, ranges: list[tuple[int, int]], *, workers: int | None = N
                     except KeyboardInterrupt:
                         continue
     finally:
-        os.close(fd)
+        if owned:
+            os.close(fd)
     return [combine(n, hashes[i]) for i, (_, n) in enumerate(ranges)]
 
 

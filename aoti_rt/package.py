@@ -81,7 +81,7 @@ from .bundle import (DTYPE_NAMES, MANIFEST_MAX_BYTES, MAX_INT, MAX_RANK, Constan
 from .device import Device
 from .digest import file_digests
 from .errors import AOTIError, AotiRtError, BundleError, CompileError
-from .probe import probe_method
+from .probe import FileSpan, Where, probe_method
 from .runtime import Method, Model, weight_source
 
 #: the version of the probe records written under ``<cache>/pt2/records/``
@@ -745,14 +745,15 @@ def _pickled_constants(arc: _Archive, so: Path, device: Device, storages: dict[s
     return out, call_spec, at
 
 
-def _probe(so: Path, blob: Path | None, device: Device, what: str, *, embedded: bool = False
-           ) -> tuple[list[tuple[ConstantSpec, int]], Any]:
-    """Each constant's view and byte count as torch's own AOTI runner holds it, and the call
-    spec; ``embedded``: the weights are inside the .so (hashed from there, not the device)."""
+def _probe(so: Path, blob: Path | None, device: Device, what: str, weights: Where
+           ) -> tuple[list[tuple[ConstantSpec, int]], Any, list[tuple[Path, int] | None]]:
+    """Each constant's view and byte count as torch's own AOTI runner holds it, the call spec,
+    and where each constant's digest was hashed from ((file, offset), None: from the device);
+    ``weights``: where the weights lie (see :func:`aoti_rt.probe.probe_method`)."""
     try:
-        consts, call_spec, _ = probe_method(so, blob, str(device), mutated=set(),
-                                            embedded=(lambda need: embedded_constants(so, need)) if embedded else None)
-        return [(c, len(data)) for c, data in consts], call_spec
+        consts, call_spec, _ = probe_method(so, blob, str(device), mutated=set(), weights=weights)
+        hashed = [(d.file.path, d.offset) if isinstance(d, FileSpan) else None for _, d in consts]
+        return [(c, len(data)) for c, data in consts], call_spec, hashed
     except CompileError as e:
         raise BundleError(f"{what}: {e}") from None
     except AotiRtError:
@@ -801,21 +802,37 @@ def _probe_model(arc: _Archive, root: str, name: str, files: dict[str, _Entry], 
             if length < need:
                 raise BundleError(f"{what}: its weights blob has {length} bytes but the .so reads {need}; the "
                                   f"package is truncated or corrupt: re-create or re-copy it")
-            if store is None:
+            if store is None:                  # torch's runner loads a file: a copy; hashed in place
                 tmp = probe_blob = _copy_range(arc.fd, base, need)
+                consts, call_spec, hashed = _probe(so, probe_blob, device, what, lambda _: (arc.path, base, length))
             else:
                 probe_blob = folder / blobs[0]
-            consts, call_spec = _probe(so, probe_blob, device, what)
+                consts, call_spec, hashed = _probe(so, probe_blob, device, what, lambda _: (probe_blob, 0, length))
             at = _in_blob(consts, base, length, what)
         elif pickled:                          # pickle_weights: each storage in place
             embedded, store = False, None
             storages = _pickled_storages(arc, root, config, what)
             consts, call_spec, at = _pickled_constants(arc, so, device, storages, what)
+            hashed = [(arc.path, off) for off in at]     # digests of the stored bytes themselves
         else:                                  # embedded in the .so
             embedded = True
-            consts, call_spec = _probe(so, None, device, what, embedded=True)
+            in_so: dict[str, Any] = {}
+
+            def where(need: int) -> tuple[Path, int, int]:   # hashed where the loader reads them
+                in_so["need"], (start, length) = need, embedded_constants(so, need)
+                in_so["span"] = start, length
+                if so_entry.method == _STORED:
+                    return arc.path, arc.data_offset(so_entry) + start, length
+                return so, start, length
+
+            consts, call_spec, hashed = _probe(so, None, device, what, where)
             need = sum(c.data_size for c, _ in consts)
-            start, length = embedded_constants(so, need) if consts else (0, 0)
+            if not consts:
+                start, length = 0, 0
+            elif in_so.get("need") == need:    # the probe's scan of the .so's symbols holds
+                start, length = in_so["span"]
+            else:                              # a .so that gives no data sizes: byte counts
+                start, length = embedded_constants(so, need)
             if so_entry.method == _STORED:
                 store, base = None, arc.data_offset(so_entry) + start
             else:
@@ -825,8 +842,10 @@ def _probe_model(arc: _Archive, root: str, name: str, files: dict[str, _Entry], 
         if tmp is not None:
             tmp.unlink(missing_ok=True)
     store_path = arc.path if store is None else folder / store
-    if not pickled:
-        _check_bytes(store_path, consts, at, what)
+    # a digest the probe hashed from the very bytes the loader will read needs no second look
+    again = [i for i, h in enumerate(hashed) if h != (store_path, at[i])]
+    if again:
+        _check_bytes(store_path, [consts[i] for i in again], [at[i] for i in again], what)
     weights: dict[str, WeightSpec] = {}
     specs = []
     for (c, nbytes), offset in zip(consts, at):

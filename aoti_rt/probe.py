@@ -4,24 +4,26 @@ runner.
 The C ABI gives each constant's internal name, FQN, dtype, kind and data size, but not its
 shape, stride or storage offset (they are compiled into the .so). :func:`probe_method` loads
 the method once the stock way (``AOTIModelContainerRunner*`` + ``binary_blob``) and reads the
-exact views AOTI holds. A constant's bytes are a read-only view of the ``binary_blob`` the
+exact views AOTI holds. A constant's bytes are a :class:`FileSpan` of the ``binary_blob`` the
 runner loaded them from (AOTI's slot for it, :func:`aoti_rt.abi.blob_layout`), or of the same
-layout inside the .so for weights packaged in it; the start, middle and end of each are checked
-against what the runner loaded. They are not copied back from the device: for a 2 GiB CUDA
-method that copy and its host first-touch cost seconds. Only a method whose weights are in
-neither place has its bytes copied from the runner's tensors. The compiler probes each method
+layout inside the .so for weights packaged in it, or inside a package's archive; they are
+hashed from that file and the start, middle and end of each are checked against what the
+runner loaded. They are not copied back from the device: for a 2 GiB CUDA method that copy and
+its host first-touch cost seconds. Only a method whose weights are in none of these has its
+bytes copied from the runner's tensors. The compiler probes each method
 it builds; ``load_method`` probes a stock artifact once and caches the result beside it.
 """
 
 from __future__ import annotations
 
-import mmap
+import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .abi import blob_layout
 from .bundle import ConstantSpec, dtype_name
-from .digest import weight_digest
+from .digest import file_digests, weight_digest
 from .errors import CompileError
 
 
@@ -58,58 +60,101 @@ def storage_bytes(t) -> bytes:
     return ctypes.string_at(u8.data_ptr(), u8.numel()) if u8.numel() else b""
 
 
-#: bytes compared at each end and in the middle of a constant taken from the blob
+#: bytes compared at each end and in the middle of a constant taken from a file
 _SPOT = 64
 
 
-def _same_as_loaded(t, data: memoryview) -> bool:
-    """Whether the runner's tensor ``t`` holds ``data`` at its start, middle and end: a layout
-    that put another constant's bytes in this slot differs there (three small copies, not the
-    whole storage back from the device)."""
+class OpenFile:
+    """A file opened read-only, closed when the last :class:`FileSpan` of it goes. Bytes are
+    read with ``pread``: a file unlinked once open stays readable, and one truncated meanwhile
+    gives an ``OSError``, where a memory map of it would kill the process (SIGBUS)."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self.size = os.fstat(self.fd).st_size
+
+    def pread(self, n: int, at: int) -> bytes:
+        """Exactly ``n`` bytes at ``at`` (OSError if the file ends before)."""
+        data = os.pread(self.fd, n, at)
+        if len(data) != n:
+            raise OSError(f"{self.path} ends before byte {at + n}")
+        return data
+
+    def __del__(self) -> None:
+        fd, self.fd = getattr(self, "fd", -1), -1
+        if fd >= 0:
+            os.close(fd)
+
+
+@dataclass(frozen=True)
+class FileSpan:
+    """A constant's storage bytes where they lie: ``nbytes`` bytes at ``offset`` of ``file``
+    (not read into memory; ``len()`` is ``nbytes``)."""
+
+    file: OpenFile
+    offset: int
+    nbytes: int
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def read(self) -> bytes:
+        return self.file.pread(self.nbytes, self.offset)
+
+
+def _same_as_loaded(t, span: FileSpan) -> bool:
+    """Whether the runner's tensor ``t`` holds ``span``'s bytes at their start, middle and end:
+    a layout that put another constant's bytes in this slot differs there (three small reads,
+    not the whole storage back from the device)."""
     import torch
 
-    n = len(data)
+    n = span.nbytes
     if n == 0:
         return True
     u8 = _storage_u8(t)
     spans = sorted({(a, min(n, a + _SPOT)) for a in (0, max(0, n // 2 - _SPOT // 2), max(0, n - _SPOT))})
     got = torch.cat([u8[a:b] for a, b in spans]).cpu().numpy().tobytes()
-    return got == b"".join(bytes(data[a:b]) for a, b in spans)
+    return got == b"".join(span.file.pread(b - a, span.offset + a) for a, b in spans)
 
 
-def _file_view(path: Path, start: int = 0, length: int | None = None) -> memoryview | None:
-    """Bytes ``start`` to ``start + length`` (default: to the end) of ``path``, mapped
-    read-only; None for no bytes."""
-    size = path.stat().st_size
-    end = size if length is None else min(size, start + length)
-    if end <= start:
-        return None
-    with open(path, "rb") as f:
-        return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))[start:end]
+#: where a method's weights lie: given the sum of its constants' data sizes, (file, offset of
+#: AOTI's blob layout in it, bytes there)
+Where = Callable[[int], "tuple[Path, int, int]"]
 
 
 def probe_method(so_path: Path, blob: Path | None, device: str, mutated: set[str],
-                 embedded: Callable[[int], tuple[int, int]] | None = None):
+                 weights: Where | None = None):
     """Describe a compiled method's constants: ([(ConstantSpec, storage bytes)], call spec, n_in).
 
-    The bytes are read-only views of ``blob`` where the blob holds them (see the module's
-    docstring), else ``bytes`` copied from the runner's tensors. For a .so that keeps its
-    weights inside, ``embedded(need)`` gives ``(file offset, size)`` of that blob in the .so
-    (``need``: the sum of the constants' data sizes), so they are views of the .so instead.
+    Each constant's storage bytes are a :class:`FileSpan` of the file AOTI's blob layout puts
+    them in (see the module's docstring): ``weights(need)`` says which file and where in it
+    (``need``: the sum of the constants' data sizes); default: ``blob``, whole. Their digests
+    are hashed from that file, and their start, middle and end checked against what the runner
+    loaded. A method with neither has its bytes copied from the runner's tensors (``bytes``).
+
+    Raises:
+        CompileError: a constant folded at run time, one the runner does not hold, bytes in
+            the file that are not what the runner loaded, or a file that cannot be read.
     """
     from .abi import describe
 
     d = describe(so_path, device)
     infos, spec, n_in = d.constants, d.call_spec, d.num_inputs
-    if blob is not None:
-        view, source = _file_view(blob), blob.name
-    elif embedded is not None and infos:
-        view, source = _file_view(so_path, *embedded(sum(i.data_size for i in infos))), f"{so_path.name}'s weights"
-    else:
-        view, source = None, ""
+    where = None
+    if weights is not None and infos:
+        where = weights(sum(i.data_size for i in infos))
+    elif weights is None and blob is not None:
+        where = (blob, 0, blob.stat().st_size)
+    try:
+        src = OpenFile(where[0]) if where is not None and where[2] > 0 else None
+    except OSError as e:
+        raise CompileError(f"{so_path.name}: cannot read its weights ({e})") from None
+    base, length = (where[1], where[2]) if src is not None else (0, 0)
+    source = f"{src.path.name} (from byte {base})" if src is not None else ""
     runner, tensors = _probe(so_path, blob, device)
     slots, _ = blob_layout([info.data_size for info in infos])
-    out = []
+    found = []
     try:
         for info, slot in zip(infos, slots):
             if info.folded:
@@ -121,23 +166,36 @@ def probe_method(so_path: Path, blob: Path | None, device: str, mutated: set[str
             if t is None:
                 raise CompileError(f"{so_path.name}: AOTI reports constant {info.fqn} but holds no tensor for it")
             nbytes = t.untyped_storage().nbytes()
-            if view is not None and nbytes <= info.data_size and slot + nbytes <= len(view):
-                data = view[slot:slot + nbytes]       # the bytes the runner loaded this constant from
-                if not _same_as_loaded(t, data):
+            if src is not None and nbytes <= info.data_size and slot + nbytes <= length:
+                data = FileSpan(src, base + slot, nbytes)    # the bytes the runner loaded it from
+                try:
+                    same = _same_as_loaded(t, data)
+                except OSError as e:
+                    raise CompileError(f"{so_path.name}: cannot read its weights ({e})") from None
+                if not same:
                     raise CompileError(f"{so_path.name}: constant {info.fqn} is not at byte {slot} of "
                                        f"{source}, where aoti_rt's reading of AOTI's blob layout puts it; "
                                        f"this torch's layout differs: please report it with the torch version")
             else:
                 data = storage_bytes(t)
-            digest = weight_digest(data)
-            out.append((ConstantSpec(
-                name=info.name, fqn=info.fqn, dtype=dtype_name(t.dtype), shape=list(t.shape),
-                stride=list(t.stride()), storage_offset=t.storage_offset(),
-                data_size=info.data_size or len(data), kind=info.kind,
-                mutable=info.fqn in mutated, digest=digest, weight=""), data))
+            found.append((info, t, data))
     finally:
         from .device import device_guard
 
         with device_guard(device):      # the container frees its weights on their device
             del runner, tensors
+    spans = [d for _, _, d in found if isinstance(d, FileSpan)]
+    try:                                # all of the file's at once: pread and hash in threads
+        hashed = dict(zip(((s.offset, s.nbytes) for s in spans),
+                          file_digests(src.fd, [(s.offset, s.nbytes) for s in spans]))) if spans else {}
+    except OSError as e:
+        raise CompileError(f"{so_path.name}: cannot read its weights ({e})") from None
+    out = []
+    for info, t, data in found:
+        digest = hashed[(data.offset, data.nbytes)] if isinstance(data, FileSpan) else weight_digest(data)
+        out.append((ConstantSpec(
+            name=info.name, fqn=info.fqn, dtype=dtype_name(t.dtype), shape=list(t.shape),
+            stride=list(t.stride()), storage_offset=t.storage_offset(),
+            data_size=info.data_size or len(data), kind=info.kind,
+            mutable=info.fqn in mutated, digest=digest, weight=""), data))
     return out, spec, n_in

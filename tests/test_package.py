@@ -291,9 +291,10 @@ def test_verify_load_checks_the_package_bytes(stack_pt2, device, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["embedded", "blob", "mmap"])
 def test_probe_hashes_weights_from_the_files_not_the_device(stack_pt2, device, fmt, tmp_path, monkeypatch):
-    """A package's first probe takes each weight's bytes from the blob or the .so it came in
-    (mapped, spot-checked against what torch's runner loaded), never a copy of the whole
-    weight back from the device; the model still computes like eager."""
+    """A package's first probe hashes each weight once, where the loader will read it (the
+    archive, or the .so or blob extracted from it; spot-checked against what torch's runner
+    loaded), never a copy of the whole weight back from the device; the model still computes
+    like eager."""
     from aoti_rt import probe
 
     path = tmp_path / f"{fmt}.pt2"
@@ -301,6 +302,9 @@ def test_probe_hashes_weights_from_the_files_not_the_device(stack_pt2, device, f
     def no_copy(t):
         raise AssertionError("a weight was copied back from the device")
     monkeypatch.setattr(probe, "storage_bytes", no_copy)
+    def no_second_hash(*a):
+        raise AssertionError("a weight was hashed twice: the probe hashes the bytes the loader reads")
+    monkeypatch.setattr(package, "_check_bytes", no_second_hash)
     x = torch.randn(3, 64, device=device)
     with aoti_rt.load(path, device=device) as model:
         torch.testing.assert_close(model.model(x), eager_stack(device)(x))

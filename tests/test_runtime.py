@@ -412,7 +412,7 @@ def test_load_method_on_stock_artifact(stock_artifact, device):
         torch.testing.assert_close(m2(x), mod(x))
 
 
-def test_probe_reads_constants_from_the_blob_and_checks_its_layout(stock_artifact, device, monkeypatch):
+def test_probe_reads_constants_from_the_blob_and_checks_its_layout(stock_artifact, device, monkeypatch, tmp_path):
     """The probe takes each constant's bytes from the blob the runner loaded (no copy back from
     the device), equal to what the runner holds; a layout that misplaces them is refused."""
     from aoti_rt import probe
@@ -423,12 +423,17 @@ def test_probe_reads_constants_from_the_blob_and_checks_its_layout(stock_artifac
     runner, tensors = probe._probe(so, blob, device)
     try:
         for c, data in consts:
-            assert isinstance(data, memoryview) and data.readonly
+            assert isinstance(data, probe.FileSpan) and data.file.path == blob
             held = tensors.get(c.fqn, tensors.get(c.name))
-            assert bytes(data) == probe.storage_bytes(held), c.fqn
+            assert data.read() == probe.storage_bytes(held), c.fqn
     finally:
         with device_guard(device):
             del runner, tensors
+    # a file cut short after the runner loaded it is an error, never a crash (it is read, not mapped)
+    cut = tmp_path / "cut.blob"
+    cut.write_bytes(blob.read_bytes()[:blob.stat().st_size // 2])
+    with pytest.raises(aoti_rt.CompileError, match="cannot read its weights"):
+        probe.probe_method(so, blob, device, set(), weights=lambda need: (cut, 0, blob.stat().st_size))
     real = probe.blob_layout
     monkeypatch.setattr(probe, "blob_layout", lambda sizes: ([0] * len(sizes), real(sizes)[1]))
     with pytest.raises(aoti_rt.CompileError, match="blob layout"):
