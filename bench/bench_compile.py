@@ -14,10 +14,12 @@ kernels; exporting is done before the clock starts, in every row alike:
                            from this process on the CPU, from a warm zygote on CUDA)
 
 Each row splits its time (the compiler's DEBUG timing records, the workers' included): the
-jobs=1 row AOTInductor's compile of each method against aoti_rt's own work (probing each .so's
-constants and hashing them, then writing the store and manifest); the jobs=N row, in a note,
-each worker's phases (loading its program, AOTI, probe, handing its constants back) beside the
-zygote's warm-up and the parent's saving of the programs.
+jobs=1 row AOTInductor's compile of each method (and, beside it, the warm-up: inductor's
+imports and vector-ISA checks, which aoti_rt runs at once before the first method) against
+aoti_rt's own work (probing each .so's constants and hashing them, then writing the store and
+manifest); the jobs=N row, in a note, each worker's phases (loading its program, AOTI, probe,
+handing its constants back) beside the warm-up (the zygote's on CUDA) and the parent's saving
+of the programs.
 
 The goal (issue 10): aoti_rt's wall time at most the slowest method's stock compile plus 1 s per
 GB of unique weights (aoti_rt's own work: probing each method, hashing and writing the store).
@@ -128,12 +130,12 @@ def run(args: argparse.Namespace, report: Any) -> None:
                       records=r.get("records"),
                       per_method="" if in_process else ", ".join(f"{m} {sum(d.values()):.1f}"
                                                                   for m, d in per_phase.items()),
-                      aoti=f"{ph['aoti']:.1f}" if in_process else "",
+                      aoti=(f"{ph['aoti']:.1f} (+ warm-up {ph.get('warm-up', 0):.1f})") if in_process else "",
                       own=(f"{ph.get('probe', 0) + ph.get('store', 0):.1f} (probe {ph.get('probe', 0):.1f}, "
                            f"store {ph.get('store', 0):.1f})") if in_process else "")
             if not in_process:                     # the workers' phases, each method's in its worker
-                table.notes.append(f"{label}: zygote warm-up {ph.get('warm-up', 0):.1f} s (beside the programs' "
-                                   f"save); " + "; ".join(f"{m}: " + ", ".join(f"{k} {v:.1f}" for k, v in d.items())
+                table.notes.append(f"{label}: warm-up {ph.get('warm-up', 0):.1f} s (on CUDA the zygote's, beside "
+                                   f"the programs' save); " + "; ".join(f"{m}: " + ", ".join(f"{k} {v:.1f}" for k, v in d.items())
                                                         for m, d in per_phase.items())
                                    + f"; store {ph.get('store', 0):.1f} s")
     stock = got.get(rows[0][0])

@@ -414,3 +414,32 @@ def test_a_failing_worker_is_a_compile_error(tmp_path, monkeypatch, start):
         aoti_rt.compile(progs, tmp_path / "b", progress=False, jobs=2, inductor_configs=_bogus_cxx())
     assert not (tmp_path / "b").exists()
     assert _children() == before
+
+
+@pytest.mark.skipif(__import__("platform").machine() not in ("x86_64", "AMD64"), reason="x86 vector ISAs")
+def test_vector_isa_checks_run_at_once(no_aoti):
+    """The warm-up runs inductor's check of each ISA the CPU has at once (each is a g++ build
+    and a process loading it), not in turn as a first compile would; ISAs it lacks are skipped."""
+    import threading
+    import time
+    import types
+
+    class Isa:
+        def __init__(self, name):
+            self.name, self.checked = name, threading.Event()
+
+        def __str__(self):
+            return self.name
+
+        def __bool__(self):
+            time.sleep(0.5)
+            self.checked.set()
+            return True
+
+    isas = [Isa("avx512 avx512_vnni"), Isa("avx512"), Isa("avx2"), Isa("amx_tile")]
+    fake = types.SimpleNamespace(x86_isa_checker=lambda: ["avx2", "avx512", "avx512_vnni"],
+                                 supported_vec_isa_list=isas)
+    t0 = time.perf_counter()
+    compiler._check_vec_isas(fake)
+    assert time.perf_counter() - t0 < 1.2
+    assert [i.checked.is_set() for i in isas] == [True, True, True, False]
