@@ -640,7 +640,7 @@ def _build_methods(eps: Mapping[str, ExportedProgram], todo: list[_Job], jobs: i
     (``jobs == 1`` or one method), else in up to ``jobs`` worker processes at once."""
     if jobs == 1 or len(todo) == 1:
         t0 = time.perf_counter()
-        _warm_up_inductor()                   # the first compile's start-up, its ISA checks at once
+        _warm_up_inductor(todo[0].options)    # the first compile's start-up, its ISA checks at once
         _timed("warm-up", None, t0)
         built = {}
         for job in todo:
@@ -651,10 +651,10 @@ def _build_methods(eps: Mapping[str, ExportedProgram], todo: list[_Job], jobs: i
     zygote = None
     if _use_fork(todo[0].device):
         t0 = time.perf_counter()
-        _warm_up_inductor()
+        _warm_up_inductor(todo[0].options)
         _timed("warm-up", None, t0)
     else:
-        zygote = _Zygote()                    # warms up while the programs are saved
+        zygote = _Zygote(todo[0])             # warms up while the programs are saved
     pending = list(todo)
     running: dict[str, _Worker] = {}
     built = {}
@@ -682,29 +682,40 @@ def _build_methods(eps: Mapping[str, ExportedProgram], todo: list[_Job], jobs: i
     return built
 
 
-def _warm_up_inductor() -> None:
+def _warm_up_inductor(options: Mapping[str, Any] | None = None) -> None:
     """What every first AOTI compile in a process does (import inductor's modules, check the
     CPU's vector ISAs with the C++ compiler), done once here so forked workers inherit it
-    instead of each repeating it. It does not initialise CUDA. Best effort: a torch without
-    these modules skips it."""
+    instead of each repeating it. ``options``: the caller's inductor options, in force as they
+    will be for the compiles (the checks use the C++ compiler they name; a process keeps its
+    first results). It does not initialise CUDA. Best effort: a torch without these modules
+    skips it."""
     with contextlib.suppress(Exception):
         import importlib
 
+        import torch._inductor.config as cfg
         from torch._inductor import cpu_vec_isa
 
         importlib.import_module("torch._inductor.compile_fx")
-        _check_vec_isas(cpu_vec_isa)
-        cpu_vec_isa.pick_vec_isa()
+        _check_vec_isas(cpu_vec_isa, options)
+        with cfg.patch(dict(options or {})):
+            cpu_vec_isa.pick_vec_isa()
 
 
-def _check_vec_isas(cpu_vec_isa: Any) -> None:
+def _check_vec_isas(cpu_vec_isa: Any, options: Mapping[str, Any] | None = None) -> None:
     """Run inductor's check of each vector ISA this CPU has at once, in threads. Each check is
     a g++ build and a process that loads the result (both wait outside the GIL), and torch
     runs them one after another in a process's first compile; their results are cached per
     ISA, so pick_vec_isa then only reads them. On this repository's 2-core machine the three
-    ISAs of its CPU took 2.8 s at once against 5.8 s in turn (an empty inductor cache)."""
+    ISAs of its CPU took 2.8 s at once against 5.8 s in turn (an empty inductor cache).
+    ``options`` are in force in each thread (inductor's config patches are per thread)."""
     import platform
     from concurrent.futures import ThreadPoolExecutor
+
+    import torch._inductor.config as cfg
+
+    def check(isa: Any) -> bool:
+        with cfg.patch(dict(options or {})):
+            return bool(isa)
 
     if platform.machine() not in ("x86_64", "AMD64") or not hasattr(cpu_vec_isa, "x86_isa_checker"):
         return
@@ -713,7 +724,7 @@ def _check_vec_isas(cpu_vec_isa: Any) -> None:
             if all(flag in flags for flag in str(isa).split())]
     if len(isas) > 1:
         with ThreadPoolExecutor(len(isas), thread_name_prefix="aoti_rt-isa") as pool:
-            list(pool.map(bool, isas))
+            list(pool.map(check, isas))
 
 
 def _use_fork(device: str) -> bool:
@@ -878,14 +889,20 @@ class _Zygote:
     when it forked a job's worker, ``{"exit": code, "dir": ...}`` when the worker ended. Closing
     its stdin ends it once its workers have; it kills them if this process goes first."""
 
-    def __init__(self) -> None:
+    def __init__(self, first: _Job) -> None:
+        warm = first.workdir.parent / "warm-up.pkl"    # the caller's inductor options, for its warm-up
+        try:
+            with open(warm, "wb") as f:
+                pickle.dump(first.options, f)
+        except (pickle.PicklingError, TypeError, AttributeError):
+            warm.unlink(missing_ok=True)          # the job's own pickling says what is wrong
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[1])       # the aoti_rt this process runs
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"            # torch.cuda.is_available() without cuInit
-        code = "import sys; from aoti_rt.compiler import _zygote_main; sys.exit(_zygote_main())"
+        code = "import sys; from aoti_rt.compiler import _zygote_main; sys.exit(_zygote_main(sys.argv[1]))"
         try:
-            self.proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.PIPE,
+            self.proc = subprocess.Popen([sys.executable, "-c", code, str(warm)], env=env, stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE)
         except OSError as e:
             raise CompileError(f"cannot start a worker process ({e}); compile with jobs=1") from e
@@ -964,8 +981,9 @@ class _Zygote:
         self.proc.stdout.close()
 
 
-def _zygote_main() -> int:
-    """The zygote's loop (see :class:`_Zygote`): warm up, then fork a worker per line read."""
+def _zygote_main(warm: str) -> int:
+    """The zygote's loop (see :class:`_Zygote`): warm up (with the inductor options pickled in
+    ``warm``, if it exists), then fork a worker per line read."""
     import select
 
     import torch
@@ -973,7 +991,11 @@ def _zygote_main() -> int:
     proto = os.dup(1)                      # the answers; anything else printed goes to stderr
     os.dup2(2, 1)
     t0 = time.perf_counter()
-    _warm_up_inductor()
+    options = None
+    with contextlib.suppress(OSError, pickle.UnpicklingError, EOFError):
+        with open(warm, "rb") as f:
+            options = pickle.load(f)
+    _warm_up_inductor(options)
     # a fork of a process that initialised CUDA cannot use it; were the warm-up ever to, the
     # workers are fresh interpreters instead (they pay the start-up, but work)
     fork = not torch.cuda.is_initialized()

@@ -443,3 +443,24 @@ def test_vector_isa_checks_run_at_once(no_aoti):
     compiler._check_vec_isas(fake)
     assert time.perf_counter() - t0 < 1.2
     assert [i.checked.is_set() for i in isas] == [True, True, True, False]
+
+
+def test_the_warm_up_checks_isas_with_the_callers_compiler(tmp_path, no_aoti):
+    """The warm-up's vector-ISA checks run with the caller's inductor options in force (a
+    process keeps its first results, so they must come from the compiler the compile uses)."""
+    import shutil
+    import subprocess
+    import sys
+
+    gxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
+    if gxx is None:
+        pytest.skip("no C++ compiler")
+    log = tmp_path / "calls"
+    cxx = tmp_path / "logging-g++"
+    cxx.write_text(f"#!/bin/sh\necho x >> {log}\nexec {gxx} \"$@\"\n")
+    cxx.chmod(0o755)
+    code = ("import sys; from aoti_rt.compiler import _warm_up_inductor; "
+            "_warm_up_inductor({'cpp.cxx': (sys.argv[1],)})")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    subprocess.run([sys.executable, "-c", code, str(cxx)], env=env, check=True, timeout=300)
+    assert log.is_file() and log.read_text().count("x") >= 1
