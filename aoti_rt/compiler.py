@@ -899,7 +899,9 @@ class _Zygote:
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[1])       # the aoti_rt this process runs
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"            # torch.cuda.is_available() without cuInit
+        if "PYTORCH_NVML_BASED_CUDA_CHECK" not in env:        # torch.cuda.is_available() without cuInit;
+            env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"        # its workers drop it (_zygote_main)
+            env[_NVML_SET] = "1"
         code = "import sys; from aoti_rt.compiler import _zygote_main; sys.exit(_zygote_main(sys.argv[1]))"
         try:
             self.proc = subprocess.Popen([sys.executable, "-c", code, str(warm)], env=env, stdin=subprocess.PIPE,
@@ -981,6 +983,10 @@ class _Zygote:
         self.proc.stdout.close()
 
 
+#: set in the zygote's environment when aoti_rt (not the caller) set PYTORCH_NVML_BASED_CUDA_CHECK
+_NVML_SET = "AOTI_RT_ZYGOTE_SET_NVML_CHECK"
+
+
 def _zygote_main(warm: str) -> int:
     """The zygote's loop (see :class:`_Zygote`): warm up (with the inductor options pickled in
     ``warm``, if it exists), then fork a worker per line read."""
@@ -1029,6 +1035,8 @@ def _zygote_main(warm: str) -> int:
                         try:
                             os.close(proto)
                             os.close(0)
+                            if os.environ.pop(_NVML_SET, None):   # the worker as the caller's env has it
+                                os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
                             code = _worker_main(workdir)
                         finally:
                             sys.stderr.flush()
