@@ -1010,7 +1010,8 @@ def _zygote_main(warm: str) -> int:
     buf, stdin_open = b"", True
 
     def send(msg: dict[str, Any]) -> None:
-        os.write(proto, json.dumps(msg).encode() + b"\n")
+        with contextlib.suppress(OSError):  # the parent gone: its stdin's end kills the workers
+            os.write(proto, json.dumps(msg).encode() + b"\n")
 
     send({"warm": time.perf_counter() - t0})
 
