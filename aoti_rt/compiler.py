@@ -638,23 +638,21 @@ def _build_methods(eps: Mapping[str, ExportedProgram], todo: list[_Job], jobs: i
                    bar: _Progress) -> dict[str, tuple[MethodSpec, list[Any]]]:
     """Each method's MethodSpec and constant bytes: in this process one after another
     (``jobs == 1`` or one method), else in up to ``jobs`` worker processes at once."""
-    if jobs == 1 or len(todo) == 1:
+    serial = jobs == 1 or len(todo) == 1
+    zygote = None
+    if serial or _use_fork(todo[0].device):   # this process compiles, or its forks do
         t0 = time.perf_counter()
         _warm_up_inductor(todo[0].options)    # the first compile's start-up, its ISA checks at once
         _timed("warm-up", None, t0)
+    else:
+        zygote = _Zygote(todo[0])             # warms up while the programs are saved
+    if serial:
         built = {}
         for job in todo:
             bar.phase(f"compiling {job.name}")
             built[job.name] = _compile_method(job, eps[job.name])
             bar.step()
         return built
-    zygote = None
-    if _use_fork(todo[0].device):
-        t0 = time.perf_counter()
-        _warm_up_inductor(todo[0].options)
-        _timed("warm-up", None, t0)
-    else:
-        zygote = _Zygote(todo[0])             # warms up while the programs are saved
     pending = list(todo)
     running: dict[str, _Worker] = {}
     built = {}
@@ -713,12 +711,13 @@ def _check_vec_isas(cpu_vec_isa: Any, options: Mapping[str, Any] | None = None) 
 
     import torch._inductor.config as cfg
 
+    if platform.machine() not in ("x86_64", "AMD64") or not hasattr(cpu_vec_isa, "x86_isa_checker"):
+        return
+
     def check(isa: Any) -> bool:
         with cfg.patch(dict(options or {})):
             return bool(isa)
 
-    if platform.machine() not in ("x86_64", "AMD64") or not hasattr(cpu_vec_isa, "x86_isa_checker"):
-        return
     flags = cpu_vec_isa.x86_isa_checker()
     isas = [isa for isa in getattr(cpu_vec_isa, "supported_vec_isa_list", ())
             if all(flag in flags for flag in str(isa).split())]
@@ -768,7 +767,7 @@ class _Worker:
         os.waitpid(self.pid, 0)
 
     def result(self) -> tuple[MethodSpec, list[Any]]:
-        """The worker's MethodSpec and constant bytes (views of its data file), or its error."""
+        """The worker's MethodSpec and constant bytes (spans of the files it kept), or its error."""
         wd, name = self.job.workdir, self.job.name
         if self.returncode == 0 and (wd / "result.pkl").is_file():
             with open(wd / "result.pkl", "rb") as f:
@@ -1210,14 +1209,15 @@ def _copy_span(span: FileSpan, f) -> None:
     (``copy_file_range``: no pass through this process), else read and written in chunks."""
     f.flush()
     at, done = f.tell(), 0
+    kernel = hasattr(os, "copy_file_range")
     while done < span.nbytes:
         n = min(span.nbytes - done, 1 << 30)
         got = 0
-        if hasattr(os, "copy_file_range"):
+        if kernel:
             try:
                 got = os.copy_file_range(span.file.fd, f.fileno(), n, span.offset + done, at + done)
             except OSError:                  # another filesystem, an old kernel: copy by hand
-                got = 0
+                kernel = False
         if got <= 0:
             chunk = span.file.pread(min(n, 64 << 20), span.offset + done)
             got = os.pwrite(f.fileno(), chunk, at + done)

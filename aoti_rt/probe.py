@@ -10,8 +10,8 @@ layout inside the .so for weights packaged in it, or inside a package's archive;
 hashed from that file and the start, middle and end of each are checked against what the
 runner loaded. They are not copied back from the device: for a 2 GiB CUDA method that copy and
 its host first-touch cost seconds. Only a method whose weights are in none of these has its
-bytes copied from the runner's tensors. The compiler probes each method
-it builds; ``load_method`` probes a stock artifact once and caches the result beside it.
+bytes copied from the runner's tensors. The compiler probes each method it builds;
+``load_method`` probes a stock artifact once and caches the result beside it.
 """
 
 from __future__ import annotations
@@ -72,7 +72,6 @@ class OpenFile:
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
         self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        self.size = os.fstat(self.fd).st_size
 
     def pread(self, n: int, at: int) -> bytes:
         """Exactly ``n`` bytes at ``at`` (OSError if the file ends before)."""
@@ -184,15 +183,14 @@ def probe_method(so_path: Path, blob: Path | None, device: str, mutated: set[str
 
         with device_guard(device):      # the container frees its weights on their device
             del runner, tensors
-    spans = [d for _, _, d in found if isinstance(d, FileSpan)]
+    spans = [(d.offset, d.nbytes) for _, _, d in found if isinstance(d, FileSpan)]
     try:                                # all of the file's at once: pread and hash in threads
-        hashed = dict(zip(((s.offset, s.nbytes) for s in spans),
-                          file_digests(src.fd, [(s.offset, s.nbytes) for s in spans]))) if spans else {}
+        hashed = iter(file_digests(src.fd, spans) if spans else ())
     except OSError as e:
         raise CompileError(f"{so_path.name}: cannot read its weights ({e})") from None
     out = []
     for info, t, data in found:
-        digest = hashed[(data.offset, data.nbytes)] if isinstance(data, FileSpan) else weight_digest(data)
+        digest = next(hashed) if isinstance(data, FileSpan) else weight_digest(data)
         out.append((ConstantSpec(
             name=info.name, fqn=info.fqn, dtype=dtype_name(t.dtype), shape=list(t.shape),
             stride=list(t.stride()), storage_offset=t.storage_offset(),
