@@ -642,8 +642,9 @@ def _build_methods(eps: Mapping[str, ExportedProgram], todo: list[_Job], jobs: i
     zygote = None
     if serial or _use_fork(todo[0].device):   # this process compiles, or its forks do
         t0 = time.perf_counter()
-        _warm_up_inductor(todo[0].options)    # the first compile's start-up, its ISA checks at once
+        isa = _warm_up_inductor(todo[0].options)    # the first compile's start-up, its ISA checks at once
         _timed("warm-up", None, t0)
+        _record("isa", None, isa)
     else:
         zygote = _Zygote(todo[0])             # warms up while the programs are saved
     if serial:
@@ -680,13 +681,14 @@ def _build_methods(eps: Mapping[str, ExportedProgram], todo: list[_Job], jobs: i
     return built
 
 
-def _warm_up_inductor(options: Mapping[str, Any] | None = None) -> None:
+def _warm_up_inductor(options: Mapping[str, Any] | None = None) -> float:
     """What every first AOTI compile in a process does (import inductor's modules, check the
     CPU's vector ISAs with the C++ compiler), done once here so forked workers inherit it
     instead of each repeating it. ``options``: the caller's inductor options, in force as they
     will be for the compiles (the checks use the C++ compiler they name; a process keeps its
     first results). It does not initialise CUDA. Best effort: a torch without these modules
-    skips it."""
+    skips it. Returns the seconds the ISA checks took (a timing record)."""
+    t0 = t1 = time.perf_counter()
     with contextlib.suppress(Exception):
         import importlib
 
@@ -694,9 +696,11 @@ def _warm_up_inductor(options: Mapping[str, Any] | None = None) -> None:
         from torch._inductor import cpu_vec_isa
 
         importlib.import_module("torch._inductor.compile_fx")
+        t1 = time.perf_counter()
         _check_vec_isas(cpu_vec_isa, options)
         with cfg.patch(dict(options or {})):
             cpu_vec_isa.pick_vec_isa()
+    return time.perf_counter() - t1 if t1 > t0 else 0.0
 
 
 def _check_vec_isas(cpu_vec_isa: Any, options: Mapping[str, Any] | None = None) -> None:
@@ -947,6 +951,7 @@ class _Zygote:
             msg = json.loads(line)
             if "warm" in msg:
                 _record("warm-up", None, msg["warm"])
+                _record("isa", None, msg.get("isa", 0.0))
             elif "pid" in msg:
                 self._pids[msg["dir"]] = msg["pid"]
             else:
@@ -1000,7 +1005,7 @@ def _zygote_main(warm: str) -> int:
     with contextlib.suppress(OSError, pickle.UnpicklingError, EOFError):
         with open(warm, "rb") as f:
             options = pickle.load(f)
-    _warm_up_inductor(options)
+    isa = _warm_up_inductor(options)
     # a fork of a process that initialised CUDA cannot use it; were the warm-up ever to, the
     # workers are fresh interpreters instead (they pay the start-up, but work)
     fork = not torch.cuda.is_initialized()
@@ -1012,7 +1017,7 @@ def _zygote_main(warm: str) -> int:
         with contextlib.suppress(OSError):  # the parent gone: its stdin's end kills the workers
             os.write(proto, json.dumps(msg).encode() + b"\n")
 
-    send({"warm": time.perf_counter() - t0})
+    send({"warm": time.perf_counter() - t0, "isa": isa})
 
     while stdin_open or workers or procs:
         ready = select.select([0], [], [], 0.05)[0] if stdin_open else []
