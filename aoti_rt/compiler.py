@@ -19,6 +19,7 @@ directory and moved into place only when the whole bundle is complete (:func:`co
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import keyword
 import logging
@@ -45,6 +46,7 @@ from .bundle import (FIXED_INPUT_TYPES, ITEMSIZE, MANIFEST, MAX_INT, MAX_NAME, S
                      DimRange, FixedInput, InputSpec, Manifest, MethodSpec, WeightSpec, contiguous_strides,
                      divergent_fqns, dtype_name, read_store_header, safe_tensor_name, weight_id)
 from .errors import AotiRtError, CompileError
+from .handoff import HandoffError, read_program, write_program
 from .probe import FileSpan, OpenFile, probe_method
 
 #: DEBUG records of where a compile's time goes, each with ``phase`` ("aoti": AOTInductor's
@@ -311,10 +313,9 @@ def compile(programs: Mapping[str, Any], path: str | os.PathLike[str], *, device
             ``{"max_autotune": True}``); those in :data:`RESERVED_OPTIONS` are aoti_rt's.
         jobs: how many methods to compile at once, each in a worker process that inherits a
             warm inductor (a fork of this process for CPU programs; for CUDA programs a fork of
-            a fresh interpreter that warmed up without CUDA, and which then holds its own copy
-            of the program's weights on the device). Default: for CPU programs one per core, at
-            most one per method; for CUDA programs 1, one after another in this process (see
-            ``_default_jobs``).
+            a fresh interpreter that warmed up without CUDA, and which maps the program's
+            tensors from this process, :mod:`aoti_rt.handoff`). Default: one per method, at
+            most one per core; 1 compiles one after another in this process.
 
     Returns:
         The bundle directory. It is written in a staging directory inside ``path`` and moved
@@ -393,14 +394,10 @@ def _check_jobs(jobs: int | None, n_methods: int) -> int | None:
 
 
 def _default_jobs(device: str, n_methods: int) -> int:
-    """One worker per core for CPU programs. CUDA programs compile one after another unless
-    ``jobs`` asks otherwise: each CUDA worker gets its program through a file (saving 2 GiB
-    took 10 s, loading it 4 s) and holds a copy of its weights on the device. Measured on the
-    H200 host on a 2 GiB pair (README, "Compile time"): workers forked from a warm zygote
-    took 75.2 s where stock's two compiles took 75.9 s in the same run; jobs=1 has not been
-    timed beside them, and adds no copy of the weights."""
-    if device != "cpu":
-        return 1
+    """One worker per method, up to one per core. CPU workers are forks of this process; CUDA
+    workers forks of a warm zygote that get their program's tensors as IPC handles of this
+    process's memory (:mod:`aoti_rt.handoff`): nothing is saved or copied, so a worker costs
+    its CUDA context, not a copy of the weights."""
     return max(1, min(n_methods, os.cpu_count() or 1))
 
 
@@ -639,14 +636,15 @@ def _build_methods(eps: Mapping[str, ExportedProgram], todo: list[_Job], jobs: i
     """Each method's MethodSpec and constant bytes: in this process one after another
     (``jobs == 1`` or one method), else in up to ``jobs`` worker processes at once."""
     serial = jobs == 1 or len(todo) == 1
-    zygote = None
+    zygote = prebuild = None
     if serial or _use_fork(todo[0].device):   # this process compiles, or its forks do
         t0 = time.perf_counter()
         isa = _warm_up_inductor(todo[0].options)    # the first compile's start-up, its ISA checks at once
         _timed("warm-up", None, t0)
         _record("isa", None, isa)
     else:
-        zygote = _Zygote(todo[0])             # warms up while the programs are saved
+        zygote = _Zygote(todo[0])             # warms up while the programs are handed over
+        prebuild = _prebuild_isa_checks(todo[0].options)
     if serial:
         built = {}
         for job in todo:
@@ -655,6 +653,7 @@ def _build_methods(eps: Mapping[str, ExportedProgram], todo: list[_Job], jobs: i
             bar.step()
         return built
     pending = list(todo)
+    whole: set[str] = set()                   # methods whose tensors a worker could not map
     running: dict[str, _Worker] = {}
     built = {}
     try:
@@ -662,14 +661,23 @@ def _build_methods(eps: Mapping[str, ExportedProgram], todo: list[_Job], jobs: i
             while pending and len(running) < jobs:
                 job = pending.pop(0)
                 running[job.name] = _start_fork(job, eps[job.name]) if zygote is None else zygote.start(
-                    job, eps[job.name])
+                    job, eps[job.name], whole=job.name in whole)
                 bar.phase(f"compiling {', '.join(running)}")
             time.sleep(0.05)
             for name, w in list(running.items()):
                 if w.poll() is None:
                     continue
                 del running[name]
-                built[name] = w.result()
+                try:
+                    built[name] = w.result()
+                except HandoffError as e:
+                    if name in whole:
+                        raise CompileError(f"method {name!r}: {e}") from e
+                    log.info("method %s: a worker could not map this process's tensors (%s); handing "
+                             "its program over saved whole", name, e)
+                    whole.add(name)
+                    pending.insert(0, dataclasses.replace(w.job, workdir=w.job.workdir.with_name(name + ".whole")))
+                    continue
                 bar.step()
                 if running:
                     bar.phase(f"compiling {', '.join(running)}")
@@ -678,6 +686,8 @@ def _build_methods(eps: Mapping[str, ExportedProgram], todo: list[_Job], jobs: i
             w.kill()
         if zygote is not None:
             zygote.close()
+        if prebuild is not None:
+            prebuild.join()
     return built
 
 
@@ -701,6 +711,21 @@ def _warm_up_inductor(options: Mapping[str, Any] | None = None) -> float:
         with cfg.patch(dict(options or {})):
             cpu_vec_isa.pick_vec_isa()
     return time.perf_counter() - t1 if t1 > t0 else 0.0
+
+
+def _prebuild_isa_checks(options: Mapping[str, Any] | None) -> threading.Thread:
+    """Start the ISA checks' builds in this process, beside the zygote's start-up (its imports
+    take ~11 s on the H200 host): they land in the inductor cache the zygote shares, so its own
+    checks wait for them (inductor's file lock per check) and then only load the results."""
+    def run() -> None:
+        with contextlib.suppress(Exception):
+            from torch._inductor import cpu_vec_isa
+
+            _check_vec_isas(cpu_vec_isa, options)
+
+    t = threading.Thread(target=run, name="aoti_rt-isa-prebuild", daemon=True)
+    t.start()
+    return t
 
 
 def _check_vec_isas(cpu_vec_isa: Any, options: Mapping[str, Any] | None = None) -> None:
@@ -784,6 +809,8 @@ class _Worker:
                 kind, message, tb = pickle.load(f)
             if kind == "CompileError":
                 raise CompileError(message)
+            if kind == "HandoffError":
+                raise HandoffError(message)
             raise CompileError(f"method {name!r}: compiling it in a worker process failed with {kind}: "
                                f"{message}; compile(..., jobs=1) raises it in this process. The worker's "
                                f"traceback:\n{tb}")
@@ -830,8 +857,6 @@ def _run_job(job: _Job, ep: ExportedProgram | Path) -> None:
     result files (renamed into place last). Constants read from AOTI's blob are handed back
     as spans of that file, kept in the work directory; bytes copied from the device are
     written to ``data.bin``."""
-    import torch
-
     records: list[tuple[str, str | None, float]] = []
     handler = _Records(records)
     log.addHandler(handler)
@@ -839,7 +864,7 @@ def _run_job(job: _Job, ep: ExportedProgram | Path) -> None:
     try:
         if isinstance(ep, Path):
             t0 = time.perf_counter()
-            ep = torch.export.load(ep)
+            ep = read_program(ep)
             _timed("load", job.name, t0)
         method, data = _compile_method(job, ep, keep_files=True)
         t0 = time.perf_counter()
@@ -916,13 +941,17 @@ class _Zygote:
         self._pids: dict[str, int] = {}
         self._exits: dict[str, int] = {}
 
-    def start(self, job: _Job, ep: ExportedProgram) -> _Worker:
-        """Save ``ep`` and ``job`` in the job's work directory and have a worker compile it."""
+    def start(self, job: _Job, ep: ExportedProgram, whole: bool = False) -> _Worker:
+        """Write ``ep`` (its CUDA tensors as IPC handles, or ``whole``) and ``job`` in the job's
+        work directory and have a worker compile it."""
         import torch
 
         job.workdir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        torch.export.save(ep, job.workdir / "program.pt2")
+        if whole:
+            torch.export.save(ep, job.workdir / "program.pt2")
+        else:
+            write_program(ep, job.workdir / "program.pt2", job.mutated)
         _timed("save", job.name, t0)
         try:
             with open(job.workdir / "job.pkl", "wb") as f:

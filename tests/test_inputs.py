@@ -375,13 +375,47 @@ def test_parallel_and_serial_compiles_write_the_same_bundle(three_bundle, tmp_pa
     serial = aoti_rt.compile(progs, tmp_path / "serial", jobs=1, progress=True)
     bar = capsys.readouterr().err
     monkeypatch.setattr(compiler, "WORKER_START", "zygote")   # as for a CUDA program
+    handed = _spy_handoff(monkeypatch)
     zygote = aoti_rt.compile(progs, tmp_path / "zygote", jobs=2, progress=False)
+    # a CUDA program's tensors went as IPC handles (aoti_rt.handoff), a CPU one's saved whole
+    assert handed == [device != "cpu"] * 3
     for other in (three_bundle, zygote):
         assert (other / "manifest.json").read_bytes() == (serial / "manifest.json").read_bytes()
         assert (other / "weights.safetensors").read_bytes() == (serial / "weights.safetensors").read_bytes()
     # the bar moved while the first method compiled: its seconds counted up before a step ended
     first = bar.split("1/4")[0]
     assert re.search(r"0/4 .*compiling a \([1-9]\d* s\)", first), first[-400:]
+
+
+def _spy_handoff(monkeypatch) -> list[bool]:
+    """What each program handed to a worker went as (True: IPC handles), in order."""
+    handed: list[bool] = []
+    real = compiler.write_program
+
+    def spy(ep, path, mutated):
+        handed.append(real(ep, path, mutated))
+        return handed[-1]
+    monkeypatch.setattr(compiler, "write_program", spy)
+    return handed
+
+
+def test_a_worker_that_cannot_map_the_tensors_gets_the_program_whole(three_bundle, tmp_path, monkeypatch):
+    """Handles a worker cannot open (a platform without legacy CUDA IPC) cost a second
+    hand-over, saved whole, not the compile: the bundle is the same."""
+    device = read_bundle(three_bundle).manifest.device
+    if device == "cpu":
+        pytest.skip("CPU programs are always saved whole")
+    from aoti_rt import handoff
+    real = handoff._export_tensors
+
+    def garbled(ep, mutated):
+        tensors, handles = real(ep, mutated)
+        return tensors, [(index, bytes(64)) for index, _ in handles]
+    monkeypatch.setattr(handoff, "_export_tensors", garbled)
+    monkeypatch.setattr(compiler, "WORKER_START", "zygote")
+    out = aoti_rt.compile(_three_programs(device), tmp_path / "b", jobs=3, progress=False)
+    for name in ("manifest.json", "weights.safetensors"):
+        assert (out / name).read_bytes() == (three_bundle / name).read_bytes()
 
 
 def test_jobs_must_be_positive(tmp_path, no_aoti):
