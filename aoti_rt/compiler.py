@@ -314,8 +314,11 @@ def compile(programs: Mapping[str, Any], path: str | os.PathLike[str], *, device
         jobs: how many methods to compile at once, each in a worker process that inherits a
             warm inductor (a fork of this process for CPU programs; for CUDA programs a fork of
             a fresh interpreter that warmed up without CUDA, and which maps the program's
-            tensors from this process, :mod:`aoti_rt.handoff`). Default: one per method, at
-            most one per core; 1 compiles one after another in this process.
+            tensors from this process, :mod:`aoti_rt.handoff`). Default: for CPU programs one
+            per core, at most one per method; for CUDA programs 1, one after another in this
+            process (see ``_default_jobs``: workers are faster for a process's first compile).
+            A CUDA method that calls an op a fresh interpreter may not have (a custom op, a
+            user Triton kernel) makes the compile run in this process.
 
     Returns:
         The bundle directory. It is written in a staging directory inside ``path`` and moved
@@ -394,10 +397,15 @@ def _check_jobs(jobs: int | None, n_methods: int) -> int | None:
 
 
 def _default_jobs(device: str, n_methods: int) -> int:
-    """One worker per method, up to one per core. CPU workers are forks of this process; CUDA
-    workers forks of a warm zygote that get their program's tensors as IPC handles of this
-    process's memory (:mod:`aoti_rt.handoff`): nothing is saved or copied, so a worker costs
-    its CUDA context, not a copy of the weights."""
+    """One worker per core for CPU programs (forks of this process, which share its warm-up).
+    CUDA programs compile one after another in this process unless ``jobs`` asks otherwise.
+    Measured on the H200 host on a 2 GiB pair, each row a fresh process (README, "Compile
+    time"): jobs=2 (a warm zygote's workers, mapping the tensors) took 46.9 s and jobs=1
+    51.6 s, beside stock's 93.6 s. The workers win only once per process: each compile starts
+    a zygote that pays inductor's start-up again (~25 s there), which a process that has
+    compiled before no longer pays in itself; they also cost a CUDA context each."""
+    if device != "cpu":
+        return 1
     return max(1, min(n_methods, os.cpu_count() or 1))
 
 
@@ -643,8 +651,17 @@ def _build_methods(eps: Mapping[str, ExportedProgram], todo: list[_Job], jobs: i
         _timed("warm-up", None, t0)
         _record("isa", None, isa)
     else:
-        zygote = _Zygote(todo[0])             # warms up while the programs are handed over
-        prebuild = _prebuild_isa_checks(todo[0].options)
+        local = {job.name: op for job in todo if (op := _op_of_this_process(eps[job.name]))}
+        if local:
+            serial = True
+            log.info("compiling in this process, one method after another: %s", "; ".join(
+                f"method {m} calls {op}, which a worker (a fresh interpreter) may not have" for m, op in local.items()))
+            t0 = time.perf_counter()
+            _record("isa", None, _warm_up_inductor(todo[0].options))
+            _timed("warm-up", None, t0)
+        else:
+            zygote = _Zygote(todo[0])             # warms up while the programs are handed over
+            prebuild = _prebuild_isa_checks(todo[0].options)
     if serial:
         built = {}
         for job in todo:
@@ -711,6 +728,27 @@ def _warm_up_inductor(options: Mapping[str, Any] | None = None) -> float:
         with cfg.patch(dict(options or {})):
             cpu_vec_isa.pick_vec_isa()
     return time.perf_counter() - t1 if t1 > t0 else 0.0
+
+
+def _op_of_this_process(ep: ExportedProgram) -> str | None:
+    """The first op ``ep`` calls that a fresh interpreter may not have, or None: an operator
+    outside torch's own ``aten`` and ``prims`` (a ``torch.library.custom_op``, an extension's
+    op: registered by code this process ran) or a user Triton kernel (kept in this process's
+    kernel table). A zygote's worker could not load such a program."""
+    import torch
+
+    for gm in ep.graph_module.modules():                  # higher-order ops' bodies too
+        if not isinstance(gm, torch.fx.GraphModule):
+            continue
+        for node in gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            target = node.target
+            if isinstance(target, torch._ops.OpOverload) and target.namespace not in ("aten", "prims"):
+                return str(target)
+            if isinstance(target, torch._ops.HigherOrderOperator) and "triton" in target.name():
+                return target.name()
+    return None
 
 
 def _prebuild_isa_checks(options: Mapping[str, Any] | None) -> threading.Thread:

@@ -244,3 +244,24 @@ def test_compile_refuses_a_proxy_call_without_its_json(custom_bundle, tmp_path):
     with pytest.raises(aoti_rt.CompileError, match="'custom'.*proxy executor"):
         _extern_kernels("custom", custom_bundle / "custom.so", tmp_path)
     assert _extern_kernels("plain", custom_bundle / "plain.so", tmp_path) is None
+
+
+def test_workers_of_a_fresh_interpreter_leave_a_custom_op_method_to_this_process(tmp_path, monkeypatch):
+    """A zygote's workers (CUDA's, here on the CPU) are fresh interpreters without this
+    process's custom ops: such a compile runs in this process and writes the same bundle."""
+    from aoti_rt import compiler
+
+    monkeypatch.setattr(compiler, "WORKER_START", "zygote")
+    started = []
+    monkeypatch.setattr(compiler._Zygote, "__init__", lambda self, job: started.append(job))
+    net = Net("cpu")
+    x = torch.randn(5, 64)
+    assert compiler._op_of_this_process(torch.export.export(Custom(net), (x,))) == OP.replace("::", ".") + ".default"
+    assert compiler._op_of_this_process(torch.export.export(Plain(net), (x,))) is None
+    path = aoti_rt.compile({"custom": (Custom(net), (x,)), "plain": (Plain(net), (x,))}, tmp_path / "b",
+                           progress=False, jobs=2)
+    assert started == []
+    model = aoti_rt.load(path)
+    torch.testing.assert_close(model.custom(x), Custom(net)(x))
+    model.close()
+
