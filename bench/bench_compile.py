@@ -63,7 +63,7 @@ def _child(kind: str, a: dict[str, Any]) -> dict[str, Any]:
     import logging
 
     import aoti_rt
-    from aoti_rt import compiler
+    from aoti_rt import method_compiler
 
     phases: dict[str, float] = {}
     records: list[list[Any]] = []
@@ -74,8 +74,8 @@ def _child(kind: str, a: dict[str, Any]) -> dict[str, Any]:
                 phases[r.phase] = phases.get(r.phase, 0.0) + r.seconds
                 records.append([r.phase, r.method, r.seconds])
 
-    compiler.log.addHandler(Phases())
-    compiler.log.setLevel(logging.DEBUG)
+    method_compiler.log.addHandler(Phases())
+    method_compiler.log.setLevel(logging.DEBUG)
     t0 = time.perf_counter()
     aoti_rt.compile(eps, out / "bundle", progress=False, jobs=a["jobs"])
     seconds = time.perf_counter() - t0

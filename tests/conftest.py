@@ -17,7 +17,7 @@ from torch import nn
 
 import aoti_rt
 from aoti_rt import demo
-from aoti_rt.compiler import _aoti_options
+from aoti_rt.method_compiler import _aoti_options
 
 from models import METHOD_LAYERS, Subset, make_stack
 

@@ -24,7 +24,7 @@ import aoti_rt
 from aoti_rt.abi import PROXY_EXECUTOR_CALL
 from aoti_rt.elf import imports_symbol
 from aoti_rt.bundle import read_bundle
-from aoti_rt.compiler import _extern_kernels
+from aoti_rt.method_compiler import _extern_kernels
 
 OP = "aoti_rt_test::scale_shift"
 
@@ -249,15 +249,15 @@ def test_compile_refuses_a_proxy_call_without_its_json(custom_bundle, tmp_path):
 def test_workers_of_a_fresh_interpreter_leave_a_custom_op_method_to_this_process(tmp_path, monkeypatch):
     """A zygote's workers (CUDA's, here on the CPU) are fresh interpreters without this
     process's custom ops: such a compile runs in this process and writes the same bundle."""
-    from aoti_rt import compiler
+    from aoti_rt import compile_workers
 
-    monkeypatch.setattr(compiler, "WORKER_START", "zygote")
+    monkeypatch.setattr(compile_workers, "WORKER_START", "zygote")
     started = []
-    monkeypatch.setattr(compiler._Zygote, "__init__", lambda self, job: started.append(job))
+    monkeypatch.setattr(compile_workers._Zygote, "__init__", lambda self, job: started.append(job))
     net = Net("cpu")
     x = torch.randn(5, 64)
-    assert compiler._op_of_this_process(torch.export.export(Custom(net), (x,))) == OP.replace("::", ".") + ".default"
-    assert compiler._op_of_this_process(torch.export.export(Plain(net), (x,))) is None
+    assert compile_workers._op_of_this_process(torch.export.export(Custom(net), (x,))) == OP.replace("::", ".") + ".default"
+    assert compile_workers._op_of_this_process(torch.export.export(Plain(net), (x,))) is None
     path = aoti_rt.compile({"custom": (Custom(net), (x,)), "plain": (Plain(net), (x,))}, tmp_path / "b",
                            progress=False, jobs=2)
     assert started == []

@@ -19,7 +19,7 @@ from torch import nn
 from torch.export import Dim
 
 import aoti_rt
-from aoti_rt import compiler
+from aoti_rt import compile_workers, compiler
 from aoti_rt.bundle import read_bundle
 
 from damage import edit_manifest
@@ -374,7 +374,7 @@ def test_parallel_and_serial_compiles_write_the_same_bundle(three_bundle, tmp_pa
     progs = _three_programs(device)
     serial = aoti_rt.compile(progs, tmp_path / "serial", jobs=1, progress=True)
     bar = capsys.readouterr().err
-    monkeypatch.setattr(compiler, "WORKER_START", "zygote")   # as for a CUDA program
+    monkeypatch.setattr(compile_workers, "WORKER_START", "zygote")   # as for a CUDA program
     handed = _spy_handoff(monkeypatch)
     zygote = aoti_rt.compile(progs, tmp_path / "zygote", jobs=2, progress=False)
     # a CUDA program's tensors went as IPC handles (aoti_rt.handoff), a CPU one's saved whole
@@ -390,12 +390,12 @@ def test_parallel_and_serial_compiles_write_the_same_bundle(three_bundle, tmp_pa
 def _spy_handoff(monkeypatch) -> list[bool]:
     """What each program handed to a worker went as (True: IPC handles), in order."""
     handed: list[bool] = []
-    real = compiler.write_program
+    real = compile_workers.write_program
 
     def spy(ep, path, mutated):
         handed.append(real(ep, path, mutated))
         return handed[-1]
-    monkeypatch.setattr(compiler, "write_program", spy)
+    monkeypatch.setattr(compile_workers, "write_program", spy)
     return handed
 
 
@@ -412,7 +412,7 @@ def test_a_worker_that_cannot_map_the_tensors_gets_the_program_whole(three_bundl
         tensors, handles = real(ep, mutated)
         return tensors, [(index, bytes(64)) for index, _ in handles]
     monkeypatch.setattr(handoff, "_export_tensors", garbled)
-    monkeypatch.setattr(compiler, "WORKER_START", "zygote")
+    monkeypatch.setattr(compile_workers, "WORKER_START", "zygote")
     out = aoti_rt.compile(_three_programs(device), tmp_path / "b", jobs=3, progress=False)
     for name in ("manifest.json", "weights.safetensors"):
         assert (out / name).read_bytes() == (three_bundle / name).read_bytes()
@@ -441,7 +441,7 @@ def _children() -> list[str]:
 def test_a_failing_worker_is_a_compile_error(tmp_path, monkeypatch, start):
     """Both ways a worker starts (zygote: as for CUDA programs) hand its error back, and leave
     no process behind."""
-    monkeypatch.setattr(compiler, "WORKER_START", start)
+    monkeypatch.setattr(compile_workers, "WORKER_START", start)
     before = _children()
     progs = {"a": (nn.Linear(4, 4), (torch.randn(2, 4),)), "b": (nn.Linear(4, 4), (torch.randn(2, 4),))}
     with pytest.raises(aoti_rt.CompileError, match=r"method '[ab]': AOTInductor failed to compile it"):
@@ -474,7 +474,7 @@ def test_vector_isa_checks_run_at_once(no_aoti):
     fake = types.SimpleNamespace(x86_isa_checker=lambda: ["avx2", "avx512", "avx512_vnni"],
                                  supported_vec_isa_list=isas)
     t0 = time.perf_counter()
-    compiler._check_vec_isas(fake)
+    compile_workers._check_vec_isas(fake)
     assert time.perf_counter() - t0 < 1.2
     assert [i.checked.is_set() for i in isas] == [True, True, True, False]
 
@@ -493,8 +493,8 @@ def test_the_warm_up_checks_isas_with_the_callers_compiler(tmp_path, no_aoti):
     cxx = tmp_path / "logging-g++"
     cxx.write_text(f"#!/bin/sh\necho x >> {log}\nexec {gxx} \"$@\"\n")
     cxx.chmod(0o755)
-    code = ("import sys; from aoti_rt.compiler import _warm_up_inductor; "
-            "_warm_up_inductor({'cpp.cxx': (sys.argv[1],)})")
+    code = ("import sys; from aoti_rt.compile_workers import warm_up_inductor; "
+            "warm_up_inductor({'cpp.cxx': (sys.argv[1],)})")
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     subprocess.run([sys.executable, "-c", code, str(cxx)], env=env, check=True, timeout=300)
     assert log.is_file() and log.read_text().count("x") >= 1
