@@ -157,11 +157,12 @@ def _op_of_this_process(ep: ExportedProgram) -> str | None:
         for node in gm.graph.nodes:
             if node.op != "call_function":
                 continue
-            target = node.target
-            if isinstance(target, torch._ops.OpOverload) and target.namespace not in ("aten", "prims"):
-                return str(target)
-            if isinstance(target, torch._ops.HigherOrderOperator) and "triton" in target.name():
-                return target.name()
+            if isinstance(node.target, torch._ops.HigherOrderOperator) and "triton" in node.target.name():
+                return node.target.name()
+            # the op itself, or one a higher-order op wraps (auto_functionalized, with_effects)
+            for op in (node.target, *node.args):
+                if isinstance(op, torch._ops.OpOverload) and op.namespace not in ("aten", "prims"):
+                    return str(op)
     return None
 
 

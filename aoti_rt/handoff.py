@@ -17,6 +17,9 @@ count. Each tensor keeps its own storage (the allocation's bytes from its storag
 its storage's size), as AOTI serialises a constant's whole storage. Buffers the program
 mutates are copied in the worker, so nothing the worker does can write the exporter's state.
 
+The handles are written into the compile's private temporary directory (mode 0700), which
+goes when the compile ends.
+
 Where IPC cannot be used (a CPU program, tensors in expandable segments, no legacy IPC on the
 platform), the program is saved whole, as before; a worker that cannot map the handles says
 so with :class:`HandoffError`, and the compile hands that method over again, saved whole.
@@ -81,17 +84,22 @@ def write_program(ep: ExportedProgram, path: Path, mutated: set[str]) -> bool:
     where that cannot be done, whole (False). ``mutated``: FQNs of the buffers it mutates."""
     import torch
 
+    handles_path = Path(str(path) + HANDLES_SUFFIX)
+    handles_path.unlink(missing_ok=True)
     shared = _export_tensors(ep, mutated) if _cuda_tensors(ep) else None
+    if shared is not None:
+        tensors, handles = shared
+        light = copy.copy(ep)                  # the same graph, its CUDA tensors on meta
+        light._state_dict = _on_meta(ep.state_dict, "state_dict", tensors)
+        light._constants = _on_meta(ep.constants, "constants", tensors)
+        try:
+            torch.export.save(light, path)
+        except Exception:  # noqa: BLE001 - a program this torch cannot save with meta tensors
+            shared = None
     if shared is None:
         torch.export.save(ep, path)
-        Path(str(path) + HANDLES_SUFFIX).unlink(missing_ok=True)
         return False
-    tensors, handles = shared
-    light = copy.copy(ep)                      # the same graph, its CUDA tensors on meta
-    light._state_dict = _on_meta(ep.state_dict, "state_dict", tensors)
-    light._constants = _on_meta(ep.constants, "constants", tensors)
-    torch.export.save(light, path)
-    with open(str(path) + HANDLES_SUFFIX, "wb") as f:
+    with open(handles_path, "wb") as f:
         pickle.dump((handles, tensors), f)
     return True
 

@@ -39,6 +39,21 @@ def _(x, scale, shift):
     return torch.empty_like(x)
 
 
+MUT = "aoti_rt_test::add_one_"
+
+
+@torch.library.custom_op(MUT, mutates_args=("x",))
+def add_one_(x: torch.Tensor) -> None:
+    x.add_(1)
+
+
+class Mutating(nn.Module):
+    def forward(self, x):
+        y = x.clone()
+        add_one_(y)
+        return y
+
+
 class Net(nn.Module):
     def __init__(self, device: str, seed: int = 0):
         super().__init__()
@@ -258,6 +273,8 @@ def test_workers_of_a_fresh_interpreter_leave_a_custom_op_method_to_this_process
     x = torch.randn(5, 64)
     assert compile_workers._op_of_this_process(torch.export.export(Custom(net), (x,))) == OP.replace("::", ".") + ".default"
     assert compile_workers._op_of_this_process(torch.export.export(Plain(net), (x,))) is None
+    # a custom op that mutates its argument is exported wrapped in auto_functionalized
+    assert compile_workers._op_of_this_process(torch.export.export(Mutating(), (x,))) == MUT.replace("::", ".") + ".default"
     path = aoti_rt.compile({"custom": (Custom(net), (x,)), "plain": (Plain(net), (x,))}, tmp_path / "b",
                            progress=False, jobs=2)
     assert started == []
