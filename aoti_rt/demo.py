@@ -99,7 +99,7 @@ def make_model(device: str, seed: int = 0) -> TinyLM:
 
 
 def export_methods(lm: TinyLM, prompt_len: int = 8) -> dict:
-    from aoti_rt.compiler import quiet_torch_deprecations
+    from aoti_rt.method_compiler import quiet_torch_deprecations
 
     dev = lm.embed.weight.device
     tokens = torch.zeros(prompt_len, dtype=torch.long, device=dev)

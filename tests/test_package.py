@@ -21,7 +21,7 @@ import torch
 
 import aoti_rt
 from aoti_rt import demo, package
-from aoti_rt.compiler import quiet_torch_deprecations
+from aoti_rt.method_compiler import quiet_torch_deprecations
 
 from models import Subset, make_stack
 
