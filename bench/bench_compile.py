@@ -9,8 +9,8 @@ kernels; exporting is done before the clock starts, in every row alike. Rows run
 stock last (the first row on a fresh machine pays its cold file caches, headers and libraries):
 
   aoti_rt.compile, jobs=1  the whole bundle, one method after another
-  aoti_rt.compile, jobs=N  the whole bundle, each method in its own worker process (the default;
-                           forked from this process on the CPU; on CUDA from a warm zygote,
+  aoti_rt.compile, jobs=N  the whole bundle, each method in its own worker process (forked from
+                           this process on the CPU, its default; on CUDA from a warm zygote,
                            mapping the program's tensors from this process)
   stock, per method        ``aoti_compile_and_package(ep)`` of each method in turn (the weights
                            packaged in each .so, torch's default): seconds of each
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace, report: Any) -> None:
     # stock runs last: the first row on a fresh machine pays its cold file caches (headers,
     # libraries), which would favour the rows after it
     rows = [("aoti_rt.compile, jobs=1", "aoti_rt", {"jobs": 1}),
-            (f"aoti_rt.compile, jobs={n} (the default)", "aoti_rt", {"jobs": n}),
+            (f"aoti_rt.compile, jobs={n}", "aoti_rt", {"jobs": n}),
             ("stock aoti_compile_and_package, per method", "stock", {})]
     got: dict[str, dict[str, Any]] = {}
     keys = ("serial", "parallel", "stock")
