@@ -117,8 +117,8 @@ def build_methods(eps: Mapping[str, ExportedProgram], todo: list[Job], jobs: int
             w.kill()
         if zygote is not None:
             zygote.close()
-        if prebuild is not None:
-            prebuild.join()
+    if prebuild is not None:      # done long before; a failure or Ctrl-C does not wait for its g++
+        prebuild.join()
     return built
 
 
@@ -387,14 +387,9 @@ class _Zygote:
     def start(self, job: Job, ep: ExportedProgram, whole: bool = False) -> _Worker:
         """Write ``ep`` (its CUDA tensors as IPC handles, or ``whole``) and ``job`` in the job's
         work directory and have a worker compile it."""
-        import torch
-
         job.workdir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        if whole:
-            torch.export.save(ep, job.workdir / "program.pt2")
-        else:
-            write_program(ep, job.workdir / "program.pt2", job.mutated)
+        write_program(ep, job.workdir / "program.pt2", job.mutated, whole=whole)
         timed("save", job.name, t0)
         try:
             with open(job.workdir / "job.pkl", "wb") as f:

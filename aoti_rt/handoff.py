@@ -79,14 +79,15 @@ def _ok(result: Any, what: str) -> Any:
     return rest[0] if len(rest) == 1 else rest
 
 
-def write_program(ep: ExportedProgram, path: Path, mutated: set[str]) -> bool:
+def write_program(ep: ExportedProgram, path: Path, mutated: set[str], *, whole: bool = False) -> bool:
     """Save ``ep`` at ``path`` for a worker: with its CUDA tensors as IPC handles (True), or,
-    where that cannot be done, whole (False). ``mutated``: FQNs of the buffers it mutates."""
+    where that cannot be done or ``whole`` asks it (a worker could not map them), whole
+    (False). ``mutated``: FQNs of the buffers it mutates."""
     import torch
 
     handles_path = Path(str(path) + HANDLES_SUFFIX)
     handles_path.unlink(missing_ok=True)
-    shared = _export_tensors(ep, mutated) if _cuda_tensors(ep) else None
+    shared = _export_tensors(ep, mutated) if not whole and _cuda_tensors(ep) else None
     if shared is not None:
         tensors, handles = shared
         light = copy.copy(ep)                  # the same graph, its CUDA tensors on meta
@@ -197,14 +198,17 @@ def _map_tensors(handles: list[tuple[int, bytes]], tensors: list[_SharedTensor])
 
     drv = _driver()
     bases: dict[int, int] = {}
+    current: set[int] = set()                    # devices whose primary context is current here
     storages: dict[tuple[int, int], Any] = {}    # (allocation, start) -> storage: tied tensors stay tied
     out = {}
     for t in tensors:
         index, raw = handles[t.allocation]
         device = torch.device("cuda", index)
         if t.allocation not in bases:
-            torch.cuda.set_device(device)
-            torch.cuda.synchronize(device)     # the device's primary context, current here
+            if index not in current:
+                torch.cuda.set_device(device)
+                torch.cuda.synchronize(device)  # the device's primary context, current here
+                current.add(index)
             h = drv.CUipcMemHandle()
             ctypes.memmove(h.getPtr(), raw, _HANDLE_BYTES)
             flags = drv.CUipcMem_flags.CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS

@@ -61,7 +61,7 @@ def test_a_cuda_program_travels_as_handles_of_this_process_memory(tmp_path):
     ep = _program("cuda:0")
     path = tmp_path / "program.pt2"
     assert handoff.write_program(ep, path, {"steps"}) is True
-    assert path.stat().st_size < 512 * 1024            # the graph, not the weights' 2 MiB
+    assert path.stat().st_size < 512 * 1024            # the graph, not the weights' 1 MiB
     state = _state(ep)
     code = textwrap.dedent("""
         import json, sys, torch
@@ -87,6 +87,9 @@ def test_a_cuda_program_travels_as_handles_of_this_process_memory(tmp_path):
         assert kind == type(v).__name__, name
     assert got["a.weight"][5] == got["b.weight"][5]            # still tied
     assert state["steps"].sum().item() == 0
+    # asked for whole (a worker that could not map the handles): the bytes, no handles
+    assert handoff.write_program(ep, path, {"steps"}, whole=True) is False
+    assert not (tmp_path / "program.pt2.ipc").exists() and path.stat().st_size > 1 << 20   # the 1 MiB weight
 
 
 @pytest.mark.cuda

@@ -392,8 +392,8 @@ def _spy_handoff(monkeypatch) -> list[bool]:
     handed: list[bool] = []
     real = compile_workers.write_program
 
-    def spy(ep, path, mutated):
-        handed.append(real(ep, path, mutated))
+    def spy(ep, path, mutated, **kw):
+        handed.append(real(ep, path, mutated, **kw))
         return handed[-1]
     monkeypatch.setattr(compile_workers, "write_program", spy)
     return handed
