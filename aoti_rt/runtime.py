@@ -50,12 +50,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
 from . import _bind, _cache, _memory, device as _device, loader, serving
+from .calls import CallSignature
 from .abi import SharedObject, blob_layout, torch_shim
-from .bundle import (DTYPE_CODES, ITEMSIZE, Bundle, ConstantSpec, InputSpec, MethodSpec,
+from .bundle import (DTYPE_CODES, ITEMSIZE, Bundle, ConstantSpec, MethodSpec,
                      WeightSpec, divergent_fqns, file_identity, is_regular_file, read_bundle)
 from .digest import file_digests
 from .device import Device
-from .errors import AOTIError, BundleError, ClosedError, DeviceError, InputError, ShareError
+from .errors import AOTIError, BundleError, ClosedError, DeviceError, ShareError
 from .share import check_name
 
 if TYPE_CHECKING:
@@ -287,8 +288,7 @@ class Method:
             if typed_inputs and len(spec.inputs) != n_in:
                 raise BundleError(f"method {name!r}: the manifest describes {len(spec.inputs)} inputs but "
                                   f"{so.path.name} takes {n_in}; the bundle is inconsistent, recompile it")
-            self._in_spec = _load_spec(spec.in_spec, n_in + len(spec.fixed_inputs), f"method {name!r}: in_spec")
-            self._out_spec = _load_spec(spec.out_spec, n_out, f"method {name!r}: out_spec")
+            self._signature = CallSignature(name, spec, n_in, n_out, self.device)
             try:
                 plan = bind_plan(spec.constants, f"method {name!r}")
             except ValueError as e:
@@ -305,7 +305,6 @@ class Method:
             raise
         rt.sample()
         self._n_out = n_out
-        self._n_in = n_in
         self._abi = so.abi
         self._where = f"method {name!r}"
         self._prepare_calls()
@@ -630,55 +629,15 @@ class Method:
     # -- calling --------------------------------------------------------------------------
 
     def _prepare_calls(self) -> None:
-        """Precompute what each call checks, so the common case skips pytree entirely."""
+        """What each call needs beyond its inputs' checks (the signature's): Run's handle
+        conversions, the device's context and the current stream's getter."""
         import torch
-        from torch.utils import _pytree as pytree
 
-        n_in, n_out = self._n_in, self._n_out
         # tensors as the handles Run steals, and its output handles as tensors
         self._to_handles = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors
         self._from_handles = torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs
-        self._flat_in = self._in_spec is None or \
-            self._in_spec == pytree.tree_flatten((tuple(range(n_in)), {}))[1]
-        if self._out_spec is None:
-            self._out_kind = "single" if n_out == 1 else "tuple"
-        elif self._out_spec == pytree.tree_flatten(tuple(range(n_out)))[1]:
-            self._out_kind = "tuple"
-        elif n_out == 1 and self._out_spec == pytree.tree_flatten(0)[1]:
-            self._out_kind = "single"
-        else:
-            self._out_kind = "tree"
-        self._tdevice = torch.device(self.device)
-        self._typed = bool(self.spec.inputs)
-        self._dtypes = [getattr(torch, i.dtype) for i in self.spec.inputs]
-        self._shapes = [tuple(i.shape) for i in self.spec.inputs]
-        self._static = [None not in sh for sh in self._shapes]
-        # what the fast path compares a tensor's shape with: never equal for a dynamic input,
-        # which takes the slow path (its ranges)
-        self._fast_shapes = [sh if st else None for sh, st in zip(self._shapes, self._static)]
-        self._Tensor = torch.Tensor
-        # the slow path's signature: fixed (non-tensor) inputs among the flattened call, and
-        # the names by which keyword arguments find their places
-        self._fixed = [(f.index, f.name, f.value) for f in self.spec.fixed_inputs]
-        fixed_at = {f.index for f in self.spec.fixed_inputs}
-        n_leaves = n_in + len(self._fixed)
-        self._tensor_at = [k for k in range(n_leaves) if k not in fixed_at]
-        leaf_names: list[str | None] = [None] * n_leaves
-        for k, f in zip(self._tensor_at, self.spec.inputs):
-            leaf_names[k] = f.name
-        for f in self.spec.fixed_inputs:
-            leaf_names[f.index] = f.name
-        self._arg_names, self._kw_names = _call_names(self._in_spec, leaf_names)
-        # dynamic dimensions sharing a torch.export.Dim: (input, dim, range) per symbol
-        self._linked: dict[str, list[tuple[int, int, Any]]] = {}
-        for i, inp in enumerate(self.spec.inputs):
-            for d, r in enumerate(inp.dims or ()):
-                if r is not None and r.symbol:
-                    self._linked.setdefault(r.symbol, []).append((i, d, r))
-        self._linked = {k: v for k, v in self._linked.items() if len(v) > 1}
-        if self._linked:       # only such methods pay for the check (an instance attribute wins)
-            self._flatten = self._flatten_linked
-        self._grad_warned = False
+        self._flatten = self._signature.flatten
+        self._outputs = self._signature.outputs
         #: the device's primary context, made current around each Run (ModelABI.run)
         self._context = self._rt.context if self._rt.is_cuda else 0
         if self._rt.is_cuda:
@@ -688,141 +647,6 @@ class Method:
                 (lambda: torch.cuda.current_stream(index).cuda_stream)
         else:
             self._stream = lambda: 0
-
-    def _flatten(self, args: tuple, kwargs: dict) -> list | tuple:
-        if not kwargs and self._flat_in and len(args) == self._n_in:
-            leaves = args
-        else:
-            leaves = self._flatten_slow(args, kwargs)
-        tensor, device, dtypes, shapes, typed = \
-            self._Tensor, self._tdevice, self._dtypes, self._fast_shapes, self._typed
-        for i, t in enumerate(leaves):
-            if not isinstance(t, tensor):
-                raise InputError(f"method {self.name!r}: input {i} must be a torch.Tensor, "
-                                 f"got {type(t).__name__}")
-            if not typed:
-                if t.device != device:
-                    raise InputError(f"method {self.name!r}: input {i} is on {t.device}, the model runs "
-                                     f"on {self.device}; move it with .to({self.device!r})")
-            elif (t.device != device or t.dtype is not dtypes[i] or t.shape != shapes[i]
-                    or t.requires_grad):
-                self._check_input(i, t, self.spec.inputs[i])
-            if not t.is_contiguous():
-                # generated kernels index inputs with the contiguous strides they were compiled
-                # for: a transposed, sliced or expanded input is copied to that layout first
-                if not isinstance(leaves, list):
-                    leaves = list(leaves)
-                leaves[i] = t.contiguous()
-        return leaves
-
-    def _flatten_linked(self, args: tuple, kwargs: dict) -> list | tuple:
-        """:meth:`_flatten`, then the sizes of dimensions exported with one Dim must agree."""
-        leaves = Method._flatten(self, args, kwargs)
-        self._check_linked(leaves)
-        return leaves
-
-    def _flatten_slow(self, args: tuple, kwargs: dict) -> list:
-        """Keyword arguments put in their places, the call flattened and checked against the
-        exported structure, fixed (non-tensor) inputs checked and dropped: the tensor inputs."""
-        from torch.utils import _pytree as pytree
-
-        if kwargs or self._kw_names:
-            args, kwargs = self._place_keywords(args, kwargs)
-        leaves, spec = pytree.tree_flatten((args, kwargs))
-        if len(leaves) != len(self._tensor_at) + len(self._fixed) or (self._in_spec is not None
-                                                                       and spec != self._in_spec):
-            fixed = f" and {len(self._fixed)} fixed" if self._fixed else ""
-            want = f"; call it as {_describe_call(self._in_spec, self._arg_names)}" if self._in_spec else ""
-            raise InputError(f"method {self.name!r} takes {self._n_in} tensor inputs{fixed}, got {len(leaves)} "
-                             f"as {_describe_call(spec)}{want}")
-        if not self._fixed:
-            return leaves
-        for k, name, value in self._fixed:
-            v = leaves[k]
-            if not (v is value or (type(v) is type(value) or type(value) is float and type(v) is int)
-                    and v == value):
-                raise InputError(f"method {self.name!r}: input {name!r} was fixed to {value!r} when the "
-                                 f"method was exported (export specialises non-tensor inputs), got {v!r:.80}; "
-                                 f"pass {value!r}, or export and compile the method again for this value")
-        return [leaves[k] for k in self._tensor_at]
-
-    def _place_keywords(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """``(args, kwargs)`` as exported: a keyword naming a positional input goes to its
-        place, the exported keyword inputs in their exported order. InputError names unknown,
-        repeated and missing inputs."""
-        names, kw_names = self._arg_names, self._kw_names
-        if names is None:
-            raise InputError(f"method {self.name!r} does not record its call structure; pass its inputs "
-                             f"positionally")
-        if len(args) > len(names):
-            by_kw = f"; pass {_name_list(kw_names)} by keyword" if kw_names else ""
-            raise InputError(f"method {self.name!r} takes {len(names)} positional inputs "
-                             f"({_name_list(names)}), got {len(args)}{by_kw}")
-        slots: list[Any] = list(args) + [_MISSING] * (len(names) - len(args))
-        placed: dict[str, Any] = {}
-        unknown = []
-        for key, v in kwargs.items():
-            if key in kw_names:
-                placed[key] = v
-            elif key in names:
-                j = names.index(key)
-                if j < len(args):
-                    raise InputError(f"method {self.name!r} got input {key!r} twice: as positional "
-                                     f"input {j} and as a keyword")
-                slots[j] = v
-            else:
-                unknown.append(key)
-        if unknown:
-            nested = " (nested inputs, shown as #N, are passed positionally)" if None in names else ""
-            raise InputError(f"method {self.name!r} has no input named {', '.join(map(repr, unknown))}; its "
-                             f"inputs are {_name_list(names + kw_names)}{nested}")
-        missing = [_name_list([n], j) for j, (n, v) in enumerate(zip(names, slots)) if v is _MISSING]
-        missing += [repr(k) for k in kw_names if k not in placed]
-        if missing:
-            raise InputError(f"method {self.name!r} is missing input{'s' if len(missing) > 1 else ''} "
-                             f"{', '.join(missing)}")
-        return tuple(slots), {k: placed[k] for k in kw_names}
-
-    def _check_input(self, i: int, t, spec: InputSpec) -> None:
-        """The slow path of the input check: find what is wrong and say it."""
-        if t.device != self._tdevice:
-            raise InputError(f"method {self.name!r}: input {i} ({spec.name}) is on {t.device}, "
-                             f"the model runs on {self.device}; move it with .to({self.device!r})")
-        if t.dtype != self._dtypes[i]:
-            raise InputError(f"method {self.name!r}: input {i} ({spec.name}) must be {spec.dtype}, "
-                             f"got {str(t.dtype).removeprefix('torch.')}")
-        if t.dim() != len(spec.shape) or any(s is not None and s != d for s, d in zip(spec.shape, t.shape)):
-            shape = ["*" if s is None else s for s in spec.shape]
-            raise InputError(f"method {self.name!r}: input {i} ({spec.name}) must have shape {shape}, "
-                             f"got {list(t.shape)}")
-        for d, r in enumerate(spec.dims or ()):
-            if r is not None and not _in_range(t.shape[d], r):
-                raise InputError(f"method {self.name!r}: input {i} ({spec.name}) has size {t.shape[d]} in "
-                                 f"dimension {d}; it was exported for {_describe_range(r)} "
-                                 f"(torch.export.Dim): pass a size in that range, or export with a wider Dim")
-        if t.requires_grad and not self._grad_warned:
-            import torch
-
-            if torch.is_grad_enabled():
-                self._grad_warned = True
-                warnings.warn(f"method {self.name!r}: input {i} ({spec.name}) requires grad, but an AOTI method "
-                              f"has no autograd: its outputs never require grad and backward() cannot reach "
-                              f"the inputs (warned once per method); call it under torch.no_grad() or pass "
-                              f".detach()ed inputs", stacklevel=5 if self._linked else 4)
-
-    def _check_linked(self, leaves) -> None:
-        """Dimensions exported with one Dim must agree: ``(size - min) // step`` is equal."""
-        for links in self._linked.values():
-            i0, d0, r0 = links[0]
-            k = (leaves[i0].shape[d0] - r0.min) // r0.step
-            for i, d, r in links[1:]:
-                want = r.min + k * r.step
-                if leaves[i].shape[d] != want:
-                    a, b = self.spec.inputs[i0].name, self.spec.inputs[i].name
-                    raise InputError(f"method {self.name!r}: input {i} ({b}) has size {leaves[i].shape[d]} in "
-                                     f"dimension {d}, but input {i0} ({a}) has {leaves[i0].shape[d0]} in dimension "
-                                     f"{d0} and both were exported with one torch.export.Dim, which makes it "
-                                     f"{want}; pass sizes that agree")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the method on its inputs, as the exported forward was called.
@@ -855,13 +679,7 @@ class Method:
                 tensors = self._run_runner(leaves)
         finally:
             self._gate.exit()
-        if self._out_kind == "single":
-            return tensors[0]
-        if self._out_kind == "tuple":
-            return tuple(tensors)
-        from torch.utils import _pytree as pytree
-
-        return pytree.tree_unflatten(tensors, self._out_spec)
+        return self._outputs(tensors)
 
     # -- weights --------------------------------------------------------------------------
 
@@ -973,87 +791,6 @@ def _capsule(pointer: int):
         proto = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)
         _new_capsule = proto(("PyCapsule_New", ctypes.pythonapi))
     return _new_capsule(pointer, None, None)
-
-
-def _load_spec(text: str | None, leaves: int, what: str):
-    """A call spec from the manifest, which must have as many leaves as the .so has tensors
-    (a spec with another count would make every call fail, or unflatten garbage)."""
-    if not text:
-        return None
-    from torch.utils import _pytree as pytree
-
-    try:
-        spec = pytree.treespec_loads(text)
-    except Exception:  # noqa: BLE001 - a spec this torch cannot read: run unstructured
-        return None
-    if spec.num_leaves != leaves:
-        raise BundleError(f"{what} has {spec.num_leaves} leaves but the .so has {leaves} tensors; "
-                          f"the bundle is inconsistent, recompile it")
-    return spec
-
-
-_MISSING = object()
-
-
-def _call_names(in_spec, leaf_names: list[str | None]) -> tuple[list[str | None] | None, list[str]]:
-    """From an exported in_spec ``(args, kwargs)``: each positional input's name (None for a
-    nested one, which has no name of its own) and the exported keyword inputs, in order. None
-    for the positional names where the spec is not of that form (a stock .so's may not be)."""
-    if in_spec is None or in_spec.num_children != 2:
-        return None, []
-    args_spec, kw_spec = _children(in_spec)
-    if args_spec.type is not tuple or kw_spec.type is not dict:
-        return None, []
-    names: list[str | None] = []
-    at = 0
-    for child in _children(args_spec):
-        names.append(leaf_names[at] if child.is_leaf() and at < len(leaf_names) else None)
-        at += child.num_leaves
-    return names, [str(k) for k in kw_spec.context]
-
-
-def _children(spec) -> list:
-    """A TreeSpec's children (``children()``; ``children_specs``, deprecated in torch 2.13, before it)."""
-    kids = getattr(spec, "children", None)
-    return list(kids()) if callable(kids) else list(spec.children_specs)
-
-
-def _name_list(names: list[str | None], first: int = 0) -> str:
-    return ", ".join(repr(n) if n is not None else f"#{first + j}" for j, n in enumerate(names))
-
-
-def _describe_call(spec, names: list[str | None] | None = None) -> str:
-    """A call structure in words: ``('x', 'pos', cache=(tensor, tensor))``, not a TreeSpec dump."""
-    if spec.type is tuple and spec.num_children == 2 and _children(spec)[1].type is dict:
-        args_spec, kw_spec = _children(spec)
-        parts = [(f"{names[j]!r}" if names and j < len(names) and names[j] is not None and child.is_leaf()
-                  else _describe_tree(child)) for j, child in enumerate(_children(args_spec))]
-        parts += [f"{k}={_describe_tree(c)}" for k, c in zip(kw_spec.context, _children(kw_spec))]
-        return f"({', '.join(parts)})"
-    return _describe_tree(spec)
-
-
-def _describe_tree(spec) -> str:
-    if spec.is_leaf():
-        return "input"
-    kids = [_describe_tree(c) for c in _children(spec)]
-    if spec.type is tuple:
-        return f"({', '.join(kids)}{',' if len(kids) == 1 else ''})"
-    if spec.type is list:
-        return f"[{', '.join(kids)}]"
-    if spec.type is dict:
-        return "{" + ", ".join(f"{k!r}: {v}" for k, v in zip(spec.context, kids)) + "}"
-    return f"{getattr(spec.type, '__name__', spec.type)}({', '.join(kids)})"
-
-
-def _in_range(size: int, r) -> bool:
-    return size >= r.min and (r.max is None or size <= r.max) and (size - r.min) % r.step == 0
-
-
-def _describe_range(r) -> str:
-    top = "" if r.max is None else f"{r.max}"
-    text = f"sizes {r.min}..{top}" if r.max is not None else f"sizes >= {r.min}"
-    return text if r.step == 1 else f"{text} in steps of {r.step} ({r.min} + {r.step}k)"
 
 
 def _method_names(bundle: Bundle, methods: Sequence[str] | None) -> list[str]:
