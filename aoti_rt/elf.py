@@ -3,7 +3,8 @@
 A 64-bit little-endian ELF file is untrusted input like the rest of a bundle or package:
 every offset and size is checked against the file before it is read, and anything that does
 not fit is a :class:`~aoti_rt.errors.BundleError`. Used to find the weights AOTI embeds in a
-.so (:mod:`aoti_rt.package`) and whether a .so calls operators through a proxy executor.
+.so (:func:`embedded_constants`, for :mod:`aoti_rt.package`) and whether a .so calls operators
+through a proxy executor (:func:`imports_symbol`).
 """
 
 from __future__ import annotations
@@ -118,3 +119,50 @@ def imports_symbol(path: str | os.PathLike[str], name: str) -> bool | None:
             found = any(shndx == 0 and off in at for off, _, _, shndx, _, _ in struct.iter_unpack("<IBBHQQ", syms))
     _imports[key] = found
     return found
+
+
+def embedded_constants(so: Path, need: int) -> tuple[int, int]:
+    """Where an AOTI .so built with ``package_constants_in_so=True`` keeps its weights.
+
+    They are a ``binary_blob`` (each constant's storage in index order, at prefix sums of
+    ``GetConstantDataSize``) between its symbols ``_binary_constants_bin_start`` and ``_end``,
+    or, for a .so built with ``force_mmap_weights``, appended to the file (those 16 bytes then
+    hold its size and a magic number, which must match the file's last 8 bytes).
+
+    Args:
+        so: the .so file.
+        need: the sum of its constants' ``GetConstantDataSize``.
+
+    Returns:
+        ``(file offset, size)`` of the blob in the .so.
+
+    Raises:
+        BundleError: the .so is not a sound 64-bit little-endian ELF file, or holds fewer bytes
+            than ``need``.
+
+    Example:
+        >>> at, n = embedded_constants(Path("model.so"), need=25088)
+    """
+    what = f"shared object {so}"
+    fd, st = open_regular(so, "shared object")
+    try:
+        size = st.st_size
+        sections, syms = symbols(fd, size, what, {b"_binary_constants_bin_start", b"_binary_constants_bin_end"})
+        (start, sec), (end, sec_end) = syms[b"_binary_constants_bin_start"], syms[b"_binary_constants_bin_end"]
+        if sec != sec_end or not 0 < sec < len(sections):
+            raise BundleError(f"{what}: its constants symbols are not in one section; the .so is corrupt")
+        _, kind, _, addr, offset, length, *_ = sections[sec]
+        if kind != 1 or not addr <= start <= end <= addr + length or offset + length > size:
+            raise BundleError(f"{what}: its constants symbols lie outside their section's bytes; the .so is corrupt")
+        at, n = offset + (start - addr), end - start
+        if need <= n:
+            return at, n
+        if n == 16:                            # force_mmap_weights: [size + 8, magic], weights at the end
+            total, magic = struct.unpack("<QQ", pread_all(fd, 16, at, what))
+            tail = pread_all(fd, 8, size - 8, what) if size >= 8 else b""
+            if 8 + need <= total <= size and (size - total) % 16384 == 0 and tail == struct.pack("<Q", magic):
+                return size - total, total - 8
+        raise BundleError(f"{what} embeds {n} bytes of constants but its constants need {need}; the .so is "
+                          f"corrupt or was built in a way aoti_rt does not know")
+    finally:
+        os.close(fd)

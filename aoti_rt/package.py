@@ -15,8 +15,9 @@ weights
 
 What aoti_rt does with a package, once per package file (the result is cached):
 
-1. parse the zip's central directory and check every entry (names that would escape a
-   folder, entries past the end of the file, encryption, duplicates: :class:`BundleError`);
+1. parse the zip's central directory and check every entry (names that would escape a folder,
+   entries past the end of the file, encryption, duplicates: :class:`BundleError`), with
+   :class:`aoti_rt.archive.Archive`;
 2. extract only what the .so needs on disk (the .so, kernel binaries, metadata: never the
    weights or the C++ sources) into a content-addressed directory,
    ``$XDG_CACHE_HOME/aoti_rt/pt2/<sha256>/`` (or ``$AOTI_RT_CACHE/pt2/``), written under a
@@ -61,22 +62,20 @@ import os
 import re
 import shutil
 import stat
-import struct
 import tempfile
 import time
 import warnings
 import weakref
-import zipfile
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Union
 
 from . import device as _device, elf
+from .archive import CHUNK, JSON_MAX, SAFE_NAME, STORED, Archive, Entry
 from .abi import SharedObject, blob_bytes_needed, blob_layout, describe
 from .bundle import (DTYPE_NAMES, MANIFEST_MAX_BYTES, MAX_INT, MAX_RANK, ConstantSpec, Manifest, MethodSpec,
-                     WeightSpec, divergent_fqns, is_regular_file, open_regular, parse_method_and_weights, pread_all,
+                     WeightSpec, divergent_fqns, is_regular_file, parse_method_and_weights, pread_all,
                      read_manifest_bytes, strict_json, weight_id)
 from .device import Device
 from .digest import file_digests
@@ -86,14 +85,6 @@ from .runtime import Method, Model, weight_source
 
 #: the version of the probe records written under ``<cache>/pt2/records/``
 RECORD_VERSION = 1
-#: a package with more entries than this is refused before its names are read
-MAX_ENTRIES = 1 << 20
-#: a central directory larger than this is refused before it is read
-CENTRAL_DIR_MAX = 256 << 20
-#: a JSON entry (metadata, weights_config.json) larger than this is refused
-JSON_MAX = 16 << 20
-#: bytes copied (or inflated) per step while extracting
-_CHUNK = 8 << 20
 
 #: what ``load`` accepts for packages: a path, or method name -> path or (path, model name)
 PackageSpec = Union[str, "os.PathLike[str]",
@@ -102,13 +93,10 @@ PackageSpec = Union[str, "os.PathLike[str]",
 _AOTI_DIR = "data/aotinductor/"
 _WEIGHTS_DIR = "data/weights/"
 _WEIGHTS_CONFIG = "weights_config.json"
-#: one path component aoti_rt will write or look up: no separators, no leading dot
-_SAFE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,254}")
 #: files of a model folder that the .so never reads (weights are read in place)
 _NOT_EXTRACTED = (".cpp", ".h", ".hpp", ".S")
 #: the storage record of a torch.save zip
 _STORAGE = re.compile(r"[^/]+/data/[0-9]+")
-_STORED, _DEFLATED = zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED
 
 
 def cache_root() -> Path:
@@ -118,284 +106,6 @@ def cache_root() -> Path:
     if base:
         return Path(base) / "pt2"
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aoti_rt" / "pt2"
-
-
-# -- the zip archive -----------------------------------------------------------------------------
-
-class _Entry(NamedTuple):
-    name: str
-    header_offset: int     # of its local header, relative to the archive's start
-    compress_size: int
-    file_size: int
-    method: int
-    crc: int
-    flags: int
-
-
-class _Range:
-    """A read-only file object over bytes ``[base, base + size)`` of an open file (what zipfile
-    reads: the package, or a zip stored inside it)."""
-
-    def __init__(self, fd: int, base: int, size: int, what: str):
-        self.fd, self.base, self.size, self.what, self.pos = fd, base, size, what, 0
-
-    def seekable(self) -> bool:
-        return True
-
-    def readable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        pos = (offset, self.pos + offset, self.size + offset)[whence]
-        if pos < 0:
-            raise OSError(22, "seek before the start of the archive")
-        self.pos = pos
-        return pos
-
-    def read(self, n: int | None = -1) -> bytes:
-        left = max(0, self.size - self.pos)
-        n = left if n is None or n < 0 else min(n, left)
-        data = pread_all(self.fd, n, self.base + self.pos, self.what)
-        self.pos += len(data)
-        return data
-
-
-class _Archive:
-    """A zip archive (a ``.pt2``, or a ``torch.save`` zip stored inside one) with every entry
-    checked: names, bounds, compression. Offsets it returns are absolute in the file."""
-
-    def __init__(self, path: Path, fd: int, base: int, size: int, what: str, *, owns_fd: bool = False):
-        self.path, self.fd, self.base, self.size, self.what = path, fd, base, size, what
-        self.owns_fd = owns_fd
-        self.entries: dict[str, _Entry] = {}
-        f = _Range(fd, base, size, what)
-        try:
-            end = zipfile._EndRecData(f)      # the end record only: sizes to check before reading on
-            if end is None:
-                raise BundleError(f"{what} is not a zip archive (no end record): it is truncated, or not "
-                                  f"a .pt2 package; re-create or re-copy it")
-            if end[zipfile._ECD_SIZE] > CENTRAL_DIR_MAX or end[zipfile._ECD_ENTRIES_TOTAL] > MAX_ENTRIES:
-                raise BundleError(f"{what} declares a {end[zipfile._ECD_SIZE]}-byte central directory of "
-                                  f"{end[zipfile._ECD_ENTRIES_TOTAL]} entries, more than aoti_rt reads "
-                                  f"({CENTRAL_DIR_MAX >> 20} MiB, {MAX_ENTRIES}); the archive is corrupt")
-            infos = zipfile.ZipFile(f).infolist()
-        except BundleError:
-            raise
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as e:  # noqa: BLE001 - zipfile raises many types on crafted input
-            raise BundleError(f"{what} is not a readable zip archive ({type(e).__name__}: {e}); it is "
-                              f"truncated or corrupt: re-create or re-copy it") from None
-        if len(infos) > MAX_ENTRIES:
-            raise BundleError(f"{what} has {len(infos)} entries, more than the {MAX_ENTRIES} aoti_rt reads")
-        for i in infos:
-            name = i.orig_filename
-            if "\x00" in name or "\\" in name or name.startswith("/") or ".." in name.split("/"):
-                raise BundleError(f"{what}: entry {name!r} points outside the archive's folder; the "
-                                  f"archive is crafted or corrupt, do not use it")
-            if name in self.entries:
-                raise BundleError(f"{what}: entry {name!r} appears twice; the archive is corrupt")
-            if i.flag_bits & 1:
-                raise BundleError(f"{what}: entry {name!r} is encrypted; aoti_rt reads unencrypted packages")
-            if not 0 <= i.header_offset <= size - 30 or i.compress_size < 0 or i.file_size < 0:
-                raise BundleError(f"{what}: entry {name!r} points past the end of the archive "
-                                  f"({size} bytes); it is truncated or corrupt: re-create or re-copy it")
-            self.entries[name] = _Entry(name, i.header_offset, i.compress_size, i.file_size,
-                                        i.compress_type, i.CRC, i.flag_bits)
-
-    @classmethod
-    def open(cls, path: Path) -> "_Archive":
-        fd, st = open_regular(path, "package")
-        try:
-            os.set_blocking(fd, True)
-            return cls(path, fd, 0, st.st_size, f"package {path}", owns_fd=True)
-        except BaseException:
-            os.close(fd)
-            raise
-
-    def close(self) -> None:
-        if self.owns_fd and self.fd >= 0:
-            os.close(self.fd)
-        self.fd = -1
-
-    def __enter__(self) -> "_Archive":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def root(self) -> str:
-        """The one folder every entry of a PyTorch archive is under."""
-        roots = {n.partition("/")[0] for n in self.entries}
-        if len(roots) != 1 or any("/" not in n for n in self.entries):
-            raise BundleError(f"{self.what} is not a PyTorch archive (its entries are not under one folder)")
-        return roots.pop()
-
-    def data_offset(self, e: _Entry) -> int:
-        """The absolute file offset of an entry's bytes (from its local header, checked)."""
-        h = pread_all(self.fd, 30, self.base + e.header_offset, self.what)
-        if len(h) < 30 or h[:4] != b"PK\x03\x04":
-            raise BundleError(f"{self.what}: entry {e.name!r} has no local header where the central "
-                              f"directory says; the archive is corrupt: re-create or re-copy it")
-        _, _, _, method, _, _, _, _, _, nlen, xlen = struct.unpack("<4sHHHHHIIIHH", h)
-        if method != e.method:
-            raise BundleError(f"{self.what}: entry {e.name!r} has two compression methods; the archive is corrupt")
-        start = e.header_offset + 30 + nlen + xlen
-        if start + e.compress_size > self.size:
-            raise BundleError(f"{self.what} is truncated: entry {e.name!r} needs bytes up to "
-                              f"{start + e.compress_size}, it has {self.size}; re-create or re-copy it")
-        if e.method == _STORED and e.compress_size != e.file_size:
-            raise BundleError(f"{self.what}: stored entry {e.name!r} has two sizes; the archive is corrupt")
-        return self.base + start
-
-    def stored(self, e: _Entry, what: str) -> tuple[int, int]:
-        """``(absolute offset, size)`` of an uncompressed entry's bytes; a compressed one is refused."""
-        if e.method != _STORED:
-            raise BundleError(f"{what} ({e.name!r}) is compressed; aoti_rt reads weights in place from the "
-                              f"archive, so they must be stored uncompressed, as torch writes them: re-create "
-                              f"the package with torch, or re-zip it without compression (zip -0)")
-        return self.data_offset(e), e.file_size
-
-    def copy(self, e: _Entry, out: int) -> str:
-        """Write an entry's (inflated) bytes to file descriptor ``out``; returns their SHA-256.
-        Its size and CRC-32 are checked; at most the declared size is ever written."""
-        def write(piece: bytes) -> None:
-            view = memoryview(piece)
-            while view:
-                view = view[os.write(out, view):]
-        return self._stream(e, write)
-
-    def read_small(self, e: _Entry, limit: int = JSON_MAX) -> bytes:
-        """A small entry's bytes (metadata, JSON); one larger than ``limit`` is refused."""
-        if e.file_size > limit:
-            raise BundleError(f"{self.what}: entry {e.name!r} is {e.file_size} bytes, more than the {limit} "
-                              f"aoti_rt reads for it; the archive is corrupt")
-        parts: list[bytes] = []
-        self._stream(e, parts.append)
-        return b"".join(parts)
-
-    def _stream(self, e: _Entry, sink) -> str:
-        """Pass an entry's bytes, inflated, to ``sink`` in pieces; check its size and CRC-32."""
-        at = self.data_offset(e)
-        left = e.compress_size
-        sha, crc, done = hashlib.sha256(), 0, 0
-
-        def emit(piece: bytes) -> None:
-            nonlocal crc, done
-            done += len(piece)
-            if done > e.file_size:
-                raise BundleError(f"{self.what}: entry {e.name!r} inflates to more than its declared "
-                                  f"{e.file_size} bytes; the archive is corrupt or crafted")
-            sha.update(piece)
-            crc = zlib.crc32(piece, crc)
-            sink(piece)
-
-        def chunk() -> bytes:
-            nonlocal at, left
-            n = min(left, _CHUNK)
-            data = pread_all(self.fd, n, at, self.what)
-            if len(data) < n:
-                raise BundleError(f"{self.what} is truncated (entry {e.name!r}); re-create or re-copy it")
-            at += n
-            left -= n
-            return data
-
-        if e.method == _STORED:
-            while left:
-                emit(chunk())
-        elif e.method == _DEFLATED:
-            d = zlib.decompressobj(-15)
-            pending = b""
-            try:
-                while not d.eof:
-                    if not pending and left:
-                        pending = chunk()
-                    piece = d.decompress(pending, _CHUNK)
-                    pending = d.unconsumed_tail
-                    emit(piece)
-                    if not piece and not pending and not left and not d.eof:
-                        raise BundleError(f"{self.what}: entry {e.name!r} ends inside its compressed data; "
-                                          f"the archive is truncated or corrupt")
-            except zlib.error as err:
-                raise BundleError(f"{self.what}: entry {e.name!r} is not valid deflate data ({err}); "
-                                  f"the archive is corrupt") from None
-        else:
-            raise BundleError(f"{self.what}: entry {e.name!r} uses zip compression method {e.method}; "
-                              f"aoti_rt reads stored and deflated entries: re-create the package with torch")
-        if done != e.file_size or crc != e.crc:
-            raise BundleError(f"{self.what}: entry {e.name!r} does not match its declared size and CRC-32; "
-                              f"the archive is corrupt: re-create or re-copy it")
-        return sha.hexdigest()
-
-    def models(self) -> dict[str, dict[str, _Entry]]:
-        """model name -> {file name: entry} of each folder under ``data/aotinductor/``, in archive
-        order. Names must be plain file names (they become paths in the cache)."""
-        prefix = f"{self.root()}/{_AOTI_DIR}"
-        out: dict[str, dict[str, _Entry]] = {}
-        for name, e in self.entries.items():
-            if not name.startswith(prefix):
-                continue
-            model, _, rest = name[len(prefix):].partition("/")
-            if not rest or "/" in rest:
-                continue            # a folder entry, or a nested file no .so looks for
-            for part, kind in ((model, "model name"), (rest, "file name")):
-                if not _SAFE.fullmatch(part):
-                    raise BundleError(f"{self.what}: {kind} {part!r} (entry {name!r}) is not a plain file "
-                                      f"name aoti_rt can use; the archive is crafted or corrupt")
-            out.setdefault(model, {})[rest] = e
-        return out
-
-
-# -- the .so's embedded constants ------------------------------------------------------------
-
-def embedded_constants(so: Path, need: int) -> tuple[int, int]:
-    """Where an AOTI .so built with ``package_constants_in_so=True`` keeps its weights.
-
-    They are a ``binary_blob`` (each constant's storage in index order, at prefix sums of
-    ``GetConstantDataSize``) between its symbols ``_binary_constants_bin_start`` and ``_end``,
-    or, for a .so built with ``force_mmap_weights``, appended to the file (those 16 bytes then
-    hold its size and a magic number, which must match the file's last 8 bytes).
-
-    Args:
-        so: the .so file.
-        need: the sum of its constants' ``GetConstantDataSize``.
-
-    Returns:
-        ``(file offset, size)`` of the blob in the .so.
-
-    Raises:
-        BundleError: the .so is not a sound 64-bit little-endian ELF file, or holds fewer bytes
-            than ``need``.
-
-    Example:
-        >>> at, n = embedded_constants(Path("model.so"), need=25088)
-    """
-    what = f"shared object {so}"
-    fd, st = open_regular(so, "shared object")
-    try:
-        size = st.st_size
-        sections, syms = elf.symbols(fd, size, what, {b"_binary_constants_bin_start", b"_binary_constants_bin_end"})
-        (start, sec), (end, sec_end) = syms[b"_binary_constants_bin_start"], syms[b"_binary_constants_bin_end"]
-        if sec != sec_end or not 0 < sec < len(sections):
-            raise BundleError(f"{what}: its constants symbols are not in one section; the .so is corrupt")
-        _, kind, _, addr, offset, length, *_ = sections[sec]
-        if kind != 1 or not addr <= start <= end <= addr + length or offset + length > size:
-            raise BundleError(f"{what}: its constants symbols lie outside their section's bytes; the .so is corrupt")
-        at, n = offset + (start - addr), end - start
-        if need <= n:
-            return at, n
-        if n == 16:                            # force_mmap_weights: [size + 8, magic], weights at the end
-            total, magic = struct.unpack("<QQ", pread_all(fd, 16, at, what))
-            tail = pread_all(fd, 8, size - 8, what) if size >= 8 else b""
-            if 8 + need <= total <= size and (size - total) % 16384 == 0 and tail == struct.pack("<Q", magic):
-                return size - total, total - 8
-        raise BundleError(f"{what} embeds {n} bytes of constants but its constants need {need}; the .so is "
-                          f"corrupt or was built in a way aoti_rt does not know")
-    finally:
-        os.close(fd)
 
 
 # -- probing a package -----------------------------------------------------------------------
@@ -475,9 +185,9 @@ def _cached_record(path: Path, fp: dict) -> list[ModelRecord] | None:
 def _parse_record(m: Any, where: str) -> ModelRecord:
     spec, table = parse_method_and_weights(m["method"], m["weights"], where)
     files = m["files"]
-    ok = (type(m["name"]) is str and _SAFE.fullmatch(m["name"]) and type(m["dir"]) is str
+    ok = (type(m["name"]) is str and SAFE_NAME.fullmatch(m["name"]) and type(m["dir"]) is str
           and re.fullmatch(r"[0-9a-f]{64}", m["dir"]) and type(files) is dict
-          and all(type(f) is str and _SAFE.fullmatch(f) and type(n) is int and n >= 0 for f, n in files.items())
+          and all(type(f) is str and SAFE_NAME.fullmatch(f) and type(n) is int and n >= 0 for f, n in files.items())
           and spec.so in files and m["so"] == spec.so and m["device"] in ("", "cpu", "cuda")
           and (m["store"] is None or m["store"] in files) and type(m["embedded"]) is bool)
     if not ok:
@@ -485,7 +195,26 @@ def _parse_record(m: Any, where: str) -> ModelRecord:
     return ModelRecord(m["name"], m["device"], m["dir"], files, spec.so, m["store"], m["embedded"], spec, table)
 
 
-def _device_key(arc: _Archive, files: dict[str, _Entry]) -> str:
+def _models(arc: Archive) -> dict[str, dict[str, Entry]]:
+    """model name -> {file name: entry} of each folder under ``data/aotinductor/``, in archive
+    order. Names must be plain file names (they become paths in the cache)."""
+    prefix = f"{arc.root()}/{_AOTI_DIR}"
+    out: dict[str, dict[str, Entry]] = {}
+    for name, e in arc.entries.items():
+        if not name.startswith(prefix):
+            continue
+        model, _, rest = name[len(prefix):].partition("/")
+        if not rest or "/" in rest:
+            continue            # a folder entry, or a nested file no .so looks for
+        for part, kind in ((model, "model name"), (rest, "file name")):
+            if not SAFE_NAME.fullmatch(part):
+                raise BundleError(f"{arc.what}: {kind} {part!r} (entry {name!r}) is not a plain file "
+                                  f"name aoti_rt can use; the archive is crafted or corrupt")
+        out.setdefault(model, {})[rest] = e
+    return out
+
+
+def _device_key(arc: Archive, files: dict[str, Entry]) -> str:
     """AOTI_DEVICE_KEY of a model from its ``*_metadata.json`` files ("" if none says)."""
     keys = set()
     for f, e in files.items():
@@ -502,7 +231,7 @@ def _device_key(arc: _Archive, files: dict[str, _Entry]) -> str:
     return key
 
 
-def _extract(arc: _Archive, entries: dict[str, _Entry]) -> tuple[str, dict[str, int]]:
+def _extract(arc: Archive, entries: dict[str, Entry]) -> tuple[str, dict[str, int]]:
     """Extract ``entries`` into a content-addressed folder under cache_root(); returns the
     folder's name and the files' sizes. Written under a temporary name and renamed into place;
     a folder that exists with those files is reused."""
@@ -680,7 +409,7 @@ def _ints(v: Any, rank: bool) -> bool:
         if rank else type(v) is int and 0 <= v < MAX_INT
 
 
-def _pickled_storages(arc: _Archive, root: str, config: _Entry, what: str) -> dict[str, _Pickled]:
+def _pickled_storages(arc: Archive, root: str, config: Entry, what: str) -> dict[str, _Pickled]:
     """FQN -> its storage in the archive and its view, for ``pickle_weights``: the model's
     ``weights_config.json`` maps each FQN to ``[file, shape, stride, storage offset]``, the file
     a ``torch.save`` zip stored under ``data/weights/`` whose one storage record is stored too.
@@ -691,7 +420,7 @@ def _pickled_storages(arc: _Archive, root: str, config: _Entry, what: str) -> di
     storages: dict[str, tuple[int, int]] = {}
     out = {}
     for fqn, row in cfg.items():
-        if not (type(row) is list and len(row) == 4 and type(row[0]) is str and _SAFE.fullmatch(row[0])
+        if not (type(row) is list and len(row) == 4 and type(row[0]) is str and SAFE_NAME.fullmatch(row[0])
                 and _ints(row[1], True) and _ints(row[2], True) and len(row[1]) == len(row[2])
                 and _ints(row[3], False)):
             raise BundleError(f"{what}: {_WEIGHTS_CONFIG} entry {fqn!r} is not [file, shape, stride, offset]; "
@@ -703,7 +432,7 @@ def _pickled_storages(arc: _Archive, root: str, config: _Entry, what: str) -> di
                 raise BundleError(f"{what}: {_WEIGHTS_CONFIG} names {_WEIGHTS_DIR}{file} for {fqn!r}, which the "
                                   f"archive lacks; the package is incomplete: re-create it")
             start, n = arc.stored(e, f"weights file {file}")
-            inner = _Archive(arc.path, arc.fd, start, n, f"{arc.what}: {e.name}")
+            inner = Archive(arc.path, arc.fd, start, n, f"{arc.what}: {e.name}")
             recs = [r for name, r in inner.entries.items() if _STORAGE.fullmatch(name)]
             if len(recs) != 1:
                 raise BundleError(f"{inner.what} holds {len(recs)} tensor storages; aoti_rt reads weights "
@@ -713,7 +442,7 @@ def _pickled_storages(arc: _Archive, root: str, config: _Entry, what: str) -> di
     return out
 
 
-def _pickled_constants(arc: _Archive, so: Path, device: Device, storages: dict[str, _Pickled],
+def _pickled_constants(arc: Archive, so: Path, device: Device, storages: dict[str, _Pickled],
                        what: str) -> tuple[list[tuple[ConstantSpec, int]], Any, list[int]]:
     """The constants of a ``pickle_weights`` .so: names, dtypes, kinds and sizes from its C ABI,
     views from ``weights_config.json``, digests of the stored bytes."""
@@ -762,7 +491,7 @@ def _probe(so: Path, blob: Path | None, device: Device, what: str, weights: Wher
         raise AOTIError(f"{what}: torch's AOTI runner could not load {so.name} ({e})") from None
 
 
-def _probe_model(arc: _Archive, root: str, name: str, files: dict[str, _Entry], key: str,
+def _probe_model(arc: Archive, root: str, name: str, files: dict[str, Entry], key: str,
                  device: Device) -> ModelRecord:
     what = f"{arc.what}: model {name!r}"
     sos = sorted(f for f in files if f.endswith(".so"))
@@ -784,7 +513,7 @@ def _probe_model(arc: _Archive, root: str, name: str, files: dict[str, _Entry], 
     pickled = blob is None and config is not None
     extract = {f: e for f, e in files.items()
                if not f.endswith(_NOT_EXTRACTED) and f != _WEIGHTS_CONFIG
-               and not (e is blob and e.method == _STORED)}
+               and not (e is blob and e.method == STORED)}
     folder_name, sizes = _extract(arc, extract)
     folder = cache_root() / folder_name
     so = folder / so_name
@@ -793,7 +522,7 @@ def _probe_model(arc: _Archive, root: str, name: str, files: dict[str, _Entry], 
     try:
         if blob is not None:                   # binary_blob: read in place, or from its inflated copy
             embedded = False
-            if blob.method == _STORED:
+            if blob.method == STORED:
                 store, (base, length) = None, arc.stored(blob, "weights blob")
             else:
                 store, base, length = blobs[0], 0, blob.file_size
@@ -819,9 +548,9 @@ def _probe_model(arc: _Archive, root: str, name: str, files: dict[str, _Entry], 
             in_so: dict[str, Any] = {}
 
             def where(need: int) -> tuple[Path, int, int]:   # hashed where the loader reads them
-                in_so["need"], (start, length) = need, embedded_constants(so, need)
+                in_so["need"], (start, length) = need, elf.embedded_constants(so, need)
                 in_so["span"] = start, length
-                if so_entry.method == _STORED:
+                if so_entry.method == STORED:
                     return arc.path, arc.data_offset(so_entry) + start, length
                 return so, start, length
 
@@ -832,8 +561,8 @@ def _probe_model(arc: _Archive, root: str, name: str, files: dict[str, _Entry], 
             elif in_so.get("need") == need:    # the probe's scan of the .so's symbols holds
                 start, length = in_so["span"]
             else:                              # a .so that gives no data sizes: byte counts
-                start, length = embedded_constants(so, need)
-            if so_entry.method == _STORED:
+                start, length = elf.embedded_constants(so, need)
+            if so_entry.method == STORED:
                 store, base = None, arc.data_offset(so_entry) + start
             else:
                 store, base = so_name, start
@@ -873,7 +602,7 @@ def _copy_range(fd: int, offset: int, n: int) -> Path:
             if hasattr(os, "copy_file_range"):
                 got = os.copy_file_range(fd, out, min(n - done, 1 << 30), offset + done)
             else:
-                got = os.write(out, pread_all(fd, min(n - done, _CHUNK), offset + done, "package"))
+                got = os.write(out, pread_all(fd, min(n - done, CHUNK), offset + done, "package"))
             if got <= 0:
                 raise BundleError(f"the package is truncated: its weights blob ends at byte {offset + done}")
             done += got
@@ -936,13 +665,13 @@ def inspect_package(path: str | os.PathLike[str], device: "str | Device | None" 
     hit = _cached_record(p, fp)
     if hit is not None:
         return hit, _device_for(device, {r.name: r.device for r in hit}, p)
-    with _Archive.open(p) as arc:
+    with Archive.open(p) as arc:
         root = arc.root()
         fmt = arc.entries.get(f"{root}/archive_format")
         if fmt is None or arc.read_small(fmt, 64) != b"pt2":
             raise BundleError(f"{p} is a zip archive but not a .pt2 package (no archive_format 'pt2'); create "
                               f"one with torch._inductor.aoti_compile_and_package")
-        models = arc.models()
+        models = _models(arc)
         if not models:
             raise BundleError(f"{p} holds no AOTInductor model (nothing under data/aotinductor/); compile it with "
                               f"torch._inductor.aoti_compile_and_package")
@@ -1165,5 +894,5 @@ def load_package(packages: PackageSpec, *, device: "str | Device | None" = None,
     return PackageModel(groups, dev, progress=progress, verify=verify, max_load_gbps=max_load_gbps)
 
 
-__all__ = ["load_package", "inspect_package", "PackageModel", "ModelRecord", "embedded_constants",
+__all__ = ["load_package", "inspect_package", "PackageModel", "ModelRecord",
            "cache_root", "PackageSpec"]
