@@ -177,11 +177,13 @@ def probe_method(so_path: Path, blob: Path | None, device: str, mutated: set[str
                                        f"this torch's layout differs: please report it with the torch version")
             else:
                 data = storage_bytes(t)
-            found.append((info, t, data))
+            # the view only: the runner's tensors must not outlive it (they hold its weights)
+            found.append((info, (dtype_name(t.dtype), list(t.shape), list(t.stride()), t.storage_offset()), data))
     finally:
         from .device import device_guard
 
         with device_guard(device):      # the container frees its weights on their device
+            t = None
             del runner, tensors
     spans = [(d.offset, d.nbytes) for _, _, d in found if isinstance(d, FileSpan)]
     try:                                # all of the file's at once: pread and hash in threads
@@ -189,11 +191,10 @@ def probe_method(so_path: Path, blob: Path | None, device: str, mutated: set[str
     except OSError as e:
         raise CompileError(f"{so_path.name}: cannot read its weights ({e})") from None
     out = []
-    for info, t, data in found:
+    for info, (dtype, shape, stride, offset), data in found:
         digest = next(hashed) if isinstance(data, FileSpan) else weight_digest(data)
         out.append((ConstantSpec(
-            name=info.name, fqn=info.fqn, dtype=dtype_name(t.dtype), shape=list(t.shape),
-            stride=list(t.stride()), storage_offset=t.storage_offset(),
+            name=info.name, fqn=info.fqn, dtype=dtype, shape=shape, stride=stride, storage_offset=offset,
             data_size=info.data_size or len(data), kind=info.kind,
             mutable=info.fqn in mutated, digest=digest, weight=""), data))
     return out, spec, n_in

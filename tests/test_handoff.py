@@ -15,6 +15,7 @@ from torch import nn
 from aoti_rt import handoff
 
 from conftest import CUDA
+from damage import garble_ipc_handles
 
 
 class Tied(nn.Module):
@@ -96,12 +97,7 @@ def test_a_cuda_program_travels_as_handles_of_this_process_memory(tmp_path):
 @pytest.mark.skipif(not CUDA, reason="no CUDA GPU")
 def test_a_handle_that_cannot_be_mapped_is_a_handoff_error(tmp_path, monkeypatch):
     ep = _program("cuda:0")
-    real = handoff._export_tensors
-
-    def garbled(ep, mutated):
-        tensors, handles = real(ep, mutated)
-        return tensors, [(index, bytes(64)) for index, _ in handles]
-    monkeypatch.setattr(handoff, "_export_tensors", garbled)
+    garble_ipc_handles(monkeypatch)
     path = tmp_path / "program.pt2"
     assert handoff.write_program(ep, path, set())
     code = ("import sys\nfrom aoti_rt import handoff\ntry:\n    handoff.read_program(sys.argv[1])\n"

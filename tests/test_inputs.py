@@ -22,7 +22,7 @@ import aoti_rt
 from aoti_rt import compile_workers, compiler
 from aoti_rt.bundle import read_bundle
 
-from damage import edit_manifest
+from damage import edit_manifest, garble_ipc_handles
 from models import METHOD_LAYERS, Subset, make_stack
 
 
@@ -405,13 +405,7 @@ def test_a_worker_that_cannot_map_the_tensors_gets_the_program_whole(three_bundl
     device = read_bundle(three_bundle).manifest.device
     if device == "cpu":
         pytest.skip("CPU programs are always saved whole")
-    from aoti_rt import handoff
-    real = handoff._export_tensors
-
-    def garbled(ep, mutated):
-        tensors, handles = real(ep, mutated)
-        return tensors, [(index, bytes(64)) for index, _ in handles]
-    monkeypatch.setattr(handoff, "_export_tensors", garbled)
+    garble_ipc_handles(monkeypatch)
     monkeypatch.setattr(compile_workers, "WORKER_START", "zygote")
     out = aoti_rt.compile(_three_programs(device), tmp_path / "b", jobs=3, progress=False)
     for name in ("manifest.json", "weights.safetensors"):
