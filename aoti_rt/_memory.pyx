@@ -370,14 +370,18 @@ cdef class PinnedAllocator(Allocator):
         return rc
 
     cdef void _raw_free(self, uintptr_t ptr, size_t nbytes) noexcept nogil:
+        # in the allocating context, as allocation was: a thread with no current context (a
+        # worker, a finalizer) gets CUDA_ERROR_INVALID_CONTEXT and the pages stay pinned
         cdef CUcontext prev
+        cdef bint pushed = drv.ctx_push(self.ctx) == 0
         if not self.huge_pages:
             drv.host_free(<void*>ptr)
-            return
-        if drv.ctx_push(self.ctx) == 0:
+        elif pushed:
             drv.host_unregister(<void*>ptr)
+        if pushed:
             drv.ctx_pop(&prev)
-        munmap(<void*>ptr, _huge_round(nbytes))
+        if self.huge_pages:
+            munmap(<void*>ptr, _huge_round(nbytes))
 
 
 cdef inline size_t _huge_round(size_t n) noexcept nogil:

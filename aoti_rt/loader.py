@@ -160,7 +160,7 @@ def read_replicated(rts: Sequence[DeviceRuntime], store: Path, offsets: Sequence
                     digests: Sequence[str | None] | None = None, names: Sequence[str] | None = None,
                     workers: int | None = None, chunk_bytes: int | None = None, progress: bool | None = None,
                     max_bytes_per_s: float | None = None, direct: bool | None = None,
-                    relay: bool | None = None) -> int:
+                    relay: bool | None = None) -> list[int]:
     """Fill ``buffers[d][i]`` (memory of device ``rts[d]``) with ``sizes[i]`` bytes at
     ``offsets[i]`` of ``store`` on every device at once, reading each byte of the store once.
 
@@ -175,9 +175,10 @@ def read_replicated(rts: Sequence[DeviceRuntime], store: Path, offsets: Sequence
     ``relay`` (default :data:`REPLICATE` == "peer"): the other devices copy each chunk from the
     first device's memory instead (peer to peer), where all of them have peer access to it.
 
-    Returns the bytes read from the store (once, however many devices). If a device holds the
+    Returns the bytes read from the store for each device: all of them for the first, as the
+    store is read once, however many devices, and 0 for the others. If a device holds the
     store pinned (:func:`pin_store`), each device is filled on its own (:func:`read_weights`:
-    from its image, or read) and the bytes read are summed. On the CPU (one device: ``rts``
+    from its image, or read) and has its own count. On the CPU (one device: ``rts``
     ``[cpu]``) a chunk is read into a host staging buffer and copied to the destinations.
     """
     n = len(offsets)
@@ -190,9 +191,9 @@ def read_replicated(rts: Sequence[DeviceRuntime], store: Path, offsets: Sequence
         raise ValueError("a replicated read needs distinct devices, all CUDA or the one CPU")
     store = Path(store)
     if any(rt.pinned_store(store.resolve()) is not None for rt in rts):
-        return sum(read_weights(rt, store, offsets, sizes, bufs, digests=digests, names=names, workers=workers,
-                                chunk_bytes=chunk_bytes, progress=progress, max_bytes_per_s=max_bytes_per_s,
-                                direct=direct) for rt, bufs in zip(rts, buffers))
+        return [read_weights(rt, store, offsets, sizes, bufs, digests=digests, names=names, workers=workers,
+                             chunk_bytes=chunk_bytes, progress=progress, max_bytes_per_s=max_bytes_per_s,
+                             direct=direct) for rt, bufs in zip(rts, buffers)]
     offsets, sizes = list(offsets), list(sizes)
     label = (lambda i: f"weight {names[i]!r}") if names is not None else (lambda i: f"weight {i}")
     verify = _check_verifiable(digests, store, label)
@@ -244,7 +245,7 @@ def read_replicated(rts: Sequence[DeviceRuntime], store: Path, offsets: Sequence
             _run(primary, nworkers, work, bar)
     if verify:
         _check_digests(primary, digests, store, label)
-    return total
+    return [total] + [0] * (nd - 1)
 
 
 def _check_verifiable(digests: Sequence[str | None] | None, store: Path, label) -> bool:

@@ -206,8 +206,8 @@ class _Replicas:
             m._publish(p, error=error)
 
     def _read(self, waiting: list[tuple["Method", _Pending]]) -> list[int]:
-        """Fill every waiting method's new entries; the bytes read, counted for the first
-        device of each read (the store is read once per weight, whatever the devices)."""
+        """Fill every waiting method's new entries; the bytes read for each, as the loader
+        counts them (the store is read once per weight, for the first device of the read)."""
         read = [0] * len(waiting)
         # weight -> the waiting methods lacking it (by store: a bundle has one)
         lacking: dict[tuple[Path, str], list[tuple[int, int]]] = {}
@@ -226,10 +226,11 @@ class _Replicas:
             names = [(w.fqns or [w.id])[0] for w in ws]
             rts = [waiting[k][0]._rt for k in ks]
             rate = (self.max_load_gbps or 0) * 1e9
-            n = loader.read_replicated(rts, store, [w.offset for w in ws], [w.nbytes for w in ws], per_device,
-                                       digests=digests, names=names, progress=self.progress,
-                                       max_bytes_per_s=rate)
-            read[ks[0]] += n
+            counts = loader.read_replicated(rts, store, [w.offset for w in ws], [w.nbytes for w in ws], per_device,
+                                            digests=digests, names=names, progress=self.progress,
+                                            max_bytes_per_s=rate)
+            for k, n in zip(ks, counts):
+                read[k] += n
         return read
 
 

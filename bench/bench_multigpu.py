@@ -17,8 +17,8 @@ the median of the repeat loads (the model closed in between):
                           two GPUs share the host link (pinning not timed)
 
 The ratio replicated / alone is the figure of issue 12 (goal: at most 1.15 for a 10 GB bundle,
-``--layers 80``). The replicated row also checks that both devices compute the same decode
-output. With fewer than 2 GPUs it measures nothing and says so (exit status 0).
+``--layers 80``). The replicated rows also check that both devices compute the same decode
+output: a difference fails the run (after the table is written). With fewer than 2 GPUs it measures nothing and says so (exit status 0).
 Model: the bench_load model, ``--layers`` x Linear(8192, 8192) bf16 (16 = 2 GiB by default on
 ``--size full``; 80 = 10.7 GB).
 """
@@ -235,6 +235,9 @@ def run(args: argparse.Namespace, report: Any) -> None:
     table.notes.append("GB/s count the bytes that reach the devices (both GPUs: twice the model); the x-alone "
                        "columns divide each row's time by the cuda:0-alone row's (the copy rows included, "
                        "for scale)")
+    wrong = [row["row"] for row in table.rows if row.get("max_diff") not in (None, 0.0)]
+    if wrong:      # after every row is in the report: a replicated load that differs fails the run
+        raise RuntimeError(f"the devices' decode outputs differ in: {', '.join(wrong)}")
 
 
 def _extra(p: argparse.ArgumentParser) -> None:

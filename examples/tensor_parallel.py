@@ -26,6 +26,8 @@ import argparse
 import os
 import sys
 import tempfile
+import traceback
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -88,10 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local_rank)              # "cuda" below is this rank's GPU
-    dist.init_process_group(backend="nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     device = f"cuda:{local_rank}" if cuda else "cpu"
+    # NCCL bound to this rank's GPU at once; a rank that waits for a peer that never comes gives up
+    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=5),
+                            **({"device_id": torch.device(device)} if cuda else {}))
+    rank, world = dist.get_rank(), dist.get_world_size()
     tmp = None
+    finished = False
     try:
         if args.workdir is None:
             tmp = tempfile.TemporaryDirectory(prefix="aoti_rt-tp-")
@@ -128,11 +133,20 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             ok.fill_(1.0 if good else 0.0)
         dist.broadcast(ok, src=0)                      # every rank exits with rank 0's verdict
+        finished = True
         return 0 if ok.item() == 1.0 else 1
+    except Exception:
+        # said now: the other ranks may be blocked in a collective this one never joins, and
+        # torchrun stops them once this one exits
+        print(f"tensor_parallel: rank {rank} failed:", file=sys.stderr)
+        traceback.print_exc()
+        return 1
     finally:
         # every rank done with the group before any tears it down (a rank that leaves while
-        # another still talks to it can make gloo's shutdown abort the process)
-        dist.barrier()
+        # another still talks to it can make gloo's shutdown abort the process); a rank that
+        # failed does not wait for the others, which would wait for it
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
         if tmp is not None:
             tmp.cleanup()

@@ -55,14 +55,21 @@ def _corrupt(bundle: Path) -> None:
         f.write(bytes([byte[0] ^ 0xFF]))
 
 
-def _check_three(model, device: str) -> None:
-    """Every method of a three_bundle model equals eager on ``device``."""
+def _three_reference(device: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """An input and each three_bundle method's eager output for it, on ``device``."""
     s = make_stack(device)
     x = torch.randn(3, 64, device=device)
-    for name, layers in METHOD_LAYERS.items():
+    with torch.no_grad():
+        return x, {name: Subset(s, layers)(x) for name, layers in METHOD_LAYERS.items()}
+
+
+def _check_three(model, device: str, reference=None) -> None:
+    """Every method of a three_bundle model equals eager on ``device``."""
+    x, want = reference or _three_reference(device)
+    for name in METHOD_LAYERS:
         got = getattr(model, name)(x)
         assert got.device == torch.device(device)
-        torch.testing.assert_close(got, Subset(s, layers)(x))
+        torch.testing.assert_close(got, want[name])
 
 
 # -- the device list: checked before anything is allocated (CPU) ----------------------------
@@ -226,7 +233,7 @@ def test_read_replicated_of_a_truncated_store_is_refused(tmp_path):
     with pytest.raises(ValueError, match="distinct devices"):
         loader.read_replicated([rt, rt], store, [0], [600], [[bufs[0]], [bufs[1]]])
     n = loader.read_replicated([rt], store, [0, 400], [600, 600], [bufs], progress=False)
-    assert n == 1200 and bytes(memoryview(bufs[1])[:600]) == _pattern(1000)[400:]
+    assert n == [1200] and bytes(memoryview(bufs[1])[:600]) == _pattern(1000)[400:]
 
 
 # -- the tensor-parallel example under torchrun ----------------------------------------------
@@ -304,6 +311,7 @@ def test_same_bundle_on_two_gpus_has_a_cache_each(cuda_three):
         # on the current stream of the model's device: work queued there before the call is seen
         x = torch.randn(3, 64, device="cuda:1")
         with torch.cuda.stream(torch.cuda.Stream("cuda:1")):
+            torch.cuda._sleep(100_000_000)       # ~0.1 s queued first: a call on another stream reads y unwritten
             y = x * 2
             got = m1.a(y)
         torch.cuda.synchronize("cuda:1")
@@ -367,7 +375,10 @@ def test_replicated_load_of_a_model_with_state(cuda_lm):
         k0 = models[0].weight(next(f for f in models[0].prefill.constants if "cache" in f))
         k1 = models[1].weight(next(f for f in models[1].prefill.constants if "cache" in f))
         assert k0.device == torch.device("cuda:0") and k1.device == torch.device("cuda:1")
-        assert k0.data_ptr() != k1.data_ptr()
+        before = k1.clone()
+        k0.fill_(7)                             # a live view: this instance's state, not the other's
+        torch.cuda.synchronize("cuda:0")
+        assert torch.equal(k1, before) and not torch.equal(before, torch.full_like(before, 7))
     finally:
         for m in models:
             m.close()
@@ -413,19 +424,25 @@ def test_replicated_load_failing_on_one_device_frees_both(cuda_three, copy_bundl
 
 @pytest.mark.cuda
 @needs_2_gpus
-def test_relay_copies_from_the_first_device(tmp_path):
-    """The Cython relay on two GPUs, straight: every byte lands on both, the store read once."""
+@pytest.mark.parametrize("relay", [False, True])
+def test_replicated_read_fills_both_gpus(tmp_path, relay):
+    """The Cython fan-out on two GPUs, straight: every byte lands on both, the store read once.
+    One-block chunks, 2 workers: each worker goes round its staging buffers several times, so
+    a buffer is refilled only after every device's copy from it (or, relayed, device 0's) is done.
+    relay: cuda:1 copies each chunk from cuda:0's memory (where it has peer access)."""
     rts = [runtime(d) for d in PAIR]
-    if not rts[1].peer_access(rts[0]):
+    if relay and not rts[1].peer_access(rts[0]):
         pytest.skip("cuda:1 has no peer access to cuda:0 here: replicated loads copy from the host")
-    data = _pattern(3 * digest.BLOCK + 12345)
+    data = _pattern(9 * digest.BLOCK + 12345)
     store = tmp_path / "store.bin"
     store.write_bytes(data)
     offs, sizes = _weights(len(data))
+    assert (len(data) // digest.BLOCK) // 2 > loader.STAGING_DEPTH        # chunks per worker
     bufs = [[rt.allocator.allocate(n) for n in sizes] for rt in rts]
-    n = loader.read_replicated(rts, store, offs, sizes, bufs, relay=True, workers=3, progress=False,
+    n = loader.read_replicated(rts, store, offs, sizes, bufs, relay=relay, workers=2, progress=False,
+                               chunk_bytes=digest.BLOCK,
                                digests=[digest.weight_digest(data[o:o + k]) for o, k in zip(offs, sizes)])
-    assert n == sum(sizes)
+    assert n == [sum(sizes), 0]
     for rt, bb in zip(rts, bufs):
         for off, k, b in zip(offs, sizes, bb):
             got = torch.as_tensor(b, device=str(rt.device))[:k].cpu().numpy().tobytes()
@@ -450,11 +467,14 @@ def test_concurrent_loads_on_two_gpus(cuda_three):
     """Two threads each load on their own GPU at once: independent caches, right outputs."""
     base = {d: _held(d) for d in PAIR}
     out: dict[str, object] = {}
+    # the eager references first: make_stack seeds torch's one global generator, which two
+    # threads would interleave
+    refs = {d: _three_reference(d) for d in PAIR}
 
     def run(d: str) -> None:
         try:
             with aoti_rt.load(cuda_three, device=d) as m:
-                _check_three(m, d)
+                _check_three(m, d, refs[d])
             out[d] = True
         except BaseException as e:  # noqa: BLE001 - reported below
             out[d] = e
