@@ -17,7 +17,7 @@ from torch import nn
 
 import aoti_rt
 from aoti_rt import demo
-from aoti_rt.method_compiler import _aoti_options
+from aoti_rt.method_compiler import _aoti_options, quiet_torch_deprecations
 
 from models import METHOD_LAYERS, Subset, make_stack
 
@@ -109,6 +109,39 @@ def stock_artifact(workdir, device) -> tuple[Path, Path, nn.Module]:
 def stock_shared_artifact(workdir, device) -> tuple[Path, Path, nn.Module]:
     """A stock artifact of the same weights (seed 0) as three_bundle's layers 0..2."""
     return _stock(workdir, device, "stock-shared", seed=0)
+
+
+#: the ways torch's packaging stores a model's weights (each a set of inductor options)
+FORMATS = {
+    "embedded": {},
+    "blob": {"aot_inductor.package_constants_in_so": False,
+             "aot_inductor.package_constants_on_disk_format": "binary_blob"},
+    "pickle": {"aot_inductor.package_constants_in_so": False,
+               "aot_inductor.package_constants_on_disk_format": "pickle_weights"},
+    "mmap": {"aot_inductor.force_mmap_weights": True},
+}
+
+
+def _package(path: Path, program, options: dict) -> Path:
+    if not path.is_file():
+        with quiet_torch_deprecations():
+            torch._inductor.aoti_compile_and_package(program, package_path=str(path),
+                                                     inductor_configs=dict(options))
+    return path
+
+
+def _stack_program(device: str, layers: list[int]):
+    x = torch.randn(3, 64, device=device)
+    with quiet_torch_deprecations():
+        return torch.export.export(Subset(make_stack(device), layers).eval(), (x,))
+
+
+@pytest.fixture(scope="session")
+def stack_pt2(workdir, device) -> dict[str, Path]:
+    """Layers 0..2 of the stack (seed 0), one single-model package per weight format."""
+    ep = _stack_program(device, [0, 1, 2])
+    tag = device.replace(":", "")
+    return {fmt: _package(workdir / f"stack-{fmt}-{tag}.pt2", ep, opts) for fmt, opts in FORMATS.items()}
 
 
 @pytest.fixture

@@ -81,7 +81,7 @@ def example_inputs(manifest: dict, method: str) -> list:
     return out
 
 
-def run_all(model, manifest: dict, inputs: dict) -> dict[str, list[bytes]]:
+def run_all(model, inputs: dict) -> dict[str, list[bytes]]:
     """Every method, in manifest order (prefill before decode), on the fixed inputs."""
     results = {}
     with torch.no_grad():
@@ -479,6 +479,14 @@ def _extent(c: dict, size: int) -> int:
 # -- the driver ----------------------------------------------------------------------------------
 
 class Fuzzer:
+    """Loads a mutated copy of an intact artifact (:attr:`target`) per case, with the oracles of
+    the module's docstring. This class mutates bundles; tests/fuzz_package.py's subclass,
+    ``.pt2`` packages (it overrides what names the artifact: ``__init__``, :meth:`case`,
+    :attr:`files`)."""
+
+    #: the files of the scratch artifact a failing case's reproducer keeps
+    files = (MANIFEST, STORE, "last_case.json")
+
     def __init__(self, bundle: Path, scratch: Path):
         self.bundle, self.scratch = bundle, scratch
         self.manifest = json.loads((bundle / MANIFEST).read_text())
@@ -487,11 +495,14 @@ class Fuzzer:
         for f in bundle.iterdir():
             if f.suffix == ".so":
                 shutil.copyfile(f, scratch / f.name)
+        self.target = scratch
         self.inputs = {m: example_inputs(self.manifest, m) for m in self.manifest["methods"]}
-        self.intact = aoti_rt.load(bundle, device="cpu")
-        self.reference = run_all(self.intact, self.manifest, self.inputs)
-        if run_all(self.intact, self.manifest, self.inputs) != self.reference:
-            raise SystemExit("the intact model is not deterministic: no oracle")
+        self.start()
+
+    def start(self) -> None:
+        """Load the intact artifact, take its reference outputs and the allocation baseline;
+        no case has run yet."""
+        self.load_intact()
         self.baseline = aoti_rt.cache_stats("cpu")["bytes_allocated"]
         self.written_store: bytes | None = None
         self.cases = self.loaded = self.wrong = self.leaks = 0
@@ -501,6 +512,17 @@ class Fuzzer:
         self.wrong_cases: list[dict] = []
         self.clock = time.time_ns()
         self.fork, self.timeout, self.keep = False, 60.0, None
+
+    def load_intact(self) -> None:
+        """(Re)load the intact artifact and take its reference outputs."""
+        self.intact = aoti_rt.load(self.bundle, device="cpu")
+        self.reference = self.run(self.intact)
+        if self.run(self.intact) != self.reference:
+            raise SystemExit("the intact model is not deterministic: no oracle")
+
+    def run(self, model) -> dict[str, list[bytes]]:
+        """Every method of ``model`` on the fixed inputs."""
+        return run_all(model, self.inputs)
 
     def write(self, manifest_bytes: bytes, store: bytes, desc: dict) -> None:
         (self.scratch / "last_case.json").write_text(json.dumps(desc, default=repr))
@@ -561,7 +583,7 @@ class Fuzzer:
         if (failure or out.get("wrong") or out.get("leak")) and self.keep is not None:
             d = self.keep / f"case-{self.cases:06d}"
             d.mkdir(parents=True, exist_ok=True)
-            for f in (MANIFEST, STORE, "last_case.json"):
+            for f in self.files:
                 shutil.copyfile(self.scratch / f, d / f)
 
     def _attempt(self) -> dict:
@@ -570,13 +592,13 @@ class Fuzzer:
         model = None
         try:
             try:
-                model = aoti_rt.load(self.scratch, device="cpu")
+                model = aoti_rt.load(self.target, device="cpu")
             except aoti_rt.AotiRtError as e:
                 out["rejected"] = type(e).__name__
             else:
                 out["loaded"] = True
                 try:
-                    run_all(model, self.manifest, self.inputs)
+                    self.run(model)
                 except aoti_rt.AotiRtError as e:
                     out["call_rejected"] = type(e).__name__
                 finally:
@@ -589,12 +611,11 @@ class Fuzzer:
                     model.close()
                 except Exception:  # noqa: BLE001
                     pass
-        if run_all(self.intact, self.manifest, self.inputs) != self.reference:
+        if self.run(self.intact) != self.reference:
             out["wrong"] = True
             if not self.fork:        # start over from a fresh intact model
                 self.intact.close()
-                self.intact = aoti_rt.load(self.bundle, device="cpu")
-                self.reference = run_all(self.intact, self.manifest, self.inputs)
+                self.load_intact()
         if aoti_rt.cache_stats("cpu")["bytes_allocated"] != self.baseline:
             gc.collect()
             now = aoti_rt.cache_stats("cpu")["bytes_allocated"]

@@ -1,11 +1,14 @@
-"""Fuzz aoti_rt.load with mutated real bundles (tests/fuzz_bundle.py), in subprocesses.
+"""Fuzz aoti_rt.load with mutated real bundles (tests/fuzz_bundle.py) and .pt2 packages
+(tests/fuzz_package.py), in subprocesses.
 
-Each batch is one run of the driver in its own process: a crash is a negative exit status, a
+Each batch is one run of a driver in its own process: a crash is a negative exit status, a
 hang is the batch's timeout, and the driver's own oracles (nothing but an AotiRtError
-escapes; the intact bundle's outputs stay bitwise the same; no allocation is left behind)
-come back in its JSON line. CI runs 4 batches of 75 cases (two on the three-method MLP, two
-on the demo LM with its in-place KV cache); ``AOTI_RT_FUZZ_CASES=10000`` runs more (in
-batches of at most 250), ``AOTI_RT_FUZZ_SEED`` picks other cases.
+escapes; the intact model's outputs stay bitwise the same; no allocation is left behind)
+come back in its JSON line. CI runs 4 batches of 75 bundle cases (two on the three-method
+MLP, two on the demo LM with its in-place KV cache) and 2 batches of 50 package cases per
+weight format torch writes; ``AOTI_RT_FUZZ_CASES=10000`` runs more (in batches of at most
+250; packages 4/3 of that, or ``AOTI_RT_FUZZ_PACKAGE_CASES``), ``AOTI_RT_FUZZ_SEED`` picks
+other cases.
 
 A failing batch is reproduced with the command the failure message prints; the scratch
 bundle it names is left as the failing case wrote it.
@@ -23,9 +26,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import FORMATS
+
 FUZZ = Path(__file__).with_name("fuzz_bundle.py")
+FUZZ_PACKAGE = Path(__file__).with_name("fuzz_package.py")
 ROOT = FUZZ.parents[1]
 CASES = int(os.environ.get("AOTI_RT_FUZZ_CASES", "300"))     # in all, over both bundles
+#: in all, over the package formats (AOTI_RT_FUZZ_CASES scales it too)
+PACKAGE_CASES = int(os.environ.get("AOTI_RT_FUZZ_PACKAGE_CASES", str(CASES * 4 // 3)))
 SEED = int(os.environ.get("AOTI_RT_FUZZ_SEED", "0"))
 MAX_BATCH = 250
 
@@ -36,9 +44,11 @@ def _batches(total: int) -> list[int]:
     return [per] * n
 
 
-def _run_batch(bundle: Path, scratch: Path, seed: int, cases: int) -> tuple[dict | None, str]:
-    """Run one batch; returns (its JSON result, "") or (None, what went wrong)."""
-    cmd = [sys.executable, str(FUZZ), "--bundle", str(bundle), "--scratch", str(scratch),
+def _run_batch(target: Path, scratch: Path, seed: int, cases: int) -> tuple[dict | None, str]:
+    """Run one batch on a bundle (a directory) or a package (a .pt2 file); returns (its JSON
+    result, the command that reruns it) or (None, what went wrong)."""
+    script, flag = (FUZZ, "--bundle") if target.is_dir() else (FUZZ_PACKAGE, "--package")
+    cmd = [sys.executable, str(script), flag, str(target), "--scratch", str(scratch),
            "--seed", str(seed), "--cases", str(cases)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     repro = " ".join(cmd)
@@ -67,16 +77,13 @@ def _last_case(scratch: Path) -> str:
         return "(none recorded)"
 
 
-@pytest.mark.parametrize("which", ["three", "lm"])
-def test_fuzz_load(which, request, device, tmp_path):
-    if device != "cpu":
-        pytest.skip("the fuzzer loads on the CPU")
-    bundle = request.getfixturevalue(f"{which}_bundle")
+def _fuzz(target: Path, tmp_path: Path, label: str, total: int, seed_base: int) -> None:
+    """Fuzz ``target`` in batches of ``total`` cases in all; fail on any oracle's finding."""
     problems: list[str] = []
     totals = {"cases": 0, "loaded": 0, "rejected": 0}
-    for k, cases in enumerate(_batches(CASES // 2)):
-        seed = SEED * 1000 + k * 2 + (which == "lm")
-        result, info = _run_batch(bundle, tmp_path / f"scratch-{k}", seed, cases)
+    for k, cases in enumerate(_batches(total)):
+        seed = seed_base + k * 16
+        result, info = _run_batch(target, tmp_path / f"scratch-{k}", seed, cases)
         if result is None:
             problems.append(f"batch {k} (seed {seed}): {info}")
             continue
@@ -88,9 +95,26 @@ def test_fuzz_load(which, request, device, tmp_path):
                             f"\n  rerun: {info}")
         if result["wrong_results"]:
             problems.append(f"batch {k} (seed {seed}): {result['wrong_results']} case(s) changed the intact "
-                            f"bundle's outputs, e.g. {json.dumps(result['wrong_result_cases'][:2])}\n  rerun: {info}")
+                            f"model's outputs, e.g. {json.dumps(result['wrong_result_cases'][:2])}\n  rerun: {info}")
         if result["leaks"]:
             problems.append(f"batch {k} (seed {seed}): {result['leaks']} case(s) left memory allocated\n  rerun: {info}")
-    print(f"fuzz {which}: {totals}")
+    print(f"fuzz {label}: {totals}")
     assert not problems, "\n".join(problems)
-    assert totals["cases"] >= CASES // 2 and totals["rejected"] > 0 and totals["loaded"] > 0
+    assert totals["cases"] >= total and totals["rejected"] > 0 and totals["loaded"] > 0
+
+
+@pytest.mark.parametrize("which", ["three", "lm"])
+def test_fuzz_load(which, request, device, tmp_path):
+    if device != "cpu":
+        pytest.skip("the fuzzer loads on the CPU")
+    _fuzz(request.getfixturevalue(f"{which}_bundle"), tmp_path, which, CASES // 2,
+          SEED * 1000 + (which == "lm"))
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_fuzz_package(fmt, stack_pt2, device, tmp_path):
+    """A .pt2 of each weight format torch writes (tests/fuzz_package.py), mutated."""
+    if device != "cpu":
+        pytest.skip("the fuzzer loads on the CPU")
+    _fuzz(stack_pt2[fmt], tmp_path, f"package {fmt}", PACKAGE_CASES // len(FORMATS),
+          SEED * 1000 + 2 + list(FORMATS).index(fmt))

@@ -23,19 +23,10 @@ import aoti_rt
 from aoti_rt import demo, package
 from aoti_rt.method_compiler import quiet_torch_deprecations
 
+from conftest import FORMATS, _package, _stack_program
 from models import Subset, make_stack
 
 PROMPT = list(range(1, 9))
-FORMATS = {
-    "embedded": {},
-    "blob": {"aot_inductor.package_constants_in_so": False,
-             "aot_inductor.package_constants_on_disk_format": "binary_blob"},
-    "pickle": {"aot_inductor.package_constants_in_so": False,
-               "aot_inductor.package_constants_on_disk_format": "pickle_weights"},
-    "mmap": {"aot_inductor.force_mmap_weights": True},
-}
-
-
 @pytest.fixture(scope="session")
 def pt2_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("pt2-cache")
@@ -45,28 +36,6 @@ def pt2_cache(tmp_path_factory) -> Path:
 def _cache_here(pt2_cache, monkeypatch):
     """Extracted files and probe records go to the session's scratch directory."""
     monkeypatch.setenv("AOTI_RT_CACHE", str(pt2_cache))
-
-
-def _package(path: Path, program, options: dict) -> Path:
-    if not path.is_file():
-        with quiet_torch_deprecations():
-            torch._inductor.aoti_compile_and_package(program, package_path=str(path),
-                                                     inductor_configs=dict(options))
-    return path
-
-
-def _stack_program(device: str, layers: list[int]):
-    x = torch.randn(3, 64, device=device)
-    with quiet_torch_deprecations():
-        return torch.export.export(Subset(make_stack(device), layers).eval(), (x,))
-
-
-@pytest.fixture(scope="session")
-def stack_pt2(workdir, device) -> dict[str, Path]:
-    """Layers 0..2 of the stack (seed 0), one single-model package per weight format."""
-    ep = _stack_program(device, [0, 1, 2])
-    tag = device.replace(":", "")
-    return {fmt: _package(workdir / f"stack-{fmt}-{tag}.pt2", ep, opts) for fmt, opts in FORMATS.items()}
 
 
 @pytest.fixture(scope="session")
