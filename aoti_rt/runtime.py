@@ -50,10 +50,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
 from . import _bind, _cache, _memory, device as _device, loader, serving
-from .calls import CallSignature
 from .abi import SharedObject, blob_layout, torch_shim
 from .bundle import (DTYPE_CODES, ITEMSIZE, Bundle, ConstantSpec, MethodSpec,
                      WeightSpec, divergent_fqns, file_identity, is_regular_file, read_bundle)
+from .calls import CallSignature
 from .digest import file_digests
 from .device import Device
 from .errors import AOTIError, BundleError, ClosedError, DeviceError, ShareError

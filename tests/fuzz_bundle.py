@@ -559,7 +559,8 @@ class Fuzzer:
         self.cases += 1
         self.run_case(desc)
 
-    def run_case(self, desc: dict) -> None:
+    def run_case(self, desc: dict) -> dict:
+        """Attempt the written case (in a child with :attr:`fork`) and count what came of it."""
         if self.fork:
             out = self._attempt_in_child(desc)
         else:
@@ -585,11 +586,14 @@ class Fuzzer:
             d.mkdir(parents=True, exist_ok=True)
             for f in self.files:
                 shutil.copyfile(self.scratch / f, d / f)
+        return out
 
     def _attempt(self) -> dict:
-        """Load the scratch bundle, run it, check the intact model. Never raises."""
+        """Load the scratch bundle, run it (its outputs: :attr:`last_outputs`), check the
+        intact model. Never raises."""
         out: dict = {}
         model = None
+        self.last_outputs = None
         try:
             try:
                 model = aoti_rt.load(self.target, device="cpu")
@@ -598,7 +602,7 @@ class Fuzzer:
             else:
                 out["loaded"] = True
                 try:
-                    self.run(model)
+                    self.last_outputs = self.run(model)
                 except aoti_rt.AotiRtError as e:
                     out["call_rejected"] = type(e).__name__
                 finally:

@@ -16,7 +16,10 @@ it loads, every method runs on a fixed input and the model is closed.
 The oracles are tests/fuzz_bundle.py's: nothing but an :class:`aoti_rt.AotiRtError` escapes;
 the intact package, loaded once and kept open, computes bitwise the same after every case;
 aoti_rt's allocations are back to the intact model's after each; a crash or hang is found by
-the caller (tests/test_fuzz.py), ``SCRATCH/last_case.json`` naming the case. The ``.so`` is
+the caller (tests/test_fuzz.py), ``SCRATCH/last_case.json`` naming the case. With
+``--differential``, a package that loads must also compute bitwise what torch's own loader
+computes from the same file, where torch loads it (in a forked child: torch's loader is not
+the one under test, and its crashes are not counted). The ``.so`` is
 the package's code, which loading runs (the README's line of trust); bytes flipped in it are
 refused by the CRC-32 the archive records for it, as any change of an extracted entry is.
 
@@ -208,8 +211,43 @@ def _encodable(s: str) -> bool:
     return True
 
 
+def _in_child(fn, timeout: float):
+    """``fn()`` in a forked child, its JSON result back; None if it raised, crashed or hung."""
+    import select
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            with open(os.devnull, "w") as null:
+                os.dup2(null.fileno(), 2)          # torch's own complaints about the archive
+            os.write(w, json.dumps(fn()).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    chunks, deadline = [], time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([r], [], [], left)[0]:
+            os.kill(pid, 9)
+            break
+        b = os.read(r, 1 << 20)
+        if not b:
+            break
+        chunks.append(b)
+    os.close(r)
+    os.waitpid(pid, 0)
+    try:
+        return json.loads(b"".join(chunks))
+    except ValueError:
+        return None
+
+
 class PackageFuzzer(Fuzzer):
     files = ("case.pt2", "last_case.json")
+    #: also compare with torch's own loader (a forked child per case that loads)
+    differential = False
 
     def __init__(self, package: Path, scratch: Path, shape: list[int]):
         self.bundle, self.scratch = package, scratch
@@ -220,10 +258,38 @@ class PackageFuzzer(Fuzzer):
         for d in shape:
             n *= d
         self.x = torch.linspace(-1.0, 1.0, n, dtype=torch.float32).reshape(shape)
+        self.compared = 0
         self.start()
 
     def run(self, model) -> dict[str, list[bytes]]:
         return run_all(model, {m: [self.x] for m in model.methods})
+
+    def _attempt(self) -> dict:
+        """The base oracles, then with :attr:`differential`: a package aoti_rt loaded and ran
+        must compute what torch's own loader computes from the same file, where torch loads it."""
+        out = super()._attempt()
+        if self.differential and self.last_outputs is not None and not out.get("failure"):
+            theirs = _in_child(lambda: self._torch_outputs(), self.timeout)
+            if isinstance(theirs, dict):
+                out["torch_loaded"] = True
+                if theirs != {m: [o.hex() for o in outs] for m, outs in self.last_outputs.items()}:
+                    out["failure"] = {"error": "differs-from-torch",
+                                      "message": "aoti_rt's outputs differ from torch's own loader's"}
+        return out
+
+    def _torch_outputs(self) -> dict:
+        """Every model of the case's package run by torch's own loader (what
+        ``torch._inductor.aoti_load_package`` calls, with the model's name)."""
+        from torch._inductor.package import load_package
+
+        outs = {}
+        for name in self.intact.methods:
+            fn = load_package(str(self.target), model_name=name)
+            with torch.no_grad():
+                y = fn(self.x)
+            ys = y if isinstance(y, (tuple, list)) else [y]
+            outs[name] = [t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes().hex() for t in ys]
+        return outs
 
     def case(self, data) -> None:
         desc: dict = {}
@@ -238,7 +304,10 @@ class PackageFuzzer(Fuzzer):
         self.clock += 1_000_000
         os.utime(self.target, ns=(self.clock, self.clock))
         self.cases += 1
-        self.run_case(desc)
+        self.compared += bool(self.run_case(desc).get("torch_loaded"))
+
+    def report(self, seconds: float) -> dict:
+        return {**super().report(seconds), "compared_with_torch": self.compared}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,10 +321,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="run each case in a forked child: a crash or hang is recorded and fuzzing goes on")
     ap.add_argument("--timeout", type=float, default=60, help="--fork: seconds before a case is a hang")
     ap.add_argument("--keep", type=Path, help="copy the files of each failing case into this directory")
+    ap.add_argument("--differential", action="store_true",
+                    help="a package that loads must compute what torch's own aoti_load_package computes "
+                         "from it, where torch loads it (a forked child per case)")
     args = ap.parse_args(argv)
     os.environ["AOTI_RT_CACHE"] = str(args.scratch.resolve() / "cache")     # extracted files and records
     fz = PackageFuzzer(args.package.resolve(), args.scratch.resolve(), [int(d) for d in args.input_shape.split(",")])
-    fz.fork, fz.timeout, fz.keep = args.fork, args.timeout, args.keep
+    fz.fork, fz.timeout, fz.keep, fz.differential = args.fork, args.timeout, args.keep, args.differential
     t0 = time.perf_counter()
 
     @seed(args.seed)

@@ -8,7 +8,8 @@ come back in its JSON line. CI runs 4 batches of 75 bundle cases (two on the thr
 MLP, two on the demo LM with its in-place KV cache) and 2 batches of 50 package cases per
 weight format torch writes; ``AOTI_RT_FUZZ_CASES=10000`` runs more (in batches of at most
 250; packages 4/3 of that, or ``AOTI_RT_FUZZ_PACKAGE_CASES``), ``AOTI_RT_FUZZ_SEED`` picks
-other cases.
+other cases, ``AOTI_RT_FUZZ_DIFFERENTIAL=1`` also compares every package that loads with
+torch's own loader of the same file.
 
 A failing batch is reproduced with the command the failure message prints; the scratch
 bundle it names is left as the failing case wrote it.
@@ -34,6 +35,8 @@ ROOT = FUZZ.parents[1]
 CASES = int(os.environ.get("AOTI_RT_FUZZ_CASES", "300"))     # in all, over both bundles
 #: in all, over the package formats (AOTI_RT_FUZZ_CASES scales it too)
 PACKAGE_CASES = int(os.environ.get("AOTI_RT_FUZZ_PACKAGE_CASES", str(CASES * 4 // 3)))
+#: a package that loads must also compute what torch's own loader computes (~1 s a case)
+DIFFERENTIAL = os.environ.get("AOTI_RT_FUZZ_DIFFERENTIAL", "") not in ("", "0")
 SEED = int(os.environ.get("AOTI_RT_FUZZ_SEED", "0"))
 MAX_BATCH = 250
 
@@ -50,6 +53,8 @@ def _run_batch(target: Path, scratch: Path, seed: int, cases: int) -> tuple[dict
     script, flag = (FUZZ, "--bundle") if target.is_dir() else (FUZZ_PACKAGE, "--package")
     cmd = [sys.executable, str(script), flag, str(target), "--scratch", str(scratch),
            "--seed", str(seed), "--cases", str(cases)]
+    if script is FUZZ_PACKAGE and DIFFERENTIAL:
+        cmd.append("--differential")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     repro = " ".join(cmd)
     timeout = 120 + 2 * cases
@@ -90,6 +95,8 @@ def _fuzz(target: Path, tmp_path: Path, label: str, total: int, seed_base: int) 
         totals["cases"] += result["cases"]
         totals["loaded"] += result["loaded"]
         totals["rejected"] += sum(result["rejected"].values())
+        if "compared_with_torch" in result:
+            totals["compared_with_torch"] = totals.get("compared_with_torch", 0) + result["compared_with_torch"]
         for f in result["non_aoti_errors"]:
             problems.append(f"batch {k} (seed {seed}): {f['error']}: {f['message']}\n  case {json.dumps(f['case'])}"
                             f"\n  rerun: {info}")
