@@ -247,4 +247,38 @@ class Archive:
         return sha.hexdigest()
 
 
-__all__ = ["Archive", "Entry", "STORED", "DEFLATED", "JSON_MAX", "SAFE_NAME", "CHUNK"]
+
+
+def check_stored(items: "list[tuple[Archive, Entry, str]]") -> None:
+    """Check the CRC-32 of stored entries whose bytes are read in place (weights), each item
+    ``(archive, entry, what it is)``, in parallel: the one check a zip carries of bytes nothing
+    else hashes before they are used. A package's probe runs it once per package file
+    (zlib's CRC-32 ran at 6.9 GB/s on one core of this project's CPU machine: a fraction of a
+    second per GB, page cache warm)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def crc(item: "tuple[Archive, Entry, str]") -> int:
+        arc, e, what = item
+        at, left = arc.stored(e, what)
+        value = 0
+        while left:
+            n = min(left, CHUNK)
+            data = pread_all(arc.fd, n, at, arc.what)
+            if len(data) < n:
+                raise BundleError(f"{arc.what} is truncated (entry {e.name!r}); re-create or re-copy it")
+            value = zlib.crc32(data, value)     # releases the GIL: entries in parallel
+            at += n
+            left -= n
+        return value
+
+    todo = [item for item in items if item[1].file_size]
+    if not todo:
+        return
+    with ThreadPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 1, 8)) as pool:
+        for (arc, e, what), value in zip(todo, pool.map(crc, todo)):
+            if value != e.crc:
+                raise BundleError(f"{arc.what}: {what} ({e.name!r}) does not match its CRC-32; the archive is "
+                                  f"corrupt: re-create or re-copy it")
+
+
+__all__ = ["Archive", "Entry", "check_stored", "STORED", "DEFLATED", "JSON_MAX", "SAFE_NAME", "CHUNK"]

@@ -72,7 +72,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Union
 
 from . import device as _device, elf
-from .archive import CHUNK, JSON_MAX, SAFE_NAME, STORED, Archive, Entry
+from .archive import CHUNK, JSON_MAX, SAFE_NAME, STORED, Archive, Entry, check_stored
 from .abi import SharedObject, blob_bytes_needed, blob_layout, describe
 from .bundle import (DTYPE_NAMES, MANIFEST_MAX_BYTES, MAX_INT, MAX_RANK, ConstantSpec, Manifest, MethodSpec,
                      WeightSpec, divergent_fqns, is_regular_file, parse_method_and_weights, pread_all,
@@ -418,6 +418,7 @@ def _pickled_storages(arc: Archive, root: str, config: Entry, what: str) -> dict
     if type(cfg) is not dict:
         raise BundleError(f"{what}: {_WEIGHTS_CONFIG} is not an object; the package is corrupt")
     storages: dict[str, tuple[int, int]] = {}
+    records: list[tuple[Archive, Entry, str]] = []      # each storage record, CRCs checked at the end
     out = {}
     for fqn, row in cfg.items():
         if not (type(row) is list and len(row) == 4 and type(row[0]) is str and SAFE_NAME.fullmatch(row[0])
@@ -438,7 +439,9 @@ def _pickled_storages(arc: Archive, root: str, config: Entry, what: str) -> dict
                 raise BundleError(f"{inner.what} holds {len(recs)} tensor storages; aoti_rt reads weights "
                                   f"saved one storage per file, as torch packages them")
             storages[file] = inner.stored(recs[0], f"the storage of weights file {file}")
+            records.append((inner, recs[0], f"the storage of weights file {file}"))
         out[fqn] = _Pickled(*storages[file], row[1], row[2], row[3])
+    check_stored(records)
     return out
 
 
@@ -524,6 +527,7 @@ def _probe_model(arc: Archive, root: str, name: str, files: dict[str, Entry], ke
             embedded = False
             if blob.method == STORED:
                 store, (base, length) = None, arc.stored(blob, "weights blob")
+                check_stored([(arc, blob, "weights blob")])   # a deflated one was checked inflating it
             else:
                 store, base, length = blobs[0], 0, blob.file_size
             # torch's runner maps as many bytes as the .so says, whatever the file has

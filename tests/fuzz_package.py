@@ -278,13 +278,16 @@ class PackageFuzzer(Fuzzer):
         return out
 
     def _torch_outputs(self) -> dict:
-        """Every model of the case's package run by torch's own loader (what
-        ``torch._inductor.aoti_load_package`` calls, with the model's name)."""
-        from torch._inductor.package import load_package
+        """Every model of the case's package run by torch's own loader. Not
+        ``aoti_load_package``: for ``pickle_weights`` packages it binds no weights, and the
+        first call crashes (torch 2.11 - 2.13); ``load_pt2(load_weights_from_disk=True)`` binds
+        them from ``weights_config.json``."""
+        from torch.export.pt2_archive._package import load_pt2
 
+        contents = load_pt2(str(self.target), load_weights_from_disk=True)
         outs = {}
         for name in self.intact.methods:
-            fn = load_package(str(self.target), model_name=name)
+            fn = contents.aoti_runners[name]
             with torch.no_grad():
                 y = fn(self.x)
             ys = y if isinstance(y, (tuple, list)) else [y]

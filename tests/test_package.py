@@ -9,6 +9,7 @@ Crafted archives are rewritten copies of those.
 from __future__ import annotations
 
 import ctypes
+import io
 import json
 import os
 import shutil
@@ -475,6 +476,13 @@ def patch_central(path: Path, suffix: str, offset: int, value: int) -> None:
     raise AssertionError(f"no entry ending in {suffix}")
 
 
+def _data_start(data: bytes | bytearray, header: int) -> int:
+    """Where the bytes of the zip entry whose local header is at ``header`` start (the local
+    header's own name and extra lengths: torch pads the extra field to align the data)."""
+    nlen, xlen = struct.unpack_from("<HH", data, header + 26)
+    return header + 30 + nlen + xlen
+
+
 def _crafted(kind: str, src: dict[str, Path], tmp: Path) -> Path:
     dst = tmp / f"{kind}.pt2"
     emb, blob, pick = src["embedded"], src["blob"], src["pickle"]
@@ -504,6 +512,20 @@ def _crafted(kind: str, src: dict[str, Path], tmp: Path) -> Path:
             info = next(i for i in z.infolist() if i.filename.endswith(".so"))
         at = info.header_offset + 30 + len(info.filename.encode()) + 4096
         data[at:at + 8] = b"\xff" * 8
+        dst.write_bytes(bytes(data))
+    elif kind in ("blob-crc", "pickle-crc"):
+        # one weight byte flipped where aoti_rt reads it in place: only the entry's CRC-32 knows
+        src_path, suffix = (blob, "_weights.blob") if kind == "blob-crc" else (pick, "data/weights/weight_0")
+        data = bytearray(src_path.read_bytes())
+        with zipfile.ZipFile(src_path) as z:
+            info = next(i for i in z.infolist() if i.filename.endswith(suffix))
+        at = _data_start(data, info.header_offset)
+        if kind == "pickle-crc":     # the entry is a torch.save zip: into its storage record
+            with zipfile.ZipFile(io.BytesIO(bytes(data[at:at + info.file_size]))) as inner:
+                rec = next(i for i in inner.infolist() if i.filename.endswith("/data/0"))
+            at = _data_start(data, at + rec.header_offset)
+            info = rec
+        data[at + info.file_size // 2] ^= 0x40
         dst.write_bytes(bytes(data))
     elif kind == "zip-slip":
         rezip(emb, dst, add={f"{root_of(emb)}/data/aotinductor/model/../../../../evil.so": b"x"})
@@ -542,6 +564,8 @@ CRAFTED = {
     "so-longer": "truncated|past the end",
     "blob-longer": "truncated|past the end",
     "so-crc": "CRC-32",
+    "blob-crc": "weights blob .* does not match its CRC-32",
+    "pickle-crc": "weights file .* does not match its CRC-32",
     "zip-slip": "points outside",
     "bad-model-name": "not a plain file name",
     "duplicate": "appears twice",
