@@ -478,6 +478,74 @@ def _extent(c: dict, size: int) -> int:
 
 # -- the driver ----------------------------------------------------------------------------------
 
+def in_child(fn, timeout: float, quiet: bool = False) -> tuple[Any, str | None]:
+    """``fn()`` in a forked child: (its JSON result, None), or (None, "hang: ..." or "crash: ...")
+    where it hung past ``timeout`` seconds, died, or returned nothing. ``quiet``: the child's
+    stderr goes to /dev/null."""
+    import select
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:       # the child: never returns
+        try:
+            os.close(r)
+            if quiet:
+                with open(os.devnull, "w") as null:
+                    os.dup2(null.fileno(), 2)
+            os.write(w, json.dumps(fn(), default=repr).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    chunks, deadline = [], time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([r], [], [], left)[0]:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            os.close(r)
+            return None, f"hang: no result after {timeout} s"
+        b = os.read(r, 1 << 16)
+        if not b:
+            break
+        chunks.append(b)
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        return None, f"crash: signal {os.WTERMSIG(status)}"
+    try:
+        return json.loads(b"".join(chunks)), None
+    except ValueError:
+        return None, f"crash: child exit status {status}, no result"
+
+
+def add_run_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options of a fuzzing run, the same for every driver."""
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cases", type=int, default=100)
+    ap.add_argument("--fork", action="store_true",
+                    help="run each case in a forked child: a crash or hang is recorded and fuzzing goes on")
+    ap.add_argument("--timeout", type=float, default=60, help="--fork: seconds before a case is a hang")
+    ap.add_argument("--keep", type=Path, help="copy the files of each failing case into this directory")
+
+
+def drive(fz: "Fuzzer", args: argparse.Namespace) -> int:
+    """Run ``args.cases`` cases drawn from ``args.seed``, then print the report's JSON line."""
+    fz.fork, fz.timeout, fz.keep = args.fork, args.timeout, args.keep
+    t0 = time.perf_counter()
+
+    @seed(args.seed)
+    @settings(max_examples=args.cases, database=None, deadline=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck), derandomize=False)
+    @given(st.data())
+    def fuzz(data):
+        fz.case(data)
+
+    fuzz()
+    fz.intact.close()
+    print(json.dumps(fz.report(time.perf_counter() - t0), default=repr), flush=True)
+    return 0
+
+
 class Fuzzer:
     """Loads a mutated copy of an intact artifact (:attr:`target`) per case, with the oracles of
     the module's docstring. This class mutates bundles; tests/fuzz_package.py's subclass,
@@ -630,38 +698,10 @@ class Fuzzer:
 
     def _attempt_in_child(self, desc: dict) -> dict:
         """--fork: the attempt in a forked child, so a crash or a hang costs one case, not the run."""
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:       # the child: never returns
-            try:
-                os.close(r)
-                os.write(w, json.dumps(self._attempt(), default=repr).encode())
-            finally:
-                os._exit(0)
-        os.close(w)
-        chunks, deadline = [], time.monotonic() + self.timeout
-        import select
-
-        while True:
-            left = deadline - time.monotonic()
-            ready = select.select([r], [], [], max(left, 0))[0] if left > 0 else []
-            if not ready:
-                os.kill(pid, 9)
-                os.waitpid(pid, 0)
-                os.close(r)
-                return {"failure": {"error": "hang", "message": f"no result after {self.timeout} s"}}
-            b = os.read(r, 1 << 16)
-            if not b:
-                break
-            chunks.append(b)
-        os.close(r)
-        _, status = os.waitpid(pid, 0)
-        if os.WIFSIGNALED(status):
-            return {"failure": {"error": "crash", "message": f"signal {os.WTERMSIG(status)}"}}
-        try:
-            return json.loads(b"".join(chunks))
-        except ValueError:
-            return {"failure": {"error": "crash", "message": f"child exit status {status}, no result"}}
+        result, problem = in_child(self._attempt, self.timeout)
+        if problem is not None:
+            return {"failure": {"error": problem.partition(":")[0], "message": problem}}
+        return result
 
     def report(self, seconds: float) -> dict:
         failures = [f for f in self.failures if f["error"] != "leak"]
@@ -678,28 +718,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", type=Path, required=True, help="an intact compiled bundle (CPU)")
     ap.add_argument("--scratch", type=Path, required=True, help="a directory for the mutated bundle")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cases", type=int, default=100)
-    ap.add_argument("--fork", action="store_true",
-                    help="run each case in a forked child: a crash or hang is recorded and fuzzing goes on")
-    ap.add_argument("--timeout", type=float, default=60, help="--fork: seconds before a case is a hang")
-    ap.add_argument("--keep", type=Path, help="copy the files of each failing case into this directory")
+    add_run_arguments(ap)
     args = ap.parse_args(argv)
-    fz = Fuzzer(args.bundle.resolve(), args.scratch.resolve())
-    fz.fork, fz.timeout, fz.keep = args.fork, args.timeout, args.keep
-    t0 = time.perf_counter()
-
-    @seed(args.seed)
-    @settings(max_examples=args.cases, database=None, deadline=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck), derandomize=False)
-    @given(st.data())
-    def fuzz(data):
-        fz.case(data)
-
-    fuzz()
-    fz.intact.close()
-    print(json.dumps(fz.report(time.perf_counter() - t0), default=repr), flush=True)
-    return 0
+    return drive(Fuzzer(args.bundle.resolve(), args.scratch.resolve()), args)
 
 
 if __name__ == "__main__":

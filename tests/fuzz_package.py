@@ -34,15 +34,15 @@ import json
 import os
 import struct
 import sys
-import time
 import warnings
 import zipfile
 from pathlib import Path
 
-from fuzz_bundle import EDGE_INTS, EDGE_STRINGS, Fuzzer, all_paths, nasty, perturb, run_all, set_at  # sets up aoti_rt
+from fuzz_bundle import (EDGE_INTS, EDGE_STRINGS, Fuzzer, add_run_arguments, all_paths,  # sets up aoti_rt
+                         drive, in_child, nasty, perturb, run_all, set_at)
 
 import torch  # noqa: E402
-from hypothesis import HealthCheck, Phase, given, seed, settings, strategies as st  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 EOCD, CENTRAL, LOCAL = b"PK\x05\x06", b"PK\x01\x02", b"PK\x03\x04"
 #: (offset, struct format) of the fields a mutation may rewrite
@@ -211,39 +211,6 @@ def _encodable(s: str) -> bool:
     return True
 
 
-def _in_child(fn, timeout: float):
-    """``fn()`` in a forked child, its JSON result back; None if it raised, crashed or hung."""
-    import select
-
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            with open(os.devnull, "w") as null:
-                os.dup2(null.fileno(), 2)          # torch's own complaints about the archive
-            os.write(w, json.dumps(fn()).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    chunks, deadline = [], time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([r], [], [], left)[0]:
-            os.kill(pid, 9)
-            break
-        b = os.read(r, 1 << 20)
-        if not b:
-            break
-        chunks.append(b)
-    os.close(r)
-    os.waitpid(pid, 0)
-    try:
-        return json.loads(b"".join(chunks))
-    except ValueError:
-        return None
-
-
 class PackageFuzzer(Fuzzer):
     files = ("case.pt2", "last_case.json")
     #: also compare with torch's own loader (a forked child per case that loads)
@@ -269,7 +236,7 @@ class PackageFuzzer(Fuzzer):
         must compute what torch's own loader computes from the same file, where torch loads it."""
         out = super()._attempt()
         if self.differential and self.last_outputs is not None and not out.get("failure"):
-            theirs = _in_child(lambda: self._torch_outputs(), self.timeout)
+            theirs, _ = in_child(self._torch_outputs, self.timeout, quiet=True)
             if isinstance(theirs, dict):
                 out["torch_loaded"] = True
                 if theirs != {m: [o.hex() for o in outs] for m, outs in self.last_outputs.items()}:
@@ -317,33 +284,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--package", type=Path, required=True, help="an intact .pt2 package compiled for the CPU")
     ap.add_argument("--scratch", type=Path, required=True, help="a directory for the mutated package and the cache")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cases", type=int, default=100)
     ap.add_argument("--input-shape", default="3,64", help="the float32 input every method takes (default 3,64)")
-    ap.add_argument("--fork", action="store_true",
-                    help="run each case in a forked child: a crash or hang is recorded and fuzzing goes on")
-    ap.add_argument("--timeout", type=float, default=60, help="--fork: seconds before a case is a hang")
-    ap.add_argument("--keep", type=Path, help="copy the files of each failing case into this directory")
     ap.add_argument("--differential", action="store_true",
-                    help="a package that loads must compute what torch's own aoti_load_package computes "
-                         "from it, where torch loads it (a forked child per case)")
+                    help="a package that loads must compute what torch's own loader computes from it, "
+                         "where torch loads it (a forked child per case)")
+    add_run_arguments(ap)
     args = ap.parse_args(argv)
     os.environ["AOTI_RT_CACHE"] = str(args.scratch.resolve() / "cache")     # extracted files and records
     fz = PackageFuzzer(args.package.resolve(), args.scratch.resolve(), [int(d) for d in args.input_shape.split(",")])
-    fz.fork, fz.timeout, fz.keep, fz.differential = args.fork, args.timeout, args.keep, args.differential
-    t0 = time.perf_counter()
-
-    @seed(args.seed)
-    @settings(max_examples=args.cases, database=None, deadline=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck), derandomize=False)
-    @given(st.data())
-    def fuzz(data):
-        fz.case(data)
-
-    fuzz()
-    fz.intact.close()
-    print(json.dumps(fz.report(time.perf_counter() - t0), default=repr), flush=True)
-    return 0
+    fz.differential = args.differential
+    return drive(fz, args)
 
 
 if __name__ == "__main__":
