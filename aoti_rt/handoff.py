@@ -199,7 +199,7 @@ def _map_tensors(handles: list[tuple[int, bytes]], tensors: list[_SharedTensor])
     drv = _driver()
     bases: dict[int, int] = {}
     current: set[int] = set()                    # devices whose primary context is current here
-    storages: dict[tuple[int, int], Any] = {}    # (allocation, start) -> storage: tied tensors stay tied
+    storages: dict[tuple[int, int, bool], Any] = {}   # (allocation, start, private) -> storage: tied stay tied
     out = {}
     for t in tensors:
         index, raw = handles[t.allocation]

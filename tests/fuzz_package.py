@@ -86,8 +86,9 @@ class Layout:
         if kind == "local" and self.local:
             return data.draw(st.sampled_from(self.local))
         if kind in ("json", "weights"):
-            names = [k for k in self.body if k.endswith(".json") == (kind == "json") and not k.endswith(".so")]
-            if names:
+            names = [k for k in self.body if (k.endswith(".json") if kind == "json"
+                                              else "/data/weights/" in k or k.endswith("_weights.blob"))]
+            if names:      # else (weights inside the .so) anywhere
                 return self.body[data.draw(st.sampled_from(sorted(names)))]
         return 0, n
 
