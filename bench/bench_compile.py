@@ -23,8 +23,8 @@ manifest); the jobs=N row, in a note, each worker's phases (loading its program,
 handing its constants back) beside the warm-up (the zygote's on CUDA) and the parent's writing
 of the programs for them.
 
-The goal (issue 10): aoti_rt's wall time at most the slowest method's stock compile plus 1 s per
-GB of unique weights (aoti_rt's own work: probing each method, hashing and writing the store).
+The goal: aoti_rt's wall time at most the slowest method's stock compile plus 1 s per GB of
+unique weights (aoti_rt's own work: probing each method, hashing and writing the store).
 """
 
 from __future__ import annotations

@@ -16,9 +16,10 @@ the median of the repeat loads (the model closed in between):
                           cuda:0, then to cuda:0 and cuda:1 at once (two streams): whether the
                           two GPUs share the host link (pinning not timed)
 
-The ratio replicated / alone is the figure of issue 12 (goal: at most 1.15 for a 10 GB bundle,
+The figure to watch is the ratio replicated / alone (goal: at most 1.15 for a 10 GB bundle,
 ``--layers 80``). The replicated rows also check that both devices compute the same decode
-output: a difference fails the run (after the table is written). With fewer than 2 GPUs it measures nothing and says so (exit status 0).
+output: a difference fails the run (after the table is written). With fewer than 2 GPUs it
+measures nothing and says so (exit status 0).
 Model: the bench_load model, ``--layers`` x Linear(8192, 8192) bf16 (16 = 2 GiB by default on
 ``--size full``; 80 = 10.7 GB).
 """
