@@ -275,14 +275,22 @@ def _open_folder(folder: Path) -> int:
 
 def crc32_fd(fd: int, size: int) -> int:
     """The CRC-32 of the first ``size`` bytes of an open file (read through that descriptor)."""
+    buf = bytearray(min(size, CHUNK))
+    view = memoryview(buf)
     value, at = 0, 0
     while at < size:
-        data = os.pread(fd, min(size - at, CHUNK), at)
-        if not data:
+        got = os.preadv(fd, [view[:min(size - at, CHUNK)]], at)
+        if not got:
             break
-        value = zlib.crc32(data, value)
-        at += len(data)
+        value = zlib.crc32(view[:got], value)
+        at += got
     return value
+
+
+#: files this process checked: (device, inode) -> (size, mtime, ctime, CRC-32). A file whose
+#: inode is unchanged since (any write or rename sets its ctime, which only the clock sets)
+#: is not hashed again: a second load in a process costs a few fstat calls.
+_CHECKED: dict[tuple[int, int], tuple[int, int, int, int]] = {}
 
 
 def _check_files(dfd: int, files: dict[str, tuple[int, int]]) -> str | None:
@@ -302,8 +310,11 @@ def _check_files(dfd: int, files: dict[str, tuple[int, int]]) -> str | None:
                 return f"{f} is {why}"
             if st.st_size != size:
                 return f"{f} has {st.st_size} bytes, the package's has {size}"
-            if crc32_fd(fd, size) != crc:
-                return f"{f} does not match the package's CRC-32"
+            key, seen = (st.st_dev, st.st_ino), (size, st.st_mtime_ns, st.st_ctime_ns, crc)
+            if _CHECKED.get(key) != seen:
+                if crc32_fd(fd, size) != crc:
+                    return f"{f} does not match the package's CRC-32"
+                _CHECKED[key] = seen
         except OSError as e:
             return f"{f}: {e.strerror}"
         finally:
