@@ -21,7 +21,10 @@ What aoti_rt does with a package, once per package file (the result is cached):
 2. extract only what the .so needs on disk (the .so, kernel binaries, metadata: never the
    weights or the C++ sources) into a content-addressed directory,
    ``$XDG_CACHE_HOME/aoti_rt/pt2/<sha256>/`` (or ``$AOTI_RT_CACHE/pt2/``), written under a
-   temporary name and renamed into place, and reused by every later load;
+   temporary name and renamed into place, and reused by every later load. The cache is
+   untrusted too (:mod:`aoti_rt.pt2cache`): used only if no other user can write it, each
+   extracted file checked against the package's CRC-32 right before it is used, an archive's
+   extraction capped against zip bombs, nothing left behind by a refused package;
 3. probe the .so once with torch's own AOTI runner (:func:`aoti_rt.probe.probe_method`, as
    :func:`aoti_rt.load_method` does) for each constant's view and bytes, find where those
    bytes lie in the archive (the blob's or the .so's ``binary_blob`` layout), and check that
@@ -230,7 +233,9 @@ def _probe(so: Path, blob: Path | None, device: Device, what: str, weights: Wher
 
 
 def _probe_model(arc: Archive, root: str, name: str, files: dict[str, Entry], key: str,
-                 device: Device) -> ModelRecord:
+                 device: Device, created: list[Path]) -> ModelRecord:
+    """Extract and probe one model of a package; an extraction folder this call creates is
+    appended to ``created`` (the caller removes those if the package is refused)."""
     what = f"{arc.what}: model {name!r}"
     sos = sorted(f for f in files if f.endswith(".so"))
     if len(sos) > 1:
@@ -252,90 +257,87 @@ def _probe_model(arc: Archive, root: str, name: str, files: dict[str, Entry], ke
     extract = {f: e for f, e in files.items()
                if not f.endswith(_NOT_EXTRACTED) and f != _WEIGHTS_CONFIG
                and not (e is blob and e.method == STORED)}
-    folder_name, sizes, created = _extract(arc, extract)
+    folder_name, sizes, new = _extract(arc, extract)
+    if new:
+        created.append(cache_root() / folder_name)
+    folder = cache_root() / folder_name
+    so = folder / so_name
+    so_entry = files[so_name]
+    tmp: Path | None = None
     try:
-        folder = cache_root() / folder_name
-        so = folder / so_name
-        so_entry = files[so_name]
-        tmp: Path | None = None
-        try:
-            if blob is not None:                   # binary_blob: read in place, or from its inflated copy
-                embedded = False
-                if blob.method == STORED:
-                    store, (base, length) = None, arc.stored(blob, "weights blob")
-                    check_stored([(arc, blob, "weights blob")])   # a deflated one was checked inflating it
-                else:
-                    store, base, length = blobs[0], 0, blob.file_size
-                # torch's runner maps as many bytes as the .so says, whatever the file has
-                need = blob_bytes_needed(so, device)
-                if length < need:
-                    raise BundleError(f"{what}: its weights blob has {length} bytes but the .so reads {need}; the "
-                                      f"package is truncated or corrupt: re-create or re-copy it")
-                if store is None:                  # torch's runner loads a file: a copy; hashed in place
-                    tmp = probe_blob = _copy_range(arc.fd, base, need)
-                    consts, call_spec, hashed = _probe(so, probe_blob, device, what, lambda _: (arc.path, base, length))
-                else:
-                    probe_blob = folder / blobs[0]
-                    consts, call_spec, hashed = _probe(so, probe_blob, device, what, lambda _: (probe_blob, 0, length))
-                at = _in_blob(consts, base, length, what)
-            elif pickled:                          # pickle_weights: each storage in place
-                embedded, store = False, None
-                storages = _pickled_storages(arc, root, config, what)
-                consts, call_spec, at = _pickled_constants(arc, so, device, storages, what)
-                hashed = [(arc.path, off) for off in at]     # digests of the stored bytes themselves
-            else:                                  # embedded in the .so
-                embedded = True
-                in_so: dict[str, Any] = {}
+        if blob is not None:                   # binary_blob: read in place, or from its inflated copy
+            embedded = False
+            if blob.method == STORED:
+                store, (base, length) = None, arc.stored(blob, "weights blob")
+                check_stored([(arc, blob, "weights blob")])   # a deflated one was checked inflating it
+            else:
+                store, base, length = blobs[0], 0, blob.file_size
+            # torch's runner maps as many bytes as the .so says, whatever the file has
+            need = blob_bytes_needed(so, device)
+            if length < need:
+                raise BundleError(f"{what}: its weights blob has {length} bytes but the .so reads {need}; the "
+                                  f"package is truncated or corrupt: re-create or re-copy it")
+            if store is None:                  # torch's runner loads a file: a copy; hashed in place
+                tmp = probe_blob = _copy_range(arc.fd, base, need)
+                consts, call_spec, hashed = _probe(so, probe_blob, device, what, lambda _: (arc.path, base, length))
+            else:
+                probe_blob = folder / blobs[0]
+                consts, call_spec, hashed = _probe(so, probe_blob, device, what, lambda _: (probe_blob, 0, length))
+            at = _in_blob(consts, base, length, what)
+        elif pickled:                          # pickle_weights: each storage in place
+            embedded, store = False, None
+            storages = _pickled_storages(arc, root, config, what)
+            consts, call_spec, at = _pickled_constants(arc, so, device, storages, what)
+            hashed = [(arc.path, off) for off in at]     # digests of the stored bytes themselves
+        else:                                  # embedded in the .so
+            embedded = True
+            in_so: dict[str, Any] = {}
 
-                def where(need: int) -> tuple[Path, int, int]:   # hashed where the loader reads them
-                    in_so["need"], (start, length) = need, elf.embedded_constants(so, need)
-                    in_so["span"] = start, length
-                    if so_entry.method == STORED:
-                        return arc.path, arc.data_offset(so_entry) + start, length
-                    return so, start, length
-
-                consts, call_spec, hashed = _probe(so, None, device, what, where)
-                need = sum(c.data_size for c, _ in consts)
-                if not consts:
-                    start, length = 0, 0
-                elif in_so.get("need") == need:    # the probe's scan of the .so's symbols holds
-                    start, length = in_so["span"]
-                else:                              # a .so that gives no data sizes: byte counts
-                    start, length = elf.embedded_constants(so, need)
+            def where(need: int) -> tuple[Path, int, int]:   # hashed where the loader reads them
+                in_so["need"], (start, length) = need, elf.embedded_constants(so, need)
+                in_so["span"] = start, length
                 if so_entry.method == STORED:
-                    store, base = None, arc.data_offset(so_entry) + start
-                else:
-                    store, base = so_name, start
-                at = _in_blob(consts, base, length, what)
-        finally:
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
-        store_path = arc.path if store is None else folder / store
-        # a digest the probe hashed from the very bytes the loader will read needs no second look
-        again = [i for i, h in enumerate(hashed) if h != (store_path, at[i])]
-        if again:
-            _check_bytes(store_path, [consts[i] for i in again], [at[i] for i in again], what,
-                         arc.fd if store is None else None)
-        weights: dict[str, WeightSpec] = {}
-        specs = []
-        for (c, nbytes), offset in zip(consts, at):
-            c.mutable = c.kind == "buffer"
-            wid = weight_id(c.fqn, c.digest, c.mutable)
-            w = weights.setdefault(wid, WeightSpec(id=wid, tensor=c.name, offset=offset, nbytes=nbytes,
-                                                   digest=c.digest, mutable=c.mutable, fqns=[]))
-            if c.fqn not in w.fqns:
-                w.fqns.append(c.fqn)
-            c.weight = wid
-            specs.append(c)
-        ispec, ospec = call_spec if call_spec else (None, None)
-        spec = MethodSpec(so=so_name, inputs=[], outputs=[], in_spec=ispec, out_spec=ospec, constants=specs)
-        rec = {"name": name, "device": key, "dir": folder_name, "files": sizes, "so": so_name, "store": store,
-               "embedded": embedded, "method": asdict(spec), "weights": {k: asdict(w) for k, w in weights.items()}}
-        return _parse_record(rec, what)          # what a later load reads back passes the same checks
-    except BaseException:                    # a refused package leaves no extraction behind
-        if created:
-            _discard(cache_root() / folder_name)
-        raise
+                    return arc.path, arc.data_offset(so_entry) + start, length
+                return so, start, length
+
+            consts, call_spec, hashed = _probe(so, None, device, what, where)
+            need = sum(c.data_size for c, _ in consts)
+            if not consts:
+                start, length = 0, 0
+            elif in_so.get("need") == need:    # the probe's scan of the .so's symbols holds
+                start, length = in_so["span"]
+            else:                              # a .so that gives no data sizes: byte counts
+                start, length = elf.embedded_constants(so, need)
+            if so_entry.method == STORED:
+                store, base = None, arc.data_offset(so_entry) + start
+            else:
+                store, base = so_name, start
+            at = _in_blob(consts, base, length, what)
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+    store_path = arc.path if store is None else folder / store
+    # a digest the probe hashed from the very bytes the loader will read needs no second look
+    again = [i for i, h in enumerate(hashed) if h != (store_path, at[i])]
+    if again:
+        _check_bytes(store_path, [consts[i] for i in again], [at[i] for i in again], what,
+                     arc.fd if store is None else None)
+    weights: dict[str, WeightSpec] = {}
+    specs = []
+    for (c, nbytes), offset in zip(consts, at):
+        c.mutable = c.kind == "buffer"
+        wid = weight_id(c.fqn, c.digest, c.mutable)
+        w = weights.setdefault(wid, WeightSpec(id=wid, tensor=c.name, offset=offset, nbytes=nbytes,
+                                               digest=c.digest, mutable=c.mutable, fqns=[]))
+        if c.fqn not in w.fqns:
+            w.fqns.append(c.fqn)
+        c.weight = wid
+        specs.append(c)
+    ispec, ospec = call_spec if call_spec else (None, None)
+    spec = MethodSpec(so=so_name, inputs=[], outputs=[], in_spec=ispec, out_spec=ospec, constants=specs)
+    rec = {"name": name, "device": key, "dir": folder_name, "files": sizes, "so": so_name, "store": store,
+           "embedded": embedded, "method": asdict(spec), "weights": {k: asdict(w) for k, w in weights.items()}}
+    return _parse_record(rec, what)          # what a later load reads back passes the same checks
 
 
 def _in_blob(consts: list[tuple[ConstantSpec, int]], base: int, length: int, what: str) -> list[int]:
@@ -375,8 +377,9 @@ def inspect_package(path: str | os.PathLike[str], device: "str | Device | None" 
         ``(records, device)``.
 
     Raises:
-        BundleError: the file is not a readable ``.pt2`` package, is crafted or corrupt, holds no
-            AOTI model, or was compiled for another device type. AOTIError: its .so cannot be
+        BundleError: the file is not a readable ``.pt2`` package, is crafted or corrupt (a zip
+            bomb included), holds no AOTI model, or was compiled for another device type; or
+            the cache directory is one another user can write. AOTIError: its .so cannot be
             loaded. AotiRtError: the cache directory is not writable.
 
     Example:
@@ -403,7 +406,14 @@ def inspect_package(path: str | os.PathLike[str], device: "str | Device | None" 
                               f"torch._inductor.aoti_compile_and_package")
         keys = {name: _device_key(arc, files) for name, files in models.items()}
         dev = _device_for(device, keys, p)
-        records = [_probe_model(arc, root, name, files, keys[name], dev) for name, files in models.items()]
+        created: list[Path] = []
+        try:
+            records = [_probe_model(arc, root, name, files, keys[name], dev, created)
+                       for name, files in models.items()]
+        except BaseException:              # a refused package leaves no extraction behind
+            for folder in created:
+                _discard(folder)
+            raise
     if _fingerprint(p) == fp:             # unchanged while probed: the record may be reused
         _write_record(p, fp, records)
     return records, dev
