@@ -9,6 +9,12 @@ file, sizes too large to read. An entry's bytes are then reached by offset
 streamed (:meth:`Archive.copy`, :meth:`Archive.read_small`: stored or deflated, size and
 CRC-32 checked, never more than the declared size). Everything wrong is a
 :class:`~aoti_rt.errors.BundleError` that says so.
+
+Archive bombs: no two entries' bytes may overlap (eight central-directory entries naming one
+compressed stream would extract it eight times), and what is extracted is capped
+(:meth:`Archive.check_inflation`): torch stores every entry of a package uncompressed, so a
+deflated entry may inflate at most MAX_RATIO times its compressed size, and all extracted
+entries together at most MAX_RATIO times the archive's size.
 """
 
 from __future__ import annotations
@@ -33,6 +39,12 @@ CENTRAL_DIR_MAX = 256 << 20
 JSON_MAX = 16 << 20
 #: bytes copied (or inflated) per step
 CHUNK = 8 << 20
+#: how many times its compressed size a deflated entry may inflate to (torch stores entries
+#: uncompressed; a .so or kernel re-zipped with deflate shrinks 2-5x), and how many times the
+#: archive's size everything extracted from it may be
+MAX_RATIO = 16
+#: a deflated entry may always inflate to this many bytes (small JSON files compress well)
+RATIO_FLOOR = 1 << 20
 #: one path component aoti_rt will write or look up: no separators, no leading dot
 SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,254}")
 STORED, DEFLATED = zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED
@@ -97,7 +109,8 @@ class Archive:
                 raise BundleError(f"{what} declares a {end[zipfile._ECD_SIZE]}-byte central directory of "
                                   f"{end[zipfile._ECD_ENTRIES_TOTAL]} entries, more than aoti_rt reads "
                                   f"({CENTRAL_DIR_MAX >> 20} MiB, {MAX_ENTRIES}); the archive is corrupt")
-            infos = zipfile.ZipFile(f).infolist()
+            zf = zipfile.ZipFile(f)
+            infos, start_dir = zf.infolist(), zf.start_dir
         except BundleError:
             raise
         except (KeyboardInterrupt, SystemExit):
@@ -121,6 +134,46 @@ class Archive:
                                   f"({size} bytes); it is truncated or corrupt: re-create or re-copy it")
             self.entries[name] = Entry(name, i.header_offset, i.compress_size, i.file_size,
                                         i.compress_type, i.CRC, i.flag_bits)
+        self._ends = self._check_overlaps(start_dir)
+
+    def _check_overlaps(self, start_dir: int) -> dict[str, int]:
+        """Where each entry's bytes must end: the next local header (or the central directory).
+        Two entries whose headers and bytes overlap are refused; each entry's exact end (past
+        its local header's variable fields) is checked when its bytes are first reached."""
+        order = sorted(self.entries.values(), key=lambda e: e.header_offset)
+        ends = {}
+        for e, nxt in zip(order, order[1:] + [None]):
+            end = nxt.header_offset if nxt is not None else start_dir
+            if e.header_offset + 30 + e.compress_size > self.size:
+                raise BundleError(f"{self.what}: entry {e.name!r} points past the end of the archive "
+                                  f"({self.size} bytes); it is truncated or corrupt: re-create or re-copy it")
+            if e.header_offset + 30 + e.compress_size > end:
+                raise BundleError(self._overlap(e, nxt))
+            ends[e.name] = end
+        return ends
+
+    def _overlap(self, e: Entry, other: "Entry | None") -> str:
+        them = f"entry {other.name!r}" if other is not None else "the central directory"
+        return (f"{self.what}: the bytes of entry {e.name!r} overlap {them}; entries that share bytes are "
+                f"how zip bombs multiply what they extract, and no zip writer makes them: the archive is "
+                f"crafted or corrupt, do not use it")
+
+    def check_inflation(self, entries) -> int:
+        """Refuse extracting ``entries`` if a deflated one inflates more than MAX_RATIO times its
+        compressed size (beyond RATIO_FLOOR bytes), or all of them more than MAX_RATIO times the
+        archive's size; returns the bytes they extract to."""
+        total = 0
+        for e in entries:
+            if e.method != STORED and e.file_size > max(MAX_RATIO * e.compress_size, RATIO_FLOOR):
+                raise BundleError(f"{self.what}: entry {e.name!r} inflates from {e.compress_size} to "
+                                  f"{e.file_size} bytes, more than {MAX_RATIO} times; torch stores package "
+                                  f"entries uncompressed, so this is a zip bomb or a package re-zipped with "
+                                  f"compression: re-create it with torch, or re-zip it without compression (zip -0)")
+            total += e.file_size
+        if total > MAX_RATIO * self.size:
+            raise BundleError(f"{self.what} would extract {total} bytes, more than {MAX_RATIO} times its "
+                              f"{self.size}; the archive is a zip bomb or corrupt: re-create it with torch")
+        return total
 
     @classmethod
     def open(cls, path: Path) -> "Archive":
@@ -160,6 +213,9 @@ class Archive:
         if method != e.method:
             raise BundleError(f"{self.what}: entry {e.name!r} has two compression methods; the archive is corrupt")
         start = e.header_offset + 30 + nlen + xlen
+        if start + e.compress_size > self._ends[e.name] and start + e.compress_size <= self.size:
+            raise BundleError(self._overlap(e, next((o for o in self.entries.values()
+                                                     if o.header_offset == self._ends[e.name]), None)))
         if start + e.compress_size > self.size:
             raise BundleError(f"{self.what} is truncated: entry {e.name!r} needs bytes up to "
                               f"{start + e.compress_size}, it has {self.size}; re-create or re-copy it")
@@ -288,4 +344,5 @@ def check_stored(items: "list[tuple[Archive, Entry, str]]") -> None:
             raise
 
 
-__all__ = ["Archive", "Entry", "check_stored", "STORED", "DEFLATED", "JSON_MAX", "SAFE_NAME", "CHUNK"]
+__all__ = ["Archive", "Entry", "check_stored", "STORED", "DEFLATED", "JSON_MAX", "SAFE_NAME", "CHUNK",
+           "MAX_RATIO"]

@@ -21,7 +21,10 @@ What aoti_rt does with a package, once per package file (the result is cached):
 2. extract only what the .so needs on disk (the .so, kernel binaries, metadata: never the
    weights or the C++ sources) into a content-addressed directory,
    ``$XDG_CACHE_HOME/aoti_rt/pt2/<sha256>/`` (or ``$AOTI_RT_CACHE/pt2/``), written under a
-   temporary name and renamed into place, and reused by every later load;
+   temporary name and renamed into place, and reused by every later load. The cache is
+   untrusted too (:mod:`aoti_rt.pt2cache`): used only if no other user can write it, each
+   extracted file checked against the package's CRC-32 right before it is used, an archive's
+   extraction capped against zip bombs, nothing left behind by a refused package;
 3. probe the .so once with torch's own AOTI runner (:func:`aoti_rt.probe.probe_method`, as
    :func:`aoti_rt.load_method` does) for each constant's view and bytes, find where those
    bytes lie in the archive (the blob's or the .so's ``binary_blob`` layout), and check that
@@ -55,36 +58,30 @@ come from one package or several, and never across two loads.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
 import os
 import re
-import shutil
-import stat
-import tempfile
-import time
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple, Union
 
 from . import device as _device, elf
-from .archive import CHUNK, JSON_MAX, SAFE_NAME, STORED, Archive, Entry, check_stored
+from .archive import JSON_MAX, SAFE_NAME, STORED, Archive, Entry, check_stored
 from .abi import SharedObject, blob_bytes_needed, blob_layout, describe
-from .bundle import (DTYPE_NAMES, MANIFEST_MAX_BYTES, MAX_INT, MAX_RANK, ConstantSpec, Manifest, MethodSpec,
-                     WeightSpec, divergent_fqns, is_regular_file, parse_method_and_weights, pread_all,
-                     read_manifest_bytes, strict_json, weight_id)
+from .bundle import (DTYPE_NAMES, MAX_INT, MAX_RANK, ConstantSpec, Manifest, MethodSpec, WeightSpec,
+                     divergent_fqns, is_regular_file, strict_json, weight_id)
 from .device import Device
 from .digest import file_digests
 from .errors import AOTIError, AotiRtError, BundleError, CompileError
 from .probe import FileSpan, Where, probe_method
 from .runtime import Method, Model, weight_source
-
-#: the version of the probe records written under ``<cache>/pt2/records/``
-RECORD_VERSION = 1
+# the extraction cache; names kept here for the modules and tests that import them from package
+from .pt2cache import (RECORD_VERSION, CacheReport, ModelRecord, cache_root, cached_record as _cached_record,
+                       copy_range as _copy_range, discard as _discard, extract as _extract,
+                       fingerprint as _fingerprint, hold as _hold, parse_record as _parse_record, prune_cache,
+                       record_path as _record_path, write_record as _write_record)
 
 #: what ``load`` accepts for packages: a path, or method name -> path or (path, model name)
 PackageSpec = Union[str, "os.PathLike[str]",
@@ -99,101 +96,7 @@ _NOT_EXTRACTED = (".cpp", ".h", ".hpp", ".S")
 _STORAGE = re.compile(r"[^/]+/data/[0-9]+")
 
 
-def cache_root() -> Path:
-    """Where extracted package files and probe records live: ``$AOTI_RT_CACHE/pt2``, else
-    ``$XDG_CACHE_HOME/aoti_rt/pt2``, else ``~/.cache/aoti_rt/pt2``."""
-    base = os.environ.get("AOTI_RT_CACHE")
-    if base:
-        return Path(base) / "pt2"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aoti_rt" / "pt2"
-
-
 # -- probing a package -----------------------------------------------------------------------
-
-@dataclass
-class ModelRecord:
-    """What aoti_rt knows about one model of a package after probing it (cached per package)."""
-
-    name: str
-    device: str                  # AOTI_DEVICE_KEY from its metadata ("cpu", "cuda"; "" unknown)
-    dir: str                     # its extraction folder under cache_root(): a SHA-256 of the files
-    files: dict[str, int]        # extracted file -> size
-    so: str                      # the model .so among files
-    store: str | None            # weights read from the package itself (None) or from this file in dir
-    embedded: bool               # weights embedded in the .so (AOTI loads a private copy on create)
-    method: MethodSpec
-    weights: dict[str, WeightSpec]
-
-    def folder(self) -> Path:
-        return cache_root() / self.dir
-
-
-def _fingerprint(path: Path) -> dict:
-    """The identity a probe record is keyed to: the package file's device, inode, size and
-    mtime, and the torch that probed it."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise BundleError(f"cannot read package {path} ({e})") from None
-    import torch
-
-    return {"pt2": _identity(st), "torch": torch.__version__, "version": RECORD_VERSION}
-
-
-def _identity(st: os.stat_result) -> list[int]:
-    """What a probe record knows its package file by: device, inode, size, mtime."""
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
-
-
-def _record_path(path: Path) -> Path:
-    return cache_root() / "records" / f"{hashlib.sha256(os.fsencode(os.path.abspath(path))).hexdigest()[:32]}.json"
-
-
-def _complete(folder: Path, files: dict[str, int]) -> bool:
-    """Whether ``folder`` holds each file, a regular file of its size (an extraction aoti_rt finished)."""
-    try:
-        return all(stat.S_ISREG((st := os.lstat(folder / f)).st_mode) and st.st_size == n for f, n in files.items())
-    except OSError:
-        return False
-
-
-def _cached_record(path: Path, fp: dict) -> list[ModelRecord] | None:
-    """The probe record of this package file if it is current and passes the manifest's checks;
-    None otherwise (the package is then probed again)."""
-    rp = _record_path(path)
-    try:
-        raw = strict_json(read_manifest_bytes(rp), str(rp), MANIFEST_MAX_BYTES)
-    except (OSError, BundleError):
-        return None
-    if not isinstance(raw, dict) or raw.get("fingerprint") != fp or type(raw.get("models")) is not list:
-        return None
-    out = []
-    size = fp["pt2"][2]
-    for m in raw["models"]:
-        try:
-            rec = _parse_record(m, str(rp))
-        except (BundleError, TypeError, ValueError, KeyError, AttributeError):
-            return None
-        folder = rec.folder()
-        limit = size if rec.store is None else rec.files.get(rec.store, -1)
-        if not _complete(folder, rec.files) or any(w.offset + w.nbytes > limit for w in rec.weights.values()):
-            return None
-        out.append(rec)
-    return out or None
-
-
-def _parse_record(m: Any, where: str) -> ModelRecord:
-    spec, table = parse_method_and_weights(m["method"], m["weights"], where)
-    files = m["files"]
-    ok = (type(m["name"]) is str and SAFE_NAME.fullmatch(m["name"]) and type(m["dir"]) is str
-          and re.fullmatch(r"[0-9a-f]{64}", m["dir"]) and type(files) is dict
-          and all(type(f) is str and SAFE_NAME.fullmatch(f) and type(n) is int and n >= 0 for f, n in files.items())
-          and spec.so in files and m["so"] == spec.so and m["device"] in ("", "cpu", "cuda")
-          and (m["store"] is None or m["store"] in files) and type(m["embedded"]) is bool)
-    if not ok:
-        raise BundleError(f"{where}: malformed record")
-    return ModelRecord(m["name"], m["device"], m["dir"], files, spec.so, m["store"], m["embedded"], spec, table)
-
 
 def _models(arc: Archive) -> dict[str, dict[str, Entry]]:
     """model name -> {file name: entry} of each folder under ``data/aotinductor/``, in archive
@@ -229,171 +132,6 @@ def _device_key(arc: Archive, files: dict[str, Entry]) -> str:
     if key not in ("", "cpu", "cuda"):
         raise BundleError(f"{arc.what}: a model was compiled for {key!r}; aoti_rt runs cpu and cuda models")
     return key
-
-
-def _extract(arc: Archive, entries: dict[str, Entry]) -> tuple[str, dict[str, int]]:
-    """Extract ``entries`` into a content-addressed folder under cache_root(); returns the
-    folder's name and the files' sizes. Written under a temporary name and renamed into place;
-    a folder that exists with those files is reused."""
-    base = cache_root()
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=base))
-    except OSError as e:
-        raise AotiRtError(f"cannot create aoti_rt's package cache under {base} ({e}); set AOTI_RT_CACHE "
-                          f"or XDG_CACHE_HOME to a writable directory") from None
-    try:
-        sizes, digests = {}, {}
-        for f, e in sorted(entries.items()):
-            fd = os.open(staging / f, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-                         | getattr(os, "O_CLOEXEC", 0), 0o644)
-            try:
-                digests[f] = arc.copy(e, fd)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            sizes[f] = e.file_size
-        h = hashlib.sha256()
-        for f in sorted(digests):
-            h.update(f"{f}\0{sizes[f]}\0{digests[f]}\n".encode())
-        name = h.hexdigest()
-        final = base / name
-        if not _complete(final, sizes):
-            try:
-                os.rename(staging, final)
-            except OSError:
-                if not _complete(final, sizes):       # not another process's finished copy
-                    raise AotiRtError(f"aoti_rt's package cache folder {final} is damaged; delete it and "
-                                      f"load again") from None
-        return name, sizes
-    except OSError as e:
-        raise AotiRtError(f"cannot write aoti_rt's package cache under {base} ({e}); free disk space or "
-                          f"set AOTI_RT_CACHE to a writable directory") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _hold(folder: Path, files: dict[str, int]) -> int:
-    """A shared lock on an extraction folder for as long as a model from it is loaded (AOTI
-    loads CUDA kernels from it lazily, at their first launch): :func:`prune_cache` never
-    removes a folder someone holds. Returns the descriptor that holds it."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as e:
-        raise BundleError(f"aoti_rt's package cache folder {folder} is gone ({e}); load again (it is "
-                          f"extracted anew)") from None
-    fcntl.flock(fd, fcntl.LOCK_SH)
-    if not _complete(folder, files):
-        os.close(fd)
-        raise BundleError(f"aoti_rt's package cache folder {folder} was removed while loading (a "
-                          f"prune_cache?); load again (it is extracted anew)")
-    return fd
-
-
-@dataclass
-class CacheReport:
-    """What :func:`prune_cache` found under :func:`cache_root` and removed (or would remove)."""
-
-    root: Path
-    #: extraction folders and their bytes, before pruning
-    folders: int = 0
-    folder_bytes: int = 0
-    #: probe records, before pruning
-    records: int = 0
-    #: records of packages that are gone or changed since they were probed
-    stale_records: list[Path] = field(default_factory=list)
-    #: folders no current record names (and left-over temporary folders), old enough to go
-    unused_folders: list[Path] = field(default_factory=list)
-    #: unused folders a loaded model still holds, or younger than ``min_age_s``: kept
-    kept: list[Path] = field(default_factory=list)
-    #: bytes of the removed folders
-    freed_bytes: int = 0
-    dry_run: bool = False
-
-
-def _tree_bytes(folder: Path) -> int:
-    n = 0
-    for dirpath, _, names in os.walk(folder):
-        for f in names:
-            try:
-                n += os.lstat(os.path.join(dirpath, f)).st_size
-            except OSError:
-                pass
-    return n
-
-
-def _record_is_current(raw: Any) -> bool:
-    """Whether a probe record's package still is the file it was probed from."""
-    try:
-        package = raw["package"]
-        return type(package) is str and raw["fingerprint"]["pt2"] == _identity(os.stat(package))
-    except (OSError, KeyError, TypeError, ValueError):
-        return False
-
-
-def prune_cache(*, min_age_s: float = 3600.0, dry_run: bool = False) -> CacheReport:
-    """Remove what the ``.pt2`` cache holds for packages that are gone or changed.
-
-    A probe record whose package no longer is the file it was probed from (deleted,
-    rewritten, moved) is removed; so is an extraction folder that no current record names,
-    unless a loaded model holds it (a shared lock, taken for the life of each package
-    method) or it is younger than ``min_age_s`` (a load may be extracting it right now).
-    The cache of a package still in place is kept: the next load needs it. Any process may
-    run this at any time (``python -m aoti_rt cache --prune``).
-
-    Args:
-        min_age_s: keep unused folders modified less than this many seconds ago.
-        dry_run: only report what would be removed.
-    """
-    root = cache_root()
-    report = CacheReport(root=root, dry_run=dry_run)
-    if not root.is_dir():
-        return report
-    named: set[str] = set()
-    records = root / "records"
-    for rp in sorted(records.glob("*.json")) if records.is_dir() else []:
-        report.records += 1
-        try:
-            raw = json.loads(rp.read_bytes()[:MANIFEST_MAX_BYTES])
-        except (OSError, ValueError):
-            raw = None
-        if isinstance(raw, dict) and _record_is_current(raw):
-            for m in raw.get("models") or []:
-                if isinstance(m, dict) and isinstance(m.get("dir"), str):
-                    named.add(m["dir"])
-            continue
-        report.stale_records.append(rp)
-        if not dry_run:
-            rp.unlink(missing_ok=True)
-    now = time.time()
-    for folder in sorted(root.iterdir()):
-        if folder.name == "records" or folder.is_symlink() or not folder.is_dir():
-            continue
-        report.folders += 1
-        size = _tree_bytes(folder)
-        report.folder_bytes += size
-        if folder.name in named:
-            continue
-        try:
-            if now - folder.stat().st_mtime < min_age_s:
-                report.kept.append(folder)
-                continue
-            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:                     # a loaded model holds it
-                report.kept.append(folder)
-                continue
-            report.unused_folders.append(folder)
-            report.freed_bytes += size
-            if not dry_run:
-                shutil.rmtree(folder, ignore_errors=True)
-        finally:
-            os.close(fd)
-    return report
 
 
 class _Pickled(NamedTuple):
@@ -452,7 +190,7 @@ def _pickled_constants(arc: Archive, so: Path, device: Device, storages: dict[st
     d = describe(so, device)                     # no weights in the .so: allocates none
     infos, call_spec = d.constants, d.call_spec
     ranges = sorted({(p.offset, p.nbytes) for p in storages.values()})
-    digests = dict(zip(ranges, file_digests(arc.path, ranges)))
+    digests = dict(zip(ranges, file_digests(arc.fd, ranges)))
     out, at = [], []
     for info in infos:
         if info.folded:
@@ -495,7 +233,9 @@ def _probe(so: Path, blob: Path | None, device: Device, what: str, weights: Wher
 
 
 def _probe_model(arc: Archive, root: str, name: str, files: dict[str, Entry], key: str,
-                 device: Device) -> ModelRecord:
+                 device: Device, created: list[Path]) -> ModelRecord:
+    """Extract and probe one model of a package; an extraction folder this call creates is
+    appended to ``created`` (the caller removes those if the package is refused)."""
     what = f"{arc.what}: model {name!r}"
     sos = sorted(f for f in files if f.endswith(".so"))
     if len(sos) > 1:
@@ -517,7 +257,9 @@ def _probe_model(arc: Archive, root: str, name: str, files: dict[str, Entry], ke
     extract = {f: e for f, e in files.items()
                if not f.endswith(_NOT_EXTRACTED) and f != _WEIGHTS_CONFIG
                and not (e is blob and e.method == STORED)}
-    folder_name, sizes = _extract(arc, extract)
+    folder_name, sizes, new = _extract(arc, extract)
+    if new:
+        created.append(cache_root() / folder_name)
     folder = cache_root() / folder_name
     so = folder / so_name
     so_entry = files[so_name]
@@ -578,7 +320,8 @@ def _probe_model(arc: Archive, root: str, name: str, files: dict[str, Entry], ke
     # a digest the probe hashed from the very bytes the loader will read needs no second look
     again = [i for i, h in enumerate(hashed) if h != (store_path, at[i])]
     if again:
-        _check_bytes(store_path, [consts[i] for i in again], [at[i] for i in again], what)
+        _check_bytes(store_path, [consts[i] for i in again], [at[i] for i in again], what,
+                     arc.fd if store is None else None)
     weights: dict[str, WeightSpec] = {}
     specs = []
     for (c, nbytes), offset in zip(consts, at):
@@ -597,27 +340,6 @@ def _probe_model(arc: Archive, root: str, name: str, files: dict[str, Entry], ke
     return _parse_record(rec, what)          # what a later load reads back passes the same checks
 
 
-def _copy_range(fd: int, offset: int, n: int) -> Path:
-    """A temporary file holding bytes ``[offset, offset + n)`` of ``fd`` (a blob for the probe)."""
-    out, path = tempfile.mkstemp(prefix=".probe-", dir=cache_root())
-    try:
-        done = 0
-        while done < n:
-            if hasattr(os, "copy_file_range"):
-                got = os.copy_file_range(fd, out, min(n - done, 1 << 30), offset + done)
-            else:
-                got = os.write(out, pread_all(fd, min(n - done, CHUNK), offset + done, "package"))
-            if got <= 0:
-                raise BundleError(f"the package is truncated: its weights blob ends at byte {offset + done}")
-            done += got
-    except BaseException:
-        os.close(out)
-        Path(path).unlink(missing_ok=True)
-        raise
-    os.close(out)
-    return Path(path)
-
-
 def _in_blob(consts: list[tuple[ConstantSpec, int]], base: int, length: int, what: str) -> list[int]:
     """Absolute offsets of the probed constants in a ``binary_blob`` of ``length`` bytes at ``base``."""
     offsets, _ = blob_layout([max(c.data_size, n) for c, n in consts])
@@ -628,10 +350,12 @@ def _in_blob(consts: list[tuple[ConstantSpec, int]], base: int, length: int, wha
     return [base + off for off in offsets]
 
 
-def _check_bytes(store: Path, consts: list[tuple[ConstantSpec, int]], at: list[int], what: str) -> None:
-    """The bytes at each recorded place must be what AOTI itself loaded (hashed once, at probe)."""
+def _check_bytes(store: Path, consts: list[tuple[ConstantSpec, int]], at: list[int], what: str,
+                 fd: int | None = None) -> None:
+    """The bytes at each recorded place must be what AOTI itself loaded (hashed once, at probe);
+    read through ``fd`` where given (the package already open), else from ``store``."""
     try:
-        got = file_digests(store, [(off, n) for (_, n), off in zip(consts, at)])
+        got = file_digests(store if fd is None else fd, [(off, n) for (_, n), off in zip(consts, at)])
     except OSError as e:
         raise BundleError(f"{what}: cannot read its weights from {store} ({e})") from None
     for (c, _), d in zip(consts, got):
@@ -653,8 +377,9 @@ def inspect_package(path: str | os.PathLike[str], device: "str | Device | None" 
         ``(records, device)``.
 
     Raises:
-        BundleError: the file is not a readable ``.pt2`` package, is crafted or corrupt, holds no
-            AOTI model, or was compiled for another device type. AOTIError: its .so cannot be
+        BundleError: the file is not a readable ``.pt2`` package, is crafted or corrupt (a zip
+            bomb included), holds no AOTI model, or was compiled for another device type; or
+            the cache directory is one another user can write. AOTIError: its .so cannot be
             loaded. AotiRtError: the cache directory is not writable.
 
     Example:
@@ -681,25 +406,17 @@ def inspect_package(path: str | os.PathLike[str], device: "str | Device | None" 
                               f"torch._inductor.aoti_compile_and_package")
         keys = {name: _device_key(arc, files) for name, files in models.items()}
         dev = _device_for(device, keys, p)
-        records = [_probe_model(arc, root, name, files, keys[name], dev) for name, files in models.items()]
+        created: list[Path] = []
+        try:
+            records = [_probe_model(arc, root, name, files, keys[name], dev, created)
+                       for name, files in models.items()]
+        except BaseException:              # a refused package leaves no extraction behind
+            for folder in created:
+                _discard(folder)
+            raise
     if _fingerprint(p) == fp:             # unchanged while probed: the record may be reused
         _write_record(p, fp, records)
     return records, dev
-
-
-def _write_record(p: Path, fp: dict, records: list[ModelRecord]) -> None:
-    rp = _record_path(p)
-    body = {"fingerprint": fp, "package": str(p.resolve()),
-            "models": [{**asdict(r), "method": asdict(r.method),
-                        "weights": {k: asdict(w) for k, w in r.weights.items()}} for r in records]}
-    try:
-        rp.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=rp.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(body))
-        os.replace(tmp, rp)
-    except OSError:
-        pass                               # not cached: the next load probes again
 
 
 def _device_for(device: "str | Device | None", keys: dict[str, str], path: Path) -> Device:
@@ -714,6 +431,43 @@ def _device_for(device: "str | Device | None", keys: dict[str, str], path: Path)
 
 
 # -- loading ---------------------------------------------------------------------------------
+
+def parse_spec(packages: PackageSpec) -> dict[Path, list[tuple[str, str | None]]]:
+    """Check a :data:`PackageSpec` and group it by package file: path -> [(method name, model
+    name or None)], empty for a single path (every model of it is a method).
+
+    Raises:
+        BundleError: the spec is not a path or a non-empty mapping of method names (non-empty
+            strings) to a path or ``(path, model name)``; the message names the bad entry.
+    """
+    def path_of(v: Any, where: str) -> Path:
+        if isinstance(v, (str, os.PathLike)) and not isinstance(v, bytes):
+            p = os.fspath(v)
+            if isinstance(p, str) and p and "\x00" not in p:
+                return Path(p)
+        raise BundleError(f"{where}: {v!r} is not a .pt2 path; pass a path (str or os.PathLike) or "
+                          f"(path, model name)")
+
+    if not isinstance(packages, Mapping):
+        return {path_of(packages, "packages"): []}
+    if not packages:
+        raise BundleError("no packages given: pass {'method': 'file.pt2', ...}")
+    wanted: dict[Path, list[tuple[str, str | None]]] = {}
+    for method_name, value in packages.items():
+        if type(method_name) is not str or not method_name:
+            raise BundleError(f"packages: method names must be non-empty strings, not {method_name!r}; "
+                              f"pass {{'method': 'file.pt2', ...}}")
+        where = f"packages[{method_name!r}]"
+        if isinstance(value, tuple):
+            if len(value) != 2 or type(value[1]) is not str or not value[1]:
+                raise BundleError(f"{where}: {value!r} is not (path, model name): a pair of a .pt2 path and "
+                                  f"the name of one model in it")
+            path, model = path_of(value[0], where), value[1]
+        else:
+            path, model = path_of(value, where), None
+        wanted.setdefault(path, []).append((method_name, model))
+    return wanted
+
 
 class _PackageMethod(Method):
     """A :class:`Method` of a package's model: created with its extraction folder as AOTI's
@@ -859,17 +613,7 @@ def load_package(packages: PackageSpec, *, device: "str | Device | None" = None,
     """
     if verify not in (True, False, "load"):
         raise ValueError(f"verify must be True, False or 'load', not {verify!r}")
-    wanted: dict[Path, list[tuple[str, str | None]]] = {}
-    if isinstance(packages, Mapping):
-        if not packages:
-            raise BundleError("no packages given: pass {'method': 'file.pt2', ...}")
-        for method_name, value in packages.items():
-            if type(method_name) is not str or not method_name:
-                raise BundleError(f"method names must be non-empty strings, not {method_name!r}")
-            path, model = (value if isinstance(value, tuple) and len(value) == 2 else (value, None))
-            wanted.setdefault(Path(path), []).append((method_name, model))
-    else:
-        wanted[Path(packages)] = []
+    wanted = parse_spec(packages)
     dev: "str | Device | None" = device
     groups = []
     for path, asked in wanted.items():
@@ -898,5 +642,5 @@ def load_package(packages: PackageSpec, *, device: "str | Device | None" = None,
     return PackageModel(groups, dev, progress=progress, verify=verify, max_load_gbps=max_load_gbps)
 
 
-__all__ = ["load_package", "inspect_package", "PackageModel", "ModelRecord",
-           "cache_root", "PackageSpec"]
+__all__ = ["load_package", "inspect_package", "parse_spec", "PackageModel", "ModelRecord",
+           "cache_root", "prune_cache", "CacheReport", "PackageSpec"]

@@ -729,14 +729,30 @@ class Method:
 
 
 def _is_package(path: "str | os.PathLike[str]") -> bool:
-    """A ``.pt2`` name, or a file that starts like a zip archive (a bundle is a directory)."""
+    """A ``.pt2`` name, or a file that starts like a zip archive (a bundle is a directory).
+    Opened without blocking (a FIFO would block a plain open forever); a path that is neither
+    a folder nor a regular file (a FIFO, a device) is a BundleError."""
+    import stat
+
     if os.fspath(path).endswith(".pt2"):
         return True
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
     try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"PK\x03\x04"
+        fd = os.open(path, flags)
+    except (OSError, ValueError):
+        return False                  # missing or unreadable: read_bundle says what is wrong
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            return False
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleError(f"{path} is not a bundle folder or a .pt2 file (it is not a regular file: a FIFO, "
+                              f"socket or device); pass the path of an aoti_rt bundle or a .pt2 package")
+        return os.pread(fd, 4, 0) == b"PK\x03\x04"
     except OSError:
         return False
+    finally:
+        os.close(fd)
 
 
 def bind_plan(constants: Sequence[ConstantSpec], where: str = "method") -> _bind.BindPlan:
