@@ -4,7 +4,7 @@ and the replicated load (one read, a copy to each device). The plan and the copy
 ``_plan``; see ``_load.pyx``."""
 
 from aoti_rt._memory cimport CUcontext, CUevent, CUstream
-from aoti_rt._plan cimport Chunk, Dest, LoadPlan, Piece
+from aoti_rt._plan cimport Dest, LoadPlan
 
 
 cdef enum:

@@ -1,15 +1,16 @@
 """Type stubs of aoti_rt._load: the load pipeline's engines and threads (store file -> weight
-buffers); the plan and its copy loop are in aoti_rt._plan, re-exported here."""
+buffers); the plan and its copy loop are in aoti_rt._plan, the byte-level steps in
+aoti_rt._pieces, re-exported here."""
 
 from collections.abc import Callable
 from typing import Any
 
 from ._memory import Buffer, PinnedAllocator
+from ._pieces import DIRECT_ALIGN as DIRECT_ALIGN
+from ._pieces import b3_combine as b3_combine
+from ._pieces import b3_hash as b3_hash
 from ._plan import C_HASH_MAX as C_HASH_MAX
-from ._plan import DIRECT_ALIGN as DIRECT_ALIGN
 from ._plan import LoadPlan as LoadPlan
-from ._plan import b3_combine as b3_combine
-from ._plan import b3_hash as b3_hash
 
 class Stager:
     staging: tuple[Buffer, ...]

@@ -30,7 +30,8 @@ from aoti_rt._memory cimport Buffer, CUcontext, CUresult, PinnedAllocator, check
 from aoti_rt._plan cimport E_CUDA, E_NONE, Dest, Failure, LoadPlan, load_error, move_chunks
 
 from aoti_rt import _plan
-from aoti_rt._plan import C_HASH_MAX, DIRECT_ALIGN, b3_combine, b3_hash
+from aoti_rt._pieces import DIRECT_ALIGN, b3_combine, b3_hash
+from aoti_rt._plan import C_HASH_MAX
 from aoti_rt.errors import BundleError, CudaError
 
 # the plan is made through this module (_load.LoadPlan); a cimported type is not a module

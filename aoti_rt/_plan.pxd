@@ -4,19 +4,8 @@
 from libc.stdint cimport int64_t, uint8_t, uintptr_t
 
 from aoti_rt._memory cimport CUcontext, CUevent, CUresult, CUstream
+from aoti_rt._pieces cimport Chunk, Piece
 
-
-cdef struct Piece:
-    int64_t file_off
-    int64_t nbytes
-    uintptr_t dst
-    int64_t weight     # index of the weight (destination Buffer) it belongs to
-
-cdef struct Chunk:     # a run of pieces contiguous in the file: one pread
-    int64_t first
-    int64_t count
-    int64_t file_off
-    int64_t nbytes
 
 cdef struct Dest:      # one destination of move_chunks
     Piece* pieces      # its plan's pieces (the driving plan's layout): where each piece goes

@@ -1,12 +1,11 @@
 """Type stubs of aoti_rt._plan: the load plan (what goes where) and its copy loop."""
 
 from ._memory import Buffer
+from ._pieces import DIRECT_ALIGN as DIRECT_ALIGN
+from ._pieces import b3_combine as b3_combine
+from ._pieces import b3_hash as b3_hash
 
 C_HASH_MAX: int
-DIRECT_ALIGN: int
-
-def b3_hash(data: bytes | bytearray | memoryview) -> bytes: ...
-def b3_combine(nbytes: int, hashes: bytes) -> str: ...
 
 class LoadPlan:
     num_pieces: int

@@ -10,29 +10,30 @@
   or several destinations (:c:type:`Dest`: host memory, or a device with its context, stream
   and events), without the GIL and without Python per chunk.
 
-The engines and threads around it (:class:`~aoti_rt._load.Stager`,
+The byte-level steps (pread, BLAKE3, copies of runs of pieces) are in :mod:`aoti_rt._pieces`;
+the engines and threads around the loop (:class:`~aoti_rt._load.Stager`,
 :func:`~aoti_rt._load.run_workers`, the replicated load) are in :mod:`aoti_rt._load`, which
-re-exports this module's public names.
+re-exports the public names of both.
 """
 
 from cpython.buffer cimport PyBUF_READ
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.memoryview cimport PyMemoryView_FromMemory
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
-from libc.errno cimport errno, EINTR
 from libc.stdint cimport int64_t, uint8_t, uint64_t, uintptr_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from aoti_rt._memory cimport (Buffer, CUcontext, CUdeviceptr, CUresult, CUstream,
                               aoti_rt_atomic_add, aoti_rt_atomic_add_acqrel, aoti_rt_atomic_cas,
                               aoti_rt_atomic_load, aoti_rt_atomic_load_acq, aoti_rt_atomic_or,
                               ctx_enter, ctx_leave, drv)
+from aoti_rt._pieces cimport (DIRECT_ALIGN_BYTES, HASH_BYTES, READ_EOF, b3_ok, copy_pieces, hexval,
+                              memcpy_pieces, memcpy_relay, monotonic, read_at, read_full, relay_pieces)
+from aoti_rt._pieces import DIRECT_ALIGN, b3_combine, b3_hash
 from aoti_rt.errors import BundleError, CudaError
 
 cdef extern from "unistd.h" nogil:
-    ssize_t pread(int fd, void* buf, size_t count, long offset)
     int usleep(unsigned int usec)
 
 
@@ -40,11 +41,6 @@ cdef extern from "_blake3.h" nogil:
     void aoti_rt_b3_hash(const uint8_t* data, size_t nbytes, uint8_t* out)
     int aoti_rt_b3_combine(const uint8_t* domain, size_t dlen, uint64_t nbytes,
                            const uint8_t* hashes, size_t nhashes, uint8_t* out)
-
-cdef enum:
-    _HASH_BYTES = 32
-    _READ_EOF = -1          # read_full: the file ended before the bytes it should hold
-    _DIRECT_ALIGN = 4096
 
 # LoadPlan.state: the cancel bit, and below it the number of workers inside their loop
 cdef long long _CANCELLED = 1LL << 62
@@ -58,166 +54,9 @@ _CUDA_STEPS = {1: "making the device context current (cuCtxPushCurrent)",
                6: "relaying from the first device (cuStreamWaitEvent, cuMemcpyPeerAsync)"}
 
 
-cdef inline double _monotonic() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec + ts.tv_nsec * 1e-9
-
-
-cdef int read_at(int fd, char* dst, int64_t nbytes, int64_t need, int64_t off, bint direct) noexcept nogil:
-    """pread ``nbytes`` at ``off`` into ``dst`` until at least ``need`` of them are in: 0, an
-    errno (> 0), or _READ_EOF if the file ends first. ``direct``: ``fd`` is O_DIRECT, and
-    ``dst``, ``off`` and ``nbytes`` are DIRECT_ALIGN-aligned (``need`` may end inside the last
-    aligned block, where the file ends); a short read before ``need`` means the file ended."""
-    cdef ssize_t got
-    cdef int64_t have = 0
-    while have < need:
-        got = pread(fd, dst + have, <size_t>(nbytes - have), off + have)
-        if got < 0:
-            if errno == EINTR:
-                continue
-            return errno if errno > 0 else 5     # EIO
-        if got == 0:
-            return _READ_EOF
-        have += got
-        if direct and have < need and (have & (_DIRECT_ALIGN - 1)):
-            return _READ_EOF
-    return 0
-
-
-cdef inline int read_full(int fd, char* dst, int64_t nbytes, int64_t off) noexcept nogil:
-    return read_at(fd, dst, nbytes, nbytes, off, False)
-
-
-#: O_DIRECT reads start, end and land on multiples of this (the page and the common block size)
-DIRECT_ALIGN = _DIRECT_ALIGN
-
-
 #: pieces up to this many bytes are hashed by aoti_rt's own C BLAKE3 without the GIL; larger
 #: ones by the blake3 package (faster per byte, but one GIL round trip per call)
 C_HASH_MAX = 64 << 10
-cdef int _b3_state = -1                 # -1: not checked yet, 0: disagrees with blake3, 1: ok
-
-
-cdef inline int _hexval(char c) noexcept nogil:
-    if c >= 48 and c <= 57:         # 0-9
-        return c - 48
-    if c >= 97 and c <= 102:        # a-f
-        return c - 87
-    if c >= 65 and c <= 70:         # A-F
-        return c - 55
-    return -1
-
-
-def b3_hash(data) -> bytes:
-    """BLAKE3 (32 bytes) of a contiguous bytes-like object, by aoti_rt's own C code."""
-    cdef const uint8_t[::1] view = memoryview(data).cast("B")
-    cdef uint8_t out[32]
-    cdef const uint8_t* ptr = &view[0] if view.shape[0] else <const uint8_t*>b""
-    with nogil:
-        aoti_rt_b3_hash(ptr, view.shape[0], out)
-    return PyBytes_FromStringAndSize(<char*>out, 32)
-
-
-def b3_combine(long long nbytes, hashes) -> str:
-    """:func:`aoti_rt.digest.combine` computed by aoti_rt's own C code (``hashes``
-    concatenated)."""
-    from aoti_rt import digest as _digest
-
-    cdef bytes domain = _digest._DOMAIN
-    cdef bytes joined = bytes(hashes)
-    cdef uint8_t out[32]
-    if len(joined) % _HASH_BYTES:
-        raise ValueError("block hashes are 32 bytes each")
-    if aoti_rt_b3_combine(<const uint8_t*>PyBytes_AS_STRING(domain), len(domain), <uint64_t>nbytes,
-                          <const uint8_t*>PyBytes_AS_STRING(joined), len(joined) // _HASH_BYTES, out) != 0:
-        raise MemoryError("b3_combine")
-    return _digest.PREFIX + PyBytes_FromStringAndSize(<char*>out, 32).hex()
-
-
-cdef bint _b3_ok():
-    """Whether our C BLAKE3 agrees with the blake3 package and aoti_rt.digest.combine (checked
-    once, ~0.1 ms); if not, the loader hashes everything through the blake3 package."""
-    global _b3_state
-    if _b3_state < 0:
-        from blake3 import blake3
-        from aoti_rt import digest as _digest
-
-        data = bytes(range(256)) * 80 + b"aoti_rt"
-        ok = True
-        for n in (0, 1, 63, 64, 65, 1023, 1024, 1025, 2048, 3072, 4096, 4097, 5120, 9217, 16384, 20487):
-            ok = ok and b3_hash(data[:n]) == blake3(data[:n]).digest()
-        for n in (0, 5, 3 * _digest.BLOCK + 1):
-            h = data[:32 * _digest.num_blocks(n)]
-            ok = ok and b3_combine(n, h) == _digest.combine(n, h)
-        _b3_state = 1 if ok else 0
-    return _b3_state == 1
-
-
-cdef CUresult _copy_pieces(Piece* pieces, Py_ssize_t p0, Py_ssize_t p1, const char* src, int64_t src_off,
-                           CUstream stream) noexcept nogil:
-    """Enqueue host->device copies of ``pieces[p0:p1]`` from ``src + (file_off - src_off)``,
-    one per run of pieces contiguous in the file and on the device, on ``stream`` (whose
-    context must be current)."""
-    cdef Py_ssize_t p = p0, q
-    cdef int64_t n
-    cdef CUresult rc
-    while p < p1:
-        q = p + 1
-        n = pieces[p].nbytes
-        # one copy may not span two allocations, even ones adjacent in the address space
-        # (consecutive cuMemAlloc slabs often are: CUDA_ERROR_INVALID_VALUE), so only the
-        # pieces of one weight are merged
-        while q < p1 and pieces[q].weight == pieces[q - 1].weight \
-                and pieces[q].dst == pieces[q - 1].dst + <uintptr_t>pieces[q - 1].nbytes \
-                and pieces[q].file_off == pieces[q - 1].file_off + pieces[q - 1].nbytes:
-            n += pieces[q].nbytes
-            q += 1
-        rc = drv.memcpy_htod_async(<CUdeviceptr>pieces[p].dst, src + (pieces[p].file_off - src_off),
-                                   <size_t>n, stream)
-        if rc != 0:
-            return rc
-        p = q
-    return 0
-
-
-cdef void _memcpy_pieces(Piece* pieces, Py_ssize_t p0, Py_ssize_t p1, const char* src,
-                         int64_t src_off) noexcept nogil:
-    """Copy ``pieces[p0:p1]`` from ``src + (file_off - src_off)`` to their host destinations."""
-    cdef Py_ssize_t p
-    for p in range(p0, p1):
-        memcpy(<void*>pieces[p].dst, src + (pieces[p].file_off - src_off), <size_t>pieces[p].nbytes)
-
-
-cdef CUresult _relay_pieces(Piece* dst, Piece* src, Py_ssize_t p0, Py_ssize_t p1, CUcontext dctx,
-                           CUcontext sctx, CUstream stream) noexcept nogil:
-    """Enqueue device->device copies of pieces ``[p0, p1)`` from ``src``'s destinations (on the
-    device of ``sctx``) to ``dst``'s (``dctx``'s device, whose ``stream`` carries them), one
-    per run of pieces of one weight contiguous on both devices (``cuMemcpyPeerAsync``: over
-    NVLink where peer access is enabled)."""
-    cdef Py_ssize_t p = p0, q
-    cdef int64_t n
-    cdef CUresult rc
-    while p < p1:
-        q = p + 1
-        n = dst[p].nbytes
-        while q < p1 and dst[q].weight == dst[q - 1].weight \
-                and dst[q].dst == dst[q - 1].dst + <uintptr_t>dst[q - 1].nbytes \
-                and src[q].dst == src[q - 1].dst + <uintptr_t>src[q - 1].nbytes:
-            n += dst[q].nbytes
-            q += 1
-        rc = drv.memcpy_peer_async(<CUdeviceptr>dst[p].dst, dctx, <CUdeviceptr>src[p].dst, sctx, <size_t>n, stream)
-        if rc != 0:
-            return rc
-        p = q
-    return 0
-
-
-cdef void _memcpy_relay(Piece* dst, Piece* src, Py_ssize_t p0, Py_ssize_t p1) noexcept nogil:
-    """The host twin of :func:`_relay_pieces`: copy each piece from ``src``'s destination."""
-    cdef Py_ssize_t p
-    for p in range(p0, p1):
-        memcpy(<void*>dst[p].dst, <const void*>src[p].dst, <size_t>dst[p].nbytes)
 
 
 cdef class LoadPlan:
@@ -263,7 +102,7 @@ cdef class LoadPlan:
         if max_bytes_per_s < 0:
             raise ValueError("max_bytes_per_s must be positive (0: no cap)")
         self.max_bytes_per_s = max_bytes_per_s
-        self.t0 = _monotonic()
+        self.t0 = monotonic()
         self.source = source
         self.num_weights = n
         self.buffers = tuple(buffers)
@@ -289,12 +128,12 @@ cdef class LoadPlan:
         if self.pieces == NULL or self.chunks == NULL or self.wfirst == NULL or self.wcount == NULL:
             raise MemoryError("LoadPlan")
         if verify:
-            self.hashes = <uint8_t*>malloc(cap * _HASH_BYTES)
+            self.hashes = <uint8_t*>malloc(cap * HASH_BYTES)
             if self.hashes == NULL:
                 raise MemoryError("LoadPlan")
             from blake3 import blake3
             self._hasher = blake3
-            self.c_hash_max = C_HASH_MAX if _b3_ok() else 0
+            self.c_hash_max = C_HASH_MAX if b3_ok() else 0
         for i in order:
             off = file_offsets[i]
             left = self._sizes[i]
@@ -382,7 +221,7 @@ cdef class LoadPlan:
             return
         start_at = self.t0 + aoti_rt_atomic_add_acqrel(&self.reserved, nbytes) / self.max_bytes_per_s
         while not self._cancelled():
-            ahead = start_at - _monotonic()
+            ahead = start_at - monotonic()
             if ahead <= 0:
                 return
             usleep(<unsigned int>(min(ahead, 0.05) * 1e6))
@@ -419,12 +258,12 @@ cdef class LoadPlan:
         src_off[0] = ch.file_off
         if not direct:
             return E_NONE
-        src_off[0] = ch.file_off & ~(<int64_t>_DIRECT_ALIGN - 1)
-        a1 = (ch.file_off + ch.nbytes + _DIRECT_ALIGN - 1) & ~(<int64_t>_DIRECT_ALIGN - 1)
+        src_off[0] = ch.file_off & ~(<int64_t>DIRECT_ALIGN_BYTES - 1)
+        a1 = (ch.file_off + ch.nbytes + DIRECT_ALIGN_BYTES - 1) & ~(<int64_t>DIRECT_ALIGN_BYTES - 1)
         rc[0] = read_at(fd, stage, a1 - src_off[0], ch.file_off + ch.nbytes - src_off[0], src_off[0], True)
         if rc[0] != 0:
             at[0] = ch.file_off
-            return E_EOF if rc[0] == _READ_EOF else E_READ
+            return E_EOF if rc[0] == READ_EOF else E_READ
         return E_NONE
 
     cdef int _stage_pieces(self, int fd, Py_ssize_t p, Py_ssize_t q, char* stage, int64_t src_off,
@@ -437,7 +276,7 @@ cdef class LoadPlan:
             rc[0] = read_full(fd, stage + (first - src_off), n, first)
             if rc[0] != 0:
                 at[0] = first
-                return E_EOF if rc[0] == _READ_EOF else E_READ
+                return E_EOF if rc[0] == READ_EOF else E_READ
         if self.verify and self._hash(p, q, stage, src_off) != 0:
             return E_HASH
         return E_NONE
@@ -465,7 +304,7 @@ cdef class LoadPlan:
         for p in range(p0, p1):
             if self.pieces[p].nbytes <= self.c_hash_max:
                 aoti_rt_b3_hash(<const uint8_t*>self._piece_data(p, src, src_off), <size_t>self.pieces[p].nbytes,
-                                self.hashes + p * _HASH_BYTES)
+                                self.hashes + p * HASH_BYTES)
                 nbytes += self.pieces[p].nbytes
             else:
                 large = True
@@ -491,9 +330,9 @@ cdef class LoadPlan:
                     continue
                 d = hasher(PyMemoryView_FromMemory(<char*>self._piece_data(p, src, src_off),
                                                    self.pieces[p].nbytes, PyBUF_READ)).digest()
-                if PyBytes_GET_SIZE(d) != _HASH_BYTES:
+                if PyBytes_GET_SIZE(d) != HASH_BYTES:
                     raise RuntimeError("blake3 returned a digest of the wrong size")
-                memcpy(self.hashes + p * _HASH_BYTES, PyBytes_AS_STRING(d), _HASH_BYTES)
+                memcpy(self.hashes + p * HASH_BYTES, PyBytes_AS_STRING(d), HASH_BYTES)
                 nbytes += self.pieces[p].nbytes
         except BaseException as e:
             if self._hash_error is None:
@@ -536,12 +375,12 @@ cdef class LoadPlan:
             raise ValueError("this LoadPlan was made without verify=True")
         if aoti_rt_atomic_load_acq(&self.hashed) != self.total_bytes:
             raise RuntimeError("the plan's workers did not hash every piece (the load did not finish)")
-        raw = PyBytes_FromStringAndSize(<char*>self.hashes, self.num_pieces * _HASH_BYTES)
+        raw = PyBytes_FromStringAndSize(<char*>self.hashes, self.num_pieces * HASH_BYTES)
         sizes = self._sizes
         out = []
         for i in range(self.num_weights):
-            out.append(combine(sizes[i], raw[self.wfirst[i] * _HASH_BYTES:
-                                             (self.wfirst[i] + self.wcount[i]) * _HASH_BYTES]))
+            out.append(combine(sizes[i], raw[self.wfirst[i] * HASH_BYTES:
+                                             (self.wfirst[i] + self.wcount[i]) * HASH_BYTES]))
         return out
 
     def first_mismatch(self, list digests) -> int:
@@ -564,7 +403,7 @@ cdef class LoadPlan:
             raise ValueError("this LoadPlan was made without verify=True")
         if aoti_rt_atomic_load_acq(&self.hashed) != self.total_bytes:
             raise RuntimeError("the plan's workers did not hash every piece (the load did not finish)")
-        if not _b3_ok():
+        if not b3_ok():
             got = self.digests()
             for i in range(self.num_weights):
                 if digests[i] is not None and digests[i] != got[i]:
@@ -578,14 +417,14 @@ cdef class LoadPlan:
             if not isinstance(want, str) or not (<str>want).startswith(prefix):
                 return i
             text = PyUnicode_AsUTF8AndSize(want, &n)
-            if n != plen + 2 * _HASH_BYTES:
+            if n != plen + 2 * HASH_BYTES:
                 return i
             if aoti_rt_b3_combine(<const uint8_t*>PyBytes_AS_STRING(domain), len(domain), <uint64_t>sizes[i],
-                                  self.hashes + self.wfirst[i] * _HASH_BYTES, <size_t>self.wcount[i], root) != 0:
+                                  self.hashes + self.wfirst[i] * HASH_BYTES, <size_t>self.wcount[i], root) != 0:
                 raise MemoryError("first_mismatch")
-            for k in range(_HASH_BYTES):
-                hi = _hexval(text[plen + 2 * k])
-                lo = _hexval(text[plen + 2 * k + 1])
+            for k in range(HASH_BYTES):
+                hi = hexval(text[plen + 2 * k])
+                lo = hexval(text[plen + 2 * k + 1])
                 if hi < 0 or lo < 0 or root[k] != ((hi << 4) | lo):
                     return i
         return -1
@@ -659,12 +498,12 @@ cdef int _copy_out(Dest* dests, Py_ssize_t ncopy, bint each, Py_ssize_t p, Py_ss
     cdef CUresult rc
     for j in range(ncopy):
         if dests[j].ctx == NULL:
-            _memcpy_pieces(dests[j].pieces, p, q, src, src_off)
+            memcpy_pieces(dests[j].pieces, p, q, src, src_off)
             continue
         rc = _dev_enter(&dests[j], each)
         if rc != 0:
             return _fail(err, E_CUDA, 1, j, rc)
-        rc = _copy_pieces(dests[j].pieces, p, q, src, src_off, dests[j].stream)
+        rc = copy_pieces(dests[j].pieces, p, q, src, src_off, dests[j].stream)
         _dev_leave(each)
         if rc != 0:
             return _fail(err, E_CUDA, 3, j, rc)
@@ -697,7 +536,7 @@ cdef int _chunk_done(Dest* dests, Py_ssize_t ndest, bint each, bint relay, int s
     if dests[0].ctx == NULL:
         if relay:
             for j in range(1, ndest):
-                _memcpy_relay(dests[j].pieces, dests[0].pieces, p0, p1)
+                memcpy_relay(dests[j].pieces, dests[0].pieces, p0, p1)
         return E_NONE
     for j in range(ndest):
         rc = _dev_enter(&dests[j], each)
@@ -706,7 +545,7 @@ cdef int _chunk_done(Dest* dests, Py_ssize_t ndest, bint each, bint relay, int s
         if j and relay:
             rc = drv.stream_wait_event(dests[j].stream, dests[0].ev[slot], 0)
             if rc == 0:
-                rc = _relay_pieces(dests[j].pieces, dests[0].pieces, p0, p1, dests[j].ctx, dests[0].ctx,
+                rc = relay_pieces(dests[j].pieces, dests[0].pieces, p0, p1, dests[j].ctx, dests[0].ctx,
                                    dests[j].stream)
             if rc != 0:
                 _dev_leave(each)
@@ -818,7 +657,7 @@ cdef int move_chunks(LoadPlan plan, Dest* dests, Py_ssize_t ndest, bint relay, i
                 if in_place:
                     rc = read_full(fd, <char*>plan.pieces[p].dst, n, plan.pieces[p].file_off)
                     if rc != 0:
-                        err.kind = E_EOF if rc == _READ_EOF else E_READ
+                        err.kind = E_EOF if rc == READ_EOF else E_READ
                         err.code = rc
                         err.at = plan.pieces[p].file_off
                         break
