@@ -1,10 +1,10 @@
-/* aoti_rt: BLAKE3 for the loader (see _load.pyx). */
+/* aoti_rt: BLAKE3 for the loader (see _pieces.pyx). */
 #ifndef AOTI_RT_BLAKE3_H
 #define AOTI_RT_BLAKE3_H
 /* BLAKE3 (unkeyed hash, 32-byte output), written from the BLAKE3 specification for the
    loader's small pieces and digest roots, so that they are hashed without the GIL.
    Portable C; four chunks at a time with GCC/Clang vector extensions. Checked against the
-   blake3 package at first use (aoti_rt._load._b3_ok) and in the tests. */
+   blake3 package at first use (aoti_rt._pieces.b3_ok) and in the tests. */
 #include <stdint.h>
 #include <string.h>
 #include <stdlib.h>

@@ -1,74 +1,10 @@
 # cython: language_level=3
-"""The load pipeline: a LoadPlan (what goes where), a Stager (one worker's CUDA copy
-engine) and the replicated load (one read, a copy to each device). See ``_load.pyx``."""
+"""The load pipeline's engines: a Stager (one worker's CUDA copy engine), the worker threads
+and the replicated load (one read, a copy to each device). The plan and the copy loop are in
+``_plan``; see ``_load.pyx``."""
 
-from libc.stdint cimport int64_t, uint8_t, uintptr_t
-
-from aoti_rt._memory cimport Buffer, CUcontext, CUevent, CUresult, CUstream
-
-
-cdef struct Piece:
-    int64_t file_off
-    int64_t nbytes
-    uintptr_t dst
-    int64_t weight     # index of the weight (destination Buffer) it belongs to
-
-cdef struct Chunk:     # a run of pieces contiguous in the file: one pread
-    int64_t first
-    int64_t count
-    int64_t file_off
-    int64_t nbytes
-
-
-cdef class LoadPlan:
-    cdef Piece* pieces
-    cdef Chunk* chunks
-    cdef int64_t* wfirst        # first piece of each requested weight (caller's order)
-    cdef int64_t* wcount        # ... and how many it has
-    cdef uint8_t* hashes        # 32 bytes per piece (verify only)
-    cdef readonly Py_ssize_t num_pieces
-    cdef readonly Py_ssize_t num_chunks
-    cdef readonly Py_ssize_t num_weights
-    cdef readonly long long total_bytes
-    cdef readonly long long chunk_bytes  # 0: a copy engine without staging (stream and events only)
-    cdef readonly str device            # the device it copies to ("cuda:1"), for error messages
-    cdef readonly long long block_bytes
-    cdef readonly long long max_end     # the end of the furthest piece in the file
-    cdef readonly bint verify
-    cdef readonly bint on_cuda          # the destinations are CUDA buffers
-    cdef readonly str source            # the store, for error messages
-    cdef readonly tuple buffers         # the destinations, held while the plan lives
-    cdef tuple _sizes
-    cdef object _hasher
-    cdef object _hash_error
-    cdef public long long c_hash_max    # pieces up to this size are hashed by our C code, nogil
-    cdef readonly double max_bytes_per_s  # the rate cap of the workers together (0: none)
-    cdef double t0                      # when the plan was made (CLOCK_MONOTONIC, seconds)
-    cdef long long reserved             # bytes of the chunks that took their turn (atomic)
-    cdef long long done                 # bytes moved so far (atomic)
-    cdef long long hashed               # bytes hashed so far (atomic)
-    cdef long long state                # _CANCELLED | workers inside their loop (atomic)
-    cdef long long bodies_begun         # run_workers' thread bodies that began (atomic)
-    cdef long long bodies_active        # ... and have not ended yet (atomic)
-
-    cdef void _wait_bodies(self, long long started) noexcept nogil
-    cdef void _throttle(self, int64_t nbytes) noexcept nogil
-    cdef void _cancel(self) noexcept nogil
-    cdef bint _cancelled(self) noexcept nogil
-    cdef bint _enter(self) noexcept nogil
-    cdef void _exit(self) noexcept nogil
-    cdef void _wait_idle(self) noexcept nogil
-    cdef int _stage_chunk(self, int fd, Chunk* ch, char* stage, bint direct, int64_t* src_off,
-                          int* rc, int64_t* at) noexcept nogil
-    cdef int _stage_pieces(self, int fd, Py_ssize_t p, Py_ssize_t q, char* stage, int64_t src_off,
-                           bint direct, int* rc, int64_t* at) noexcept nogil
-    cdef Py_ssize_t _subrange(self, Py_ssize_t p, Py_ssize_t end, int64_t limit, bint same_dst) noexcept nogil
-    cdef int _hash(self, Py_ssize_t p0, Py_ssize_t p1, const char* src, int64_t src_off) noexcept nogil
-    cdef const char* _piece_data(self, Py_ssize_t p, const char* src, int64_t src_off) noexcept nogil
-    cdef int _hash_large(self, Py_ssize_t p0, Py_ssize_t p1, const char* src, int64_t src_off) noexcept with gil
-    cdef CUresult _copy_async(self, Py_ssize_t p0, Py_ssize_t p1, const char* src, int64_t src_off,
-                              CUstream stream) noexcept nogil
-    cdef bint _same_layout(self, LoadPlan other) noexcept nogil
+from aoti_rt._memory cimport CUcontext, CUevent, CUstream
+from aoti_rt._plan cimport Dest, LoadPlan
 
 
 cdef enum:
@@ -85,3 +21,5 @@ cdef class Stager:
     cdef CUcontext ctx
     cdef readonly long long chunk_bytes  # 0: a copy engine without staging (stream and events only)
     cdef readonly str device            # the device it copies to ("cuda:1"), for error messages
+
+    cdef void _dest(self, Dest* d, LoadPlan plan) noexcept

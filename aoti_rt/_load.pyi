@@ -1,44 +1,16 @@
-"""Type stubs of aoti_rt._load: the load pipeline (store file -> weight buffers)."""
+"""Type stubs of aoti_rt._load: the load pipeline's engines and threads (store file -> weight
+buffers); the plan and its copy loop are in aoti_rt._plan, the byte-level steps in
+aoti_rt._pieces, re-exported here."""
 
 from collections.abc import Callable
 from typing import Any
 
 from ._memory import Buffer, PinnedAllocator
-
-C_HASH_MAX: int
-DIRECT_ALIGN: int
-
-def b3_hash(data: bytes | bytearray | memoryview) -> bytes: ...
-def b3_combine(nbytes: int, hashes: bytes) -> str: ...
-
-class LoadPlan:
-    num_pieces: int
-    num_chunks: int
-    num_weights: int
-    total_bytes: int
-    chunk_bytes: int
-    block_bytes: int
-    max_end: int
-    verify: bool
-    on_cuda: bool
-    source: str
-    buffers: tuple[Buffer, ...]
-    c_hash_max: int
-    def __init__(self, file_offsets: list[int], sizes: list[int], buffers: list[Buffer],
-                 chunk_bytes: int, *, verify: bool = False, source: str = ...,
-                 max_bytes_per_s: float = 0) -> None: ...
-    @property
-    def bytes_done(self) -> int: ...
-    @property
-    def cancelled(self) -> bool: ...
-    @property
-    def active_workers(self) -> int: ...
-    def cancel(self) -> None: ...
-    def wait_idle(self) -> None: ...
-    def digests(self) -> list[str]: ...
-    def first_mismatch(self, digests: list[str | None]) -> int: ...
-    def same_layout(self, other: LoadPlan) -> bool: ...
-    def run_host(self, fd: int, worker: int = 0, nworkers: int = 1) -> None: ...
+from ._pieces import DIRECT_ALIGN as DIRECT_ALIGN
+from ._pieces import b3_combine as b3_combine
+from ._pieces import b3_hash as b3_hash
+from ._plan import C_HASH_MAX as C_HASH_MAX
+from ._plan import LoadPlan as LoadPlan
 
 class Stager:
     staging: tuple[Buffer, ...]

@@ -114,6 +114,18 @@ cdef bint drv_vmm
 #: raise CudaError(what, rc) unless rc is CUDA_SUCCESS
 cdef int check(CUresult rc, str what) except -1
 
+# ---- the current context: every push/pop pair of the Cython modules goes through these ---
+
+cdef inline CUresult ctx_enter(CUcontext ctx) noexcept nogil:
+    """Make ``ctx`` the calling thread's current context (cuCtxPushCurrent); only where this
+    returns 0 must :func:`ctx_leave` follow."""
+    return drv.ctx_push(ctx)
+
+cdef inline void ctx_leave() noexcept nogil:
+    """Make the context current before the matching :func:`ctx_enter` current again."""
+    cdef CUcontext prev
+    drv.ctx_pop(&prev)
+
 # ---- atomics on a long long, for counters shared by worker threads ----------------------
 
 cdef extern from *:

@@ -306,21 +306,19 @@ cdef class CudaAllocator(Allocator):
 
     cdef int _raw_alloc(self, size_t nbytes, uintptr_t* out) noexcept nogil:
         cdef CUdeviceptr p = 0
-        cdef CUcontext prev
-        cdef CUresult rc = drv.ctx_push(self.ctx)
+        cdef CUresult rc = ctx_enter(self.ctx)
         if rc != 0:
             return rc
         rc = drv.mem_alloc(&p, nbytes)
-        drv.ctx_pop(&prev)
+        ctx_leave()
         if rc == 0:
             out[0] = <uintptr_t>p
         return rc
 
     cdef void _raw_free(self, uintptr_t ptr, size_t nbytes) noexcept nogil:
-        cdef CUcontext prev
-        if drv.ctx_push(self.ctx) == 0:
+        if ctx_enter(self.ctx) == 0:
             drv.mem_free(<CUdeviceptr>ptr)
-            drv.ctx_pop(&prev)
+            ctx_leave()
 
 
 cdef class PinnedAllocator(Allocator):
@@ -347,9 +345,8 @@ cdef class PinnedAllocator(Allocator):
 
     cdef int _raw_alloc(self, size_t nbytes, uintptr_t* out) noexcept nogil:
         cdef void* p = NULL
-        cdef CUcontext prev
         cdef size_t n
-        cdef CUresult rc = drv.ctx_push(self.ctx)
+        cdef CUresult rc = ctx_enter(self.ctx)
         if rc != 0:
             return rc
         if self.huge_pages:
@@ -364,7 +361,7 @@ cdef class PinnedAllocator(Allocator):
                     munmap(p, n)
         else:
             rc = drv.host_alloc(&p, nbytes, _HOST_PORTABLE)
-        drv.ctx_pop(&prev)
+        ctx_leave()
         if rc == 0:
             out[0] = <uintptr_t>p
         return rc
@@ -372,14 +369,13 @@ cdef class PinnedAllocator(Allocator):
     cdef void _raw_free(self, uintptr_t ptr, size_t nbytes) noexcept nogil:
         # in the allocating context, as allocation was: a thread with no current context (a
         # worker, a finalizer) gets CUDA_ERROR_INVALID_CONTEXT and the pages stay pinned
-        cdef CUcontext prev
-        cdef bint pushed = drv.ctx_push(self.ctx) == 0
+        cdef bint pushed = ctx_enter(self.ctx) == 0
         if not self.huge_pages:
             drv.host_free(<void*>ptr)
         elif pushed:
             drv.host_unregister(<void*>ptr)
         if pushed:
-            drv.ctx_pop(&prev)
+            ctx_leave()
         if self.huge_pages:
             munmap(<void*>ptr, _huge_round(nbytes))
 

@@ -1,8 +1,10 @@
 """Devices: what a device is (:class:`Device`) and what aoti_rt holds for it (:class:`DeviceRuntime`).
 
-A :class:`DeviceRuntime` owns one device's allocator, weight cache, copy engines (for CUDA),
-pinned stores and memory counters; :func:`get` gives the one per device, created on first
-use. CUDA is driven through cuda-python's driver bindings: ``cuInit``, the device's primary
+A :class:`DeviceRuntime` owns one device's allocator and weight cache, and composes one part
+per job: the driver's view of the device (:class:`DeviceDriver`), the loader's copy engines and
+pinned stores (:class:`CopyEngines`), the memory counters (:class:`MemoryCounters`) and the
+share candidates (:class:`ShareCandidates`); :func:`get` gives the one per device, created on
+first use. :func:`current_context` makes a CUDA context current for a block. CUDA is driven through cuda-python's driver bindings: ``cuInit``, the device's primary
 context (the one PyTorch and AOTI use), and ``cuGetProcAddress`` for the entry points the
 Cython core calls directly. Without an NVIDIA driver, :func:`cuda_available` is False and
 asking for a CUDA device raises a clear error.
@@ -15,7 +17,7 @@ import os
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -213,67 +215,42 @@ class ShareCandidate:
     nbytes: int
 
 
-@dataclass
-class DeviceRuntime:
-    """Everything aoti_rt holds for one device; :func:`get` gives the one per device.
+@contextlib.contextmanager
+def current_context(context: int) -> Iterator[None]:
+    """Make the CUDA context ``context`` (a ``CUcontext`` as an int) current on the calling
+    thread inside the block (``cuCtxPushCurrent``), and the one current before it after it
+    (``cuCtxPopCurrent``). The Python twin of ``ctx_enter``/``ctx_leave`` in ``_memory.pxd``.
 
-    It owns the device's allocator and weight cache, the loader's pooled copy engines (CUDA),
-    the stores pinned for it (:func:`aoti_rt.pin_store`), the share candidates of on-demand
-    verification, and its memory counters: what legacy (unshared) methods hold and the
-    sampled device-wide peak. :mod:`aoti_rt.memory` only reports them.
+    Raises:
+        CudaError: the context could not be made current (nothing is popped then).
     """
+    drv = _driver()
+    _ok(drv.cuCtxPushCurrent(drv.CUcontext(context)), "cuCtxPushCurrent")
+    try:
+        yield
+    finally:
+        drv.cuCtxPopCurrent()
 
-    device: Device
-    allocator: _memory.Allocator
-    cache: _cache.WeightCache
-    context: int = 0
-    pinned: _memory.Allocator | None = None     # host memory for staging and pinned stores
-    stagers: list = field(default_factory=list)
-    stager_lock: threading.Lock = field(default_factory=threading.Lock)
-    #: resolved store path -> PinnedStore (loader.pin_store) whose image loads copy from
-    pinned_stores: dict = field(default_factory=dict)
-    #: content key -> ShareCandidate: a bundle's own, not yet verified copy of a weight that
-    #: another bundle may share once the copy's store bytes hash to the digest
-    share_candidates: dict = field(default_factory=dict)
-    share_lock: threading.Lock = field(default_factory=threading.Lock)
-    #: a background thread is pinning the staging pool ahead of the first load
-    staging_thread: threading.Thread | None = None
-    #: a load has taken stagers since: the background thread stops (workers pin their own)
-    staging_taken: bool = False
-    #: methods whose .so lacks the Pairs entry point, and the bytes of their private copies
-    legacy_methods: int = 0
-    legacy_bytes: int = 0
-    #: the largest device-wide used bytes sampled (cuMemGetInfo), None before any sample
-    peak_used: int | None = None
-    #: the arena allocators of models that share weights with other processes (load(share=))
-    arena_allocators: "weakref.WeakSet[_memory.ArenaAllocator]" = field(default_factory=weakref.WeakSet)
-    #: other device -> whether this device's copies may read its memory directly (peer access)
-    peers: dict = field(default_factory=dict)
-    counter_lock: threading.Lock = field(default_factory=threading.Lock)
 
-    @property
-    def is_cuda(self) -> bool:
-        return self.device.is_cuda
+class DeviceDriver:
+    """A device as the CUDA driver sees it: its primary context (0 on the CPU), what names it
+    across processes, whether it can share memory with other processes, its device-wide
+    memory, and which other GPUs' memory its copies may read (peer access)."""
 
-    @property
-    def index(self) -> int:
-        return self.device.index
-
-    # -- memory counters ------------------------------------------------------------------
-
-    def count_legacy(self, methods: int, nbytes: int) -> None:
-        """Count a method whose .so holds its own private weights (negative: one less)."""
-        with self.counter_lock:
-            self.legacy_methods += methods
-            self.legacy_bytes += nbytes
+    def __init__(self, device: Device, context: int = 0) -> None:
+        self.device = device
+        self.context = context
+        #: other device -> whether this device's copies may read its memory directly
+        self.peers: dict = {}
+        self.lock = threading.Lock()
 
     def identity(self) -> str:
         """What names this device across processes: ``"cpu"``, or ``"cuda:GPU-<uuid>"`` (the
         physical GPU, whatever ordinal ``CUDA_VISIBLE_DEVICES`` gives it in each process)."""
-        if not self.is_cuda:
+        if not self.device.is_cuda:
             return "cpu"
         drv = _driver()
-        handle = _ok(drv.cuDeviceGet(self.index), "cuDeviceGet")
+        handle = _ok(drv.cuDeviceGet(self.device.index), "cuDeviceGet")
         get_uuid = getattr(drv, "cuDeviceGetUuid_v2", None) or drv.cuDeviceGetUuid
         raw = bytes(_ok(get_uuid(handle), "cuDeviceGetUuid").bytes)
         h = raw.hex()
@@ -285,14 +262,14 @@ class DeviceRuntime:
         management with POSIX file-descriptor handles."""
         from .errors import ShareError
 
-        if not self.is_cuda:
+        if not self.device.is_cuda:
             return
         if not _memory.vmm_available():
             why = ("its struct layouts do not match this platform" if not _memory.VMM_LAYOUT_OK else
                    "the driver lacks the virtual memory management entry points (driver >= 10.2)")
             raise ShareError(f"{self.device} cannot share weights across processes: {why}; load without share=")
         drv = _driver()
-        handle = _ok(drv.cuDeviceGet(self.index), "cuDeviceGet")
+        handle = _ok(drv.cuDeviceGet(self.device.index), "cuDeviceGet")
         # CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED (102; its name differs between
         # cuda-bindings releases) and CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED
         for code, what in ((102, "virtual memory management"), (103, "POSIX file-descriptor memory handles")):
@@ -301,131 +278,67 @@ class DeviceRuntime:
                 raise ShareError(f"{self.device} does not support {what} (needed to share weights across "
                                  f"processes: a MIG instance or a driver setting can disable it); load without share=")
 
-    def shared_bytes(self) -> tuple[int, int]:
-        """Bytes of the arenas mapped on this device for weights shared across processes:
-        ``(exported, imported)`` (an exporter's arenas live in its own device memory; imported
-        ones are another process's memory, mapped here)."""
-        exported = imported = 0
-        for alloc in list(self.arena_allocators):
-            for arena in list(alloc.arenas):
-                if arena.imported:
-                    imported += arena.nbytes
-                else:
-                    exported += arena.nbytes
-        return exported, imported
-
     def memory_info(self) -> tuple[int, int]:
         """(free, total) bytes of a CUDA device, device-wide (cuMemGetInfo in its primary context)."""
-        drv = _driver()
-        _ok(drv.cuCtxPushCurrent(drv.CUcontext(self.context)), "cuCtxPushCurrent")
-        try:
-            free, total = _ok(drv.cuMemGetInfo(), "cuMemGetInfo")
-        finally:
-            drv.cuCtxPopCurrent()
+        with current_context(self.context):
+            free, total = _ok(_driver().cuMemGetInfo(), "cuMemGetInfo")
         return int(free), int(total)
 
-    def sample(self) -> int | None:
-        """Read device-wide used bytes now and fold them into :attr:`peak_used`; None on the CPU."""
-        if not self.is_cuda:
-            return None
-        free, total = self.memory_info()
-        used = total - free
-        with self.counter_lock:
-            if self.peak_used is None or used > self.peak_used:
-                self.peak_used = used
-        return used
-
-    def reset_peak(self) -> None:
-        """Start new high-water marks: own bytes allocated and reserved, and the sampled peak."""
-        self.allocator.reset_peak()
-        with self.counter_lock:
-            self.peak_used = None
-
-    def peer_access(self, other: "DeviceRuntime") -> bool:
+    def peer_access(self, other: "DeviceDriver") -> bool:
         """Whether this GPU can read ``other``'s memory directly (NVLink or PCIe peer to peer),
         enabling that access for this device's context the first time (``cuCtxEnablePeerAccess``;
         a process-wide setting torch makes the same way when it copies between GPUs). False for
         the CPU, for the same device and where the hardware cannot."""
-        if not (self.is_cuda and other.is_cuda) or other.device == self.device:
+        if not (self.device.is_cuda and other.device.is_cuda) or other.device == self.device:
             return False
-        with self.counter_lock:
+        with self.lock:
             known = self.peers.get(other.device)
         if known is not None:
             return known
         drv = _driver()
         ok = False
         try:
-            can = _ok(drv.cuDeviceCanAccessPeer(_ok(drv.cuDeviceGet(self.index), "cuDeviceGet"),
-                                                _ok(drv.cuDeviceGet(other.index), "cuDeviceGet")),
+            can = _ok(drv.cuDeviceCanAccessPeer(_ok(drv.cuDeviceGet(self.device.index), "cuDeviceGet"),
+                                                _ok(drv.cuDeviceGet(other.device.index), "cuDeviceGet")),
                       "cuDeviceCanAccessPeer")
             if can:
-                _ok(drv.cuCtxPushCurrent(drv.CUcontext(self.context)), "cuCtxPushCurrent")
-                try:
+                with current_context(self.context):
                     res = drv.cuCtxEnablePeerAccess(drv.CUcontext(other.context), 0)
-                finally:
-                    drv.cuCtxPopCurrent()
                 err = res[0] if isinstance(res, tuple) else res
                 # 704: CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED (by torch, say)
                 ok = int(err) in (0, 704)
         except CudaError:
             ok = False
-        with self.counter_lock:
+        with self.lock:
             self.peers[other.device] = ok
         return ok
 
-    # -- pinned stores --------------------------------------------------------------------
 
-    def pinned_store(self, store: Path):
-        """The open :class:`aoti_rt.loader.PinnedStore` of ``store`` (resolved), or None."""
-        return self.pinned_stores.get(store)
+class CopyEngines:
+    """The loader's pooled copy engines of one device (:class:`aoti_rt._load.Stager`: pinned
+    staging buffers, a stream, events), the background thread that pins the first ones ahead
+    of a load, and the stores pinned for the device (:func:`aoti_rt.pin_store`)."""
 
-    def add_pinned_store(self, pinned) -> None:
-        self.pinned_stores[pinned.path] = pinned
-
-    def remove_pinned_store(self, pinned) -> None:
-        if self.pinned_stores.get(pinned.path) is pinned:
-            del self.pinned_stores[pinned.path]
-
-    def pinned_store_bytes(self) -> int:
-        """Host bytes of the stores pinned for this device."""
-        return sum(p.nbytes for p in list(self.pinned_stores.values()))
-
-    # -- on-demand sharing ----------------------------------------------------------------
-
-    def offer_shared(self, content_key: str, candidate: "ShareCandidate") -> None:
-        """Remember a bundle-scoped cache entry as the copy of ``content_key`` that other
-        bundles may share once verified (the first offer stays while its entry lives)."""
-        with self.share_lock:
-            old = self.share_candidates.get(content_key)
-            if old is None or old.key not in self.cache:
-                self.share_candidates[content_key] = candidate
-            if len(self.share_candidates) > 4 * len(self.cache) + 1024:    # drop dead ones
-                self.share_candidates = {k: c for k, c in self.share_candidates.items()
-                                         if c.key in self.cache}
-
-    def shared_candidate(self, content_key: str) -> "ShareCandidate | None":
-        """The live candidate copy for ``content_key``, or None."""
-        with self.share_lock:
-            c = self.share_candidates.get(content_key)
-            if c is not None and c.key not in self.cache:
-                del self.share_candidates[content_key]
-                c = None
-            return c
-
-    def forget_shared(self, content_key: str, candidate: "ShareCandidate") -> None:
-        """Drop a candidate whose store no longer holds what its digest claims."""
-        with self.share_lock:
-            if self.share_candidates.get(content_key) is candidate:
-                del self.share_candidates[content_key]
-
-    # -- the loader's copy engines --------------------------------------------------------
+    def __init__(self, device: Device, context: int, pinned: "_memory.Allocator | None") -> None:
+        self.device = device
+        self.context = context
+        #: host memory for staging and pinned stores
+        self.pinned = pinned
+        self.stagers: list = []
+        self.lock = threading.Lock()
+        #: a background thread is pinning the staging pool ahead of the first load
+        self.staging_thread: threading.Thread | None = None
+        #: a load has taken stagers since: the background thread stops (workers pin their own)
+        self.staging_taken = False
+        #: resolved store path -> PinnedStore (loader.pin_store) whose image loads copy from
+        self.pinned_stores: dict = {}
 
     def take_stagers(self, n: int, chunk_bytes: int, depth: int = 2, *, create: bool = True) -> list:
         """Borrow ``n`` copy engines with staging of at least ``chunk_bytes`` x ``depth``
         from the pool (kept from earlier loads); those the pool lacks are made now, or, with
         ``create=False``, left as None for the worker to make (:meth:`new_stager`) in its own
         thread, so pinning staging memory overlaps the other workers' reads."""
-        with self.stager_lock:
+        with self.lock:
             self.staging_taken = True
             fit = [s for s in self.stagers if s.chunk_bytes >= chunk_bytes and s.depth >= depth][:n]
             for s in fit:
@@ -442,14 +355,14 @@ class DeviceRuntime:
         load begins, it overlaps reading the manifest, opening the .so files and creating
         the containers. The thread stops once the pool holds ``n`` or a load takes from it
         (that load's workers pin what they lack themselves)."""
-        with self.stager_lock:
-            if not self.is_cuda or self.staging_thread is not None:
+        with self.lock:
+            if not self.device.is_cuda or self.staging_thread is not None:
                 return
 
             def fill() -> None:
                 try:
                     while True:
-                        with self.stager_lock:
+                        with self.lock:
                             fit = sum(s.chunk_bytes >= chunk_bytes and s.depth >= depth for s in self.stagers)
                             if self.staging_taken or fit >= n:
                                 return
@@ -471,7 +384,7 @@ class DeviceRuntime:
         and events are used (the first device's staging buffers are read), so the pool's
         engines without staging go first, then any pooled one, then new ones without staging
         (no host memory pinned for them). Give them back with :meth:`give_stagers`."""
-        with self.stager_lock:
+        with self.lock:
             bare = sorted((s for s in self.stagers if s.depth >= depth), key=lambda s: s.chunk_bytes)[:n]
             for s in bare:
                 self.stagers.remove(s)
@@ -486,13 +399,255 @@ class DeviceRuntime:
 
     def give_stagers(self, stagers: list) -> None:
         """Return borrowed copy engines to the pool (None entries are skipped)."""
-        with self.stager_lock:
+        with self.lock:
             self.stagers.extend(s for s in stagers if s is not None)
 
     def free_staging(self) -> None:
         """Drop the pooled pinned staging buffers (they are re-created on the next load)."""
-        with self.stager_lock:
+        with self.lock:
             self.stagers.clear()
+
+    def pinned_store(self, store: Path):
+        """The open :class:`aoti_rt.loader.PinnedStore` of ``store`` (resolved), or None."""
+        return self.pinned_stores.get(store)
+
+    def add_pinned_store(self, pinned) -> None:
+        self.pinned_stores[pinned.path] = pinned
+
+    def remove_pinned_store(self, pinned) -> None:
+        if self.pinned_stores.get(pinned.path) is pinned:
+            del self.pinned_stores[pinned.path]
+
+    def pinned_store_bytes(self) -> int:
+        """Host bytes of the stores pinned for this device."""
+        return sum(p.nbytes for p in list(self.pinned_stores.values()))
+
+
+class MemoryCounters:
+    """What :mod:`aoti_rt.memory` reports beyond the allocator's own counters: the methods
+    whose .so holds private weights (legacy) and their bytes, and the sampled device-wide peak."""
+
+    def __init__(self) -> None:
+        self.legacy_methods = 0
+        self.legacy_bytes = 0
+        #: the largest device-wide used bytes sampled (cuMemGetInfo), None before any sample
+        self.peak_used: int | None = None
+        self.lock = threading.Lock()
+
+    def count_legacy(self, methods: int, nbytes: int) -> None:
+        """Count a method whose .so holds its own private weights (negative: one less)."""
+        with self.lock:
+            self.legacy_methods += methods
+            self.legacy_bytes += nbytes
+
+    def fold_used(self, used: int) -> None:
+        """Fold a sample of device-wide used bytes into :attr:`peak_used`."""
+        with self.lock:
+            if self.peak_used is None or used > self.peak_used:
+                self.peak_used = used
+
+    def reset_peak(self) -> None:
+        with self.lock:
+            self.peak_used = None
+
+
+class ShareCandidates:
+    """Content key -> :class:`ShareCandidate`: a bundle's own, not yet verified copy of a weight
+    that another bundle may share once the copy's store bytes hash to the digest. A candidate
+    lives while its entry is in ``cache``."""
+
+    def __init__(self, cache: _cache.WeightCache) -> None:
+        self.cache = cache
+        self.candidates: dict = {}
+        self.lock = threading.Lock()
+
+    def offer(self, content_key: str, candidate: ShareCandidate) -> None:
+        """Remember a bundle-scoped cache entry as the copy of ``content_key`` that other
+        bundles may share once verified (the first offer stays while its entry lives)."""
+        with self.lock:
+            old = self.candidates.get(content_key)
+            if old is None or old.key not in self.cache:
+                self.candidates[content_key] = candidate
+            if len(self.candidates) > 4 * len(self.cache) + 1024:    # drop dead ones
+                self.candidates = {k: c for k, c in self.candidates.items() if c.key in self.cache}
+
+    def get(self, content_key: str) -> "ShareCandidate | None":
+        """The live candidate copy for ``content_key``, or None."""
+        with self.lock:
+            c = self.candidates.get(content_key)
+            if c is not None and c.key not in self.cache:
+                del self.candidates[content_key]
+                c = None
+            return c
+
+    def forget(self, content_key: str, candidate: ShareCandidate) -> None:
+        """Drop a candidate whose store no longer holds what its digest claims."""
+        with self.lock:
+            if self.candidates.get(content_key) is candidate:
+                del self.candidates[content_key]
+
+
+class DeviceRuntime:
+    """Everything aoti_rt holds for one device; :func:`get` gives the one per device.
+
+    It owns the device's allocator and weight cache, and composes one part per job:
+    :attr:`driver` (:class:`DeviceDriver`: the context, identity, shareability, device-wide
+    memory, peer access), :attr:`engines` (:class:`CopyEngines`: the loader's pooled copy
+    engines and the stores pinned for the device), :attr:`counters` (:class:`MemoryCounters`:
+    what legacy methods hold, the sampled peak; :mod:`aoti_rt.memory` only reports them) and
+    :attr:`sharing` (:class:`ShareCandidates`, for on-demand verification). The methods and
+    attributes below that name a part's are kept for the modules that use them.
+    """
+
+    def __init__(self, device: Device, allocator: _memory.Allocator, cache: _cache.WeightCache,
+                 context: int = 0, pinned: "_memory.Allocator | None" = None) -> None:
+        self.device = device
+        self.allocator = allocator
+        self.cache = cache
+        self.driver = DeviceDriver(device, context)
+        self.engines = CopyEngines(device, context, pinned)
+        self.counters = MemoryCounters()
+        self.sharing = ShareCandidates(cache)
+        #: the arena allocators of models that share weights with other processes (load(share=))
+        self.arena_allocators: "weakref.WeakSet[_memory.ArenaAllocator]" = weakref.WeakSet()
+
+    def __repr__(self) -> str:
+        return f"DeviceRuntime({self.device})"
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.is_cuda
+
+    @property
+    def index(self) -> int:
+        return self.device.index
+
+    @property
+    def context(self) -> int:
+        """The device's primary context (a ``CUcontext`` as an int; 0 on the CPU)."""
+        return self.driver.context
+
+    @property
+    def pinned(self) -> "_memory.Allocator | None":
+        """Host memory for staging and pinned stores."""
+        return self.engines.pinned
+
+    # -- memory ---------------------------------------------------------------------------
+
+    @property
+    def legacy_methods(self) -> int:
+        return self.counters.legacy_methods
+
+    @property
+    def legacy_bytes(self) -> int:
+        return self.counters.legacy_bytes
+
+    @property
+    def peak_used(self) -> int | None:
+        return self.counters.peak_used
+
+    def count_legacy(self, methods: int, nbytes: int) -> None:
+        """Count a method whose .so holds its own private weights (negative: one less)."""
+        self.counters.count_legacy(methods, nbytes)
+
+    def memory_info(self) -> tuple[int, int]:
+        """(free, total) bytes of a CUDA device, device-wide (cuMemGetInfo in its primary context)."""
+        return self.driver.memory_info()
+
+    def sample(self) -> int | None:
+        """Read device-wide used bytes now and fold them into :attr:`peak_used`; None on the CPU."""
+        if not self.is_cuda:
+            return None
+        free, total = self.driver.memory_info()
+        used = total - free
+        self.counters.fold_used(used)
+        return used
+
+    def reset_peak(self) -> None:
+        """Start new high-water marks: own bytes allocated and reserved, and the sampled peak."""
+        self.allocator.reset_peak()
+        self.counters.reset_peak()
+
+    def shared_bytes(self) -> tuple[int, int]:
+        """Bytes of the arenas mapped on this device for weights shared across processes:
+        ``(exported, imported)`` (an exporter's arenas live in its own device memory; imported
+        ones are another process's memory, mapped here)."""
+        exported = imported = 0
+        for alloc in list(self.arena_allocators):
+            for arena in list(alloc.arenas):
+                if arena.imported:
+                    imported += arena.nbytes
+                else:
+                    exported += arena.nbytes
+        return exported, imported
+
+    # -- the driver -----------------------------------------------------------------------
+
+    def identity(self) -> str:
+        """See :meth:`DeviceDriver.identity`."""
+        return self.driver.identity()
+
+    def check_shareable(self) -> None:
+        """See :meth:`DeviceDriver.check_shareable`."""
+        self.driver.check_shareable()
+
+    def peer_access(self, other: "DeviceRuntime") -> bool:
+        """See :meth:`DeviceDriver.peer_access`."""
+        return self.driver.peer_access(other.driver)
+
+    # -- copy engines and pinned stores ---------------------------------------------------
+
+    def take_stagers(self, n: int, chunk_bytes: int, depth: int = 2, *, create: bool = True) -> list:
+        """See :meth:`CopyEngines.take_stagers`."""
+        return self.engines.take_stagers(n, chunk_bytes, depth, create=create)
+
+    def prepare_stagers(self, n: int, chunk_bytes: int, depth: int = 2) -> None:
+        """See :meth:`CopyEngines.prepare_stagers`."""
+        self.engines.prepare_stagers(n, chunk_bytes, depth)
+
+    def new_stager(self, chunk_bytes: int, depth: int = 2) -> "_load.Stager":
+        """See :meth:`CopyEngines.new_stager`."""
+        return self.engines.new_stager(chunk_bytes, depth)
+
+    def take_copy_engines(self, n: int, depth: int = 2) -> list:
+        """See :meth:`CopyEngines.take_copy_engines`."""
+        return self.engines.take_copy_engines(n, depth)
+
+    def give_stagers(self, stagers: list) -> None:
+        """See :meth:`CopyEngines.give_stagers`."""
+        self.engines.give_stagers(stagers)
+
+    def free_staging(self) -> None:
+        """See :meth:`CopyEngines.free_staging`."""
+        self.engines.free_staging()
+
+    def pinned_store(self, store: Path):
+        """See :meth:`CopyEngines.pinned_store`."""
+        return self.engines.pinned_store(store)
+
+    def add_pinned_store(self, pinned) -> None:
+        self.engines.add_pinned_store(pinned)
+
+    def remove_pinned_store(self, pinned) -> None:
+        self.engines.remove_pinned_store(pinned)
+
+    def pinned_store_bytes(self) -> int:
+        """See :meth:`CopyEngines.pinned_store_bytes`."""
+        return self.engines.pinned_store_bytes()
+
+    # -- on-demand sharing ----------------------------------------------------------------
+
+    def offer_shared(self, content_key: str, candidate: ShareCandidate) -> None:
+        """See :meth:`ShareCandidates.offer`."""
+        self.sharing.offer(content_key, candidate)
+
+    def shared_candidate(self, content_key: str) -> "ShareCandidate | None":
+        """See :meth:`ShareCandidates.get`."""
+        return self.sharing.get(content_key)
+
+    def forget_shared(self, content_key: str, candidate: ShareCandidate) -> None:
+        """See :meth:`ShareCandidates.forget`."""
+        self.sharing.forget(content_key, candidate)
 
 
 def get(device: "str | Device") -> DeviceRuntime:

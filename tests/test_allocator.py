@@ -144,3 +144,63 @@ def test_threads_allocating_and_freeing_small_buffers(device):
         mine.clear()
     assert (a.bytes_allocated, a.bytes_reserved, a.num_slabs, a.num_allocations) == (0, 0, 0, 0)
     assert not errors, errors
+
+
+# -- the device runtime's parts -------------------------------------------------------------
+
+def test_device_runtime_parts_hold_their_jobs(device):
+    """The runtime composes one part per job; what other modules read through the runtime is
+    the part's own state (counters, copy engines, peak, context), not a copy of it."""
+    from aoti_rt.device import CopyEngines, DeviceDriver, MemoryCounters, ShareCandidate, ShareCandidates
+
+    rt = aoti_rt.device.get(device)
+    assert isinstance(rt.driver, DeviceDriver) and isinstance(rt.engines, CopyEngines)
+    assert isinstance(rt.counters, MemoryCounters) and isinstance(rt.sharing, ShareCandidates)
+    assert rt.context == rt.driver.context == rt.engines.context and (rt.context != 0) == rt.is_cuda
+    assert rt.pinned is rt.engines.pinned and rt.sharing.cache is rt.cache
+    methods, nbytes = rt.legacy_methods, rt.legacy_bytes
+    rt.count_legacy(2, 1000)
+    try:
+        assert (rt.legacy_methods, rt.legacy_bytes) == (methods + 2, nbytes + 1000)
+        assert (rt.counters.legacy_methods, rt.counters.legacy_bytes) == (methods + 2, nbytes + 1000)
+    finally:
+        rt.count_legacy(-2, -1000)
+    assert (rt.legacy_methods, rt.legacy_bytes) == (methods, nbytes)
+    used = rt.sample()
+    assert (used is None) == (not rt.is_cuda)
+    assert rt.peak_used == rt.counters.peak_used and (rt.peak_used is None or rt.peak_used >= used)
+    rt.reset_peak()
+    assert rt.peak_used is None
+    # a candidate lives while its cache entry does
+    cand = ShareCandidate("no-such-key", "store", None, 0, 8)
+    rt.offer_shared("content", cand)
+    assert rt.shared_candidate("content") is None and "content" not in rt.sharing.candidates
+    if rt.is_cuda:
+        got = rt.take_copy_engines(1)
+        assert len(got) == 1 and got[0].device == str(rt.device) and got[0] not in rt.engines.stagers
+        rt.give_stagers(got)
+        assert got[0] in rt.engines.stagers
+        rt.free_staging()
+        assert rt.engines.stagers == []
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (aoti_rt.cuda_available() and torch.cuda.is_available()), reason="no CUDA GPU")
+def test_current_context_makes_the_device_current_and_restores_the_previous():
+    from cuda.bindings import driver as drv
+
+    from aoti_rt.device import current_context
+
+    rt = aoti_rt.device.get("cuda:0")
+    torch.cuda.init()
+    before = drv.cuCtxGetCurrent()[1]
+    with current_context(rt.context):
+        assert int(drv.cuCtxGetCurrent()[1]) == rt.context
+        free, total = (int(x) for x in drv.cuMemGetInfo()[1:])
+        assert 0 < free <= total
+    assert int(drv.cuCtxGetCurrent()[1]) == int(before)
+    # a failing block still pops the context it pushed
+    with pytest.raises(RuntimeError, match="inside"):
+        with current_context(rt.context):
+            raise RuntimeError("inside")
+    assert int(drv.cuCtxGetCurrent()[1]) == int(before)

@@ -610,6 +610,71 @@ def test_direct_read_of_a_truncated_store_is_refused(tmp_path, device):
     assert _contents(buf, BLOCK) == data[5000:5000 + BLOCK]
 
 
+
+def _fronts(rt, fd: int, image) -> dict:
+    """Every way a worker enters the one copy loop on ``rt``'s device, as ``name -> run(plans, w,
+    nworkers)`` (``plans``: the driving plan first, then other plans of its layout where the
+    front copies to several destinations). Each worker has its own copy engine or staging."""
+    if rt.is_cuda:
+        stagers = rt.take_stagers(3, BLOCK)
+        return {
+            "staged": lambda plans, w, n: stagers[w].run(plans[0], fd, w, n),
+            "image": lambda plans, w, n: _load.copy_from_host(plans[0], image, stagers[w], w, n),
+            "replicated": lambda plans, w, n: _load.run_replicated(plans[:1], (stagers[w],), fd, w, n),
+        }
+    staging = [(rt.allocator.allocate(BLOCK + 2 * _load.DIRECT_ALIGN),
+                rt.allocator.allocate(BLOCK + 2 * _load.DIRECT_ALIGN)) for _ in range(3)]
+    return {
+        "in_place": lambda plans, w, n: plans[0].run_host(fd, w, n),
+        "image": lambda plans, w, n: _load.copy_from_host(plans[0], image, None, w, n),
+        "replicated": lambda plans, w, n: _load.run_replicated(plans, (), fd, w, n, False, staging[w], False),
+        "relayed": lambda plans, w, n: _load.run_replicated(plans, (), fd, w, n, False, staging[w], True),
+    }
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_every_front_of_the_copy_loop_moves_and_hashes_the_same(tmp_path, device, verify):
+    """Reading in place, through staging buffers, from a pinned image and to several
+    destinations is one loop: each front, with one worker and with three, puts every weight's
+    bytes where its plan says, counts them once, hashes them to the weight's digest, and
+    stops at a store that ends early with the same error."""
+    data = _pattern(3 * BLOCK + 12345, seed=5)
+    store = _store(tmp_path, data)
+    offsets, sizes = _weights_at(data)
+    want = [digest.weight_digest(data[o:o + n]) for o, n in zip(offsets, sizes)]
+    rt = runtime(device)
+    fd = os.open(store, os.O_RDONLY)
+    try:
+        with aoti_rt.pin_store(store, device=device) as pinned:
+            fronts = _fronts(rt, fd, pinned.image)
+            for name, run in fronts.items():
+                for nworkers in (1, 3):
+                    dests = [[rt.allocator.allocate(n) for n in sizes] for _ in range(2)]
+                    plans = tuple(_load.LoadPlan(offsets, sizes, bufs, BLOCK, verify=verify and d == 0)
+                                  for d, bufs in enumerate(dests))
+                    _load.run_workers(plans[0], nworkers, lambda w: run(plans, w, nworkers))
+                    copied = dests if name in ("replicated", "relayed") and not rt.is_cuda else dests[:1]
+                    for bufs in copied:
+                        for o, n, b in zip(offsets, sizes, bufs):
+                            assert _contents(b, n) == data[o:o + n], (name, nworkers, o, n)
+                    assert plans[0].bytes_done == sum(sizes), (name, nworkers)
+                    if verify:
+                        assert plans[0].digests() == want, (name, nworkers)
+                        assert plans[0].first_mismatch(want) == -1
+            # the store ends inside the last weight: every front reading the file says so
+            os.truncate(store, len(data) - 1000)
+            for name, run in fronts.items():
+                if name == "image":
+                    continue
+                plan = _load.LoadPlan(offsets, sizes, [rt.allocator.allocate(n) for n in sizes], BLOCK,
+                                      verify=verify, source="the test store")
+                with pytest.raises(aoti_rt.BundleError, match=r"the test store ended early \(reading at byte"):
+                    _load.run_workers(plan, 2, lambda w: run((plan,), w, 2))
+                assert plan.cancelled and plan.active_workers == 0, name
+    finally:
+        os.close(fd)
+
+
 def _fs_type(path: Path) -> str:
     """The type of the file system ``path`` is on (the longest mount point above it)."""
     best, kind = "", "unknown"

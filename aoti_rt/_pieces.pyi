@@ -1,0 +1,6 @@
+"""Type stubs of aoti_rt._pieces: the byte-level steps of a load (pread, BLAKE3, piece copies)."""
+
+DIRECT_ALIGN: int
+
+def b3_hash(data: bytes | bytearray | memoryview) -> bytes: ...
+def b3_combine(nbytes: int, hashes: bytes) -> str: ...
