@@ -3,7 +3,7 @@
 
 The first process to load ``name`` *exports*: its immutable weights (those the ``.so`` reports
 as parameters or tensor constants and the manifest as never written) go into one shared arena
-(:class:`aoti_rt._memory.ArenaAllocator`: a VMM allocation on CUDA, a memfd on the host), and it
+(:class:`aoti_rt._arena.ArenaAllocator`: a VMM allocation on CUDA, a memfd on the host), and it
 serves ``name`` (:mod:`aoti_rt.share`). Every later process on the device *attaches*: it maps
 the arenas read-only, caches each weight's Buffer under the key it computes itself for its
 bundle, so its methods find every weight cached and read nothing from the store, and allocates
@@ -34,7 +34,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from . import _cache, _memory, share as _share
+from . import _arena, _cache, _memory, share as _share
 from .bundle import ITEMSIZE, MANIFEST, Bundle, WeightSpec
 from .device import DeviceRuntime
 from .errors import ShareError
@@ -160,7 +160,7 @@ class Exporter(_Role):
         self.identity = {**bundle_identity(bundle), "verified": bool(verified)}
         rt.check_shareable()
         dev = rt.device
-        self.allocator = _memory.ArenaAllocator(str(dev), dev.index if dev.is_cuda else -1, rt.context,
+        self.allocator = _arena.ArenaAllocator(str(dev), dev.index if dev.is_cuda else -1, rt.context,
                                                 parent=rt.allocator)
         rt.arena_allocators.add(self.allocator)
         self.allocator.reserve(_arena_estimate(bundle, methods))
@@ -265,7 +265,7 @@ class Client(_Role):
                 raise ShareError(f"the exporter of {self.name!r} sent {len(fds)} descriptors for "
                                  f"{arenas if not isinstance(arenas, list) else len(arenas)} arenas; refusing it")
             dev = rt.device
-            self.allocator = _memory.ArenaAllocator(str(dev), dev.index if dev.is_cuda else -1, rt.context)
+            self.allocator = _arena.ArenaAllocator(str(dev), dev.index if dev.is_cuda else -1, rt.context)
             rt.arena_allocators.add(self.allocator)
             try:
                 self.arenas = [self.allocator.attach(fd, a["size"]) for fd, a in zip(fds, arenas)]
