@@ -30,7 +30,7 @@ no ``write()`` and no new writable shared mapping of the memfd, through any desc
 client's reopen of ``/proc/self/fd/N`` read-write, or ``/proc/<pid>/map_files``, included).
 The exporter's own mapping, made before the seal, keeps its right to be writable: it can be
 made writable again for an in-place weight update (:meth:`SharedArena.unprotect`). A kernel
-without that seal cannot export a host arena (:class:`~aoti_rt.errors.ShareError`), and a
+without that seal cannot export a host arena (:class:`~aoti_rt.errors.ShareUnavailableError`), and a
 client refuses a memfd without it. The kernel keeps the pages while any process maps them.
 """
 
@@ -44,7 +44,7 @@ from aoti_rt._memory cimport (Allocator, Buffer, CUcontext, CUdeviceptr, CUmemAc
                               CUmemGenericAllocationHandle, CUresult, count_arena, drv, drv_ready, drv_vmm)
 
 from aoti_rt._memory import SLAB_ALIGN, SLAB_BYTES, VMM_LAYOUT_OK
-from aoti_rt.errors import AllocationError, CudaError, ShareError
+from aoti_rt.errors import AllocationError, CudaError, ShareError, ShareUnavailableError
 
 cdef extern from "sys/mman.h" nogil:
     void* mmap(void* addr, size_t length, int prot, int flags, int fd, long offset)
@@ -140,7 +140,7 @@ def _vmm_check(str device):
         why = ("its struct layouts do not match this platform" if not VMM_LAYOUT_OK else
                "the driver lacks the virtual memory management entry points (cuMemCreate and others: "
                "driver >= 10.2 needed)")
-        raise ShareError(f"{device} cannot share weights across processes: {why}; load without share=")
+        raise ShareUnavailableError(f"{device} cannot share weights across processes: {why}; load without share=")
 
 
 @cython.no_gc     # refers only to a str: no cycles
@@ -246,7 +246,7 @@ cdef class SharedArena(_Slab):
         except OSError as e:
             munmap(p, size)
             os.close(fd)
-            raise ShareError(f"this kernel cannot seal shared weights against writes by the processes that "
+            raise ShareUnavailableError(f"this kernel cannot seal shared weights against writes by the processes that "
                              f"map them (F_SEAL_FUTURE_WRITE, Linux >= 5.1: {e}); load without share=") from None
         self.fd = fd
         self.ptr = <uintptr_t>p

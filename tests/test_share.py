@@ -433,7 +433,7 @@ def test_a_stranger_is_refused(lm_bundle, device):
         with pytest.raises(aoti_rt.ShareError, match="refused this process.*may not attach"):
             share.attach(name, timeout=10)
         with pytest.raises(aoti_rt.ShareError, match="refused"):
-            aoti_rt.load(lm_bundle, device=device, share=name)
+            aoti_rt.load(lm_bundle, device=device, share=name, share_required=True)
         stats = server.stats()
         assert stats["refused"] == 3 and stats["attached"] == 0 and stats["clients"] == 0
         server.allowed_uid = os.geteuid()
