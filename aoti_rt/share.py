@@ -385,13 +385,13 @@ def attach(name: str, *, timeout: float | None = None, expected_uid: int | None 
             return None if got is _NOBODY else got
         sock.close()              # a full backlog: try again until the deadline
         left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and left <= 0:
+        time.sleep(pause if left is None else max(0.0, min(pause, left)))
+        pause = min(pause * 2, 0.1)
+        if deadline is not None and time.monotonic() >= deadline:
             raise ShareUnavailableError(
                 f"the listen queue of share {name!r} stayed full for {timeout} s (its exporter is still "
                 f"loading with many processes waiting, or another process floods it); wait longer "
                 f"($AOTI_RT_SHARE_TIMEOUT) or use another name")
-        time.sleep(pause if left is None else min(pause, left))
-        pause = min(pause * 2, 0.1)
 
 
 _NOBODY: Any = object()

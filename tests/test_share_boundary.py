@@ -246,7 +246,7 @@ def test_a_full_listen_queue_is_retried_until_the_deadline():
             except BlockingIOError:
                 break
         t0 = time.monotonic()
-        with pytest.raises(ShareUnavailableError, match="listen queue|did not answer"):
+        with pytest.raises(ShareUnavailableError, match="listen queue"):
             share.attach(name, timeout=0.5)
         assert 0.5 <= time.monotonic() - t0 < 3
         got: list = []
