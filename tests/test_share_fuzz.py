@@ -25,7 +25,7 @@ from test_share import _name
 from test_share_boundary import _attach_client, _base, _descriptors, _held, _open_fds, _raw_exporter, cpu_lm  # noqa: F401
 
 EXAMPLES = int(os.environ.get("AOTI_RT_SHARE_FUZZ_EXAMPLES", "30"))
-DEADLINE = 0.5
+DEADLINE = 0.25
 _names = itertools.count()
 
 _ints = st.one_of(st.integers(-(1 << 70), 1 << 70), st.sampled_from([0, 1, 255, 256, 4096, 8192, 1 << 16, -1]))
@@ -65,16 +65,16 @@ def _encode(form: str, message: dict) -> bytes:
 def test_only_aoti_rt_errors_leave_a_client_and_nothing_leaks(cpu_lm, tmp_path):
     rt = runtime("cpu")
     bundle = read_bundle(cpu_lm)
+    base = _base(cpu_lm, rt, "x")
 
     @settings(max_examples=EXAMPLES, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
     @given(fields=_fields, form=_wire, kind=_fd_kinds, drip=st.sampled_from([0.0, 0.0, 0.0, 0.05]))
     def run(fields, form, kind, drip):
         name = _name(f"fuzz{next(_names)}", "cpu")
-        message = {"ok": True, "protocol": share.PROTOCOL, **_base(cpu_lm, rt, name),
+        message = {"ok": True, "protocol": share.PROTOCOL, **base, "name": name,
                    "arenas": [{"size": 1 << 16, "kind": "memfd"}], **fields}
         fds = _descriptors(kind, 1 << 16, tmp_path / "f")
-        gc.collect()
         fds0, held0 = _open_fds(), _held(rt)
         stop = threading.Event()
         t = _raw_exporter(name, _encode(form, message), fds, drip, stop)
@@ -94,4 +94,5 @@ def test_only_aoti_rt_errors_leave_a_client_and_nothing_leaks(cpu_lm, tmp_path):
         assert _open_fds() == fds0 - len(fds), (form, kind)
         assert _held(rt) == held0, (form, kind)
 
+    gc.collect()
     run()
