@@ -1,7 +1,7 @@
 """Build hook: setuptools metadata lives in setup.cfg; this only declares the Cython modules.
 
-Six extension modules, one job each, cimporting each other through their .pxd files:
-``_memory`` (driver table, allocators, Buffer), ``_cache`` (the weight cache), ``_bind``
+Seven extension modules, one job each, cimporting each other through their .pxd files:
+``_memory`` (driver table, allocators, Buffer), ``_arena`` (memory shared across processes), ``_cache`` (the weight cache), ``_bind``
 (the AOTI C ABI, constant binding, the run call), ``_pieces`` (pread, BLAKE3, piece copies),
 ``_plan`` (the load plan and its one copy loop), ``_load`` (the copy engines and worker
 threads: store -> buffers).
@@ -9,7 +9,7 @@ threads: store -> buffers).
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-MODULES = ("_memory", "_cache", "_bind", "_pieces", "_plan", "_load")
+MODULES = ("_memory", "_arena", "_cache", "_bind", "_pieces", "_plan", "_load")
 
 setup(
     ext_modules=cythonize(

@@ -1,7 +1,8 @@
 # cython: language_level=3
 """Raw memory: the CUDA driver table, allocators and the Buffer that owns one allocation.
 
-cimported by the cache (``_cache``) and the load pipeline (``_load``); see ``_memory.pyx``.
+cimported by the cache (``_cache``), the load pipeline (``_load``) and the shared arenas
+(``_arena``); see ``_memory.pyx``.
 """
 
 from libc.stdint cimport uintptr_t
@@ -153,28 +154,11 @@ cdef class _Slab:
     cdef size_t size
     cdef size_t used       # bump offset of the next buffer
     cdef Py_ssize_t live   # Buffers carved from it and still alive
+    cdef readonly bint is_arena    # a SharedArena (aoti_rt._arena)
+    cdef readonly bint read_only   # mapped read-only in this process (a SharedArena's)
 
-
-cdef class SharedArena(_Slab):
-    # _Slab's ptr/size/used/live: its mapping, its bytes (rounded up to a page or the VMM
-    # granularity), the bump offset of the next Buffer and the Buffers carved from it and alive
-    cdef readonly str device
-    cdef readonly bint is_cuda
-    cdef readonly bint read_only   # mapped read-only in this process
-    cdef readonly bint imported    # mapped from another process's handle
-    cdef int fd                    # host: the memfd it maps (owned); -1 otherwise
-    cdef CUmemGenericAllocationHandle handle   # cuda: the VMM allocation (owned); 0 otherwise
-    cdef CUcontext ctx
-    cdef int ordinal
-    cdef bint mapped
-
-    cdef _setup(self, str device, int ordinal, uintptr_t context)
-    cdef _mapped(self)
-    cdef _create_host(self, size_t nbytes)
-    cdef _attach_host(self, int fd, size_t nbytes)
-    cdef _create_cuda(self, size_t nbytes)
-    cdef _attach_cuda(self, int fd, size_t nbytes)
-    cdef int _unmap(self) noexcept
+#: count an arena mapped (n=1, its bytes) or unmapped (n=-1, minus its bytes): arena_totals()
+cdef void count_arena(int n, long long nbytes) noexcept
 
 
 cdef class Allocator:
@@ -205,23 +189,6 @@ cdef class HostAllocator(Allocator):
 cdef class CudaAllocator(Allocator):
     cdef CUcontext ctx
     cdef readonly int ordinal
-
-
-cdef class ArenaAllocator(Allocator):
-    cdef readonly list arenas      # the SharedArenas it counts in bytes_reserved
-    cdef readonly int ordinal      # the CUDA device's ordinal; -1: host memory (memfd)
-    cdef CUcontext ctx
-    cdef readonly Allocator parent # whose memory limit its new arenas respect (or None)
-    cdef readonly bint frozen      # no more carving: its arenas are exported (and read-only)
-    cdef readonly bint closed
-    cdef public size_t grow_bytes  # the least size of an arena opened when the current is full
-    cdef SharedArena _current      # the arena allocate() carves from now (None: none)
-    cdef object __weakref__
-
-    cdef SharedArena _open(self, size_t nbytes)
-    cdef _count_arena(self, SharedArena arena)
-    cdef void _drop(self, SharedArena arena) noexcept
-    cdef Buffer _buffer(self, SharedArena arena, size_t offset, size_t n)
 
 
 cdef class PinnedAllocator(Allocator):

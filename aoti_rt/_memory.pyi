@@ -1,6 +1,10 @@
-"""Type stubs of aoti_rt._memory: the CUDA driver table, allocators, Buffer and shared arenas."""
+"""Type stubs of aoti_rt._memory: the CUDA driver table, allocators and Buffer (shared arenas:
+aoti_rt._arena)."""
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._arena import SharedArena
 
 DRIVER_SYMBOLS: tuple[str, ...]
 VMM_SYMBOLS: tuple[str, ...]
@@ -37,42 +41,6 @@ class CudaAllocator(Allocator):
 class PinnedAllocator(Allocator):
     huge_pages: bool
     def __init__(self, device: str, context: int, huge_pages: bool = False) -> None: ...
-
-class SharedArena:
-    device: str
-    is_cuda: bool
-    read_only: bool
-    imported: bool
-    @staticmethod
-    def create(device: str, nbytes: int, ordinal: int = -1, context: int = 0) -> SharedArena: ...
-    @staticmethod
-    def attach(device: str, fd: int, nbytes: int, ordinal: int = -1, context: int = 0) -> SharedArena: ...
-    def export(self) -> int: ...
-    def protect(self) -> bool: ...
-    def unprotect(self) -> None: ...
-    @property
-    def address(self) -> int: ...
-    @property
-    def nbytes(self) -> int: ...
-    @property
-    def kind(self) -> str: ...
-    @property
-    def buffers(self) -> int: ...
-
-class ArenaAllocator(Allocator):
-    arenas: list[SharedArena]
-    ordinal: int
-    parent: Allocator | None
-    frozen: bool
-    closed: bool
-    grow_bytes: int
-    def __init__(self, device: str, ordinal: int = -1, context: int = 0,
-                 parent: Allocator | None = None) -> None: ...
-    def reserve(self, nbytes: int) -> SharedArena | None: ...
-    def attach(self, fd: int, nbytes: int) -> SharedArena: ...
-    def carve(self, arena: SharedArena, offset: int, nbytes: int) -> Buffer: ...
-    def freeze(self) -> bool: ...
-    def close(self) -> None: ...
 
 class Buffer:
     ptr: int

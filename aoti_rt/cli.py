@@ -130,14 +130,16 @@ def _serve_weights(args: argparse.Namespace) -> int:
     import aoti_rt
     from .bundle import human_bytes
 
-    name = args.name or default_share_name(args.bundle)
+    from .share import check_name
+
+    name = check_name(args.name or default_share_name(args.bundle))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     # every weight hashed while loading (once, for a long-lived server): then copies of the
     # bundle elsewhere may attach too, not only loads of this very store file
     model = aoti_rt.load(args.bundle, device=args.device, share=name, progress=False,
-                         verify="load" if args.verify else True)
+                         verify="load" if args.verify else True, share_required=True)
     try:
         info = model.share
         if info.role != "exporter":
@@ -217,16 +219,18 @@ def main(argv: list[str] | None = None) -> int:
     pc.add_argument("--min-age-hours", type=float, default=1.0,
                     help="with --prune: keep unused folders younger than this (default: 1)")
     sub.add_parser("bench", help="run the benchmark suite", add_help=False)
-    if argv and argv[0] == "demo":
-        from .demo import main as demo_main
-        return demo_main(argv[1:])
-    if argv and argv[0] == "bench":
-        return _bench(argv[1:])
-    args = p.parse_args(argv)
+    cmd = argv[0] if argv else None
     try:
+        if cmd == "demo":
+            from .demo import main as demo_main
+            return demo_main(argv[1:])
+        if cmd == "bench":
+            return _bench(argv[1:])
+        args = p.parse_args(argv)
+        cmd = args.cmd
         return _command(p, args)
-    except AotiRtError as e:              # a bad bundle or device: say so, no traceback
-        print(f"aoti_rt {args.cmd}: {type(e).__name__}: {e}", file=sys.stderr)
+    except AotiRtError as e:              # a bad bundle, device or share name: one line, no traceback
+        print(f"aoti_rt {cmd}: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

@@ -509,7 +509,7 @@ class DeviceRuntime:
         self.counters = MemoryCounters()
         self.sharing = ShareCandidates(cache)
         #: the arena allocators of models that share weights with other processes (load(share=))
-        self.arena_allocators: "weakref.WeakSet[_memory.ArenaAllocator]" = weakref.WeakSet()
+        self.arena_allocators: "weakref.WeakSet[_arena.ArenaAllocator]" = weakref.WeakSet()
 
     def __repr__(self) -> str:
         return f"DeviceRuntime({self.device})"

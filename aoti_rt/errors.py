@@ -80,5 +80,19 @@ class ShareError(AotiRtError, RuntimeError):
     device, a driver without the sharing entry points. The message says which and what to do."""
 
 
+class ShareNameError(ShareError, ValueError):
+    """A share name that cannot name a share: 1-64 of ``A-Z a-z 0-9 . _ -``, starting with a
+    letter or a digit."""
+
+
+class ShareUnavailableError(ShareError):
+    """Weights cannot be shared now, through no fault of the bundle or the arguments: the name is
+    held by another user's process, the process serving it did not answer before the deadline
+    (``AOTI_RT_SHARE_TIMEOUT``) or refused this process, or this device or kernel cannot share
+    memory. ``aoti_rt.load(..., share=name)`` then loads privately with a warning, unless
+    ``share_required=True``, which raises this."""
+
+
 __all__ = ["AotiRtError", "BundleError", "CompileError", "AOTIError", "InputError",
-           "ClosedError", "DeviceError", "AllocationError", "CudaError", "ShareError"]
+           "ClosedError", "DeviceError", "AllocationError", "CudaError", "ShareError", "ShareNameError",
+           "ShareUnavailableError"]

@@ -1003,19 +1003,20 @@ class Model:
 @overload
 def load(path: "str | Path | Mapping[str, Any]", *, device: "str | Device | None" = None,
          methods: Sequence[str] | None = None, progress: bool | None = None, verify: bool | str = True,
-         max_load_gbps: float | None = None, share: str | None = None) -> Model: ...
+         max_load_gbps: float | None = None, share: str | None = None, share_required: bool = False) -> Model: ...
 
 
 @overload
 def load(path: "str | Path | Mapping[str, Any]", *, device: "list[str | Device] | tuple[str | Device, ...]",
          methods: Sequence[str] | None = None, progress: bool | None = None, verify: bool | str = True,
-         max_load_gbps: float | None = None, share: None = None) -> list[Model]: ...
+         max_load_gbps: float | None = None, share: None = None, share_required: bool = False) -> list[Model]: ...
 
 
 def load(path: "str | Path | Mapping[str, Any]", *,
          device: "str | Device | list[str | Device] | tuple[str | Device, ...] | None" = None,
          methods: Sequence[str] | None = None, progress: bool | None = None, verify: bool | str = True,
-         max_load_gbps: float | None = None, share: str | None = None) -> "Model | list[Model]":
+         max_load_gbps: float | None = None, share: str | None = None,
+         share_required: bool = False) -> "Model | list[Model]":
     """Load a bundle written by :func:`aoti_rt.compile`, or ``.pt2`` packages.
 
     Args:
@@ -1051,6 +1052,11 @@ def load(path: "str | Path | Mapping[str, Any]", *,
             can share and serves ``name`` until the model is closed. A bundle directory on one
             device only (not ``.pt2`` packages, not a list of devices). See
             :mod:`aoti_rt.serving` and ``model.share``.
+        share_required: what to do when sharing is impossible now
+            (:class:`~aoti_rt.errors.ShareUnavailableError`: the name is held by another user's
+            process, the exporter did not answer within ``$AOTI_RT_SHARE_TIMEOUT`` seconds, the
+            device or kernel cannot share memory). ``False`` (default): warn and load the
+            weights privately (``model.share`` is None); ``True``: raise.
 
     Returns:
         The :class:`Model` (a list of them, one per device, for a list of devices); close
@@ -1060,7 +1066,9 @@ def load(path: "str | Path | Mapping[str, Any]", *,
         BundleError: the bundle (or package) is missing, corrupt or inconsistent, or was
             compiled for another device type. DeviceError: a device is unknown or absent, or a
             list names one twice or mixes the CPU with GPUs. ShareError: ``share=`` is served
-            for another bundle or device or by another user, or the device cannot share memory.
+            for another bundle or device, or its exporter answered what aoti_rt does not say;
+            ShareNameError (a ValueError too): ``share`` cannot name a share;
+            ShareUnavailableError: sharing is impossible now and ``share_required=True``.
             AOTIError, AllocationError, CudaError: see their docs. A failed load leaves nothing
             allocated on any device.
 
@@ -1108,5 +1116,14 @@ def load(path: "str | Path | Mapping[str, Any]", *,
             raise ShareError("share= takes one device: load once per device, each with its own name")
         return Model.replicated(bundle, devs, methods=methods, progress=progress, verify=verify,
                                 max_load_gbps=max_load_gbps)
-    return Model(bundle, devs[0], methods=methods, progress=progress, verify=verify, max_load_gbps=max_load_gbps,
-                 share=share)
+    from .errors import ShareUnavailableError
+
+    try:
+        return Model(bundle, devs[0], methods=methods, progress=progress, verify=verify,
+                     max_load_gbps=max_load_gbps, share=share)
+    except ShareUnavailableError as e:
+        if share is None or share_required:
+            raise
+        warnings.warn(f"share {share!r}: {e}. Loading the weights privately in this process (pass "
+                      f"share_required=True to raise instead)", RuntimeWarning, stacklevel=2)
+    return Model(bundle, devs[0], methods=methods, progress=progress, verify=verify, max_load_gbps=max_load_gbps)

@@ -3,11 +3,16 @@
 
 The first process to load ``name`` *exports*: its immutable weights (those the ``.so`` reports
 as parameters or tensor constants and the manifest as never written) go into one shared arena
-(:class:`aoti_rt._memory.ArenaAllocator`: a VMM allocation on CUDA, a memfd on the host), and it
+(:class:`aoti_rt._arena.ArenaAllocator`: a VMM allocation on CUDA, a memfd on the host), and it
 serves ``name`` (:mod:`aoti_rt.share`). Every later process on the device *attaches*: it maps
-the arenas read-only, caches each weight's Buffer under the key it computes itself for its
-bundle, so its methods find every weight cached and read nothing from the store, and allocates
-only its own mutable state (a KV cache), which is never shared.
+the arenas read-only, caches each weight's Buffer under a key of the client model's own scope
+(never a content key), so its methods find every weight cached and read nothing from the store,
+while any other model of that process (a plain ``load`` of the same bundle) keeps its own copy;
+and it allocates only its own mutable state (a KV cache), which is never shared.
+
+When sharing is impossible (:class:`~aoti_rt.errors.ShareUnavailableError`: the name squatted
+by another user, no answer by the deadline, a device or kernel that cannot share memory),
+``aoti_rt.load`` loads privately with a warning, or raises with ``share_required=True``.
 
 Lifetimes: a client is attached while its connection is open (closing the model, exiting or
 being killed closes it). The memory lives while any process maps it: the driver (VMM) or the
@@ -34,16 +39,40 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from . import _cache, _memory, share as _share
+from . import _arena, _cache, _memory, share as _share
 from .bundle import ITEMSIZE, MANIFEST, Bundle, WeightSpec
 from .device import DeviceRuntime
-from .errors import ShareError
+from .errors import ShareError, ShareUnavailableError
 
-#: seconds a process waits for the exporter's answer (the exporter may still be loading)
-ATTACH_TIMEOUT = float(os.environ.get("AOTI_RT_SHARE_TIMEOUT", "600"))
+#: seconds a process waits for the exporter's answer by default (the exporter may still be
+#: loading); ``AOTI_RT_SHARE_TIMEOUT`` overrides it (read at each load: :func:`attach_timeout`)
+ATTACH_TIMEOUT = 600.0
+#: seconds a name may stay bound by a process that accepts no connection before a load gives up
+#: on it (an exporter binds and listens at once: only a squatter stays so)
+SILENT_HOLDER = 2.0
 #: manifest kinds that the runtime may place in a shared arena (the .so must agree at bind)
 _ARENA_KINDS = ("parameter", "tensor_constant")
-_exporters = itertools.count(1)
+#: the largest arena, offset or weight an exporter's answer may name (2**48 bytes: 256 TiB)
+_MAX_BYTES = 1 << 48
+_scopes = itertools.count(1)
+
+#: a model's part in sharing: it exports its weights, or maps the exporter's
+ShareRole = Literal["exporter", "client"]
+
+
+def attach_timeout() -> float:
+    """Seconds a load waits for the exporter's whole answer: ``$AOTI_RT_SHARE_TIMEOUT`` if set,
+    else :data:`ATTACH_TIMEOUT`."""
+    raw = os.environ.get("AOTI_RT_SHARE_TIMEOUT")
+    if raw is None:
+        return ATTACH_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise ShareError(f"AOTI_RT_SHARE_TIMEOUT={raw!r:.40}: set it to a positive number of seconds")
+    return value
 
 
 @dataclass(frozen=True)
@@ -66,7 +95,7 @@ class ShareInfo:
     """
 
     name: str
-    role: Literal["exporter", "client"]
+    role: ShareRole
     device: str
     exporter_pid: int
     clients: int | None
@@ -154,13 +183,13 @@ class Exporter(_Role):
         self.bundle = bundle
         # its own namespace of cache keys: its weights are the arena's, even where this process
         # caches the same bundle privately already (a plain load's copy cannot be exported)
-        self.scope = f"share:{self.name}:{os.getpid()}:{next(_exporters)}"
+        self.scope = f"share:{self.name}:{os.getpid()}:{next(_scopes)}"
         #: verified: every weight read was hashed against its digest (verify="load"), so
         #: copies of the bundle may attach, not only loads of this very store file
         self.identity = {**bundle_identity(bundle), "verified": bool(verified)}
         rt.check_shareable()
         dev = rt.device
-        self.allocator = _memory.ArenaAllocator(str(dev), dev.index if dev.is_cuda else -1, rt.context,
+        self.allocator = _arena.ArenaAllocator(str(dev), dev.index if dev.is_cuda else -1, rt.context,
                                                 parent=rt.allocator)
         rt.arena_allocators.add(self.allocator)
         self.allocator.reserve(_arena_estimate(bundle, methods))
@@ -231,7 +260,12 @@ class Exporter(_Role):
 
 class Client(_Role):
     """A process that maps the arenas of the exporter of its bundle and reads only what the
-    exporter does not hold (its own mutable state)."""
+    exporter does not hold (its own mutable state).
+
+    The Buffers it maps are cached under keys of its own scope (``share-client:...|`` + the
+    bundle key, no content key), found only by this model's methods: a plain ``load`` of the
+    same bundle in this process, or a ``verify="load"`` load of a copy, reads its own weights and
+    never binds the exporter's memory (which the exporter may update in place)."""
 
     reads_store = False
 
@@ -239,8 +273,9 @@ class Client(_Role):
         self.attachment = attachment
         self.rt = rt
         msg = attachment.payload
-        self.name = str(msg.get("name"))
         self.exporter_pid = attachment.server_pid
+        self.name = str(msg.get("name"))[:64]
+        self.scope = f"share-client:{self.name}:{os.getpid()}:{next(_scopes)}"
         fds = attachment.take_fds()
         try:
             theirs, mine = msg.get("identity"), bundle_identity(bundle)
@@ -256,19 +291,20 @@ class Client(_Role):
             want = rt.identity()
             if msg.get("device") != want:
                 raise ShareError(f"share {self.name!r} is served by pid {self.exporter_pid} on device "
-                                 f"{msg.get('device')}, this load is on {rt.device} ({want}); load on that "
-                                 f"device, or use another share name")
-            rt.check_shareable()
-            arenas = msg.get("arenas")
-            if not isinstance(arenas, list) or len(arenas) != len(fds) or not all(
-                    isinstance(a, dict) and type(a.get("size")) is int for a in arenas):
-                raise ShareError(f"the exporter of {self.name!r} sent {len(fds)} descriptors for "
-                                 f"{arenas if not isinstance(arenas, list) else len(arenas)} arenas; refusing it")
+                                 f"{str(msg.get('device'))[:80]}, this load is on {rt.device} ({want}); load on "
+                                 f"that device, or use another share name")
+            try:
+                rt.check_shareable()
+            except ShareUnavailableError:
+                raise
+            except ShareError as e:
+                raise ShareUnavailableError(str(e)) from None
+            sizes, table = _layout(self.name, msg, len(fds), "cuda-vmm" if rt.is_cuda else "memfd")
             dev = rt.device
-            self.allocator = _memory.ArenaAllocator(str(dev), dev.index if dev.is_cuda else -1, rt.context)
+            self.allocator = _arena.ArenaAllocator(str(dev), dev.index if dev.is_cuda else -1, rt.context)
             rt.arena_allocators.add(self.allocator)
             try:
-                self.arenas = [self.allocator.attach(fd, a["size"]) for fd, a in zip(fds, arenas)]
+                self.arenas = [self.allocator.attach(fd, n) for fd, n in zip(fds, sizes)]
             except BaseException:
                 self.allocator.close()
                 raise
@@ -276,13 +312,7 @@ class Client(_Role):
             for fd in fds:
                 os.close(fd)
         #: (digest, buffer bytes) -> (arena index, offset)
-        self.table: dict[tuple[str, int], tuple[int, int]] = {}
-        for row in msg.get("weights") or []:
-            if not (isinstance(row, list) and len(row) == 4 and isinstance(row[0], str)
-                    and all(type(v) is int for v in row[1:]) and 0 <= row[2] < len(self.arenas)):
-                self.close()
-                raise ShareError(f"the exporter of {self.name!r} sent a weight entry {row!r:.80}; refusing it")
-            self.table[(row[0], row[1])] = (row[2], row[3])
+        self.table: dict[tuple[str, int], tuple[int, int]] = table
         self.read_only = all(a.read_only for a in self.arenas)
         if not self.read_only:
             warnings.warn(f"share {self.name!r}: the driver mapped the shared weights writable (it cannot map "
@@ -290,6 +320,14 @@ class Client(_Role):
         self.weights = 0
         self.weight_bytes = 0
         self.private = 0
+
+    def route(self, keys, content, weights, need, fixed):
+        keys, content = list(keys), list(content)
+        for j, f in enumerate(fixed):
+            if f and (weights[j].digest, need[j]) in self.table:
+                keys[j] = f"{self.scope}|{keys[j]}"
+                content[j] = None        # the exporter's memory: never found by content
+        return keys, content, None
 
     def adopt(self, cache, keys, weights, need, fixed):
         ks: list[str] = []
@@ -319,24 +357,72 @@ class Client(_Role):
                          self.read_only)
 
 
+def _layout(name: str, msg: dict[str, Any], nfds: int, kind: str
+            ) -> tuple[list[int], dict[tuple[str, int], tuple[int, int]]]:
+    """The arena sizes and the weight table of an exporter's answer, checked field by field:
+    anything else is a :class:`ShareError` (what it sent is quoted, cut short)."""
+    def bad(what: str, value: Any) -> ShareError:
+        return ShareError(f"the exporter of {name!r} sent {what} {str(value)[:80]!r}; refusing it (is it the same "
+                          f"aoti_rt version?)")
+
+    arenas = msg.get("arenas")
+    if not isinstance(arenas, list) or len(arenas) != nfds:
+        raise ShareError(f"the exporter of {name!r} sent {nfds} descriptors for "
+                         f"{len(arenas) if isinstance(arenas, list) else 'no list of'} arenas; refusing it")
+    sizes: list[int] = []
+    for a in arenas:
+        size = a.get("size") if isinstance(a, dict) else None
+        if type(size) is not int or not 0 < size <= _MAX_BYTES:
+            raise bad("an arena size", a)
+        if a.get("kind") != kind:
+            raise bad(f"an arena that is not {kind}", a)
+        sizes.append(size)
+    rows = msg.get("weights")
+    if not isinstance(rows, list):
+        raise bad("a weight table that is not a list:", rows)
+    table: dict[tuple[str, int], tuple[int, int]] = {}
+    for row in rows:
+        if not (isinstance(row, list) and len(row) == 4 and isinstance(row[0], str)
+                and all(type(v) is int for v in row[1:]) and 0 < row[1] <= _MAX_BYTES
+                and 0 <= row[2] < len(sizes) and 0 <= row[3] <= _MAX_BYTES):
+            raise bad("a weight entry", row)
+        table[(row[0], row[1])] = (row[2], row[3])
+    return sizes, table
+
+
 def begin(bundle: Bundle, rt: DeviceRuntime, name: str, methods: list[str], *, verify: bool | str = True,
           timeout: float | None = None) -> Exporter | Client:
     """Attach to the process that serves ``name``, or claim ``name`` and become its exporter
     (of ``methods``, loaded with ``verify``).
 
     A process that claims the name first serves it once its load completes; one that finds it
-    claimed waits for that answer (``timeout``, default :data:`ATTACH_TIMEOUT`). If the
-    exporter gives up before answering (its load failed, or it closed), this tries again.
+    claimed waits for that answer (``timeout``, default :func:`attach_timeout`: one deadline for
+    the whole handshake, whatever the exporter does). If the exporter gives up before answering
+    (its load failed, or it closed), this tries again.
+
+    Raises:
+        ShareUnavailableError: sharing is impossible now (the name squatted by another user or
+            by a process that accepts no connection, no answer by the deadline, a device or
+            kernel that cannot share memory): the caller may load privately instead.
+        ShareNameError: ``name`` cannot name a share.
+        ShareError: the exporter serves another bundle or device, or answered what this
+            protocol does not say.
     """
     _share.check_name(name)
-    rt.check_shareable()
-    timeout = ATTACH_TIMEOUT if timeout is None else timeout
+    try:
+        rt.check_shareable()
+    except ShareUnavailableError:
+        raise
+    except ShareError as e:
+        raise ShareUnavailableError(str(e)) from None
+    timeout = attach_timeout() if timeout is None else timeout
     deadline = time.monotonic() + timeout
+    silent_since: float | None = None      # the name bound by a process that accepts nothing
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise ShareError(f"could neither attach to nor serve share {name!r} in {timeout} s: its "
-                             f"exporters kept going away before answering")
+            raise ShareUnavailableError(f"could neither attach to nor serve share {name!r} in {timeout} s: its "
+                                        f"exporters kept going away before answering")
         att = _share.attach(name, timeout=left)
         if att is not None:
             try:
@@ -346,6 +432,11 @@ def begin(bundle: Bundle, rt: DeviceRuntime, name: str, methods: list[str], *, v
                 raise
         server = _share.ShareServer.bind(name)
         if server is None:
+            now = time.monotonic()
+            silent_since = now if silent_since is None else silent_since
+            if now - silent_since > SILENT_HOLDER:
+                raise ShareUnavailableError(f"share name {name!r} is bound by a process that accepts no "
+                                            f"connection (not an aoti_rt exporter); use another share name")
             time.sleep(0.01)          # claimed in between: attach to that process
             continue
         try:
@@ -355,4 +446,5 @@ def begin(bundle: Bundle, rt: DeviceRuntime, name: str, methods: list[str], *, v
             raise
 
 
-__all__ = ["ShareInfo", "Exporter", "Client", "begin", "bundle_identity", "ATTACH_TIMEOUT"]
+__all__ = ["ShareInfo", "ShareRole", "Exporter", "Client", "begin", "bundle_identity", "attach_timeout",
+           "ATTACH_TIMEOUT"]

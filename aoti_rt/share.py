@@ -18,6 +18,18 @@ file descriptors travel. Pure Python, and it knows nothing of models or memory:
 * A server binds its name before it loads what it will serve, so that processes started at
   the same time load once: a client that connects early waits in the listen backlog for the
   answer; if the server gives up, the client sees the connection close and tries again.
+* A client's ``timeout`` is one deadline for the whole exchange (connecting, a full backlog
+  retried, every byte of the answer), not a limit per ``recv``: a server that answers a byte
+  at a time cannot hold it longer.
+
+What another user can do to a share name: the address is guessable and an abstract socket has
+no permissions, so another uid can bind ``\\0aoti_rt.<your uid>.<name>`` first (squat it) or
+fill the listen backlog of your exporter with connections. It cannot attach (the exporter
+refuses its uid and sends it no descriptor), and it cannot feed you descriptors or a layout (a
+client refuses a server of another uid before reading a byte). What it can do is keep you from
+sharing: :class:`~aoti_rt.errors.ShareUnavailableError` once the deadline passes (at once for a
+squatted name), on which ``aoti_rt.load`` loads privately with a warning unless told to insist
+(``share_required=True``). It also learns the pid and uid of each process that connects.
 """
 
 from __future__ import annotations
@@ -30,10 +42,11 @@ import selectors
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .errors import ShareError
+from .errors import ShareError, ShareNameError, ShareUnavailableError
 
 #: version of what the server says; a client refuses another
 PROTOCOL = 1
@@ -49,11 +62,11 @@ _UCRED = struct.Struct("3i")      # struct ucred: pid, uid, gid
 
 
 def check_name(name: str) -> str:
-    """``name`` if it can name a share (1-64 of ``A-Z a-z 0-9 . _ -``, not starting with a
-    punctuation mark), else :class:`ValueError`."""
+    """``name`` if it can name a share (1-64 of ASCII ``A-Z a-z 0-9 . _ -``, not starting with a
+    punctuation mark), else :class:`~aoti_rt.errors.ShareNameError` (a ``ValueError`` too)."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ValueError(f"share name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with "
-                         f"a letter or digit")
+        raise ShareNameError(f"share name {name!r:.80}: use 1-64 ASCII letters, digits, '.', '_' or '-', "
+                             f"starting with a letter or digit")
     return name
 
 
@@ -82,9 +95,20 @@ def send_message(sock: socket.socket, message: dict[str, Any], fds: Sequence[int
     sock.sendall(body)
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def _until(sock: socket.socket, deadline: float | None) -> None:
+    """Let the next call on ``sock`` wait only until ``deadline`` (monotonic; None: forever)."""
+    if deadline is None:
+        return
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the deadline passed")
+    sock.settimeout(left)
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
     parts = []
     while n:
+        _until(sock, deadline)
         got = sock.recv(min(n, 1 << 20))
         if not got:
             raise EOFError("the connection closed in the middle of a message")
@@ -93,11 +117,14 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return b"".join(parts)
 
 
-def recv_message(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any], list[int]]:
-    """Receive one message and the descriptors sent with it (the caller owns them: close them).
+def recv_message(sock: socket.socket, max_fds: int = 0, deadline: float | None = None
+                 ) -> tuple[dict[str, Any], list[int]]:
+    """Receive one message and the descriptors sent with it (the caller owns them: close them),
+    all of it by ``deadline`` (``time.monotonic()``; None: the socket's own timeout).
 
-    Raises EOFError if the peer closed before a whole message came, :class:`ShareError` if
-    what came is not a message of this protocol."""
+    Raises EOFError if the peer closed before a whole message came, TimeoutError if the deadline
+    passed first, :class:`ShareError` if what came is not a message of this protocol."""
+    _until(sock, deadline)
     if max_fds:
         head, fds, flags, _ = socket.recv_fds(sock, 4, max_fds, socket.MSG_CMSG_CLOEXEC)
     else:
@@ -107,14 +134,14 @@ def recv_message(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any],
             raise EOFError("the peer closed the connection")
         if flags & socket.MSG_CTRUNC:
             raise ShareError(f"the peer sent more than {max_fds} descriptors")
-        head += _recv_exact(sock, 4 - len(head))
+        head += _recv_exact(sock, 4 - len(head), deadline)
         n = int.from_bytes(head, "big")
         if n > MAX_MESSAGE:
             raise ShareError(f"the peer announced a message of {n} bytes (at most {MAX_MESSAGE})")
         try:
-            message = json.loads(_recv_exact(sock, n))
-        except ValueError as e:
-            raise ShareError(f"the peer sent a message that is not JSON ({e})") from None
+            message = json.loads(_recv_exact(sock, n, deadline))
+        except (ValueError, RecursionError) as e:
+            raise ShareError(f"the peer sent a message that is not JSON ({type(e).__name__}: {e})"[:300]) from None
         if not isinstance(message, dict):
             raise ShareError("the peer sent a message that is not a JSON object")
         return message, fds
@@ -168,7 +195,7 @@ class ShareServer:
             sock.close()
             if e.errno == errno.EADDRINUSE:
                 return None
-            raise ShareError(f"could not claim share name {name!r}: {e}") from None
+            raise ShareUnavailableError(f"could not claim share name {name!r}: {e}") from None
         return cls(sock, name, allowed_uid=allowed_uid)
 
     def serve(self, payload: dict[str, Any], descriptors: Callable[[], list[int]]) -> None:
@@ -331,49 +358,99 @@ def attach(name: str, *, timeout: float | None = None, expected_uid: int | None 
 
     Returns None when nobody serves it (or the server closed before answering: a load that
     failed or a model closed), so the caller may serve it itself. ``expected_uid`` (default:
-    this process's effective uid) is the only uid whose answer is taken.
+    this process's effective uid) is the only uid whose answer is taken. ``timeout`` (seconds;
+    None: no limit) bounds the whole exchange: a full listen backlog is retried until then, and
+    the answer must have come whole by then.
 
     Raises:
-        ShareError: the name is held by another user's process, the server refused this
-            process, its answer is not this protocol's, or it did not answer in ``timeout``
-            seconds (it may still be loading what it will serve).
+        ShareUnavailableError: the name is held by another user's process (or by something
+            that is not a share server), the server refused this process or could not make
+            handles, or the exchange did not end within ``timeout`` (the exporter may still be
+            loading what it will serve, or a peer is stalling).
+        ShareNameError: ``name`` cannot name a share.
+        ShareError: the server's answer is not this protocol's.
     """
+    addr = address(name)
     want = os.geteuid() if expected_uid is None else expected_uid
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pause = 0.005
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            got = _exchange(sock, name, addr, want, deadline, timeout)
+        except BaseException:
+            sock.close()
+            raise
+        if got is not None:
+            return None if got is _NOBODY else got
+        sock.close()              # a full backlog: try again until the deadline
+        left = None if deadline is None else deadline - time.monotonic()
+        time.sleep(pause if left is None else max(0.0, min(pause, left)))
+        pause = min(pause * 2, 0.1)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise ShareUnavailableError(
+                f"the listen queue of share {name!r} stayed full for {timeout} s (its exporter is still "
+                f"loading with many processes waiting, or another process floods it); wait longer "
+                f"($AOTI_RT_SHARE_TIMEOUT) or use another name")
+
+
+_NOBODY: Any = object()
+
+
+def _exchange(sock: socket.socket, name: str, addr: bytes, want: int, deadline: float | None,
+              timeout: float | None) -> "Attachment | None | Any":
+    """One try of :func:`attach` on a new socket: the Attachment, _NOBODY (nobody serves
+    ``name``), or None (the listen backlog is full: try again). Closes ``sock`` unless it
+    returns an Attachment."""
     try:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(address(name))
-        except (ConnectionRefusedError, FileNotFoundError):
-            sock.close()
-            return None
-        pid, uid, _ = peer_credentials(sock)
-        if uid != want:
-            raise ShareError(f"share name {name!r} is held by a process of uid {uid} (pid {pid}), not by uid "
-                             f"{want}; refusing handles from another user. Use another share name")
-        try:
-            message, fds = recv_message(sock, MAX_FDS)
-        except (EOFError, ConnectionResetError):
-            sock.close()
-            return None
-        except socket.timeout:
-            raise ShareError(f"the process serving {name!r} (pid {pid}) did not answer in {timeout} s (it may "
-                             f"still be loading); wait longer ($AOTI_RT_SHARE_TIMEOUT) or use another name") \
-                from None
-        if not message.get("ok"):
-            _close_all(fds)
-            raise ShareError(f"the process serving {name!r} (pid {pid}) refused this process: "
-                             f"{message.get('error', 'no reason given')}")
-        if message.get("protocol") != PROTOCOL:
-            _close_all(fds)
-            raise ShareError(f"the process serving {name!r} (pid {pid}) speaks protocol "
-                             f"{message.get('protocol')!r}, this aoti_rt {PROTOCOL}: run the same aoti_rt "
-                             f"version in both, or use another name")
-        sock.settimeout(None)
-        return Attachment(sock, message, fds, pid)
-    except BaseException:
+        _until(sock, deadline)
+        sock.connect(addr)
+    except BlockingIOError:
+        return None
+    except (ConnectionRefusedError, FileNotFoundError):
         sock.close()
-        raise
+        return _NOBODY
+    except TimeoutError:
+        raise _late(name, None, timeout) from None
+    except OSError as e:
+        raise ShareUnavailableError(f"share name {name!r} is held by something that is not an aoti_rt "
+                                    f"exporter ({e}); use another share name") from None
+    try:
+        pid, uid, _ = peer_credentials(sock)
+    except OSError as e:
+        raise ShareUnavailableError(f"the process serving {name!r} cannot be identified ({e}); use another "
+                                    f"share name") from None
+    if uid != want:
+        raise ShareUnavailableError(
+            f"share name {name!r} is held by a process of uid {uid} (pid {pid}), not by uid {want}; refusing "
+            f"handles from another user. Use another share name")
+    try:
+        message, fds = recv_message(sock, MAX_FDS, deadline)
+    except (EOFError, ConnectionResetError, BrokenPipeError):
+        sock.close()
+        return _NOBODY
+    except TimeoutError:
+        raise _late(name, pid, timeout) from None
+    except OSError as e:
+        raise ShareUnavailableError(f"the answer of the process serving {name!r} (pid {pid}) could not be "
+                                    f"read: {e}") from None
+    if message.get("ok") is not True:
+        _close_all(fds)
+        raise ShareUnavailableError(f"the process serving {name!r} (pid {pid}) refused this process: "
+                                    f"{str(message.get('error', 'no reason given'))[:500]}")
+    if message.get("protocol") != PROTOCOL:
+        _close_all(fds)
+        raise ShareError(f"the process serving {name!r} (pid {pid}) speaks protocol "
+                         f"{str(message.get('protocol'))[:40]!r}, this aoti_rt {PROTOCOL}: run the same aoti_rt "
+                         f"version in both, or use another name")
+    sock.settimeout(None)
+    return Attachment(sock, message, fds, pid)
+
+
+def _late(name: str, pid: int | None, timeout: float | None) -> ShareUnavailableError:
+    who = f"the process serving {name!r}" + (f" (pid {pid})" if pid is not None else "")
+    return ShareUnavailableError(f"{who} did not answer in {timeout} s (it may still be loading); wait longer "
+                                 f"($AOTI_RT_SHARE_TIMEOUT) or use another name")
 
 
 __all__ = ["PROTOCOL", "ShareServer", "Attachment", "attach", "address", "check_name", "peer_credentials",

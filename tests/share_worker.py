@@ -3,8 +3,17 @@
 One JSON command per line on stdin, one JSON answer per line on stdout (prefixed with
 ``ANSWER``, so nothing else printed is mistaken for one). Commands:
 
-  {"op": "load", "bundle", "device", "share"}  -> model.share, bytes read, cache stats
-  {"op": "prefill", "tokens": [...]}            -> the logits (a list of rows)
+  {"op": "load", "bundle", "device", "share"}  -> model.share, bytes read, cache stats, whether
+                                                   a weight is bound to a shared arena ("as": keep
+                                                   it under that name, default "main"; "share"
+                                                   may be null; "verify" as load's)
+  {"op": "prefill", "tokens": [...]}            -> the logits (a list of rows); "model": which
+  {"op": "tamper", "share"}                     -> what a hostile client gets trying to write the
+                                                   exporter's memfd: through the descriptor the
+                                                   exporter sends (reopened read-write through
+                                                   /proc/self/fd/N) and through
+                                                   /proc/self/map_files (errno of open, mmap,
+                                                   write: 0 where one succeeded)
   {"op": "decode", "token": t, "pos": p}        -> the logits row
   {"op": "maps"}                                -> this process's /proc/self/maps lines of shared weights
   {"op": "write"}                               -> what writing a shared weight does (CPU: in a
@@ -19,13 +28,14 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import json
+import mmap
 import os
 import sys
 
 import torch
 
 import aoti_rt
-from aoti_rt import _memory, demo
+from aoti_rt import _memory, demo, share
 
 ANSWER = "ANSWER "
 
@@ -36,7 +46,39 @@ def new_lm_weights(device: str) -> dict[str, torch.Tensor]:
     return {f"lm.{k}": v for k, v in lm.state_dict().items() if not k.endswith("_cache")}
 
 
+def try_write(path: str) -> dict[str, int]:
+    """Open ``path`` read-write, map it writable and shared, write a byte with write(): the errno
+    of each step (0: it worked; what is written is the byte that was there)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        return {"open": e.errno}
+    out = {"open": 0}
+    try:
+        try:
+            m = mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            m[0] = m[0]
+            m.close()
+            out["mmap"] = 0
+        except OSError as e:
+            out["mmap"] = e.errno
+        try:
+            os.pwrite(fd, os.pread(fd, 1, 0), 0)
+            out["write"] = 0
+        except OSError as e:
+            out["write"] = e.errno
+    finally:
+        os.close(fd)
+    return out
+
+
+def arena_bound(model) -> bool:
+    """Whether any weight of ``model`` is bound to memory of a shared arena."""
+    return any(b.arena is not None for n in model.methods for b, _, _ in model[n]._buffers.values())
+
+
 def main() -> int:
+    models: dict = {}
     model = None
     dev = "cpu"
     for line in sys.stdin:
@@ -46,14 +88,29 @@ def main() -> int:
         try:
             if op == "load":
                 dev = cmd["device"]
-                model = aoti_rt.load(cmd["bundle"], device=dev, share=cmd["share"], progress=False)
-                out.update(share=dataclasses.asdict(model.share),
-                           bytes_read=sum(m.bytes_read for m in (model[n] for n in model.methods)),
-                           stats=aoti_rt.cache_stats(dev))
+                m = aoti_rt.load(cmd["bundle"], device=dev, share=cmd["share"], progress=False,
+                                 verify=cmd.get("verify", True))
+                models[cmd.get("as", "main")] = m
+                model = models.get("main")
+                out.update(share=None if m.share is None else dataclasses.asdict(m.share),
+                           bytes_read=sum(x.bytes_read for x in (m[n] for n in m.methods)),
+                           stats=aoti_rt.cache_stats(dev), arena_bound=arena_bound(m))
             elif op == "prefill":
                 with torch.no_grad():
-                    logits = model.prefill(torch.tensor(cmd["tokens"], device=dev))
+                    logits = models[cmd.get("model", "main")].prefill(torch.tensor(cmd["tokens"], device=dev))
                 out["logits"] = logits.cpu().tolist()
+            elif op == "tamper":
+                att = share.attach(cmd["share"], timeout=30)
+                fds = att.take_fds()
+                try:
+                    out["reopen"] = [try_write(f"/proc/self/fd/{fd}") for fd in fds]
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+                    att.close()
+                with open("/proc/self/maps") as f:
+                    ranges = [x.split()[0] for x in f if "aoti_rt-weights" in x]
+                out["map_files"] = [try_write(f"/proc/self/map_files/{r}") for r in ranges]
             elif op == "decode":
                 with torch.no_grad():
                     logits = model.decode(torch.tensor([cmd["token"]], device=dev),
@@ -83,7 +140,9 @@ def main() -> int:
                 report = model.update_weights(new_lm_weights(dev), shared=cmd["shared"], strict=False)
                 out.update(fqns=len(report.fqns), copied_on_write=report.copied_on_write)
             elif op == "close":
-                model.close()
+                for m in models.values():
+                    m.close()
+                models.clear()
                 model = None
                 import gc
 

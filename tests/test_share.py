@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import aoti_rt
-from aoti_rt import _memory, demo, serving, share
+from aoti_rt import _arena, _memory, demo, serving, share
 from aoti_rt.bundle import read_bundle
 from aoti_rt.device import get as runtime
 
@@ -121,12 +121,12 @@ def _mutable_bytes(bundle: Path) -> int:
 
 # -- the arena and its allocator -------------------------------------------------------------
 
-def _arena_allocator(device: str, parent=None) -> _memory.ArenaAllocator:
+def _arena_allocator(device: str, parent=None) -> _arena.ArenaAllocator:
     rt = runtime(device)
     if rt.is_cuda:
         rt.check_shareable()
-        return _memory.ArenaAllocator(device, rt.index, rt.context, parent)
-    return _memory.ArenaAllocator("cpu", parent=parent)
+        return _arena.ArenaAllocator(device, rt.index, rt.context, parent)
+    return _arena.ArenaAllocator("cpu", parent=parent)
 
 
 def _view(buf, device):
@@ -433,7 +433,7 @@ def test_a_stranger_is_refused(lm_bundle, device):
         with pytest.raises(aoti_rt.ShareError, match="refused this process.*may not attach"):
             share.attach(name, timeout=10)
         with pytest.raises(aoti_rt.ShareError, match="refused"):
-            aoti_rt.load(lm_bundle, device=device, share=name)
+            aoti_rt.load(lm_bundle, device=device, share=name, share_required=True)
         stats = server.stats()
         assert stats["refused"] == 3 and stats["attached"] == 0 and stats["clients"] == 0
         server.allowed_uid = os.geteuid()

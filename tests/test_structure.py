@@ -114,7 +114,7 @@ def test_no_import_cycle():
     # the Cython core: memory at the bottom, the others on top of it, never of each other except
     # the load path's own layers (byte steps, the plan and its loop, the engines)
     assert graph["_memory"] == set()
-    assert graph["_cache"] == graph["_bind"] == graph["_pieces"] == {"_memory"}
+    assert graph["_cache"] == graph["_bind"] == graph["_pieces"] == graph["_arena"] == {"_memory"}
     assert graph["_plan"] == {"_memory", "_pieces"} and graph["_load"] == {"_memory", "_plan"}
     # the load path does not import the compiler
     for m in ("runtime", "loader", "stock", "device", "abi", "bundle"):
