@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from . import loader
 from .bundle import ITEMSIZE, ST_DTYPES, ConstantSpec, contiguous_strides, read_store_header, view_bytes
 from .errors import AotiRtError, ClosedError, InputError
-from .runtime import buffer_view, raw_view
+from .views import buffer_view, raw_view
 
 if TYPE_CHECKING:
     from .runtime import Method, Model
@@ -64,7 +64,7 @@ class _Target:
 
     buffer: Any
     mutable: bool
-    holders: list[tuple["Method", int]] = field(default_factory=list)
+    holders: list[tuple["Method", int, Any]] = field(default_factory=list)   # (method, constant, key)
     writes: list[tuple[ConstantSpec, Any]] = field(default_factory=list)   # (view, value or file entry)
 
 
@@ -72,20 +72,18 @@ def _contiguous(c: ConstantSpec) -> bool:
     return list(c.stride) == contiguous_strides(c.shape) or 0 in c.shape
 
 
-def _bound(model: "Model") -> dict[str, list[tuple["Method", int, ConstantSpec, Any, bool]]]:
-    """fqn -> every (method, acquisition index, constant, buffer, mutable) that binds it."""
+def _bound(model: "Model") -> dict[str, list[tuple["Method", int, ConstantSpec, Any, bool, Any]]]:
+    """fqn -> every (method, constant index, constant, buffer, mutable, cache key) that binds it."""
     out: dict[str, list] = {}
-    for m in model._methods.values():
+    for m in model.method_list():
         if m.closed:
             raise ClosedError(f"method {m.name!r} is closed")
         if not m.shared:
             raise AotiRtError(f"method {m.name!r} runs a .so without UpdateUserManagedConstantBufferPairs: "
                               f"AOTI holds its weights privately and aoti_rt cannot update them; "
                               f"recompile it with torch >= 2.10")
-        acq = m._binding.acq
-        index = {id(b): i for i, b in enumerate(acq.buffers)}
-        for fqn, (buf, c, mutable) in m._buffers.items():
-            out.setdefault(fqn, []).append((m, index[id(buf)], c, buf, mutable))
+        for b in m.bindings():
+            out.setdefault(b.fqn, []).append((m, b.index, b.constant, b.buffer, b.mutable, b.key))
     return out
 
 
@@ -129,7 +127,7 @@ def update_weights(model: "Model", weights: "Mapping[str, Any] | str | os.PathLi
     for fqn, value in given.items():
         if fqn not in bound:
             continue
-        for m, i, c, buf, mutable in bound[fqn]:
+        for m, i, c, buf, mutable, key in bound[fqn]:
             if path is None:
                 _check_value(fqn, c, value)
             else:
@@ -137,7 +135,7 @@ def update_weights(model: "Model", weights: "Mapping[str, Any] | str | os.PathLi
             t = targets.get(id(buf))
             if t is None:
                 t = targets[id(buf)] = _Target(buf, mutable)
-            t.holders.append((m, i))
+            t.holders.append((m, i, key))
             if all(c.fqn != w.fqn for w, _ in t.writes):
                 t.writes.append((c, value))
     # shared arenas written in place: an exporter's own, made writable for the update
@@ -153,7 +151,7 @@ def update_weights(model: "Model", weights: "Mapping[str, Any] | str | os.PathLi
                                  "shared=False for a private copy")
             arenas[id(arena)] = arena
     report = UpdateReport(fqns=sorted(k for k in given if k in bound))
-    rt = next(iter(model._methods.values()))._rt
+    rt = model.method_list()[0].runtime
     # copy on write: a private buffer with the old bytes, for each shared weight
     fresh: dict[int, Any] = {}
     if not shared:
@@ -172,8 +170,9 @@ def update_weights(model: "Model", weights: "Mapping[str, Any] | str | os.PathLi
     # binding half-new memory under the old content's name
     for key, t in targets.items():
         if key not in fresh and not t.mutable:
-            for m, i in t.holders:
-                rt.cache.forget(m._binding.acq.keys[i])
+            for _, _, k in t.holders:
+                if k is not None:
+                    rt.cache.forget(k)
     for arena in arenas.values():
         arena.unprotect()
     try:
@@ -187,7 +186,7 @@ def update_weights(model: "Model", weights: "Mapping[str, Any] | str | os.PathLi
     # rebind the methods whose weights got private copies
     per_method: dict[int, tuple["Method", dict[int, Any]]] = {}
     for key, new in fresh.items():
-        for m, i in targets[key].holders:
+        for m, i, _ in targets[key].holders:
             per_method.setdefault(id(m), (m, {}))[1][i] = new
     _rebind_all(list(per_method.values()))
     report.copied_on_write = len(fresh)
@@ -196,30 +195,28 @@ def update_weights(model: "Model", weights: "Mapping[str, Any] | str | os.PathLi
 
 
 def _rebind_all(rebinds: "list[tuple[Method, dict[int, Any]]]") -> None:
-    """Point every method at its private copies, then let each acquisition hold them: all
-    methods or none. A method that fails to rebind undoes the ones rebound before it (they
-    point at the shared buffers again, which they still hold); one that cannot be undone keeps
-    its private copies (memory it points at is never freed under it) and the error says so."""
+    """Rebind every method to its private copies (:meth:`Method.rebind`): all methods or none.
+    A method that fails to rebind undoes the ones rebound before it (they are bound to the
+    buffers they had again); one that cannot be undone keeps its private copies (memory it
+    points at is never freed under it) and the error says so."""
     done: list[tuple["Method", dict[int, Any]]] = []
     try:
         for m, replaced in rebinds:
-            m._point_at(replaced)
-            done.append((m, replaced))
+            old = {b.index: b.buffer for b in m.bindings() if b.index in replaced}
+            m.rebind(replaced)
+            done.append((m, old))
     except BaseException as e:
         stuck = []
-        for m, replaced in done:
+        for m, old in done:
             try:
-                m._point_at({})
+                m.rebind(old)
             except Exception:  # noqa: BLE001 - it keeps the copies it points at
-                m._adopt(replaced)
                 stuck.append(m.name)
         if stuck:
             raise AotiRtError(f"update_weights(shared=False) failed ({e}) and could not be undone for "
                               f"{', '.join(stuck)}: those methods compute with the new values, the others "
                               f"with the old; update again or load the model anew") from e
         raise
-    for m, replaced in done:
-        m._adopt(replaced)
 
 
 def _write(rt: Any, targets: dict[int, _Target], fresh: dict[int, Any], path: Path | None,

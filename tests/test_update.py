@@ -145,21 +145,22 @@ def test_a_copy_on_write_that_fails_on_one_method_changes_no_method(three_bundle
 
     x = torch.randn(3, 64, device=device)
     old = outputs_of(make_stack(device), x)
-    real, calls = Method._point_at, []
+    real, calls = Method.rebind, []
 
     def fails_second(self, replaced):
-        calls.append((self.name, bool(replaced)))
+        calls.append((self.name, {i: b.allocator is self.runtime.allocator for i, b in replaced.items()}))
         if len(calls) == 2:
             raise aoti_rt.AOTIError("injected: Pairs failed")
         return real(self, replaced)
 
     with aoti_rt.load(three_bundle, device=device) as model:
         before = allocated(device)
-        monkeypatch.setattr(Method, "_point_at", fails_second)
+        monkeypatch.setattr(Method, "rebind", fails_second)
         with pytest.raises(aoti_rt.AOTIError, match="injected"):
             model.update_weights(new_values(device, model), shared=False)
         monkeypatch.undo()
-        assert calls[0][1] and calls[1][1] and calls[2] == (calls[0][0], False)   # undone
+        assert calls[0][1] and calls[1][1] and calls[2][0] == calls[0][0]   # undone
+        assert calls[2][1].keys() == calls[0][1].keys()
         assert allocated(device) == before              # the private copies went
         check(model, old, x)
         # a later copy on write works, and still changes only this model
