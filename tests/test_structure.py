@@ -33,6 +33,20 @@ def test_device_parses_what_users_write():
             Device.parse(bad)
 
 
+def test_one_rule_picks_the_default_device():
+    """Bundles, packages and stock artifacts ask one function for their device."""
+    from aoti_rt.runtime import device_for
+
+    assert device_for("cpu", "cuda") == Device("cpu")             # a device given wins
+    assert device_for(None, "cpu") == Device("cpu")               # else the compiled type
+    assert device_for(None) == (Device.parse("cuda") if aoti_rt.cuda_available() else Device("cpu"))
+    if aoti_rt.cuda_available():
+        assert device_for(None, "cuda") == Device.parse("cuda")
+    else:
+        with pytest.raises(aoti_rt.DeviceError, match="not available"):
+            device_for(None, "cuda")
+
+
 @pytest.mark.skipif(aoti_rt.cuda_available(), reason="checks the refusal on a machine without a GPU")
 def test_device_that_does_not_exist_is_refused():
     for spec in ("cuda", "cuda:0", Device("cuda", 0)):
