@@ -6,6 +6,7 @@ from aoti_rt._memory cimport Allocator, Buffer
 
 cdef class WeightKey:
     cdef readonly object scope     # Scope
+    cdef int _scope                # its value, compared in C
     cdef readonly object owner
     cdef readonly str weight
     cdef readonly Py_ssize_t nbytes

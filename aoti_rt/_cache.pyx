@@ -47,14 +47,17 @@ cdef class WeightKey:
     def __init__(self, scope, owner, str weight, Py_ssize_t nbytes, Py_ssize_t need):
         if need < nbytes or nbytes < 0:
             raise ValueError(f"a weight key needs 0 <= nbytes <= need, not {nbytes}, {need}")
-        self.scope = Scope(scope)
-        if (owner is None) != (self.scope == Scope.CONTENT):
-            raise ValueError(f"a {self.scope.name} key {'has no' if self.scope == Scope.CONTENT else 'needs an'} owner")
+        if type(scope) is not Scope:
+            scope = Scope(scope)
+        self.scope = scope
+        self._scope = scope._value_
+        if (owner is None) != (self._scope == 2):          # CONTENT
+            raise ValueError(f"a {scope.name} key {'has no' if self._scope == 2 else 'needs an'} owner")
         self.owner = owner
         self.weight = weight
         self.nbytes = nbytes
         self.need = need
-        self._hash = hash((int(self.scope), owner, weight, nbytes, need))
+        self._hash = hash((self._scope, owner, weight, nbytes, need))
 
     def __hash__(self):
         return self._hash
@@ -65,8 +68,9 @@ cdef class WeightKey:
         if not isinstance(other, WeightKey):
             return op == Py_NE
         cdef WeightKey o = <WeightKey>other
-        same = self is o or (self._hash == o._hash and self.scope == o.scope and self.nbytes == o.nbytes
-                             and self.need == o.need and self.weight == o.weight and self.owner == o.owner)
+        cdef bint same = self is o or (self._hash == o._hash and self._scope == o._scope and self.nbytes == o.nbytes
+                                       and self.need == o.need and self.weight == o.weight
+                                       and (self.owner is o.owner or self.owner == o.owner))
         return same if op == Py_EQ else not same
 
     def __repr__(self):
