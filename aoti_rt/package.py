@@ -730,8 +730,9 @@ class PackageModel(Model):
     def __init__(self, groups: Sequence[tuple[Path, list[tuple[str, ModelRecord]]]], device: Device, *,
                  progress: bool | None = None, verify: "Verify | bool | str" = Verify.ON_DEMAND,
                  max_load_gbps: float | None = None):
-        self._start(None, rt)
         self.packages = [p for p, _ in groups]
+        rt = _device.get(device)
+        self._start(None, rt)
         instance = None
         table: dict[str, WeightSpec] = {}
         try:

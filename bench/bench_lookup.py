@@ -215,7 +215,7 @@ def _bind_pieces(row: Callable[[str, list[float]], None], first: aoti_rt.Model, 
     held = first[name]._binding.acq            # what the loaded method holds: its keys, buffers
     keys = list(held.keys)
     sizes = [b.nbytes for b in held.buffers]
-    buffers = [first[name]._buffers[c.fqn][0] for c in cs]
+    buffers = [b.buffer for b in first[name].bindings()]
     torch_shim()
     dev = str(rt.device)
 
