@@ -284,15 +284,20 @@ cdef class WeightCache:
         with self._lock:
             self._release_locked(acq)
 
-    def alias(self, key, new_key) -> bool:
+    def alias(self, WeightKey key, WeightKey new_key) -> bool:
         """Let ``new_key`` name the filled entry cached under ``key`` too, so acquiring either
         shares one Buffer and one reference count; the entry leaves under all its names.
 
         The runtime names a weight by content in the whole process only once its bytes were
-        verified, so it aliases a bundle's own entry rather than copying it. Returns False
-        (and changes nothing) if ``key`` is not a filled entry or ``new_key`` names another.
+        verified, so it aliases a store's own entry rather than copying it: ``key`` must be a
+        ``STORE`` key and ``new_key`` the ``CONTENT`` key of the same weight and sizes (no other
+        scope is ever reachable from another; a ValueError says so). Returns False (and
+        changes nothing) if ``key`` is not a filled entry or ``new_key`` names another.
         """
         cdef _Entry e
+        if key._scope != 1 or new_key._scope != 2 or key.weight != new_key.weight \
+                or key.nbytes != new_key.nbytes or key.need != new_key.need:
+            raise ValueError(f"only a STORE entry may also be named by its CONTENT key, not {key!r} by {new_key!r}")
         with self._lock:
             e = self._entries.get(key)
             if e is None or e.loading or e.error is not None:

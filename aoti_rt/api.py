@@ -64,7 +64,9 @@ def load(path: "str | Path | Mapping[str, Any]", *,
             ``"load"``: also check every weight read while loading (a corrupt store is a
             :class:`BundleError` at once; the loader's threads hash as they read, slower).
             ``False``: never hash; this bundle's weights are shared among its own methods
-            and instances only.
+            and instances only. An :class:`aoti_rt.Verify` says the same (``ON_DEMAND``,
+            ``LOAD``, ``NEVER``); any other value is an :class:`~aoti_rt.errors.OptionError`
+            (a ``ValueError``).
         max_load_gbps: cap the loader's host->device rate (GB/s, 1e9 bytes/s), so a model
             loading next to one that is serving leaves it copy bandwidth (default: no cap;
             with a list of devices, each device's rate).
@@ -81,6 +83,7 @@ def load(path: "str | Path | Mapping[str, Any]", *,
         it (or use ``with``) to release its memory.
 
     Raises:
+        OptionError: ``verify`` or ``max_load_gbps`` has a value it does not take.
         BundleError: the bundle (or package) is missing, corrupt or inconsistent, or was
             compiled for another device type. DeviceError: a device is unknown or absent, or a
             list names one twice or mixes the CPU with GPUs. ShareError: ``share=`` is served

@@ -183,12 +183,17 @@ def update_weights(model: "Model", weights: "Mapping[str, Any] | str | os.PathLi
     finally:
         for arena in arenas.values():
             arena.protect()
-    # rebind the methods whose weights got private copies
-    per_method: dict[int, tuple["Method", dict[int, Any]]] = {}
+    # rebind the methods whose weights got private copies: every constant of theirs bound to
+    # a copied buffer (FQNs of one buffer move together, as the buffer did)
+    per_method: dict[int, tuple["Method", dict[int, Any], list]] = {}
     for key, new in fresh.items():
-        for m, i, _ in targets[key].holders:
-            per_method.setdefault(id(m), (m, {}))[1][i] = new
-    _rebind_all(list(per_method.values()))
+        t = targets[key]
+        for m, _, _ in t.holders:
+            _, rebind, rows = per_method.setdefault(id(m), (m, {}, m.bindings()))
+            for b in rows:
+                if b.buffer is t.buffer:
+                    rebind[b.index] = new
+    _rebind_all([(m, rebind) for m, rebind, _ in per_method.values()])
     report.copied_on_write = len(fresh)
     report.seconds = time.perf_counter() - t0
     return report

@@ -537,7 +537,12 @@ def test_a_buffer_is_never_found_from_a_scope_it_was_not_put_in(device):
     assert len({id(b) for b in others.buffers} | {id(store.buffers[0])}) == 5
     cache.publish(others)
     cache.release(others)
-    # CONTENT names the STORE entry only once aliased (after verification)
+    # CONTENT names the STORE entry only once aliased (after verification); no other scope
+    # can be made to name another's entry
+    for k, new in ((keys[2], keys[1]), (keys[0], keys[2]), (keys[4], keys[1]), (keys[1], keys[0]),
+                   (keys[0], WeightKey(Scope.CONTENT, None, "b3t:" + "cd" * 32, 64, 64))):
+        with pytest.raises(ValueError, match="only a STORE entry"):
+            cache.alias(k, new)
     assert cache.alias(keys[0], keys[1])
     again = cache.acquire([keys[1], twin], [64, 64], rt.allocator)
     assert again.to_fill == [] and again.buffers[0] is again.buffers[1] is store.buffers[0]
@@ -685,7 +690,7 @@ def test_verify_is_converted_once_and_a_bad_value_is_refused(three_bundle, devic
     assert aoti_rt.Verify.of(False) is aoti_rt.Verify.NEVER
     assert aoti_rt.Verify.of(aoti_rt.Verify.LOAD) is aoti_rt.Verify.LOAD
     for bad in ("yes", 1, 0, None, "LOAD"):
-        with pytest.raises(aoti_rt.AotiRtError, match="verify must be") as e:
+        with pytest.raises(aoti_rt.OptionError, match="verify must be") as e:
             aoti_rt.load(three_bundle, device=device, verify=bad)
         assert isinstance(e.value, ValueError)
     with aoti_rt.load(three_bundle, device=device, verify=aoti_rt.Verify.LOAD) as model:
