@@ -13,17 +13,19 @@ from .bundle import Bundle, Manifest, read_bundle
 from .compiler import compile
 from .device import cuda_available
 from .errors import (AllocationError, AOTIError, AotiRtError, BundleError, ClosedError,
-                     CompileError, CudaError, DeviceError, InputError, ShareError)
+                     CompileError, CudaError, DeviceError, InputError, OptionError, ShareError)
 from .loader import PinnedStore, pin_store
 from .memory import (MemoryReport, Sampler, cache_stats, free_staging, memory_report, reset_peak,
                      set_memory_limit)
-from .runtime import Method, Model, load
+from .acquire import Verify
+from .api import load
+from .runtime import BoundConstant, Method, Model
 from .serving import ShareInfo
 from .stock import load_method
 
 __all__ = [
     "compile", "load", "load_method", "cache_stats", "free_staging", "memory_report", "MemoryReport", "Sampler", "reset_peak", "set_memory_limit",
-    "cuda_available", "pin_store", "PinnedStore", "Model", "Method", "ShareInfo", "Bundle", "Manifest",
+    "cuda_available", "pin_store", "PinnedStore", "Model", "Method", "BoundConstant", "Verify", "ShareInfo", "Bundle", "Manifest",
     "read_bundle", "AotiRtError", "BundleError", "CompileError", "AOTIError", "InputError", "ClosedError",
-    "AllocationError", "CudaError", "DeviceError", "ShareError",
+    "AllocationError", "CudaError", "DeviceError", "ShareError", "OptionError",
 ]

@@ -4,6 +4,16 @@
 from aoti_rt._memory cimport Allocator, Buffer
 
 
+cdef class WeightKey:
+    cdef readonly object scope     # Scope
+    cdef int _scope                # its value, compared in C
+    cdef readonly object owner
+    cdef readonly str weight
+    cdef readonly Py_ssize_t nbytes
+    cdef readonly Py_ssize_t need
+    cdef Py_hash_t _hash
+
+
 cdef class _Entry:
     cdef readonly object key
     cdef readonly Buffer buffer

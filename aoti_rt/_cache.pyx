@@ -9,11 +9,76 @@ reference to the Buffer (a tensor view handed to a user keeps it alive).
 """
 
 cimport cython
+from cpython.object cimport Py_EQ, Py_NE
 
 import threading
+from enum import IntEnum
 
 from aoti_rt._memory cimport Allocator, Buffer
 from aoti_rt.errors import AotiRtError
+
+
+class Scope(IntEnum):
+    """Which kind of memory a cached buffer is (docs/contract.md): who owns it, who binds it.
+
+    A lookup in one scope never finds a buffer put in another: the scope is part of the key."""
+
+    STORE = 1       #: immutable weight of one store file, shared by the models loaded from it
+    CONTENT = 2     #: immutable weight verified against its digest, shared by every model
+    INSTANCE = 3    #: a model instance's own state (a buffer some method writes in place)
+    PRIVATE = 4     #: a model's own copy of a weight, made by an update
+    EXPORT = 5      #: an exporting model's weight in a shared arena
+    ATTACHED = 6    #: a client's read-only mapping of an exporter's arena
+
+
+@cython.final
+@cython.no_gc
+cdef class WeightKey:
+    """A cache key: ``(scope, owner, weight, nbytes, need)``, hashed once at construction.
+
+    ``scope``: a :class:`Scope`; ``owner``: the store's identity (``STORE``), the model
+    instance's token (``INSTANCE``, ``PRIVATE``), the exporter's or the attachment's token
+    (``EXPORT``, ``ATTACHED``), None for ``CONTENT``; ``weight``: the weight's digest (or its
+    id, for a model's own state); ``nbytes``: the weight's bytes; ``need``: its buffer's
+    bytes (at least ``nbytes``). Keys are made by the key policy of :mod:`aoti_rt.acquire`,
+    one function per scope, never from strings.
+    """
+
+    def __init__(self, scope, owner, str weight, Py_ssize_t nbytes, Py_ssize_t need):
+        if need < nbytes or nbytes < 0:
+            raise ValueError(f"a weight key needs 0 <= nbytes <= need, not {nbytes}, {need}")
+        if type(scope) is not Scope:
+            scope = Scope(scope)
+        self.scope = scope
+        self._scope = scope._value_
+        if (owner is None) != (self._scope == 2):          # CONTENT
+            raise ValueError(f"a {scope.name} key {'has no' if self._scope == 2 else 'needs an'} owner")
+        self.owner = owner
+        self.weight = weight
+        self.nbytes = nbytes
+        self.need = need
+        self._hash = hash((self._scope, owner, weight, nbytes, need))
+
+    def __hash__(self):
+        return self._hash
+
+    def __richcmp__(self, other, int op):
+        if op != Py_EQ and op != Py_NE:
+            return NotImplemented
+        if not isinstance(other, WeightKey):
+            return op == Py_NE
+        cdef WeightKey o = <WeightKey>other
+        cdef bint same = self is o or (self._hash == o._hash and self._scope == o._scope and self.nbytes == o.nbytes
+                                       and self.need == o.need and self.weight == o.weight
+                                       and (self.owner is o.owner or self.owner == o.owner))
+        return same if op == Py_EQ else not same
+
+    def __repr__(self):
+        size = f"{self.nbytes}" if self.need == self.nbytes else f"{self.nbytes}+{self.need - self.nbytes}"
+        return f"WeightKey({self.scope.name}, {self.owner!r}, {self.weight!r}, {size})"
+
+    def __reduce__(self):
+        return (WeightKey, (int(self.scope), self.owner, self.weight, self.nbytes, self.need))
 
 
 # Not tracked by the cyclic GC: a model with 100k weights makes 100k entries and buffers, and
@@ -45,8 +110,8 @@ cdef inline void _start(Acquisition acq, list keys):
 cdef class WeightCache:
     """Reference-counted registry ``key -> Buffer`` shared by every method in the process.
 
-    Keys are opaque strings built by the runtime (a weight's content digest for shared
-    weights; a model instance's token and the weight for mutable state). All operations are
+    Keys are :class:`WeightKey` objects made by the runtime's key policy (its scope, owner,
+    weight and sizes): a lookup in one scope never finds an entry of another. All operations are
     thread-safe; an entry is created once however many threads ask for it at the same time.
     References are held by :class:`Acquisition` objects, so a release always drops exactly
     the entries that were acquired, even if a failed entry has since been replaced.
@@ -219,15 +284,20 @@ cdef class WeightCache:
         with self._lock:
             self._release_locked(acq)
 
-    def alias(self, key, new_key) -> bool:
+    def alias(self, WeightKey key, WeightKey new_key) -> bool:
         """Let ``new_key`` name the filled entry cached under ``key`` too, so acquiring either
         shares one Buffer and one reference count; the entry leaves under all its names.
 
         The runtime names a weight by content in the whole process only once its bytes were
-        verified, so it aliases a bundle's own entry rather than copying it. Returns False
-        (and changes nothing) if ``key`` is not a filled entry or ``new_key`` names another.
+        verified, so it aliases a store's own entry rather than copying it: ``key`` must be a
+        ``STORE`` key and ``new_key`` the ``CONTENT`` key of the same weight and sizes (no other
+        scope is ever reachable from another; a ValueError says so). Returns False (and
+        changes nothing) if ``key`` is not a filled entry or ``new_key`` names another.
         """
         cdef _Entry e
+        if key._scope != 1 or new_key._scope != 2 or key.weight != new_key.weight \
+                or key.nbytes != new_key.nbytes or key.need != new_key.need:
+            raise ValueError(f"only a STORE entry may also be named by its CONTENT key, not {key!r} by {new_key!r}")
         with self._lock:
             e = self._entries.get(key)
             if e is None or e.loading or e.error is not None:
@@ -273,6 +343,21 @@ cdef class WeightCache:
             mine.refs = 1
             acq.entries[i] = mine
             acq.buffers[i] = buffer
+
+    def take_over(self, key, Py_ssize_t refs) -> bool:
+        """Unlink the entry named ``key`` (and its aliases) if its reference count is ``refs``,
+        all of them held by the caller, so that no later :meth:`acquire` finds it; the holders
+        keep the Buffer. Returns False (and changes nothing) if the entry is not cached, not
+        filled, or has other holders.
+
+        How an update makes a weight it holds alone its own (written in place, no copy)."""
+        cdef _Entry e
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None or e.loading or e.error is not None or e.refs != refs:
+                return False
+            self._unlink_locked(e)
+            return True
 
     def buffer(self, key):
         """The Buffer cached under ``key``, or None (the cache count is unchanged)."""

@@ -29,6 +29,10 @@ class InputError(AotiRtError, TypeError):
     """A method was called with inputs that do not match its exported signature."""
 
 
+class OptionError(AotiRtError, ValueError):
+    """An option of the API was given a value it does not take (``verify=``, ``max_load_gbps=``)."""
+
+
 class ClosedError(AotiRtError, RuntimeError):
     """The Method or Model was closed."""
 

@@ -60,8 +60,6 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
-import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -69,14 +67,16 @@ from typing import Any, NamedTuple, Union
 
 from . import device as _device, elf
 from .archive import JSON_MAX, SAFE_NAME, STORED, Archive, Entry, check_stored
-from .abi import SharedObject, blob_bytes_needed, blob_layout, describe
+from .abi import blob_bytes_needed, blob_layout, describe
 from .bundle import (DTYPE_NAMES, MAX_INT, MAX_RANK, ConstantSpec, Manifest, MethodSpec, WeightSpec,
-                     divergent_fqns, is_regular_file, strict_json, weight_id)
+                     is_regular_file, strict_json, weight_id)
 from .device import Device
 from .digest import file_digests
 from .errors import AOTIError, AotiRtError, BundleError, CompileError
+from .acquire import Verify, weight_source
+from .binders import MethodFiles
 from .probe import FileSpan, Where, probe_method
-from .runtime import Method, Model, weight_source
+from .runtime import Method, Model, device_for
 # the extraction cache; names kept here for the modules and tests that import them from package
 from .pt2cache import (RECORD_VERSION, CacheReport, ModelRecord, cache_root, cached_record as _cached_record,
                        copy_range as _copy_range, discard as _discard, extract as _extract,
@@ -421,8 +421,7 @@ def inspect_package(path: str | os.PathLike[str], device: "str | Device | None" 
 
 def _device_for(device: "str | Device | None", keys: dict[str, str], path: Path) -> Device:
     known = {k for k in keys.values() if k}
-    default = "cuda" if "cuda" in known else "cpu" if known else ("cuda" if _device.cuda_available() else "cpu")
-    dev = Device.parse(device, default=default)      # a DeviceError names a bad or absent device
+    dev = device_for(device, ("cuda" if "cuda" in known else "cpu") if known else None)
     for name, key in keys.items():
         if key and key != dev.kind:
             raise BundleError(f"{path}: model {name!r} was compiled for {key}; an AOTI .so runs only on the "
@@ -469,63 +468,6 @@ def parse_spec(packages: PackageSpec) -> dict[Path, list[tuple[str, str | None]]
     return wanted
 
 
-class _PackageMethod(Method):
-    """A :class:`Method` of a package's model: created with its extraction folder as AOTI's
-    ``cubin_dir`` (where a CUDA .so finds its kernels), and for a .so that embeds its weights,
-    bound through the second constant buffer so that AOTI's private copy can be freed."""
-
-    def __init__(self, *args: Any, folder: Path, files: dict[str, int], embedded: bool, **kwargs: Any):
-        self._folder = folder
-        self._embedded = embedded
-        # the folder is held until the method closes: AOTI reads kernels from it lazily
-        self._release_folder = weakref.finalize(self, os.close, _hold(folder, files))
-        try:
-            super().__init__(*args, **kwargs)
-        except BaseException:
-            self._release_folder()
-            raise
-
-    def close(self) -> None:
-        super().close()
-        self._release_folder()
-
-    def _create(self, so: SharedObject) -> int:
-        return so.abi.create(self.device, self._folder)
-
-    def _bind_shared(self, source, plan, progress, max_load_gbps=None, extern=None) -> None:
-        abi, handle = self._binding.so.abi, self._binding.handle
-        trade = self._embedded and abi.has("SwapConstantBuffer") and abi.has("FreeInactiveConstantBuffer")
-        if trade:
-            # AOTI's own copy (made by CreateWithDevice) is freed before anything is loaded, and
-            # the first buffer is the active one again when the shared weights are bound into it.
-            # Binding into the second buffer and leaving it active breaks torch 2.11, whose
-            # RunSingleThreaded checks the *first* buffer's fold state from the second call on
-            # ("Unknown constant state: ConstantState::NONE").
-            abi.swap_constant_buffer(handle)
-            abi.free_inactive_constant_buffer(handle)
-            abi.swap_constant_buffer(handle)
-        super()._bind_shared(source, plan, progress, max_load_gbps, extern)
-        if self._embedded and self.spec.constants and not trade:
-            self._keep_private(plan, "it lacks SwapConstantBuffer/FreeInactiveConstantBuffer")
-
-    def _bind_legacy(self, source, plan) -> None:
-        if not self._embedded:                 # its weights are outside: only Pairs can bind them
-            raise AOTIError(f"method {self.name!r}: {self._binding.so.path.name} lacks "
-                            f"UpdateUserManagedConstantBufferPairs, so weights packaged outside the .so "
-                            f"cannot be bound; recompile the package with torch >= 2.10")
-        self._buffers = {}
-        if self.spec.constants:                # CreateWithDevice loaded AOTI's own copy
-            self._keep_private(plan, "it lacks UpdateUserManagedConstantBufferPairs")
-
-    def _keep_private(self, plan, why: str) -> None:
-        n = sum(plan.so_size(i) if plan.checked else c.data_size for i, c in enumerate(self.spec.constants))
-        self._binding.legacy_bytes = n
-        self._rt.count_legacy(1, n)
-        warnings.warn(f"method {self.name!r}: {self._binding.so.path.name} keeps AOTI's private copy of its "
-                      f"embedded weights ({n} bytes, counted in cache_stats() legacy_bytes) because {why}; "
-                      f"recompile it with torch >= 2.10 to share them", stacklevel=4)
-
-
 class PackageModel(Model):
     """A :class:`~aoti_rt.runtime.Model` made of the AOTI models of one or more ``.pt2`` packages.
 
@@ -540,14 +482,12 @@ class PackageModel(Model):
     """
 
     def __init__(self, groups: Sequence[tuple[Path, list[tuple[str, ModelRecord]]]], device: Device, *,
-                 progress: bool | None = None, verify: bool | str = True,
+                 progress: bool | None = None, verify: "Verify | bool | str" = Verify.ON_DEMAND,
                  max_load_gbps: float | None = None):
-        self.bundle = None
         self.packages = [p for p, _ in groups]
         rt = _device.get(device)
-        self.device = str(rt.device)
-        self._methods: dict[str, Method] = {}
-        scope = None
+        self._start(None, rt)
+        instance = None
         table: dict[str, WeightSpec] = {}
         try:
             for path, members in groups:
@@ -557,14 +497,16 @@ class PackageModel(Model):
                     per_store.setdefault(store, {}).update(rec.weights)
                 sources = {}
                 for store, weights in per_store.items():
-                    sources[store] = weight_source(store, weights, verify=verify, scope=scope)
-                    scope = sources[store].scope       # one instance scope for the whole model
+                    sources[store] = weight_source(store, weights, verify=verify, instance=instance)
+                    instance = sources[store].instance       # one instance for the whole model
                 for method_name, rec in members:
                     store = path if rec.store is None else rec.folder() / rec.store
-                    self._methods[method_name] = _PackageMethod(
-                        method_name, rec.method, rec.folder() / rec.so, sources[store], rt, progress=progress,
-                        typed_inputs=False, folder=rec.folder(), files=rec.files, embedded=rec.embedded,
-                        max_load_gbps=max_load_gbps)
+                    # the folder is held until the method closes: AOTI reads kernels from it lazily
+                    files = MethodFiles(rec.folder() / rec.so, kernel_dir=rec.folder(), embedded=rec.embedded,
+                                        hold=_hold(rec.folder(), rec.files), private_blob=False)
+                    self._methods[method_name] = Method(
+                        method_name, rec.method, files, sources[store], rt, progress=progress,
+                        typed_inputs=False, max_load_gbps=max_load_gbps)
                     for wid, w in rec.weights.items():
                         table.setdefault(wid, w)
         except BaseException:
@@ -572,9 +514,7 @@ class PackageModel(Model):
             raise
         self.manifest = Manifest(device=self.device, methods={n: m.spec for n, m in self._methods.items()},
                                  weights=table)
-        for fqn, first, other in divergent_fqns({n: m.spec for n, m in self._methods.items()}):
-            warnings.warn(f"{fqn} has a different dtype/shape/stride or value in methods {first!r} "
-                          f"and {other!r}: each binds a private copy", stacklevel=3)
+        self._warn_divergent()
 
     def __repr__(self) -> str:
         names = ", ".join(p.name for p in dict.fromkeys(self.packages))
@@ -583,7 +523,7 @@ class PackageModel(Model):
 
 def load_package(packages: PackageSpec, *, device: "str | Device | None" = None,
                  methods: Sequence[str] | None = None, progress: bool | None = None,
-                 verify: bool | str = True, max_load_gbps: float | None = None) -> PackageModel:
+                 verify: "Verify | bool | str" = True, max_load_gbps: float | None = None) -> PackageModel:
     """Load ``.pt2`` packages as one model (what :func:`aoti_rt.load` does for a ``.pt2``).
 
     Args:
@@ -611,8 +551,7 @@ def load_package(packages: PackageSpec, *, device: "str | Device | None" = None,
         ...     logits = lm.prefill(tokens)         # fills the KV cache decode reads
         ...     step = lm.decode(token, pos)
     """
-    if verify not in (True, False, "load"):
-        raise ValueError(f"verify must be True, False or 'load', not {verify!r}")
+    verify = Verify.of(verify)
     wanted = parse_spec(packages)
     dev: "str | Device | None" = device
     groups = []

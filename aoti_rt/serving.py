@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from . import _arena, _cache, _memory, share as _share
+from .acquire import attached_key, export_key
 from .bundle import ITEMSIZE, MANIFEST, Bundle, WeightSpec
 from .device import DeviceRuntime
 from .errors import ShareError, ShareUnavailableError
@@ -143,18 +144,19 @@ class _Role:
     #: whether the model reads most of its weights from its store (the loader pre-pins staging)
     reads_store = True
 
-    def route(self, keys: list[str], content: list[str | None], weights: list[WeightSpec], need: list[int],
-              fixed: list[bool]) -> tuple[list[str], list[str | None], list[Any] | None]:
+    def route(self, keys: list[_cache.WeightKey], content: list[_cache.WeightKey | None], weights: list[WeightSpec],
+              need: list[int], fixed: list[bool]
+              ) -> tuple[list[_cache.WeightKey], list[_cache.WeightKey | None], list[Any] | None]:
         """The keys a method acquires, its content keys, and per key the allocator of a weight
         not cached (None: the device's)."""
         return keys, content, None
 
-    def adopt(self, cache: _cache.WeightCache, keys: list[str], weights: list[WeightSpec], need: list[int],
+    def adopt(self, cache: _cache.WeightCache, keys: list[_cache.WeightKey], weights: list[WeightSpec], need: list[int],
               fixed: list[bool]) -> _cache.Acquisition | None:
         """Cache what this process has without reading it (held until the method acquired)."""
         return None
 
-    def filled(self, keys: list[str], acq: _cache.Acquisition, weights: list[WeightSpec], need: list[int],
+    def filled(self, keys: list[_cache.WeightKey], acq: _cache.Acquisition, weights: list[WeightSpec], need: list[int],
                fixed: list[bool]) -> None:
         """A method has acquired and filled its weights."""
 
@@ -181,8 +183,9 @@ class Exporter(_Role):
         self.rt = rt
         self.server = server
         self.bundle = bundle
-        # its own namespace of cache keys: its weights are the arena's, even where this process
-        # caches the same bundle privately already (a plain load's copy cannot be exported)
+        # its own scope of cache keys (EXPORT, owned by this token): its weights are the arena's,
+        # even where this process caches the same bundle privately already (a plain load's
+        # copy cannot be exported)
         self.scope = f"share:{self.name}:{os.getpid()}:{next(_scopes)}"
         #: verified: every weight read was hashed against its digest (verify="load"), so
         #: copies of the bundle may attach, not only loads of this very store file
@@ -194,7 +197,7 @@ class Exporter(_Role):
         rt.arena_allocators.add(self.allocator)
         self.allocator.reserve(_arena_estimate(bundle, methods))
         #: cache key -> (digest, buffer bytes, Buffer) of each weight placed in the arena
-        self.records: dict[str, tuple[str, int, _memory.Buffer]] = {}
+        self.records: dict[_cache.WeightKey, tuple[str, int, _memory.Buffer]] = {}
         self.read_only = False
         self._stopped = False
 
@@ -203,7 +206,7 @@ class Exporter(_Role):
         allocators: list[Any] = [None] * len(keys)
         for j, f in enumerate(fixed):
             if f:
-                keys[j] = f"{self.scope}|{keys[j]}"
+                keys[j] = export_key(self.scope, weights[j], need[j])
                 content[j] = None        # never a content key: that entry may not be the arena's
                 allocators[j] = self.allocator
         return keys, content, allocators
@@ -262,8 +265,8 @@ class Client(_Role):
     """A process that maps the arenas of the exporter of its bundle and reads only what the
     exporter does not hold (its own mutable state).
 
-    The Buffers it maps are cached under keys of its own scope (``share-client:...|`` + the
-    bundle key, no content key), found only by this model's methods: a plain ``load`` of the
+    The Buffers it maps are cached under keys of its own scope (``Scope.ATTACHED``, owned by this
+    attachment; no content key), found only by this model's methods: a plain ``load`` of the
     same bundle in this process, or a ``verify="load"`` load of a copy, reads its own weights and
     never binds the exporter's memory (which the exporter may update in place)."""
 
@@ -325,12 +328,12 @@ class Client(_Role):
         keys, content = list(keys), list(content)
         for j, f in enumerate(fixed):
             if f and (weights[j].digest, need[j]) in self.table:
-                keys[j] = f"{self.scope}|{keys[j]}"
+                keys[j] = attached_key(self.scope, weights[j], need[j])
                 content[j] = None        # the exporter's memory: never found by content
         return keys, content, None
 
     def adopt(self, cache, keys, weights, need, fixed):
-        ks: list[str] = []
+        ks: list[_cache.WeightKey] = []
         bufs: list[_memory.Buffer] = []
         for j, f in enumerate(fixed):
             if not f or keys[j] in cache:

@@ -28,7 +28,8 @@ from .bundle import (MANIFEST_MAX_BYTES, MethodSpec, WeightSpec, is_regular_file
 from .probe import probe_method
 from .device import Device
 from .errors import BundleError
-from .runtime import Method, weight_source
+from .acquire import weight_source
+from .runtime import Method, device_for
 
 PROBE_VERSION = 2     # 2: b3t digests, records checked like manifests
 
@@ -133,7 +134,7 @@ def load_method(so_path: str | os.PathLike[str], weights: str | os.PathLike[str]
     for p, what in ((so, "shared object"), (blob, "weights blob")):
         if not is_regular_file(p):
             raise BundleError(f"{what} {p} does not exist")
-    dev = Device.parse(device, default="cuda" if _device.cuda_available() else "cpu")
+    dev = device_for(device)
     spec, table = probe_artifact(so, blob, dev)
     rt = _device.get(dev)
     source = weight_source(blob, table)

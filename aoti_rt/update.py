@@ -1,27 +1,25 @@
-"""Live weight updates: new values written into the memory a loaded model's methods are bound to.
+"""Live weight updates: :meth:`aoti_rt.Model.update_weights`, as ``docs/contract.md`` states them.
 
-:meth:`aoti_rt.Model.update_weights` calls :func:`update_weights`. Two ways, chosen per call:
+An update names FQNs and changes exactly those FQNs of one model:
 
-* ``shared=True`` (in place): the new bytes go into the buffers the methods are bound to. No
-  method is rebound; every model in the process bound to the same buffers (the same weights,
-  shared by content) and every process attached to them sees the new values, as RL weight
-  sync wants. The cache stops naming those buffers by their old content, so a model loaded
-  later reads the old values from its own store instead of binding the updated memory.
-* ``shared=False`` (copy on write): each updated weight gets a private buffer holding the old
-  bytes with the new values written over them, and this model's methods are rebound to it
-  (under each method's launch lock, so no call launches halfway); the shared buffer is given
-  back and nothing else changes.
+* memory the model owns alone is written in place: its instance state (a KV cache), its private
+  copies, and an exporter's shared arena (``share=``: every attached process sees it);
+* a weight the device's cache owns (shared by every model loaded from the same store, or by
+  verified content) becomes the model's own: taken over where this model holds every reference
+  (the cache stops naming it; no copy), else copied; other models keep the old values;
+* a buffer bound under several FQNs (the compiler stores equal bytes once) is split on the first
+  divergent write: FQNs written with another value than the rest get a buffer of their own;
+* a weight mapped read-only from another process is refused (``shared=False``: a private copy).
 
-A model's own state (buffers a method writes in place, a KV cache) is private to the instance
-already: it is always written in place. Values come from tensors (any device; each is checked
-against the constant's dtype and shape, then ``copy_`` into a view of the buffer on the
-current stream) or from a safetensors file: its header is checked like a store's, and tensors
-that cover their buffer whole are read by the load pipeline straight into device memory (the
-loader's speed), the others through a host tensor.
+Every name and value (or a safetensors file's header) is checked before anything is allocated
+or written. The writes and rebinds of one update happen while every method of the model holds
+its launch lock, after the calls already launched have finished (CUDA: the device is
+synchronised), so a call of the model sees all old or all new weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Mapping
@@ -32,10 +30,10 @@ from typing import TYPE_CHECKING, Any
 from . import loader
 from .bundle import ITEMSIZE, ST_DTYPES, ConstantSpec, contiguous_strides, read_store_header, view_bytes
 from .errors import AotiRtError, ClosedError, InputError
-from .runtime import buffer_view, raw_view
+from .views import buffer_view, raw_view
 
 if TYPE_CHECKING:
-    from .runtime import Method, Model
+    from .runtime import BoundConstant, Method, Model
 
 
 @dataclass
@@ -48,8 +46,11 @@ class UpdateReport:
     nbytes: int = 0
     #: of those, bytes the load pipeline read from a safetensors file into device memory
     bytes_read: int = 0
-    #: weights that got a private copy (``shared=False``)
+    #: weights that got a buffer of this model's own by copying (the others were written in
+    #: place: state, private copies, an exporter's arena, or cache entries taken over)
     copied_on_write: int = 0
+    #: cache-owned weights this model held alone and took over without a copy
+    taken_over: int = 0
     seconds: float = 0.0
 
     @property
@@ -59,41 +60,60 @@ class UpdateReport:
 
 
 @dataclass
-class _Target:
-    """One buffer to write: who binds it (method, index in its acquisition) and the views."""
+class _Holder:
+    method: "Method"
+    bound: "BoundConstant"
 
-    buffer: Any
-    mutable: bool
-    holders: list[tuple["Method", int]] = field(default_factory=list)
-    writes: list[tuple[ConstantSpec, Any]] = field(default_factory=list)   # (view, value or file entry)
+
+@dataclass
+class _Target:
+    """One destination buffer and what goes into it.
+
+    ``source`` is the buffer bound now; ``dest`` the buffer written: ``source`` itself (in place)
+    or a fresh one (a copy of ``source``'s bytes first). ``holders`` are the constants that will
+    be bound to ``dest``; ``writes`` the (view, value) pairs written into it, once per FQN."""
+
+    source: Any
+    holders: list[_Holder]
+    writes: list[tuple[ConstantSpec, Any]]
+    copy: bool = False
+    take_key: Any = None          # a cache key to take over before writing in place
+    take_refs: int = 0
+    dest: Any = None
 
 
 def _contiguous(c: ConstantSpec) -> bool:
     return list(c.stride) == contiguous_strides(c.shape) or 0 in c.shape
 
 
-def _bound(model: "Model") -> dict[str, list[tuple["Method", int, ConstantSpec, Any, bool]]]:
-    """fqn -> every (method, acquisition index, constant, buffer, mutable) that binds it."""
-    out: dict[str, list] = {}
-    for m in model._methods.values():
+def _methods(model: "Model") -> "list[Method]":
+    ms = model.method_list()
+    for m in ms:
         if m.closed:
             raise ClosedError(f"method {m.name!r} is closed")
         if not m.shared:
             raise AotiRtError(f"method {m.name!r} runs a .so without UpdateUserManagedConstantBufferPairs: "
                               f"AOTI holds its weights privately and aoti_rt cannot update them; "
                               f"recompile it with torch >= 2.10")
-        acq = m._binding.acq
-        index = {id(b): i for i, b in enumerate(acq.buffers)}
-        for fqn, (buf, c, mutable) in m._buffers.items():
-            out.setdefault(fqn, []).append((m, index[id(buf)], c, buf, mutable))
-    return out
+    return ms
 
 
 def _check_value(fqn: str, c: ConstantSpec, value: Any) -> None:
+    """A value must be a plain dense tensor with the constant's dtype and shape, on a real device."""
     import torch
 
     if not isinstance(value, torch.Tensor):
         raise InputError(f"update_weights: {fqn} must be a torch.Tensor, not {type(value).__name__}")
+    if type(value) not in (torch.Tensor, torch.nn.Parameter):
+        raise InputError(f"update_weights: {fqn} is a {type(value).__name__} (a tensor subclass); pass a plain "
+                         f"tensor (e.g. the subclass's dense value)")
+    if value.layout != torch.strided:
+        raise InputError(f"update_weights: {fqn} is a {value.layout} tensor; pass a dense one (.to_dense())")
+    if value.is_quantized:
+        raise InputError(f"update_weights: {fqn} is a quantized tensor; pass the plain {c.dtype} values")
+    if value.device.type == "meta":
+        raise InputError(f"update_weights: {fqn} is on the meta device and holds no data; pass a tensor "
+                         f"with values")
     if str(value.dtype).removeprefix("torch.") != c.dtype or list(value.shape) != list(c.shape):
         raise InputError(f"update_weights: {fqn} is {c.dtype}{list(c.shape)} in the model; the new value is "
                          f"{str(value.dtype).removeprefix('torch.')}{list(value.shape)}")
@@ -106,143 +126,239 @@ def _check_entry(fqn: str, c: ConstantSpec, entry: tuple[str, list[int], int, in
                          f"holds {dtype}{list(shape)}")
 
 
+def _given(weights: Any) -> tuple[dict[str, Any], Path | None]:
+    """The values to write by FQN, and the safetensors file they come from (or None)."""
+    if isinstance(weights, Mapping):
+        given = dict(weights)
+        for k in given:
+            if type(k) is not str:
+                raise InputError(f"update_weights: names must be FQN strings, not {type(k).__name__} {k!r:.40}")
+        return given, None
+    if isinstance(weights, (str, os.PathLike)):
+        path = Path(weights)
+        return dict(read_store_header(path).tensors), path      # untrusted: checked like a store
+    raise InputError(f"update_weights takes {{fqn: tensor}} or the path of a safetensors file, not "
+                     f"{type(weights).__name__}")
+
+
+def _value_id(value: Any, path: Path | None) -> Any:
+    """What makes two FQNs' new values one value: the same tensor object, or the same bytes of
+    the file."""
+    return (value[2], value[3]) if path is not None else id(value)
+
+
+def _kind(bound: "BoundConstant") -> str:
+    """Which of the contract's kinds of memory a bound constant is (docs/contract.md)."""
+    arena = getattr(bound.buffer, "arena", None)
+    if bound.mutable:
+        return "instance"
+    if arena is not None:
+        return "attached" if arena.imported else "export"
+    return "private" if bound.key is None else "cache"
+
+
+def _plan(model: "Model", methods: "list[Method]", given: dict[str, Any], path: Path | None,
+          shared: bool) -> list[_Target]:
+    """Decide, before anything is allocated or written, where each new value goes."""
+    by_buffer: dict[int, list[_Holder]] = {}
+    for m in methods:
+        for b in m.bindings():
+            by_buffer.setdefault(id(b.buffer), []).append(_Holder(m, b))
+    targets: list[_Target] = []
+    for holders in by_buffer.values():
+        written = [h for h in holders if h.bound.fqn in given]
+        if not written:
+            continue
+        for h in written:
+            value = given[h.bound.fqn]
+            if path is None:
+                _check_value(h.bound.fqn, h.bound.constant, value)
+            else:
+                _check_entry(h.bound.fqn, h.bound.constant, value, path)
+        named = [h for h in holders if h.bound.key is not None]
+        kind = _kind((named or holders)[0].bound)
+        # the FQNs this buffer holds, by the value each gets (None: not written)
+        groups: dict[Any, list[_Holder]] = {}
+        for h in holders:
+            fqn = h.bound.fqn
+            groups.setdefault(None if fqn not in given else _value_id(given[fqn], path), []).append(h)
+        whole = None not in groups and len(groups) == 1
+        if kind == "attached" and shared:
+            raise InputError("update_weights: this model's weights are mapped read-only from another process "
+                             "(share=); update them in the process that exports them, or pass shared=False "
+                             "for a private copy")
+        if kind == "export" and shared and not whole:
+            fqns = sorted({h.bound.fqn for h in holders})
+            raise InputError(f"update_weights: {', '.join(fqns[:6])}{' ...' if len(fqns) > 6 else ''} are one "
+                             f"buffer of the exported arena (their values were equal when compiled); other "
+                             f"processes map it as one, so an exporter updates them together: give all "
+                             f"{len(fqns)} the same tensor, or pass shared=False for a copy of this process's own")
+        source = holders[0].bound.buffer
+        for n, (vid, hs) in enumerate(groups.items()):
+            if vid is None:
+                continue                                   # kept: these FQNs keep the old buffer
+            t = _Target(source, hs, [])
+            seen: set[str] = set()
+            for h in hs:
+                if h.bound.fqn not in seen:
+                    seen.add(h.bound.fqn)
+                    t.writes.append((h.bound.constant, given[h.bound.fqn]))
+            # the one group that may keep the buffer: the only one, when every FQN is written
+            keeps = whole and n == 0
+            if not keeps or (kind == "export" and not shared) or kind == "attached":
+                t.copy = True
+            elif kind == "cache":
+                t.take_key = named[0].bound.key
+                t.take_refs = len({id(h.method) for h in named})
+            targets.append(t)
+    return targets
+
+
+@contextlib.contextmanager
+def _quiesced(methods: "list[Method]", rt: Any):
+    """Every method's launch lock held, and (CUDA) the calls launched before done."""
+    import torch
+
+    with contextlib.ExitStack() as stack:
+        for m in methods:
+            stack.enter_context(m.launch_lock())
+        if rt.is_cuda:
+            torch.cuda.synchronize(rt.index)
+        yield
+        if rt.is_cuda:
+            torch.cuda.synchronize(rt.index)
+
+
 def update_weights(model: "Model", weights: "Mapping[str, Any] | str | os.PathLike[str]", *,
                    shared: bool = True, strict: bool = True, progress: bool | None = None) -> UpdateReport:
     """Write new values into ``model``'s weights; see :meth:`aoti_rt.Model.update_weights`."""
     import torch
 
     t0 = time.perf_counter()
-    bound = _bound(model)
-    path: Path | None = None
-    if isinstance(weights, Mapping):
-        given = dict(weights)
-    else:
-        path = Path(weights)
-        header = read_store_header(path)             # untrusted: checked like a store
-        given = dict(header.tensors)
+    methods = _methods(model)
+    given, path = _given(weights)
+    bound = {b.fqn for m in methods for b in m.bindings()}
     unknown = sorted(k for k in given if k not in bound)
     if unknown and strict:
         raise InputError(f"update_weights: the model binds no {', '.join(unknown[:5])}"
                          f"{' ...' if len(unknown) > 5 else ''} ({len(unknown)} unknown); it binds "
                          f"{len(bound)} FQNs, e.g. {', '.join(sorted(bound)[:3])} (strict=False ignores them)")
-    targets: dict[int, _Target] = {}
-    for fqn, value in given.items():
-        if fqn not in bound:
-            continue
-        for m, i, c, buf, mutable in bound[fqn]:
-            if path is None:
-                _check_value(fqn, c, value)
-            else:
-                _check_entry(fqn, c, value, path)
-            t = targets.get(id(buf))
-            if t is None:
-                t = targets[id(buf)] = _Target(buf, mutable)
-            t.holders.append((m, i))
-            if all(c.fqn != w.fqn for w, _ in t.writes):
-                t.writes.append((c, value))
-    # shared arenas written in place: an exporter's own, made writable for the update
-    arenas: dict[int, Any] = {}
-    if shared:
-        for t in targets.values():
-            arena = t.buffer.arena
-            if arena is None or not t.buffer.read_only:
-                continue
-            if arena.imported:
-                raise InputError("update_weights: this model's weights are mapped read-only from another "
-                                 "process (share=); update them in the process that exports them, or pass "
-                                 "shared=False for a private copy")
-            arenas[id(arena)] = arena
+    targets = _plan(model, methods, given, path, shared)
     report = UpdateReport(fqns=sorted(k for k in given if k in bound))
-    rt = next(iter(model._methods.values()))._rt
-    # copy on write: a private buffer with the old bytes, for each shared weight
-    fresh: dict[int, Any] = {}
-    if not shared:
-        for key, t in targets.items():
-            if t.mutable:
-                continue
-            new = rt.allocator.allocate(t.buffer.nbytes)
-            raw_view(new).copy_(raw_view(t.buffer))
-            fresh[key] = new
-    if rt.is_cuda:
-        # the calls already queued on the current stream read the old values, and the copies
-        # above must land before the new values: the load pipeline writes on its own streams
-        torch.cuda.current_stream(rt.index).synchronize()
-    # the old content keys stop describing the buffers written in place before any byte is
-    # written: an update that fails halfway (a truncated file, Ctrl-C) leaves no later load
-    # binding half-new memory under the old content's name
-    for key, t in targets.items():
-        if key not in fresh and not t.mutable:
-            for m, i in t.holders:
-                rt.cache.forget(m._binding.acq.keys[i])
-    for arena in arenas.values():
-        arena.unprotect()
+    rt = methods[0].runtime
+    fresh: list[Any] = []
     try:
-        with torch.no_grad():
-            report.nbytes, report.bytes_read = _write(rt, targets, fresh, path, progress)
-        if rt.is_cuda:
-            torch.cuda.current_stream(rt.index).synchronize()
-    finally:
-        for arena in arenas.values():
-            arena.protect()
-    # rebind the methods whose weights got private copies
-    per_method: dict[int, tuple["Method", dict[int, Any]]] = {}
-    for key, new in fresh.items():
-        for m, i in targets[key].holders:
-            per_method.setdefault(id(m), (m, {}))[1][i] = new
-    _rebind_all(list(per_method.values()))
-    report.copied_on_write = len(fresh)
+        for t in targets:                       # allocation fails here, before anything is written
+            if t.copy:
+                t.dest = rt.allocator.allocate(t.source.nbytes)
+                fresh.append(t.dest)
+    except BaseException:
+        fresh.clear()
+        raise
+    done: list[str] = []
+    with _quiesced(methods, rt), torch.no_grad():
+        try:
+            for t in targets:
+                if t.copy:
+                    continue
+                if t.take_key is not None and not rt.cache.take_over(t.take_key, t.take_refs):
+                    # another model holds it: this model gets a copy of its own
+                    t.dest = rt.allocator.allocate(t.source.nbytes)
+                    t.copy = True
+                else:
+                    t.dest = t.source
+                    report.taken_over += t.take_key is not None
+            # copies first: filled with the old bytes and the new values, then bound (all methods
+            # or none), so a failure up to here changes nothing this model computes
+            for t in targets:
+                if t.copy:
+                    raw_view(t.dest).copy_(raw_view(t.source))
+            if rt.is_cuda:       # the old bytes land before the load pipeline writes on its own streams
+                torch.cuda.synchronize(rt.index)
+            n1, r1 = _write(rt, [t for t in targets if t.copy], path, progress, [])
+            if rt.is_cuda:
+                torch.cuda.synchronize(rt.index)
+            _rebind(targets)
+            done.extend(c.fqn for t in targets if t.copy for c, _ in t.writes)
+            # then what is written in place (state, memory this model owns, an exporter's arena)
+            arenas = {id(t.dest.arena): t.dest.arena for t in targets
+                      if not t.copy and getattr(t.dest, "arena", None) is not None and t.dest.read_only}
+            for arena in arenas.values():
+                arena.unprotect()
+            try:
+                n2, r2 = _write(rt, [t for t in targets if not t.copy], path, progress, done)
+                if rt.is_cuda:
+                    torch.cuda.synchronize(rt.index)
+            finally:
+                for arena in arenas.values():
+                    arena.protect()
+            report.nbytes, report.bytes_read = n1 + n2, r1 + r2
+        except BaseException as e:
+            if done:
+                note = (f"update_weights was interrupted after writing {len(done)} of its FQNs "
+                        f"({', '.join(done[:8])}{' ...' if len(done) > 8 else ''}); the others hold their old "
+                        f"values. Every weight is still bound and the model usable: update again to finish")
+                if hasattr(e, "add_note"):
+                    e.add_note(note)
+                if isinstance(e, Exception) and not isinstance(e, AotiRtError):
+                    raise AotiRtError(f"{type(e).__name__}: {e}. {note}") from e
+            raise
+    report.copied_on_write = sum(t.copy for t in targets)
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _rebind_all(rebinds: "list[tuple[Method, dict[int, Any]]]") -> None:
-    """Point every method at its private copies, then let each acquisition hold them: all
-    methods or none. A method that fails to rebind undoes the ones rebound before it (they
-    point at the shared buffers again, which they still hold); one that cannot be undone keeps
-    its private copies (memory it points at is never freed under it) and the error says so."""
+def _rebind(targets: list[_Target]) -> None:
+    """Bind every constant whose weight got a buffer of its own to it (the launch locks are
+    held, so :meth:`~aoti_rt.runtime.Method.rebind` does not take them again): each method in
+    one Pairs call, all methods or none (a method that fails undoes the
+    ones rebound before it)."""
+    per_method: dict[int, tuple["Method", dict[int, Any], dict[int, Any]]] = {}
+    for t in targets:
+        if t.dest is t.source:
+            continue
+        for h in t.holders:
+            m, new, old = per_method.setdefault(id(h.method), (h.method, {}, {}))
+            new[h.bound.index] = t.dest
+            old[h.bound.index] = t.source
     done: list[tuple["Method", dict[int, Any]]] = []
     try:
-        for m, replaced in rebinds:
-            m._point_at(replaced)
-            done.append((m, replaced))
-    except BaseException as e:
-        stuck = []
-        for m, replaced in done:
-            try:
-                m._point_at({})
-            except Exception:  # noqa: BLE001 - it keeps the copies it points at
-                m._adopt(replaced)
-                stuck.append(m.name)
-        if stuck:
-            raise AotiRtError(f"update_weights(shared=False) failed ({e}) and could not be undone for "
-                              f"{', '.join(stuck)}: those methods compute with the new values, the others "
-                              f"with the old; update again or load the model anew") from e
+        for m, new, old in per_method.values():
+            m.rebind(new, release=False)
+            done.append((m, old))
+    except BaseException:
+        for m, old in done:
+            m.rebind(old, release=False)        # the old buffers, still held by its acquisition
         raise
-    for m, replaced in done:
-        m._adopt(replaced)
+    for m, _ in done:
+        m.release_unbound()
 
 
-def _write(rt: Any, targets: dict[int, _Target], fresh: dict[int, Any], path: Path | None,
-           progress: bool | None) -> tuple[int, int]:
-    """Write every target's new values (into its private copy where it has one); returns the
-    bytes written and the bytes the load pipeline read from ``path``."""
+def _write(rt: Any, targets: list[_Target], path: Path | None, progress: bool | None,
+           done: list[str]) -> tuple[int, int]:
+    """Write every target's new values into its destination; returns the bytes written and the
+    bytes the load pipeline read from ``path``. ``done`` collects the FQNs written in place."""
     written = 0
     direct: list[tuple[int, int, Any]] = []          # (file offset, bytes, buffer): the load pipeline
-    for key, t in targets.items():
-        dest = fresh.get(key, t.buffer)
+    direct_fqns: list[str] = []
+    for t in targets:
         for c, value in t.writes:
             if path is not None and c.storage_offset == 0 and _contiguous(c):
                 _, _, start, end = value
-                direct.append((start, end - start, dest))
+                direct.append((start, end - start, t.dest))
+                direct_fqns.append(c.fqn)
             else:
                 if path is not None:
                     value = _read_host(path, value, c)
-                buffer_view(dest, c).copy_(value)
+                buffer_view(t.dest, c).copy_(value)
+                if not t.copy:
+                    done.append(c.fqn)
             written += view_bytes(c.shape, c.stride, c.storage_offset, ITEMSIZE[c.dtype])
     read = 0
     if direct:
         read = loader.read_weights(rt, path, [d[0] for d in direct], [d[1] for d in direct],
                                    [d[2] for d in direct], progress=progress)
+        done.extend(direct_fqns)
     return written, read
 
 

@@ -1,6 +1,6 @@
 """Weight-cache lookup cost per key, and the cost of binding a method whose weights are cached.
 
-Table 1, ``aoti_rt._cache.WeightCache`` with K = 1k, 10k and 100k keys (sha256-style strings),
+Table 1, ``aoti_rt._cache.WeightCache`` with K = 1k, 10k and 100k keys (``WeightKey`` of sha256-style digests),
 each a 256-byte buffer from the device's own allocator (``aoti_rt.device.get(dev).allocator``;
 cuMemAlloc on CUDA): ns per key of
 
@@ -80,7 +80,9 @@ def lookup_table(report: common.Report, rt: DeviceRuntime, reps: int) -> None:
 
 
 def _lookup_rows(table: common.Table, rt: DeviceRuntime, k: int, reps: int) -> None:
-    keys = [f"sha256:{hashlib.sha256(str(i).encode()).hexdigest()}" for i in range(k)]
+    # typed keys, as the runtime makes them (aoti_rt.acquire's key policy: a content key)
+    keys = [_cache.WeightKey(_cache.Scope.CONTENT, None, f"sha256:{hashlib.sha256(str(i).encode()).hexdigest()}",
+                             BUFFER_BYTES, BUFFER_BYTES) for i in range(k)]
     sizes = [BUFFER_BYTES] * k
     inner = max(1, 100_000 // k)   # passes per sample: a sample covers at least 100k keys
 
@@ -213,7 +215,7 @@ def _bind_pieces(row: Callable[[str, list[float]], None], first: aoti_rt.Model, 
     held = first[name]._binding.acq            # what the loaded method holds: its keys, buffers
     keys = list(held.keys)
     sizes = [b.nbytes for b in held.buffers]
-    buffers = [first[name]._buffers[c.fqn][0] for c in cs]
+    buffers = [b.buffer for b in first[name].bindings()]
     torch_shim()
     dev = str(rt.device)
 

@@ -120,7 +120,7 @@ def main() -> int:
                 with open("/proc/self/maps") as f:
                     out["lines"] = [x.strip() for x in f if "aoti_rt-weights" in x]
             elif op == "write":
-                ptr = next(b for b, _, _ in model.prefill._buffers.values() if b.read_only).ptr
+                ptr = next(b.buffer for b in model.prefill.bindings() if b.buffer.read_only).ptr
                 if dev == "cpu":
                     pid = os.fork()
                     if pid == 0:                      # the child writes, and should die of it
@@ -129,7 +129,7 @@ def main() -> int:
                     _, status = os.waitpid(pid, 0)
                     out["signal"] = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
                 else:
-                    buf = next(b for b, _, _ in model.prefill._buffers.values() if b.read_only)
+                    buf = next(b.buffer for b in model.prefill.bindings() if b.buffer.read_only)
                     try:
                         torch.as_tensor(buf, device=dev).fill_(0)
                         torch.cuda.synchronize(dev)

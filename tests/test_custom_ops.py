@@ -118,10 +118,11 @@ def stock(so: Path, module: nn.Module, device: str, x):
 
 def assert_runner_binds_the_cache(method):
     """What torch's runner computes with is aoti_rt's buffers, not a copy."""
-    held = method._binding.runner.extract_constants_map(False)
-    assert sorted(held) == sorted(method._buffers)
+    held = method._runner.runner.extract_constants_map(False)
+    bound = {b.fqn: b for b in method.bindings()}
+    assert sorted(held) == sorted(bound)
     for fqn, t in held.items():
-        buf, c, _ = method._buffers[fqn]
+        buf, c = bound[fqn].buffer, bound[fqn].constant
         assert t.data_ptr() == buf.ptr + c.storage_offset * t.element_size(), fqn
 
 
@@ -171,7 +172,8 @@ def test_shared_weights_are_held_once(custom_bundle, device):
         assert model.custom.bytes_read == man.unique_weight_bytes()
         assert model.plain.bytes_read == 0            # every weight of plain was cached by custom
         for fqn in ("net.lin.weight", "net.lin.bias", "net.scale", "net.head.weight", "net.head.bias"):
-            assert model.custom._buffers[fqn][0] is model.plain._buffers[fqn][0]
+            assert model.custom.bindings()[model.custom.constants.index(fqn)].buffer is \
+                model.plain.bindings()[model.plain.constants.index(fqn)].buffer
         assert_runner_binds_the_cache(model.custom)
         with torch.no_grad():
             torch.testing.assert_close(model.custom(x), custom(x))

@@ -1,4 +1,4 @@
-"""Issue 3: the shared weight cache, on real AOTI models (CPU always; CUDA where present)."""
+"""The shared weight cache, its typed keys and the public rebind API, on real AOTI models (CPU always; CUDA where present)."""
 
 from __future__ import annotations
 
@@ -504,3 +504,194 @@ def test_pinned_store_loads_without_reading(three_bundle, device):
     assert stats(device)["pinned_store_bytes"] == 0
     with aoti_rt.load(three_bundle, device=device) as m:               # unpinned: reads again
         assert m.a.bytes_read > 0
+
+
+# -- typed cache keys ----------------------------------------------------------------------------
+
+def test_a_buffer_is_never_found_from_a_scope_it_was_not_put_in(device):
+    """The same digest and sizes in STORE, CONTENT, INSTANCE, EXPORT and ATTACHED keys are
+    distinct entries; only an explicit alias makes a STORE entry findable as CONTENT."""
+    from aoti_rt._cache import Scope, WeightCache, WeightKey
+    from aoti_rt.device import get
+
+    rt = get(device)
+    digest = "b3t:" + "ab" * 32
+    keys = [WeightKey(Scope.STORE, ("/s", (1, 2, 3)), digest, 64, 64),
+            WeightKey(Scope.CONTENT, None, digest, 64, 64),
+            WeightKey(Scope.INSTANCE, "model1", digest, 64, 64),
+            WeightKey(Scope.EXPORT, "share:x:1", digest, 64, 64),
+            WeightKey(Scope.ATTACHED, "attach:1", digest, 64, 64)]
+    assert len(set(keys)) == len(keys)
+    # equal fields in the same scope: one key (hash computed once, equality by value)
+    twin = WeightKey(Scope.STORE, ("/s", (1, 2, 3)), digest, 64, 64)
+    assert twin == keys[0] and hash(twin) == hash(keys[0]) and twin is not keys[0]
+    assert WeightKey(Scope.STORE, ("/s", (1, 2, 3)), digest, 64, 128) != keys[0]     # another buffer size
+    assert keys[0] != (Scope.STORE, ("/s", (1, 2, 3)), digest, 64, 64)               # never a tuple or str
+    cache = WeightCache()
+    store = cache.acquire([keys[0]], [64], rt.allocator)
+    cache.publish(store)
+    for k in keys[1:]:
+        assert k not in cache
+    others = cache.acquire(keys[1:], [64] * 4, rt.allocator)
+    assert others.to_fill == [0, 1, 2, 3]                  # each scope its own new entry
+    assert len({id(b) for b in others.buffers} | {id(store.buffers[0])}) == 5
+    cache.publish(others)
+    cache.release(others)
+    # CONTENT names the STORE entry only once aliased (after verification); no other scope
+    # can be made to name another's entry
+    for k, new in ((keys[2], keys[1]), (keys[0], keys[2]), (keys[4], keys[1]), (keys[1], keys[0]),
+                   (keys[0], WeightKey(Scope.CONTENT, None, "b3t:" + "cd" * 32, 64, 64))):
+        with pytest.raises(ValueError, match="only a STORE entry"):
+            cache.alias(k, new)
+    assert cache.alias(keys[0], keys[1])
+    again = cache.acquire([keys[1], twin], [64, 64], rt.allocator)
+    assert again.to_fill == [] and again.buffers[0] is again.buffers[1] is store.buffers[0]
+    cache.release(again)
+    cache.release(store)
+    assert len(cache) == 0
+    with pytest.raises(ValueError, match="owner"):
+        WeightKey(Scope.CONTENT, "someone", digest, 64, 64)
+    with pytest.raises(ValueError, match="owner"):
+        WeightKey(Scope.STORE, None, digest, 64, 64)
+
+
+def test_take_over_unlinks_only_an_entry_the_caller_holds_alone(device):
+    from aoti_rt._cache import Scope, WeightCache, WeightKey
+    from aoti_rt.device import get
+
+    rt = get(device)
+    key = WeightKey(Scope.STORE, ("/s", None), "b3t:00", 16, 16)
+    cache = WeightCache()
+    a = cache.acquire([key], [16], rt.allocator)
+    assert not cache.take_over(key, 1)                   # still loading
+    cache.publish(a)
+    b = cache.acquire([key], [16], rt.allocator)
+    assert not cache.take_over(key, 1) and key in cache  # someone else holds it too
+    cache.release(b)
+    assert cache.take_over(key, 1) and key not in cache  # the holder keeps the buffer
+    assert a.buffers[0] is not None
+    c = cache.acquire([key], [16], rt.allocator)
+    assert c.to_fill == [0] and c.buffers[0] is not a.buffers[0]   # a later acquire makes its own
+    cache.publish(c)
+    cache.release(c)
+    cache.release(a)
+    assert len(cache) == 0 and not cache.take_over(key, 0)
+
+
+def test_keys_name_the_store_and_the_instance(three_bundle, device, copy_bundle):
+    """Two loads of one store share its STORE keys and never INSTANCE state; a copy of the
+    store is another STORE owner; verify=False binds no CONTENT key."""
+    from aoti_rt._cache import Scope
+
+    with aoti_rt.load(three_bundle, device=device) as m1, aoti_rt.load(three_bundle, device=device) as m2:
+        k1 = [b.key for b in m1.a.bindings()]
+        k2 = [b.key for b in m2.a.bindings()]
+        assert k1 == k2 and all(k.scope in (Scope.STORE, Scope.CONTENT) for k in k1)
+        assert [b.buffer for b in m1.a.bindings()] == [b.buffer for b in m2.a.bindings()]
+        other = copy_bundle(three_bundle)
+        with aoti_rt.load(other, device=device, verify=False) as m3:
+            k3 = [b.key for b in m3.a.bindings()]
+            assert all(k.scope is Scope.STORE for k in k3)
+            assert {k.owner for k in k3}.isdisjoint({k.owner for k in k1})
+            assert [k.weight for k in k3] == [k.weight for k in k1]        # the same digests
+
+
+def test_state_is_instance_scoped(lm_bundle, device):
+    from aoti_rt._cache import Scope
+
+    with aoti_rt.load(lm_bundle, device=device) as m1, aoti_rt.load(lm_bundle, device=device) as m2:
+        s1 = {b.fqn: b for b in m1.prefill.bindings() if b.mutable}
+        s2 = {b.fqn: b for b in m2.prefill.bindings() if b.mutable}
+        assert s1 and s1.keys() == s2.keys()
+        for fqn in s1:
+            assert s1[fqn].key.scope is Scope.INSTANCE and s1[fqn].key != s2[fqn].key
+            assert s1[fqn].buffer is not s2[fqn].buffer
+            # the methods of one instance share it
+            assert next(b for b in m1.decode.bindings() if b.fqn == fqn).buffer is s1[fqn].buffer
+
+
+# -- the public rebind API --------------------------------------------------------------------
+
+def test_rebind_binds_new_buffers_and_gives_back_what_it_no_longer_binds(three_bundle, device):
+    from aoti_rt.views import buffer_view
+
+    x = torch.randn(3, 64, device=device)
+    with aoti_rt.load(three_bundle, device=device) as model:
+        m, rt = model.a, model.a.runtime
+        assert model.method_list() == [model.a, model.b, model.c]
+        rows = m.bindings()
+        assert [r.index for r in rows] == list(range(len(m.constants)))
+        assert [r.fqn for r in rows] == m.constants
+        row = next(r for r in rows if r.fqn.endswith("0.weight"))
+        before = m(x)
+        # "a" and "b" do not share layer 0: the entry is "a"'s alone
+        assert rt.cache.refcount(row.key) == 1
+        new = rt.allocator.allocate(row.buffer.nbytes)
+        buffer_view(new, row.constant).copy_(buffer_view(row.buffer, row.constant) * 0)
+        m.rebind({row.index: new})
+        after = m.bindings()[row.index]
+        assert after.buffer is new and after.key is None
+        assert row.key not in rt.cache                       # released: its only holder let go
+        assert not torch.allclose(m(x), before)
+        # other constants and methods untouched
+        assert [r.buffer for r in m.bindings() if r.index != row.index] == \
+            [r.buffer for r in rows if r.index != row.index]
+        shared = next(r for r in model.b.bindings() if r.fqn.endswith("1.weight"))
+        refs = rt.cache.refcount(shared.key)
+        assert refs == 2                                      # a and b bind layer 1
+        copy = rt.allocator.allocate(shared.buffer.nbytes)
+        raw = buffer_view(shared.buffer, shared.constant)
+        buffer_view(copy, shared.constant).copy_(raw)
+        model.b.rebind({shared.index: copy})
+        assert rt.cache.refcount(shared.key) == 1             # exactly one reference given back
+        torch.testing.assert_close(model.b(x), model.b(x))
+
+
+def test_rebind_is_all_or_nothing_on_bad_input(three_bundle, device):
+    x = torch.randn(3, 64, device=device)
+    with aoti_rt.load(three_bundle, device=device) as model:
+        m = model.a
+        rows = m.bindings()
+        want = m(x)
+        small = m.runtime.allocator.allocate(4)
+        good = m.runtime.allocator.allocate(rows[0].buffer.nbytes)
+        for bad in ({0: good, len(rows): good}, {0: good, 1: small}, {0: good, 1: "buffer"}):
+            with pytest.raises(aoti_rt.InputError):
+                m.rebind(bad)
+            assert [r.buffer for r in m.bindings()] == [r.buffer for r in rows]
+            torch.testing.assert_close(m(x), want)
+    with pytest.raises(aoti_rt.ClosedError):
+        m.rebind({})
+    with pytest.raises(aoti_rt.ClosedError):
+        m.bindings()
+
+
+def test_launch_lock_holds_calls_until_released(three_bundle, device):
+    x = torch.randn(3, 64, device=device)
+    with aoti_rt.load(three_bundle, device=device) as model:
+        m = model.a
+        m(x)
+        done = threading.Event()
+        with m.launch_lock():
+            t = threading.Thread(target=lambda: (m(x), done.set()))
+            t.start()
+            assert not done.wait(0.5)                       # the call waits for the lock
+            rows = m.bindings()
+            m.rebind({rows[0].index: rows[0].buffer})       # rebind inside: no deadlock
+        assert done.wait(30)
+        t.join()
+
+
+# -- options at the API's edge -------------------------------------------------------------------
+
+def test_verify_is_converted_once_and_a_bad_value_is_refused(three_bundle, device):
+    assert aoti_rt.Verify.of(True) is aoti_rt.Verify.ON_DEMAND
+    assert aoti_rt.Verify.of("load") is aoti_rt.Verify.LOAD
+    assert aoti_rt.Verify.of(False) is aoti_rt.Verify.NEVER
+    assert aoti_rt.Verify.of(aoti_rt.Verify.LOAD) is aoti_rt.Verify.LOAD
+    for bad in ("yes", 1, 0, None, "LOAD"):
+        with pytest.raises(aoti_rt.OptionError, match="verify must be") as e:
+            aoti_rt.load(three_bundle, device=device, verify=bad)
+        assert isinstance(e.value, ValueError)
+    with aoti_rt.load(three_bundle, device=device, verify=aoti_rt.Verify.LOAD) as model:
+        assert model.a.bindings()

@@ -1,5 +1,8 @@
-"""Live weight updates (Model.update_weights): in place, visible to every model bound to the
-same memory; copy on write, visible to one model only; from tensors or a safetensors file."""
+"""Live weight updates (Model.update_weights), as docs/contract.md states them: an update changes
+exactly the FQNs it names, of one model; memory the model owns alone is written in place, a weight
+the cache owns is taken over (held alone) or copied (held by others too); a buffer bound under
+several FQNs is split on the first divergent write; calls see all old or all new weights; every
+value is checked before anything is written. From tensors or a safetensors file."""
 
 from __future__ import annotations
 
@@ -13,9 +16,9 @@ from aoti_rt.errors import BundleError, InputError
 from models import METHOD_LAYERS, Subset, make_stack
 
 
-def new_values(device: str, model) -> dict[str, torch.Tensor]:
+def new_values(device: str, model, seed: int = 1) -> dict[str, torch.Tensor]:
     """The other stack's (seed 1) value of every FQN the model binds."""
-    other = make_stack(device, seed=1)
+    other = make_stack(device, seed=seed)
     state = {f"stack.{k}": v for k, v in other.state_dict(keep_vars=False).items()}
     bound = {fqn for m in model.methods for fqn in model[m].constants}
     return {k: v.detach().clone() for k, v in state.items() if k in bound}
@@ -36,23 +39,109 @@ def allocated(device) -> int:
     return aoti_rt.cache_stats(device)["bytes_allocated"]
 
 
-def test_in_place_update_equals_a_fresh_load_and_reaches_every_model_bound_to_it(three_bundle, device):
+def test_an_update_changes_this_model_only(three_bundle, device):
+    """Another model of the same bundle in this process keeps computing the old weights; this
+    one gets copies of its own of the weights both held; a model loaded later reads its store."""
     x = torch.randn(3, 64, device=device)
     old, new = outputs_of(make_stack(device), x), outputs_of(make_stack(device, seed=1), x)
     with aoti_rt.load(three_bundle, device=device) as model, \
             aoti_rt.load(three_bundle, device=device) as twin:
         before = allocated(device)
         report = model.update_weights(new_values(device, model))
-        assert report.copied_on_write == 0 and report.nbytes > 0 and report.fqns
-        assert allocated(device) == before              # nothing allocated, nothing rebound
+        assert report.copied_on_write > 0 and report.taken_over == 0 and report.nbytes > 0
+        assert allocated(device) > before                # the copies of the weights both held
         check(model, new, x)
-        check(twin, new, x)                             # bound to the same memory
-        # a model loaded now reads its own store: the old values, in memory of its own
+        check(twin, old, x)
+        with aoti_rt.load(three_bundle, device=device) as later:
+            check(later, old, x)
+        fqn = report.fqns[0]
+        torch.testing.assert_close(model.weight(fqn), new_values(device, model)[fqn])
+
+
+def test_a_model_holding_its_weights_alone_takes_them_over_without_a_copy(three_bundle, device):
+    x = torch.randn(3, 64, device=device)
+    old, new = outputs_of(make_stack(device), x), outputs_of(make_stack(device, seed=1), x)
+    base = allocated(device)
+    with aoti_rt.load(three_bundle, device=device) as model:
+        before = allocated(device)
+        report = model.update_weights(new_values(device, model))
+        assert report.copied_on_write == 0 and report.taken_over > 0
+        assert allocated(device) == before                # written in place: nothing allocated
+        check(model, new, x)
+        # the cache no longer names that memory: a later load reads its own store
         with aoti_rt.load(three_bundle, device=device) as later:
             check(later, old, x)
             assert allocated(device) > before
-        fqn = report.fqns[0]
-        torch.testing.assert_close(model.weight(fqn), new_values(device, model)[fqn])
+        # a second update writes this model's own memory in place again
+        again = model.update_weights(new_values(device, model))
+        assert again.copied_on_write == 0 and again.taken_over == 0
+        check(model, new, x)
+    assert allocated(device) == base
+
+
+def test_an_update_of_one_fqn_does_not_change_the_fqns_stored_with_it(lm_bundle, device):
+    """The demo LM's nine LayerNorm weights are all ones when compiled: the store holds them once
+    and one buffer is bound under nine FQNs. Updating one changes that one; nine values for the
+    nine names leave each name holding its own value."""
+    norms = [f"lm.blocks.{i}.norm{j}.weight" for i in range(4) for j in (1, 2)] + ["lm.norm.weight"]
+    with aoti_rt.load(lm_bundle, device=device) as model:
+        bound = {b.fqn: b.buffer for b in model["prefill"].bindings()}
+        assert len({id(bound[f]) for f in norms}) == 1          # one buffer under nine names
+        ones = model.weight(norms[0])
+        v = torch.full_like(ones, 2.0)
+        model.update_weights({norms[0]: v})
+        torch.testing.assert_close(model.weight(norms[0]), v)
+        for f in norms[1:]:
+            torch.testing.assert_close(model.weight(f), ones)
+        values = {f: torch.full_like(ones, float(k + 3)) for k, f in enumerate(norms)}
+        model.update_weights(values)
+        for f in norms:
+            torch.testing.assert_close(model.weight(f), values[f])
+            for m in model.methods:
+                torch.testing.assert_close(model[m].weight(f), values[f])
+        # and the model computes with them: a fresh compile's eager model with the same values
+        lm = aoti_rt.demo.make_model(device)
+        with torch.no_grad():
+            for f, t in values.items():
+                lm.get_parameter(f.removeprefix("lm.")).copy_(t)
+            tokens = torch.arange(1, 9, device=device)
+            want = aoti_rt.demo.Prefill(lm)(tokens)
+        torch.testing.assert_close(model.prefill(tokens), want, rtol=1e-4, atol=1e-4)
+
+
+def test_calls_in_other_threads_see_all_old_or_all_new_weights(three_bundle, device):
+    """While one thread updates back and forth between two sets of weights, calls made in other
+    threads compute exactly the one set or the other, never a mix."""
+    import threading
+
+    x = torch.randn(3, 64, device=device)
+    want = [outputs_of(make_stack(device, seed=s), x) for s in (0, 1)]
+    with aoti_rt.load(three_bundle, device=device) as model, torch.no_grad():
+        sets = [new_values(device, model, seed) for seed in (0, 1)]
+        stop, bad, seen = threading.Event(), [], [0, 0]
+
+        def caller():
+            while not stop.is_set():
+                for n in METHOD_LAYERS:
+                    got = model[n](x)
+                    hits = [k for k in (0, 1) if torch.equal(got, want[k][n])]
+                    if not hits:
+                        bad.append(n)
+                    else:
+                        seen[hits[0]] += 1
+
+        threads = [threading.Thread(target=caller) for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            for k in range(30):
+                model.update_weights(sets[(k + 1) % 2])
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert not bad, f"{len(bad)} calls computed with a mix of old and new weights"
+        assert seen[0] and seen[1]
 
 
 def test_copy_on_write_changes_only_this_model(three_bundle, device):
@@ -91,14 +180,15 @@ def test_update_from_a_safetensors_file_uses_the_load_pipeline(three_bundle, dev
         check(model, new, x)
 
 
-def test_an_update_interrupted_halfway_leaves_no_later_load_binding_its_memory(three_bundle, device,
-                                                                              monkeypatch):
-    """Ctrl-C after some weights were written: a model loaded afterwards must not bind that
-    half-new memory under the old content's name; it reads its own store (old outputs)."""
+def test_an_update_interrupted_halfway_says_so_and_leaves_the_model_usable(three_bundle, device,
+                                                                          monkeypatch):
+    """Ctrl-C after some weights were written in place: the exception says which FQNs hold new
+    values, the model still computes (with those), an update finishes the job, and a model
+    loaded afterwards reads its own store (old outputs), never that half-new memory."""
     from aoti_rt import update
 
     x = torch.randn(3, 64, device=device)
-    old = outputs_of(make_stack(device), x)
+    old, new = outputs_of(make_stack(device), x), outputs_of(make_stack(device, seed=1), x)
     real, calls = update.buffer_view, []
 
     def interrupted(buf, c):
@@ -109,11 +199,18 @@ def test_an_update_interrupted_halfway_leaves_no_later_load_binding_its_memory(t
 
     with aoti_rt.load(three_bundle, device=device) as model:
         monkeypatch.setattr(update, "buffer_view", interrupted)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt) as info:
             model.update_weights(new_values(device, model))
         monkeypatch.undo()
+        if hasattr(info.value, "__notes__"):
+            assert "interrupted after writing 2" in info.value.__notes__[0]
+        with torch.no_grad():
+            for n in METHOD_LAYERS:
+                model[n](x)                          # usable
         with aoti_rt.load(three_bundle, device=device) as later:
             check(later, old, x)
+        model.update_weights(new_values(device, model))
+        check(model, new, x)
 
 
 def test_bad_updates_are_refused_before_anything_is_written(three_bundle, device, tmp_path):
@@ -122,12 +219,21 @@ def test_bad_updates_are_refused_before_anything_is_written(three_bundle, device
     with aoti_rt.load(three_bundle, device=device) as model:
         values = new_values(device, model)
         fqn = sorted(values)[0]
-        for bad, what in ((values[fqn].double(), "float64"), (values[fqn][:1], "shape"),
-                          ({"no.such.weight": values[fqn]}, "no.such.weight")):
-            update = bad if isinstance(bad, dict) else {**values, fqn: bad}
-            with pytest.raises(InputError):
+        last = sorted(values)[-1]          # bad values come last: the good ones before must not land
+        bads = [(values[last].double(), "float64"), (values[last][:1], r"the new value is \w+\[1"),
+                (torch.empty_like(values[last], device="meta"), "meta"),
+                (values[last].cpu().to_sparse(), "sparse"), (values[last].tolist(), "list"),
+                ({"no.such.weight": values[fqn]}, "no.such.weight"), ({3: values[fqn]}, "FQN strings")]
+        if values[last].dtype == torch.float32 and values[last].device.type == "cpu":
+            bads.append((torch.quantize_per_tensor(values[last], 0.1, 0, torch.qint8), "quantized"))
+        for bad, what in bads:
+            update = bad if isinstance(bad, dict) else {**{k: v for k, v in values.items() if k != last}, last: bad}
+            with pytest.raises(InputError, match=what):
                 model.update_weights(update)
             check(model, old, x)
+        for bad in ([values[fqn]], 5):
+            with pytest.raises(InputError, match="takes"):
+                model.update_weights(bad)
         path = tmp_path / "cut.safetensors"
         save_file({k: v.cpu() for k, v in values.items()}, str(path))
         path.write_bytes(path.read_bytes()[:-100])       # truncated
@@ -138,34 +244,36 @@ def test_bad_updates_are_refused_before_anything_is_written(three_bundle, device
         model.update_weights(values)
 
 
-def test_a_copy_on_write_that_fails_on_one_method_changes_no_method(three_bundle, device, monkeypatch):
+def test_an_update_whose_rebind_fails_on_one_method_changes_no_method(three_bundle, device, monkeypatch):
     """Rebinding is all or nothing: the method rebound before the one that fails points at the
-    shared weights again, the private copies are freed, every method computes the old values."""
+    old weights again, the copies are freed, every method computes the old values."""
     from aoti_rt.runtime import Method
 
     x = torch.randn(3, 64, device=device)
     old = outputs_of(make_stack(device), x)
-    real, calls = Method._point_at, []
+    real, calls = Method.rebind, []
 
-    def fails_second(self, replaced):
-        calls.append((self.name, bool(replaced)))
+    def fails_second(self, buffers, **kw):
+        calls.append(self.name)
         if len(calls) == 2:
             raise aoti_rt.AOTIError("injected: Pairs failed")
-        return real(self, replaced)
+        return real(self, buffers, **kw)
 
-    with aoti_rt.load(three_bundle, device=device) as model:
+    with aoti_rt.load(three_bundle, device=device) as model, \
+            aoti_rt.load(three_bundle, device=device) as twin:     # so the update must copy
         before = allocated(device)
-        monkeypatch.setattr(Method, "_point_at", fails_second)
+        monkeypatch.setattr(Method, "rebind", fails_second)
         with pytest.raises(aoti_rt.AOTIError, match="injected"):
-            model.update_weights(new_values(device, model), shared=False)
+            model.update_weights(new_values(device, model))
         monkeypatch.undo()
-        assert calls[0][1] and calls[1][1] and calls[2] == (calls[0][0], False)   # undone
-        assert allocated(device) == before              # the private copies went
+        assert calls[2] == calls[0]                      # the first method was rebound back
+        assert allocated(device) == before               # the copies went
         check(model, old, x)
-        # a later copy on write works, and still changes only this model
-        report = model.update_weights(new_values(device, model), shared=False)
+        check(twin, old, x)
+        report = model.update_weights(new_values(device, model))
         assert report.copied_on_write > 0
         check(model, outputs_of(make_stack(device, seed=1), x), x)
+        check(twin, old, x)
 
 
 def test_every_weight_is_a_parameter_constant_that_updates(device, tmp_path):
