@@ -631,39 +631,28 @@ class Model:
 
     def update_weights(self, weights: "Mapping[str, Any] | str | os.PathLike[str]", *, shared: bool = True,
                        strict: bool = True, progress: bool | None = None) -> "UpdateReport":
-        """Write new values into the named weights of this model, and only those
-        (``docs/contract.md`` states the rules).
+        """Write new values into the named weights of this model, and only those: see
+        :func:`aoti_rt.update.update_weights` and ``docs/contract.md``.
 
         Args:
-            weights: ``{fqn: tensor}`` (a plain dense tensor on any device; dtype and shape must
-                be the constant's), or the path of a safetensors file whose tensor names are FQNs
-                (read by the load pipeline straight into device memory where a tensor covers its
-                buffer).
-            shared: True (default): memory this model owns alone is written in place: its state
-                (a KV cache), its copies, and an exporter's shared arena (``share=``: every
-                attached process sees the new values). A weight the device's cache holds for
-                several models becomes this model's own, taken over where this model holds every
-                reference, else copied; the other models keep the old values. False: every
-                updated weight a copy of this model's own (an exporter's clients keep the old).
+            weights: ``{fqn: tensor}`` (a plain dense tensor on any device, of the constant's
+                dtype and shape), or the path of a safetensors file whose tensor names are FQNs.
+            shared: True (default): memory this model owns alone is written in place (its state,
+                its copies, an exporter's arena: its clients see it); a weight the cache holds
+                for other models too is copied, one it holds for this model alone taken over.
+                False: every updated weight a copy of this model's own.
             strict: refuse FQNs this model does not bind (False: ignore them).
 
-        An FQN stored with others (equal values stored once) gets a buffer of its own when it
-        is written with another value than they are. Calls of this model from other threads
-        see all old or all new weights (they wait for the update); every value is checked
-        before anything is written.
+        Calls from other threads see all old or all new weights; every value is checked before
+        anything is written.
 
         Returns:
-            An :class:`aoti_rt.update.UpdateReport` (FQNs written, bytes, copies, take-overs,
-            seconds).
+            An :class:`aoti_rt.update.UpdateReport`.
 
         Raises:
-            InputError: an unknown FQN (with ``strict``), a value that is not a plain dense
-                tensor of the constant's dtype and shape, an in-place update of weights mapped
-                read-only from another process, or FQNs one buffer of an exporter's arena holds
-                written with different values.
-            BundleError: a safetensors file that is truncated or corrupt. An interruption
-                while values are written in place leaves the update partly applied: the
-                exception's note names the FQNs written, and the model stays usable.
+            InputError: an unknown FQN (with ``strict``), a value of the wrong kind, dtype or
+                shape, an in-place update of weights mapped from another process.
+            BundleError: a safetensors file that is truncated or corrupt.
         """
         if self.closed:
             raise ClosedError("the model is closed")

@@ -1,4 +1,4 @@
-"""Issue 2: the bundle format and the multi-method compiler, on real AOTI models."""
+"""The bundle format and the multi-method compiler, on real AOTI models."""
 
 from __future__ import annotations
 

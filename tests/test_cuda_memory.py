@@ -1,4 +1,4 @@
-"""Issue 4: a memory check that can fail: device-wide peak while loading and running."""
+"""A memory check that can fail: device-wide peak while loading and running."""
 
 from __future__ import annotations
 

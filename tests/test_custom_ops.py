@@ -1,4 +1,4 @@
-"""Issue 10: methods that call a custom op, on real AOTI models (CPU always; CUDA where present).
+"""Methods that call a custom op, on real AOTI models (CPU always; CUDA where present).
 
 Generated AOTI code calls an operator it has no C shim for (a ``torch.library.custom_op``, a
 fallback kernel) through a proxy executor that torch's runner builds from the extern-kernel

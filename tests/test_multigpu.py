@@ -1,4 +1,4 @@
-"""Several devices in one process (issue 12, part 2): each device its own cache, the replicated
+"""Several devices in one process: each device its own cache, the replicated
 load (``load(path, device=[...])``: the store read once, copied to every device) and the
 tensor-parallel example.
 
