@@ -97,14 +97,15 @@ def view_bytes(shape: list[int], stride: list[int], storage_offset: int, itemsiz
 
 
 def overlapping_dim(shape: list[int], stride: list[int]) -> int | None:
-    """The first dimension (in order of stride) whose elements a strided view reaches again,
-    or None for a view whose elements are all distinct (strides >= 0).
+    """None when a strided view's elements are certainly distinct (strides >= 0), else the first
+    dimension, in order of stride, whose steps may land on elements already reached.
 
     Dimensions of size 1 may carry any stride and an empty view has no elements. Otherwise,
-    with the dimensions of size > 1 taken by increasing stride, each stride must pass
-    the span of the ones before it: a stride of 0 (a broadcast) or two equal strides fail.
-    Dense layouts pass (contiguous, transposed, channels-last), and so does a slice of a
-    larger storage (``w[:, 3:7]``: shape (8, 4), stride (16, 1)).
+    with the dimensions of size > 1 taken by increasing stride, each stride must pass the span
+    of the ones before it: a stride of 0 (a broadcast) or two equal strides fail. Every layout
+    torch makes without ``as_strided`` passes when its elements are distinct: dense ones
+    (contiguous, transposed, channels-last) and slices of a larger storage (``w[:, 3:7]``:
+    shape (8, 4), stride (16, 1)).
     """
     if any(s == 0 for s in shape):
         return None

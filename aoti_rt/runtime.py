@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import stat
 import threading
 import warnings
 import weakref
@@ -732,11 +733,16 @@ def _is_package(path: "str | os.PathLike[str]") -> bool:
     """A ``.pt2`` name, or a file that starts like a zip archive (a bundle is a directory)."""
     if os.fspath(path).endswith(".pt2"):
         return True
+    try:     # never blocks: a FIFO would hang a plain open, and its read
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, ValueError):
+        return False
     try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"PK\x03\x04"
+        return stat.S_ISREG(os.fstat(fd).st_mode) and os.pread(fd, 4, 0) == b"PK\x03\x04"
     except OSError:
         return False
+    finally:
+        os.close(fd)
 
 
 def bind_plan(constants: Sequence[ConstantSpec], where: str = "method") -> _bind.BindPlan:
