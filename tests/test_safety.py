@@ -1,6 +1,6 @@
-"""Bundles are untrusted input; tensors come in any layout (issue: correct and safe on whatever
-users bring). Each test is a case that misbehaved before: an out-of-bounds kernel access, a
-poisoned cache, a writable shared weight, a silently wrong result, a leak per bundle."""
+"""Bundles are untrusted input; tensors come in any layout. Each test is a case that misbehaved
+before: an out-of-bounds kernel access, a poisoned cache, a writable shared weight, a silently
+wrong result, a leak per bundle, or a real layout refused."""
 
 from __future__ import annotations
 
@@ -27,6 +27,51 @@ def _constants(raw, fqn):
 
 def _intact_outputs(model, x):
     return {name: getattr(model, name)(x) for name in METHOD_LAYERS}
+
+
+# -- constants in every layout AOTI compiles ------------------------------------------------
+
+class Layouts(torch.nn.Module):
+    """Constants that are not contiguous: a slice of a larger storage, a row of one (a view
+    with an offset), a transposed matrix, a channels-last tensor, an expanded (stride 0) one."""
+
+    def __init__(self):
+        super().__init__()
+        base = torch.randn(8, 16)
+        self.register_buffer("sliced", base[:, 3:7])
+        self.register_buffer("row", base[2])
+        self.register_buffer("transposed", torch.randn(16, 32).t())
+        self.register_buffer("channels_last", torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last))
+        self.register_buffer("expanded", torch.randn(16, 1).expand(16, 16))
+        self.lin = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        y = self.lin(x) @ self.expanded + self.row
+        return (y[:, :4] @ self.sliced.t()[:4] + self.transposed[:8].sum(0)[:8].sum()
+                + self.channels_last.sum())
+
+
+@pytest.fixture(scope="module")
+def layouts(workdir, device):
+    from conftest import _compile
+
+    torch.manual_seed(0)
+    model = Layouts().to(device)
+    x = torch.randn(3, 16, device=device)
+    return _compile(workdir, "layouts", device, {"f": torch.export.export(model, (x,))}), model, x
+
+
+def test_constants_of_every_layout_load_and_compute(layouts, device):
+    """The manifest's view check refuses views that repeat elements of a weight they do not
+    span, and views past what the .so keeps, but none of these: AOTI compiles each as it is."""
+    path, model, x = layouts
+    views = {c.fqn: (c.shape, c.stride) for c in read_bundle(path).manifest.methods["f"].constants}
+    assert views["sliced"] == ([8, 4], [16, 1])                     # not dense: a slice of rows of 16
+    assert views["transposed"] == ([32, 16], [1, 32])
+    assert views["channels_last"] == ([2, 3, 4, 5], [60, 1, 15, 3])
+    assert views["expanded"] == ([16, 16], [1, 0])                  # repeats elements, spans its storage
+    with aoti_rt.load(path, device=device) as m:
+        torch.testing.assert_close(m.f(x), model(x))
 
 
 # -- views smaller than what the .so uses ----------------------------------------------------
