@@ -2,8 +2,8 @@
 
 Each test damages a copy of a real compiled bundle (tests/conftest.py) the way a corrupt,
 truncated or malicious bundle would, and checks that ``aoti_rt.load`` raises BundleError
-before anything is allocated. Before the strict checks, each of these crashed the process,
-hung, raised a non-aoti_rt error, or loaded and computed garbage.
+before anything is allocated. Unchecked, each of these would crash the process, hang, raise
+a non-aoti_rt error, or load and compute garbage.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def _mutable_constant_of_immutable_weight(raw):
 
 
 BAD_FIELDS = [
-    # views: each of these loaded and then aborted, segfaulted or read past a buffer
+    # views: unchecked, each of these loads and then aborts, segfaults or reads past a buffer
     ("negative-stride", _transpose_stride, r"stride\[1\] must be an integer in \[0, 2\*\*62\), not int -1"),
     # views that load and compute garbage: a bias read as one broadcast value, a weight whose
     # rows overlap, a view reaching past the bytes the .so keeps for the constant

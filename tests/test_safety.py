@@ -1,6 +1,6 @@
-"""Bundles are untrusted input; tensors come in any layout. Each test is a case that misbehaved
-before: an out-of-bounds kernel access, a poisoned cache, a writable shared weight, a silently
-wrong result, a leak per bundle, or a real layout refused."""
+"""Bundles are untrusted input; tensors come in any layout. Each test is one way to go wrong: an
+out-of-bounds kernel access, a poisoned cache, a writable shared weight, a silently wrong
+result, a leak per bundle, or a real layout refused."""
 
 from __future__ import annotations
 
@@ -157,7 +157,7 @@ def test_empty_view_of_real_storage_is_refused(lm_bundle, device, copy_bundle):
 
 
 def test_manifest_inputs_must_match_the_so(three_bundle, device, copy_bundle):
-    """An input spec of [] used to skip every input check (a (1, 64) input read as (3, 64))."""
+    """An input spec of [] must not skip the input checks (a (1, 64) input would be read as (3, 64))."""
     b = copy_bundle(three_bundle)
     edit_manifest(b, lambda raw: raw["methods"]["a"].__setitem__("inputs", []))
     with pytest.raises(aoti_rt.BundleError, match="describes 0 inputs"):
@@ -372,7 +372,7 @@ def _probe_record(so):
                                   "other_fingerprint"])
 def test_edited_probe_cache_is_never_trusted(stock_artifact, device, edit):
     """The probe record cached beside a stock .so is checked like a manifest: an edited one
-    is ignored and the artifact probed again (it used to segfault, abort or compute garbage)."""
+    is ignored and the artifact probed again (trusted, it would segfault, abort or compute garbage)."""
     so, blob, mod = stock_artifact
     x = torch.randn(3, 64, device=device)
     with aoti_rt.load_method(so, weights=blob, device=device) as m:       # writes the record
@@ -392,7 +392,7 @@ def test_edited_probe_cache_is_never_trusted(stock_artifact, device, edit):
 
 
 def test_unlookable_so_name_is_a_bundle_error(three_bundle, device, copy_bundle):
-    """A file name the OS refuses to look up (over NAME_MAX) made Path.is_file raise OSError."""
+    """A file name the OS refuses to look up (over NAME_MAX), where Path.is_file raises OSError."""
     b = copy_bundle(three_bundle)
     edit_manifest(b, lambda raw: raw["methods"]["a"].__setitem__("so", "x" * 300))
     with pytest.raises(aoti_rt.BundleError, match="shared object"):
@@ -401,7 +401,7 @@ def test_unlookable_so_name_is_a_bundle_error(three_bundle, device, copy_bundle)
 
 def test_stock_blob_shorter_than_the_so_reads_is_refused(stock_artifact, device, tmp_path):
     """torch's runner maps as many blob bytes as the .so states without checking the file: a
-    truncated blob was a SIGBUS that killed the process. It is refused before the probe (run in
+    truncated blob is a SIGBUS that kills the process. It is refused before the probe (run in
     a child process, so a regression fails this test instead of killing the suite)."""
     import shutil
     import subprocess
