@@ -33,17 +33,19 @@ def _intact_outputs(model, x):
 
 class Layouts(torch.nn.Module):
     """Constants that are not contiguous: a slice of a larger storage, a row of one (a view
-    with an offset), a transposed matrix, a channels-last tensor, an expanded (stride 0) one."""
+    with an offset), a transposed matrix, a channels-last tensor, an expanded (stride 0) one.
+    Made on their device (``.to`` would make the slice and the expansion contiguous)."""
 
-    def __init__(self):
+    def __init__(self, device: str):
         super().__init__()
-        base = torch.randn(8, 16)
+        base = torch.randn(8, 16, device=device)
         self.register_buffer("sliced", base[:, 3:7])
         self.register_buffer("row", base[2])
-        self.register_buffer("transposed", torch.randn(16, 32).t())
-        self.register_buffer("channels_last", torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last))
-        self.register_buffer("expanded", torch.randn(16, 1).expand(16, 16))
-        self.lin = torch.nn.Linear(16, 16)
+        self.register_buffer("transposed", torch.randn(16, 32, device=device).t())
+        self.register_buffer("channels_last", torch.randn(2, 3, 4, 5, device=device)
+                             .to(memory_format=torch.channels_last))
+        self.register_buffer("expanded", torch.randn(16, 1, device=device).expand(16, 16))
+        self.lin = torch.nn.Linear(16, 16, device=device)
 
     def forward(self, x):
         y = self.lin(x) @ self.expanded + self.row
@@ -56,7 +58,7 @@ def layouts(workdir, device):
     from conftest import _compile
 
     torch.manual_seed(0)
-    model = Layouts().to(device)
+    model = Layouts(device)
     x = torch.randn(3, 16, device=device)
     return _compile(workdir, "layouts", device, {"f": torch.export.export(model, (x,))}), model, x
 
