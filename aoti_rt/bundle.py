@@ -19,38 +19,29 @@ allocated; nothing else escapes.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
 import re
-import stat
-import struct
-import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
+from ._schema import (MANIFEST_MAX_BYTES, MAX_INT, MAX_NAME, MAX_RANK, _at, _bool, _dict, _dim, _Field, _int,
+                      _Invalid, _list, _name, _one_of, _opt_text, _optional, _positive, _RECOMPILE, _record,
+                      _short_text, _show, _text, strict_json)
 from .errors import BundleError
+# the store's names, re-exported: callers import them from here
+from .store import (STORE_HEADER_MAX_BYTES, StoreHeader, file_identity, is_regular_file, open_regular, pread_all,
+                    read_manifest_bytes, read_store_header)
 
 FORMAT = "aoti_rt-bundle"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 STORE = "weights.safetensors"
 
-#: a manifest file larger than this is refused before a byte of it is read
-MANIFEST_MAX_BYTES = 64 << 20
-#: a store header (the JSON after the 8-byte length) larger than this is refused
-STORE_HEADER_MAX_BYTES = 64 << 20
-#: every integer in a manifest or a store header is below this
-MAX_INT = 1 << 62
-#: names (methods, constants, FQNs, weight ids, store tensors, files) have at most this many characters
-MAX_NAME = 4096
-#: constants and inputs have at most this many dimensions
-MAX_RANK = 64
 #: read_bundle remembers this many checked bundles (the least recently used is forgotten)
 CHECKED_BUNDLES = 64
 
@@ -78,8 +69,6 @@ ST_DTYPES = {"bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "int32
              "float8_e5m2": "F8_E5M2", "float8_e4m3fn": "F8_E4M3"}
 CONSTANT_KINDS = ("parameter", "buffer", "tensor_constant", "folded", "unknown")
 
-_RECOMPILE = "the bundle is corrupt or was not written by aoti_rt.compile(): recompile it"
-
 
 def dtype_name(dtype: Any) -> str:
     """``torch.float32`` -> ``"float32"`` (checked against the ABI table)."""
@@ -105,6 +94,27 @@ def view_bytes(shape: list[int], stride: list[int], storage_offset: int, itemsiz
         return storage_offset * itemsize
     last = storage_offset + sum((s - 1) * st for s, st in zip(shape, stride))
     return (last + 1) * itemsize
+
+
+def overlapping_dim(shape: list[int], stride: list[int]) -> int | None:
+    """None when a strided view's elements are certainly distinct (strides >= 0), else the first
+    dimension, in order of stride, whose steps may land on elements already reached.
+
+    Dimensions of size 1 may carry any stride and an empty view has no elements. Otherwise,
+    with the dimensions of size > 1 taken by increasing stride, each stride must pass the span
+    of the ones before it: a stride of 0 (a broadcast) or two equal strides fail. Every layout
+    torch makes without ``as_strided`` passes when its elements are distinct: dense ones
+    (contiguous, transposed, channels-last) and slices of a larger storage (``w[:, 3:7]``:
+    shape (8, 4), stride (16, 1)).
+    """
+    if any(s == 0 for s in shape):
+        return None
+    span = 1         # elements covered by the dimensions of smaller stride
+    for st, s, d in sorted((st, s, d) for d, (s, st) in enumerate(zip(shape, stride)) if s > 1):
+        if st < span:
+            return d
+        span += st * (s - 1)
+    return None
 
 
 @dataclass
@@ -204,140 +214,6 @@ class MethodSpec:
     fixed_inputs: list[FixedInput] = field(default_factory=list)
 
 
-# -- strict JSON -----------------------------------------------------------------------------
-
-class _JsonProblem(Exception):
-    pass
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise _JsonProblem(f"key {_show(dup)} appears twice in one object")
-    return out
-
-
-def _no_constant(name: str):
-    raise _JsonProblem(f"{name} is not a number JSON allows")
-
-
-def _bounded_int(text: str) -> int:
-    if len(text.lstrip("-")) > 24:
-        raise _JsonProblem(f"the integer {text[:24]}... has {len(text)} digits")
-    return int(text)
-
-
-#: Python >= 3.11 (and 3.10.7+) refuses int literals over 4300 digits itself (a ValueError);
-#: only where that limit is off do we pay for a hook on every integer
-_PARSE_INT = None if getattr(sys, "get_int_max_str_digits", lambda: 0)() else _bounded_int
-
-
-def strict_json(data: bytes | str, what: str, limit: int) -> Any:
-    """Parse untrusted JSON: at most ``limit`` bytes of strict UTF-8, no duplicate keys, no
-    NaN/Infinity, no absurdly long integers, bounded nesting. Raises :class:`BundleError`
-    (``"<what>: <problem>; ..."``) on anything else."""
-    if len(data) > limit:
-        raise BundleError(f"{what}: {len(data)} bytes is more than the {limit}-byte limit; {_RECOMPILE}")
-    if isinstance(data, str):
-        text = data
-    else:
-        try:
-            text = bytes(data).decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise BundleError(f"{what}: not UTF-8 text (byte {e.start}: {e.reason}); {_RECOMPILE}") from None
-    try:
-        return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant,
-                          parse_int=_PARSE_INT)
-    except _JsonProblem as e:
-        raise BundleError(f"{what}: {e}; {_RECOMPILE}") from None
-    except RecursionError:
-        raise BundleError(f"{what}: JSON nested too deeply; {_RECOMPILE}") from None
-    except json.JSONDecodeError as e:
-        raise BundleError(f"{what}: not valid JSON ({e}); {_RECOMPILE}") from None
-    except ValueError:           # int()'s digit limit
-        raise BundleError(f"{what}: an integer literal has thousands of digits; {_RECOMPILE}") from None
-
-
-# -- the schema: one field table per dataclass -----------------------------------------------
-
-class _Invalid(Exception):
-    """A field is wrong: ``problem`` says how; ``path`` (which field) is filled in on the way
-    out by the containers it passes through, so a valid manifest builds no path strings."""
-
-    def __init__(self, problem: str, path: str = ""):
-        super().__init__(problem)
-        self.problem = problem
-        self.path = path
-
-
-def _show(v: Any) -> str:
-    r = repr(v)
-    r = r if len(r) <= 60 else r[:57] + "..."
-    return r if isinstance(v, str) else f"{type(v).__name__} {r}"
-
-
-Check = Callable[[Any], Any]
-
-
-def _at(path: str, check: Check, v: Any) -> Any:
-    """``check(v)``, naming ``path`` in its error."""
-    try:
-        return check(v)
-    except _Invalid as e:
-        e.path = path + e.path
-        raise
-
-
-def _int(v: Any) -> int:
-    if type(v) is not int or not 0 <= v < MAX_INT:      # type() is int: rejects bool (True == 1)
-        raise _Invalid(f"must be an integer in [0, 2**62), not {_show(v)}")
-    return v
-
-
-def _bool(v: Any) -> bool:
-    if type(v) is not bool:
-        raise _Invalid(f"must be true or false, not {_show(v)}")
-    return v
-
-
-def _text(v: Any, max_len: int = MANIFEST_MAX_BYTES) -> str:
-    if type(v) is not str:
-        raise _Invalid(f"must be a string, not {_show(v)}")
-    if len(v) > max_len:
-        raise _Invalid(f"is {len(v)} characters long (at most {max_len})")
-    if not v.isascii():
-        try:
-            v.encode("utf-8")
-        except UnicodeEncodeError:
-            raise _Invalid(f"contains a lone surrogate ({_show(v)})") from None
-    return v
-
-
-def _short_text(v: Any) -> str:
-    return _text(v, MAX_NAME)
-
-
-def _name(v: Any) -> str:
-    _text(v, MAX_NAME)
-    if not v or "\x00" in v:
-        raise _Invalid(f"must be a non-empty name without NUL characters, not {_show(v)}")
-    return v
-
-
-def _opt_text(v: Any) -> str | None:
-    return None if v is None else _text(v)
-
-
-def _one_of(choices, what: str) -> Check:
-    def check(v: Any) -> Any:
-        if type(v) is not str or v not in choices:
-            raise _Invalid(f"must be {what}, not {_show(v)}")
-        return v
-    return check
-
-
 _dtype = _one_of(DTYPE_CODES, "a dtype aoti_rt knows (" + ", ".join(DTYPE_CODES) + ")")
 _kind = _one_of(CONSTANT_KINDS, "one of " + ", ".join(CONSTANT_KINDS))
 _DIGEST = re.compile(DIGEST_PATTERN)
@@ -362,22 +238,6 @@ def _device(v: Any) -> str:
     return v
 
 
-def _dim(v: Any) -> int | None:
-    return None if v is None else _int(v)
-
-
-def _positive(v: Any) -> int:
-    if _int(v) == 0:
-        raise _Invalid(f"must be an integer in [1, 2**62), not {_show(v)}")
-    return v
-
-
-def _optional(check: Check) -> Check:
-    def opt(v: Any) -> Any:
-        return None if v is None else check(v)
-    return opt
-
-
 def _fixed_value(v: Any) -> None | bool | int | float | str:
     if v is None or type(v) is bool:
         return v
@@ -393,70 +253,6 @@ def _fixed_value(v: Any) -> None | bool | int | float | str:
         return _text(v, MAX_NAME)
     raise _Invalid(f"must be null, a boolean, a number or a string, not {_show(v)}")
 
-
-def _list(item: Check, max_len: int | None = None) -> Check:
-    def check(v: Any) -> list:
-        if type(v) is not list:
-            raise _Invalid(f"must be a list, not {_show(v)}")
-        if max_len is not None and len(v) > max_len:
-            raise _Invalid(f"has {len(v)} entries (at most {max_len})")
-        out: list = []
-        try:
-            for x in v:
-                out.append(item(x))
-        except _Invalid as e:
-            e.path = f"[{len(out)}]{e.path}"
-            raise
-        return out
-    return check
-
-
-def _dict(item: Check) -> Check:
-    def check(v: Any) -> dict:
-        if type(v) is not dict:
-            raise _Invalid(f"must be an object, not {_show(v)}")
-        out = {}
-        for k, x in v.items():
-            _at(f" key {k!r}", _name, k)
-            out[k] = _at(f"[{k!r}]", item, x)
-        return out
-    return check
-
-
-_REQUIRED = object()
-
-
-class _Field(NamedTuple):
-    check: Check
-    default: Any = _REQUIRED      # copied when the key is absent; _REQUIRED: must be present
-
-
-def _record(cls: type, table: dict[str, _Field]) -> Check:
-    """A JSON object -> ``cls(**fields)``, each field checked by ``table``. Unknown keys are
-    ignored (a later aoti_rt of the same format version may add informational fields)."""
-    names = [f.name for f in fields(cls)]
-    if sorted(names) != sorted(table):      # adding a dataclass field without its check is a bug
-        raise TypeError(f"field table of {cls.__name__} is {sorted(table)}, the dataclass has {sorted(names)}")
-    items = list(table.items())
-
-    def check(v: Any):
-        if type(v) is not dict:
-            raise _Invalid(f"must be an object, not {_show(v)}")
-        kwargs = {}
-        name = ""
-        try:
-            for name, f in items:
-                if name in v:
-                    kwargs[name] = f.check(v[name])
-                elif f.default is _REQUIRED:
-                    raise _Invalid("is missing")
-                else:
-                    kwargs[name] = copy.copy(f.default)
-        except _Invalid as e:
-            e.path = f".{name}{e.path}"
-            raise
-        return cls(**kwargs)
-    return check
 
 
 DIM_FIELDS = {
@@ -659,193 +455,24 @@ def _check_manifest(man: Manifest) -> None:
             if c.storage_offset * size > w.nbytes:
                 raise _Invalid(f"{c.storage_offset} ({c.storage_offset * size} bytes) is past the end of its "
                                f"weight ({w.nbytes} bytes)", at(".storage_offset"))
+            d = overlapping_dim(c.shape, c.stride)
+            if d is not None and c.extent != w.nbytes:
+                # AOTI keeps an expanded constant (``b.expand(16, 16)``, a stride of 0) as the storage
+                # it expands, which the view spans to its end; a view that repeats elements of a
+                # storage it does not span is a lie (a bias read as one broadcast value)
+                raise _Invalid(f"shape {c.shape} with stride {c.stride} repeats elements (dimension {d}) of a "
+                               f"{w.nbytes}-byte weight it reaches only {c.extent} bytes of: AOTI compiles no "
+                               f"such constant, the manifest lies", at(".stride"))
             if c.extent > w.nbytes:
                 raise _Invalid(f"{c.dtype}{c.shape} with stride {c.stride} at offset {c.storage_offset} reaches "
                                f"{c.extent} bytes, but its weight has {w.nbytes}: the manifest lies", at())
+            if c.extent > c.data_size and 0 not in c.shape:
+                raise _Invalid(f"{c.dtype}{c.shape} with stride {c.stride} at offset {c.storage_offset} reaches "
+                               f"{c.extent} bytes, but the .so keeps {c.data_size} for it: the manifest lies", at())
             if c.data_size > -(-max(w.nbytes, 1) // 64) * 64:
                 raise _Invalid(f"{c.data_size} is more than its weight's {w.nbytes} bytes rounded up to 64",
                                at(".data_size"))
 
-
-# -- files -------------------------------------------------------------------------------------
-
-def _file_kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return kind
-    return "not a regular file"
-
-
-def open_regular(path: Path, what: str) -> tuple[int, os.stat_result]:
-    """Open ``path`` for reading without ever blocking (a FIFO would block a plain open and
-    every read) and check it is a regular file. Returns ``(fd, stat)``; the caller closes."""
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise BundleError(f"{what} {path} is missing: the bundle is incomplete, recompile it") from None
-    except (OSError, ValueError) as e:
-        raise BundleError(f"cannot open {what} {path} ({e}); check the bundle's files and permissions") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise BundleError(f"{what} {path} is {_file_kind(st.st_mode)}, not a regular file; a bundle's "
-                              f"files must be regular files: re-copy the bundle")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, st
-
-
-def pread_all(fd: int, n: int, offset: int, what: "str | Path") -> bytes:
-    """Up to ``n`` bytes at ``offset`` (fewer only at the end of the file); a read error is a
-    :class:`BundleError` naming ``what``."""
-    parts, got = [], 0
-    try:
-        while got < n:
-            b = os.pread(fd, min(n - got, 16 << 20), offset + got)
-            if not b:
-                break
-            parts.append(b)
-            got += len(b)
-    except OSError as e:
-        raise BundleError(f"cannot read {what} ({e}); check the file and its permissions") from None
-    return b"".join(parts)
-
-
-def read_manifest_bytes(path: Path) -> bytes:
-    """The bytes of a manifest file, refused above MANIFEST_MAX_BYTES before any is read."""
-    fd, st = open_regular(path, "manifest")
-    try:
-        if st.st_size > MANIFEST_MAX_BYTES:
-            raise BundleError(f"manifest {path} is {st.st_size} bytes, more than the {MANIFEST_MAX_BYTES >> 20} MiB "
-                              f"a manifest may have; {_RECOMPILE}")
-        data = pread_all(fd, MANIFEST_MAX_BYTES + 1, 0, path)
-        if len(data) > MANIFEST_MAX_BYTES:
-            raise BundleError(f"manifest {path} grew past {MANIFEST_MAX_BYTES >> 20} MiB while being read")
-        return data
-    finally:
-        os.close(fd)
-
-
-@dataclass(frozen=True)
-class StoreHeader:
-    """The parsed header of a safetensors file: name -> (dtype, shape, absolute offsets)."""
-
-    path: Path
-    data_start: int
-    file_size: int
-    tensors: dict[str, tuple[str, list[int], int, int]]
-
-
-def read_store_header(path: Path) -> StoreHeader:
-    """Parse and check a safetensors header (8-byte LE length + JSON + the tensors' bytes).
-
-    Raises BundleError if the file is missing or not a regular file, the header is corrupt
-    (bad JSON or UTF-8, a duplicate key, a mistyped entry, offsets that are negative,
-    reversed, overlapping or past the end of the file: truncated), or the safetensors library
-    itself rejects the file (a dtype/shape that disagrees with an entry's byte length, bytes
-    not covered by any tensor).
-    """
-    path = Path(path)
-    fd, st = open_regular(path, "weight store")
-    try:
-        size = st.st_size
-        head = pread_all(fd, 8, 0, path)
-        if len(head) < 8:
-            raise BundleError(f"weight store {path} is truncated ({size} bytes): recompile or re-copy the bundle")
-        (hlen,) = struct.unpack("<Q", head)
-        if hlen > STORE_HEADER_MAX_BYTES:
-            raise BundleError(f"weight store {path} has a corrupt header (its length field says {hlen} bytes, "
-                              f"more than the {STORE_HEADER_MAX_BYTES >> 20} MiB allowed); recompile or re-copy the bundle")
-        if hlen > size - 8:
-            raise BundleError(f"weight store {path} is truncated or has a corrupt header (header length {hlen} "
-                              f"in a {size}-byte file); recompile or re-copy the bundle")
-        raw = pread_all(fd, hlen, 8, path)
-        if len(raw) < hlen:
-            raise BundleError(f"weight store {path} is truncated (shrank while being read)")
-        tensors = _store_tensors(raw, path, 8 + hlen, size)
-        _safetensors_check(fd, path)
-    finally:
-        os.close(fd)
-    return StoreHeader(path, 8 + hlen, size, tensors)
-
-
-def _store_tensors(raw: bytes, path: Path, data_start: int, size: int) -> dict[str, tuple[str, list[int], int, int]]:
-    header = strict_json(raw, f"weight store {path} has a corrupt header", STORE_HEADER_MAX_BYTES)
-
-    def bad(problem: str) -> BundleError:
-        return BundleError(f"weight store {path} has a corrupt header: {problem}; recompile or re-copy the bundle")
-
-    if type(header) is not dict:
-        raise bad(f"it is {_show(header)}, not an object")
-    meta = header.get("__metadata__")
-    if meta is not None and (type(meta) is not dict or any(type(v) is not str for v in meta.values())):
-        raise bad("__metadata__ is not an object of strings")
-    data_size = size - data_start
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            _at("a tensor name", _name, name)
-            if type(info) is not dict:
-                raise _Invalid(f"must be an object, not {_show(info)}", f"entry {name!r}")
-            dtype = _at(f"entry {name!r}: dtype", _name, info.get("dtype"))
-            shape = _at(f"entry {name!r}: shape", _list(_int, MAX_RANK), info.get("shape"))
-            offs = info.get("data_offsets")
-            if type(offs) is not list or len(offs) != 2:
-                raise _Invalid(f"must be a list [begin, end], not {_show(offs)}", f"entry {name!r}: data_offsets")
-            b = _at(f"entry {name!r}: data_offsets[0]", _int, offs[0])
-            e = _at(f"entry {name!r}: data_offsets[1]", _int, offs[1])
-        except _Invalid as err:
-            raise bad(f"{err.path} {err.problem}") from None
-        if b > e:
-            raise bad(f"entry {name!r} ends before it begins (data_offsets [{b}, {e}])")
-        if e > data_size:
-            raise BundleError(f"weight store {path} is truncated: its header needs {data_start + e} bytes, "
-                              f"the file has {size}; recompile or re-copy the bundle")
-        tensors[name] = (dtype, shape, data_start + b, data_start + e)
-    prev_name, prev_end = None, data_start
-    for name, (_, _, b, e) in sorted(tensors.items(), key=lambda kv: (kv[1][2], kv[1][3])):
-        if b < prev_end:
-            raise bad(f"entries {prev_name!r} and {name!r} overlap (bytes {b - data_start} < {prev_end - data_start})")
-        prev_name, prev_end = name, e
-    return tensors
-
-
-def _safetensors_check(fd: int, path: Path) -> None:
-    """Let the safetensors library validate the file as well (each entry's byte length against
-    its dtype and shape, the entries contiguous and covering the data exactly). It reads the
-    already-open descriptor through /proc where it can, so what it checks is what we opened."""
-    try:
-        from safetensors import safe_open
-    except ImportError:       # a dependency, but the checks above stand on their own
-        return
-    proc = f"/proc/self/fd/{fd}"
-    target = proc if os.path.exists(proc) else str(path)
-    try:
-        try:
-            handle = safe_open(target, framework="numpy", backend="pread")
-        except TypeError:     # safetensors < 0.8 has no backend= (it maps the file: a regular one)
-            handle = safe_open(target, framework="numpy")
-        with handle:
-            pass
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as e:  # noqa: BLE001 - SafetensorError, or a Rust panic (a BaseException)
-        raise BundleError(f"weight store {path} is not a valid safetensors file ({e}); "
-                          f"recompile or re-copy the bundle") from None
-
-
-def is_regular_file(path: Path) -> bool:
-    """True for an existing regular file; False for anything else, including a path the OS
-    refuses to look up (too long, a loop, no permission), where ``Path.is_file`` raises."""
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except (OSError, ValueError):
-        return False
 
 
 def _inside(root: Path, name: str, what: str) -> Path:
@@ -876,15 +503,6 @@ class Bundle:
 _checked: OrderedDict[Path, tuple[tuple, Bundle]] = OrderedDict()
 _checked_lock = threading.Lock()
 
-
-def file_identity(path: Path) -> tuple[int, int, int] | None:
-    """``(size, mtime_ns, inode)`` of a file, or None if it cannot be stat'ed: a cheap test
-    that a file is still the one that was read."""
-    try:
-        st = path.stat()
-    except (OSError, ValueError):
-        return None
-    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 def _bundle_identity(bundle: Bundle) -> tuple:
@@ -986,4 +604,7 @@ def human_bytes(n: float) -> str:
 __all__ = ["Bundle", "Manifest", "MethodSpec", "ConstantSpec", "WeightSpec", "InputSpec", "DimRange",
            "FixedInput", "StoreHeader",
            "read_bundle", "read_store_header", "strict_json", "digest_ok", "parse_method_and_weights",
-           "DTYPE_CODES", "human_bytes"]
+           "DTYPE_CODES", "human_bytes",
+           # re-exported from aoti_rt.store and aoti_rt._schema
+           "open_regular", "pread_all", "is_regular_file", "file_identity", "read_manifest_bytes",
+           "STORE_HEADER_MAX_BYTES", "MANIFEST_MAX_BYTES", "MAX_INT", "MAX_NAME", "MAX_RANK"]

@@ -2,8 +2,8 @@
 
 Each test damages a copy of a real compiled bundle (tests/conftest.py) the way a corrupt,
 truncated or malicious bundle would, and checks that ``aoti_rt.load`` raises BundleError
-before anything is allocated. Before the strict checks, each of these crashed the process,
-hung, raised a non-aoti_rt error, or loaded and computed garbage.
+before anything is allocated. Unchecked, each of these would crash the process, hang, raise
+a non-aoti_rt error, or load and compute garbage.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import aoti_rt
 from aoti_rt import bundle as bundle_mod
-from aoti_rt.bundle import MANIFEST_MAX_BYTES, read_bundle
+from aoti_rt.bundle import MANIFEST_MAX_BYTES, overlapping_dim, read_bundle
 
 from damage import edit_manifest
 
@@ -159,8 +160,16 @@ def _mutable_constant_of_immutable_weight(raw):
 
 
 BAD_FIELDS = [
-    # views: each of these loaded and then aborted, segfaulted or read past a buffer
+    # views: unchecked, each of these loads and then aborts, segfaults or reads past a buffer
     ("negative-stride", _transpose_stride, r"stride\[1\] must be an integer in \[0, 2\*\*62\), not int -1"),
+    # views that load and compute garbage: a bias read as one broadcast value, a weight whose
+    # rows overlap, a view reaching past the bytes the .so keeps for the constant
+    ("broadcast-bias", _set_const("a", "inp.bias", stride=[0]),
+     r"inp\.bias\)\.stride shape \[64\] with stride \[0\] repeats elements \(dimension 0\) of a 256-byte "
+     r"weight it reaches only 4 bytes of: AOTI compiles no such constant, the manifest lies"),
+    ("overlapping-rows", _set_const("a", "layers.0.weight", stride=[1, 1]), r"with stride \[1, 1\] repeats elements"),
+    ("view-past-data-size", _set_const("a", "inp.bias", data_size=128),
+     r"float32\[64\] with stride \[1\] at offset 0 reaches 256 bytes, but the \.so keeps 128 for it"),
     ("minus-zero-shape", _set_const("a", "inp.bias", shape=[-0.0]), r"shape\[0\] must be an integer.*float -0.0"),
     ("empty-view-huge-offset", _set_const("a", "inp.bias", shape=[0], storage_offset=10**9),
      r"storage_offset 1000000000 \(4000000000 bytes\) is past the end of its weight \(256 bytes\)"),
@@ -216,8 +225,47 @@ def test_unknown_keys_are_ignored(three_bundle, device, copy_bundle):
         raw["methods"]["a"]["constants"][0]["note"] = -1
         next(iter(raw["weights"].values()))["extra"] = True
     edit_manifest(b, extra)
+    x = torch.randn(3, 64, device=device)
+    with aoti_rt.load(three_bundle, device=device, methods=["a"]) as intact:
+        want = intact.a(x)
     with aoti_rt.load(b, device=device, methods=["a"]) as m:
-        m.a(torch.randn(3, 64, device=device))
+        got = m.a(x)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8))     # bitwise
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 13)), max_size=4))
+def test_overlapping_dim_passes_no_view_that_repeats_an_element(dims):
+    """Against brute force: a view that reaches one element twice is always flagged, at a
+    dimension of size > 1 (an interleaved as_strided view with distinct elements, such as
+    shape (3, 2) stride (2, 3), may be flagged too: no torch layout AOTI keeps is one)."""
+    import itertools
+
+    shape, stride = [s for s, _ in dims], [t for _, t in dims]
+    offsets = [sum(i * t for i, t in zip(idx, stride)) for idx in itertools.product(*map(range, shape))]
+    d = overlapping_dim(shape, stride)
+    if len(set(offsets)) != len(offsets):
+        assert d is not None, (shape, stride)
+    if d is not None:
+        assert shape[d] > 1
+    nested = sorted((t, s) for s, t in dims if s > 1)
+    if all(t >= 1 + sum(u * (n - 1) for u, n in nested[:k]) for k, (t, _) in enumerate(nested)):
+        assert d is None, (shape, stride)      # dimensions that nest never repeat an element
+
+
+def test_layouts_aoti_compiles_are_not_overlapping():
+    """Contiguous, transposed, channels-last, a slice of a larger storage, size-1 dimensions
+    with any stride, empty and 0-d views: all distinct elements."""
+    import torch
+
+    views = [torch.empty(8, 16), torch.empty(16, 32).t(), torch.empty(2, 3, 4, 5).to(memory_format=torch.channels_last),
+             torch.empty(8, 16)[:, 3:7], torch.empty(8, 16)[2], torch.empty(4, 1, 6)[:, :, ::2],
+             torch.empty(0, 5), torch.empty(()), torch.empty(3, 1).expand(3, 1)]
+    for t in views:
+        assert overlapping_dim(list(t.shape), list(t.stride())) is None, (t.shape, t.stride())
+    assert overlapping_dim([1, 64], [0, 1]) is None and overlapping_dim([64, 1], [1, 999]) is None
+    assert overlapping_dim([64], [0]) == 0 and overlapping_dim([3, 4], [1, 2]) == 1
 
 
 # -- the store ---------------------------------------------------------------------------------
@@ -304,34 +352,60 @@ def test_store_header_length_huge(three_bundle, device, copy_bundle):
     _assert_rejected(b, device, r"corrupt header")
 
 
-def test_fifo_store_does_not_hang(three_bundle, device, copy_bundle):
-    b = copy_bundle(three_bundle)
-    store = b / "weights.safetensors"
-    store.unlink()
-    os.mkfifo(store)
+def _load_guarded(target, fifo, device, seconds=10):
+    """``aoti_rt.load(target)`` in a thread: its result (None or the exception), or a test
+    failure if it is still running after ``seconds`` (then a writer that closes at once
+    unblocks a reader stuck on ``fifo``, so the thread ends instead of hanging the run)."""
     result: list = []
 
     def load():
         try:
-            aoti_rt.load(b, device=device)
+            aoti_rt.load(target, device=device).close()
             result.append(None)
         except BaseException as e:  # noqa: BLE001
             result.append(e)
 
-    base = stats(device)
     t = threading.Thread(target=load, daemon=True)
+    t0 = time.perf_counter()
     t.start()
-    t.join(10)
+    t.join(seconds)
     hung = t.is_alive()
-    if hung:    # unblock the reader (a writer that closes at once: it reads EOF), then fail
-        fd = os.open(store, os.O_WRONLY | os.O_NONBLOCK)
+    if hung:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
         os.close(fd)
-        t.join(10)
-    assert not hung, "load() blocked on a FIFO store"
-    assert isinstance(result[0], aoti_rt.BundleError), result
-    assert "is a FIFO, not a regular file" in str(result[0])
+        t.join(seconds)
+    assert not hung, f"load() blocked on the FIFO {fifo.name} for {seconds} s"
+    return result[0], time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("name, says", [
+    ("weights.safetensors", r"weight store .* is a FIFO, not a regular file"),
+    ("manifest.json", r"manifest .* is a FIFO, not a regular file"),
+    ("a.so", r"method 'a': shared object .* is missing or not a regular file"),
+])
+def test_a_fifo_in_a_bundle_is_refused_at_once(three_bundle, device, copy_bundle, name, says):
+    """A bundle's file replaced by a FIFO (a plain open of one blocks until a writer comes) is a
+    BundleError within seconds, with nothing left allocated."""
+    b = copy_bundle(three_bundle)
+    (b / name).unlink()
+    os.mkfifo(b / name)
+    base = stats(device)
+    err, seconds = _load_guarded(b, b / name, device)
+    assert isinstance(err, aoti_rt.BundleError), err
+    assert re.search(says, str(err)), err
+    assert seconds < 5
     gc.collect()
     assert stats(device)["bytes_allocated"] == base["bytes_allocated"]
+
+
+def test_a_fifo_given_as_the_bundle_is_refused_at_once(tmp_path, device):
+    """``load`` looks at a file's first bytes to tell a package from a bundle: on a FIFO that
+    look must not block."""
+    fifo = tmp_path / "model"
+    os.mkfifo(fifo)
+    err, seconds = _load_guarded(fifo, fifo, device)
+    assert isinstance(err, aoti_rt.BundleError) and "not an aoti_rt bundle" in str(err), err
+    assert seconds < 5
 
 
 def test_store_is_a_directory(three_bundle, device, copy_bundle):
@@ -339,15 +413,6 @@ def test_store_is_a_directory(three_bundle, device, copy_bundle):
     (b / "weights.safetensors").unlink()
     (b / "weights.safetensors").mkdir()
     _assert_rejected(b, device, r"is a directory, not a regular file")
-
-
-def test_manifest_is_a_fifo(three_bundle, device, copy_bundle):
-    b = copy_bundle(three_bundle)
-    (b / "manifest.json").unlink()
-    os.mkfifo(b / "manifest.json")
-    t0 = time.perf_counter()
-    _assert_rejected(b, device, r"manifest .* is a FIFO")
-    assert time.perf_counter() - t0 < 5
 
 
 # -- the checked-bundle memo is bounded ------------------------------------------------------

@@ -446,8 +446,8 @@ def test_a_failing_worker_is_a_compile_error(tmp_path, monkeypatch, start):
 
 @pytest.mark.skipif(__import__("platform").machine() not in ("x86_64", "AMD64"), reason="x86 vector ISAs")
 def test_vector_isa_checks_run_at_once(no_aoti):
-    """The warm-up runs inductor's check of each ISA the CPU has at once (each is a g++ build
-    and a process loading it), not in turn as a first compile would; ISAs it lacks are skipped."""
+    """A fast timing check beside the real one below: with ISA objects whose check sleeps,
+    every ISA the CPU has is checked at once, not in turn; ISAs it lacks are skipped."""
     import threading
     import time
     import types
@@ -473,9 +473,45 @@ def test_vector_isa_checks_run_at_once(no_aoti):
     assert [i.checked.is_set() for i in isas] == [True, True, True, False]
 
 
-def test_the_warm_up_checks_isas_with_the_callers_compiler(tmp_path, no_aoti):
-    """The warm-up's vector-ISA checks run with the caller's inductor options in force (a
-    process keeps its first results, so they must come from the compiler the compile uses)."""
+_ISA_RUN = """
+import json, os, sys
+from aoti_rt.compile_workers import warm_up_inductor
+from torch._inductor import config, cpu_vec_isa
+
+options = {"cpp.cxx": (sys.argv[1],)}
+flags = cpu_vec_isa.x86_isa_checker()
+mine = [isa for isa in cpu_vec_isa.supported_vec_isa_list if all(f in flags for f in str(isa).split())]
+if sys.argv[2] == "warm":
+    warm_up_inductor(options)
+    calls = len(open(sys.argv[3]).readlines()) if os.path.exists(sys.argv[3]) else 0
+    print(json.dumps({"isas": [str(i) for i in mine], "calls_after_warm_up": calls}))
+with config.patch(options):       # what a compile then asks: answered by the warm-up's results
+    results = [bool(isa) for isa in mine]
+    picked = str(cpu_vec_isa.pick_vec_isa())
+print(json.dumps({"results": results, "picked": picked}))
+"""
+
+
+def _isa_builds(log: Path) -> list[tuple[float, float, str]]:
+    """(start, end, source) of each build of a .cpp file the logging compiler ran."""
+    starts, out = {}, []
+    for line in log.read_text().splitlines() if log.is_file() else []:
+        what, pid, at, *args = line.split(" ", 3) + [""]
+        if what == "start":
+            starts[pid] = (float(at), next((a for a in args[0].split() if a.endswith(".cpp")), ""))
+        elif what == "end" and pid in starts:
+            begin, src = starts.pop(pid)
+            if src:
+                out.append((begin, float(at), src))
+    return out
+
+
+@pytest.mark.skipif(__import__("platform").machine() not in ("x86_64", "AMD64"), reason="x86 vector ISAs")
+def test_the_warm_up_checks_each_isa_once_at_once_with_the_callers_compiler(tmp_path, no_aoti):
+    """torch's own vector-ISA objects and a real compiler: the warm-up builds inductor's check of
+    each ISA this CPU has exactly once, with the C++ compiler the caller's options name, all at
+    once; the results land in inductor's cache, so the checks a compile makes afterwards, in
+    this process or another one sharing the cache, build nothing."""
     import shutil
     import subprocess
     import sys
@@ -485,10 +521,30 @@ def test_the_warm_up_checks_isas_with_the_callers_compiler(tmp_path, no_aoti):
         pytest.skip("no C++ compiler")
     log = tmp_path / "calls"
     cxx = tmp_path / "logging-g++"
-    cxx.write_text(f"#!/bin/sh\necho x >> {log}\nexec {gxx} \"$@\"\n")
+    cxx.write_text(f'#!/bin/sh\necho "start $$ $(date +%s.%N) $*" >> {log}\n{gxx} "$@"\nrc=$?\n'
+                   f'echo "end $$ $(date +%s.%N)" >> {log}\nexit $rc\n')
     cxx.chmod(0o755)
-    code = ("import sys; from aoti_rt.compile_workers import warm_up_inductor; "
-            "warm_up_inductor({'cpp.cxx': (sys.argv[1],)})")
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
-    subprocess.run([sys.executable, "-c", code, str(cxx)], env=env, check=True, timeout=300)
-    assert log.is_file() and log.read_text().count("x") >= 1
+
+    def run(*args: str) -> list[dict]:
+        r = subprocess.run([sys.executable, "-c", _ISA_RUN, str(cxx), *args], env=env, check=True, timeout=300,
+                           capture_output=True, text=True)
+        return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+
+    warm, after = run("warm", str(log))
+    builds = _isa_builds(log)
+    isas = warm["isas"]
+    if not isas:
+        pytest.skip("this CPU has none of inductor's vector ISAs")
+    # each ISA the CPU has is checked, through the caller's compiler, each check built once (an
+    # ISA's check may be several builds: avx512 also tries bf16, avx512_vnni its vnni code)
+    assert len(builds) >= len(isas) and len({src for _, _, src in builds}) == len(builds), (isas, builds)
+    first = sorted(builds)[:len(isas)]      # at once: each ISA's first build starts before any ends
+    assert max(b for b, _, _ in first) < min(e for _, e, _ in builds), builds
+    # the answers are cached: the same process asks again and nothing is built
+    assert len(log.read_text().splitlines()) == warm["calls_after_warm_up"], "a check after the warm-up built again"
+    assert after["results"] == [True] * len(isas) and after["picked"] == isas[0]
+    # another process with the same inductor cache finds the builds there
+    again = _isa_builds(log)
+    other, = run("other")
+    assert _isa_builds(log) == again == builds and other == after

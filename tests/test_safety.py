@@ -1,6 +1,6 @@
-"""Bundles are untrusted input; tensors come in any layout (issue: correct and safe on whatever
-users bring). Each test is a case that misbehaved before: an out-of-bounds kernel access, a
-poisoned cache, a writable shared weight, a silently wrong result, a leak per bundle."""
+"""Bundles are untrusted input; tensors come in any layout. Each test is one way to go wrong: an
+out-of-bounds kernel access, a poisoned cache, a writable shared weight, a silently wrong
+result, a leak per bundle, or a real layout refused."""
 
 from __future__ import annotations
 
@@ -27,6 +27,53 @@ def _constants(raw, fqn):
 
 def _intact_outputs(model, x):
     return {name: getattr(model, name)(x) for name in METHOD_LAYERS}
+
+
+# -- constants in every layout AOTI compiles ------------------------------------------------
+
+class Layouts(torch.nn.Module):
+    """Constants that are not contiguous: a slice of a larger storage, a row of one (a view
+    with an offset), a transposed matrix, a channels-last tensor, an expanded (stride 0) one.
+    Made on their device (``.to`` would make the slice and the expansion contiguous)."""
+
+    def __init__(self, device: str):
+        super().__init__()
+        base = torch.randn(8, 16, device=device)
+        self.register_buffer("sliced", base[:, 3:7])
+        self.register_buffer("row", base[2])
+        self.register_buffer("transposed", torch.randn(16, 32, device=device).t())
+        self.register_buffer("channels_last", torch.randn(2, 3, 4, 5, device=device)
+                             .to(memory_format=torch.channels_last))
+        self.register_buffer("expanded", torch.randn(16, 1, device=device).expand(16, 16))
+        self.lin = torch.nn.Linear(16, 16, device=device)
+
+    def forward(self, x):
+        y = self.lin(x) @ self.expanded + self.row
+        return (y[:, :4] @ self.sliced.t()[:4] + self.transposed[:8].sum(0)[:8].sum()
+                + self.channels_last.sum())
+
+
+@pytest.fixture(scope="module")
+def layouts(workdir, device):
+    from conftest import _compile
+
+    torch.manual_seed(0)
+    model = Layouts(device)
+    x = torch.randn(3, 16, device=device)
+    return _compile(workdir, "layouts", device, {"f": torch.export.export(model, (x,))}), model, x
+
+
+def test_constants_of_every_layout_load_and_compute(layouts, device):
+    """The manifest's view check refuses views that repeat elements of a weight they do not
+    span, and views past what the .so keeps, but none of these: AOTI compiles each as it is."""
+    path, model, x = layouts
+    views = {c.fqn: (c.shape, c.stride) for c in read_bundle(path).manifest.methods["f"].constants}
+    assert views["sliced"] == ([8, 4], [16, 1])                     # not dense: a slice of rows of 16
+    assert views["transposed"] == ([32, 16], [1, 32])
+    assert views["channels_last"] == ([2, 3, 4, 5], [60, 1, 15, 3])
+    assert views["expanded"] == ([16, 16], [1, 0])                  # repeats elements, spans its storage
+    with aoti_rt.load(path, device=device) as m:
+        torch.testing.assert_close(m.f(x), model(x))
 
 
 # -- views smaller than what the .so uses ----------------------------------------------------
@@ -112,7 +159,7 @@ def test_empty_view_of_real_storage_is_refused(lm_bundle, device, copy_bundle):
 
 
 def test_manifest_inputs_must_match_the_so(three_bundle, device, copy_bundle):
-    """An input spec of [] used to skip every input check (a (1, 64) input read as (3, 64))."""
+    """An input spec of [] must not skip the input checks (a (1, 64) input would be read as (3, 64))."""
     b = copy_bundle(three_bundle)
     edit_manifest(b, lambda raw: raw["methods"]["a"].__setitem__("inputs", []))
     with pytest.raises(aoti_rt.BundleError, match="describes 0 inputs"):
@@ -327,7 +374,7 @@ def _probe_record(so):
                                   "other_fingerprint"])
 def test_edited_probe_cache_is_never_trusted(stock_artifact, device, edit):
     """The probe record cached beside a stock .so is checked like a manifest: an edited one
-    is ignored and the artifact probed again (it used to segfault, abort or compute garbage)."""
+    is ignored and the artifact probed again (trusted, it would segfault, abort or compute garbage)."""
     so, blob, mod = stock_artifact
     x = torch.randn(3, 64, device=device)
     with aoti_rt.load_method(so, weights=blob, device=device) as m:       # writes the record
@@ -347,7 +394,7 @@ def test_edited_probe_cache_is_never_trusted(stock_artifact, device, edit):
 
 
 def test_unlookable_so_name_is_a_bundle_error(three_bundle, device, copy_bundle):
-    """A file name the OS refuses to look up (over NAME_MAX) made Path.is_file raise OSError."""
+    """A file name the OS refuses to look up (over NAME_MAX), where Path.is_file raises OSError."""
     b = copy_bundle(three_bundle)
     edit_manifest(b, lambda raw: raw["methods"]["a"].__setitem__("so", "x" * 300))
     with pytest.raises(aoti_rt.BundleError, match="shared object"):
@@ -356,7 +403,7 @@ def test_unlookable_so_name_is_a_bundle_error(three_bundle, device, copy_bundle)
 
 def test_stock_blob_shorter_than_the_so_reads_is_refused(stock_artifact, device, tmp_path):
     """torch's runner maps as many blob bytes as the .so states without checking the file: a
-    truncated blob was a SIGBUS that killed the process. It is refused before the probe (run in
+    truncated blob is a SIGBUS that kills the process. It is refused before the probe (run in
     a child process, so a regression fails this test instead of killing the suite)."""
     import shutil
     import subprocess

@@ -231,13 +231,6 @@ def _long_modules() -> dict[str, int]:
     return out
 
 
-#: modules other engineers are splitting; merged, the mark goes
-_STILL_LONG = {"bundle.py", "package.py", "_load.pyx", "_memory.pyx"}
-
-
-@pytest.mark.xfail(bool(_long_modules().keys() & _STILL_LONG) and not (_long_modules().keys() - _STILL_LONG),
-                   reason=f"still over {MAX_LINES} lines until their splits are merged: {sorted(_STILL_LONG)}",
-                   strict=False)
 def test_no_module_is_over_700_lines():
     """Every module of aoti_rt fits in one reading: at most 700 lines."""
     assert not _long_modules(), f"modules over {MAX_LINES} lines: {_long_modules()}"
