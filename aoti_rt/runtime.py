@@ -269,6 +269,11 @@ class Method:
         self._fqn_index = {c.fqn: i for i, c in enumerate(self.spec.constants)}
         self._pending = None
 
+    @property
+    def through_runner(self) -> bool:
+        """Whether calls go through torch's own AOTI runner (a .so that calls custom ops)."""
+        return self._runner is not None
+
     # -- rebinding (weight updates) ----------------------------------------------------------
 
     def bindings(self) -> list[BoundConstant]:

@@ -212,10 +212,11 @@ def _bind_pieces(row: Callable[[str, list[float]], None], first: aoti_rt.Model, 
         m.close()
         return seconds
 
-    held = first[name]._binding.acq            # what the loaded method holds: its keys, buffers
-    keys = list(held.keys)
-    sizes = [b.nbytes for b in held.buffers]
-    buffers = [b.buffer for b in first[name].bindings()]
+    bound = first[name].bindings()             # what the loaded method holds: its keys, buffers
+    held = {b.key: b.buffer for b in bound if b.key is not None}
+    keys = list(held)
+    sizes = [b.nbytes for b in held.values()]
+    buffers = [b.buffer for b in bound]
     torch_shim()
     dev = str(rt.device)
 

@@ -74,7 +74,7 @@ def try_write(path: str) -> dict[str, int]:
 
 def arena_bound(model) -> bool:
     """Whether any weight of ``model`` is bound to memory of a shared arena."""
-    return any(b.arena is not None for n in model.methods for b, _, _ in model[n]._buffers.values())
+    return any(b.buffer.arena is not None for m in model.method_list() for b in m.bindings())
 
 
 def main() -> int:

@@ -233,7 +233,7 @@ def test_plain_method_runs_directly_even_with_a_json(custom_bundle, device, copy
     _, _, plain = eager(device)
     x = torch.randn(5, 64, device=device)
     with aoti_rt.load(b, device=device) as model, torch.no_grad():
-        assert model.plain._binding.runner is None and model.custom._binding.runner is not None
+        assert not model.plain.through_runner and model.custom.through_runner
         torch.testing.assert_close(model.plain(x), plain(x))
 
 
