@@ -1,4 +1,4 @@
-"""Issue 10: inputs checked at compile and at call, and compile as users expect it.
+"""Inputs checked at compile and at call, and compile as users expect it.
 
 Real AOTI models throughout: each bundle is compiled once per session (per device where the
 test runs on one). A test that must see that no AOTI work happened arms a tripwire on
