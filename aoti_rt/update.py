@@ -147,6 +147,29 @@ def _value_id(value: Any, path: Path | None) -> Any:
     return (value[2], value[3]) if path is not None else id(value)
 
 
+def _view_of(value: Any) -> tuple | None:
+    """Where a dense tensor's elements are (its storage, offset, shape, strides, dtype, device)."""
+    import torch
+
+    if not isinstance(value, torch.Tensor) or value.layout != torch.strided or value.is_quantized \
+            or value.device.type == "meta":
+        return None
+    return (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride(),
+            value.dtype, value.device)
+
+
+def _unknown(given: dict[str, Any], bound: set[str], path: Path | None) -> list[str]:
+    """The names the model does not bind, less those whose value is the very tensor given for an
+    FQN it binds: a weight tied under two names (``head.weight = emb.weight``), which AOTI
+    compiles as one constant under one of them; a state_dict holds both, and writing the bound
+    name writes the tensor."""
+    unknown = sorted(k for k in given if k not in bound)
+    if not unknown or path is not None:
+        return unknown
+    views = {_view_of(v) for k, v in given.items() if k in bound} - {None}
+    return [k for k in unknown if _view_of(given[k]) not in views]
+
+
 def _kind(bound: "BoundConstant") -> str:
     """Which of the contract's kinds of memory a bound constant is (docs/contract.md)."""
     arena = getattr(bound.buffer, "arena", None)
@@ -238,7 +261,7 @@ def update_weights(model: "Model", weights: "Mapping[str, Any] | str | os.PathLi
     methods = _methods(model)
     given, path = _given(weights)
     bound = {b.fqn for m in methods for b in m.bindings()}
-    unknown = sorted(k for k in given if k not in bound)
+    unknown = _unknown(given, bound, path)
     if unknown and strict:
         raise InputError(f"update_weights: the model binds no {', '.join(unknown[:5])}"
                          f"{' ...' if len(unknown) > 5 else ''} ({len(unknown)} unknown); it binds "

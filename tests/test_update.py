@@ -109,6 +109,24 @@ def test_an_update_of_one_fqn_does_not_change_the_fqns_stored_with_it(lm_bundle,
         torch.testing.assert_close(model.prefill(tokens), want, rtol=1e-4, atol=1e-4)
 
 
+def test_a_state_dict_updates_a_model_whose_tied_weight_aoti_binds_under_one_name(three_bundle, device):
+    """The stack's out.weight is inp.weight: AOTI binds it under one FQN, the state_dict has both
+    names for the same tensor; the whole state_dict is accepted (strict) and the tensor written
+    once. A different value under the other name is still an unknown FQN."""
+    x = torch.randn(3, 64, device=device)
+    new_stack = make_stack(device, seed=1)
+    state = {f"stack.{k}": v for k, v in new_stack.state_dict().items()}
+    with aoti_rt.load(three_bundle, device=device) as model:
+        bound = {fqn for m in model.methods for fqn in model[m].constants}
+        tied = {"stack.inp.weight", "stack.out.weight"}
+        assert len(tied & bound) == 1                 # one of the two names is the constant
+        model.update_weights(state)
+        check(model, outputs_of(new_stack, x), x)
+        other = (tied - bound).pop()
+        with pytest.raises(InputError, match=other):
+            model.update_weights({**state, other: state[other].clone()})
+
+
 def test_calls_in_other_threads_see_all_old_or_all_new_weights(three_bundle, device):
     """While one thread updates back and forth between two sets of weights, calls made in other
     threads compute exactly the one set or the other, never a mix."""
