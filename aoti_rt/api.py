@@ -169,7 +169,7 @@ def _is_package(path: "str | os.PathLike[str]") -> bool:
         if stat.S_ISDIR(st.st_mode):
             return False
         if not stat.S_ISREG(st.st_mode):
-            raise BundleError(f"{path} is not a bundle folder or a .pt2 file (it is not a regular file: a FIFO, "
+            raise BundleError(f"{path} is not an aoti_rt bundle or a .pt2 file (it is not a regular file: a FIFO, "
                               f"socket or device); pass the path of an aoti_rt bundle or a .pt2 package")
         return os.pread(fd, 4, 0) == b"PK\x03\x04"
     except OSError:

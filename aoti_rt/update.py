@@ -170,6 +170,28 @@ def _unknown(given: dict[str, Any], bound: set[str], path: Path | None) -> list[
     return [k for k in unknown if _view_of(given[k]) not in views]
 
 
+def _merge_equal(groups: dict[Any, list[_Holder]], given: dict[str, Any]) -> dict[Any, list[_Holder]]:
+    """Groups of FQNs of one buffer whose new values are equal become one group: they still hold
+    one value (nine LayerNorm weights updated to nine tensors of ones), so no split is needed."""
+    import torch
+
+    out: dict[Any, list[_Holder]] = {}
+    firsts: list[tuple[Any, Any]] = []          # (group key, its value)
+    for vid, hs in groups.items():
+        if vid is None:
+            out[None] = hs
+            continue
+        value = given[hs[0].bound.fqn]
+        for key, first in firsts:
+            if torch.equal(value.to(first.device), first):
+                out[key].extend(hs)
+                break
+        else:
+            firsts.append((vid, value))
+            out[vid] = list(hs)
+    return out
+
+
 def _kind(bound: "BoundConstant") -> str:
     """Which of the contract's kinds of memory a bound constant is (docs/contract.md)."""
     arena = getattr(bound.buffer, "arena", None)
@@ -205,6 +227,8 @@ def _plan(model: "Model", methods: "list[Method]", given: dict[str, Any], path: 
         for h in holders:
             fqn = h.bound.fqn
             groups.setdefault(None if fqn not in given else _value_id(given[fqn], path), []).append(h)
+        if path is None and len(groups) - (None in groups) > 1:
+            groups = _merge_equal(groups, given)
         whole = None not in groups and len(groups) == 1
         if kind == "attached" and shared:
             raise InputError("update_weights: this model's weights are mapped read-only from another process "
