@@ -126,7 +126,7 @@ def test_clients_that_close_or_stall_during_an_update_do_not_hang_it(lm_bundle, 
     """A client that closes its connection when the new generation comes is not waited for; one
     that never answers is waited for only until the deadline, and named in a warning."""
     name = _name("stall", device)
-    monkeypatch.setenv("AOTI_RT_SWAP_TIMEOUT", "2")
+    monkeypatch.setenv("AOTI_RT_SWAP_TIMEOUT", "30")
     with aoti_rt.load(lm_bundle, device=device, share=name) as exporter:
         closing = share.attach(name, timeout=30)
         for fd in closing.take_fds():
@@ -146,11 +146,12 @@ def test_clients_that_close_or_stall_during_an_update_do_not_hang_it(lm_bundle, 
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             report = exporter.update_weights(new_lm_weights(device), strict=False)
-        assert time.monotonic() - t0 < 2.0           # not the deadline: the closed client is not waited for
+        assert time.monotonic() - t0 < 20.0          # not the deadline: the closed client is not waited for
         t.join(30)
         assert report.generation == 2 and report.switched == [] and report.unswitched == []
         _wait_for(lambda: exporter.share.clients == 0, "the closed client to detach")
 
+        monkeypatch.setenv("AOTI_RT_SWAP_TIMEOUT", "2")
         stalled = share.attach(name, timeout=30)     # attached, and never reads what comes
         try:
             for fd in stalled.take_fds():
@@ -191,8 +192,8 @@ def test_a_generation_a_client_cannot_take_leaves_it_on_the_old_one(lm_bundle, d
             assert report.switched == [w.p.pid]
             assert w.ask(op="digest", tokens=PROMPT)["digest"] != ref
         assert w.stop() == 0
-        w.err = open(w.err.name)
-        assert "could not switch to the exporter's weight generation 2" in w.err.read()
+        with open(w.err.name) as err:
+            assert "could not switch to the exporter's weight generation 2" in err.read()
     finally:
         if w.p.poll() is None:
             w.p.kill()
