@@ -25,7 +25,8 @@ One JSON command per line on stdin, one JSON answer per line on stdout (prefixed
   {"op": "loop", "tokens", "started", "stop"}   -> prefill in a loop (the file "started" made once
                                                    it runs) until the file "stop" exists: each
                                                    distinct output's SHA-256 and its count
-  {"op": "info"}                                -> model.share, cache stats, arena totals
+  {"op": "info"}                                -> model.share, cache stats, arena totals, the
+                                                   scopes of the keys of its arena weights
 """
 
 from __future__ import annotations
@@ -86,6 +87,13 @@ def try_write(path: str) -> dict[str, int]:
 def arena_bound(model) -> bool:
     """Whether any weight of ``model`` is bound to memory of a shared arena."""
     return any(b.buffer.arena is not None for m in model.method_list() for b in m.bindings())
+
+
+def arena_keys(model) -> list:
+    """The cache scopes of the keys of ``model``'s weights bound to a shared arena (None: a
+    buffer no key names)."""
+    return sorted({None if b.key is None else b.key.scope.name for m in model.method_list() for b in m.bindings()
+                   if b.buffer.arena is not None}, key=str)
 
 
 def main() -> int:
@@ -164,7 +172,7 @@ def main() -> int:
                 out.update(outputs=seen, calls=sum(seen.values()))
             elif op == "info":
                 out.update(share=dataclasses.asdict(model.share), stats=aoti_rt.cache_stats(dev),
-                           arenas=list(_memory.arena_totals()))
+                           arenas=list(_memory.arena_totals()), arena_keys=arena_keys(model))
             elif op == "close":
                 for m in models.values():
                     m.close()

@@ -19,7 +19,7 @@ import torch
 
 import aoti_rt
 from aoti_rt import _memory, demo, share
-from share_worker import new_lm_weights
+from share_worker import arena_keys, new_lm_weights
 from test_share import PROMPT, Worker, _name, _wait_for
 
 #: how many times the exporter switches between the two weight sets while a client computes
@@ -111,6 +111,9 @@ def test_an_update_holds_the_arenas_twice_only_until_clients_switch(lm_bundle, d
             info = w.ask(op="info")
             assert info["stats"]["shared_imported_bytes"] == arena and info["arenas"] == [1, arena]
             assert info["share"]["generation"] == 4
+            # the caches name the new generation's buffers under the arena scopes, as after a load
+            assert info["arena_keys"] == ["ATTACHED"]
+            assert arena_keys(exporter) == ["EXPORT"]
             torch.testing.assert_close(torch.tensor(w.ask(op="prefill", tokens=PROMPT)["logits"]),
                                        _logits(device, 1), rtol=1e-4, atol=1e-4)
             assert w.ask(op="close")["arenas"] == [0, 0]
