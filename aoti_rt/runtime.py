@@ -538,7 +538,7 @@ class Model:
                 self._methods[name] = Method(name, bundle.manifest.methods[name], bundle.so_path(name),
                                              source, rt, progress=progress, max_load_gbps=max_load_gbps)
             if self._share is not None:
-                self._share.ready()       # an exporter starts serving now
+                self._share.ready(self)   # an exporter starts serving, a client follows its updates
         except BaseException:
             self.close()
             raise
@@ -635,7 +635,7 @@ class Model:
         raise KeyError(f"no method of this model binds {fqn!r}")
 
     def update_weights(self, weights: "Mapping[str, Any] | str | os.PathLike[str]", *, shared: bool = True,
-                       strict: bool = True, progress: bool | None = None) -> "UpdateReport":
+                       strict: bool = True, progress: bool | None = None, atomic: bool = True) -> "UpdateReport":
         """Write new values into the named weights of this model, and only those: see
         :func:`aoti_rt.update.update_weights` and ``docs/contract.md``.
 
@@ -647,6 +647,7 @@ class Model:
                 for other models too is copied, one it holds for this model alone taken over.
                 False: every updated weight a copy of this model's own.
             strict: refuse FQNs this model does not bind (False: ignore them).
+            atomic: an exporter's arena gets a new generation its clients switch to at once (False: in place).
 
         Calls from other threads see all old or all new weights; every value is checked before
         anything is written.
@@ -661,7 +662,7 @@ class Model:
         """
         if self.closed:
             raise ClosedError("the model is closed")
-        return _update_weights(self, weights, shared=shared, strict=strict, progress=progress)
+        return _update_weights(self, weights, shared=shared, strict=strict, progress=progress, atomic=atomic)
 
     def close(self) -> None:
         """Close every method; memory no other model uses is freed.

@@ -14,6 +14,11 @@ When sharing is impossible (:class:`~aoti_rt.errors.ShareUnavailableError`: the 
 by another user, no answer by the deadline, a device or kernel that cannot share memory),
 ``aoti_rt.load`` loads privately with a warning, or raises with ``share_required=True``.
 
+Updates: an exporter's ``update_weights`` (``atomic=True``, the default) never writes the arenas
+it serves: it serves a new generation of them, which every client switches to as one step
+(:mod:`aoti_rt.generations`; :meth:`Exporter.new_generation`, :meth:`Exporter.publish`, and each
+client's listener thread, started by :meth:`Client.ready`).
+
 Lifetimes: a client is attached while its connection is open (closing the model, exiting or
 being killed closes it). The memory lives while any process maps it: the driver (VMM) or the
 kernel (memfd) counts the mappings, so a client keeps computing after the exporter has closed
@@ -31,11 +36,15 @@ process shares weights between bundles only once their bytes are verified.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import os
+import threading
 import time
 import warnings
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -44,10 +53,14 @@ from .acquire import attached_key, export_key
 from .bundle import ITEMSIZE, MANIFEST, Bundle, WeightSpec
 from .device import DeviceRuntime
 from .errors import ShareError, ShareUnavailableError
+from .generations import Generation, Listener, switch_methods, warn_unswitched
 
 #: seconds a process waits for the exporter's answer by default (the exporter may still be
 #: loading); ``AOTI_RT_SHARE_TIMEOUT`` overrides it (read at each load: :func:`attach_timeout`)
 ATTACH_TIMEOUT = 600.0
+#: seconds an exporter's atomic update waits for its clients to switch generations, by default
+#: (``AOTI_RT_SWAP_TIMEOUT`` overrides it; never longer than :func:`attach_timeout`)
+SWAP_TIMEOUT = 60.0
 #: seconds a name may stay bound by a process that accepts no connection before a load gives up
 #: on it (an exporter binds and listens at once: only a squatter stays so)
 SILENT_HOLDER = 2.0
@@ -61,19 +74,30 @@ _scopes = itertools.count(1)
 ShareRole = Literal["exporter", "client"]
 
 
-def attach_timeout() -> float:
-    """Seconds a load waits for the exporter's whole answer: ``$AOTI_RT_SHARE_TIMEOUT`` if set,
-    else :data:`ATTACH_TIMEOUT`."""
-    raw = os.environ.get("AOTI_RT_SHARE_TIMEOUT")
+def _seconds(var: str, default: float) -> float:
+    raw = os.environ.get(var)
     if raw is None:
-        return ATTACH_TIMEOUT
+        return default
     try:
         value = float(raw)
     except ValueError:
         value = float("nan")
     if not 0 < value < float("inf"):
-        raise ShareError(f"AOTI_RT_SHARE_TIMEOUT={raw!r:.40}: set it to a positive number of seconds")
+        raise ShareError(f"{var}={raw!r:.40}: set it to a positive number of seconds")
     return value
+
+
+def attach_timeout() -> float:
+    """Seconds a load waits for the exporter's whole answer: ``$AOTI_RT_SHARE_TIMEOUT`` if set,
+    else :data:`ATTACH_TIMEOUT`."""
+    return _seconds("AOTI_RT_SHARE_TIMEOUT", ATTACH_TIMEOUT)
+
+
+def swap_timeout() -> float:
+    """Seconds an exporter's atomic update waits for its clients to switch to the new
+    generation: ``$AOTI_RT_SWAP_TIMEOUT`` if set, else :data:`SWAP_TIMEOUT`, at most
+    :func:`attach_timeout`."""
+    return min(_seconds("AOTI_RT_SWAP_TIMEOUT", SWAP_TIMEOUT), attach_timeout())
 
 
 @dataclass(frozen=True)
@@ -93,6 +117,8 @@ class ShareInfo:
         private_weights: immutable weights a client read from its own store because the
             exporter did not load them (it loaded fewer methods); 0 for an exporter.
         read_only: whether the arenas are mapped read-only in this process.
+        generation: the generation of the arenas this process maps (1: as loaded; each
+            atomic update of the exporter serves the next).
     """
 
     name: str
@@ -107,6 +133,7 @@ class ShareInfo:
     weight_bytes: int
     private_weights: int
     read_only: bool
+    generation: int = 1
 
 
 def bundle_identity(bundle: Bundle) -> dict[str, Any]:
@@ -160,8 +187,8 @@ class _Role:
                fixed: list[bool]) -> None:
         """A method has acquired and filled its weights."""
 
-    def ready(self) -> None:
-        """Every method is loaded."""
+    def ready(self, model: Any = None) -> None:
+        """Every method of ``model`` is loaded."""
 
     def stop(self) -> None:
         """The model is closing: stop serving (an exporter)."""
@@ -175,7 +202,8 @@ class _Role:
 
 class Exporter(_Role):
     """The process that holds a bundle's weights for the others: one arena for its immutable
-    weights, then a :class:`~aoti_rt.share.ShareServer` answering clients with it."""
+    weights, then a :class:`~aoti_rt.share.ShareServer` answering clients with it, and a new
+    generation of the arenas for each atomic update (:meth:`new_generation`)."""
 
     def __init__(self, server: _share.ShareServer, bundle: Bundle, rt: DeviceRuntime, methods: list[str],
                  verified: bool = False):
@@ -199,7 +227,13 @@ class Exporter(_Role):
         #: cache key -> (digest, buffer bytes, Buffer) of each weight placed in the arena
         self.records: dict[_cache.WeightKey, tuple[str, int, _memory.Buffer]] = {}
         self.read_only = False
+        #: the generation served now: 1 as loaded, one more for each atomic update
+        self.generation = 1
+        #: the cache's EXPORT entries of a later generation (the methods hold the first's)
+        self.hold: _cache.Acquisition | None = None
+        self._swap = threading.Lock()
         self._stopped = False
+        _EXPORTERS.add(self)
 
     def route(self, keys, content, weights, need, fixed):
         keys, content = list(keys), list(content)
@@ -217,17 +251,20 @@ class Exporter(_Role):
             if f and buf.allocator is self.allocator:
                 self.records[keys[j]] = (weights[j].digest, need[j], buf)
 
-    def ready(self) -> None:
+    def ready(self, model: Any = None) -> None:
         """Make the arenas read-only and start serving them."""
         self.read_only = self.allocator.freeze()
+        self.server.serve(*self._offer())
+
+    def _offer(self) -> tuple[dict[str, Any], Any]:
+        """What a client is sent: the arenas of the generation served now (sizes, kinds, and a
+        function making their descriptors) and where each weight is in them."""
         arenas = list(self.allocator.arenas)
         where = {id(a): i for i, a in enumerate(arenas)}
-        table = []
-        for digest, nbytes, buf in self.records.values():
-            arena = buf.arena
-            table.append([digest, nbytes, where[id(arena)], buf.ptr - arena.address])
+        table = [[digest, nbytes, where[id(buf.arena)], buf.ptr - buf.arena.address]
+                 for digest, nbytes, buf in self.records.values()]
         payload = {"name": self.name, "pid": os.getpid(), "identity": self.identity,
-                   "device": self.rt.identity(),
+                   "device": self.rt.identity(), "generation": self.generation,
                    "arenas": [{"size": a.nbytes, "kind": a.kind} for a in arenas], "weights": table}
 
         def descriptors() -> list[int]:
@@ -241,15 +278,74 @@ class Exporter(_Role):
                 raise
             return fds
 
-        self.server.serve(payload, descriptors)
+        return payload, descriptors
+
+    # -- generations (atomic updates: aoti_rt.generations) ------------------------------------
+
+    @contextlib.contextmanager
+    def swapping(self) -> Iterator[None]:
+        """Hold this exporter's generation lock: one atomic update at a time, from
+        :meth:`new_generation` to :meth:`publish`."""
+        with self._swap:
+            yield
+
+    def new_generation(self) -> Generation:
+        """The next generation: a copy of the arenas served now, writable, each weight at its
+        offset (:meth:`aoti_rt.generations.Generation.copy_of`); nothing served is written."""
+        gen = Generation.copy_of(self.generation + 1, self.allocator, [r[2] for r in self.records.values()],
+                                 self.rt.allocator, self.rt.context, f"the shared arenas of {self.name!r}")
+        self.rt.arena_allocators.add(gen.allocator)        # counted in cache_stats() from now
+        return gen
+
+    def install(self, gen: Generation) -> None:
+        """Serve ``gen`` in this process from now on (the methods are bound to it already): the
+        records and the cache's EXPORT keys name its Buffers. The previous generation is held
+        until :meth:`publish`."""
+        cache = self.rt.cache
+        records = {k: (d, n, gen.moved[id(buf)]) for k, (d, n, buf) in self.records.items()}
+        gen.retired = [self.allocator, self.records, self.hold]
+        if self.hold is not None:
+            cache.release(self.hold)
+        self.hold = cache.adopt(list(records), [r[2] for r in records.values()])
+        self.records = records
+        self.allocator = gen.allocator
+        self.read_only = all(a.read_only for a in gen.allocator.arenas)
+        self.generation = gen.number
+
+    def publish(self, gen: Generation) -> _share.PushResult:
+        """Send the installed generation to every client attached and wait for each to switch
+        (:func:`swap_timeout`), warning about any that did not; then let go of this process's
+        mapping of the previous generation (clients that did not switch keep theirs)."""
+        payload, descriptors = self._offer()
+        timeout = swap_timeout()
+        try:
+            result = self.server.push(payload, descriptors, gen.number, timeout)
+        finally:
+            if self.rt.is_cuda:
+                import torch
+
+                torch.cuda.synchronize(self.rt.index)
+            old = gen.retired[0] if gen.retired else None
+            gen.retired = []
+            if old is not None:
+                old.close()         # unmapped here with its last Buffer, now
+        warn_unswitched(self.name, result, timeout)
+        return result
 
     def stop(self) -> None:
         if not self._stopped:
             self._stopped = True
             self.server.close()
 
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
     def close(self) -> None:
         self.stop()
+        if self.hold is not None:
+            self.rt.cache.release(self.hold)
+            self.hold = None
         self.records = {}
         self.allocator.close()
 
@@ -258,7 +354,20 @@ class Exporter(_Role):
         arenas = list(self.allocator.arenas)
         return ShareInfo(self.name, "exporter", str(self.rt.device), os.getpid(), s["clients"], s["attached"],
                          len(arenas), sum(a.nbytes for a in arenas), len(self.records),
-                         sum(n for _, n, _ in self.records.values()), 0, self.read_only)
+                         sum(n for _, n, _ in self.records.values()), 0, self.read_only, self.generation)
+
+
+def exporter_of(buffer: Any) -> Exporter | None:
+    """The exporter in this process that serves the arena ``buffer`` is carved from (None: no
+    exporter does, or it stopped serving)."""
+    alloc = getattr(buffer, "allocator", None)
+    for e in list(_EXPORTERS):
+        if e.allocator is alloc and not e.stopped:
+            return e
+    return None
+
+
+_EXPORTERS: "weakref.WeakSet[Exporter]" = weakref.WeakSet()
 
 
 class Client(_Role):
@@ -268,7 +377,13 @@ class Client(_Role):
     The Buffers it maps are cached under keys of its own scope (``Scope.ATTACHED``, owned by this
     attachment; no content key), found only by this model's methods: a plain ``load`` of the
     same bundle in this process, or a ``verify="load"`` load of a copy, reads its own weights and
-    never binds the exporter's memory (which the exporter may update in place)."""
+    never binds the exporter's memory.
+
+    Once its model is loaded (:meth:`ready`) a listener thread waits on the connection for the
+    exporter's new generations: it maps each read-only, rebinds every method of the model to it
+    at once (all launch locks held), lets go of the previous one once the calls launched on it
+    are done, and acknowledges. It never raises into the caller's threads: a generation it
+    cannot take is a warning, and the model keeps the one it has."""
 
     reads_store = False
 
@@ -302,20 +417,12 @@ class Client(_Role):
                 raise
             except ShareError as e:
                 raise ShareUnavailableError(str(e)) from None
-            sizes, table = _layout(self.name, msg, len(fds), "cuda-vmm" if rt.is_cuda else "memfd")
-            dev = rt.device
-            self.allocator = _arena.ArenaAllocator(str(dev), dev.index if dev.is_cuda else -1, rt.context)
-            rt.arena_allocators.add(self.allocator)
-            try:
-                self.arenas = [self.allocator.attach(fd, n) for fd, n in zip(fds, sizes)]
-            except BaseException:
-                self.allocator.close()
-                raise
+            self.allocator, self.arenas, self.table = self._map(msg, fds)
         finally:
             for fd in fds:
                 os.close(fd)
-        #: (digest, buffer bytes) -> (arena index, offset)
-        self.table: dict[tuple[str, int], tuple[int, int]] = table
+        gen = msg.get("generation", 1)
+        self.generation = gen if type(gen) is int else 1
         self.read_only = all(a.read_only for a in self.arenas)
         if not self.read_only:
             warnings.warn(f"share {self.name!r}: the driver mapped the shared weights writable (it cannot map "
@@ -323,6 +430,29 @@ class Client(_Role):
         self.weights = 0
         self.weight_bytes = 0
         self.private = 0
+        #: each weight mapped from the generation mapped now, by its ATTACHED key
+        self.mapped: dict[_cache.WeightKey, _memory.Buffer] = {}
+        #: the cache's ATTACHED entries of a later generation (the methods hold the first's)
+        self.hold: _cache.Acquisition | None = None
+        self._model: Any = None
+        self._listener: Listener | None = None
+
+    def _map(self, msg: dict[str, Any], fds: list[int]
+             ) -> tuple[_arena.ArenaAllocator, list[_arena.SharedArena], dict[tuple[str, int], tuple[int, int]]]:
+        """Map the arenas an exporter's answer (or new generation) names, read-only; the
+        descriptors stay the caller's."""
+        rt = self.rt
+        sizes, table = _layout(self.name, msg, len(fds), "cuda-vmm" if rt.is_cuda else "memfd")
+        dev = rt.device
+        allocator = _arena.ArenaAllocator(str(dev), dev.index if dev.is_cuda else -1, rt.context)
+        rt.arena_allocators.add(allocator)
+        try:
+            arenas = [allocator.attach(fd, n) for fd, n in zip(fds, sizes)]
+        except BaseException:
+            allocator.close()
+            raise
+        #: (digest, buffer bytes) -> (arena index, offset)
+        return allocator, arenas, table
 
     def route(self, keys, content, weights, need, fixed):
         keys, content = list(keys), list(content)
@@ -344,11 +474,73 @@ class Client(_Role):
                 continue
             ks.append(keys[j])
             bufs.append(self.allocator.carve(self.arenas[where[0]], where[1], need[j]))
+            self.mapped[keys[j]] = bufs[-1]
             self.weights += 1
             self.weight_bytes += need[j]
         return cache.adopt(ks, bufs) if ks else None
 
+    # -- new generations ------------------------------------------------------------------
+
+    def ready(self, model: Any = None) -> None:
+        """Start the listener that switches ``model`` (the model whose methods bind this
+        client's buffers) to the exporter's new generations."""
+        if model is None or self._listener is not None:
+            return
+        self._model = weakref.ref(model)       # the model may be dropped: its finalizer closes this
+        self._listener = Listener(self.attachment, self.name, self._switch, lambda: self.generation, swap_timeout)
+
+    def stop(self) -> None:
+        """Stop following the exporter's generations (a switch under way finishes first)."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.stop()
+
+    def _switch(self, gen: int, msg: dict[str, Any], fds: list[int]) -> None:
+        """Map generation ``gen``, rebind every method of the model to it at once, let go of the
+        one mapped now once the calls launched on it are done."""
+        try:
+            model = self._model() if self._model is not None else None
+            if gen <= self.generation or model is None:
+                return                   # what it has (it attached after the exporter's update)
+            allocator, arenas, table = self._map(msg, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+        def carve(key: _cache.WeightKey) -> _memory.Buffer:
+            where = table.get((key.weight, key.need))
+            if where is None:
+                raise ShareError(f"the exporter's generation {gen} lacks a weight this process maps "
+                                 f"({key.weight[:16]}, {key.need} bytes); refusing it")
+            return allocator.carve(arenas[where[0]], where[1], key.need)
+
+        try:
+            moved, changes = switch_methods(model.method_list(), self.mapped, carve)
+        except BaseException:
+            allocator.close()
+            raise
+        cache = self.rt.cache
+        # the previous generation, held until the calls launched on it are done
+        retired = [self.allocator, self.mapped, self.hold, changes]
+        if self.hold is not None:
+            cache.release(self.hold)
+        self.hold = cache.adopt(list(moved), list(moved.values()))
+        self.allocator, self.arenas, self.table, self.mapped = allocator, arenas, table, moved
+        self.generation = gen
+        self.read_only = all(a.read_only for a in arenas)
+        if self.rt.is_cuda:
+            import torch
+
+            torch.cuda.synchronize(self.rt.index)
+        retired[0].close()
+        retired.clear()                  # unmapped with its last Buffer, here
+
     def close(self) -> None:
+        self.stop()
+        if self.hold is not None:
+            self.rt.cache.release(self.hold)
+            self.hold = None
+        self.mapped = {}
         self.attachment.close()            # detached: the exporter's count drops
         self.arenas = []
         self.allocator.close()
@@ -357,7 +549,7 @@ class Client(_Role):
         arenas = list(self.allocator.arenas)
         return ShareInfo(self.name, "client", str(self.rt.device), self.exporter_pid, None, None, len(arenas),
                          sum(a.nbytes for a in arenas), self.weights, self.weight_bytes, self.private,
-                         self.read_only)
+                         self.read_only, self.generation)
 
 
 def _layout(name: str, msg: dict[str, Any], nfds: int, kind: str

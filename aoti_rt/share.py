@@ -10,11 +10,16 @@ file descriptors travel. Pure Python, and it knows nothing of models or memory:
   a server of another uid (a stranger that bound the name first must not feed it handles).
 * A message is a 4-byte big-endian length and that many bytes of UTF-8 JSON. The server's
   answer carries the descriptors (``SCM_RIGHTS``) on its length prefix.
-* The client says nothing: connecting is asking. The server answers at once with
-  ``{"ok": true, "protocol": 1, ...}`` and one descriptor per arena, or with
+* Connecting is asking. The server answers at once with
+  ``{"ok": true, "protocol": 2, ...}`` and one descriptor per arena, or with
   ``{"ok": false, "error": ...}`` and none.
 * A client is attached while its connection is open: the server counts it until EOF, which
   the kernel delivers when the client closes the socket, exits or is killed (SIGKILL too).
+* Later, on that connection, the server may push a new generation of what it serves
+  (:meth:`ShareServer.push`): ``{"op": "generation", "generation": n, ...}`` with the fields
+  and the descriptors of an answer; the client switches to it and says so with
+  ``{"op": "ack", "generation": n, "ok": true}`` (or ``"ok": false`` and an ``"error"``: it
+  keeps what it had). That is the only thing a client says.
 * A server binds its name before it loads what it will serve, so that processes started at
   the same time load once: a client that connects early waits in the listen backlog for the
   answer; if the server gives up, the client sees the connection close and tries again.
@@ -43,19 +48,23 @@ import socket
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ShareError, ShareNameError, ShareUnavailableError
 
-#: version of what the server says; a client refuses another
-PROTOCOL = 1
+#: version of what the server says; a client refuses another (2: generations pushed, acknowledged)
+PROTOCOL = 2
 #: the largest message either side reads (a manifest of 100k weights is ~10 MB)
 MAX_MESSAGE = 256 << 20
 #: the most descriptors a client accepts in one answer (one per arena)
 MAX_FDS = 64
 #: seconds a server waits for a client to take its answer before dropping it
 SEND_TIMEOUT = 30.0
+#: the largest message a server reads from a client (an acknowledgement is ~60 bytes)
+MAX_CLIENT_MESSAGE = 1 << 16
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _UCRED = struct.Struct("3i")      # struct ucred: pid, uid, gid
@@ -160,14 +169,75 @@ def _close_all(fds: list[int]) -> None:
 
 # -- the server --------------------------------------------------------------------------------
 
+@dataclass
+class PushResult:
+    """What the clients said to a generation :meth:`ShareServer.push` sent them, by pid."""
+
+    #: the generation pushed
+    generation: int
+    #: clients that switched to it and said so
+    acknowledged: list[int] = field(default_factory=list)
+    #: clients that could not switch (they keep the previous generation): pid -> their reason
+    failed: dict[int, str] = field(default_factory=dict)
+    #: clients that closed their connection before answering (nothing to wait for)
+    gone: list[int] = field(default_factory=list)
+    #: clients that did not answer by the deadline (they keep the previous generation mapped
+    #: until they switch; what they answer later is not waited for)
+    late: list[int] = field(default_factory=list)
+
+
+class _Peer:
+    """A client connection's buffers in the server thread: bytes read and not yet a whole
+    message, messages queued to send (each ``[bytes left, descriptors to send with them]``)."""
+
+    __slots__ = ("pid", "inbuf", "out")
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.inbuf = bytearray()
+        self.out: deque[list[Any]] = deque()
+
+
+class _Push:
+    """One generation sent to the clients attached when the server thread took it."""
+
+    def __init__(self, generation: int, wire: bytes, descriptors: Callable[[], list[int]]):
+        self.generation = generation
+        self.wire = wire
+        self.descriptors = descriptors
+        self.targets: dict[socket.socket, int] | None = None     # set by the server thread
+        self.answers: dict[socket.socket, dict[str, Any]] = {}
+        self.gone: set[socket.socket] = set()
+        self.aborted = False
+
+    def done(self) -> bool:
+        return self.aborted or (self.targets is not None and
+                                all(c in self.answers or c in self.gone for c in self.targets))
+
+    def result(self) -> PushResult:
+        r = PushResult(self.generation)
+        for conn, pid in (self.targets or {}).items():
+            answer = self.answers.get(conn)
+            if answer is not None and answer.get("ok") is True:
+                r.acknowledged.append(pid)
+            elif answer is not None:
+                r.failed[pid] = str(answer.get("error", "no reason given"))[:500]
+            elif conn in self.gone:
+                r.gone.append(pid)
+            else:
+                r.late.append(pid)
+        return r
+
+
 class ShareServer:
     """Serves one share name: answers each client with a payload and fresh descriptors, counts
-    the clients attached, refuses other users.
+    the clients attached, refuses other users, and pushes new generations to its clients.
 
     :meth:`bind` claims the name (connections queue from then on); :meth:`serve` starts the
-    daemon thread that answers them; :meth:`close` stops it, drops every client connection and
-    frees the name. ``allowed_uid`` (default: this process's effective uid) is the only uid
-    answered; a test sets another to prove that a stranger is refused.
+    daemon thread that answers them; :meth:`push` serves a new payload and sends it to the
+    clients attached; :meth:`close` stops it, drops every client connection and frees the name.
+    ``allowed_uid`` (default: this process's effective uid) is the only uid answered; a test
+    sets another to prove that a stranger is refused.
     """
 
     def __init__(self, sock: socket.socket, name: str, *, allowed_uid: int | None = None):
@@ -177,7 +247,11 @@ class ShareServer:
         self._payload: dict[str, Any] | None = None
         self._descriptors: Callable[[], list[int]] | None = None
         self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._clients: dict[socket.socket, int] = {}     # connection -> client pid
+        self._peers: dict[socket.socket, _Peer] = {}     # the server thread's own
+        self._pushes: list[_Push] = []                   # taken by the thread, waited for by push()
+        self._new: list[_Push] = []                      # not taken yet
         self._attached = 0
         self._refused = 0
         self._thread: threading.Thread | None = None
@@ -210,6 +284,44 @@ class ShareServer:
         self._thread = threading.Thread(target=self._run, name=f"aoti_rt-share-{self.name}", daemon=True)
         self._thread.start()
 
+    def push(self, payload: dict[str, Any], descriptors: Callable[[], list[int]], generation: int,
+             timeout: float) -> PushResult:
+        """Serve ``payload`` and ``descriptors`` (as :meth:`serve` does) to the clients that attach
+        from now on, send them as generation ``generation`` (``{"op": "generation",
+        "generation": ..., **payload}``, descriptors made for each client) to every client
+        attached now, and wait until each has answered or closed, at most ``timeout`` seconds.
+
+        A client that attaches while this runs gets the new payload, or the old one and then
+        this message: none is left on the old generation unknowingly. Returns who answered
+        what; never raises for a client (a server closed meanwhile: every client is gone)."""
+        if self._thread is None:
+            raise ShareError(f"the server of {self.name!r} is not serving")
+        body = json.dumps({"ok": True, "protocol": PROTOCOL, **payload, "op": "generation",
+                           "generation": generation}, separators=(",", ":")).encode()
+        job = _Push(generation, len(body).to_bytes(4, "big") + body, descriptors)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            if self._closed:
+                job.aborted = True
+                return job.result()
+            self._payload = {"ok": True, "protocol": PROTOCOL, **payload}
+            self._descriptors = descriptors
+            self._new.append(job)
+        self._wake(b"p")
+        with self._cond:
+            try:
+                while not job.done():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                return job.result()
+            finally:
+                if job in self._pushes:
+                    self._pushes.remove(job)
+                elif job in self._new:
+                    self._new.remove(job)
+
     def stats(self) -> dict[str, Any]:
         """``clients`` attached now (and their ``pids``), ``attached`` in all, ``refused``."""
         with self._lock:
@@ -221,23 +333,28 @@ class ShareServer:
         return self._thread is not None and not self._closed
 
     def close(self) -> None:
-        """Stop answering, close every client connection and free the name (idempotent).
+        """Stop answering, close every client connection and free the name (idempotent); a
+        :meth:`push` waiting returns.
 
         What clients mapped stays theirs: closing a connection takes nothing back."""
         if self._closed:
             return
-        self._closed = True
+        with self._cond:
+            self._closed = True
         if self._thread is not None:
-            try:
-                self._wake_w.send(b"x")
-            except OSError:
-                pass
+            self._wake(b"x")
             self._thread.join()
         else:
             self._sock.close()        # queued connections see EOF: their clients try again
         self._wake_r.close()
         self._wake_w.close()
         self._payload = self._descriptors = None
+
+    def _wake(self, why: bytes) -> None:
+        try:
+            self._wake_w.send(why)
+        except OSError:
+            pass
 
     # -- the thread -----------------------------------------------------------------------
 
@@ -247,19 +364,26 @@ class ShareServer:
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         try:
             while True:
-                for key, _ in sel.select():
+                for key, events in sel.select():
                     if key.data == "wake":
-                        return
-                    if key.data == "listen":
+                        self._wake_r.recv(4096)
+                        if self._closed:
+                            return
+                        self._take_pushes(sel)
+                    elif key.data == "listen":
                         self._accept(sel)
-                    else:
-                        self._readable(sel, key.fileobj)
+                    elif key.fileobj in self._peers:
+                        if events & selectors.EVENT_WRITE:
+                            self._flush(sel, key.fileobj)
+                        if events & selectors.EVENT_READ and key.fileobj in self._peers:
+                            self._readable(sel, key.fileobj)
         finally:
-            with self._lock:
-                conns = list(self._clients)
-                self._clients.clear()
-            for conn in conns:
-                conn.close()
+            for conn in list(self._peers):
+                self._drop(sel, conn)
+            with self._cond:
+                for job in self._pushes + self._new:
+                    job.aborted = True
+                self._cond.notify_all()
             sel.close()
             self._sock.close()
 
@@ -286,35 +410,116 @@ class ShareServer:
             conn.close()
             return
         conn.setblocking(False)
+        self._peers[conn] = _Peer(pid)
         with self._lock:
             self._clients[conn] = pid
             self._attached += 1
         sel.register(conn, selectors.EVENT_READ, "client")
 
     def _answer(self, conn: socket.socket) -> None:
+        with self._lock:
+            payload, descriptors = self._payload, self._descriptors
         try:
-            fds = self._descriptors() if self._descriptors is not None else []
+            fds = descriptors() if descriptors is not None else []
         except Exception as e:  # noqa: BLE001 - a driver that cannot export: tell the client why
             send_message(conn, {"ok": False, "protocol": PROTOCOL,
                                 "error": f"the exporter could not make handles: {type(e).__name__}: {e}"})
             raise OSError("refused") from None
         try:
-            send_message(conn, self._payload or {}, fds)
+            send_message(conn, payload or {}, fds)
         finally:
             _close_all(fds)
 
+    def _take_pushes(self, sel: selectors.BaseSelector) -> None:
+        """Queue each new push to every client attached now (descriptors made for each)."""
+        with self._cond:
+            jobs, self._new = self._new, []
+            self._pushes.extend(jobs)
+        for job in jobs:
+            targets = dict(self._clients)
+            failed: dict[socket.socket, dict[str, Any]] = {}
+            for conn in targets:
+                try:
+                    fds = job.descriptors()
+                except Exception as e:  # noqa: BLE001 - reported as this client's failure
+                    failed[conn] = {"ok": False, "error": f"the exporter could not make handles: {e}"}
+                    continue
+                self._peers[conn].out.append([memoryview(job.wire), fds])
+                sel.modify(conn, selectors.EVENT_READ | selectors.EVENT_WRITE, "client")
+            with self._cond:
+                job.targets = targets
+                job.answers.update(failed)
+                self._cond.notify_all()
+
+    def _flush(self, sel: selectors.BaseSelector, conn: socket.socket) -> None:
+        """Send what is queued for ``conn`` until its socket is full (descriptors with the first
+        bytes of their message)."""
+        out = self._peers[conn].out
+        while out:
+            item = out[0]
+            try:
+                if item[1]:
+                    n = socket.send_fds(conn, [item[0][:4]], item[1])
+                    _close_all(item[1])
+                    item[1] = []
+                else:
+                    n = conn.send(item[0])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._drop(sel, conn)
+                return
+            item[0] = item[0][n:]
+            if not item[0]:
+                out.popleft()
+        sel.modify(conn, selectors.EVENT_READ, "client")
+
     def _readable(self, sel: selectors.BaseSelector, conn: socket.socket) -> None:
         try:
-            data = conn.recv(4096)
-        except BlockingIOError:
+            data = conn.recv(65536)
+        except (BlockingIOError, InterruptedError):
             return
         except OSError:
             data = b""
-        if data:
-            return               # a client says nothing; whatever it sends is ignored
-        sel.unregister(conn)
-        with self._lock:
+        if not data:
+            self._drop(sel, conn)
+            return
+        buf = self._peers[conn].inbuf
+        buf += data
+        while len(buf) >= 4:
+            n = int.from_bytes(buf[:4], "big")
+            if n > MAX_CLIENT_MESSAGE:
+                self._drop(sel, conn)        # not an aoti_rt client: it is detached
+                return
+            if len(buf) < 4 + n:
+                return
+            try:
+                message = json.loads(bytes(buf[4:4 + n]))
+            except (ValueError, RecursionError):
+                message = None
+            del buf[:4 + n]
+            if isinstance(message, dict) and message.get("op") == "ack":
+                with self._cond:
+                    for job in self._pushes:
+                        if job.generation == message.get("generation") and job.targets and conn in job.targets:
+                            job.answers[conn] = message
+                    self._cond.notify_all()
+
+    def _drop(self, sel: selectors.BaseSelector, conn: socket.socket) -> None:
+        """The client is gone (closed, exited, killed) or misbehaved: forget and close it."""
+        try:
+            sel.unregister(conn)
+        except (KeyError, ValueError):
+            pass
+        peer = self._peers.pop(conn, None)
+        for item in peer.out if peer is not None else ():
+            _close_all(item[1])
+        with self._cond:
             self._clients.pop(conn, None)
+            for job in self._pushes:
+                if job.targets and conn in job.targets:
+                    job.gone.add(conn)
+            self._cond.notify_all()
         conn.close()
 
     def __repr__(self) -> str:
@@ -346,6 +551,14 @@ class Attachment:
     @property
     def closed(self) -> bool:
         return self.sock.fileno() < 0
+
+    def acknowledge(self, generation: int, error: str | None = None) -> None:
+        """Tell the server that this client switched to the generation it pushed (``error``:
+        it could not, and why; it keeps the one it had)."""
+        message: dict[str, Any] = {"op": "ack", "generation": generation, "ok": error is None}
+        if error is not None:
+            message["error"] = error[:500]
+        send_message(self.sock, message)
 
     def close(self) -> None:
         """Detach: close the connection (and any descriptor not taken)."""
@@ -453,5 +666,5 @@ def _late(name: str, pid: int | None, timeout: float | None) -> ShareUnavailable
                                  f"($AOTI_RT_SHARE_TIMEOUT) or use another name")
 
 
-__all__ = ["PROTOCOL", "ShareServer", "Attachment", "attach", "address", "check_name", "peer_credentials",
-           "send_message", "recv_message"]
+__all__ = ["PROTOCOL", "PushResult", "ShareServer", "Attachment", "attach", "address", "check_name",
+           "peer_credentials", "send_message", "recv_message"]

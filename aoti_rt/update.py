@@ -2,8 +2,13 @@
 
 An update names FQNs and changes exactly those FQNs of one model:
 
-* memory the model owns alone is written in place: its instance state (a KV cache), its private
-  copies, and an exporter's shared arena (``share=``: every attached process sees it);
+* memory the model owns alone is written in place: its instance state (a KV cache) and its
+  private copies;
+* an exporter's shared arena (``share=``) gets a new generation (``atomic=True``, the default):
+  a copy of the arenas with the new values, which this model and every attached process switch
+  to as one step (:mod:`aoti_rt.generations`), so a call in any process reads all old or all new
+  weights; ``atomic=False`` writes the arena in place instead (no second copy of it: a client's
+  call running meanwhile may read a mix);
 * a weight the device's cache owns (shared by every model loaded from the same store, or by
   verified content) becomes the model's own: taken over where this model holds every reference
   (the cache stops naming it; no copy), else copied; other models keep the old values;
@@ -27,9 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import loader
+from . import loader, serving
 from .bundle import ITEMSIZE, ST_DTYPES, ConstantSpec, contiguous_strides, read_store_header, view_bytes
 from .errors import AotiRtError, ClosedError, InputError
+from .generations import rebind_methods
 from .views import buffer_view, raw_view
 
 if TYPE_CHECKING:
@@ -51,6 +57,14 @@ class UpdateReport:
     copied_on_write: int = 0
     #: cache-owned weights this model held alone and took over without a copy
     taken_over: int = 0
+    #: an exporter's atomic update: the generation of its shared arenas served from now on
+    #: (None: no shared arena was updated, or it was written in place: ``atomic=False``)
+    generation: int | None = None
+    #: client processes (pids) that switched to that generation before the update returned,
+    #: and those that did not in time or could not (each computes with the previous
+    #: generation, all of it, until it switches; a warning names them)
+    switched: list[int] = field(default_factory=list)
+    unswitched: list[int] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -80,6 +94,8 @@ class _Target:
     take_key: Any = None          # a cache key to take over before writing in place
     take_refs: int = 0
     dest: Any = None
+    arena: bool = False           # an exporter's shared arena buffer, every FQN of it written
+    swap: bool = False            # written in the arena's next generation (atomic), not in place
 
 
 def _contiguous(c: ConstantSpec) -> bool:
@@ -171,8 +187,9 @@ def _unknown(given: dict[str, Any], bound: set[str], path: Path | None) -> list[
 
 
 def _merge_equal(groups: dict[Any, list[_Holder]], given: dict[str, Any]) -> dict[Any, list[_Holder]]:
-    """Groups of FQNs of one buffer whose new values are equal become one group: they still hold
-    one value (nine LayerNorm weights updated to nine tensors of ones), so no split is needed."""
+    """Groups of FQNs of one buffer whose new values are equal bit for bit become one group: they
+    still hold one value (nine LayerNorm weights updated to nine tensors of ones), so no split is
+    needed, and an exporter may write them."""
     import torch
 
     out: dict[Any, list[_Holder]] = {}
@@ -181,9 +198,9 @@ def _merge_equal(groups: dict[Any, list[_Holder]], given: dict[str, Any]) -> dic
         if vid is None:
             out[None] = hs
             continue
-        value = given[hs[0].bound.fqn]
+        value = given[hs[0].bound.fqn].detach().contiguous().reshape(-1).view(torch.uint8)
         for key, first in firsts:
-            if torch.equal(value.to(first.device), first):
+            if torch.equal(value.to(first.device), first):      # bit for bit
                 out[key].extend(hs)
                 break
         else:
@@ -257,6 +274,7 @@ def _plan(model: "Model", methods: "list[Method]", given: dict[str, Any], path: 
             elif kind == "cache":
                 t.take_key = named[0].bound.key
                 t.take_refs = len({id(h.method) for h in named})
+            t.arena = kind == "export" and not t.copy
             targets.append(t)
     return targets
 
@@ -276,9 +294,47 @@ def _quiesced(methods: "list[Method]", rt: Any):
             torch.cuda.synchronize(rt.index)
 
 
+@dataclass
+class _Swap:
+    """An exporter's atomic update: the generation it writes, once installed (bound, served)."""
+
+    exporter: Any = None
+    gen: Any = None
+    installed: bool = False
+
+
+@contextlib.contextmanager
+def _generation(exporter: Any, report: UpdateReport):
+    """Hold ``exporter``'s generation lock (None: no exporter's arena is written, or in place);
+    on the way out, after the launch locks are given back, publish the generation installed to
+    its clients (waiting for them to switch), or let go of one that was not installed."""
+    swap = _Swap(exporter)
+    if exporter is None:
+        yield swap
+        return
+    with exporter.swapping():
+        try:
+            yield swap
+        finally:
+            if swap.installed:
+                result = exporter.publish(swap.gen)
+                report.generation = swap.gen.number
+                report.switched = sorted(result.acknowledged)
+                report.unswitched = sorted(result.late + list(result.failed))
+            elif swap.gen is not None:
+                swap.gen.discard()
+
+
 def update_weights(model: "Model", weights: "Mapping[str, Any] | str | os.PathLike[str]", *,
-                   shared: bool = True, strict: bool = True, progress: bool | None = None) -> UpdateReport:
-    """Write new values into ``model``'s weights; see :meth:`aoti_rt.Model.update_weights`."""
+                   shared: bool = True, strict: bool = True, progress: bool | None = None,
+                   atomic: bool = True) -> UpdateReport:
+    """Write new values into ``model``'s weights; see :meth:`aoti_rt.Model.update_weights`.
+
+    ``atomic`` (an exporter's shared arena, ``shared=True``): True writes the new values in a new
+    generation of the arenas that this model and its client processes switch to as one step
+    (:mod:`aoti_rt.generations`; the arenas' bytes twice until every client has switched);
+    False writes the arenas in place (no second copy; a client's call running meanwhile may
+    read a mix of old and new weights)."""
     import torch
 
     t0 = time.perf_counter()
@@ -302,11 +358,19 @@ def update_weights(model: "Model", weights: "Mapping[str, Any] | str | os.PathLi
     except BaseException:
         fresh.clear()
         raise
+    arena = [t for t in targets if t.arena]
+    exporter = serving.exporter_of(arena[0].source) if atomic and arena else None
+    for t in arena:
+        t.swap = exporter is not None
     done: list[str] = []
-    with _quiesced(methods, rt), torch.no_grad():
+    with _generation(exporter, report) as swap, _quiesced(methods, rt), torch.no_grad():
         try:
+            if exporter is not None:     # allocation and the copy of the arenas: nothing changed if they fail
+                swap.gen = exporter.new_generation()
+                for t in arena:
+                    t.dest = swap.gen.buffer(t.source)
             for t in targets:
-                if t.copy:
+                if t.copy or t.swap:
                     continue
                 if t.take_key is not None and not rt.cache.take_over(t.take_key, t.take_refs):
                     # another model holds it: this model gets a copy of its own
@@ -322,23 +386,31 @@ def update_weights(model: "Model", weights: "Mapping[str, Any] | str | os.PathLi
                     raw_view(t.dest).copy_(raw_view(t.source))
             if rt.is_cuda:       # the old bytes land before the load pipeline writes on its own streams
                 torch.cuda.synchronize(rt.index)
-            n1, r1 = _write(rt, [t for t in targets if t.copy], path, progress, [])
+            staged = [t for t in targets if t.copy or t.swap]
+            n1, r1 = _write(rt, staged, path, progress, [])
             if rt.is_cuda:
                 torch.cuda.synchronize(rt.index)
-            _rebind(targets)
-            done.extend(c.fqn for t in targets if t.copy for c, _ in t.writes)
-            # then what is written in place (state, memory this model owns, an exporter's arena)
-            arenas = {id(t.dest.arena): t.dest.arena for t in targets
-                      if not t.copy and getattr(t.dest, "arena", None) is not None and t.dest.read_only}
-            for arena in arenas.values():
-                arena.unprotect()
+            if swap.gen is not None:
+                swap.gen.freeze()
+            _rebind(targets, methods, swap.gen)
+            if swap.gen is not None:
+                exporter.install(swap.gen)       # served from now on: published once the locks are given back
+                swap.installed = True
+            done.extend(c.fqn for t in staged for c, _ in t.writes)
+            # then what is written in place (state, memory this model owns, an exporter's arena
+            # with atomic=False)
+            in_place = [t for t in targets if not t.copy and not t.swap]
+            arenas = {id(t.dest.arena): t.dest.arena for t in in_place
+                      if getattr(t.dest, "arena", None) is not None and t.dest.read_only}
+            for a in arenas.values():
+                a.unprotect()
             try:
-                n2, r2 = _write(rt, [t for t in targets if not t.copy], path, progress, done)
+                n2, r2 = _write(rt, in_place, path, progress, done)
                 if rt.is_cuda:
                     torch.cuda.synchronize(rt.index)
             finally:
-                for arena in arenas.values():
-                    arena.protect()
+                for a in arenas.values():
+                    a.protect()
             report.nbytes, report.bytes_read = n1 + n2, r1 + r2
         except BaseException as e:
             if done:
@@ -355,11 +427,11 @@ def update_weights(model: "Model", weights: "Mapping[str, Any] | str | os.PathLi
     return report
 
 
-def _rebind(targets: list[_Target]) -> None:
-    """Bind every constant whose weight got a buffer of its own to it (the launch locks are
-    held, so :meth:`~aoti_rt.runtime.Method.rebind` does not take them again): each method in
-    one Pairs call, all methods or none (a method that fails undoes the
-    ones rebound before it)."""
+def _rebind(targets: list[_Target], methods: "list[Method]", gen: Any) -> None:
+    """Bind every constant whose weight got a buffer of its own to it, and, with a new
+    generation ``gen`` of an exporter's arenas, every constant bound to the arenas served now
+    to its buffer there (the launch locks are held, so :meth:`~aoti_rt.runtime.Method.rebind`
+    does not take them again): each method in one Pairs call, all methods or none."""
     per_method: dict[int, tuple["Method", dict[int, Any], dict[int, Any]]] = {}
     for t in targets:
         if t.dest is t.source:
@@ -368,17 +440,14 @@ def _rebind(targets: list[_Target]) -> None:
             m, new, old = per_method.setdefault(id(h.method), (h.method, {}, {}))
             new[h.bound.index] = t.dest
             old[h.bound.index] = t.source
-    done: list[tuple["Method", dict[int, Any]]] = []
-    try:
-        for m, new, old in per_method.values():
-            m.rebind(new, release=False)
-            done.append((m, old))
-    except BaseException:
-        for m, old in done:
-            m.rebind(old, release=False)        # the old buffers, still held by its acquisition
-        raise
-    for m, _ in done:
-        m.release_unbound()
+    for m in methods if gen is not None else ():
+        for b in m.bindings():
+            moved = gen.buffer(b.buffer)
+            if moved is not None:
+                _, new, old = per_method.setdefault(id(m), (m, {}, {}))
+                new.setdefault(b.index, moved)
+                old.setdefault(b.index, b.buffer)
+    rebind_methods(list(per_method.values()))
 
 
 def _write(rt: Any, targets: list[_Target], path: Path | None, progress: bool | None,

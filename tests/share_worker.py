@@ -21,12 +21,19 @@ One JSON command per line on stdin, one JSON answer per line on stdout (prefixed
                                                    process is not to be used after it on CUDA)
   {"op": "update", "shared": bool}              -> model.update_weights(the seed-1 demo LM's weights)
   {"op": "close"}                               -> arena totals after the model closed
+  {"op": "digest", "tokens": [...]}             -> the SHA-256 of the prefill logits' bytes
+  {"op": "loop", "tokens", "started", "stop"}   -> prefill in a loop (the file "started" made once
+                                                   it runs) until the file "stop" exists: each
+                                                   distinct output's SHA-256 and its count
+  {"op": "info"}                                -> model.share, cache stats, arena totals, the
+                                                   scopes of the keys of its arena weights
 """
 
 from __future__ import annotations
 
 import ctypes
 import dataclasses
+import hashlib
 import json
 import mmap
 import os
@@ -40,10 +47,15 @@ from aoti_rt import _memory, demo, share
 ANSWER = "ANSWER "
 
 
-def new_lm_weights(device: str) -> dict[str, torch.Tensor]:
-    """The demo LM's weights for seed 1 (not its KV cache), by the FQNs the methods bind."""
-    lm = demo.make_model(device, seed=1)
+def new_lm_weights(device: str, seed: int = 1) -> dict[str, torch.Tensor]:
+    """The demo LM's weights for ``seed`` (not its KV cache), by the FQNs the methods bind."""
+    lm = demo.make_model(device, seed=seed)
     return {f"lm.{k}": v for k, v in lm.state_dict().items() if not k.endswith("_cache")}
+
+
+def digest(t: torch.Tensor) -> str:
+    """The SHA-256 of a tensor's bytes: equal digests, bitwise equal values."""
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def try_write(path: str) -> dict[str, int]:
@@ -75,6 +87,13 @@ def try_write(path: str) -> dict[str, int]:
 def arena_bound(model) -> bool:
     """Whether any weight of ``model`` is bound to memory of a shared arena."""
     return any(b.buffer.arena is not None for m in model.method_list() for b in m.bindings())
+
+
+def arena_keys(model) -> list:
+    """The cache scopes of the keys of ``model``'s weights bound to a shared arena (None: a
+    buffer no key names)."""
+    return sorted({None if b.key is None else b.key.scope.name for m in model.method_list() for b in m.bindings()
+                   if b.buffer.arena is not None}, key=str)
 
 
 def main() -> int:
@@ -139,6 +158,21 @@ def main() -> int:
             elif op == "update":
                 report = model.update_weights(new_lm_weights(dev), shared=cmd["shared"], strict=False)
                 out.update(fqns=len(report.fqns), copied_on_write=report.copied_on_write)
+            elif op == "digest":
+                with torch.no_grad():
+                    out["digest"] = digest(model.prefill(torch.tensor(cmd["tokens"], device=dev)))
+            elif op == "loop":
+                seen: dict[str, int] = {}
+                x = torch.tensor(cmd["tokens"], device=dev)
+                open(cmd["started"], "w").close()
+                with torch.no_grad():
+                    while not os.path.exists(cmd["stop"]):
+                        d = digest(model.prefill(x))
+                        seen[d] = seen.get(d, 0) + 1
+                out.update(outputs=seen, calls=sum(seen.values()))
+            elif op == "info":
+                out.update(share=dataclasses.asdict(model.share), stats=aoti_rt.cache_stats(dev),
+                           arenas=list(_memory.arena_totals()), arena_keys=arena_keys(model))
             elif op == "close":
                 for m in models.values():
                     m.close()
