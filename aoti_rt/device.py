@@ -257,17 +257,17 @@ class DeviceDriver:
         return f"cuda:GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
 
     def check_shareable(self) -> None:
-        """Raise :class:`aoti_rt.errors.ShareError` unless this device can share weights with
-        other processes: the host can (memfd); a GPU needs the driver's virtual memory
-        management with POSIX file-descriptor handles."""
-        from .errors import ShareError
+        """Raise :class:`aoti_rt.errors.ShareUnavailableError` (a ShareError) unless this device
+        can share weights with other processes: the host can (memfd); a GPU needs the driver's
+        virtual memory management with POSIX file-descriptor handles."""
+        from .errors import ShareUnavailableError
 
         if not self.device.is_cuda:
             return
         if not _memory.vmm_available():
             why = ("its struct layouts do not match this platform" if not _memory.VMM_LAYOUT_OK else
                    "the driver lacks the virtual memory management entry points (driver >= 10.2)")
-            raise ShareError(f"{self.device} cannot share weights across processes: {why}; load without share=")
+            raise ShareUnavailableError(f"{self.device} cannot share weights across processes: {why}; load without share=")
         drv = _driver()
         handle = _ok(drv.cuDeviceGet(self.device.index), "cuDeviceGet")
         # CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED (102; its name differs between
@@ -275,7 +275,7 @@ class DeviceDriver:
         for code, what in ((102, "virtual memory management"), (103, "POSIX file-descriptor memory handles")):
             if not _ok(drv.cuDeviceGetAttribute(drv.CUdevice_attribute(code), handle),
                        f"cuDeviceGetAttribute({code})"):
-                raise ShareError(f"{self.device} does not support {what} (needed to share weights across "
+                raise ShareUnavailableError(f"{self.device} does not support {what} (needed to share weights across "
                                  f"processes: a MIG instance or a driver setting can disable it); load without share=")
 
     def memory_info(self) -> tuple[int, int]:

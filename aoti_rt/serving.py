@@ -411,12 +411,7 @@ class Client(_Role):
                 raise ShareError(f"share {self.name!r} is served by pid {self.exporter_pid} on device "
                                  f"{str(msg.get('device'))[:80]}, this load is on {rt.device} ({want}); load on "
                                  f"that device, or use another share name")
-            try:
-                rt.check_shareable()
-            except ShareUnavailableError:
-                raise
-            except ShareError as e:
-                raise ShareUnavailableError(str(e)) from None
+            rt.check_shareable()
             self.allocator, self.arenas, self.table = self._map(msg, fds)
         finally:
             for fd in fds:
@@ -604,12 +599,7 @@ def begin(bundle: Bundle, rt: DeviceRuntime, name: str, methods: list[str], *, v
             protocol does not say.
     """
     _share.check_name(name)
-    try:
-        rt.check_shareable()
-    except ShareUnavailableError:
-        raise
-    except ShareError as e:
-        raise ShareUnavailableError(str(e)) from None
+    rt.check_shareable()              # ShareUnavailableError: the caller may load privately
     timeout = attach_timeout() if timeout is None else timeout
     deadline = time.monotonic() + timeout
     silent_since: float | None = None      # the name bound by a process that accepts nothing
