@@ -16,6 +16,7 @@ that bundles, packages and stock artifacts build the same :class:`aoti_rt.runtim
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from typing import Any
 from . import _bind, _memory, device as _device
 from .abi import SharedObject, blob_layout, torch_shim
 from .bundle import ConstantSpec, is_regular_file
+from .store import open_regular, pread_all
 from .errors import AOTIError, BundleError
 
 
@@ -200,14 +202,16 @@ def bind_private(so: SharedObject, handle: int, name: str, constants: Sequence[C
     slots = [plan.so_size(i) for i in range(len(constants))]
     offsets, total = blob_layout(slots)
     blob = bytearray(total)
-    with open(source.store, "rb") as f:
+    fd, _ = open_regular(source.store, "weight store")       # never blocks on a FIFO
+    try:
         for c, at, size in zip(constants, offsets, slots):
             w = source.weights[c.weight]
-            f.seek(w.offset)
-            data = f.read(min(w.nbytes, size))
+            data = pread_all(fd, min(w.nbytes, size), w.offset, source.store)
             if len(data) != min(w.nbytes, size):
                 raise BundleError(f"weight store {source.store} is truncated")
             blob[at:at + len(data)] = data
+    finally:
+        os.close(fd)
     so.abi.update_constants_from_blob(handle, blob)
     rt.count_legacy(1, total)
     return total

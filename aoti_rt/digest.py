@@ -101,6 +101,18 @@ def is_verifiable(digest: str) -> bool:
     return isinstance(digest, str) and digest.startswith(PREFIX) and len(digest) == len(PREFIX) + 64
 
 
+def _open_file(path) -> int:
+    """``path`` opened for reading without ever blocking (a FIFO would block a plain open);
+    anything but a regular file is an OSError."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file")
+    return fd
+
+
 def file_digests(path, ranges: list[tuple[int, int]], *, workers: int | None = None) -> list[str]:
     """The digests of byte ranges ``(offset, nbytes)`` of a file, read and hashed block by
     block in parallel threads (``os.pread`` and the hasher both release the GIL).
@@ -118,7 +130,7 @@ def file_digests(path, ranges: list[tuple[int, int]], *, workers: int | None = N
             for i, (off, n) in enumerate(ranges) for b in range(num_blocks(n))]
     hashes: list[list[bytes]] = [[b""] * num_blocks(n) for _, n in ranges]
     owned = not isinstance(path, int)
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)) if owned else path
+    fd = _open_file(path) if owned else path
     try:
         def one(job) -> None:
             i, b, at, n = job

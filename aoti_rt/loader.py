@@ -310,7 +310,7 @@ def _open_direct(store: Path, fd: int, offsets: Sequence[int], sizes: Sequence[i
     if not direct or not hasattr(os, "O_DIRECT"):
         return None
     try:
-        dfd = os.open(store, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+        dfd = os.open(store, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         return None
     if os.fstat(dfd).st_ino != os.fstat(fd).st_ino:     # replaced since it was checked

@@ -51,6 +51,7 @@ from typing import Any, Literal
 from . import _arena, _cache, _memory, share as _share
 from .acquire import attached_key, export_key
 from .bundle import ITEMSIZE, MANIFEST, Bundle, WeightSpec
+from .store import read_manifest_bytes
 from .device import DeviceRuntime
 from .errors import ShareError, ShareUnavailableError
 from .generations import Generation, Listener, switch_methods, warn_unswitched
@@ -139,7 +140,7 @@ class ShareInfo:
 def bundle_identity(bundle: Bundle) -> dict[str, Any]:
     """What names a bundle to other processes: the manifest's SHA-256 (every weight's digest,
     every method) and the identity of its store file (see the module docstring)."""
-    manifest = (bundle.root / MANIFEST).read_bytes()
+    manifest = read_manifest_bytes(bundle.root / MANIFEST)
     st = os.stat(bundle.store_path)
     return {"manifest_sha256": hashlib.sha256(manifest).hexdigest(),
             "store": [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]}

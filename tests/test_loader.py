@@ -726,3 +726,31 @@ def test_rate_cap_holds_the_loader_to_it(tmp_path, device):
         assert _contents(b, 4 * BLOCK) == data[o:o + 4 * BLOCK]
     with pytest.raises(ValueError, match="max_load_gbps"):
         aoti_rt.load(tmp_path, max_load_gbps=-1)   # checked before anything else is done
+
+
+def test_hashing_a_fifo_is_refused_at_once(tmp_path):
+    """The digest of a path that is a FIFO is an OSError at once: a plain open would block until a
+    writer came (the thread is released by opening the FIFO for writing if it blocks)."""
+    import threading
+
+    from aoti_rt.digest import file_digests
+
+    fifo = tmp_path / "store"
+    os.mkfifo(fifo)
+    got: list[BaseException] = []
+
+    def digest() -> None:
+        try:
+            file_digests(str(fifo), [(0, 1)])
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            got.append(e)
+
+    t = threading.Thread(target=digest, daemon=True)
+    t.start()
+    t.join(10)
+    blocked = t.is_alive()
+    if blocked:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        t.join(10)
+    assert not blocked, "file_digests blocked on a FIFO"
+    assert len(got) == 1 and isinstance(got[0], OSError) and "not a regular file" in str(got[0])
