@@ -265,38 +265,12 @@ def test_a_full_listen_queue_is_retried_until_the_deadline():
         server.close()
 
 
-def _dripper(name: str, data: bytes, every: float, stop: threading.Event) -> threading.Thread:
-    """A server of this user that answers ``data`` one byte every ``every`` seconds."""
-    ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    ls.bind(share.address(name))
-    ls.listen(4)
-
-    def run():
-        try:
-            ls.settimeout(10)
-            conn, _ = ls.accept()
-            with conn:
-                for b in data:
-                    if stop.wait(every):
-                        return
-                    conn.send(bytes([b]))
-                stop.wait(30)
-        except OSError:
-            pass
-        finally:
-            ls.close()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
-
-
 def test_a_dripping_exporter_cannot_hold_a_client_past_the_deadline():
     """An exporter that answers a byte every 0.1 s: the timeout is the whole exchange's."""
     name = _name("drip", "cpu")
     body = b'{"ok": true, "protocol": 1, "pad": "' + b"x" * 200 + b'"}'
     stop = threading.Event()
-    t = _dripper(name, len(body).to_bytes(4, "big") + body, 0.1, stop)
+    t = _raw_exporter(name, len(body).to_bytes(4, "big") + body, [], 0.1, stop)
     try:
         t0 = time.monotonic()
         with pytest.raises(ShareUnavailableError, match="did not answer in 1.0 s"):
