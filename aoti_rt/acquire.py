@@ -88,11 +88,6 @@ def instance_key(instance: str, w: WeightSpec, need: int) -> WeightKey:
     return WeightKey(Scope.INSTANCE, instance, w.id, w.nbytes, need)
 
 
-def private_key(instance: str, w: WeightSpec, need: int) -> WeightKey:
-    """A model instance's own copy of a weight (an update's copy on write)."""
-    return WeightKey(Scope.PRIVATE, instance, w.id, w.nbytes, need)
-
-
 def export_key(exporter: str, w: WeightSpec, need: int) -> WeightKey:
     """An exporting model's weight placed in its shared arena."""
     return WeightKey(Scope.EXPORT, exporter, w.digest, w.nbytes, need)
