@@ -25,10 +25,9 @@ from aoti_rt.runtime import bind_plan
 
 from conftest import FORMATS, _package
 
-#: weight formats tested here: in the .so and in a blob (``force_mmap_weights`` is in the
-#: differential test's full matrix; with ``pickle_weights`` torch 2.13's own loader crashes
-#: on such constants, so there is nothing to compare with)
-VIEW_FORMATS = ("embedded", "blob")
+#: weight formats tested here: in the .so and pickled (a blob and ``force_mmap_weights`` are in
+#: the differential test's matrix)
+VIEW_FORMATS = ("embedded", "pickle")
 #: the bytes of the whole (2, 15, 10) float32 storage every view lies in
 STORAGE = 2 * 15 * 10 * 4
 
@@ -69,13 +68,20 @@ def views_package(workdir: Path, device: str, fmt: str) -> Path:
 
 
 def stock_run(path: Path, device: str, *args, **kwargs):
-    """What torch's own loader computes for a package, its input checks as torch leaves them:
-    ``import aoti_rt`` switches on the .so's input checks process-wide, and a .so reads that
-    switch once, at its first call, so the first call runs without it."""
+    """torch's own loader of a package's one model, and what its first call computes.
+
+    ``load_pt2(..., load_weights_from_disk=True)`` is what ``aoti_load_package`` runs, and
+    also loads pickled weights (without them ``aoti_load_package`` runs a ``pickle_weights``
+    .so with no constants and crashes). ``import aoti_rt`` switches on the .so's input checks
+    process-wide; a .so reads that switch once, at its first call, so the first call runs
+    without it: the input checks are as torch leaves them."""
+    from torch.export.pt2_archive._package import load_pt2
+
     index = torch.device(device).index
     saved = os.environ.pop("AOTI_RUNTIME_CHECK_INPUTS", None)
     try:
-        runner = torch._inductor.aoti_load_package(str(path), device_index=-1 if index is None else index)
+        loaded = load_pt2(str(path), device_index=-1 if index is None else index, load_weights_from_disk=True)
+        (runner,) = loaded.aoti_runners.values()
         return runner, runner(*args, **kwargs)
     finally:
         if saved is not None:
