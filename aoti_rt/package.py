@@ -77,6 +77,7 @@ from .acquire import Verify, weight_source
 from .binders import MethodFiles
 from .probe import FileSpan, Where, probe_method
 from .runtime import Method, Model, device_for
+from .views import whole_storages
 # the extraction cache; names kept here for the modules and tests that import them from package
 from .pt2cache import (RECORD_VERSION, CacheReport, ModelRecord, cache_root, cached_record as _cached_record,
                        copy_range as _copy_range, discard as _discard, extract as _extract,
@@ -223,41 +224,13 @@ def _probe(so: Path, blob: Path | None, device: Device, what: str, weights: Wher
     try:
         consts, call_spec, _ = probe_method(so, blob, str(device), mutated=set(), weights=weights)
         hashed = [(d.file.path, d.offset) if isinstance(d, FileSpan) else None for _, d in consts]
-        return _whole_storages([(c, len(data)) for c, data in consts], hashed, what), call_spec, hashed
+        return whole_storages([(c, len(data)) for c, data in consts], hashed, what), call_spec, hashed
     except CompileError as e:
         raise BundleError(f"{what}: {e}") from None
     except AotiRtError:
         raise
     except RuntimeError as e:                 # torch's AOTI runner
         raise AOTIError(f"{what}: torch's AOTI runner could not load {so.name} ({e})") from None
-
-
-def _whole_storages(consts: list[tuple[ConstantSpec, int]], hashed: list[tuple[Path, int] | None],
-                    what: str) -> list[tuple[ConstantSpec, int]]:
-    """A constant that is a view into a larger tensor (``t[0]``, ``t[0][5:]`` of one tensor):
-    AOTI stores the tensor's whole storage in the constant's slot (``GetConstantDataSize``
-    bytes, more than the view reaches) and binds the view at its offset into it; torch's
-    runner reports a storage only as long as the view. Such a constant's weight is the whole
-    slot, hashed where it lies, and it is bound at its own offset as AOTI binds it: views of one
-    storage are then one weight, one copy. A view counts as such where it starts inside its
-    storage or ends before the .so's padding of it; other constants are left as probed."""
-    wide = [i for i, (c, n) in enumerate(consts) if hashed[i] is not None and c.data_size > n
-            and (c.storage_offset > 0 or c.data_size > _padded(n))]
-    for i in wide:
-        c, _ = consts[i]
-        path, offset = hashed[i]  # type: ignore[misc]
-        try:
-            c.digest = file_digests(path, [(offset, c.data_size)])[0]
-        except OSError as e:
-            raise BundleError(f"{what}: cannot read the {c.data_size} bytes of constant {c.fqn} from {path.name} "
-                              f"({e}); the package is truncated or corrupt") from None
-        consts[i] = (c, c.data_size)
-    return consts
-
-
-def _padded(n: int) -> int:
-    """``n`` bytes as AOTI's ``GetConstantDataSize`` may round them (up to 64)."""
-    return -(-max(n, 1) // 64) * 64
 
 
 def _probe_model(arc: Archive, root: str, name: str, files: dict[str, Entry], key: str,

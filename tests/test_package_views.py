@@ -33,8 +33,9 @@ STORAGE = 2 * 15 * 10 * 4
 
 
 class ViewsOfOne(torch.nn.Module):
-    """Parameters ``a = t[0]``, ``b = t[0][5:]`` and tensor constants ``c = u[1]``,
-    ``d = u[1][5:]``: two storages, four views with offsets 0, 50, 150 and 200 elements."""
+    """Parameters ``a = t[0]``, ``b = t[0][5:]``, ``whole = t`` and tensor constants
+    ``c = u[1]``, ``d = u[1][5:]``: two storages, views with offsets 0, 50, 0, 150 and 200
+    elements."""
 
     def __init__(self, device: str):
         super().__init__()
@@ -43,12 +44,13 @@ class ViewsOfOne(torch.nn.Module):
         u = torch.randn(2, 15, 10, generator=g).to(device)
         self.a = torch.nn.Parameter(t[0], requires_grad=False)
         self.b = torch.nn.Parameter(t[0][5:], requires_grad=False)
+        self.whole = torch.nn.Parameter(t, requires_grad=False)
         self.c = u[1]
         self.d = u[1][5:]
 
     def forward(self, x):
         # matrix products only: no generated kernel reads a constant, whatever its alignment
-        return x @ self.a.t(), x @ self.b.t(), x @ self.c.t(), x @ self.d.t()
+        return x @ self.a.t(), x @ self.b.t(), x @ self.c.t(), x @ self.d.t(), x @ self.whole[1].t()
 
 
 def views_example(device: str) -> tuple[torch.nn.Module, tuple]:
@@ -63,7 +65,7 @@ def views_package(workdir: Path, device: str, fmt: str) -> Path:
     if not path.is_file():
         with torch.no_grad():
             program = torch.export.export(module, args)
-        _package(path, program, FORMATS[fmt])
+            _package(path, program, FORMATS[fmt])
     return path
 
 
@@ -111,16 +113,16 @@ def test_views_compute_what_torch_computes_from_one_copy_of_each_storage(views_p
     (rec,) = records
     consts = {c.fqn: c for c in rec.method.constants}
     assert {f: consts[f].storage_offset for f in ("a", "b")} == {"a": 0, "b": 50}
-    # the views of one storage name one weight: the whole storage AOTI stores for them
-    ab = {consts["a"].weight, consts["b"].weight}
-    cd = {consts[f].weight for f in consts if f not in ("a", "b")}
+    # the views of one storage (and the tensor itself) name one weight: the whole storage
+    ab = {consts[f].weight for f in ("a", "b", "whole")}
+    cd = {consts[f].weight for f in consts if f not in ("a", "b", "whole")}
     assert len(ab) == 1 and len(cd) == 1 and ab != cd
     for wid in ab | cd:
         assert rec.weights[wid].nbytes >= STORAGE
     before = aoti_rt.cache_stats(device)
     with aoti_rt.load(path, device=device) as m:
         got = m.model(*args)
-        assert len(got) == len(want) == 4
+        assert len(got) == len(want) == 5
         for g, w in zip(got, want):
             assert g.dtype == w.dtype and g.shape == w.shape and torch.equal(g, w)
         s = aoti_rt.cache_stats(device)
