@@ -384,13 +384,18 @@ cdef class BindPlan:
     buffer in a non-owning tensor handle (``aoti_torch_create_tensor_from_blob_v2``), hands
     all of them to the container in a single ``UpdateUserManagedConstantBufferPairs`` call
     and deletes its own handles (the container keeps shallow copies that point at our memory).
+
+    ``compiled_offsets``: the storage offsets are the ones the .so was compiled with (read
+    from torch's own runner, as a ``.pt2`` package's are), not a manifest's claim; a view
+    starting off the 16-byte boundary is then bound as AOTI itself binds it (``t[0][5:]`` of
+    a float tensor), where a manifest's is refused.
     """
 
     def __cinit__(self):
         self.n = 0
 
     def __init__(self, list names, list dtypes, list itemsizes, list shapes, list strides,
-                 list offsets, list fqns=None, str where="method"):
+                 list offsets, list fqns=None, str where="method", bint compiled_offsets=False):
         cdef Py_ssize_t i, j, total = 0, n = len(names)
         for s in shapes:
             total += len(s)
@@ -429,7 +434,7 @@ cdef class BindPlan:
             # Generated kernels may assume a constant's data pointer is 16-byte aligned (Triton
             # specialises on it); a view starting off that boundary gets a misaligned access
             # that kills the CUDA context for the whole process.
-            if (offsets[i] * itemsizes[i]) % VIEW_ALIGN:
+            if (offsets[i] * itemsizes[i]) % VIEW_ALIGN and not compiled_offsets:
                 raise ValueError(f"constant {names[i]!r}: its view starts at byte "
                                  f"{offsets[i] * itemsizes[i]} of its storage, not a multiple of "
                                  f"{VIEW_ALIGN}; AOTI's kernels may assume aligned constants")

@@ -47,6 +47,9 @@ class MethodFiles:
         private_blob: without the Pairs entry point, AOTI may load a private copy of weights
             stored outside the .so from a blob built from the store (a bundle, a stock
             artifact); False: such a .so is refused (a package's weights are bound by Pairs only).
+        compiled_views: the constants' views are the ones the .so was compiled with, read from
+            torch's own runner (a package's), not an untrusted manifest's claim: a view starting
+            off a 16-byte boundary is bound as AOTI binds it (:class:`aoti_rt._bind.BindPlan`).
     """
 
     so: Path
@@ -54,6 +57,7 @@ class MethodFiles:
     embedded: bool = False
     hold: int | None = None
     private_blob: bool = True
+    compiled_views: bool = False
 
 
 def extern_kernels(so: SharedObject, name: str, pairs: bool) -> Path | None:

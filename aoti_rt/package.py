@@ -77,6 +77,7 @@ from .acquire import Verify, weight_source
 from .binders import MethodFiles
 from .probe import FileSpan, Where, probe_method
 from .runtime import Method, Model, device_for
+from .views import whole_storages
 # the extraction cache; names kept here for the modules and tests that import them from package
 from .pt2cache import (RECORD_VERSION, CacheReport, ModelRecord, cache_root, cached_record as _cached_record,
                        copy_range as _copy_range, discard as _discard, extract as _extract,
@@ -223,7 +224,7 @@ def _probe(so: Path, blob: Path | None, device: Device, what: str, weights: Wher
     try:
         consts, call_spec, _ = probe_method(so, blob, str(device), mutated=set(), weights=weights)
         hashed = [(d.file.path, d.offset) if isinstance(d, FileSpan) else None for _, d in consts]
-        return [(c, len(data)) for c, data in consts], call_spec, hashed
+        return whole_storages([(c, len(data)) for c, data in consts], hashed, what), call_spec, hashed
     except CompileError as e:
         raise BundleError(f"{what}: {e}") from None
     except AotiRtError:
@@ -503,7 +504,8 @@ class PackageModel(Model):
                     store = path if rec.store is None else rec.folder() / rec.store
                     # the folder is held until the method closes: AOTI reads kernels from it lazily
                     files = MethodFiles(rec.folder() / rec.so, kernel_dir=rec.folder(), embedded=rec.embedded,
-                                        hold=_hold(rec.folder(), rec.files), private_blob=False)
+                                        hold=_hold(rec.folder(), rec.files), private_blob=False,
+                                        compiled_views=True)
                     self._methods[method_name] = Method(
                         method_name, rec.method, files, sources[store], rt, progress=progress,
                         typed_inputs=False, max_load_gbps=max_load_gbps)

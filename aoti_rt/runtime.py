@@ -188,7 +188,7 @@ class Method:
                                   f"{so.path.name} takes {n_in}; the bundle is inconsistent, recompile it")
             self._signature = CallSignature(name, spec, n_in, n_out, self.device)
             try:
-                plan = bind_plan(spec.constants, f"method {name!r}")
+                plan = bind_plan(spec.constants, f"method {name!r}", files.compiled_views)
             except ValueError as e:
                 raise BundleError(f"method {name!r}: {e}; the bundle is inconsistent, recompile it") from None
             # the .so's constant table must be the manifest's: count, names, dtypes (one C loop)
@@ -493,13 +493,13 @@ def device_for(device: "str | Device | None", compiled: str | None = None) -> De
     return Device.parse(device, default=compiled or "cpu")
 
 
-def bind_plan(constants: Sequence[ConstantSpec], where: str = "method") -> _bind.BindPlan:
+def bind_plan(constants: Sequence[ConstantSpec], where: str = "method", compiled: bool = False) -> _bind.BindPlan:
     """A method's constants (manifest order) as the C arrays of one Pairs call; ``where``
-    names the method in the plan's errors."""
+    names the method in the plan's errors; ``compiled``: the views are the .so's own (a package's)."""
     return _bind.BindPlan([c.name for c in constants], [DTYPE_CODES[c.dtype] for c in constants],
                            [ITEMSIZE[c.dtype] for c in constants],
                            [c.shape for c in constants], [c.stride for c in constants],
-                           [c.storage_offset for c in constants], [c.fqn for c in constants], where)
+                           [c.storage_offset for c in constants], [c.fqn for c in constants], where, compiled)
 
 
 def _method_names(bundle: Bundle, methods: Sequence[str] | None) -> list[str]:
