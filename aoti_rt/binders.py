@@ -165,12 +165,52 @@ def free_embedded_copy(so: SharedObject, handle: int) -> bool:
     return True
 
 
+def so_owned(so: SharedObject, handle: int, name: str, constants: Sequence[ConstantSpec], plan: _bind.BindPlan,
+             rt: _device.DeviceRuntime, embedded: bool) -> int:
+    """Settle what AOTI keeps of a method whose constants aoti_rt binds (Pairs), before it binds
+    them, and count it in the device's legacy bytes (the method's own until it closes); returns
+    the bytes counted.
+
+    * constants the .so folds at run time (``aot_inductor.use_runtime_constant_folding``): it
+      computes them from the bound weights at its first run, and again at the first run after
+      every re-binding, into memory of its own (freed with its container): their data sizes;
+    * AOTI's copy of weights embedded in the .so (made by ``CreateWithDevice``): freed where
+      the .so can swap constant buffers (:func:`free_embedded_copy`). Where the .so keeps
+      opaque constants (oneDNN weights prepacked by ``freezing``, which aoti_rt cannot bind),
+      they live in that copy, which is one allocation: it stays, whole (the weights aoti_rt
+      binds from its cache are then resident twice for this method: in the cache, shared, and
+      in AOTI's copy, unused), and is counted.
+    """
+    n = plan.folded_bytes if plan.checked else 0
+    opaque = plan.so_owned > plan.folded
+    if embedded and (constants or opaque):
+        if opaque:
+            n += sum(plan.so_size(i) for i in range(len(constants))) + plan.so_owned_bytes - plan.folded_bytes
+        elif not free_embedded_copy(so, handle):
+            return n + keep_private(so, name, constants, plan, rt,
+                                    "it lacks SwapConstantBuffer/FreeInactiveConstantBuffer", count=n)
+    if n:
+        rt.count_legacy(1, n)
+    return n
+
+
+def refold(methods: Sequence[Any]) -> None:
+    """Make each method whose .so folds constants at run time fold them again at its next call
+    (after its weights were written in place): its buffers are bound again as they are, which
+    is what tells AOTI its folded constants are stale. Call with the methods' launch locks
+    held (no call runs meanwhile)."""
+    for m in methods:
+        plan, binder = getattr(m, "_plan", None), getattr(m, "_binder", None)
+        if plan is not None and binder is not None and plan.folded and m._bound:
+            binder.bind(m._bound)
+
+
 def keep_private(so: SharedObject, name: str, constants: Sequence[ConstantSpec], plan: _bind.BindPlan,
-                 rt: _device.DeviceRuntime, why: str) -> int:
-    """AOTI keeps its own copy of the weights a .so embeds: counted, and the user warned.
-    Returns the bytes kept."""
+                 rt: _device.DeviceRuntime, why: str, count: int = 0) -> int:
+    """AOTI keeps its own copy of the weights a .so embeds: counted (with ``count`` more bytes
+    the method keeps), and the user warned. Returns the bytes of the copy."""
     n = sum(plan.so_size(i) if plan.checked else c.data_size for i, c in enumerate(constants))
-    rt.count_legacy(1, n)
+    rt.count_legacy(1, n + count)
     warnings.warn(f"method {name!r}: {so.path.name} keeps AOTI's private copy of its embedded weights "
                   f"({n} bytes, counted in cache_stats() legacy_bytes) because {why}; recompile it with "
                   f"torch >= 2.10 to share them", stacklevel=5)

@@ -75,7 +75,7 @@ from .digest import file_digests
 from .errors import AOTIError, AotiRtError, BundleError, CompileError
 from .acquire import Verify, weight_source
 from .binders import MethodFiles
-from .probe import FileSpan, Where, probe_method
+from .probe import FileSpan, Probed, Where, blob_offsets, opaque_note, probe_method
 from .runtime import Method, Model, device_for
 # the extraction cache; names kept here for the modules and tests that import them from package
 from .pt2cache import (RECORD_VERSION, CacheReport, ModelRecord, cache_root, cached_record as _cached_record,
@@ -194,8 +194,7 @@ def _pickled_constants(arc: Archive, so: Path, device: Device, storages: dict[st
     out, at = [], []
     for info in infos:
         if info.folded:
-            raise BundleError(f"{what}: constant {info.fqn} is folded at run time; aoti_rt does not support "
-                              f"aot_inductor.use_runtime_constant_folding")
+            continue                 # computed by the .so from the others at its first run
         p = storages.get(info.fqn)
         if p is None:
             raise BundleError(f"{what}: {_WEIGHTS_CONFIG} has no entry for constant {info.fqn}; the package is "
@@ -216,14 +215,16 @@ def _pickled_constants(arc: Archive, so: Path, device: Device, storages: dict[st
 
 
 def _probe(so: Path, blob: Path | None, device: Device, what: str, weights: Where
-           ) -> tuple[list[tuple[ConstantSpec, int]], Any, list[tuple[Path, int] | None]]:
+           ) -> tuple[list[tuple[ConstantSpec, int]], Any, list[tuple[Path, int] | None], Probed]:
     """Each constant's view and byte count as torch's own AOTI runner holds it, the call spec,
-    and where each constant's digest was hashed from ((file, offset), None: from the device);
-    ``weights``: where the weights lie (see :func:`aoti_rt.probe.probe_method`)."""
+    where each constant's digest was hashed from ((file, offset), None: from the device), and
+    the whole probe (what the .so keeps, its blob layout); ``weights``: where the weights lie
+    (see :func:`aoti_rt.probe.probe_method`)."""
     try:
-        consts, call_spec, _ = probe_method(so, blob, str(device), mutated=set(), weights=weights)
+        probed = probe_method(so, blob, str(device), mutated=set(), weights=weights)
+        consts = probed.constants
         hashed = [(d.file.path, d.offset) if isinstance(d, FileSpan) else None for _, d in consts]
-        return [(c, len(data)) for c, data in consts], call_spec, hashed
+        return [(c, len(data)) for c, data in consts], probed.call_spec, hashed, probed
     except CompileError as e:
         raise BundleError(f"{what}: {e}") from None
     except AotiRtError:
@@ -264,6 +265,7 @@ def _probe_model(arc: Archive, root: str, name: str, files: dict[str, Entry], ke
     so = folder / so_name
     so_entry = files[so_name]
     tmp: Path | None = None
+    kept: list[str] = []                       # constants the .so keeps as its own (opaque)
     try:
         if blob is not None:                   # binary_blob: read in place, or from its inflated copy
             embedded = False
@@ -279,11 +281,14 @@ def _probe_model(arc: Archive, root: str, name: str, files: dict[str, Entry], ke
                                   f"package is truncated or corrupt: re-create or re-copy it")
             if store is None:                  # torch's runner loads a file: a copy; hashed in place
                 tmp = probe_blob = _copy_range(arc.fd, base, need)
-                consts, call_spec, hashed = _probe(so, probe_blob, device, what, lambda _: (arc.path, base, length))
+                consts, call_spec, hashed, probed = _probe(so, probe_blob, device, what,
+                                                           lambda _: (arc.path, base, length))
             else:
                 probe_blob = folder / blobs[0]
-                consts, call_spec, hashed = _probe(so, probe_blob, device, what, lambda _: (probe_blob, 0, length))
-            at = _in_blob(consts, base, length, what)
+                consts, call_spec, hashed, probed = _probe(so, probe_blob, device, what,
+                                                           lambda _: (probe_blob, 0, length))
+            _refuse_kept(probed, what, "a weights blob")
+            at = _in_blob(consts, base, length, what, probed)
         elif pickled:                          # pickle_weights: each storage in place
             embedded, store = False, None
             storages = _pickled_storages(arc, root, config, what)
@@ -300,8 +305,9 @@ def _probe_model(arc: Archive, root: str, name: str, files: dict[str, Entry], ke
                     return arc.path, arc.data_offset(so_entry) + start, length
                 return so, start, length
 
-            consts, call_spec, hashed = _probe(so, None, device, what, where)
-            need = sum(c.data_size for c, _ in consts)
+            consts, call_spec, hashed, probed = _probe(so, None, device, what, where)
+            kept = [k.name for k in probed.kept]    # opaque: AOTI's embedded copy stays for them
+            need = sum(probed.slots)
             if not consts:
                 start, length = 0, 0
             elif in_so.get("need") == need:    # the probe's scan of the .so's symbols holds
@@ -312,7 +318,7 @@ def _probe_model(arc: Archive, root: str, name: str, files: dict[str, Entry], ke
                 store, base = None, arc.data_offset(so_entry) + start
             else:
                 store, base = so_name, start
-            at = _in_blob(consts, base, length, what)
+            at = _in_blob(consts, base, length, what, probed)
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
@@ -334,15 +340,26 @@ def _probe_model(arc: Archive, root: str, name: str, files: dict[str, Entry], ke
         c.weight = wid
         specs.append(c)
     ispec, ospec = call_spec if call_spec else (None, None)
-    spec = MethodSpec(so=so_name, inputs=[], outputs=[], in_spec=ispec, out_spec=ospec, constants=specs)
+    spec = MethodSpec(so=so_name, inputs=[], outputs=[], in_spec=ispec, out_spec=ospec, constants=specs,
+                      so_owned=kept)
     rec = {"name": name, "device": key, "dir": folder_name, "files": sizes, "so": so_name, "store": store,
            "embedded": embedded, "method": asdict(spec), "weights": {k: asdict(w) for k, w in weights.items()}}
     return _parse_record(rec, what)          # what a later load reads back passes the same checks
 
 
-def _in_blob(consts: list[tuple[ConstantSpec, int]], base: int, length: int, what: str) -> list[int]:
-    """Absolute offsets of the probed constants in a ``binary_blob`` of ``length`` bytes at ``base``."""
-    offsets, _ = blob_layout([max(c.data_size, n) for c, n in consts])
+def _refuse_kept(probed: Probed, what: str, where: str) -> None:
+    """Constants the .so keeps (opaque) are loaded by AOTI only from weights inside the .so."""
+    if probed.kept:
+        raise BundleError(f"{what}: its .so holds constants aoti_rt cannot bind ({opaque_note(probed.kept)}), "
+                          f"and its weights are packaged in {where}, from which aoti_rt does not load them into "
+                          f"the .so; re-create the package with its weights in the .so (the default)")
+
+
+def _in_blob(consts: list[tuple[ConstantSpec, int]], base: int, length: int, what: str,
+             probed: Probed) -> list[int]:
+    """Absolute offsets of the probed constants in a ``binary_blob`` of ``length`` bytes at
+    ``base`` (the slots of constants the .so keeps lie between them)."""
+    offsets = blob_offsets(probed, [n for _, n in consts])
     for (c, n), off in zip(consts, offsets):
         if off + n > length:
             raise BundleError(f"{what}: constant {c.fqn} needs bytes up to {off + n} of its weights, which "

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from . import device as _device
-from .abi import blob_bytes_needed, blob_layout
+from .abi import blob_bytes_needed
 from .bundle import (MANIFEST_MAX_BYTES, MethodSpec, WeightSpec, is_regular_file,
                      parse_method_and_weights, read_manifest_bytes, strict_json, weight_id)
-from .probe import probe_method
+from .probe import blob_offsets, opaque_note, probe_method
 from .device import Device
 from .errors import BundleError
 from .acquire import weight_source
@@ -88,10 +88,15 @@ def probe_artifact(so: Path, blob: Path, device: Device) -> tuple[MethodSpec, di
         if hit is not None:
             return hit
     _check_blob_covers(so, blob, device)
-    consts, call_spec, _ = probe_method(so, blob, str(device), mutated=set())
+    probed = probe_method(so, blob, str(device), mutated=set())
+    if probed.kept:
+        raise BundleError(f"{so.name} holds constants aoti_rt cannot bind ({opaque_note(probed.kept)}) and "
+                          f"loads them only from its own weights; package it with "
+                          f"torch._inductor.aoti_compile_and_package and its weights in the .so (the default)")
+    consts, call_spec = probed.constants, probed.call_spec
     weights: dict[str, WeightSpec] = {}
     specs = []
-    offsets, _ = blob_layout([max(c.data_size, len(data)) for c, data in consts])
+    offsets = blob_offsets(probed)
     size = blob.stat().st_size
     for (c, data), offset in zip(consts, offsets):
         c.mutable = c.kind == "buffer"
