@@ -196,13 +196,13 @@ def so_owned(so: SharedObject, handle: int, name: str, constants: Sequence[Const
 
 def refold(methods: Sequence[Any]) -> None:
     """Make each method whose .so folds constants at run time fold them again at its next call
-    (after its weights were written in place): its buffers are bound again as they are, which
-    is what tells AOTI its folded constants are stale. Call with the methods' launch locks
-    held (no call runs meanwhile)."""
+    (after its weights were written in place): its buffers are bound again as they are
+    (:meth:`~aoti_rt.runtime.Method.rebind` with none changed), which is what tells AOTI its
+    folded constants are stale; a .so that folds nothing does nothing more at its next call.
+    Call with the methods' launch locks held (no call runs meanwhile)."""
     for m in methods:
-        plan, binder = getattr(m, "_plan", None), getattr(m, "_binder", None)
-        if plan is not None and binder is not None and plan.folded and m._bound:
-            binder.bind(m._bound)
+        if m.shared:
+            m.rebind({}, release=False)
 
 
 def keep_private(so: SharedObject, name: str, constants: Sequence[ConstantSpec], plan: _bind.BindPlan,
