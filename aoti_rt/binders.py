@@ -26,7 +26,7 @@ from typing import Any
 
 from . import _bind, _memory, device as _device
 from .abi import SharedObject, blob_layout, torch_shim
-from .bundle import ConstantSpec, is_regular_file
+from .bundle import ConstantSpec, MethodSpec, is_regular_file
 from .store import open_regular, pread_all
 from .errors import AOTIError, BundleError
 
@@ -165,8 +165,8 @@ def free_embedded_copy(so: SharedObject, handle: int) -> bool:
     return True
 
 
-def so_owned(so: SharedObject, handle: int, name: str, constants: Sequence[ConstantSpec], plan: _bind.BindPlan,
-             rt: _device.DeviceRuntime, embedded: bool) -> int:
+def so_owned(so: SharedObject, handle: int, name: str, spec: MethodSpec, plan: _bind.BindPlan,
+             rt: _device.DeviceRuntime, embedded: bool, source: Any) -> int:
     """Settle what AOTI keeps of a method whose constants aoti_rt binds (Pairs), before it binds
     them, and count it in the device's legacy bytes (the method's own until it closes); returns
     the bytes counted.
@@ -179,11 +179,17 @@ def so_owned(so: SharedObject, handle: int, name: str, constants: Sequence[Const
       opaque constants (oneDNN weights prepacked by ``freezing``, which aoti_rt cannot bind),
       they live in that copy, which is one allocation: it stays, whole (the weights aoti_rt
       binds from its cache are then resident twice for this method: in the cache, shared, and
-      in AOTI's copy, unused), and is counted.
+      in AOTI's copy, unused), and is counted;
+    * opaque constants of a .so whose weights lie outside it: AOTI loads its whole blob (the
+      store's bytes at ``spec.so_blob``) into a private copy, as torch's runner does, before
+      aoti_rt binds the others over it; that copy is counted.
     """
+    constants = spec.constants
     n = plan.folded_bytes if plan.checked else 0
     opaque = plan.so_owned > plan.folded
-    if embedded and (constants or opaque):
+    if opaque and not embedded:
+        n += load_so_blob(so, handle, name, spec, source)
+    elif embedded and (constants or opaque):
         if opaque:
             n += sum(plan.so_size(i) for i in range(len(constants))) + plan.so_owned_bytes - plan.folded_bytes
         elif not free_embedded_copy(so, handle):
@@ -192,6 +198,26 @@ def so_owned(so: SharedObject, handle: int, name: str, constants: Sequence[Const
     if n:
         rt.count_legacy(1, n)
     return n
+
+
+def load_so_blob(so: SharedObject, handle: int, name: str, spec: MethodSpec, source: Any) -> int:
+    """Load the .so's own ``binary_blob`` (``spec.so_blob`` of the store) into AOTI's private
+    copy (``AOTInductorModelUpdateConstantsFromBlob``); the bytes loaded."""
+    if len(spec.so_blob) != 2 or not so.has("AOTInductorModelUpdateConstantsFromBlob"):
+        raise BundleError(f"method {name!r}: {so.path.name} keeps constants aoti_rt cannot bind "
+                          f"({', '.join(spec.so_owned[:4])}) and the record does not say where its weights blob "
+                          f"is, or the .so cannot load one; re-create it with its weights in the .so")
+    offset, nbytes = spec.so_blob
+    fd, _ = open_regular(source.store, "weight store")       # never blocks on a FIFO
+    try:
+        blob = pread_all(fd, nbytes, offset, source.store)
+    finally:
+        os.close(fd)
+    if len(blob) != nbytes:
+        raise BundleError(f"weight store {source.store} is truncated: {name!r}'s weights blob needs bytes up to "
+                          f"{offset + nbytes}")
+    so.abi.update_constants_from_blob(handle, blob)
+    return nbytes
 
 
 def refold(methods: Sequence[Any]) -> None:

@@ -75,7 +75,7 @@ from .digest import file_digests
 from .errors import AOTIError, AotiRtError, BundleError, CompileError
 from .acquire import Verify, weight_source
 from .binders import MethodFiles
-from .probe import FileSpan, Probed, Where, blob_offsets, opaque_note, probe_method
+from .probe import FileSpan, Probed, Where, blob_offsets, probe_method
 from .runtime import Method, Model, device_for
 # the extraction cache; names kept here for the modules and tests that import them from package
 from .pt2cache import (RECORD_VERSION, CacheReport, ModelRecord, cache_root, cached_record as _cached_record,
@@ -266,6 +266,7 @@ def _probe_model(arc: Archive, root: str, name: str, files: dict[str, Entry], ke
     so_entry = files[so_name]
     tmp: Path | None = None
     kept: list[str] = []                       # constants the .so keeps as its own (opaque)
+    so_blob: list[int] = []                    # where it loads them from, outside the .so
     try:
         if blob is not None:                   # binary_blob: read in place, or from its inflated copy
             embedded = False
@@ -287,7 +288,8 @@ def _probe_model(arc: Archive, root: str, name: str, files: dict[str, Entry], ke
                 probe_blob = folder / blobs[0]
                 consts, call_spec, hashed, probed = _probe(so, probe_blob, device, what,
                                                            lambda _: (probe_blob, 0, length))
-            _refuse_kept(probed, what, "a weights blob")
+            if probed.kept:                    # opaque: the .so loads them from its blob, whole
+                kept, so_blob = [k.name for k in probed.kept], [base, need]
             at = _in_blob(consts, base, length, what, probed)
         elif pickled:                          # pickle_weights: each storage in place
             embedded, store = False, None
@@ -341,18 +343,10 @@ def _probe_model(arc: Archive, root: str, name: str, files: dict[str, Entry], ke
         specs.append(c)
     ispec, ospec = call_spec if call_spec else (None, None)
     spec = MethodSpec(so=so_name, inputs=[], outputs=[], in_spec=ispec, out_spec=ospec, constants=specs,
-                      so_owned=kept)
+                      so_owned=kept, so_blob=so_blob)
     rec = {"name": name, "device": key, "dir": folder_name, "files": sizes, "so": so_name, "store": store,
            "embedded": embedded, "method": asdict(spec), "weights": {k: asdict(w) for k, w in weights.items()}}
     return _parse_record(rec, what)          # what a later load reads back passes the same checks
-
-
-def _refuse_kept(probed: Probed, what: str, where: str) -> None:
-    """Constants the .so keeps (opaque) are loaded by AOTI only from weights inside the .so."""
-    if probed.kept:
-        raise BundleError(f"{what}: its .so holds constants aoti_rt cannot bind ({opaque_note(probed.kept)}), "
-                          f"and its weights are packaged in {where}, from which aoti_rt does not load them into "
-                          f"the .so; re-create the package with its weights in the .so (the default)")
 
 
 def _in_blob(consts: list[tuple[ConstantSpec, int]], base: int, length: int, what: str,

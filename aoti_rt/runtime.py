@@ -201,7 +201,7 @@ class Method:
             if self.shared:
                 # AOTI's own copy of embedded weights (made by CreateWithDevice) goes before
                 # anything is loaded, where the .so can swap constant buffers
-                self._binding.legacy_bytes = so_owned(so, handle, name, spec.constants, plan, rt, files.embedded)
+                self._binding.legacy_bytes = so_owned(so, handle, name, spec, plan, rt, files.embedded, source)
                 self._bind_shared(source, progress, max_load_gbps, extern)
             else:
                 self._binding.legacy_bytes = bind_private(so, handle, name, spec.constants, plan, source, rt,

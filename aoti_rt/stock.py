@@ -25,7 +25,7 @@ from . import device as _device
 from .abi import blob_bytes_needed
 from .bundle import (MANIFEST_MAX_BYTES, MethodSpec, WeightSpec, is_regular_file,
                      parse_method_and_weights, read_manifest_bytes, strict_json, weight_id)
-from .probe import blob_offsets, opaque_note, probe_method
+from .probe import blob_offsets, probe_method
 from .device import Device
 from .errors import BundleError
 from .acquire import weight_source
@@ -89,10 +89,6 @@ def probe_artifact(so: Path, blob: Path, device: Device) -> tuple[MethodSpec, di
             return hit
     _check_blob_covers(so, blob, device)
     probed = probe_method(so, blob, str(device), mutated=set())
-    if probed.kept:
-        raise BundleError(f"{so.name} holds constants aoti_rt cannot bind ({opaque_note(probed.kept)}) and "
-                          f"loads them only from its own weights; package it with "
-                          f"torch._inductor.aoti_compile_and_package and its weights in the .so (the default)")
     consts, call_spec = probed.constants, probed.call_spec
     weights: dict[str, WeightSpec] = {}
     specs = []
@@ -109,7 +105,10 @@ def probe_artifact(so: Path, blob: Path, device: Device) -> tuple[MethodSpec, di
         c.weight = wid
         specs.append(c)
     ispec, ospec = call_spec if call_spec else (None, None)
-    spec = MethodSpec(so=so.name, inputs=[], outputs=[], in_spec=ispec, out_spec=ospec, constants=specs)
+    # opaque constants the .so keeps: it loads them from the blob, whole
+    kept = [k.name for k in probed.kept]
+    spec = MethodSpec(so=so.name, inputs=[], outputs=[], in_spec=ispec, out_spec=ospec, constants=specs,
+                      so_owned=kept, so_blob=[0, blob_bytes_needed(so, device)] if kept else [])
     record = {"fingerprint": fp, "method": asdict(spec),
               "weights": {k: asdict(w) for k, w in weights.items()}}
     for p in _cache_path(so):

@@ -78,12 +78,20 @@ def fold_pt2(workdir, device) -> dict[str, Path]:
     return {fmt: _package(workdir / f"fold-{fmt}-{tag}.pt2", ep, {**FORMATS[fmt], **opts}) for fmt in FOLD_FORMATS}
 
 
+#: the weight formats freezing is checked in (torch cannot package pickle_weights of opaque
+#: tensors: "Cannot access storage of OpaqueTensorImpl")
+FREEZE_FORMATS = ("embedded", "blob")
+
+
 @pytest.fixture(scope="session")
-def frozen_pt2(workdir, device) -> Path:
+def frozen_pt2(workdir, device) -> dict[str, Path]:
+    """The MLP compiled with freezing=True, one package per weight format in FREEZE_FORMATS."""
     torch.manual_seed(0)
     ep = _export(Mlp().to(device), torch.randn(4, 64, device=device))
+    tag = device.replace(":", "")
     with torch.no_grad():      # inductor prepacks frozen weights for oneDNN only without autograd
-        return _package(workdir / f"frozen-{device.replace(':', '')}.pt2", ep, {"freezing": True})
+        return {fmt: _package(workdir / f"frozen-{fmt}-{tag}.pt2", ep, {**FORMATS[fmt], "freezing": True})
+                for fmt in FREEZE_FORMATS}
 
 
 def _stock(path: Path, device: str):
@@ -144,17 +152,20 @@ def test_update_of_a_folded_weight_refolds(fold_pt2, device):
         assert torch.equal(m.model(x), want)
 
 
-def test_frozen_package_matches_torch(frozen_pt2, device):
+@pytest.mark.parametrize("fmt", FREEZE_FORMATS)
+def test_frozen_package_matches_torch(frozen_pt2, device, fmt):
     """A package compiled with freezing=True loads and computes bitwise what torch's loader
     computes. On the CPU its linear weights are opaque oneDNN tensors the .so keeps (AOTI's
-    embedded copy stays, counted as the .so's own); the plain ones are held in the cache. On
-    CUDA freezing gives plain constants, all held by aoti_rt."""
+    copy of its weights stays: embedded, or loaded from its blob; counted as the .so's own);
+    the plain ones are held in the cache. On CUDA freezing gives plain constants, all held by
+    aoti_rt."""
+    path = frozen_pt2[fmt]
     x = torch.randn(4, 64, device=device)
-    want = _stock(frozen_pt2, device)(x)
-    rec = _record(frozen_pt2, device)
+    want = _stock(path, device)(x)
+    rec = _record(path, device)
     held = sum(w.nbytes for w in rec.weights.values())
     before = aoti_rt.cache_stats(device)
-    with aoti_rt.load(frozen_pt2, device=device) as m:
+    with aoti_rt.load(path, device=device) as m:
         got = m.model(x), m.model(x)
         s = aoti_rt.cache_stats(device)
     assert torch.equal(got[0], want) and torch.equal(got[1], want)
@@ -168,3 +179,14 @@ def test_frozen_package_matches_torch(frozen_pt2, device):
         assert not rec.method.so_owned
         assert s["legacy_bytes"] == before["legacy_bytes"]
     assert aoti_rt.cache_stats(device)["legacy_bytes"] == before["legacy_bytes"]
+
+
+def test_compile_with_freezing_names_the_setting(tmp_path):
+    """aoti_rt.compile of a program whose frozen weights inductor prepacks (CPU, no autograd)
+    is refused with a CompileError that names freezing, and leaves no bundle behind."""
+    torch.manual_seed(0)
+    ep = _export(Mlp(), torch.randn(4, 64))
+    out = tmp_path / "frozen-bundle"
+    with torch.no_grad(), pytest.raises(aoti_rt.CompileError, match="freezing=True"):
+        aoti_rt.compile({"m": ep}, out, inductor_configs={"freezing": True}, progress=False)
+    assert not out.exists()
