@@ -188,7 +188,9 @@ def so_owned(so: SharedObject, handle: int, name: str, spec: MethodSpec, plan: _
     n = plan.folded_bytes if plan.checked else 0
     opaque = plan.so_owned > plan.folded
     if opaque and not embedded:
-        n += load_so_blob(so, handle, name, spec, source)
+        # AOTI reads every non-folded constant's data size from the blob, whatever it is given
+        need = sum(plan.so_size(i) for i in range(len(constants))) + plan.so_owned_bytes - plan.folded_bytes
+        n += load_so_blob(so, handle, name, spec, source, need)
     elif embedded and (constants or opaque):
         if opaque:
             n += sum(plan.so_size(i) for i in range(len(constants))) + plan.so_owned_bytes - plan.folded_bytes
@@ -200,13 +202,15 @@ def so_owned(so: SharedObject, handle: int, name: str, spec: MethodSpec, plan: _
     return n
 
 
-def load_so_blob(so: SharedObject, handle: int, name: str, spec: MethodSpec, source: Any) -> int:
-    """Load the .so's own ``binary_blob`` (``spec.so_blob`` of the store) into AOTI's private
-    copy (``AOTInductorModelUpdateConstantsFromBlob``); the bytes loaded."""
-    if len(spec.so_blob) != 2 or not so.has("AOTInductorModelUpdateConstantsFromBlob"):
+def load_so_blob(so: SharedObject, handle: int, name: str, spec: MethodSpec, source: Any, need: int) -> int:
+    """Load the .so's own ``binary_blob`` (``spec.so_blob`` of the store, at least ``need``
+    bytes: what AOTI reads) into AOTI's private copy (``AOTInductorModelUpdateConstantsFromBlob``);
+    the bytes loaded."""
+    if len(spec.so_blob) != 2 or spec.so_blob[1] < need or not so.has("AOTInductorModelUpdateConstantsFromBlob"):
         raise BundleError(f"method {name!r}: {so.path.name} keeps constants aoti_rt cannot bind "
-                          f"({', '.join(spec.so_owned[:4])}) and the record does not say where its weights blob "
-                          f"is, or the .so cannot load one; re-create it with its weights in the .so")
+                          f"({', '.join(spec.so_owned[:4])}), and the record does not say where the {need} bytes of "
+                          f"its weights blob are, or the .so cannot load one; the record is damaged or the "
+                          f".so too old: re-create the package with its weights in the .so")
     offset, nbytes = spec.so_blob
     fd, _ = open_regular(source.store, "weight store")       # never blocks on a FIFO
     try:
