@@ -67,7 +67,7 @@ from typing import Any, NamedTuple, Union
 
 from . import device as _device, elf
 from .archive import JSON_MAX, SAFE_NAME, STORED, Archive, Entry, check_stored
-from .abi import blob_bytes_needed, blob_layout, describe
+from .abi import blob_bytes_needed, describe
 from .bundle import (DTYPE_NAMES, MAX_INT, MAX_RANK, ConstantSpec, Manifest, MethodSpec, WeightSpec,
                      is_regular_file, strict_json, weight_id)
 from .device import Device

@@ -13,6 +13,7 @@ inputs here are the ones the packages were compiled for, so torch's outputs are 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -179,6 +180,25 @@ def test_frozen_package_matches_torch(frozen_pt2, device, fmt):
         assert not rec.method.so_owned
         assert s["legacy_bytes"] == before["legacy_bytes"]
     assert aoti_rt.cache_stats(device)["legacy_bytes"] == before["legacy_bytes"]
+
+
+def test_frozen_record_that_misplaces_the_blob_is_refused(frozen_pt2, device):
+    """A record whose .so blob (where the .so loads its opaque constants from) is shorter than
+    what AOTI reads is refused before AOTI reads it, with nothing left allocated."""
+    if device != "cpu":
+        pytest.skip("freezing gives plain constants on CUDA")
+    path = frozen_pt2["blob"]
+    assert _record(path, device).method.so_blob      # probed and recorded
+    rp = package._record_path(path)
+    good = rp.read_text()
+    raw = json.loads(good)
+    raw["models"][0]["method"]["so_blob"][1] -= 64
+    rp.write_text(json.dumps(raw))
+    try:
+        with pytest.raises(aoti_rt.BundleError, match="weights blob"):
+            aoti_rt.load(path, device=device)
+    finally:
+        rp.write_text(good)
 
 
 def test_compile_with_freezing_names_the_setting(tmp_path):
