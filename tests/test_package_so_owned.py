@@ -210,3 +210,23 @@ def test_compile_with_freezing_names_the_setting(tmp_path):
     with torch.no_grad(), pytest.raises(aoti_rt.CompileError, match="freezing=True"):
         aoti_rt.compile({"m": ep}, out, inductor_configs={"freezing": True}, progress=False)
     assert not out.exists()
+
+
+def test_compile_with_constant_folding(workdir, device):
+    """aoti_rt.compile with run-time constant folding: the bundle binds the weights, the .so
+    folds the rest at its first call and again after update_weights."""
+    torch.manual_seed(0)
+    module = Folded().to(device).eval()
+    x = torch.randn(4, 8, device=device)
+    out = workdir / f"fold-bundle-{device.replace(':', '')}"
+    if not (out / "manifest.json").is_file():
+        with torch.no_grad():
+            aoti_rt.compile({"f": _export(module, x)}, out, progress=False,
+                            inductor_configs={"aot_inductor.use_runtime_constant_folding": True})
+    new = torch.randn(16, 8, device=device)
+    with aoti_rt.load(out, device=device) as m, torch.no_grad():
+        assert [c.fqn for c in m.manifest.methods["f"].constants] == ["w", "b"]
+        torch.testing.assert_close(m.f(x), module(x))
+        m.update_weights({"w": new})
+        module.w.copy_(new)
+        torch.testing.assert_close(m.f(x), module(x))
