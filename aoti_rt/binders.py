@@ -228,10 +228,10 @@ def refold(methods: Sequence[Any]) -> None:
     """Make each method whose .so folds constants at run time fold them again at its next call
     (after its weights were written in place): its buffers are bound again as they are
     (:meth:`~aoti_rt.runtime.Method.rebind` with none changed), which is what tells AOTI its
-    folded constants are stale; a .so that folds nothing does nothing more at its next call.
-    Call with the methods' launch locks held (no call runs meanwhile)."""
+    folded constants are stale. The others are left alone (a re-binding makes AOTI's next call
+    synchronize its stream). Call with the methods' launch locks held (no call runs meanwhile)."""
     for m in methods:
-        if m.shared:
+        if m.shared and m.folds:
             m.rebind({}, release=False)
 
 

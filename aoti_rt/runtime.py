@@ -196,7 +196,7 @@ class Method:
                 raise AOTIError(f"method {name!r}: {so.path.name} has the Pairs entry point but not "
                                 f"GetConstantDataSize, so the memory its kernels assume cannot be checked; "
                                 f"recompile it with a newer torch")
-            self._plan = plan
+            self._plan, self.folds = plan, plan.folded > 0    # public: its .so folds constants at run time
             extern = extern_kernels(so, name, self.shared)
             if self.shared:
                 # AOTI's own copy of embedded weights (made by CreateWithDevice) goes before
