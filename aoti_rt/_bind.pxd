@@ -102,6 +102,11 @@ cdef class BindPlan:
     cdef list _fqns
     cdef list _shapes
     cdef readonly str where        # "method 'decode'": how errors name the method
+    cdef readonly frozenset keep   # names of constants the .so keeps as its own (not in the plan)
+    cdef readonly Py_ssize_t so_owned      # constants of the .so the plan skips: folded or kept
+    cdef readonly int64_t so_owned_bytes   # their GetConstantDataSize, summed
+    cdef readonly Py_ssize_t folded        # of those, computed by the .so (run-time constant folding)
+    cdef readonly int64_t folded_bytes     # their GetConstantDataSize, summed
 
     cdef int _known(self, Py_ssize_t i) except -1
     cdef int64_t _need(self, Py_ssize_t i) noexcept nogil

@@ -42,9 +42,15 @@ class BindPlan:
     n: int
     checked: bool
     where: str
+    keep: frozenset[bytes]
+    so_owned: int
+    so_owned_bytes: int
+    folded: int
+    folded_bytes: int
     def __init__(self, names: list[str | bytes], dtypes: list[int], itemsizes: list[int],
                  shapes: list[list[int]], strides: list[list[int]], offsets: list[int],
-                 fqns: Sequence[str] | None = None, where: str = ..., compiled_offsets: bool = ...) -> None: ...
+                 fqns: Sequence[str] | None = None, where: str = ..., compiled_offsets: bool = ...,
+                 keep: Sequence[str] = ...) -> None: ...
     def check(self, abi: ModelABI, container: int) -> None: ...
     def need(self, i: int) -> int: ...
     def so_size(self, i: int) -> int: ...

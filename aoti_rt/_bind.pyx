@@ -377,7 +377,8 @@ cdef class BindPlan:
     """One method's constants as C arrays, bound in one Pairs call by :meth:`bind`.
 
     Built once per method from the manifest. :meth:`check` compares it with the container's
-    own constant table (names, dtypes) and reads what the .so assumes of each constant's
+    own constant table (names, dtypes; constants the .so keeps as its own are skipped: those
+    it folds at run time, and those named in ``keep``) and reads what the .so assumes of each constant's
     memory (``GetConstantDataSize``, ``GetConstantType``); :meth:`need` then says how many
     bytes a buffer bound as constant ``i`` must have so that no kernel can reach past it,
     whatever the manifest claims. ``bind`` refuses a buffer smaller than that, wraps each
@@ -395,8 +396,10 @@ cdef class BindPlan:
         self.n = 0
 
     def __init__(self, list names, list dtypes, list itemsizes, list shapes, list strides,
-                 list offsets, list fqns=None, str where="method", bint compiled_offsets=False):
+                 list offsets, list fqns=None, str where="method", bint compiled_offsets=False, keep=()):
         cdef Py_ssize_t i, j, total = 0, n = len(names)
+        self.keep = frozenset(k if isinstance(k, bytes) else k.encode() for k in keep)
+        self.so_owned = self.so_owned_bytes = self.folded = self.folded_bytes = 0
         for s in shapes:
             total += len(s)
         self.n = n
@@ -465,8 +468,10 @@ cdef class BindPlan:
         """Compare the container's constant table with this plan in one nogil loop.
 
         Reads ``GetNumConstants``, ``GetConstantName``, ``GetConstantDtype`` and, where the
-        .so has them, ``GetConstantDataSize`` and ``GetConstantType`` (without the first,
-        :meth:`need` stays unknown and :meth:`bind` refuses). Raises :class:`BundleError` for
+        .so has them, ``GetConstantDataSize``, ``GetConstantType`` and ``GetConstantFromFolded``
+        (without the data size, :meth:`need` stays unknown and :meth:`bind` refuses). The .so's
+        constants it folds at run time, and those named in ``keep``, are its own: skipped, and
+        counted in :attr:`so_owned` / :attr:`so_owned_bytes`. Raises :class:`BundleError` for
         the first difference in count, names (in index order), dtype codes, or a constant the
         .so gives storage that the manifest views as empty; :class:`AOTIError` (with AOTI's
         message) if a table call fails.
@@ -476,28 +481,62 @@ cdef class BindPlan:
         cdef f_get_i32_at dtype_of = abi.fns.get_constant_dtype
         cdef f_get_size_at size_of = abi.fns.get_constant_data_size
         cdef f_get_i32_at type_of = abi.fns.get_constant_type
+        cdef f_get_bool_at folded_of = abi.fns.get_constant_from_folded
         cdef ContainerHandle container_h = <ContainerHandle>container
-        cdef size_t count = 0, nbytes = 0
-        cdef Py_ssize_t i, bad = -1
+        cdef size_t count = 0, nbytes = 0, own_bytes = 0, fold_bytes = 0
+        cdef Py_ssize_t i = 0, j, bad = -1, own = 0, n_folded = 0
         cdef const char* nm = NULL
         cdef int32_t code = 0, rc = 0, kind = 0
+        cdef c_bool is_folded = 0
+        cdef bint kept, any_keep = len(self.keep) > 0
         cdef int what = 0      # 1 name, 2 dtype, 3 a call failed, 4 empty view of real storage
         self.checked = False
+        self.so_owned = self.so_owned_bytes = self.folded = self.folded_bytes = 0
         abi._has(<void*>num, "GetNumConstants")
         with nogil:
             rc = num(container_h, &count)
-            if rc == 0 and <Py_ssize_t>count == self.n:
-                for i in range(self.n):
-                    rc = name_of(container_h, i, &nm)
+            if rc == 0:
+                for j in range(<Py_ssize_t>count):
+                    rc = name_of(container_h, j, &nm)
                     if rc != 0 or nm == NULL:
                         what = 3
-                        bad = i
+                        bad = j
                         break
+                    # the .so's own constants: folded at run time by it, or kept by name
+                    is_folded = 0
+                    if folded_of != NULL:
+                        rc = folded_of(container_h, j, &is_folded)
+                    elif type_of != NULL:
+                        rc = type_of(container_h, j, &kind)
+                        is_folded = kind == 4
+                    if rc != 0:
+                        what = 3
+                        bad = j
+                        break
+                    kept = is_folded
+                    if not kept and any_keep and (i >= self.n or strcmp(nm, self.entries[i].name) != 0):
+                        with gil:
+                            kept = (<bytes>nm) in self.keep
+                    if kept:
+                        if size_of != NULL:
+                            rc = size_of(container_h, j, &nbytes)
+                            if rc != 0:
+                                what = 3
+                                bad = j
+                                break
+                            own_bytes += nbytes
+                            if is_folded:
+                                fold_bytes += nbytes
+                        own += 1
+                        n_folded += is_folded
+                        continue
+                    if i >= self.n:
+                        break          # more constants than the plan: the count differs
                     if strcmp(nm, self.entries[i].name) != 0:
                         what = 1
                         bad = i
                         break
-                    rc = dtype_of(container_h, i, &code)
+                    rc = dtype_of(container_h, j, &code)
                     if rc != 0:
                         what = 3
                         bad = i
@@ -507,10 +546,10 @@ cdef class BindPlan:
                         bad = i
                         break
                     if size_of != NULL:
-                        rc = size_of(container_h, i, &nbytes)
+                        rc = size_of(container_h, j, &nbytes)
                         if rc != 0 or nbytes > (<size_t>1 << 62):
                             what = 3
-                            bad = i
+                            bad = j
                             break
                         self.so_sizes[i] = <int64_t>nbytes
                         # AOTI hands kernels data_ptr(), which an empty tensor reports as NULL
@@ -519,17 +558,19 @@ cdef class BindPlan:
                             bad = i
                             break
                     if type_of != NULL:
-                        rc = type_of(container_h, i, &kind)
+                        rc = type_of(container_h, j, &kind)
                         if rc != 0:
                             what = 3
-                            bad = i
+                            bad = j
                             break
                         self.so_kinds[i] = kind
+                    i += 1
         if (rc != 0 and bad < 0) or what == 3:
             raise AOTIError(f"{self.where}: reading the constant table of {abi.so_name} failed at index "
                             f"{bad} (code {rc}): {abi._why()}")
-        if <Py_ssize_t>count != self.n:
-            detail = f"has {count} constants but the manifest lists {self.n}"
+        if what == 0 and <Py_ssize_t>count - own != self.n:
+            kept_note = f" ({own} of them its own: folded or kept)" if own else ""
+            detail = f"has {count} constants{kept_note} but the manifest lists {self.n}"
         elif what == 1:
             detail = (f"names constant {bad} {(<bytes>nm).decode(errors='replace')!r} but the manifest "
                       f"says {self._names[bad].decode(errors='replace')!r}")
@@ -542,6 +583,8 @@ cdef class BindPlan:
                       f"{self._shapes[bad]} is empty")
         else:
             self.checked = size_of != NULL
+            self.so_owned, self.so_owned_bytes, self.folded = own, <int64_t>own_bytes, n_folded
+            self.folded_bytes = <int64_t>fold_bytes
             return
         raise BundleError(f"{self.where}: {abi.so_name} {detail}; the bundle is inconsistent, recompile it")
 
@@ -591,6 +634,7 @@ cdef class BindPlan:
         cdef f_update_pairs pairs = abi.fns.update_pairs
         cdef int32_t rc = 0
         cdef Py_ssize_t failed_at = -1
+        cdef bint any_keep = self.so_owned > self.folded
         cdef Buffer buf
         if len(buffers) != n:
             raise ValueError(f"{len(buffers)} buffers for {n} constants")
@@ -615,7 +659,9 @@ cdef class BindPlan:
                     failed_at = i
                     break
             if failed_at < 0:
-                rc = pairs(<ContainerHandle>container, self.entries, n, 0, 1)
+                # a full update is checked unless the .so keeps constants of its own by name
+                # (AOTI's check would ask for them); the ones it folds it never asks for
+                rc = pairs(<ContainerHandle>container, self.entries, n, 0, not any_keep)
             for i in range(n):
                 if self.entries[i].handle != NULL:
                     delete(self.entries[i].handle)

@@ -48,7 +48,8 @@ class ConstantInfo:
 
     @property
     def folded(self) -> bool:
-        """Computed by runtime constant folding (which aoti_rt does not support)."""
+        """Computed by the .so itself (run-time constant folding) from the other constants, at
+        its first run and again after a re-binding: not in the blob layout, never bound."""
         return self.from_folded or self.kind == "folded"
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from . import _bind, _memory, device as _device
 from .abi import SharedObject, blob_layout, torch_shim
-from .bundle import ConstantSpec, is_regular_file
+from .bundle import ConstantSpec, MethodSpec, is_regular_file
 from .store import open_regular, pread_all
 from .errors import AOTIError, BundleError
 
@@ -169,12 +169,82 @@ def free_embedded_copy(so: SharedObject, handle: int) -> bool:
     return True
 
 
+def so_owned(so: SharedObject, handle: int, name: str, spec: MethodSpec, plan: _bind.BindPlan,
+             rt: _device.DeviceRuntime, embedded: bool, source: Any) -> int:
+    """Settle what AOTI keeps of a method whose constants aoti_rt binds (Pairs), before it binds
+    them, and count it in the device's legacy bytes (the method's own until it closes); returns
+    the bytes counted.
+
+    * constants the .so folds at run time (``aot_inductor.use_runtime_constant_folding``): it
+      computes them from the bound weights at its first run, and again at the first run after
+      every re-binding, into memory of its own (freed with its container): their data sizes;
+    * AOTI's copy of weights embedded in the .so (made by ``CreateWithDevice``): freed where
+      the .so can swap constant buffers (:func:`free_embedded_copy`). Where the .so keeps
+      opaque constants (oneDNN weights prepacked by ``freezing``, which aoti_rt cannot bind),
+      they live in that copy, which is one allocation: it stays, whole (the weights aoti_rt
+      binds from its cache are then resident twice for this method: in the cache, shared, and
+      in AOTI's copy, unused), and is counted;
+    * opaque constants of a .so whose weights lie outside it: AOTI loads its whole blob (the
+      store's bytes at ``spec.so_blob``) into a private copy, as torch's runner does, before
+      aoti_rt binds the others over it; that copy is counted.
+    """
+    constants = spec.constants
+    n = plan.folded_bytes if plan.checked else 0
+    opaque = plan.so_owned > plan.folded
+    if opaque and not embedded:
+        # AOTI reads every non-folded constant's data size from the blob, whatever it is given
+        need = sum(plan.so_size(i) for i in range(len(constants))) + plan.so_owned_bytes - plan.folded_bytes
+        n += load_so_blob(so, handle, name, spec, source, need)
+    elif embedded and (constants or opaque):
+        if opaque:
+            n += sum(plan.so_size(i) for i in range(len(constants))) + plan.so_owned_bytes - plan.folded_bytes
+        elif not free_embedded_copy(so, handle):
+            return n + keep_private(so, name, constants, plan, rt,
+                                    "it lacks SwapConstantBuffer/FreeInactiveConstantBuffer", count=n)
+    if n:
+        rt.count_legacy(1, n)
+    return n
+
+
+def load_so_blob(so: SharedObject, handle: int, name: str, spec: MethodSpec, source: Any, need: int) -> int:
+    """Load the .so's own ``binary_blob`` (``spec.so_blob`` of the store, at least ``need``
+    bytes: what AOTI reads) into AOTI's private copy (``AOTInductorModelUpdateConstantsFromBlob``);
+    the bytes loaded."""
+    if len(spec.so_blob) != 2 or spec.so_blob[1] < need or not so.has("AOTInductorModelUpdateConstantsFromBlob"):
+        raise BundleError(f"method {name!r}: {so.path.name} keeps constants aoti_rt cannot bind "
+                          f"({', '.join(spec.so_owned[:4])}), and the record does not say where the {need} bytes of "
+                          f"its weights blob are, or the .so cannot load one; the record is damaged or the "
+                          f".so too old: re-create the package with its weights in the .so")
+    offset, nbytes = spec.so_blob
+    fd, _ = open_regular(source.store, "weight store")       # never blocks on a FIFO
+    try:
+        blob = pread_all(fd, nbytes, offset, source.store)
+    finally:
+        os.close(fd)
+    if len(blob) != nbytes:
+        raise BundleError(f"weight store {source.store} is truncated: {name!r}'s weights blob needs bytes up to "
+                          f"{offset + nbytes}")
+    so.abi.update_constants_from_blob(handle, blob)
+    return nbytes
+
+
+def refold(methods: Sequence[Any]) -> None:
+    """Make each method whose .so folds constants at run time fold them again at its next call
+    (after its weights were written in place): its buffers are bound again as they are
+    (:meth:`~aoti_rt.runtime.Method.rebind` with none changed), which is what tells AOTI its
+    folded constants are stale. The others are left alone (a re-binding makes AOTI's next call
+    synchronize its stream). Call with the methods' launch locks held (no call runs meanwhile)."""
+    for m in methods:
+        if m.shared and m.folds:
+            m.rebind({}, release=False)
+
+
 def keep_private(so: SharedObject, name: str, constants: Sequence[ConstantSpec], plan: _bind.BindPlan,
-                 rt: _device.DeviceRuntime, why: str) -> int:
-    """AOTI keeps its own copy of the weights a .so embeds: counted, and the user warned.
-    Returns the bytes kept."""
+                 rt: _device.DeviceRuntime, why: str, count: int = 0) -> int:
+    """AOTI keeps its own copy of the weights a .so embeds: counted (with ``count`` more bytes
+    the method keeps), and the user warned. Returns the bytes of the copy."""
     n = sum(plan.so_size(i) if plan.checked else c.data_size for i, c in enumerate(constants))
-    rt.count_legacy(1, n)
+    rt.count_legacy(1, n + count)
     warnings.warn(f"method {name!r}: {so.path.name} keeps AOTI's private copy of its embedded weights "
                   f"({n} bytes, counted in cache_stats() legacy_bytes) because {why}; recompile it with "
                   f"torch >= 2.10 to share them", stacklevel=5)

@@ -212,6 +212,13 @@ class MethodSpec:
     constants: list[ConstantSpec]
     #: non-tensor inputs fixed at export, in call order (absent in older bundles: none)
     fixed_inputs: list[FixedInput] = field(default_factory=list)
+    #: internal names of constants the .so keeps as its own, not bound by aoti_rt (opaque
+    #: prepacked weights; absent in older records: none). Constants it folds at run time are
+    #: its own too, known from the .so itself.
+    so_owned: list[str] = field(default_factory=list)
+    #: ``[offset, nbytes]`` of AOTI's ``binary_blob`` of the .so in the method's store, from
+    #: which the .so loads the constants it keeps (empty: they are inside the .so, or none)
+    so_blob: list[int] = field(default_factory=list)
 
 
 _dtype = _one_of(DTYPE_CODES, "a dtype aoti_rt knows (" + ", ".join(DTYPE_CODES) + ")")
@@ -294,6 +301,8 @@ METHOD_FIELDS = {
     "out_spec": _Field(_opt_text, None),
     "constants": _Field(_list(_record(ConstantSpec, CONSTANT_FIELDS))),
     "fixed_inputs": _Field(_list(_record(FixedInput, FIXED_INPUT_FIELDS)), []),
+    "so_owned": _Field(_list(_name), []),
+    "so_blob": _Field(_list(_int, 2), []),
 }
 WEIGHT_FIELDS = {
     "id": _Field(_name),

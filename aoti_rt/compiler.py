@@ -62,7 +62,6 @@ RESERVED_OPTIONS = {
     "aot_inductor.embed_kernel_binary": "a bundle holds one self-contained .so per method",
     "aot_inductor.package": "aoti_rt writes a bundle, not a .pt2 package",
     "aot_inductor.package_cpp_only": "a bundle needs compiled .so files, not C++ sources",
-    "aot_inductor.use_runtime_constant_folding": "constants folded at run time cannot be shared",
     "always_keep_tensor_constants": "every weight stays a constant that can be shared and updated (inductor "
                                     "otherwise compiles tensors of up to 8 values into the code as literals)",
 }

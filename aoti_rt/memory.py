@@ -25,8 +25,11 @@ def cache_stats(device: "str | Device | None" = None) -> dict:
     behind them: small weights share 2 MiB slabs), ``num_allocations`` (live buffers),
     ``num_slabs``, ``hits`` and ``misses`` (weight acquisitions found
     in / added to the cache), ``bytes_read`` (weight bytes read from disk),
-    ``legacy_methods`` and ``legacy_bytes`` (methods whose .so lacks the Pairs entry point
-    and hold a private, unshared copy inside AOTI), ``pinned_store_bytes`` (host memory of
+    ``legacy_methods`` and ``legacy_bytes`` (methods whose .so holds constants of its own
+    inside AOTI, unshared, and their bytes: a .so without the Pairs entry point (a private copy
+    of its weights); constants it folds at run time (computed at its first call); AOTI's copy
+    of the weights embedded in a .so that keeps opaque prepacked weights, or cannot free it),
+    ``pinned_store_bytes`` (host memory of
     stores held by :func:`aoti_rt.pin_store`), ``staging_bytes`` (pooled pinned staging
     buffers of the loader; :func:`free_staging` returns them), ``shared_exported_bytes`` and
     ``shared_imported_bytes`` (arenas of weights shared across processes with

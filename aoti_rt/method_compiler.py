@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from .bundle import FixedInput, InputSpec, MethodSpec
 from .errors import AotiRtError, CompileError
-from .probe import FileSpan, probe_method
+from .probe import FileSpan, opaque_note, probe_method
 
 if TYPE_CHECKING:
     from torch.export import ExportedProgram
@@ -111,8 +111,13 @@ def compile_method(job: Job, ep: ExportedProgram, keep_files: bool = False
     timed("aoti", name, t0)
     t0 = time.perf_counter()
     blobs = sorted(aoti_dir.rglob("*_weights.blob"))
-    consts, so_spec, n_in = probe_method(so_tmp, blobs[0] if blobs else None, job.device,
-                                         {prefix + f for f in job.mutated})
+    probed = probe_method(so_tmp, blobs[0] if blobs else None, job.device, {prefix + f for f in job.mutated})
+    if probed.kept:
+        raise CompileError(f"method {name!r}: the .so holds constants aoti_rt cannot bind "
+                           f"({opaque_note(probed.kept)}); compile without the inductor option freezing=True "
+                           f"on the CPU (or package the program with torch._inductor.aoti_compile_and_package "
+                           f"and load the .pt2, where the .so keeps them)")
+    consts, so_spec, n_in = probed.constants, probed.call_spec, probed.num_inputs
     for c, _ in consts:
         c.fqn = c.fqn.removeprefix(prefix)
     if len(job.inputs) != n_in:

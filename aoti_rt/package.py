@@ -67,7 +67,7 @@ from typing import Any, NamedTuple, Union
 
 from . import device as _device, elf
 from .archive import JSON_MAX, SAFE_NAME, STORED, Archive, Entry, check_stored
-from .abi import blob_bytes_needed, blob_layout, describe
+from .abi import blob_bytes_needed, describe
 from .bundle import (DTYPE_NAMES, MAX_INT, MAX_RANK, ConstantSpec, Manifest, MethodSpec, WeightSpec,
                      is_regular_file, strict_json, weight_id)
 from .device import Device
@@ -75,7 +75,7 @@ from .digest import file_digests
 from .errors import AOTIError, AotiRtError, BundleError, CompileError
 from .acquire import Verify, weight_source
 from .binders import MethodFiles
-from .probe import FileSpan, Where, probe_method
+from .probe import FileSpan, Probed, Where, blob_offsets, probe_method
 from .runtime import Method, Model, device_for
 from .views import whole_storages
 # the extraction cache; names kept here for the modules and tests that import them from package
@@ -195,8 +195,7 @@ def _pickled_constants(arc: Archive, so: Path, device: Device, storages: dict[st
     out, at = [], []
     for info in infos:
         if info.folded:
-            raise BundleError(f"{what}: constant {info.fqn} is folded at run time; aoti_rt does not support "
-                              f"aot_inductor.use_runtime_constant_folding")
+            continue                 # computed by the .so from the others at its first run
         p = storages.get(info.fqn)
         if p is None:
             raise BundleError(f"{what}: {_WEIGHTS_CONFIG} has no entry for constant {info.fqn}; the package is "
@@ -217,14 +216,17 @@ def _pickled_constants(arc: Archive, so: Path, device: Device, storages: dict[st
 
 
 def _probe(so: Path, blob: Path | None, device: Device, what: str, weights: Where
-           ) -> tuple[list[tuple[ConstantSpec, int]], Any, list[tuple[Path, int] | None]]:
+           ) -> tuple[list[tuple[ConstantSpec, int]], Any, list[tuple[Path, int] | None], Probed]:
     """Each constant's view and byte count as torch's own AOTI runner holds it, the call spec,
-    and where each constant's digest was hashed from ((file, offset), None: from the device);
-    ``weights``: where the weights lie (see :func:`aoti_rt.probe.probe_method`)."""
+    where each constant's digest was hashed from ((file, offset), None: from the device), and
+    the whole probe (what the .so keeps, its blob layout); ``weights``: where the weights lie
+    (see :func:`aoti_rt.probe.probe_method`)."""
     try:
-        consts, call_spec, _ = probe_method(so, blob, str(device), mutated=set(), weights=weights)
+        probed = probe_method(so, blob, str(device), mutated=set(), weights=weights)
+        consts = probed.constants
         hashed = [(d.file.path, d.offset) if isinstance(d, FileSpan) else None for _, d in consts]
-        return whole_storages([(c, len(data)) for c, data in consts], hashed, what), call_spec, hashed
+        return (whole_storages([(c, len(data)) for c, data in consts], hashed, what), probed.call_spec, hashed,
+                probed)
     except CompileError as e:
         raise BundleError(f"{what}: {e}") from None
     except AotiRtError:
@@ -265,6 +267,8 @@ def _probe_model(arc: Archive, root: str, name: str, files: dict[str, Entry], ke
     so = folder / so_name
     so_entry = files[so_name]
     tmp: Path | None = None
+    kept: list[str] = []                       # constants the .so keeps as its own (opaque)
+    so_blob: list[int] = []                    # where it loads them from, outside the .so
     try:
         if blob is not None:                   # binary_blob: read in place, or from its inflated copy
             embedded = False
@@ -280,11 +284,15 @@ def _probe_model(arc: Archive, root: str, name: str, files: dict[str, Entry], ke
                                   f"package is truncated or corrupt: re-create or re-copy it")
             if store is None:                  # torch's runner loads a file: a copy; hashed in place
                 tmp = probe_blob = _copy_range(arc.fd, base, need)
-                consts, call_spec, hashed = _probe(so, probe_blob, device, what, lambda _: (arc.path, base, length))
+                consts, call_spec, hashed, probed = _probe(so, probe_blob, device, what,
+                                                           lambda _: (arc.path, base, length))
             else:
                 probe_blob = folder / blobs[0]
-                consts, call_spec, hashed = _probe(so, probe_blob, device, what, lambda _: (probe_blob, 0, length))
-            at = _in_blob(consts, base, length, what)
+                consts, call_spec, hashed, probed = _probe(so, probe_blob, device, what,
+                                                           lambda _: (probe_blob, 0, length))
+            if probed.kept:                    # opaque: the .so loads them from its blob, whole
+                kept, so_blob = [k.name for k in probed.kept], [base, need]
+            at = _in_blob(consts, base, length, what, probed)
         elif pickled:                          # pickle_weights: each storage in place
             embedded, store = False, None
             storages = _pickled_storages(arc, root, config, what)
@@ -301,8 +309,9 @@ def _probe_model(arc: Archive, root: str, name: str, files: dict[str, Entry], ke
                     return arc.path, arc.data_offset(so_entry) + start, length
                 return so, start, length
 
-            consts, call_spec, hashed = _probe(so, None, device, what, where)
-            need = sum(c.data_size for c, _ in consts)
+            consts, call_spec, hashed, probed = _probe(so, None, device, what, where)
+            kept = [k.name for k in probed.kept]    # opaque: AOTI's embedded copy stays for them
+            need = sum(probed.slots)
             if not consts:
                 start, length = 0, 0
             elif in_so.get("need") == need:    # the probe's scan of the .so's symbols holds
@@ -313,7 +322,7 @@ def _probe_model(arc: Archive, root: str, name: str, files: dict[str, Entry], ke
                 store, base = None, arc.data_offset(so_entry) + start
             else:
                 store, base = so_name, start
-            at = _in_blob(consts, base, length, what)
+            at = _in_blob(consts, base, length, what, probed)
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
@@ -335,15 +344,18 @@ def _probe_model(arc: Archive, root: str, name: str, files: dict[str, Entry], ke
         c.weight = wid
         specs.append(c)
     ispec, ospec = call_spec if call_spec else (None, None)
-    spec = MethodSpec(so=so_name, inputs=[], outputs=[], in_spec=ispec, out_spec=ospec, constants=specs)
+    spec = MethodSpec(so=so_name, inputs=[], outputs=[], in_spec=ispec, out_spec=ospec, constants=specs,
+                      so_owned=kept, so_blob=so_blob)
     rec = {"name": name, "device": key, "dir": folder_name, "files": sizes, "so": so_name, "store": store,
            "embedded": embedded, "method": asdict(spec), "weights": {k: asdict(w) for k, w in weights.items()}}
     return _parse_record(rec, what)          # what a later load reads back passes the same checks
 
 
-def _in_blob(consts: list[tuple[ConstantSpec, int]], base: int, length: int, what: str) -> list[int]:
-    """Absolute offsets of the probed constants in a ``binary_blob`` of ``length`` bytes at ``base``."""
-    offsets, _ = blob_layout([max(c.data_size, n) for c, n in consts])
+def _in_blob(consts: list[tuple[ConstantSpec, int]], base: int, length: int, what: str,
+             probed: Probed) -> list[int]:
+    """Absolute offsets of the probed constants in a ``binary_blob`` of ``length`` bytes at
+    ``base`` (the slots of constants the .so keeps lie between them)."""
+    offsets = blob_offsets(probed, [n for _, n in consts])
     for (c, n), off in zip(consts, offsets):
         if off + n > length:
             raise BundleError(f"{what}: constant {c.fqn} needs bytes up to {off + n} of its weights, which "

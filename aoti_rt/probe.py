@@ -20,6 +20,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from .abi import blob_layout
 from .bundle import ConstantSpec, dtype_name
@@ -122,24 +123,54 @@ def _same_as_loaded(t, span: FileSpan) -> bool:
 Where = Callable[[int], "tuple[Path, int, int]"]
 
 
+class Kept(NamedTuple):
+    """A constant the .so keeps as its own: an opaque tensor (a oneDNN weight prepacked by
+    ``freezing``: its bytes have no strided view aoti_rt could bind). It still has its slot
+    in AOTI's blob layout (``position``: its index among the non-folded constants)."""
+
+    position: int
+    name: str
+    fqn: str
+    data_size: int
+
+
+class Probed(NamedTuple):
+    """What :func:`probe_method` found."""
+
+    #: (ConstantSpec, storage bytes) of each constant aoti_rt binds, in index order
+    constants: list
+    call_spec: tuple[str, str] | None
+    num_inputs: int
+    #: the constants the .so keeps (opaque); constants it folds at run time are in neither list
+    kept: list[Kept]
+    #: GetConstantDataSize of each non-folded constant, in index order (AOTI's blob layout)
+    slots: list[int]
+
+
 def probe_method(so_path: Path, blob: Path | None, device: str, mutated: set[str],
-                 weights: Where | None = None):
-    """Describe a compiled method's constants: ([(ConstantSpec, storage bytes)], call spec, n_in).
+                 weights: Where | None = None) -> Probed:
+    """Describe a compiled method's constants (:class:`Probed`).
 
     Each constant's storage bytes are a :class:`FileSpan` of the file AOTI's blob layout puts
     them in (see the module's docstring): ``weights(need)`` says which file and where in it
-    (``need``: the sum of the constants' data sizes); default: ``blob``, whole. Their digests
-    are hashed from that file, and their start, middle and end checked against what the runner
-    loaded. A method with neither has its bytes copied from the runner's tensors (``bytes``).
+    (``need``: the sum of the non-folded constants' data sizes); default: ``blob``, whole. Their
+    digests are hashed from that file, and their start, middle and end checked against what the
+    runner loaded. A method with neither has its bytes copied from the runner's tensors (``bytes``).
+
+    Constants the .so computes itself (``aot_inductor.use_runtime_constant_folding``: made from
+    the others at its first run, and again after every re-binding) are not in the blob layout
+    and not described; opaque ones (oneDNN weights prepacked by ``freezing``) are listed in
+    ``kept``: the .so keeps both as its own.
 
     Raises:
-        CompileError: a constant folded at run time, one the runner does not hold, bytes in
-            the file that are not what the runner loaded, or a file that cannot be read.
+        CompileError: a constant the runner does not hold, bytes in the file that are not what
+            the runner loaded, or a file that cannot be read.
     """
     from .abi import describe
 
     d = describe(so_path, device)
-    infos, spec, n_in = d.constants, d.call_spec, d.num_inputs
+    spec, n_in = d.call_spec, d.num_inputs
+    infos = [i for i in d.constants if not i.folded]    # the folded ones the .so computes itself
     where = None
     if weights is not None and infos:
         where = weights(sum(i.data_size for i in infos))
@@ -154,16 +185,17 @@ def probe_method(so_path: Path, blob: Path | None, device: str, mutated: set[str
     runner, tensors = _probe(so_path, blob, device)
     slots, _ = blob_layout([info.data_size for info in infos])
     found = []
+    kept: list[Kept] = []
     try:
-        for info, slot in zip(infos, slots):
-            if info.folded:
-                raise CompileError(f"{so_path.name}: constant {info.fqn} is folded at run time; aoti_rt "
-                                   f"does not support aot_inductor.use_runtime_constant_folding")
+        for position, (info, slot) in enumerate(zip(infos, slots)):
             t = tensors.get(info.fqn)
             if t is None:
                 t = tensors.get(info.name)
             if t is None:
                 raise CompileError(f"{so_path.name}: AOTI reports constant {info.fqn} but holds no tensor for it")
+            if _opaque(t):                  # no storage to read or bind: the .so's own
+                kept.append(Kept(position, info.name, info.fqn, info.data_size))
+                continue
             nbytes = t.untyped_storage().nbytes()
             if src is not None and nbytes <= info.data_size and slot + nbytes <= length:
                 data = FileSpan(src, base + slot, nbytes)    # the bytes the runner loaded it from
@@ -197,4 +229,38 @@ def probe_method(so_path: Path, blob: Path | None, device: str, mutated: set[str
             name=info.name, fqn=info.fqn, dtype=dtype, shape=shape, stride=stride, storage_offset=offset,
             data_size=info.data_size or len(data), kind=info.kind,
             mutable=info.fqn in mutated, digest=digest, weight=""), data))
-    return out, spec, n_in
+    return Probed(out, spec, n_in, kept, [i.data_size for i in infos])
+
+
+def _opaque(t) -> bool:
+    """Whether a tensor AOTI holds has no strided storage (a oneDNN prepacked weight: reading
+    its storage raises "Cannot access storage of OpaqueTensorImpl")."""
+    import torch
+
+    return t.layout != torch.strided
+
+
+def blob_offsets(probed: Probed, nbytes: "list[int] | None" = None) -> list[int]:
+    """The offset of each of ``probed.constants`` in AOTI's blob layout, whose slots the kept
+    (opaque) constants hold too. ``nbytes``: each constant's storage bytes (default: the
+    length of its probed bytes); a slot is the larger of those and its data size (a .so that
+    gives no data sizes is laid out by byte counts)."""
+    if nbytes is None:
+        nbytes = [len(data) for _, data in probed.constants]
+    kept = {k.position: k.data_size for k in probed.kept}
+    sizes, at = [], iter(zip(probed.constants, nbytes))
+    for position in range(len(probed.constants) + len(kept)):
+        if position in kept:
+            sizes.append(kept[position])
+        else:
+            (c, _), n = next(at)
+            sizes.append(max(c.data_size, n))
+    offsets, _ = blob_layout(sizes)
+    return [off for position, off in enumerate(offsets) if position not in kept]
+
+
+def opaque_note(kept: "list[Kept]") -> str:
+    """How errors name the opaque constants a .so keeps."""
+    names = ", ".join(k.fqn for k in kept[:4]) + (" ..." if len(kept) > 4 else "")
+    return (f"opaque tensors {names}: weights prepacked for oneDNN by inductor's freezing=True, which "
+            f"have no strided storage")

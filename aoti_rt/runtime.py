@@ -32,8 +32,7 @@ from typing import TYPE_CHECKING, Any
 from . import _bind, _cache, _memory, acquire as _acquire, device as _device, loader, serving
 from .abi import SharedObject
 from .acquire import Replicas, Verify, WeightSource, weight_source
-from .binders import (MethodFiles, PairsBinder, RunnerBinder, bind_private, extern_kernels,
-                      free_embedded_copy, keep_private)
+from .binders import MethodFiles, PairsBinder, RunnerBinder, bind_private, extern_kernels, so_owned
 from .bundle import DTYPE_CODES, ITEMSIZE, Bundle, ConstantSpec, MethodSpec, divergent_fqns
 from .calls import CallSignature
 from .device import Device
@@ -188,7 +187,7 @@ class Method:
                                   f"{so.path.name} takes {n_in}; the bundle is inconsistent, recompile it")
             self._signature = CallSignature(name, spec, n_in, n_out, self.device)
             try:
-                plan = bind_plan(spec.constants, f"method {name!r}", files.compiled_views)
+                plan = bind_plan(spec.constants, f"method {name!r}", files.compiled_views, spec.so_owned)
             except ValueError as e:
                 raise BundleError(f"method {name!r}: {e}; the bundle is inconsistent, recompile it") from None
             # the .so's constant table must be the manifest's: count, names, dtypes (one C loop)
@@ -197,16 +196,13 @@ class Method:
                 raise AOTIError(f"method {name!r}: {so.path.name} has the Pairs entry point but not "
                                 f"GetConstantDataSize, so the memory its kernels assume cannot be checked; "
                                 f"recompile it with a newer torch")
-            self._plan = plan
+            self._plan, self.folds = plan, plan.folded > 0    # public: its .so folds constants at run time
             extern = extern_kernels(so, name, self.shared)
             if self.shared:
                 # AOTI's own copy of embedded weights (made by CreateWithDevice) goes before
                 # anything is loaded, where the .so can swap constant buffers
-                traded = files.embedded and free_embedded_copy(so, handle)
+                self._binding.legacy_bytes = so_owned(so, handle, name, spec, plan, rt, files.embedded, source)
                 self._bind_shared(source, progress, max_load_gbps, extern)
-                if files.embedded and spec.constants and not traded:
-                    self._binding.legacy_bytes = keep_private(
-                        so, name, spec.constants, plan, rt, "it lacks SwapConstantBuffer/FreeInactiveConstantBuffer")
             else:
                 self._binding.legacy_bytes = bind_private(so, handle, name, spec.constants, plan, source, rt,
                                                           files.embedded, files.private_blob)
@@ -493,13 +489,16 @@ def device_for(device: "str | Device | None", compiled: str | None = None) -> De
     return Device.parse(device, default=compiled or "cpu")
 
 
-def bind_plan(constants: Sequence[ConstantSpec], where: str = "method", compiled: bool = False) -> _bind.BindPlan:
+def bind_plan(constants: Sequence[ConstantSpec], where: str = "method", compiled: bool = False,
+              keep: Sequence[str] = ()) -> _bind.BindPlan:
     """A method's constants (manifest order) as the C arrays of one Pairs call; ``where``
-    names the method in the plan's errors; ``compiled``: the views are the .so's own (a package's)."""
+    names the method in the plan's errors; ``compiled``: the views are the .so's own (a
+    package's); ``keep``: constants the .so keeps as its own."""
     return _bind.BindPlan([c.name for c in constants], [DTYPE_CODES[c.dtype] for c in constants],
                            [ITEMSIZE[c.dtype] for c in constants],
                            [c.shape for c in constants], [c.stride for c in constants],
-                           [c.storage_offset for c in constants], [c.fqn for c in constants], where, compiled)
+                           [c.storage_offset for c in constants], [c.fqn for c in constants], where, compiled,
+                           keep)
 
 
 def _method_names(bundle: Bundle, methods: Sequence[str] | None) -> list[str]:

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from . import device as _device
-from .abi import blob_bytes_needed, blob_layout
+from .abi import blob_bytes_needed
 from .bundle import (MANIFEST_MAX_BYTES, MethodSpec, WeightSpec, is_regular_file,
                      parse_method_and_weights, read_manifest_bytes, strict_json, weight_id)
-from .probe import probe_method
+from .probe import blob_offsets, probe_method
 from .device import Device
 from .errors import BundleError
 from .acquire import weight_source
@@ -88,10 +88,11 @@ def probe_artifact(so: Path, blob: Path, device: Device) -> tuple[MethodSpec, di
         if hit is not None:
             return hit
     _check_blob_covers(so, blob, device)
-    consts, call_spec, _ = probe_method(so, blob, str(device), mutated=set())
+    probed = probe_method(so, blob, str(device), mutated=set())
+    consts, call_spec = probed.constants, probed.call_spec
     weights: dict[str, WeightSpec] = {}
     specs = []
-    offsets, _ = blob_layout([max(c.data_size, len(data)) for c, data in consts])
+    offsets = blob_offsets(probed)
     size = blob.stat().st_size
     for (c, data), offset in zip(consts, offsets):
         c.mutable = c.kind == "buffer"
@@ -104,7 +105,10 @@ def probe_artifact(so: Path, blob: Path, device: Device) -> tuple[MethodSpec, di
         c.weight = wid
         specs.append(c)
     ispec, ospec = call_spec if call_spec else (None, None)
-    spec = MethodSpec(so=so.name, inputs=[], outputs=[], in_spec=ispec, out_spec=ospec, constants=specs)
+    # opaque constants the .so keeps: it loads them from the blob, whole
+    kept = [k.name for k in probed.kept]
+    spec = MethodSpec(so=so.name, inputs=[], outputs=[], in_spec=ispec, out_spec=ospec, constants=specs,
+                      so_owned=kept, so_blob=[0, blob_bytes_needed(so, device)] if kept else [])
     record = {"fingerprint": fp, "method": asdict(spec),
               "weights": {k: asdict(w) for k, w in weights.items()}}
     for p in _cache_path(so):

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from . import loader, serving
 from .bundle import ITEMSIZE, ST_DTYPES, ConstantSpec, contiguous_strides, read_store_header, view_bytes
 from .errors import AotiRtError, ClosedError, InputError
+from .binders import refold
 from .generations import rebind_methods
 from .views import buffer_view, raw_view
 
@@ -411,6 +412,7 @@ def update_weights(model: "Model", weights: "Mapping[str, Any] | str | os.PathLi
             finally:
                 for a in arenas.values():
                     a.protect()
+            refold(methods)      # constants a .so folds from these weights are made again at its next call
             report.nbytes, report.bytes_read = n1 + n2, r1 + r2
         except BaseException as e:
             if done:

@@ -419,7 +419,7 @@ def test_probe_reads_constants_from_the_blob_and_checks_its_layout(stock_artifac
     from aoti_rt.device import device_guard
 
     so, blob, _ = stock_artifact
-    consts, _, _ = probe.probe_method(so, blob, device, set())
+    consts = probe.probe_method(so, blob, device, set()).constants
     runner, tensors = probe._probe(so, blob, device)
     try:
         for c, data in consts:
