@@ -347,11 +347,15 @@ def _input_checks(arc: Archive, root: str, name: str, files: dict[str, Entry], s
                   in_spec: str | None) -> tuple[list[InputSpec], list[FixedInput]]:
     """The inputs the .so's wrapper source (beside it) checks, and the exported program's
     fixed inputs and ranges where the package has it (:mod:`aoti_rt.input_checks`)."""
-    cpp = files.get(so_name.removesuffix(".so") + ".cpp")
-    prog = arc.entries.get(f"{root}/models/{name}.json")
-    read = [arc.read_small(e) if e is not None and e.file_size <= JSON_MAX else None for e in (cpp, prog)]
-    source = read[0].decode("utf-8", "replace") if read[0] is not None else None
-    return record_inputs(source, read[1], in_spec)
+    def read(e: Entry | None) -> bytes | None:     # neither is needed to run: unreadable is absent
+        try:
+            return arc.read_small(e) if e is not None and e.file_size <= JSON_MAX else None
+        except BundleError:
+            return None
+
+    source = read(files.get(so_name.removesuffix(".so") + ".cpp"))
+    return record_inputs(source.decode("utf-8", "replace") if source is not None else None,
+                         read(arc.entries.get(f"{root}/models/{name}.json")), in_spec)
 
 
 def _in_blob(consts: list[tuple[ConstantSpec, int]], base: int, length: int, what: str) -> list[int]:
