@@ -90,9 +90,7 @@ class CallSignature:
         # what the fast path compares a tensor's shape with: never equal for a dynamic input,
         # which takes the slow path (its ranges)
         self._fast_shapes = [sh if st else None for sh, st in zip(self._shapes, self._static)]
-        # per input: the strides its layout must have where that is not "contiguous" (None).
-        # With the .so's checks on, a size-1 dimension's stride must be the canonical one too
-        # (torch calls a tensor contiguous whatever it is; the .so's check does not).
+        # per input: the strides its layout must have where that is not "contiguous" (None)
         self._layouts: list[tuple | None] = []
         for i in inputs:
             if i.stride is not None:
@@ -100,9 +98,6 @@ class CallSignature:
                 self._layouts.append(None if fixed else tuple(i.stride))
             else:
                 self._layouts.append(None)
-        #: static shapes with a size-1 dimension whose stride the .so checks: canonical strides
-        self._canon = [_contiguous(sh) if self.so_checks and st and 1 in sh else None
-                       for sh, st in zip(self._shapes, self._static)]
         # a bundle .so compiled with a lower bound above the manifest's range: (input, dim) -> it
         self._floors: dict[tuple[int, int], int] = {}
         if so is not None and not stock and any(r is not None and r.min < 2 for i in inputs for r in i.dims or ()):
@@ -140,9 +135,8 @@ class CallSignature:
             leaves = args
         else:
             leaves = self._flatten_slow(args, kwargs)
-        tensor, device, dtypes, shapes, typed, layouts, canon = (self._Tensor, self._tdevice, self._dtypes,
-                                                                 self._fast_shapes, self._typed, self._layouts,
-                                                                 self._canon)
+        tensor, device, dtypes, shapes, typed, layouts = \
+            self._Tensor, self._tdevice, self._dtypes, self._fast_shapes, self._typed, self._layouts
         for i, t in enumerate(leaves):
             if not isinstance(t, tensor):
                 raise InputError(f"method {self.name!r}: input {i} must be a torch.Tensor, "
@@ -165,11 +159,6 @@ class CallSignature:
                     if not isinstance(leaves, list):
                         leaves = list(leaves)
                     leaves[i] = u
-                continue
-            elif canon[i] is not None and t.stride() != canon[i] and t.is_contiguous():
-                if not isinstance(leaves, list):
-                    leaves = list(leaves)
-                leaves[i] = t.as_strided(t.shape, canon[i])
                 continue
             if not t.is_contiguous():
                 # generated kernels index inputs with the contiguous strides they were compiled
@@ -326,6 +315,8 @@ class CallSignature:
         if not t.is_contiguous():
             return t.contiguous()
         if self.so_checks and 1 in t.shape:
+            # torch calls a tensor contiguous whatever a size-1 dimension's stride is; the .so's
+            # check does not: a dynamic size 1 (the common batch) gets the canonical one
             canon = _contiguous(t.shape)
             if t.stride() != canon:
                 return t.as_strided(t.shape, canon)
