@@ -229,3 +229,32 @@ def test_old_bundle_refuses_size_1_before_aoti_runs(gate_bundles, device):
         x = torch.randn(2, 8, device=device)
         with torch.no_grad():
             torch.testing.assert_close(m.gate(x, True), eager(x, True))
+
+
+# -- the variable AOTI reads -------------------------------------------------------------------
+
+@pytest.mark.parametrize("user", [None, "1", "0"])
+def test_first_run_sets_the_variable_for_that_run_only(monkeypatch, user):
+    """A .so's first Run sees the variable as aoti_rt chose for it (an explicit "0" from the
+    user keeps checks off); before and after, the process sees the user's value; a later Run
+    of the same .so is not touched."""
+    from types import SimpleNamespace
+
+    from aoti_rt.abi import first_run
+
+    if user is None:
+        monkeypatch.delenv(CHECK_INPUTS, raising=False)
+    else:
+        monkeypatch.setenv(CHECK_INPUTS, user)
+    before = _libc_env()
+    for wanted in (True, False):
+        so = SimpleNamespace(checks_wanted=wanted, input_checks=None)
+        seen = first_run(so, _libc_env)
+        assert seen == (b"1" if wanted and user != "0" else b"0")
+        assert so.input_checks is (seen == b"1")
+        assert _libc_env() == before
+        assert first_run(so, _libc_env) == before       # decided: run as is
+    so = SimpleNamespace(checks_wanted=True, input_checks=None)
+    with pytest.raises(ZeroDivisionError):
+        first_run(so, lambda: 1 / 0)
+    assert so.input_checks is None and _libc_env() == before   # not run: the next Run decides
