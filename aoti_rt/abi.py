@@ -19,16 +19,50 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from . import _bind, elf
 from .bundle import is_regular_file, open_regular, pread_all
 from .errors import AOTIError, BundleError
 
-# Generated AOTI code checks each input's dtype, sizes (dynamic ranges too), strides and device
-# against what it was compiled for when this is set, before any kernel runs; without it, an
-# input that disagrees with the .so is read out of bounds. Each .so reads it once, at its first
-# call, so it is set before any is loaded. An explicit "0" from the user is respected.
-os.environ.setdefault("AOTI_RUNTIME_CHECK_INPUTS", "1")
+#: Generated AOTI code checks each input's dtype, sizes (dynamic ranges too), strides and
+#: device against what it was compiled for when this variable is set (not "0"), before any
+#: kernel runs. Each loaded .so reads it once, at its first Run: :func:`first_run` sets it
+#: for that call only, so that aoti_rt chooses each of its .so's checks and the rest of the
+#: process (torch's own loader included) sees the variable as the user left it.
+CHECK_INPUTS = "AOTI_RUNTIME_CHECK_INPUTS"
+_env_lock = threading.RLock()
+_libc = ctypes.CDLL(None)
+_libc.getenv.restype = ctypes.c_char_p
+_libc.getenv.argtypes = [ctypes.c_char_p]
+_libc.setenv.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int]
+_libc.unsetenv.argtypes = [ctypes.c_char_p]
+
+T = TypeVar("T")
+
+
+def first_run(so: "SharedObject", run: Callable[[], T]) -> T:
+    """``run()`` (a call into ``so``), made ``so``'s first Run if none was: with
+    :data:`CHECK_INPUTS` set to ``so.checks_wanted`` (on unless set False; an explicit "0" in
+    the environment keeps them off) for that call, under a process-wide lock, and restored
+    after. The C library's ``setenv`` is used, never ``os.environ``, whose update frees the
+    string a concurrent ``getenv`` of another thread may be reading; glibc keeps it."""
+    with _env_lock:
+        if so.input_checks is not None:
+            return run()
+        key = CHECK_INPUTS.encode()
+        old = _libc.getenv(key)
+        checks = so.checks_wanted and not (old is not None and old[:1] == b"0")
+        _libc.setenv(key, b"1" if checks else b"0", 1)
+        try:
+            out = run()
+            so.input_checks = checks     # the .so has read the variable: its checks are fixed
+            return out
+        finally:
+            if old is None:
+                _libc.unsetenv(key)
+            else:
+                _libc.setenv(key, old, 1)
 
 #: AOTI constant type codes (model_base.h ConstantType)
 CONSTANT_KINDS = _bind.CONSTANT_KINDS
@@ -121,6 +155,10 @@ class SharedObject:
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
         self._users = 0
+        #: whether its own input checks are to run (:func:`first_run`); its loader sets it
+        self.checks_wanted = True
+        #: whether they run, once its first Run has read :data:`CHECK_INPUTS` (None: not yet)
+        self.input_checks: bool | None = None
         self._key: tuple | None = None
         self._lib = None
         if not is_regular_file(self.path):

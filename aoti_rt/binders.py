@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _bind, _memory, device as _device
-from .abi import SharedObject, blob_layout, torch_shim
+from .abi import SharedObject, blob_layout, first_run, torch_shim
 from .bundle import ConstantSpec, MethodSpec, is_regular_file
 from .store import open_regular, pread_all
 from .errors import AOTIError, BundleError
@@ -119,7 +119,7 @@ class RunnerBinder(Binder):
                  rt: _device.DeviceRuntime, name: str):
         import torch
 
-        self.constants, self.rt = list(constants), rt
+        self.constants, self.rt, self.so = list(constants), rt, so
         #: one call at a time: see :meth:`run`
         self.lock = threading.Lock()
         try:
@@ -147,7 +147,8 @@ class RunnerBinder(Binder):
         releases the GIL."""
         try:
             with self.lock, _device.device_guard(self.rt.device):
-                return self.runner.run(list(leaves), _capsule(stream) if stream else None)
+                # the runner's container is of the same loaded .so: its first Run sets its checks
+                return first_run(self.so, lambda: self.runner.run(list(leaves), _capsule(stream) if stream else None))
         except RuntimeError as e:
             raise AOTIError(f"{where} failed in AOTI Run: {e}") from e
 

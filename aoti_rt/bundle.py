@@ -185,6 +185,9 @@ class InputSpec:
     #: or one whose range export does not state as ``step * symbol + offset``. Absent (None)
     #: in bundles written before ranges were recorded.
     dims: list[DimRange | None] | None = None
+    #: per dimension: the stride the .so was compiled for (None: a symbolic one); None where
+    #: not recorded (bundles: their inputs are compiled contiguous)
+    stride: list[int | None] | None = None
 
 
 #: Python types a non-tensor input may be fixed to (what JSON can carry exactly)
@@ -274,6 +277,7 @@ INPUT_FIELDS = {
     "shape": _Field(_list(_dim, MAX_RANK)),
     "device": _Field(_name),
     "dims": _Field(_optional(_list(_optional(_record(DimRange, DIM_FIELDS)), MAX_RANK)), None),
+    "stride": _Field(_optional(_list(_dim, MAX_RANK)), None),
 }
 FIXED_INPUT_FIELDS = {
     "index": _Field(_int),
@@ -351,7 +355,12 @@ class Manifest:
     version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=False)
+        raw = asdict(self)
+        for m in raw["methods"].values():       # strides are recorded for stock packages only
+            for i in m["inputs"]:
+                if i.get("stride") is None:
+                    i.pop("stride", None)
+        return json.dumps(raw, indent=1, sort_keys=False)
 
     @classmethod
     def from_json(cls, text: str | bytes, where: str = "manifest") -> "Manifest":
@@ -410,6 +419,9 @@ def _check_inputs(mname: str, m: MethodSpec) -> None:
     """A method's inputs: each dimension range fits its shape; fixed inputs have distinct
     positions among the call's ``len(inputs) + len(fixed_inputs)`` flattened inputs."""
     for i, inp in enumerate(m.inputs):
+        if inp.stride is not None and len(inp.stride) != len(inp.shape):
+            raise _Invalid(f"has {len(inp.stride)} entries for a shape of rank {len(inp.shape)}",
+                           f"methods[{mname!r}].inputs[{i}] ({inp.name}).stride")
         if inp.dims is None:
             continue
         at = f"methods[{mname!r}].inputs[{i}] ({inp.name}).dims"

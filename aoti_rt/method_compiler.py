@@ -66,10 +66,16 @@ def _aoti_options(so_path: Path, extra: Mapping[str, Any] | None = None) -> dict
         # no constant to share, and update_weights could not change what the method computes
         "always_keep_tensor_constants": True,
     }
+    # The .so's own input checks would refuse a dynamic size below inductor's lower bound of 2
+    # (its 0/1 specialisation) where export proved 1 (Dim(min=1)); the manifest's ranges are
+    # checked before each call. A default: the caller may set it.
+    defaults = {"aot_inductor.check_lowerbound": False}
     # Only pass what this torch knows (older releases lack some keys).
-    ours = {k: v for k, v in opts.items()
-            if (hasattr(cfg.aot_inductor, k.split(".", 1)[1]) if k.startswith("aot_inductor.") else hasattr(cfg, k))}
-    return {**(extra or {}), **ours}
+    def known(opts: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in opts.items()
+                if (hasattr(cfg.aot_inductor, k.split(".", 1)[1]) if k.startswith("aot_inductor.")
+                    else hasattr(cfg, k))}
+    return {**known(defaults), **(extra or {}), **known(opts)}
 
 
 @dataclass

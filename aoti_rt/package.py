@@ -68,8 +68,9 @@ from typing import Any, NamedTuple, Union
 from . import device as _device, elf
 from .archive import JSON_MAX, SAFE_NAME, STORED, Archive, Entry, check_stored
 from .abi import blob_bytes_needed, describe
-from .bundle import (DTYPE_NAMES, MAX_INT, MAX_RANK, ConstantSpec, Manifest, MethodSpec, WeightSpec,
-                     is_regular_file, strict_json, weight_id)
+from .bundle import (DTYPE_NAMES, MAX_INT, MAX_RANK, ConstantSpec, FixedInput, InputSpec, Manifest, MethodSpec,
+                     WeightSpec, is_regular_file, strict_json, weight_id)
+from .input_checks import record_inputs
 from .device import Device
 from .digest import file_digests
 from .errors import AOTIError, AotiRtError, BundleError, CompileError
@@ -344,11 +345,27 @@ def _probe_model(arc: Archive, root: str, name: str, files: dict[str, Entry], ke
         c.weight = wid
         specs.append(c)
     ispec, ospec = call_spec if call_spec else (None, None)
-    spec = MethodSpec(so=so_name, inputs=[], outputs=[], in_spec=ispec, out_spec=ospec, constants=specs,
-                      so_owned=kept, so_blob=so_blob)
+    inputs, fixed = _input_checks(arc, root, name, files, so_name, ispec)
+    spec = MethodSpec(so=so_name, inputs=inputs, outputs=[], in_spec=ispec, out_spec=ospec, constants=specs,
+                      fixed_inputs=fixed, so_owned=kept, so_blob=so_blob)
     rec = {"name": name, "device": key, "dir": folder_name, "files": sizes, "so": so_name, "store": store,
            "embedded": embedded, "method": asdict(spec), "weights": {k: asdict(w) for k, w in weights.items()}}
     return _parse_record(rec, what)          # what a later load reads back passes the same checks
+
+
+def _input_checks(arc: Archive, root: str, name: str, files: dict[str, Entry], so_name: str,
+                  in_spec: str | None) -> tuple[list[InputSpec], list[FixedInput]]:
+    """The inputs the .so's wrapper source (beside it) checks, and the exported program's
+    fixed inputs and ranges where the package has it (:mod:`aoti_rt.input_checks`)."""
+    def read(e: Entry | None) -> bytes | None:     # neither is needed to run: unreadable is absent
+        try:
+            return arc.read_small(e) if e is not None and e.file_size <= JSON_MAX else None
+        except BundleError:
+            return None
+
+    source = read(files.get(so_name.removesuffix(".so") + ".cpp"))
+    return record_inputs(source.decode("utf-8", "replace") if source is not None else None,
+                         read(arc.entries.get(f"{root}/models/{name}.json")), in_spec)
 
 
 def _in_blob(consts: list[tuple[ConstantSpec, int]], base: int, length: int, what: str,

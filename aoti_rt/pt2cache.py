@@ -52,7 +52,7 @@ from .bundle import MANIFEST_MAX_BYTES, MethodSpec, WeightSpec, parse_method_and
 from .errors import AotiRtError, BundleError
 
 #: the version of the probe records written under ``<cache>/pt2/records/``
-RECORD_VERSION = 2
+RECORD_VERSION = 3
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 

@@ -34,7 +34,7 @@ from .abi import SharedObject
 from .acquire import Replicas, Verify, WeightSource, weight_source
 from .binders import MethodFiles, PairsBinder, RunnerBinder, bind_private, extern_kernels, so_owned
 from .bundle import DTYPE_CODES, ITEMSIZE, Bundle, ConstantSpec, MethodSpec, divergent_fqns
-from .calls import CallSignature
+from .calls import CallSignature, FirstRun
 from .device import Device
 from .errors import AOTIError, AotiRtError, BundleError, ClosedError, DeviceError, InputError
 from .update import update_weights as _update_weights
@@ -180,12 +180,12 @@ class Method:
         try:
             n_out = so.abi.num_outputs(handle)
             n_in = so.abi.num_inputs(handle)
-            # a bundle describes every input; a stock artifact none (the .so's own input
-            # checks, which aoti_rt turns on, are what guards its kernels then)
+            # a bundle describes every input; a stock artifact what its record read (who
+            # checks what, aoti_rt or the .so's own checks: CallSignature's docstring)
             if typed_inputs and len(spec.inputs) != n_in:
                 raise BundleError(f"method {name!r}: the manifest describes {len(spec.inputs)} inputs but "
                                   f"{so.path.name} takes {n_in}; the bundle is inconsistent, recompile it")
-            self._signature = CallSignature(name, spec, n_in, n_out, self.device)
+            self._signature = CallSignature(name, spec, n_in, n_out, self.device, so, stock=not typed_inputs)
             try:
                 plan = bind_plan(spec.constants, f"method {name!r}", files.compiled_views, spec.so_owned)
             except ValueError as e:
@@ -213,7 +213,7 @@ class Method:
             raise
         rt.sample()
         self._n_out = n_out
-        self._abi = so.abi
+        self._abi = FirstRun(so)      # its first Run sets the .so's own input checks
         self._where = f"method {name!r}"
         self._prepare_calls()
 
