@@ -7,8 +7,10 @@ method on CPU), so each model is compiled once and shared by the tests that need
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,11 @@ from aoti_rt.method_compiler import _aoti_options, quiet_torch_deprecations
 from models import METHOD_LAYERS, Subset, make_stack
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# pytest-xdist workers compiling one graph into one inductor cache race on its files (a package
+# written while another worker rewrote them held an empty metadata json): a cache per worker
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+        tempfile.gettempdir(), f"torchinductor-{getpass.getuser()}-{os.environ['PYTEST_XDIST_WORKER']}"))
 
 CUDA = aoti_rt.cuda_available() and torch.cuda.is_available()
 DEVICES = [
