@@ -7,7 +7,6 @@ method on CPU), so each model is compiled once and shared by the tests that need
 
 from __future__ import annotations
 
-import getpass
 import os
 import shutil
 import tempfile
@@ -28,7 +27,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 # written while another worker rewrote them held an empty metadata json): a cache per worker
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
-        tempfile.gettempdir(), f"torchinductor-{getpass.getuser()}-{os.environ['PYTEST_XDIST_WORKER']}"))
+        tempfile.gettempdir(), f"torchinductor-{os.getuid()}-{os.environ['PYTEST_XDIST_WORKER']}"))
 
 CUDA = aoti_rt.cuda_available() and torch.cuda.is_available()
 DEVICES = [
