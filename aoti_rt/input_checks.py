@@ -46,6 +46,8 @@ _STRIDE = re.compile(r"if \((\d+) != (\w+)_stride\[(\d+)\]\)")
 _DEVICE = re.compile(r"int32_t (\w+)_expected_device_type = (\d+);")
 _ASSERT = re.compile(r"assert_size_stride\((\w+), \{([^{}]*)\}, \{([^{}]*)\}")
 _INT = re.compile(r"(\d+)L?")
+#: where Run takes a plain symbol from an input's size (every torch release writes it)
+_ASSIGN = re.compile(r"int64_t ([su]\d+) = (\w+)_size\[(\d+)\];")
 _SYMBOL = re.compile(r"([su]\d+)")
 _SCALED = re.compile(r"(\d+)L?\*([su]\d+)")
 
@@ -100,10 +102,13 @@ def wrapper_inputs(source: str, n_inputs: int | None = None) -> list[InputSpec] 
     tail = source.find("_check_aoti_runtime_check_inputs_env", starts[-1].end()) if starts else -1
     ends.append(tail if tail > 0 else len(source))
     asserts = {m.group(1): m for m in _ASSERT.finditer(source)}
+    assigned: dict[str, dict[int, str]] = {}
+    for m in _ASSIGN.finditer(source):
+        assigned.setdefault(m.group(2), {})[int(m.group(3))] = m.group(1)
     out = []
     try:
         for k, (m, end) in enumerate(zip(starts, ends)):
-            spec = _one_input(k, source[m.end():end], asserts)
+            spec = _one_input(k, source[m.end():end], asserts, assigned)
             if spec is None:
                 return None
             out.append(spec)
@@ -112,7 +117,7 @@ def wrapper_inputs(source: str, n_inputs: int | None = None) -> list[InputSpec] 
     return out
 
 
-def _one_input(k: int, body: str, asserts: dict[str, Any]) -> InputSpec | None:
+def _one_input(k: int, body: str, asserts: dict[str, Any], assigned: dict[str, dict[int, str]]) -> InputSpec | None:
     h = _HANDLE.search(body)
     dt = _DTYPE.search(body)
     if h is None or int(h.group(2)) != k or dt is None or dt.group(2) not in DTYPE_CODES:
@@ -148,8 +153,14 @@ def _one_input(k: int, body: str, asserts: dict[str, Any]) -> InputSpec | None:
             elif (s := _INT.fullmatch(e)) is not None and d not in sizes:
                 return None          # a static size the checks do not state: not the text we know
     else:
+        # no assert (torch 2.11 writes none on CUDA): a lower bound of 2 on a dynamic size is
+        # inductor's 2; the symbols Run reads from this input's sizes name them where it does
         named = [*sizes, *lower, *upper, *strides]
         rank = max(named) + 1 if named else 0
+        symbols = {d: ("", 1) for d, lo in lower.items() if lo == 2 and d not in sizes}
+    for d, sym in assigned.get(name, {}).items():
+        if d not in symbols or not symbols[d][0]:
+            symbols[d] = (sym, 1)
     if rank > MAX_RANK or any(d >= rank for d in [*sizes, *lower, *upper, *strides]):
         return None
     shape: list[int | None] = [sizes.get(d) for d in range(rank)]
@@ -160,7 +171,7 @@ def _one_input(k: int, body: str, asserts: dict[str, Any]) -> InputSpec | None:
             continue
         lo, hi = lower.get(d, 0), upper.get(d)
         sym, step = symbols.get(d, ("", 1))
-        if sym and lo == 2 * step:
+        if (sym or d in symbols) and lo == 2 * step:
             lo = step            # inductor's 0/1 specialisation, not the export's range
         if sym and step > 1 and lo % step:
             step = 1             # a derived size whose bounds are not multiples: bounds only

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .bundle import FixedInput, InputSpec, MethodSpec
-from .errors import AotiRtError, CompileError
+from .errors import AOTIError, AotiRtError, CompileError
 from .probe import FileSpan, opaque_note, probe_method
 
 if TYPE_CHECKING:
@@ -117,7 +117,18 @@ def compile_method(job: Job, ep: ExportedProgram, keep_files: bool = False
     timed("aoti", name, t0)
     t0 = time.perf_counter()
     blobs = sorted(aoti_dir.rglob("*_weights.blob"))
-    probed = probe_method(so_tmp, blobs[0] if blobs else None, job.device, {prefix + f for f in job.mutated})
+    try:
+        probed = probe_method(so_tmp, blobs[0] if blobs else None, job.device, {prefix + f for f in job.mutated})
+    except AOTIError as e:
+        if "undefined symbol" not in str(e):
+            raise
+        # a kernel AOTI compiled but left out of the one self-contained .so a bundle needs
+        # (aot_inductor.embed_kernel_binary): torch 2.11 does so for the folding graph on CUDA
+        why = (" (with aot_inductor.use_runtime_constant_folding, whose folding kernels this torch does not "
+               "embed: compile without it)" if job.options.get("aot_inductor.use_runtime_constant_folding") else "")
+        raise CompileError(f"method {name!r}: AOTInductor built a .so that does not link{why}: "
+                           f"{str(e).rpartition(': ')[2]}; or package the program with "
+                           f"torch._inductor.aoti_compile_and_package and load the .pt2") from None
     if probed.kept:
         raise CompileError(f"method {name!r}: the .so holds constants aoti_rt cannot bind "
                            f"({opaque_note(probed.kept)}); compile without the inductor option freezing=True "

@@ -164,6 +164,13 @@ def test_wrapper_lower_bounds_read_as_exported():
     assert (two.dtype, two.device, two.shape, two.stride) == ("bfloat16", "cuda", [None, 4], [None, 1])
     assert (two.dims[0].min, two.dims[0].max, two.dims[0].symbol) == (1, 9, "s3")
     assert three.dims[0].min == 3
+    # the Run body's assert absent (torch 2.11 on CUDA): the bound of 2 is still inductor's, the
+    # symbol the one Run reads from the size
+    no_assert = source(2).split("    if (_check_aoti_runtime_check_inputs_env()) {")[0]
+    (bare,), (named,) = wrapper_inputs(no_assert), wrapper_inputs(no_assert + "    int64_t s5 = a_size[0];\n")
+    assert (bare.dims[0].min, bare.dims[0].max, bare.dims[0].symbol) == (1, 9, "")
+    assert (named.dims[0].min, named.dims[0].symbol) == (1, "s5")
+    assert wrapper_inputs(source(3).split("    if (_check_aoti_runtime_check_inputs_env()) {")[0])[0].dims[0].min == 3
     assert wrapper_inputs(source(2), 2) is None
     assert wrapper_inputs(source(2).replace("aoti_torch_dtype_bfloat16", "aoti_torch_dtype_quux")) is None
 

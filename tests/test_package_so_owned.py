@@ -220,9 +220,17 @@ def test_compile_with_constant_folding(workdir, device):
     x = torch.randn(4, 8, device=device)
     out = workdir / f"fold-bundle-{device.replace(':', '')}"
     if not (out / "manifest.json").is_file():
-        with torch.no_grad():
-            aoti_rt.compile({"f": _export(module, x)}, out, progress=False,
-                            inductor_configs={"aot_inductor.use_runtime_constant_folding": True})
+        try:
+            with torch.no_grad():
+                aoti_rt.compile({"f": _export(module, x)}, out, progress=False,
+                                inductor_configs={"aot_inductor.use_runtime_constant_folding": True})
+        except aoti_rt.CompileError as e:
+            # torch 2.11 leaves the folding kernels out of the self-contained .so on CUDA: that
+            # must be said in the user's terms, with nothing left behind
+            assert device != "cpu", e
+            assert "use_runtime_constant_folding" in str(e) and "aoti_compile_and_package" in str(e)
+            assert not out.exists()
+            return
     new = torch.randn(16, 8, device=device)
     with aoti_rt.load(out, device=device) as m, torch.no_grad():
         assert [c.fqn for c in m.manifest.methods["f"].constants] == ["w", "b"]
