@@ -150,6 +150,19 @@ def stack_pt2(workdir, device) -> dict[str, Path]:
     return {fmt: _package(workdir / f"stack-{fmt}-{tag}.pt2", ep, opts) for fmt, opts in FORMATS.items()}
 
 
+@pytest.fixture(scope="session")
+def pt2_cache(tmp_path_factory) -> Path:
+    """The session's scratch .pt2 extraction cache (never the user's)."""
+    return tmp_path_factory.mktemp("pt2-cache")
+
+
+@pytest.fixture
+def pt2_cache_here(pt2_cache, monkeypatch):
+    """Extracted files and probe records go to the session's scratch cache: a package test
+    file uses it with ``pytestmark = pytest.mark.usefixtures("pt2_cache_here")``."""
+    monkeypatch.setenv("AOTI_RT_CACHE", str(pt2_cache))
+
+
 @pytest.fixture
 def copy_bundle(tmp_path):
     """Copy a bundle to a scratch dir so a test can damage it."""

@@ -28,15 +28,8 @@ from conftest import FORMATS, _package, _stack_program
 from models import Subset, make_stack
 
 PROMPT = list(range(1, 9))
-@pytest.fixture(scope="session")
-def pt2_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("pt2-cache")
 
-
-@pytest.fixture(autouse=True)
-def _cache_here(pt2_cache, monkeypatch):
-    """Extracted files and probe records go to the session's scratch directory."""
-    monkeypatch.setenv("AOTI_RT_CACHE", str(pt2_cache))
+pytestmark = pytest.mark.usefixtures("pt2_cache_here")
 
 
 @pytest.fixture(scope="session")

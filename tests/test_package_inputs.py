@@ -24,6 +24,8 @@ from aoti_rt.abi import CHECK_INPUTS
 from aoti_rt.input_checks import so_lower_bounds, wrapper_inputs
 from aoti_rt.method_compiler import quiet_torch_deprecations
 
+pytestmark = pytest.mark.usefixtures("pt2_cache_here")
+
 MAX_BATCH = 32
 
 
@@ -76,11 +78,6 @@ def gate_bundles(workdir, device) -> dict[str, Path]:
             aoti_rt.compile({"gate": _program(device)}, path, progress=False, inductor_configs=opts)
         out[kind] = path
     return out
-
-
-@pytest.fixture(autouse=True)
-def _cache_here(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("AOTI_RT_CACHE", str(tmp_path_factory.getbasetemp() / "pt2-inputs-cache"))
 
 
 def _torch_loader(path: Path):

@@ -31,6 +31,8 @@ from conftest import FORMATS, _package
 #: whole matrix, AOTI_RT_DIFF_ALL=1)
 FOLD_FORMATS = ("embedded", "pickle")
 
+pytestmark = pytest.mark.usefixtures("pt2_cache_here")
+
 
 class Folded(nn.Module):
     """Constant subexpressions of the weights (``w.t() * 2 + 1``, ``b.sum()``) that run-time
@@ -58,16 +60,6 @@ class Mlp(nn.Module):
 def _export(module: nn.Module, x: torch.Tensor):
     with torch.no_grad(), quiet_torch_deprecations():
         return torch.export.export(module.eval(), (x,))
-
-
-@pytest.fixture(scope="session")
-def pt2_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("pt2-cache-so-owned")
-
-
-@pytest.fixture(autouse=True)
-def _cache_here(pt2_cache, monkeypatch):
-    monkeypatch.setenv("AOTI_RT_CACHE", str(pt2_cache))
 
 
 @pytest.fixture(scope="session")

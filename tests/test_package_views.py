@@ -28,6 +28,9 @@ from conftest import FORMATS, _package
 #: weight formats tested here: in the .so and pickled (a blob and ``force_mmap_weights`` are in
 #: the differential test's matrix)
 VIEW_FORMATS = ("embedded", "pickle")
+
+pytestmark = pytest.mark.usefixtures("pt2_cache_here")
+
 #: the bytes of the whole (2, 15, 10) float32 storage every view lies in
 STORAGE = 2 * 15 * 10 * 4
 
@@ -88,16 +91,6 @@ def stock_run(path: Path, device: str, *args, **kwargs):
     finally:
         if saved is not None:
             os.environ["AOTI_RUNTIME_CHECK_INPUTS"] = saved
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("pt2-views-cache")
-
-
-@pytest.fixture(autouse=True)
-def _cache_here(cache_dir, monkeypatch):
-    monkeypatch.setenv("AOTI_RT_CACHE", str(cache_dir))
 
 
 @pytest.fixture(scope="module", params=[pytest.param(f, id=f) for f in VIEW_FORMATS])
