@@ -238,3 +238,37 @@ def test_cli(bundles, capsys, tmp_path):
 
 def test_llm_class_is_exported():
     assert LLM.generate.__doc__ and export_llm.__doc__
+
+
+def test_grouped_mm_without_cuda_shim_is_refused():
+    from aoti_rt.llm import NoShimError
+    from aoti_rt.llm.source import check_shims
+
+    with pytest.raises(NoShimError, match=r"aten\._grouped_mm.*torch 2\.12.*batched_mm") as e:
+        check_shims("grouped_mm", "cuda:0", "2.11.0+cu130")
+    assert "\n" not in str(e.value)
+    check_shims("grouped_mm", "cuda", "2.12.0")         # has the shim
+    check_shims("grouped_mm", "cpu", "2.11.0")          # the CPU path has no such gap
+    check_shims("batched_mm", "cuda", "2.11.0")
+
+
+def test_constants_outgrowing_the_quantized_state_warn(tmp_path):
+    """A bundle whose constants are the dequantized float32 weights of an int8 model (what
+    inductor's freezing makes of a dequantization it folds) is one copy still, but of larger
+    weights: the export's check warns with the figures and the setting."""
+    from aoti_rt.llm.export import state_bytes, warn_if_inflated
+
+    torch.manual_seed(0)
+    w = torch.randint(-127, 127, (256, 64), dtype=torch.int8)
+    scale = torch.rand(256, 1) / 100
+    quantized = {"w": w, "scale": scale}
+    folded = torch.nn.Linear(64, 256, bias=False).eval().requires_grad_(False)
+    folded.weight.copy_(w.float() * scale)
+    with torch.no_grad():
+        ep = torch.export.export(folded, (torch.randn(2, 64),))
+    bundle = aoti_rt.compile({"f": ep}, tmp_path / "folded", progress=False)
+    state = sum(t.untyped_storage().nbytes() for t in quantized.values())
+    with pytest.warns(RuntimeWarning, match=r"3\.76x the exported model's.*freezing=True") as rec:
+        assert warn_if_inflated(bundle, state, {"freezing": True})
+    assert len(rec) == 1 and "\n" not in str(rec[0].message)
+    assert not warn_if_inflated(bundle, state_bytes(folded))

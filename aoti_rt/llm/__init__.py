@@ -15,10 +15,10 @@ first use: without them this package imports, and using it is a :class:`MissingE
 
 from __future__ import annotations
 
-from .errors import FAMILIES, MissingExtraError, UnsupportedModelError
+from .errors import FAMILIES, MissingExtraError, NoShimError, UnsupportedModelError
 from .export import export_llm
 from .generate import LLM, Generation, generate_tokens, load_llm
 from .info import LlmInfo
 
 __all__ = ["export_llm", "load_llm", "LLM", "Generation", "generate_tokens", "LlmInfo", "FAMILIES",
-           "MissingExtraError", "UnsupportedModelError"]
+           "MissingExtraError", "NoShimError", "UnsupportedModelError"]

@@ -16,6 +16,11 @@ class UnsupportedModelError(AotiRtError, ValueError):
     """The model is not of a family the LLM path covers (:data:`FAMILIES`)."""
 
 
+class NoShimError(AotiRtError, RuntimeError):
+    """The model calls an op that AOTInductor cannot compile for the device on this torch (no C
+    shim): the message names the op, the torch that has it, and the alternative."""
+
+
 def covered() -> str:
     """The covered families, for messages: ``Llama (llama), Qwen3 (qwen3), ...``."""
     return ", ".join(f"{v} ({k})" for k, v in FAMILIES.items())

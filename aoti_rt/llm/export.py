@@ -20,7 +20,7 @@ from ..errors import CompileError, OptionError
 from ._deps import require
 from .info import LlmInfo, weight_names
 from .quant import quantize
-from .source import check_family, resolve_model
+from .source import check_family, check_shims, resolve_model
 
 #: the shortest prefill: export specialises a dimension of size 0 or 1, so 1 token goes to decode
 MIN_PREFILL = 2
@@ -88,6 +88,8 @@ def export_llm(source: Any, path: str | os.PathLike[str], *, max_seq_len: int = 
     say(f"loading the model ({type(source).__name__})")
     model = resolve_model(source, dtype=dtype, seed=seed, experts_implementation=experts_implementation)
     model_type = check_family(model.config)
+    check_shims(getattr(model.config.get_text_config(), "_experts_implementation", None), device,
+                torch.__version__)
     model.to(device)
     if quantize_weights != "none":
         say(f"quantizing linear weights to {quantize_weights} (torchao)")
@@ -127,6 +129,7 @@ def export_llm(source: Any, path: str | os.PathLike[str], *, max_seq_len: int = 
                    group_size=group_size, packing=packing, eos_token_ids=eos_ids,
                    weights=weight_names(model, bound))
     info.write(out)
+    warn_if_inflated(out, state_bytes(wrapper), inductor_configs)
     say(f"wrote {out}")
     return out
 
@@ -148,3 +151,48 @@ def eager_step(model: Any, max_seq_len: int) -> Any:
         with torch.no_grad():
             return wrapper(input_ids=input_ids, cache_position=cache_position)
     return step
+
+
+def state_bytes(module: Any) -> int:
+    """Bytes of one copy of ``module``'s parameters and buffers, a quantized tensor counted by its
+    parts (``__tensor_flatten__``), each storage once."""
+    seen: dict[int, int] = {}
+
+    def add(t: Any) -> None:
+        flatten = getattr(type(t), "__tensor_flatten__", None)
+        if flatten is not None:
+            for attr in flatten(t)[0]:
+                add(getattr(t, attr))
+            return
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+    for _, t in list(module.named_parameters()) + list(module.named_buffers()):
+        add(t)
+    return sum(seen.values())
+
+
+#: how far a bundle's weights may outgrow the exported state before :func:`export_llm` warns
+INFLATION_WARN = 1.05
+
+
+def warn_if_inflated(bundle: str | os.PathLike[str], state: int,
+                     inductor_configs: Mapping[str, Any] | None = None) -> bool:
+    """Warn (RuntimeWarning) when ``bundle``'s weights outgrow ``state``, the bytes of the state
+    it was exported from (:func:`state_bytes`), by more than :data:`INFLATION_WARN`: inductor
+    folded quantized weights into full-precision constants (``freezing``), one copy still, but of
+    larger ones. Returns whether it warned."""
+    import warnings
+
+    import aoti_rt
+    from aoti_rt.bundle import human_bytes
+
+    held = aoti_rt.read_bundle(bundle).manifest.unique_weight_bytes()
+    if held <= INFLATION_WARN * state:
+        return False
+    frozen = bool((inductor_configs or {}).get("freezing"))
+    why = ("inductor_configs sets freezing=True, which folds the dequantization into full-precision "
+           "constants; compile without it" if frozen else
+           "inductor folded constants into larger ones; check inductor_configs (freezing, constant folding)")
+    warnings.warn(f"the bundle's weights are {human_bytes(held)}, {held / state:.2f}x the exported model's "
+                  f"{human_bytes(state)}: {why}", RuntimeWarning, stacklevel=3)
+    return True

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ._deps import require
-from .errors import FAMILIES, UnsupportedModelError, covered
+from .errors import FAMILIES, NoShimError, UnsupportedModelError, covered
 
 
 def check_family(config: Any) -> str:
@@ -60,3 +60,26 @@ def resolve_model(source: Any, *, dtype: Any = None, seed: int = 0,
         raise UnsupportedModelError(f"expected a transformers PreTrainedModel, a checkpoint directory or a "
                                     f"PretrainedConfig, not {type(source).__name__} {str(source)[:80]!r}")
     return model.eval().requires_grad_(False)
+
+
+#: ops a transformers model may call that AOTInductor compiles for CUDA only from a torch release:
+#: experts implementation -> (op, first torch (major, minor), the alternative)
+CUDA_SHIMS = {"grouped_mm": ("aten._grouped_mm", (2, 12), "experts_implementation='batched_mm' (--experts batched_mm)")}
+
+
+def _version(text: str) -> tuple[int, int]:
+    parts = text.split("+")[0].split(".")
+    return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+
+
+def check_shims(experts_implementation: str | None, device: str, torch_version: str) -> None:
+    """Refuse (:class:`NoShimError`) a model whose experts implementation calls an op without an
+    AOTI C shim for ``device`` on ``torch_version``, before a compile that would fail in g++."""
+    need = CUDA_SHIMS.get(experts_implementation or "")
+    if need is None or not device.startswith("cuda"):
+        return
+    op, first, instead = need
+    if _version(torch_version) < first:
+        raise NoShimError(f"experts_implementation={experts_implementation!r} calls {op}, which AOTInductor "
+                          f"compiles for CUDA only from torch {first[0]}.{first[1]} (this is torch "
+                          f"{torch_version}); upgrade torch or export with {instead}")
