@@ -11,8 +11,10 @@ return logits ``[1, T, vocab]``.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -104,7 +106,9 @@ def export_llm(source: Any, path: str | os.PathLike[str], *, max_seq_len: int = 
     length = torch.export.Dim("prefill_len", min=MIN_PREFILL, max=max_prefill)
     programs = {}
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # dynamo names transformers' global output collectors as side effects of forward: noise
+            warnings.filterwarnings("ignore", message="While compiling, we found certain side effects")
             say(f"exporting prefill (input_ids [1, T], T from {MIN_PREFILL} to {max_prefill})")
             programs["prefill"] = wrapper.export(input_ids=ids, cache_position=torch.arange(n, device=device),
                                                  dynamic_shapes={"input_ids": {1: length},
@@ -118,8 +122,25 @@ def export_llm(source: Any, path: str | os.PathLike[str], *, max_seq_len: int = 
         raise CompileError(f"torch.export of the {model_type} model failed ({type(e).__name__}: {first[:300]}); "
                            f"try another experts_implementation for a MoE model, or report the model") from e
     say("compiling prefill and decode with AOTInductor (aoti_rt.compile)")
+    existed = Path(path).exists()
     out = aoti_rt.compile(programs, path, device=device, overwrite=overwrite, progress=progress,
                           inductor_configs=inductor_configs)
+    try:
+        _describe(out, model, model_type, gen, max_seq_len, max_prefill, quantize_weights, group_size, packing)
+    except BaseException:
+        if not existed:                  # a bundle without its llm.json is not one load_llm takes
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    warn_if_inflated(out, state_bytes(wrapper), inductor_configs)
+    say(f"wrote {out}")
+    return out
+
+
+def _describe(out: Path, model: Any, model_type: str, gen: Any, max_seq_len: int, max_prefill: int,
+              quantize_weights: str, group_size: int, packing: str | None) -> None:
+    """Write the bundle's ``llm.json``."""
+    import aoti_rt
+
     bound = {c.fqn for m in aoti_rt.read_bundle(out).manifest.methods.values() for c in m.constants}
     eos = gen.eos_token_id if gen.eos_token_id is not None else model.config.eos_token_id
     eos_ids = [] if eos is None else [int(eos)] if isinstance(eos, int) else [int(t) for t in eos]
@@ -129,9 +150,6 @@ def export_llm(source: Any, path: str | os.PathLike[str], *, max_seq_len: int = 
                    group_size=group_size, packing=packing, eos_token_ids=eos_ids,
                    weights=weight_names(model, bound))
     info.write(out)
-    warn_if_inflated(out, state_bytes(wrapper), inductor_configs)
-    say(f"wrote {out}")
-    return out
 
 
 def eager_step(model: Any, max_seq_len: int) -> Any:
