@@ -274,3 +274,24 @@ def test_constants_outgrowing_the_quantized_state_warn(tmp_path):
         assert warn_if_inflated(bundle, state, {"freezing": True})
     assert len(rec) == 1 and "\n" not in str(rec[0].message)
     assert not warn_if_inflated(bundle, state_bytes(folded))
+
+
+def test_cli_export_then_generate(bundles, capsys, tmp_path):
+    """``llm export --config`` (random weights from the same seed) prints its phases and writes
+    a bundle that generates what the API's bundle generates."""
+    from aoti_rt.cli import main
+
+    cfg = tmp_path / "cfg"
+    _config("llama").save_pretrained(cfg)
+    out = tmp_path / "cli.aoti"
+    assert main(["llm", "export", "--config", str(cfg), str(out), "--max-seq-len", str(MAX_SEQ),
+                 "--max-prefill", str(MAX_PREFILL), "--quantize", "int8"]) == 0
+    err = capsys.readouterr().err
+    for phase in ("quantizing linear weights to int8", "exporting prefill", "exporting decode",
+                  "compiling prefill and decode", f"wrote {out}"):
+        assert phase in err
+    assert main(["llm", "generate", str(out), "--prompt-ids", ",".join(map(str, PROMPT)), "-n", "6",
+                 "--stop", ""]) == 0
+    got = capsys.readouterr().out.strip()
+    with load_llm(bundles("llama", "int8")) as lm:
+        assert got == ",".join(map(str, lm.generate(PROMPT, max_new_tokens=6, stop=[]).tokens))
