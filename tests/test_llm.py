@@ -295,3 +295,18 @@ def test_cli_export_then_generate(bundles, capsys, tmp_path):
     got = capsys.readouterr().out.strip()
     with load_llm(bundles("llama", "int8")) as lm:
         assert got == ",".join(map(str, lm.generate(PROMPT, max_new_tokens=6, stop=[]).tokens))
+
+
+def test_quantization_options_are_checked():
+    from aoti_rt.llm.quant import config_for
+
+    model = _eager("llama", "none")
+    with pytest.raises(aoti_rt.OptionError, match="bfloat16"):
+        quantize(model, "int4", "cuda", GROUP)          # tinygemm packing: refused before any CUDA work
+    with pytest.raises(aoti_rt.OptionError, match="int8, int4"):
+        config_for("int3", "cpu")
+    with pytest.raises(aoti_rt.OptionError, match="group_size"):
+        config_for("int4", "cpu", group_size=48)
+    with pytest.raises(aoti_rt.OptionError, match="packing"):
+        config_for("int4", "cpu", packing="tile_packed_to_4d")
+    assert config_for("none", "cpu") is None

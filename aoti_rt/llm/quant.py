@@ -28,6 +28,10 @@ def _int4_cpu(group_size: int) -> Any:
     return cfg(group_size=group_size, set_inductor_config=False)
 
 
+#: weight dtypes a packing's kernels take (absent: any)
+NEEDS_DTYPE = {"tile_packed_to_4d": "bfloat16"}
+
+
 def _int4_cuda_tile(group_size: int) -> Any:
     q = require("torchao.quantization")
     return q.Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
@@ -65,6 +69,13 @@ def quantize(model: Any, scheme: str, device: str, group_size: int = 128, packin
     """Quantize ``model``'s ``nn.Linear`` weights in place with torchao; return the config used
     (None for "none")."""
     config = config_for(scheme, device, group_size, packing)
+    if scheme == "int4" and device != "cpu":
+        name = packing or next(iter(CUDA_INT4))
+        need = NEEDS_DTYPE.get(name)
+        dtype = str(getattr(model, "dtype", "")).removeprefix("torch.")
+        if need is not None and dtype != need:
+            raise OptionError(f"int4 packing {name!r} takes {need} weights, not {dtype}; export with "
+                              f"dtype=torch.{need} (--dtype {need})")
     if config is not None:
         require("torchao.quantization").quantize_(model, config)
     return config
