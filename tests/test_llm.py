@@ -43,12 +43,12 @@ def _config(family: str):
                                        num_experts_per_tok=2, head_dim=16, **common)
 
 
-def _eager(family: str, scheme: str, seed: int = 0):
+def _eager(family: str, scheme: str, seed: int = 0, device: str = "cpu", dtype=torch.float32, **kwargs):
     """The model the bundle was exported from, quantized the same way, run eagerly."""
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(_config(family), dtype=torch.float32)
-    model.eval().requires_grad_(False)
-    quantize(model, scheme, "cpu", GROUP)
+    model = transformers.AutoModelForCausalLM.from_config(_config(family), dtype=dtype, **kwargs)
+    model.eval().requires_grad_(False).to(device)
+    quantize(model, scheme, "cpu" if device == "cpu" else "cuda", GROUP)
     return model
 
 
@@ -310,3 +310,52 @@ def test_quantization_options_are_checked():
     with pytest.raises(aoti_rt.OptionError, match="packing"):
         config_for("int4", "cpu", packing="tile_packed_to_4d")
     assert config_for("none", "cpu") is None
+
+
+CUDA = aoti_rt.cuda_available() and torch.cuda.is_available()
+
+
+def _forced_logits(step, prompt: list[int], tokens: list[int], device: str) -> list[torch.Tensor]:
+    """The last-position logits after ``prompt`` and after each of ``tokens`` (teacher forcing)."""
+    ids = torch.tensor([prompt], device=device)
+    out = [step(ids, torch.arange(len(prompt), device=device))[0, -1].float()]
+    for i, t in enumerate(tokens):
+        pos = torch.tensor([len(prompt) + i], device=device)
+        out.append(step(torch.tensor([[t]], device=device), pos)[0, -1].float())
+    return out
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="no CUDA GPU")
+@pytest.mark.parametrize("family,scheme", [("llama", "int4"), ("qwen3_moe", "int4"), ("llama", "int8")])
+def test_cuda_bf16_quantized_matches_eager_and_one_copy(tmp_path, family, scheme):
+    """On CUDA, bfloat16 with torchao's CUDA kernels (int4: tinygemm tile packing): greedy tokens
+    equal to the quantized eager model's, or differing only where eager's top two logits are
+    within the logits' difference (a near-tie); one copy of the quantized bytes."""
+    dev = "cuda:0"
+    experts = "batched_mm" if family == "qwen3_moe" else None    # grouped_mm: no C shim before torch 2.12
+    path = export_llm(_config(family), tmp_path / "b.aoti", max_seq_len=MAX_SEQ, max_prefill=MAX_PREFILL,
+                      quantize_weights=scheme, group_size=GROUP, device=dev, dtype=torch.bfloat16,
+                      experts_implementation=experts, progress=False)
+    kwargs = {"experts_implementation": experts} if experts else {}
+    model = _eager(family, scheme, device=dev, dtype=torch.bfloat16, **kwargs)
+    eager = eager_step(model, MAX_SEQ)
+    want = generate_tokens(eager, PROMPT, max_seq_len=MAX_SEQ, max_prefill=MAX_PREFILL, max_new_tokens=8,
+                           device=dev)
+    with load_llm(path, device=dev) as lm:
+        got = lm.generate(PROMPT, max_new_tokens=8, stop=[])
+        if got.tokens != want.tokens:
+            ref = _forced_logits(eager, PROMPT, want.tokens[:-1], dev)
+            ours = _forced_logits(lm.step, PROMPT, want.tokens[:-1], dev)
+            for i, (a, b) in enumerate(zip(ref, ours)):
+                if int(a.argmax()) != int(b.argmax()):
+                    top2 = a.topk(2).values
+                    diff = float((a - b).abs().max())
+                    assert float(top2[0] - top2[1]) <= 2 * diff, (i, float(top2[0] - top2[1]), diff)
+                    break
+        wrapper = transformers.integrations.executorch.TorchExportableModuleForDecoderOnlyLM(
+            model, batch_size=1, max_cache_len=MAX_SEQ).model
+        quantized = _state_bytes(wrapper)
+        held = aoti_rt.cache_stats(lm.model.device)["bytes_allocated"]
+        assert f"{held / lm.model.manifest.unique_weight_bytes():.2f}" == "1.00"
+        assert 0.95 * quantized <= held <= 1.005 * quantized, (held, quantized)
