@@ -27,6 +27,8 @@ commands:
   cache     show what the .pt2 package cache holds (extracted .so files and kernels, probe
             records); --prune removes what belongs to packages that are gone or changed
   bench     run the benchmark suite (bench/ in a source checkout) and write tables + JSON
+  llm       export a transformers causal LM to a prefill/decode bundle, generate from one
+            (python -m aoti_rt llm --help; needs pip install 'aoti_rt[llm]')
 """
 
 SERVE_HELP = """\
@@ -219,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     pc.add_argument("--min-age-hours", type=float, default=1.0,
                     help="with --prune: keep unused folders younger than this (default: 1)")
     sub.add_parser("bench", help="run the benchmark suite", add_help=False)
+    sub.add_parser("llm", help="export a transformers LM / generate (aoti_rt[llm])", add_help=False)
     cmd = argv[0] if argv else None
     try:
         if cmd == "demo":
@@ -226,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
             return demo_main(argv[1:])
         if cmd == "bench":
             return _bench(argv[1:])
+        if cmd == "llm":
+            from .llm.cli import main as llm_main
+            return llm_main(argv[1:])
         args = p.parse_args(argv)
         cmd = args.cmd
         return _command(p, args)

@@ -1,0 +1,209 @@
+"""Token generation over a prefill/decode bundle: :class:`LLM` and :func:`generate_tokens`."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+from ..errors import InputError, OptionError
+from .info import LlmInfo, WeightName
+
+#: ``step(input_ids[1, T], cache_position[T]) -> logits[1, T, vocab]``
+Step = Callable[[Any, Any], Any]
+
+
+@dataclass
+class Generation:
+    """What :meth:`LLM.generate` produced.
+
+    ``tokens``: the new tokens (a stop token that ended generation included);
+    ``finish_reason``: "stop" (a stop token), "length" (``max_new_tokens``) or "cache"
+    (the KV cache is full); ``prefill_s`` and ``decode_s``: seconds spent in each."""
+
+    tokens: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    prefill_s: float
+    decode_s: float
+
+
+def _pick(logits: Any, temperature: float, top_k: int | None, generator: Any) -> int:
+    import torch
+
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def generate_tokens(step: Step, prompt: Iterable[int], *, max_seq_len: int, max_prefill: int,
+                    min_prefill: int = 2, max_new_tokens: int = 32, stop: Iterable[int] = (),
+                    temperature: float = 0.0, top_k: int | None = None, seed: int | None = None,
+                    device: Any = "cpu") -> Generation:
+    """Prefill ``prompt`` (in chunks of at most ``max_prefill`` tokens; a 1-token chunk through
+    the decode shape), then decode one token at a time.
+
+    ``temperature`` 0 is greedy; above 0, tokens are sampled from the softmax of the logits
+    divided by it (over the ``top_k`` most likely, if given) with a ``torch.Generator`` seeded
+    with ``seed``. Generation ends at a token in ``stop``, after ``max_new_tokens``, or when the
+    cache is full.
+
+    Raises:
+        InputError: an empty prompt, or one that leaves no room in the cache.
+        OptionError: a negative temperature, ``top_k`` < 1, ``max_new_tokens`` < 1.
+    """
+    import torch
+
+    ids = [int(t) for t in prompt]
+    if not ids:
+        raise InputError("generate: the prompt is empty; pass at least one token id")
+    if len(ids) >= max_seq_len:
+        raise InputError(f"generate: the prompt has {len(ids)} tokens and the KV cache holds {max_seq_len}, "
+                         f"which leaves no room to generate; shorten the prompt or export with a larger "
+                         f"max_seq_len")
+    if not temperature >= 0:
+        raise OptionError(f"temperature must be >= 0 (0: greedy), not {temperature!r}")
+    if top_k is not None and top_k < 1:
+        raise OptionError(f"top_k must be at least 1, not {top_k!r}")
+    if max_new_tokens < 1:
+        raise OptionError(f"max_new_tokens must be at least 1, not {max_new_tokens!r}")
+    stop_set = {int(t) for t in stop}
+    gen = None
+    if temperature > 0:
+        gen = torch.Generator()
+        gen.manual_seed(0 if seed is None else int(seed))
+
+    def call(chunk: list[int], pos: int) -> Any:
+        t = torch.tensor([chunk], dtype=torch.long, device=device)
+        p = torch.arange(pos, pos + len(chunk), dtype=torch.long, device=device)
+        out = step(t, p)
+        return (out[0] if isinstance(out, (list, tuple)) else out)[0, -1]
+
+    t0 = time.perf_counter()
+    pos = 0
+    while pos < len(ids):
+        n = min(max_prefill, len(ids) - pos)
+        if n < min_prefill:
+            n = 1
+        logits = call(ids[pos:pos + n], pos)
+        pos += n
+    t1 = time.perf_counter()
+    out: list[int] = []
+    reason = "length"
+    while True:
+        tok = _pick(logits, temperature, top_k, gen)
+        out.append(tok)
+        if tok in stop_set:
+            reason = "stop"
+            break
+        if len(out) >= max_new_tokens:
+            break
+        if pos >= max_seq_len:
+            reason = "cache"
+            break
+        logits = call([tok], pos)
+        pos += 1
+    return Generation(out, reason, len(ids), t1 - t0, time.perf_counter() - t1)
+
+
+class LLM:
+    """A loaded prefill/decode bundle written by :func:`aoti_rt.llm.export_llm`.
+
+    ``model`` is the :class:`aoti_rt.Model` (one copy of each weight and one KV cache);
+    ``info`` the bundle's :class:`~aoti_rt.llm.info.LlmInfo`. Close it (or use ``with``).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, device: str | None = None, **load_kwargs: Any):
+        import aoti_rt
+
+        self.info = LlmInfo.read(path)
+        self.model = aoti_rt.load(path, device=device, **load_kwargs)
+        self.path = path
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the model's memory."""
+        self.model.close()
+
+    def step(self, input_ids: Any, cache_position: Any) -> Any:
+        """One call of ``prefill`` (``T >= min_prefill`` tokens) or ``decode`` (1 token)."""
+        method = self.model.decode if input_ids.shape[-1] == 1 else self.model.prefill
+        return method(input_ids=input_ids, cache_position=cache_position)
+
+    def generate(self, prompt: Iterable[int], *, max_new_tokens: int = 32, stop: Iterable[int] | None = None,
+                 temperature: float = 0.0, top_k: int | None = None, seed: int | None = None) -> Generation:
+        """Generate after ``prompt`` (token ids); see :func:`generate_tokens`. ``stop``
+        defaults to the model's EOS tokens (``[]`` for none)."""
+        info = self.info
+        return generate_tokens(self.step, prompt, max_seq_len=info.max_seq_len, max_prefill=info.max_prefill,
+                               min_prefill=info.min_prefill, max_new_tokens=max_new_tokens,
+                               stop=info.eos_token_ids if stop is None else stop, temperature=temperature,
+                               top_k=top_k, seed=seed, device=self.model.device)
+
+    def update_weights(self, weights: Mapping[str, Any], **kwargs: Any) -> Any:
+        """Write new weights given by the names of the user's transformers model (its
+        ``state_dict`` names). A quantized weight may be given as the torchao tensor (its parts
+        are written) or in full precision (it is quantized as at export). Other keyword
+        arguments go to :meth:`aoti_rt.Model.update_weights`.
+
+        Raises:
+            InputError: a name the bundle does not hold (unless ``strict=False``), or a value
+                that does not fit (see :meth:`aoti_rt.Model.update_weights`).
+        """
+        strict = kwargs.get("strict", True)
+        mapped: dict[str, Any] = {}
+        unknown = []
+        for name, value in weights.items():
+            entry = self.info.weights.get(name)
+            if entry is None:
+                unknown.append(name)
+                continue
+            mapped.update(self._parts(name, entry, value))
+        if unknown and strict:
+            raise InputError(f"update_weights: the model has no weight {', '.join(unknown[:5])}"
+                             f"{' ...' if len(unknown) > 5 else ''}; it holds {len(self.info.weights)}, e.g. "
+                             f"{', '.join(list(self.info.weights)[:3])} (strict=False ignores unknown names)")
+        return self.model.update_weights(mapped, **kwargs)
+
+    def _parts(self, name: str, entry: WeightName, value: Any) -> dict[str, Any]:
+        if not entry.parts:
+            return {entry.fqn: value}
+        if getattr(type(value), "__tensor_flatten__", None) is None:
+            value = self._quantize(name, value)
+        try:
+            return {fqn: getattr(value, attr) for attr, fqn in entry.parts.items()}
+        except AttributeError:
+            raise InputError(f"update_weights: {name} is a {type(value).__name__}, whose parts are not "
+                             f"{', '.join(entry.parts)}; pass it quantized as at export ({self.info.quantize}) "
+                             f"or in full precision") from None
+
+    def _quantize(self, name: str, value: Any) -> Any:
+        import torch
+
+        from .quant import quantize
+
+        if not isinstance(value, torch.Tensor) or value.dim() != 2:
+            raise InputError(f"update_weights: {name} is a quantized linear weight; pass a 2-D tensor "
+                             f"(or the torchao tensor), not {type(value).__name__}")
+        lin = torch.nn.Linear(value.shape[1], value.shape[0], bias=False, device=value.device, dtype=value.dtype)
+        lin.weight = torch.nn.Parameter(value.detach(), requires_grad=False)
+        dev = "cpu" if value.device.type == "cpu" else "cuda"
+        quantize(lin, self.info.quantize, dev, self.info.group_size, self.info.packing)
+        return lin.weight
+
+
+def load_llm(path: str | os.PathLike[str], *, device: str | None = None, **load_kwargs: Any) -> LLM:
+    """Load a bundle written by :func:`aoti_rt.llm.export_llm` (keyword arguments go to
+    :func:`aoti_rt.load`)."""
+    return LLM(path, device=device, **load_kwargs)

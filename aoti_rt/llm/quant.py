@@ -1,0 +1,81 @@
+"""Weight-only quantization with torchao's own configs, chosen per device.
+
+``int8``: ``Int8WeightOnlyConfig`` on every device. ``int4``: on the CPU torchao's opaque CPU
+packing (``PrototypeInt4WeightOnlyConfig``, ``aten._weight_int4pack_mm_for_cpu``); on CUDA
+the tinygemm tile packing (``Int4WeightOnlyConfig(int4_packing_format="tile_packed_to_4d")``,
+``aten._weight_int4pack_mm``). Another CUDA packing is one more entry in :data:`CUDA_INT4`.
+
+torchao quantizes ``nn.Linear`` modules; transformers' fused MoE experts (3-D parameters) are
+not ``nn.Linear`` and stay in the model's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ..errors import OptionError
+from ._deps import require
+
+SCHEMES = ("none", "int8", "int4")
+
+
+def _int8(group_size: int) -> Any:
+    return require("torchao.quantization").Int8WeightOnlyConfig()
+
+
+def _int4_cpu(group_size: int) -> Any:
+    cfg = require("torchao.prototype.quantization.int4").PrototypeInt4WeightOnlyConfig
+    return cfg(group_size=group_size, set_inductor_config=False)
+
+
+#: weight dtypes a packing's kernels take (absent: any)
+NEEDS_DTYPE = {"tile_packed_to_4d": "bfloat16"}
+
+
+def _int4_cuda_tile(group_size: int) -> Any:
+    q = require("torchao.quantization")
+    return q.Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
+
+
+#: int4 packings for CUDA kernels, by name; the first is the default
+CUDA_INT4: dict[str, Callable[[int], Any]] = {"tile_packed_to_4d": _int4_cuda_tile}
+#: int4 packings for CPU kernels, by name
+CPU_INT4: dict[str, Callable[[int], Any]] = {"opaque": _int4_cpu}
+
+
+def config_for(scheme: str, device: str, group_size: int = 128, packing: str | None = None) -> Any:
+    """The torchao config for ``scheme`` ("int8", "int4"; "none" gives None) on ``device``.
+
+    Raises:
+        OptionError: an unknown scheme or packing, or a group size that is not a power of two
+            from 32 to 256.
+    """
+    if scheme not in SCHEMES:
+        raise OptionError(f"quantize must be one of {', '.join(SCHEMES)}, not {scheme!r}")
+    if scheme == "none":
+        return None
+    if scheme == "int8":
+        return _int8(group_size)
+    if group_size not in (32, 64, 128, 256):
+        raise OptionError(f"int4 group_size must be 32, 64, 128 or 256, not {group_size!r}")
+    table = CPU_INT4 if device == "cpu" else CUDA_INT4
+    name = packing or next(iter(table))
+    if name not in table:
+        raise OptionError(f"int4 packing {name!r} is not one for {device}; choose {', '.join(table)}")
+    return table[name](group_size)
+
+
+def quantize(model: Any, scheme: str, device: str, group_size: int = 128, packing: str | None = None) -> Any:
+    """Quantize ``model``'s ``nn.Linear`` weights in place with torchao; return the config used
+    (None for "none")."""
+    config = config_for(scheme, device, group_size, packing)
+    if scheme == "int4" and device != "cpu":
+        name = packing or next(iter(CUDA_INT4))
+        need = NEEDS_DTYPE.get(name)
+        dtype = str(getattr(model, "dtype", "")).removeprefix("torch.")
+        if need is not None and dtype != need:
+            raise OptionError(f"int4 packing {name!r} takes {need} weights, not {dtype}; export with "
+                              f"dtype=torch.{need} (--dtype {need})")
+    if config is not None:
+        require("torchao.quantization").quantize_(model, config)
+    return config

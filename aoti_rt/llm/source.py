@@ -1,0 +1,85 @@
+"""Where the model comes from: a loaded transformers ``PreTrainedModel``, a checkpoint directory,
+or a config (random weights); and whether its family is one this path covers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ._deps import require
+from .errors import FAMILIES, NoShimError, UnsupportedModelError, covered
+
+
+def check_family(config: Any) -> str:
+    """The config's ``model_type`` if this path covers it; else :class:`UnsupportedModelError`."""
+    model_type = getattr(config.get_text_config(), "model_type", None) or getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise UnsupportedModelError(f"aoti_rt.llm exports {covered()} causal LMs, not model_type "
+                                    f"{model_type!r}; export other models with torch.export and aoti_rt.compile")
+    return model_type
+
+
+def resolve_model(source: Any, *, dtype: Any = None, seed: int = 0,
+                  experts_implementation: str | None = None) -> Any:
+    """A transformers causal LM in eval mode, without gradients, from ``source``.
+
+    Args:
+        source: a ``PreTrainedModel`` (used as it is: quantizing it changes it in place), a
+            checkpoint directory (``from_pretrained``), or a ``PretrainedConfig`` (random weights
+            drawn with ``seed``).
+        dtype: the weights' dtype for a directory or config (default: the checkpoint's, or float32).
+        seed: the seed of random weights (a config only).
+        experts_implementation: transformers' MoE experts implementation (``"batched_mm"``,
+            ``"grouped_mm"``, ``"eager"``); default transformers' choice.
+
+    Raises:
+        UnsupportedModelError: not a covered family, or not a model, directory or config.
+        MissingExtraError: transformers is not installed.
+    """
+    import torch
+
+    transformers = require("transformers")
+    kwargs: dict[str, Any] = {}
+    if experts_implementation is not None:
+        kwargs["experts_implementation"] = experts_implementation
+    if isinstance(source, transformers.PreTrainedModel):
+        check_family(source.config)
+        model = source
+        if experts_implementation is not None:
+            model.set_experts_implementation(experts_implementation)
+    elif isinstance(source, transformers.PretrainedConfig):
+        check_family(source)
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(source, dtype=dtype or torch.float32, **kwargs)
+    elif isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        config = transformers.AutoConfig.from_pretrained(source)
+        check_family(config)
+        model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype or "auto", **kwargs)
+    else:
+        raise UnsupportedModelError(f"expected a transformers PreTrainedModel, a checkpoint directory or a "
+                                    f"PretrainedConfig, not {type(source).__name__} {str(source)[:80]!r}")
+    return model.eval().requires_grad_(False)
+
+
+#: ops a transformers model may call that AOTInductor compiles for CUDA only from a torch release:
+#: experts implementation -> (op, first torch (major, minor), the alternative)
+CUDA_SHIMS = {"grouped_mm": ("aten._grouped_mm", (2, 12), "experts_implementation='batched_mm' (--experts batched_mm)")}
+
+
+def _version(text: str) -> tuple[int, int]:
+    parts = text.split("+")[0].split(".")
+    return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+
+
+def check_shims(experts_implementation: str | None, device: str, torch_version: str) -> None:
+    """Refuse (:class:`NoShimError`) a model whose experts implementation calls an op without an
+    AOTI C shim for ``device`` on ``torch_version``, before a compile that would fail in g++."""
+    need = CUDA_SHIMS.get(experts_implementation or "")
+    if need is None or not device.startswith("cuda"):
+        return
+    op, first, instead = need
+    if _version(torch_version) < first:
+        raise NoShimError(f"experts_implementation={experts_implementation!r} calls {op}, which AOTInductor "
+                          f"compiles for CUDA only from torch {first[0]}.{first[1]} (this is torch "
+                          f"{torch_version}); upgrade torch or export with {instead}")

@@ -1,0 +1,361 @@
+"""aoti_rt.llm: transformers causal LMs as prefill/decode bundles (the ``aoti_rt[llm]`` extra).
+
+Tiny models with random weights (a Llama and a Qwen3-MoE), quantized with torchao (int8, int4
+with the CPU packing), exported and compiled once per module; each bundle's tokens are checked
+against the same quantized model run eagerly, and its memory against one copy of the quantized
+state. Skipped where transformers or torchao is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("torchao")
+
+import transformers  # noqa: E402
+
+import aoti_rt  # noqa: E402
+from aoti_rt.llm import (LLM, MissingExtraError, UnsupportedModelError, export_llm,  # noqa: E402
+                         load_llm)
+from aoti_rt.llm.export import eager_step  # noqa: E402
+from aoti_rt.llm.generate import generate_tokens  # noqa: E402
+from aoti_rt.llm.quant import quantize  # noqa: E402
+
+MAX_SEQ = 32
+MAX_PREFILL = 8
+GROUP = 32
+PROMPT = list(range(3, 14))          # 11 tokens: a prefill of 8, then one of 3
+
+
+def _config(family: str):
+    common = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    if family == "llama":
+        return transformers.LlamaConfig(intermediate_size=128, **common)
+    if family == "qwen3":
+        return transformers.Qwen3Config(intermediate_size=128, head_dim=16, **common)
+    return transformers.Qwen3MoeConfig(intermediate_size=128, moe_intermediate_size=32, num_experts=4,
+                                       num_experts_per_tok=2, head_dim=16, **common)
+
+
+def _eager(family: str, scheme: str, seed: int = 0, device: str = "cpu", dtype=torch.float32, **kwargs):
+    """The model the bundle was exported from, quantized the same way, run eagerly."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(_config(family), dtype=dtype, **kwargs)
+    model.eval().requires_grad_(False).to(device)
+    quantize(model, scheme, "cpu" if device == "cpu" else "cuda", GROUP)
+    return model
+
+
+def _state_bytes(module: torch.nn.Module) -> int:
+    """Bytes of one copy of ``module``'s state: quantized tensors by their parts, each storage once."""
+    seen: dict[int, int] = {}
+
+    def add(t: torch.Tensor) -> None:
+        flatten = getattr(type(t), "__tensor_flatten__", None)
+        if flatten is not None:
+            for attr in flatten(t)[0]:
+                add(getattr(t, attr))
+            return
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+    for _, t in list(module.named_parameters()) + list(module.named_buffers()):
+        add(t)
+    return sum(seen.values())
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    made: dict[tuple[str, str], object] = {}
+
+    def get(family: str, scheme: str):
+        key = (family, scheme)
+        if key not in made:
+            path = tmp_path_factory.mktemp(f"{family}-{scheme}") / "b.aoti"
+            made[key] = export_llm(_config(family), path, max_seq_len=MAX_SEQ, max_prefill=MAX_PREFILL,
+                                   quantize_weights=scheme, group_size=GROUP, progress=False)
+        return made[key]
+    return get
+
+
+@pytest.mark.parametrize("family,scheme", [("llama", "int8"), ("llama", "int4"), ("qwen3_moe", "int8"),
+                                           ("qwen3_moe", "int4"), ("qwen3", "int4")])
+def test_tokens_equal_eager_and_one_copy(bundles, family, scheme):
+    path = bundles(family, scheme)
+    model = _eager(family, scheme)
+    want = generate_tokens(eager_step(model, MAX_SEQ), PROMPT, max_seq_len=MAX_SEQ, max_prefill=MAX_PREFILL,
+                           max_new_tokens=12)
+    with load_llm(path) as lm:
+        assert set(lm.model.methods) == {"prefill", "decode"}
+        got = lm.generate(PROMPT, max_new_tokens=12, stop=[])
+        assert got.tokens == want.tokens
+        assert got.finish_reason == "length"
+        # one copy of the quantized weights and one KV cache, for both methods
+        wrapper = transformers.integrations.executorch.TorchExportableModuleForDecoderOnlyLM(
+            model, batch_size=1, max_cache_len=MAX_SEQ).model
+        quantized = _state_bytes(wrapper)
+        held = aoti_rt.cache_stats(lm.model.device)["bytes_allocated"]
+        man = lm.model.manifest
+        assert f"{held / man.unique_weight_bytes():.2f}" == "1.00", (held, man.unique_weight_bytes())
+        # at most the quantized model's own bytes (less: torchao's unused int8 zero points are
+        # not in the graph, and equal tensors, the norms' ones, are stored once)
+        assert 0.95 * quantized <= held <= 1.005 * quantized, (held, quantized)
+        per_method = sum(man.per_method_bytes(m) for m in man.methods)
+        assert per_method / man.unique_weight_bytes() > 1.9
+        # the linear weights are stored quantized, not folded back to float
+        dtypes = {c.dtype for m in man.methods.values() for c in m.constants if "parametrizations" in c.fqn}
+        assert dtypes & {"int8", "uint8", "int32"}, dtypes
+
+
+def test_prefill_chunks_and_single_token_tail(bundles):
+    """A prompt of max_prefill + 1 tokens: a full prefill, then its last token through decode."""
+    path = bundles("llama", "int8")
+    prompt = list(range(5, 5 + MAX_PREFILL + 1))
+    want = generate_tokens(eager_step(_eager("llama", "int8"), MAX_SEQ), prompt, max_seq_len=MAX_SEQ,
+                           max_prefill=MAX_SEQ, max_new_tokens=5)      # eager: one prefill of 9
+    with load_llm(path) as lm:
+        assert lm.generate(prompt, max_new_tokens=5, stop=[]).tokens == want.tokens
+        one = lm.generate([7], max_new_tokens=3, stop=[])                     # a 1-token prompt
+        assert len(one.tokens) == 3
+
+
+def test_stop_tokens_sampling_and_cache_end(bundles):
+    path = bundles("llama", "int8")
+    with load_llm(path) as lm:
+        greedy = lm.generate(PROMPT, max_new_tokens=6, stop=[])
+        stopped = lm.generate(PROMPT, max_new_tokens=6, stop=[greedy.tokens[2]])
+        assert stopped.finish_reason == "stop"
+        assert stopped.tokens == greedy.tokens[:greedy.tokens.index(greedy.tokens[2]) + 1]
+        a = lm.generate(PROMPT, max_new_tokens=10, stop=[], temperature=1.5, seed=3)
+        b = lm.generate(PROMPT, max_new_tokens=10, stop=[], temperature=1.5, seed=3)
+        c = lm.generate(PROMPT, max_new_tokens=10, stop=[], temperature=1.5, seed=4)
+        assert a.tokens == b.tokens
+        assert a.tokens != c.tokens
+        top1 = lm.generate(PROMPT, max_new_tokens=6, stop=[], temperature=1.0, top_k=1, seed=9)
+        assert top1.tokens == greedy.tokens                          # top_k=1 is greedy
+        full = lm.generate(list(range(1, MAX_SEQ - 2)), max_new_tokens=50, stop=[])
+        assert full.finish_reason == "cache"
+        assert full.prompt_tokens + len(full.tokens) == MAX_SEQ + 1   # the last one needs no cache slot
+
+
+def test_prompt_longer_than_cache_is_input_error(bundles):
+    path = bundles("llama", "int8")
+    with load_llm(path) as lm:
+        with pytest.raises(aoti_rt.InputError, match="max_seq_len") as e:
+            lm.generate(list(range(MAX_SEQ + 5)))
+        assert "\n" not in str(e.value)
+        with pytest.raises(aoti_rt.InputError, match="empty"):
+            lm.generate([])
+
+
+@pytest.mark.parametrize("form", ["quantized", "float"])
+def test_update_weights_by_the_models_own_names(bundles, form):
+    """New weights given by the user's state_dict names, quantized (torchao tensors) or in full
+    precision (quantized as at export), make the bundle compute what the new model computes."""
+    path = bundles("llama", "int8")
+    new = _eager("llama", "int8", seed=1)
+    if form == "quantized":
+        weights = dict(new.state_dict())
+    else:
+        torch.manual_seed(1)
+        plain = transformers.AutoModelForCausalLM.from_config(_config("llama"), dtype=torch.float32)
+        weights = dict(plain.state_dict())
+    want = generate_tokens(eager_step(new, MAX_SEQ), PROMPT, max_seq_len=MAX_SEQ, max_prefill=MAX_PREFILL,
+                           max_new_tokens=8)
+    with load_llm(path) as lm:
+        before = lm.generate(PROMPT, max_new_tokens=8, stop=[])
+        weights = {k: v for k, v in weights.items() if k in lm.info.weights}
+        assert any("q_proj.weight" in k for k in weights)
+        lm.update_weights(weights)
+        after = lm.generate(PROMPT, max_new_tokens=8, stop=[])
+        assert after.tokens == want.tokens
+        assert after.tokens != before.tokens
+        with pytest.raises(aoti_rt.InputError, match="no weight"):
+            lm.update_weights({"model.layers.0.not_a_weight": torch.zeros(1)})
+
+
+def test_bundle_records_names_and_sizes(bundles):
+    path = bundles("qwen3_moe", "int4")
+    info = json.loads((path / "llm.json").read_text())
+    assert info["model_type"] == "qwen3_moe"
+    assert (info["max_seq_len"], info["max_prefill"]) == (MAX_SEQ, MAX_PREFILL)
+    q = info["weights"]["model.layers.0.self_attn.q_proj.weight"]["parts"]
+    assert set(q) == {"qdata", "scale_and_zero"}
+    assert all(".parametrizations.weight.original" in f for f in q.values())
+    man = aoti_rt.read_bundle(path).manifest
+    bound = {c.fqn for m in man.methods.values() for c in m.constants}
+    for w in info["weights"].values():
+        assert set(w["parts"].values()) <= bound if w["parts"] else w["fqn"] in bound
+    prefill = {i.name: i for i in man.methods["prefill"].inputs}
+    assert prefill["input_ids"].dims is not None
+
+
+def test_unsupported_family_is_one_line_error(tmp_path):
+    with pytest.raises(UnsupportedModelError, match="Llama.*Qwen3.*Qwen3-MoE") as e:
+        export_llm(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64), tmp_path / "g",
+                   progress=False)
+    assert "\n" not in str(e.value)
+    assert isinstance(e.value, aoti_rt.AotiRtError)
+    assert not (tmp_path / "g").exists()
+
+
+def test_missing_extra_says_what_to_install(tmp_path, monkeypatch):
+    for name in [m for m in sys.modules if m == "transformers" or m.startswith("transformers.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "transformers", None)      # import transformers fails
+    with pytest.raises(MissingExtraError, match=r"pip install 'aoti_rt\[llm\]'") as e:
+        export_llm(object(), tmp_path / "x", progress=False)
+    assert "\n" not in str(e.value)
+    assert isinstance(e.value, ImportError) and isinstance(e.value, aoti_rt.AotiRtError)
+
+
+def test_cli(bundles, capsys, tmp_path):
+    from aoti_rt.cli import main
+
+    path = bundles("llama", "int8")
+    assert main(["llm", "generate", str(path), "--prompt-ids", ",".join(map(str, PROMPT)), "-n", "5",
+                 "--stop", ""]) == 0
+    out = capsys.readouterr()
+    with load_llm(path) as lm:
+        want = lm.generate(PROMPT, max_new_tokens=5, stop=[]).tokens
+    assert out.out.strip() == ",".join(map(str, want))
+    assert "tokens/s" in out.err
+    with pytest.raises(SystemExit) as e:
+        main(["llm", "--help"])
+    assert e.value.code == 0
+    assert "llm export" in capsys.readouterr().out
+    cfg = tmp_path / "gpt2"
+    transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64).save_pretrained(cfg)
+    assert main(["llm", "export", "--config", str(cfg), str(tmp_path / "out"), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("aoti_rt llm export: UnsupportedModelError:") and "\n" not in err
+    assert main(["llm", "generate", str(tmp_path), "--prompt-ids", "1"]) == 2
+    assert "BundleError" in capsys.readouterr().err
+
+
+def test_llm_class_is_exported():
+    assert LLM.generate.__doc__ and export_llm.__doc__
+
+
+def test_grouped_mm_without_cuda_shim_is_refused():
+    from aoti_rt.llm import NoShimError
+    from aoti_rt.llm.source import check_shims
+
+    with pytest.raises(NoShimError, match=r"aten\._grouped_mm.*torch 2\.12.*batched_mm") as e:
+        check_shims("grouped_mm", "cuda:0", "2.11.0+cu130")
+    assert "\n" not in str(e.value)
+    check_shims("grouped_mm", "cuda", "2.12.0")         # has the shim
+    check_shims("grouped_mm", "cpu", "2.11.0")          # the CPU path has no such gap
+    check_shims("batched_mm", "cuda", "2.11.0")
+
+
+def test_constants_outgrowing_the_quantized_state_warn(tmp_path):
+    """A bundle whose constants are the dequantized float32 weights of an int8 model (what
+    inductor's freezing makes of a dequantization it folds) is one copy still, but of larger
+    weights: the export's check warns with the figures and the setting."""
+    from aoti_rt.llm.export import state_bytes, warn_if_inflated
+
+    torch.manual_seed(0)
+    w = torch.randint(-127, 127, (256, 64), dtype=torch.int8)
+    scale = torch.rand(256, 1) / 100
+    quantized = {"w": w, "scale": scale}
+    folded = torch.nn.Linear(64, 256, bias=False).eval().requires_grad_(False)
+    folded.weight.copy_(w.float() * scale)
+    with torch.no_grad():
+        ep = torch.export.export(folded, (torch.randn(2, 64),))
+    bundle = aoti_rt.compile({"f": ep}, tmp_path / "folded", progress=False)
+    state = sum(t.untyped_storage().nbytes() for t in quantized.values())
+    with pytest.warns(RuntimeWarning, match=r"3\.76x the exported model's.*freezing=True") as rec:
+        assert warn_if_inflated(bundle, state, {"freezing": True})
+    assert len(rec) == 1 and "\n" not in str(rec[0].message)
+    assert not warn_if_inflated(bundle, state_bytes(folded))
+
+
+def test_cli_export_then_generate(bundles, capsys, tmp_path):
+    """``llm export --config`` (random weights from the same seed) prints its phases and writes
+    a bundle that generates what the API's bundle generates."""
+    from aoti_rt.cli import main
+
+    cfg = tmp_path / "cfg"
+    _config("llama").save_pretrained(cfg)
+    out = tmp_path / "cli.aoti"
+    assert main(["llm", "export", "--config", str(cfg), str(out), "--max-seq-len", str(MAX_SEQ),
+                 "--max-prefill", str(MAX_PREFILL), "--quantize", "int8"]) == 0
+    err = capsys.readouterr().err
+    for phase in ("quantizing linear weights to int8", "exporting prefill", "exporting decode",
+                  "compiling prefill and decode", f"wrote {out}"):
+        assert phase in err
+    assert main(["llm", "generate", str(out), "--prompt-ids", ",".join(map(str, PROMPT)), "-n", "6",
+                 "--stop", ""]) == 0
+    got = capsys.readouterr().out.strip()
+    with load_llm(bundles("llama", "int8")) as lm:
+        assert got == ",".join(map(str, lm.generate(PROMPT, max_new_tokens=6, stop=[]).tokens))
+
+
+def test_quantization_options_are_checked():
+    from aoti_rt.llm.quant import config_for
+
+    model = _eager("llama", "none")
+    with pytest.raises(aoti_rt.OptionError, match="bfloat16"):
+        quantize(model, "int4", "cuda", GROUP)          # tinygemm packing: refused before any CUDA work
+    with pytest.raises(aoti_rt.OptionError, match="int8, int4"):
+        config_for("int3", "cpu")
+    with pytest.raises(aoti_rt.OptionError, match="group_size"):
+        config_for("int4", "cpu", group_size=48)
+    with pytest.raises(aoti_rt.OptionError, match="packing"):
+        config_for("int4", "cpu", packing="tile_packed_to_4d")
+    assert config_for("none", "cpu") is None
+
+
+CUDA = aoti_rt.cuda_available() and torch.cuda.is_available()
+
+
+def _forced_logits(step, prompt: list[int], tokens: list[int], device: str) -> list[torch.Tensor]:
+    """The last-position logits after ``prompt`` and after each of ``tokens`` (teacher forcing)."""
+    ids = torch.tensor([prompt], device=device)
+    out = [step(ids, torch.arange(len(prompt), device=device))[0, -1].float()]
+    for i, t in enumerate(tokens):
+        pos = torch.tensor([len(prompt) + i], device=device)
+        out.append(step(torch.tensor([[t]], device=device), pos)[0, -1].float())
+    return out
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="no CUDA GPU")
+@pytest.mark.parametrize("family,scheme", [("llama", "int4"), ("qwen3_moe", "int4"), ("llama", "int8")])
+def test_cuda_bf16_quantized_matches_eager_and_one_copy(tmp_path, family, scheme):
+    """On CUDA, bfloat16 with torchao's CUDA kernels (int4: tinygemm tile packing): greedy tokens
+    equal to the quantized eager model's, or differing only where eager's top two logits are
+    within the logits' difference (a near-tie); one copy of the quantized bytes."""
+    dev = "cuda:0"
+    experts = "batched_mm" if family == "qwen3_moe" else None    # grouped_mm: no C shim before torch 2.12
+    path = export_llm(_config(family), tmp_path / "b.aoti", max_seq_len=MAX_SEQ, max_prefill=MAX_PREFILL,
+                      quantize_weights=scheme, group_size=GROUP, device=dev, dtype=torch.bfloat16,
+                      experts_implementation=experts, progress=False)
+    kwargs = {"experts_implementation": experts} if experts else {}
+    model = _eager(family, scheme, device=dev, dtype=torch.bfloat16, **kwargs)
+    eager = eager_step(model, MAX_SEQ)
+    want = generate_tokens(eager, PROMPT, max_seq_len=MAX_SEQ, max_prefill=MAX_PREFILL, max_new_tokens=8,
+                           device=dev)
+    with load_llm(path, device=dev) as lm:
+        got = lm.generate(PROMPT, max_new_tokens=8, stop=[])
+        if got.tokens != want.tokens:
+            ref = _forced_logits(eager, PROMPT, want.tokens[:-1], dev)
+            ours = _forced_logits(lm.step, PROMPT, want.tokens[:-1], dev)
+            for i, (a, b) in enumerate(zip(ref, ours)):
+                if int(a.argmax()) != int(b.argmax()):
+                    top2 = a.topk(2).values
+                    diff = float((a - b).abs().max())
+                    assert float(top2[0] - top2[1]) <= 2 * diff, (i, float(top2[0] - top2[1]), diff)
+                    break
+        wrapper = transformers.integrations.executorch.TorchExportableModuleForDecoderOnlyLM(
+            model, batch_size=1, max_cache_len=MAX_SEQ).model
+        quantized = _state_bytes(wrapper)
+        held = aoti_rt.cache_stats(lm.model.device)["bytes_allocated"]
+        assert f"{held / lm.model.manifest.unique_weight_bytes():.2f}" == "1.00"
+        assert 0.95 * quantized <= held <= 1.005 * quantized, (held, quantized)
