@@ -66,13 +66,17 @@ _SPOT = 64
 
 
 class OpenFile:
-    """A file opened read-only, closed when the last :class:`FileSpan` of it goes. Bytes are
-    read with ``pread``: a file unlinked once open stays readable, and one truncated meanwhile
-    gives an ``OSError``, where a memory map of it would kill the process (SIGBUS)."""
+    """A regular file opened read-only (anything else is a BundleError, and a FIFO never blocks
+    the open), closed when the last :class:`FileSpan` of it goes. Bytes are read with
+    ``pread``: a file unlinked once open stays readable, and one truncated meanwhile gives an
+    ``OSError``, where a memory map of it would kill the process (SIGBUS)."""
 
     def __init__(self, path: str | os.PathLike[str]):
+        from .store import open_regular
+
         self.path = Path(path)
-        self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        # reopened by path: never blocks (a FIFO put in the file's place) and only a regular file
+        self.fd, _ = open_regular(self.path, "weights file")
 
     def pread(self, n: int, at: int) -> bytes:
         """Exactly ``n`` bytes at ``at`` (OSError if the file ends before)."""

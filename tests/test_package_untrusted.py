@@ -369,3 +369,29 @@ def test_a_fifo_is_a_bundle_error_not_a_hang(tmp_path, name):
 def test_a_malformed_package_spec_is_a_bundle_error_naming_the_entry(spec, names):
     with pytest.raises(aoti_rt.BundleError, match=names):
         aoti_rt.load(spec)
+
+
+def test_the_probe_reopening_a_weights_file_refuses_a_fifo_put_in_its_place(tmp_path):
+    """The probe reopens the file it hashes weights from by path: a FIFO swapped in meanwhile is
+    a BundleError at once, never an open that waits for a writer."""
+    from aoti_rt.probe import OpenFile
+
+    fifo = tmp_path / "model.pt2"
+    os.mkfifo(fifo)
+    got: list[BaseException | None] = []
+
+    def reopen() -> None:
+        try:
+            OpenFile(fifo)
+            got.append(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the test's thread
+            got.append(e)
+
+    t = threading.Thread(target=reopen, daemon=True)
+    t.start()
+    t.join(10)
+    if t.is_alive():                   # unblock the open, so the thread ends with the test
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("the probe's reopen blocked on a FIFO")
+    assert isinstance(got[0], aoti_rt.BundleError) and "not a regular file" in str(got[0])
+
