@@ -22,7 +22,7 @@ import transformers  # noqa: E402
 import aoti_rt  # noqa: E402
 from aoti_rt.llm import (LLM, MissingExtraError, UnsupportedModelError, export_llm,  # noqa: E402
                          load_llm)
-from aoti_rt.llm.export import eager_step  # noqa: E402
+from aoti_rt.llm.export import eager_step, state_bytes  # noqa: E402
 from aoti_rt.llm.generate import generate_tokens  # noqa: E402
 from aoti_rt.llm.quant import quantize  # noqa: E402
 
@@ -50,23 +50,6 @@ def _eager(family: str, scheme: str, seed: int = 0, device: str = "cpu", dtype=t
     model.eval().requires_grad_(False).to(device)
     quantize(model, scheme, "cpu" if device == "cpu" else "cuda", GROUP)
     return model
-
-
-def _state_bytes(module: torch.nn.Module) -> int:
-    """Bytes of one copy of ``module``'s state: quantized tensors by their parts, each storage once."""
-    seen: dict[int, int] = {}
-
-    def add(t: torch.Tensor) -> None:
-        flatten = getattr(type(t), "__tensor_flatten__", None)
-        if flatten is not None:
-            for attr in flatten(t)[0]:
-                add(getattr(t, attr))
-            return
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-
-    for _, t in list(module.named_parameters()) + list(module.named_buffers()):
-        add(t)
-    return sum(seen.values())
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +81,7 @@ def test_tokens_equal_eager_and_one_copy(bundles, family, scheme):
         # one copy of the quantized weights and one KV cache, for both methods
         wrapper = transformers.integrations.executorch.TorchExportableModuleForDecoderOnlyLM(
             model, batch_size=1, max_cache_len=MAX_SEQ).model
-        quantized = _state_bytes(wrapper)
+        quantized = state_bytes(wrapper)
         held = aoti_rt.cache_stats(lm.model.device)["bytes_allocated"]
         man = lm.model.manifest
         assert f"{held / man.unique_weight_bytes():.2f}" == "1.00", (held, man.unique_weight_bytes())
@@ -258,7 +241,7 @@ def test_constants_outgrowing_the_quantized_state_warn(tmp_path):
     """A bundle whose constants are the dequantized float32 weights of an int8 model (what
     inductor's freezing makes of a dequantization it folds) is one copy still, but of larger
     weights: the export's check warns with the figures and the setting."""
-    from aoti_rt.llm.export import state_bytes, warn_if_inflated
+    from aoti_rt.llm.export import warn_if_inflated
 
     torch.manual_seed(0)
     w = torch.randint(-127, 127, (256, 64), dtype=torch.int8)
@@ -355,7 +338,7 @@ def test_cuda_bf16_quantized_matches_eager_and_one_copy(tmp_path, family, scheme
                     break
         wrapper = transformers.integrations.executorch.TorchExportableModuleForDecoderOnlyLM(
             model, batch_size=1, max_cache_len=MAX_SEQ).model
-        quantized = _state_bytes(wrapper)
+        quantized = state_bytes(wrapper)
         held = aoti_rt.cache_stats(lm.model.device)["bytes_allocated"]
         assert f"{held / lm.model.manifest.unique_weight_bytes():.2f}" == "1.00"
         assert 0.95 * quantized <= held <= 1.005 * quantized, (held, quantized)
