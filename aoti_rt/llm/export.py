@@ -38,69 +38,119 @@ class _Say:
             print(f"[{time.perf_counter() - self.t0:7.1f}s] {text}", file=sys.stderr, flush=True)
 
 
-def export_llm(source: Any, path: str | os.PathLike[str], *, max_seq_len: int = 256,
-               max_prefill: int | None = None, quantize_weights: str = "none", group_size: int = 128,
-               packing: str | None = None, device: str = "cpu", dtype: Any = None, seed: int = 0,
-               experts_implementation: str | None = None, overwrite: bool = False, progress: bool = True,
-               inductor_configs: Mapping[str, Any] | None = None) -> Path:
-    """Export a transformers causal LM into a prefill/decode bundle at ``path``.
+def prepare_model(source: Any, *, quantize_weights: str = "none", group_size: int = 128,
+                  packing: str | None = None, device: str = "cpu", dtype: Any = None, seed: int = 0,
+                  experts_implementation: str | None = None, low_memory: bool = False,
+                  progress: bool = False) -> Any:
+    """The model :func:`export_llm` exports: resolved from ``source`` (see
+    :func:`~aoti_rt.llm.source.resolve_model`), on ``device``, quantized as asked. Run it
+    eagerly with :func:`eager_step` to check a bundle against it.
 
-    Args:
-        source: a loaded ``PreTrainedModel`` (quantized in place if ``quantize_weights`` asks),
-            a checkpoint directory, or a ``PretrainedConfig`` (random weights from ``seed``).
-            Llama, Qwen3 and Qwen3-MoE families.
-        path: the bundle directory (as :func:`aoti_rt.compile` takes it).
-        max_seq_len: the KV cache's length: prompt plus generated tokens.
-        max_prefill: the longest prefill call (default ``max_seq_len``); longer prompts are
-            prefilled in chunks by :meth:`LLM.generate`.
-        quantize_weights: "none", "int8" or "int4" weight-only (torchao, the packing the
-            device's kernels need: :mod:`aoti_rt.llm.quant`).
-        group_size: int4 group size (32, 64, 128, 256); a linear layer whose input size it does
-            not divide stays unquantized.
-        packing: the int4 packing (default: the device's first in :mod:`aoti_rt.llm.quant`).
-        device: "cpu" or "cuda[:N]": where the model is exported and the bundle runs.
-        dtype: weights dtype for a directory or config (default: checkpoint's, or float32).
-        seed: random weights' seed (a config only).
-        experts_implementation: transformers' MoE experts implementation (``"batched_mm"``,
-            ``"grouped_mm"``, ``"eager"``; default transformers' choice).
-        overwrite: replace an existing bundle.
-        progress: print each phase with its time on stderr, and aoti_rt.compile's progress bar.
-        inductor_configs: passed to :func:`aoti_rt.compile`.
-
-    Returns:
-        The bundle directory; its ``llm.json`` is read by :func:`aoti_rt.llm.load_llm`.
-
-    Raises:
-        UnsupportedModelError: not a covered family. MissingExtraError: transformers or
-        torchao missing. OptionError: a size or quantization option it does not take.
-        CompileError: export or compile failed (see :func:`aoti_rt.compile`).
+    ``low_memory`` (a config only): build the random weights on ``device`` one decoder layer at
+    a time, quantizing each before the next, so the peak is the quantized model plus one layer
+    in full precision (a 35B-parameter MoE fits one 80 GB card); the weights differ from
+    ``from_config``'s for the same seed.
     """
+    say = _Say(progress)
+    say(f"loading the model ({type(source).__name__})")
+    kind = "cpu" if device == "cpu" else "cuda"
+    if low_memory:
+        model = build_low_memory(source, device=device, dtype=dtype, seed=seed,
+                                 experts_implementation=experts_implementation,
+                                 quantize_layer=lambda m, dt: quantize(m, quantize_weights, kind, group_size,
+                                                                       packing, dtype=dt), say=say)
+    else:
+        model = resolve_model(source, dtype=dtype, seed=seed, experts_implementation=experts_implementation)
+    check_family(model.config)
+    check_shims(getattr(model.config.get_text_config(), "_experts_implementation", None), device,
+                torch_version())
+    if not low_memory:
+        model.to(device)
+        if quantize_weights != "none":
+            say(f"quantizing weights to {quantize_weights} (torchao; MoE experts: aoti_rt.llm.experts)")
+        quantize(model, quantize_weights, kind, group_size, packing)
+    return model
+
+
+def build_low_memory(config: Any, *, device: str, dtype: Any, seed: int, experts_implementation: str | None,
+                     quantize_layer: Any, say: Any = None) -> Any:
+    """A model of ``config`` with random weights built on ``device`` a module at a time (each
+    decoder layer quantized by ``quantize_layer(module, dtype)`` before the next is made)."""
     import torch
 
-    import aoti_rt
+    transformers = require("transformers")
+    if not isinstance(config, transformers.PretrainedConfig):
+        raise OptionError(f"low_memory builds random weights from a PretrainedConfig, not {type(config).__name__}")
+    check_family(config)
+    dtype = dtype or torch.float32
+    kwargs = {} if experts_implementation is None else {"experts_implementation": experts_implementation}
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    model.eval().requires_grad_(False)
+    torch.manual_seed(seed)
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    blocks = list(layers[0]) if layers else []
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    for i, block in enumerate(blocks):
+        _materialize(model, block, device)
+        quantize_layer(block, dtype)
+        if say is not None and (i % 8 == 0 or i == len(blocks) - 1):
+            say(f"built layer {i + 1}/{len(blocks)}")
+    for name, m in model.named_modules():         # the rest: embeddings, final norm, lm_head, rotary
+        if any(p.is_meta for p in m.parameters(recurse=False)) or any(b.is_meta for b in m.buffers(recurse=False)):
+            if name.endswith("rotary_emb"):
+                parent, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, leaf, type(m)(m.config).to(device))
+            else:
+                _materialize(model, m, device, recurse=False)
+    if model.config.get_text_config().tie_word_embeddings:
+        model.tie_weights()
+    quantize_layer(model, dtype)                 # the linears outside the decoder layers
+    assert not in_blocks or not any(p.is_meta for p in model.parameters())
+    return model
 
-    if not isinstance(max_seq_len, int) or max_seq_len < MIN_PREFILL + 1:
-        raise OptionError(f"max_seq_len must be an int of at least {MIN_PREFILL + 1}, not {max_seq_len!r}")
-    max_prefill = max_seq_len if max_prefill is None else max_prefill
-    if not isinstance(max_prefill, int) or not MIN_PREFILL <= max_prefill <= max_seq_len:
-        raise OptionError(f"max_prefill must be an int from {MIN_PREFILL} to max_seq_len ({max_seq_len}), "
-                          f"not {max_prefill!r}")
+
+def _materialize(model: Any, module: Any, device: str, recurse: bool = True) -> None:
+    """Give ``module``'s meta tensors memory on ``device`` and transformers' own random init."""
+    module.to_empty(device=device, recurse=recurse)
+    for m in (module.modules() if recurse else [module]):
+        model._init_weights(m)
+
+
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def export_programs(model: Any, *, max_seq_len: int, max_prefill: int | None = None,
+                    progress: bool = False) -> dict[str, Any]:
+    """``{"prefill": ..., "decode": ...}``: the ``torch.export`` programs of ``model`` (from
+    :func:`prepare_model`) in transformers' export wrapper with a static KV cache of
+    ``max_seq_len``, ``prefill`` taking ``T`` from :data:`MIN_PREFILL` to ``max_prefill``.
+    :func:`aoti_rt.compile` takes them; so does ``torch._inductor.aoti_compile_and_package``,
+    one at a time.
+
+    Raises:
+        OptionError: a size it does not take. CompileError: ``torch.export`` failed.
+    """
+    return _export(model, max_seq_len, max_prefill, progress)[0]
+
+
+def _export(model: Any, max_seq_len: int, max_prefill: int | None, progress: bool) -> tuple[dict[str, Any], Any]:
+    """The programs, and the export wrapper (the model and its KV cache)."""
+    import torch
+
+    max_prefill = _check_sizes(max_seq_len, max_prefill)
     say = _Say(progress)
     executorch = require("transformers.integrations.executorch")
-    say(f"loading the model ({type(source).__name__})")
-    model = resolve_model(source, dtype=dtype, seed=seed, experts_implementation=experts_implementation)
     model_type = check_family(model.config)
-    check_shims(getattr(model.config.get_text_config(), "_experts_implementation", None), device,
-                torch.__version__)
-    model.to(device)
-    if quantize_weights != "none":
-        say(f"quantizing linear weights to {quantize_weights} (torchao)")
-    quantize(model, quantize_weights, "cpu" if device == "cpu" else "cuda", group_size, packing)
+    device = model.device
     gen = model.generation_config
     gen.use_cache = True
     gen.cache_implementation = "static"
     wrapper = executorch.TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=max_seq_len,
-                                                               device=torch.device(device))
+                                                               device=device)
     n = min(max(MIN_PREFILL, 4), max_prefill)
     ids = torch.zeros(1, n, dtype=torch.long, device=device)
     length = torch.export.Dim("prefill_len", min=MIN_PREFILL, max=max_prefill)
@@ -121,12 +171,75 @@ def export_llm(source: Any, path: str | os.PathLike[str], *, max_seq_len: int = 
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CompileError(f"torch.export of the {model_type} model failed ({type(e).__name__}: {first[:300]}); "
                            f"try another experts_implementation for a MoE model, or report the model") from e
+    return programs, wrapper
+
+
+def _check_sizes(max_seq_len: Any, max_prefill: Any) -> int:
+    if not isinstance(max_seq_len, int) or max_seq_len < MIN_PREFILL + 1:
+        raise OptionError(f"max_seq_len must be an int of at least {MIN_PREFILL + 1}, not {max_seq_len!r}")
+    max_prefill = max_seq_len if max_prefill is None else max_prefill
+    if not isinstance(max_prefill, int) or not MIN_PREFILL <= max_prefill <= max_seq_len:
+        raise OptionError(f"max_prefill must be an int from {MIN_PREFILL} to max_seq_len ({max_seq_len}), "
+                          f"not {max_prefill!r}")
+    return max_prefill
+
+
+def export_llm(source: Any, path: str | os.PathLike[str], *, max_seq_len: int = 256,
+               max_prefill: int | None = None, quantize_weights: str = "none", group_size: int = 128,
+               packing: str | None = None, device: str = "cpu", dtype: Any = None, seed: int = 0,
+               experts_implementation: str | None = None, low_memory: bool = False, overwrite: bool = False,
+               progress: bool = True, inductor_configs: Mapping[str, Any] | None = None) -> Path:
+    """Export a transformers causal LM into a prefill/decode bundle at ``path``.
+
+    Args:
+        source: a loaded ``PreTrainedModel`` (quantized in place if ``quantize_weights`` asks),
+            a checkpoint directory, or a ``PretrainedConfig`` (random weights from ``seed``).
+            Llama, Qwen3 and Qwen3-MoE families.
+        path: the bundle directory (as :func:`aoti_rt.compile` takes it).
+        max_seq_len: the KV cache's length: prompt plus generated tokens.
+        max_prefill: the longest prefill call (default ``max_seq_len``); longer prompts are
+            prefilled in chunks by :meth:`LLM.generate`.
+        quantize_weights: "none", "int8" or "int4" weight-only: linear layers with torchao, in
+            the packing the device's kernels need (:mod:`aoti_rt.llm.quant`); fused MoE experts
+            with :mod:`aoti_rt.llm.experts`.
+        group_size: int4 group size (32, 64, 128, 256); a layer whose input size it does not
+            divide stays unquantized.
+        packing: the int4 packing of linear layers (default: the device's first in
+            :mod:`aoti_rt.llm.quant`).
+        device: "cpu" or "cuda[:N]": where the model is exported and the bundle runs.
+        dtype: weights dtype for a directory or config (default: checkpoint's, or float32).
+        seed: random weights' seed (a config only).
+        experts_implementation: transformers' MoE experts implementation (``"batched_mm"``,
+            ``"grouped_mm"``, ``"eager"``; default transformers' choice) for experts that stay
+            in full precision.
+        low_memory: a config's random weights built a layer at a time (see :func:`prepare_model`).
+        overwrite: replace an existing bundle.
+        progress: print each phase with its time on stderr, and aoti_rt.compile's progress bar.
+        inductor_configs: passed to :func:`aoti_rt.compile`.
+
+    Returns:
+        The bundle directory; its ``llm.json`` is read by :func:`aoti_rt.llm.load_llm`.
+
+    Raises:
+        UnsupportedModelError: not a covered family. MissingExtraError: transformers or
+        torchao missing. OptionError: a size or quantization option it does not take.
+        NoShimError: an op AOTInductor cannot compile for the device on this torch.
+        CompileError: export or compile failed (see :func:`aoti_rt.compile`).
+    """
+    import aoti_rt
+
+    max_prefill = _check_sizes(max_seq_len, max_prefill)
+    say = _Say(progress)
+    model = prepare_model(source, quantize_weights=quantize_weights, group_size=group_size, packing=packing,
+                          device=device, dtype=dtype, seed=seed, experts_implementation=experts_implementation,
+                          low_memory=low_memory, progress=progress)
+    programs, wrapper = _export(model, max_seq_len, max_prefill, progress)
     say("compiling prefill and decode with AOTInductor (aoti_rt.compile)")
     existed = Path(path).exists()
     out = aoti_rt.compile(programs, path, device=device, overwrite=overwrite, progress=progress,
                           inductor_configs=inductor_configs)
     try:
-        _describe(out, model, model_type, gen, max_seq_len, max_prefill, quantize_weights, group_size, packing)
+        _describe(out, model, max_seq_len, max_prefill, quantize_weights, group_size, packing)
     except BaseException:
         if not existed:                  # a bundle without its llm.json is not one load_llm takes
             shutil.rmtree(out, ignore_errors=True)
@@ -136,11 +249,13 @@ def export_llm(source: Any, path: str | os.PathLike[str], *, max_seq_len: int = 
     return out
 
 
-def _describe(out: Path, model: Any, model_type: str, gen: Any, max_seq_len: int, max_prefill: int,
-              quantize_weights: str, group_size: int, packing: str | None) -> None:
+def _describe(out: Path, model: Any, max_seq_len: int, max_prefill: int, quantize_weights: str, group_size: int,
+              packing: str | None) -> None:
     """Write the bundle's ``llm.json``."""
     import aoti_rt
 
+    model_type = check_family(model.config)
+    gen = model.generation_config
     bound = {c.fqn for m in aoti_rt.read_bundle(out).manifest.methods.values() for c in m.constants}
     eos = gen.eos_token_id if gen.eos_token_id is not None else model.config.eos_token_id
     eos_ids = [] if eos is None else [int(eos)] if isinstance(eos, int) else [int(t) for t in eos]

@@ -177,9 +177,11 @@ class LLM:
         return self.model.update_weights(mapped, **kwargs)
 
     def _parts(self, name: str, entry: WeightName, value: Any) -> dict[str, Any]:
+        import torch
+
         if not entry.parts:
             return {entry.fqn: value}
-        if getattr(type(value), "__tensor_flatten__", None) is None:
+        if not isinstance(value, torch.Tensor) or getattr(type(value), "__tensor_flatten__", None) is None:
             value = self._quantize(name, value)
         try:
             return {fqn: getattr(value, attr) for attr, fqn in entry.parts.items()}
@@ -191,11 +193,16 @@ class LLM:
     def _quantize(self, name: str, value: Any) -> Any:
         import torch
 
+        from .experts import QuantizedWeight, quantize_weight
         from .quant import quantize
 
+        if isinstance(value, QuantizedWeight):
+            return value
+        if isinstance(value, torch.Tensor) and value.dim() == 3 and self.info.quantize in ("int8", "int4"):
+            return quantize_weight(value.detach(), 8 if self.info.quantize == "int8" else 4, self.info.group_size)
         if not isinstance(value, torch.Tensor) or value.dim() != 2:
-            raise InputError(f"update_weights: {name} is a quantized linear weight; pass a 2-D tensor "
-                             f"(or the torchao tensor), not {type(value).__name__}")
+            raise InputError(f"update_weights: {name} is a quantized weight; pass a 2-D tensor (3-D for MoE "
+                             f"experts) or the quantized tensor, not {type(value).__name__}")
         lin = torch.nn.Linear(value.shape[1], value.shape[0], bias=False, device=value.device, dtype=value.dtype)
         lin.weight = torch.nn.Parameter(value.detach(), requires_grad=False)
         dev = "cpu" if value.device.type == "cpu" else "cuda"

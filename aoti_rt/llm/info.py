@@ -77,10 +77,22 @@ class LlmInfo:
 
 def weight_names(model: Any, bound: set[str]) -> dict[str, WeightName]:
     """The map from ``model``'s parameter and buffer names to the bundle FQNs in ``bound`` (the
-    constants the compiled methods bind)."""
+    constants the compiled methods bind); fused MoE experts quantized by
+    :mod:`aoti_rt.llm.experts` by the names the model had before (``...experts.gate_up_proj``)."""
+    from .experts import quantized_modules
+
     out: dict[str, WeightName] = {}
+    own: set[str] = set()
+    for prefix, module in quantized_modules(model):
+        for name, parts in module.parts(prefix):
+            held = {a: PREFIX + f for a, f in parts.items() if PREFIX + f in bound}
+            if held:
+                out[name] = WeightName(parts=held)
+            own.update(parts.values())
     named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
     for name, value in named:
+        if name in own:
+            continue
         flatten = getattr(type(value), "__tensor_flatten__", None)
         if flatten is not None:
             attrs = flatten(value)[0]

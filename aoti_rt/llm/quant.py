@@ -6,7 +6,8 @@ the tinygemm tile packing (``Int4WeightOnlyConfig(int4_packing_format="tile_pack
 ``aten._weight_int4pack_mm``). Another CUDA packing is one more entry in :data:`CUDA_INT4`.
 
 torchao quantizes ``nn.Linear`` modules; transformers' fused MoE experts (3-D parameters) are
-not ``nn.Linear`` and stay in the model's dtype.
+not ``nn.Linear``: :mod:`aoti_rt.llm.experts` quantizes them (same scheme and group size, its
+own layout, plain kernels on every device).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Callable
 
 from ..errors import OptionError
 from ._deps import require
+from .experts import quantize_experts
 
 SCHEMES = ("none", "int8", "int4")
 
@@ -65,17 +67,20 @@ def config_for(scheme: str, device: str, group_size: int = 128, packing: str | N
     return table[name](group_size)
 
 
-def quantize(model: Any, scheme: str, device: str, group_size: int = 128, packing: str | None = None) -> Any:
-    """Quantize ``model``'s ``nn.Linear`` weights in place with torchao; return the config used
-    (None for "none")."""
+def quantize(model: Any, scheme: str, device: str, group_size: int = 128, packing: str | None = None,
+             dtype: Any = None) -> Any:
+    """Quantize ``model``'s ``nn.Linear`` weights in place with torchao, and its fused MoE
+    experts with :func:`aoti_rt.llm.experts.quantize_experts`; return the torchao config used
+    (None for "none"). ``dtype``: the weights' dtype (default ``model.dtype``)."""
     config = config_for(scheme, device, group_size, packing)
     if scheme == "int4" and device != "cpu":
         name = packing or next(iter(CUDA_INT4))
         need = NEEDS_DTYPE.get(name)
-        dtype = str(getattr(model, "dtype", "")).removeprefix("torch.")
+        dtype = str(dtype if dtype is not None else getattr(model, "dtype", "")).removeprefix("torch.")
         if need is not None and dtype != need:
             raise OptionError(f"int4 packing {name!r} takes {need} weights, not {dtype}; export with "
                               f"dtype=torch.{need} (--dtype {need})")
     if config is not None:
         require("torchao.quantization").quantize_(model, config)
+        quantize_experts(model, scheme, group_size)
     return config
