@@ -13,7 +13,8 @@ from .bundle import Bundle, Manifest, read_bundle
 from .compiler import compile
 from .device import cuda_available
 from .errors import (AllocationError, AOTIError, AotiRtError, BundleError, ClosedError,
-                     CompileError, CudaError, DeviceError, InputError, OptionError, ShareError)
+                     CompileError, CudaError, DeviceError, InputError, NoShimError, OptionError,
+                     ShareError)
 from .loader import PinnedStore, pin_store
 from .memory import (MemoryReport, Sampler, cache_stats, free_staging, memory_report, reset_peak,
                      set_memory_limit)
@@ -27,5 +28,5 @@ __all__ = [
     "compile", "load", "load_method", "cache_stats", "free_staging", "memory_report", "MemoryReport", "Sampler", "reset_peak", "set_memory_limit",
     "cuda_available", "pin_store", "PinnedStore", "Model", "Method", "BoundConstant", "Verify", "ShareInfo", "Bundle", "Manifest",
     "read_bundle", "AotiRtError", "BundleError", "CompileError", "AOTIError", "InputError", "ClosedError",
-    "AllocationError", "CudaError", "DeviceError", "ShareError", "OptionError",
+    "AllocationError", "CudaError", "DeviceError", "ShareError", "OptionError", "NoShimError",
 ]

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .bundle import MethodSpec
-from .errors import CompileError
+from .errors import CompileError, NoShimError
 from .handoff import HandoffError, read_program, write_program
 from .method_compiler import Job, compile_method, log, quiet_torch_deprecations, record, timed
 from .probe import FileSpan, OpenFile
@@ -262,6 +262,8 @@ class _Worker:
                 kind, message, tb = pickle.load(f)
             if kind == "CompileError":
                 raise CompileError(message)
+            if kind == "NoShimError":
+                raise NoShimError(message)
             if kind == "HandoffError":
                 raise HandoffError(message)
             raise CompileError(f"method {name!r}: compiling it in a worker process failed with {kind}: "

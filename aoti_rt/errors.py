@@ -21,6 +21,11 @@ class CompileError(AotiRtError, ValueError):
     """``aoti_rt.compile`` was given arguments it cannot compile."""
 
 
+class NoShimError(CompileError):
+    """AOTInductor has no C shim for an op the program calls, on this device and torch: the
+    message names the op, the torch release that has it where known, and what to do instead."""
+
+
 class AOTIError(AotiRtError, RuntimeError):
     """A call into an AOTInductor shared object failed (or the .so lacks an entry point)."""
 

@@ -9,6 +9,7 @@ records (``log``) are the compiler's.
 from __future__ import annotations
 
 import contextlib
+import re
 import logging
 import os
 import shutil
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .bundle import FixedInput, InputSpec, MethodSpec
-from .errors import AOTIError, AotiRtError, CompileError
+from .errors import AOTIError, AotiRtError, CompileError, NoShimError
 from .probe import FileSpan, opaque_note, probe_method
 
 if TYPE_CHECKING:
@@ -45,6 +46,26 @@ def quiet_torch_deprecations():
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
         warnings.filterwarnings("ignore", message=r".*torch\.jit\..*deprecated.*", category=DeprecationWarning)
         yield
+
+
+#: ops whose AOTI C shim arrived in a known torch release: op -> (release, what to do before it)
+SHIM_SINCE = {"_grouped_mm": ("2.12", "for transformers' MoE experts, experts_implementation='batched_mm'")}
+_NO_SHIM = re.compile(r"aoti_torch_(cuda|cpu|xpu|mps)_(\w+)' was not declared")
+
+
+def missing_shim(compiler_output: str, torch_version: str) -> str | None:
+    """The user's-terms reason when ``compiler_output`` (AOTI's C++ compile error) fails on a
+    C shim this torch does not have: the op, the device, the torch that has it where known
+    (:data:`SHIM_SINCE`) and the alternative; None for another compile error."""
+    m = _NO_SHIM.search(compiler_output)
+    if m is None:
+        return None
+    device, op = m.groups()
+    known = SHIM_SINCE.get(op)
+    where = (f"it arrives in torch {known[0]}; upgrade torch, or use {known[1]}" if known else
+             "a later torch may have it (torchgen's fallback_ops list); upgrade torch or avoid the op")
+    return (f"the program calls aten.{op}, which AOTInductor cannot compile for {device} on torch "
+            f"{torch_version} (no C shim aoti_torch_{device}_{op}): {where}")
 
 
 def first_line(e: BaseException) -> str:
@@ -112,6 +133,9 @@ def compile_method(job: Job, ep: ExportedProgram, keep_files: bool = False
     except AotiRtError:
         raise
     except Exception as e:  # noqa: BLE001 - inductor's errors are of many types
+        missing = missing_shim(str(e), torch.__version__)
+        if missing is not None:
+            raise NoShimError(f"method {name!r}: {missing}") from e
         raise CompileError(f"method {name!r}: AOTInductor failed to compile it ({type(e).__name__}: "
                            f"{first_line(e)}); see the chained error for where") from e
     timed("aoti", name, t0)

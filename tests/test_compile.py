@@ -235,3 +235,62 @@ def test_store_holds_each_weight_typed(three_bundle, device):
             t = f.get_tensor(w.tensor)
             p = next(params[q] for q in w.fqns if q in params)
             assert t.dtype == p.dtype and torch.equal(t, p), w.fqns
+
+
+# -- an op without an AOTI C shim on this torch ---------------------------------------------------
+
+_GXX_NO_SHIM = """C++ compile error
+
+Command:
+g++ /tmp/torchinductor_u/cw/cwabc.cpp -D TORCH_INDUCTOR_CPP_WRAPPER -shared -fPIC -O3 -o /tmp/cwabc.so
+
+Output:
+/tmp/torchinductor_u/cw/cwabc.cpp: In member function 'void AOTInductorModel::run_impl(...)':
+/tmp/torchinductor_u/cw/cwabc.cpp:312:5: error: 'aoti_torch_cuda__grouped_mm' was not declared in this scope; \
+did you mean 'aoti_torch_cuda__grouped_mm_out'?
+  312 |     aoti_torch_cuda__grouped_mm(buf3, arg1_1, &offs, nullptr, &out_dtype, &buf4);
+"""
+
+
+def test_missing_c_shim_is_named_in_the_users_terms():
+    from aoti_rt.method_compiler import missing_shim
+
+    why = missing_shim(_GXX_NO_SHIM, "2.11.0+cu130")
+    assert why is not None and "\n" not in why
+    assert "aten._grouped_mm" in why and "cuda" in why and "2.11.0+cu130" in why
+    assert "torch 2.12" in why and "batched_mm" in why             # the release that has it, the alternative
+    other = missing_shim(_GXX_NO_SHIM.replace("_grouped_mm", "_my_new_op"), "2.11.0")
+    assert "aten._my_new_op" in other and "later torch" in other   # an op of no known release
+    assert missing_shim("C++ compile error\nOutput:\nerror: expected ';' before '}' token", "2.11.0") is None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (aoti_rt.cuda_available() and torch.cuda.is_available()), reason="no CUDA GPU")
+def test_grouped_mm_compiles_or_is_a_no_shim_error(tmp_path):
+    """``torch._grouped_mm`` through aoti_rt.compile on CUDA: runs where this torch has its C
+    shim, else a NoShimError naming the op and the release (never g++'s output alone)."""
+    class Grouped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(4, 32, 64, dtype=torch.bfloat16, device="cuda"))
+
+        def forward(self, x, offs):
+            return torch._grouped_mm(x, self.w.transpose(-2, -1), offs=offs)
+
+    m = Grouped()
+    x = torch.randn(64, 64, dtype=torch.bfloat16, device="cuda")
+    offs = torch.tensor([16, 32, 48, 64], dtype=torch.int32, device="cuda")
+    try:
+        want = m(x, offs)
+    except RuntimeError as e:                      # grouped_mm needs sm90+ and its layouts
+        pytest.skip(f"torch._grouped_mm does not run eagerly here: {e}")
+    ep = torch.export.export(m, (x, offs))
+    major, minor = (int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    if (major, minor) < (2, 12):
+        with pytest.raises(aoti_rt.NoShimError, match=r"aten\._grouped_mm.*torch 2\.12"):
+            aoti_rt.compile({"forward": ep}, tmp_path / "g", device="cuda:0", progress=False)
+        assert not (tmp_path / "g").exists() or not any((tmp_path / "g").iterdir())
+        return
+    path = aoti_rt.compile({"forward": ep}, tmp_path / "g", device="cuda:0", progress=False)
+    with aoti_rt.load(path, device="cuda:0") as model:
+        assert torch.equal(model.forward(x, offs), want)

@@ -93,6 +93,13 @@ def test_tokens_equal_eager_and_one_copy(bundles, family, scheme):
         # the linear weights are stored quantized, not folded back to float
         dtypes = {c.dtype for m in man.methods.values() for c in m.constants if "parametrizations" in c.fqn}
         assert dtypes & {"int8", "uint8", "int32"}, dtypes
+        # so are MoE experts: 3-D int8 (int4: two a byte) with a scale per row or group
+        experts = {c.fqn.rsplit(".", 1)[1]: c.dtype for m in man.methods.values() for c in m.constants
+                   if ".experts." in c.fqn}
+        if family == "qwen3_moe":
+            assert experts == {"gate_up_proj_qdata": "int8" if scheme == "int8" else "uint8",
+                               "down_proj_qdata": "int8" if scheme == "int8" else "uint8",
+                               "gate_up_proj_scale": "float32", "down_proj_scale": "float32"}, experts
 
 
 def test_prefill_chunks_and_single_token_tail(bundles):
@@ -136,17 +143,18 @@ def test_prompt_longer_than_cache_is_input_error(bundles):
             lm.generate([])
 
 
-@pytest.mark.parametrize("form", ["quantized", "float"])
-def test_update_weights_by_the_models_own_names(bundles, form):
+@pytest.mark.parametrize("family,form", [("llama", "quantized"), ("llama", "float"), ("qwen3_moe", "float")])
+def test_update_weights_by_the_models_own_names(bundles, family, form):
     """New weights given by the user's state_dict names, quantized (torchao tensors) or in full
-    precision (quantized as at export), make the bundle compute what the new model computes."""
-    path = bundles("llama", "int8")
-    new = _eager("llama", "int8", seed=1)
+    precision (quantized as at export; MoE experts' 3-D weights too), make the bundle compute
+    what the new model computes."""
+    path = bundles(family, "int8")
+    new = _eager(family, "int8", seed=1)
     if form == "quantized":
         weights = dict(new.state_dict())
     else:
         torch.manual_seed(1)
-        plain = transformers.AutoModelForCausalLM.from_config(_config("llama"), dtype=torch.float32)
+        plain = transformers.AutoModelForCausalLM.from_config(_config(family), dtype=torch.float32)
         weights = dict(plain.state_dict())
     want = generate_tokens(eager_step(new, MAX_SEQ), PROMPT, max_seq_len=MAX_SEQ, max_prefill=MAX_PREFILL,
                            max_new_tokens=8)
@@ -154,12 +162,38 @@ def test_update_weights_by_the_models_own_names(bundles, form):
         before = lm.generate(PROMPT, max_new_tokens=8, stop=[])
         weights = {k: v for k, v in weights.items() if k in lm.info.weights}
         assert any("q_proj.weight" in k for k in weights)
+        if family == "qwen3_moe":
+            assert {"model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"} <= set(weights)
         lm.update_weights(weights)
         after = lm.generate(PROMPT, max_new_tokens=8, stop=[])
         assert after.tokens == want.tokens
         assert after.tokens != before.tokens
         with pytest.raises(aoti_rt.InputError, match="no weight"):
             lm.update_weights({"model.layers.0.not_a_weight": torch.zeros(1)})
+
+
+def test_low_memory_build_quantizes_each_layer_and_runs():
+    """``low_memory``: a config's random weights built a layer at a time on the device (here the
+    CPU), each layer quantized before the next; nothing stays on the meta device, the rotary
+    tables are transformers' own, and the model generates."""
+    from aoti_rt.llm.experts import QuantizedExperts
+    from aoti_rt.llm.export import prepare_model
+
+    model = prepare_model(_config("qwen3_moe"), quantize_weights="int4", group_size=GROUP, device="cpu",
+                          low_memory=True)
+    assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+    assert all(isinstance(layer.mlp.experts, QuantizedExperts) for layer in model.model.layers)
+    assert type(model.model.layers[0].self_attn.q_proj.weight).__name__ != "Parameter"      # torchao's
+    assert type(model.lm_head.weight).__name__ != "Parameter"
+    ref = _eager("qwen3_moe", "none")
+    assert torch.equal(model.model.rotary_emb.inv_freq, ref.model.rotary_emb.inv_freq)
+    full = state_bytes(ref)
+    assert state_bytes(model) < 0.45 * full, (state_bytes(model), full)
+    out = generate_tokens(eager_step(model, MAX_SEQ), PROMPT, max_seq_len=MAX_SEQ, max_prefill=MAX_PREFILL,
+                          max_new_tokens=4)
+    assert len(out.tokens) == 4
+    with pytest.raises(aoti_rt.OptionError, match="PretrainedConfig"):
+        prepare_model(ref, low_memory=True)
 
 
 def test_bundle_records_names_and_sizes(bundles):
@@ -170,6 +204,9 @@ def test_bundle_records_names_and_sizes(bundles):
     q = info["weights"]["model.layers.0.self_attn.q_proj.weight"]["parts"]
     assert set(q) == {"qdata", "scale_and_zero"}
     assert all(".parametrizations.weight.original" in f for f in q.values())
+    experts = info["weights"]["model.layers.0.mlp.experts.gate_up_proj"]["parts"]
+    assert experts == {"qdata": "model.model.layers.0.mlp.experts.gate_up_proj_qdata",
+                       "scale": "model.model.layers.0.mlp.experts.gate_up_proj_scale"}
     man = aoti_rt.read_bundle(path).manifest
     bound = {c.fqn for m in man.methods.values() for c in m.constants}
     for w in info["weights"].values():
@@ -270,7 +307,7 @@ def test_cli_export_then_generate(bundles, capsys, tmp_path):
     assert main(["llm", "export", "--config", str(cfg), str(out), "--max-seq-len", str(MAX_SEQ),
                  "--max-prefill", str(MAX_PREFILL), "--quantize", "int8"]) == 0
     err = capsys.readouterr().err
-    for phase in ("quantizing linear weights to int8", "exporting prefill", "exporting decode",
+    for phase in ("quantizing weights to int8", "exporting prefill", "exporting decode",
                   "compiling prefill and decode", f"wrote {out}"):
         assert phase in err
     assert main(["llm", "generate", str(out), "--prompt-ids", ",".join(map(str, PROMPT)), "-n", "6",
@@ -342,3 +379,34 @@ def test_cuda_bf16_quantized_matches_eager_and_one_copy(tmp_path, family, scheme
         held = aoti_rt.cache_stats(lm.model.device)["bytes_allocated"]
         assert f"{held / lm.model.manifest.unique_weight_bytes():.2f}" == "1.00"
         assert 0.95 * quantized <= held <= 1.005 * quantized, (held, quantized)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="no CUDA GPU")
+def test_cuda_int4_moe_load_peak_is_one_copy(tmp_path):
+    """The motivating case at a small scale: an int4 Qwen3-MoE (experts int4 too, ~110 MB) holds
+    one copy of its weights and KV cache, and the device-wide peak while it loads stays within
+    1.02x of that (plus 16 MiB for the .so's kernel images); stock per-method loading is ~2x."""
+    cfg = transformers.Qwen3MoeConfig(vocab_size=4096, hidden_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                                      num_key_value_heads=2, head_dim=128, intermediate_size=2048,
+                                      moe_intermediate_size=512, num_experts=32, num_experts_per_tok=4,
+                                      max_position_embeddings=512)
+    dev = "cuda:0"
+    path = export_llm(cfg, tmp_path / "moe.aoti", max_seq_len=128, max_prefill=64, quantize_weights="int4",
+                      group_size=128, device=dev, dtype=torch.bfloat16, low_memory=True, progress=False)
+    man = aoti_rt.read_bundle(path).manifest
+    one_copy = man.unique_weight_bytes()
+    assert one_copy > 80 * 2**20
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    aoti_rt.reset_peak(dev)
+    base = aoti_rt.memory_report(dev).device_used_bytes
+    with aoti_rt.Sampler(dev, interval=0.0005):
+        lm = load_llm(path, device=dev)
+    with lm:
+        peak = aoti_rt.memory_report(dev).device_peak_used_bytes - base
+        assert aoti_rt.cache_stats(dev)["bytes_allocated"] == one_copy
+        assert peak <= 1.02 * one_copy + 16 * 2**20, (peak, one_copy)
+        out = lm.generate(PROMPT, max_new_tokens=4, stop=[])
+        assert len(out.tokens) == 4
+    assert sum(man.per_method_bytes(m) for m in man.methods) / one_copy > 1.9

@@ -6,7 +6,8 @@
 ...     print(lm.generate([151644, 872], max_new_tokens=16).tokens)
 
 Modules: :mod:`~aoti_rt.llm.source` (where the model comes from, which families),
-:mod:`~aoti_rt.llm.quant` (torchao configs per device), :mod:`~aoti_rt.llm.export` (the
+:mod:`~aoti_rt.llm.quant` (torchao configs per device), :mod:`~aoti_rt.llm.experts`
+(quantized MoE experts), :mod:`~aoti_rt.llm.export` (the
 bundle), :mod:`~aoti_rt.llm.info` (``llm.json``: sizes, stop tokens, weight names),
 :mod:`~aoti_rt.llm.generate` (the loaded model and its generation loop),
 :mod:`~aoti_rt.llm.cli` (``python -m aoti_rt llm``). transformers and torchao are imported on
@@ -16,9 +17,9 @@ first use: without them this package imports, and using it is a :class:`MissingE
 from __future__ import annotations
 
 from .errors import FAMILIES, MissingExtraError, NoShimError, UnsupportedModelError
-from .export import export_llm
+from .export import eager_step, export_llm, export_programs, prepare_model
 from .generate import LLM, Generation, generate_tokens, load_llm
 from .info import LlmInfo
 
-__all__ = ["export_llm", "load_llm", "LLM", "Generation", "generate_tokens", "LlmInfo", "FAMILIES",
+__all__ = ["export_llm", "prepare_model", "export_programs", "eager_step", "load_llm", "LLM", "Generation", "generate_tokens", "LlmInfo", "FAMILIES",
            "MissingExtraError", "NoShimError", "UnsupportedModelError"]

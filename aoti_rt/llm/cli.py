@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--packing", default=None, help="int4 packing (default: the device's; see aoti_rt.llm.quant)")
     e.add_argument("--experts", default=None, help="MoE experts implementation: batched_mm, grouped_mm, eager "
                                                   "(default: transformers' choice)")
+    e.add_argument("--low-memory", action="store_true",
+                   help="--config: build the random weights on the device a layer at a time, quantizing each "
+                        "(peak: the quantized model plus one layer)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     g = sub.add_parser("generate", help="generate tokens from a bundle written by export",
@@ -91,7 +94,8 @@ def _export(a: argparse.Namespace) -> int:
     dtype = getattr(torch, a.dtype) if a.dtype else None
     export_llm(source, a.bundle, max_seq_len=a.max_seq_len, max_prefill=a.max_prefill, quantize_weights=a.quantize,
                group_size=a.group_size, packing=a.packing, device=a.device, dtype=dtype, seed=a.seed,
-               experts_implementation=a.experts, overwrite=a.overwrite, progress=not a.quiet)
+               experts_implementation=a.experts, low_memory=a.low_memory, overwrite=a.overwrite,
+               progress=not a.quiet)
     return 0
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import AotiRtError
+from ..errors import AotiRtError, NoShimError
 
 #: the transformers ``model_type`` values this path exports, by family
 FAMILIES = {"llama": "Llama", "qwen3": "Qwen3", "qwen3_moe": "Qwen3-MoE"}
@@ -16,9 +16,7 @@ class UnsupportedModelError(AotiRtError, ValueError):
     """The model is not of a family the LLM path covers (:data:`FAMILIES`)."""
 
 
-class NoShimError(AotiRtError, RuntimeError):
-    """The model calls an op that AOTInductor cannot compile for the device on this torch (no C
-    shim): the message names the op, the torch that has it, and the alternative."""
+__all__ = ["FAMILIES", "MissingExtraError", "UnsupportedModelError", "NoShimError", "covered"]
 
 
 def covered() -> str:

@@ -67,6 +67,15 @@ def config_for(scheme: str, device: str, group_size: int = 128, packing: str | N
     return table[name](group_size)
 
 
+def _plain_linear(module: Any, fqn: str = "") -> bool:
+    """torchao's filter: an ``nn.Linear`` whose weight is not quantized yet (a model built a
+    layer at a time is quantized layer by layer, then once whole for the rest)."""
+    import torch
+
+    weight = getattr(module, "weight", None)
+    return isinstance(module, torch.nn.Linear) and type(weight) in (torch.Tensor, torch.nn.Parameter)
+
+
 def quantize(model: Any, scheme: str, device: str, group_size: int = 128, packing: str | None = None,
              dtype: Any = None) -> Any:
     """Quantize ``model``'s ``nn.Linear`` weights in place with torchao, and its fused MoE
@@ -81,6 +90,6 @@ def quantize(model: Any, scheme: str, device: str, group_size: int = 128, packin
             raise OptionError(f"int4 packing {name!r} takes {need} weights, not {dtype}; export with "
                               f"dtype=torch.{need} (--dtype {need})")
     if config is not None:
-        require("torchao.quantization").quantize_(model, config)
+        require("torchao.quantization").quantize_(model, config, filter_fn=_plain_linear)
         quantize_experts(model, scheme, group_size)
     return config

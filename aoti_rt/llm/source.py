@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..method_compiler import SHIM_SINCE
 from ._deps import require
 from .errors import FAMILIES, NoShimError, UnsupportedModelError, covered
 
@@ -62,9 +63,9 @@ def resolve_model(source: Any, *, dtype: Any = None, seed: int = 0,
     return model.eval().requires_grad_(False)
 
 
-#: ops a transformers model may call that AOTInductor compiles for CUDA only from a torch release:
-#: experts implementation -> (op, first torch (major, minor), the alternative)
-CUDA_SHIMS = {"grouped_mm": ("aten._grouped_mm", (2, 12), "experts_implementation='batched_mm' (--experts batched_mm)")}
+#: transformers experts implementations that call an op AOTInductor compiles for CUDA only from
+#: a torch release (:data:`aoti_rt.method_compiler.SHIM_SINCE`): implementation -> op
+CUDA_SHIMS = {"grouped_mm": "_grouped_mm"}
 
 
 def _version(text: str) -> tuple[int, int]:
@@ -75,11 +76,12 @@ def _version(text: str) -> tuple[int, int]:
 def check_shims(experts_implementation: str | None, device: str, torch_version: str) -> None:
     """Refuse (:class:`NoShimError`) a model whose experts implementation calls an op without an
     AOTI C shim for ``device`` on ``torch_version``, before a compile that would fail in g++."""
-    need = CUDA_SHIMS.get(experts_implementation or "")
-    if need is None or not device.startswith("cuda"):
+    op = CUDA_SHIMS.get(experts_implementation or "")
+    if op is None or not device.startswith("cuda"):
         return
-    op, first, instead = need
-    if _version(torch_version) < first:
-        raise NoShimError(f"experts_implementation={experts_implementation!r} calls {op}, which AOTInductor "
-                          f"compiles for CUDA only from torch {first[0]}.{first[1]} (this is torch "
-                          f"{torch_version}); upgrade torch or export with {instead}")
+    since, _ = SHIM_SINCE[op]
+    if _version(torch_version) < _version(since):
+        raise NoShimError(f"experts_implementation={experts_implementation!r} calls aten.{op}, which AOTInductor "
+                          f"compiles for CUDA only from torch {since} (this is torch {torch_version}); upgrade "
+                          f"torch, export with experts_implementation='batched_mm' (--experts batched_mm), or "
+                          f"quantize the experts (int8/int4: aoti_rt.llm.experts)")
