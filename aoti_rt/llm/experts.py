@@ -8,9 +8,10 @@ with torchao's quantization primitives (int8: one scale per row; int4: one scale
 ``group_size`` inputs, two values a byte) and its forward compiles to plain AOTInductor kernels
 on every device, so no C shim is needed:
 
-- one token (decode): the ``k`` routed experts' bytes are gathered, dequantized and multiplied
-  with the token in one fused reduction per projection; the routed experts' quantized bytes
-  are read once and no full-precision copy of them is written;
+- one token (decode): the ``k`` routed experts' quantized bytes are multiplied with the token
+  in one fused reduction per projection (gather, nibble unpacking and group scales pointwise
+  inside it): they are read once, unrouted experts not at all, and nothing full precision is
+  written;
 - several tokens (prefill): every expert is dequantized and applied to every token with one
   batched matmul per projection, weighted by the routing (0 where a token is not routed):
   tensor-core matmuls at ``E / k`` times the routed FLOPs, with a graph a few nodes a layer.
@@ -113,11 +114,27 @@ class QuantizedExperts(nn.Module):
         return self._dense(hidden_states, top_k_index, top_k_weights)
 
     def _routed(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        gate_up = (self._weight("gate_up_proj", idx) * x).sum(-1)              # [k, 2I]
+        gate_up = self._dot("gate_up_proj", idx, x[0])                          # [k, 2I]
         gate, up = gate_up.chunk(2, dim=-1)
         h = self.act_fn(gate) * up                                             # [k, I]
-        y = (self._weight("down_proj", idx) * h[:, None, :]).sum(-1)           # [k, H]
+        y = self._dot("down_proj", idx, h[:, None, :])                         # [k, H]
         return (y * w[:, None].to(y.dtype)).sum(0, keepdim=True).to(x.dtype)
+
+    def _dot(self, name: str, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``W[idx] @ x`` for the routed experts ``idx`` without a dequantized copy: the nibbles
+        (int4) are multiplied with the even and odd inputs and each group's sum scaled, all
+        pointwise into one reduction, so the compiled kernel reads the quantized bytes once.
+        ``x``: ``[K]``, or ``[k, 1, K]`` (one input per routed expert)."""
+        q = getattr(self, f"{name}_qdata")[idx]                                # [k, N, K'] (K' = K/2 for int4)
+        s = getattr(self, f"{name}_scale")[idx]                                # [k, N, groups]
+        if self.bits == 4:
+            pairs = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+            v = ((q & 15).to(x.dtype) - 8) * pairs[..., 0] + ((q >> 4).to(x.dtype) - 8) * pairs[..., 1]
+        else:
+            v = q.to(x.dtype) * x
+        groups = s.shape[-1]
+        v = v.reshape(*v.shape[:-1], groups, v.shape[-1] // groups)
+        return (v * s.to(x.dtype)[..., None]).sum((-2, -1))
 
     def _dense(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         route = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device)
