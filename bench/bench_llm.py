@@ -133,8 +133,8 @@ def _recording(step: Any, logits: list[Any]) -> Any:
 
 
 def _child(kind: str, a: dict[str, Any]) -> dict[str, Any]:
-    if kind in ("bundle", "stock-prefill", "stock-decode"):
-        return _build_child(kind, a)
+    if kind.startswith("build-"):
+        return _build_child(kind.removeprefix("build-"), a)
     return _row_child(kind, a)
 
 
@@ -166,7 +166,7 @@ def _build_child(kind: str, a: dict[str, Any]) -> dict[str, Any]:
             torchao.quantization.quantize_(model, tq)
     out: dict[str, Any] = {"params": params, "state_bytes": state_bytes(model),
                            "prepare_s": time.perf_counter() - t0}
-    if kind == "bundle" and experts_q:
+    if kind == "eager":
         logits: list[Any] = []
         prompt = prompt_of(spec)
         common.log(f"eager greedy tokens ({spec['tokens']} after {plen})")
@@ -177,7 +177,7 @@ def _build_child(kind: str, a: dict[str, Any]) -> dict[str, Any]:
         top = picked.topk(2, dim=-1)
         out["eager"] = {"tokens": gen.tokens, "gap": (top.values[:, 0] - top.values[:, 1]).tolist(),
                         "second": top.indices[:, 1].tolist()}
-        common.free_memory(dev)
+        return out
     t0 = time.perf_counter()
     programs = export_programs(model, max_seq_len=msl, max_prefill=plen, progress=True)
     out["export_s"] = time.perf_counter() - t0
@@ -241,14 +241,12 @@ def _row_child(kind: str, a: dict[str, Any]) -> dict[str, Any]:
     if kind in ("bundle", "decode"):
         lm = load_llm(a["bundle"], device=dev)
         model = lm.model
-
-        def step(ids: Any, pos: Any) -> Any:
-            return (model.decode if ids.shape[-1] == 1 else model.prefill)(ids, pos)
+        step = lm.step
     elif kind == "pair":
         model = aoti_rt.load(a["packages"], device=dev, progress=False)
 
         def step(ids: Any, pos: Any) -> Any:
-            return (model.decode if ids.shape[-1] == 1 else model.prefill)(ids, pos)
+            return (model.decode if ids.shape[-1] == 1 else model.prefill)(input_ids=ids, cache_position=pos)
     else:
         index = torch.device(dev).index
         runners = {m: torch._inductor.aoti_load_package(p, device_index=-1 if index is None else index)
@@ -307,7 +305,8 @@ def _timings(torch: Any, step: Any, dev: str, a: dict[str, Any], sync: Any) -> d
         out["prefill_s"] = timed(lambda: step(ids, ar), a["repeats"])
         out["decode_s"] = timed(lambda: step(tok, pos), a["steps"])
         if dev != "cpu":
-            want = step(tok, pos).clone()
+            first = (lambda o: o[0] if isinstance(o, (list, tuple)) else o)
+            want = first(step(tok, pos)).clone()
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -317,16 +316,18 @@ def _timings(torch: Any, step: Any, dev: str, a: dict[str, Any], sync: Any) -> d
             with torch.cuda.graph(graph):
                 got = step(tok, pos)
             out["graph_s"] = timed(graph.replay, a["steps"])
-            out["graph_equal"] = bool(torch.equal(want, got))
+            out["graph_max_diff"] = float((first(got).float() - want.float()).abs().max())
     return out
 
 
 # ---------------------------------------------------------------------------------------
 # the parent: spawning children, sampling memory
 
-def _env(d: Path | None = None) -> dict[str, str]:
+def _env(d: Path | None = None, pt2_cache: Path | None = None) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).resolve().parents[1])] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    if pt2_cache is not None:    # aoti_rt's package cache (extracted .so files, probe records)
+        env["AOTI_RT_CACHE"] = str(pt2_cache)
     if d is not None:      # compiles start from empty caches, removed afterwards (disk)
         env.update(TORCHINDUCTOR_CACHE_DIR=str(d / "inductor"), TRITON_CACHE_DIR=str(d / "triton"))
     return env
@@ -343,7 +344,7 @@ def _spawn_build(kind: str, payload: dict[str, Any], d: Path) -> dict[str, Any]:
         shutil.rmtree(scratch, ignore_errors=True)
     r = child.result_of(p.stdout)
     if r is None:
-        raise RuntimeError(f"build step {kind} failed (rc {p.returncode}); its stderr is above")
+        raise RuntimeError(f"build step {kind} failed (rc {p.returncode}); its stderr went to this stderr")
     return r
 
 
@@ -395,10 +396,19 @@ class _Sampler:
         return max(self.peak, self.read())
 
 
-def _spawn_row(kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+def _spawn_row(kind: str, payload: dict[str, Any], pt2_cache: Path) -> dict[str, Any]:
     """A row in a fresh child; adds baseline/peak/resident memory for the rows that load."""
     p = subprocess.Popen(child.command(__file__, kind, payload), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         text=True, env=_env())
+                         stderr=subprocess.PIPE, text=True, env=_env(pt2_cache=pt2_cache))
+    tail: list[str] = []
+
+    def echo() -> None:                   # the child's stderr shown as it comes, its end kept
+        for line in p.stderr:
+            sys.stderr.write(line)
+            tail.append(line)
+            del tail[:-20]
+    echoing = threading.Thread(target=echo, daemon=True)
+    echoing.start()
     mem: dict[str, Any] = {}
     sampler = None
     text = []
@@ -420,9 +430,10 @@ def _spawn_row(kind: str, payload: dict[str, Any]) -> dict[str, Any]:
         else:
             text.append(line)
     p.wait()
+    echoing.join()
     r = child.result_of("".join(text))
     if r is None:
-        raise RuntimeError(f"row {kind} failed (rc {p.returncode}); its stderr is above")
+        raise RuntimeError(f"row {kind} failed (rc {p.returncode}): {''.join(tail)[-1500:]}")
     return {**r, **mem}
 
 
@@ -434,11 +445,15 @@ def _build(args: argparse.Namespace, spec: dict[str, Any], d: Path, stock: bool)
 
     state = _read(d, "build.json")
     payload = {"spec": spec, "dir": str(d)}
-    if "bundle" not in state:
-        common.log(f"building {spec['size']} ({spec['variant']}) into {d}")
-        state = _update(d, "build.json", bundle=_spawn_build("bundle", payload, d))
-    else:
-        common.log(f"reusing the build in {d}")
+    for stale in d.glob("compile-*"):        # a build step killed mid-way (a time limit)
+        shutil.rmtree(stale, ignore_errors=True)
+    steps = (["eager"] if spec["variant"] == "int4" else []) + ["bundle"]
+    for step in steps:
+        if step not in state:
+            common.log(f"build step {step}: {spec['size']} ({spec['variant']}) into {d}")
+            state = _update(d, "build.json", **{step: _spawn_build(f"build-{step}", payload, d)})
+        else:
+            common.log(f"build step {step}: reused from {d}")
     if not stock:
         return state
     import aoti_rt
@@ -446,7 +461,7 @@ def _build(args: argparse.Namespace, spec: dict[str, Any], d: Path, stock: bool)
     need = 2.1 * aoti_rt.read_bundle(d / "bundle").manifest.unique_weight_bytes() + (1 << 30)
     for method in ("prefill", "decode"):
         key = f"stock_{method}"
-        if key in state and "compile_s" in state[key]:
+        if key in state and ("compile_s" in state[key] or ("failed" in state[key] and not args.retry_stock)):
             continue
         free = shutil.disk_usage(d).free
         if free < need:
@@ -454,7 +469,11 @@ def _build(args: argparse.Namespace, spec: dict[str, Any], d: Path, stock: bool)
                 f"{free / 1e9:.1f} GB free on the cache's disk; the package and its compile need "
                 f"{need / 1e9:.1f} GB")}})
             continue
-        state = _update(d, "build.json", **{key: _spawn_build(f"stock-{method}", payload, d)})
+        try:
+            done = _spawn_build(f"build-stock-{method}", payload, d)
+        except RuntimeError as e:            # recorded, not retried unless --retry-stock
+            done = {"failed": str(e)}
+        state = _update(d, "build.json", **{key: done})
     return state
 
 
@@ -463,7 +482,7 @@ def _row(spec: dict[str, Any], d: Path, kind: str, args: argparse.Namespace, sta
 
     payload = {"device": spec["device"], "bundle": str(d / "bundle"), "prompt": prompt_of(spec),
                "prompt_len": spec["prompt_len"], "max_seq_len": spec["max_seq_len"],
-               "eager": state["bundle"].get("eager"), "eager_logits": str(d / "eager_logits.pt"),
+               "eager": state.get("eager", {}).get("eager"), "eager_logits": str(d / "eager_logits.pt"),
                "repeats": args.repeats, "steps": args.steps,
                "packages": {m: str(d / f"{m}.pt2") for m in ("prefill", "decode")}}
     if kind in ("bundle", "decode"):
@@ -472,7 +491,7 @@ def _row(spec: dict[str, Any], d: Path, kind: str, args: argparse.Namespace, sta
         for p in payload["packages"].values():
             common.read_file(Path(p))
     common.log(f"row {kind} ({spec['size']}, {spec['variant']})")
-    return _spawn_row(kind, payload)
+    return _spawn_row(kind, payload, d / "aoti_rt_cache")
 
 
 def aoti_store(bundle: Path) -> str:
@@ -499,7 +518,13 @@ def _rows(args: argparse.Namespace, spec: dict[str, Any], d: Path, state: dict[s
             _update(d, "rows.json", **{kind: {"skipped": f"{free / 1e9:.1f} GB free where the packages are "
                                                          f"extracted; they need {extract / 1e9:.1f} GB"}})
             continue
-        r = _row(spec, d, "pair" if kind == "pair-again" else kind, args, state)
+        if kind == "pair":                   # a first load: the package extracted and probed anew
+            shutil.rmtree(d / "aoti_rt_cache", ignore_errors=True)
+        try:
+            r = _row(spec, d, "pair" if kind == "pair-again" else kind, args, state)
+        except RuntimeError as e:            # a row that fails (out of memory, say) is reported, not fatal
+            _update(d, "rows.json", **{kind: {"failed": str(e)}})
+            continue
         r.update(date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), weights=weights,
                  kv=man.unique_weight_bytes() - weights)
         _update(d, "rows.json", **{kind: r})
@@ -507,6 +532,7 @@ def _rows(args: argparse.Namespace, spec: dict[str, Any], d: Path, state: dict[s
 
 def _tables(report: Any, spec: dict[str, Any], d: Path, state: dict[str, Any]) -> None:
     import aoti_rt
+    from aoti_rt.bundle import human_bytes
     from bench import common
 
     man = aoti_rt.read_bundle(d / "bundle").manifest
@@ -517,9 +543,11 @@ def _tables(report: Any, spec: dict[str, Any], d: Path, state: dict[str, Any]) -
     report.params.update({k: spec[k] for k in ("size", "quantize", "group", "dtype", "prompt_len", "max_seq_len",
                                                "tokens", "stock_weights")},
                          layers=sh["num_hidden_layers"], params=b["params"], weight_bytes=weights, kv_bytes=kv)
-    t = report.table(f"Qwen3-MoE, {b['params'] / 1e9:.2f}B parameters ({sh['num_hidden_layers']} layers, "
+    count = f"{b['params'] / 1e9:.2f}B" if b["params"] >= 1e8 else f"{b['params']:,}"
+    t = report.table(f"Qwen3-MoE, {count} parameters ({sh['num_hidden_layers']} layers, "
                      f"{sh['num_experts']} experts top-{sh['num_experts_per_tok']}, hidden {sh['hidden_size']}), "
-                     f"{spec['quantize']} weights {weights / common.GB:.2f} GB + KV cache {kv / common.GB:.3f} GB",
+                     f"{spec['quantize']} weights {human_bytes(weights)} + KV cache {human_bytes(kv)} "
+                     f"(from the bundle's manifest), each row a fresh process",
                      [("row", "row", "{}"), ("load_s", "load s", "{:.2f}"), ("gbps", "GB/s", "{:.2f}"),
                       ("of_ceiling", "of copy ceiling", "{:.2f}"), ("peak", "peak/(W+KV)", "{:.3f}"),
                       ("resident", "resident/(W+KV)", "{:.3f}"), ("tokens", "tokens = eager", "{}"),
@@ -534,8 +562,8 @@ def _tables(report: Any, spec: dict[str, Any], d: Path, state: dict[str, Any]) -
         r = rows.get(kind)
         if r is None:
             continue
-        if "skipped" in r:
-            t.notes.append(f"{label}: skipped: {r['skipped']}")
+        if "skipped" in r or "failed" in r:
+            t.notes.append(f"{label}: {'skipped: ' + r['skipped'] if 'skipped' in r else r['failed']}")
             continue
         if kind == "ceiling":
             t.add(row=label, gbps=r["gbps"], date=r["date"])
@@ -552,32 +580,41 @@ def _tables(report: Any, spec: dict[str, Any], d: Path, state: dict[str, Any]) -
         elif kind == "stock" and None not in stock_s:
             row["compile_s"] = sum(stock_s)
         t.add(**row)
-        if r.get("first_diff") is not None:
-            t.notes.append(f"{label}: first differing token at step {r['first_diff']}: eager's top-2 logit gap "
-                           f"there {r['diff_gap']:.3g}, largest |logit diff| up to it {r['max_logit_diff']:.3g}, "
-                           f"{'eager' + chr(39) + 's second choice' if r['diff_is_second'] else 'not eager' + chr(39) + 's second choice'}")
-        elif "max_logit_diff" in r:
-            t.notes.append(f"{label}: largest |logit diff| from eager over {len(r['tokens'])} steps "
-                           f"{r['max_logit_diff']:.3g}")
+        t.notes.extend(_token_note(label, kind, r))
     for m in ("prefill", "decode"):
-        if "skipped" in state.get(f"stock_{m}", {}):
-            t.notes.append(f"stock {m} package not built: {state[f'stock_{m}']['skipped']}")
+        st = state.get(f"stock_{m}", {})
+        if "skipped" in st or "failed" in st:
+            t.notes.append(f"stock {m} package not built: {st.get('skipped') or st.get('failed')}")
     t.notes.append(f"compile s: aoti_rt.compile of both methods; stock: the two aoti_compile_and_package "
                    f"calls ({', '.join('-' if s is None else f'{s:.1f}' for s in stock_s)}); export "
                    f"{b['export_s']:.1f} s not included")
     if "bundle" in rows and "how" in rows["bundle"]:
-        t.notes.append(f"memory: {rows['bundle']['how']} sampled every ~1 ms minus the child's baseline after "
-                       f"its CUDA context; W+KV = {(weights + kv) / common.GB:.3f} GB")
+        t.notes.append(f"memory: {rows['bundle']['how']} sampled every ~1 ms during the load, minus the child's "
+                       f"baseline after its start-up (CUDA context up); W+KV = {human_bytes(weights + kv)}")
     r = rows.get("bundle")
     if r and "decode_s" in r:
         s = report.table("decode and prefill, aoti_rt bundle", [
             ("what", "what", "{}"), ("us", "us (median)", "{:.1f}"), ("tok_s", "tokens/s", "{:.1f}")])
         s.add(what="decode step, called", us=r["decode_s"] * 1e6, tok_s=1 / r["decode_s"])
         if "graph_s" in r:
-            s.add(what=f"decode step, CUDA graph replay (equal to called: {r['graph_equal']})",
+            s.add(what=f"decode step, CUDA graph replay (max |logit diff| from called {r['graph_max_diff']:.2g})",
                   us=r["graph_s"] * 1e6, tok_s=1 / r["graph_s"])
         s.add(what=f"prefill of {spec['prompt_len']} tokens", us=r["prefill_s"] * 1e6,
               tok_s=spec["prompt_len"] / r["prefill_s"])
+
+
+def _token_note(label: str, kind: str, r: dict[str, Any]) -> list[str]:
+    """What a row's tokens against eager's say."""
+    if "tokens" not in r:
+        return []
+    if r["first_diff"] is None:
+        return [f"{label}: largest |logit diff| from eager over {len(r['tokens'])} steps {r['max_logit_diff']:.3g}"]
+    if kind == "stock":
+        return [f"{label}: each package keeps its own KV cache, so decode never sees what prefill wrote: "
+                f"its tokens are not the model's (first differing at step {r['first_diff']})"]
+    second = "eager's second choice" if r["diff_is_second"] else "not eager's second choice"
+    return [f"{label}: first differing token at step {r['first_diff']} ({second}): eager's top-2 logit gap "
+            f"there {r['diff_gap']:.3g}, largest |logit diff| up to it {r['max_logit_diff']:.3g}"]
 
 
 def _experts(args: argparse.Namespace, report: Any, phases: set[str]) -> None:
@@ -638,6 +675,7 @@ def _extra(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows", default="ceiling,bundle,pair,pair-again,stock",
                    help="rows to measure now, comma-separated; earlier rows stay in the cache's rows.json")
     p.add_argument("--no-stock", action="store_true", help="build no stock packages")
+    p.add_argument("--retry-stock", action="store_true", help="compile again a stock package that failed")
     p.add_argument("--stock-weights", choices=("so", "blob"), default="so",
                    help="where the stock packages keep their weights: in the .so (torch's default) or a "
                         "binary_blob entry (package_constants_in_so=False)")
