@@ -53,6 +53,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from bench import child  # noqa: E402 (light: no torch)
 
 MARK = "AOTI_RT_BENCH_MARK "
+ROWS = ("ceiling", "bundle", "pair", "pair-again", "stock")
 SHAPES = {
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=4,
                  num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -96,7 +97,8 @@ def prompt_of(spec: dict[str, Any]) -> list[int]:
 def folder_of(cache: Path, spec: dict[str, Any]) -> Path:
     from bench import common
 
-    return common._cache_dir(cache, f"llm_{spec['size']}_{spec['variant']}", spec, spec["device"], "llm")
+    key = {k: v for k, v in spec.items() if k not in ("tokens", "stock_weights")}   # per step, see _build
+    return common._cache_dir(cache, f"llm_{spec['size']}_{spec['variant']}", key, spec["device"], "llm")
 
 
 def _read(d: Path, name: str) -> dict[str, Any]:
@@ -175,6 +177,7 @@ def _build_child(kind: str, a: dict[str, Any]) -> dict[str, Any]:
         picked = torch.stack(logits[-len(gen.tokens):])
         torch.save(picked, d / "eager_logits.pt")
         top = picked.topk(2, dim=-1)
+        out["asked"] = spec["tokens"]
         out["eager"] = {"tokens": gen.tokens, "gap": (top.values[:, 0] - top.values[:, 1]).tolist(),
                         "second": top.indices[:, 1].tolist()}
         return out
@@ -348,6 +351,10 @@ def _spawn_build(kind: str, payload: dict[str, Any], d: Path) -> dict[str, Any]:
     return r
 
 
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
 class _Sampler:
     """Device-wide used memory (NVML by the card's UUID; else cuMemGetInfo) or a process's RSS,
     polled every ~1 ms in a thread of this parent (a child busy in C++ cannot delay it)."""
@@ -371,10 +378,12 @@ class _Sampler:
             import pynvml
 
             pynvml.nvmlInit()
-            h = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+            want = uuid.lower().removeprefix("gpu-")
+            found = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+            h = next(h for h in found if _text(pynvml.nvmlDeviceGetUUID(h)).lower().removeprefix("gpu-") == want)
             self.how = "NVML, device-wide"
             return lambda: int(pynvml.nvmlDeviceGetMemoryInfo(h).used)
-        except Exception:   # noqa: BLE001 - no NVML: cuMemGetInfo in this process
+        except Exception:   # noqa: BLE001 - no NVML, or no card of that UUID: cuMemGetInfo here
             from bench import common
 
             self.how = "cuMemGetInfo, device-wide"
@@ -448,6 +457,8 @@ def _build(args: argparse.Namespace, spec: dict[str, Any], d: Path, stock: bool)
     for stale in d.glob("compile-*"):        # a build step killed mid-way (a time limit)
         shutil.rmtree(stale, ignore_errors=True)
     steps = (["eager"] if spec["variant"] == "int4" else []) + ["bundle"]
+    if state.get("eager", {}).get("asked") not in (None, spec["tokens"]):
+        state.pop("eager")                   # another --tokens: the eager step again, not the compile
     for step in steps:
         if step not in state:
             common.log(f"build step {step}: {spec['size']} ({spec['variant']}) into {d}")
@@ -461,7 +472,8 @@ def _build(args: argparse.Namespace, spec: dict[str, Any], d: Path, stock: bool)
     need = 2.1 * aoti_rt.read_bundle(d / "bundle").manifest.unique_weight_bytes() + (1 << 30)
     for method in ("prefill", "decode"):
         key = f"stock_{method}"
-        if key in state and ("compile_s" in state[key] or ("failed" in state[key] and not args.retry_stock)):
+        same = state.get(key, {}).get("weights") == spec["stock_weights"]
+        if same and ("compile_s" in state[key] or ("failed" in state[key] and not args.retry_stock)):
             continue
         free = shutil.disk_usage(d).free
         if free < need:
@@ -473,6 +485,7 @@ def _build(args: argparse.Namespace, spec: dict[str, Any], d: Path, stock: bool)
             done = _spawn_build(f"build-stock-{method}", payload, d)
         except RuntimeError as e:            # recorded, not retried unless --retry-stock
             done = {"failed": str(e)}
+        done["weights"] = spec["stock_weights"]
         state = _update(d, "build.json", **{key: done})
     return state
 
@@ -507,6 +520,8 @@ def _rows(args: argparse.Namespace, spec: dict[str, Any], d: Path, state: dict[s
     man = aoti_rt.read_bundle(d / "bundle").manifest
     weights = sum(w.nbytes for w in man.weights.values() if not w.mutable)
     pkg = sum((d / f"{m}.pt2").stat().st_size for m in ("prefill", "decode")) if have_stock else 0
+    if which == ["missing"]:
+        which = [k for k in ROWS if k not in _read(d, "rows.json")]
     for kind in which:
         if kind in ("pair", "pair-again", "stock") and not have_stock:
             continue
@@ -626,7 +641,7 @@ def _experts(args: argparse.Namespace, report: Any, phases: set[str]) -> None:
                      [("variant", "experts", "{}"), ("decode_us", "decode us", "{:.1f}"),
                       ("graph_us", "CUDA graph us", "{:.1f}"), ("prefill_tok_s", "prefill tok/s", "{:.1f}"),
                       ("weights_gb", "bundle GB", "{:.3f}"), ("compile_s", "compile s", "{:.1f}")])
-    for variant in ("int4", "dense"):
+    for variant in ("int4", "float-experts"):
         spec = spec_of(args, size, variant)
         d = folder_of(args.cache, spec)
         if "build" in phases:
@@ -672,8 +687,9 @@ def _extra(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=32, help="greedy tokens compared with eager")
     p.add_argument("--steps", type=int, default=50, help="decode steps timed (median)")
     p.add_argument("--phase", choices=("build", "rows", "all"), default="all")
-    p.add_argument("--rows", default="ceiling,bundle,pair,pair-again,stock",
-                   help="rows to measure now, comma-separated; earlier rows stay in the cache's rows.json")
+    p.add_argument("--rows", default=",".join(ROWS),
+                   help="rows to measure now, comma-separated, or 'missing' (those not measured yet); the "
+                        "table shows every row in the cache's rows.json, each with its date in the JSON")
     p.add_argument("--no-stock", action="store_true", help="build no stock packages")
     p.add_argument("--retry-stock", action="store_true", help="compile again a stock package that failed")
     p.add_argument("--stock-weights", choices=("so", "blob"), default="so",
