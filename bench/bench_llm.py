@@ -189,7 +189,10 @@ def _build_child(kind: str, a: dict[str, Any]) -> dict[str, Any]:
         shutil.rmtree(path, ignore_errors=True)
         common.log("compiling prefill + decode with aoti_rt.compile")
         t0 = time.perf_counter()
-        aoti_rt.compile(programs, path, device=dev, progress=sys.stderr.isatty())   # a bar floods logs
+        # one method after another on the CPU too: its default forks a worker per method, and a fork of a
+        # process whose OpenMP pool ran (building a real-size model does) hangs in its first parallel op
+        aoti_rt.compile(programs, path, device=dev, progress=sys.stderr.isatty(),   # a bar floods logs
+                        jobs=1 if dev == "cpu" else None)
         out["compile_s"] = time.perf_counter() - t0
         write_info(path, model, max_seq_len=msl, max_prefill=plen, quantize_weights=spec["quantize"],
                    group_size=spec["group"])
@@ -570,7 +573,8 @@ def _tables(report: Any, spec: dict[str, Any], d: Path, state: dict[str, Any]) -
                                                "tokens", "stock_weights")},
                          layers=sh["num_hidden_layers"], params=b["params"], weight_bytes=weights, kv_bytes=kv)
     count = f"{b['params'] / 1e9:.2f}B" if b["params"] >= 1e8 else f"{b['params']:,}"
-    t = report.table(f"Qwen3-MoE, {count} parameters ({sh['num_hidden_layers']} layers, "
+    layers = sh["num_hidden_layers"]
+    t = report.table(f"Qwen3-MoE, {count} parameters ({layers} layer{'s' if layers != 1 else ''}, "
                      f"{sh['num_experts']} experts top-{sh['num_experts_per_tok']}, hidden {sh['hidden_size']}), "
                      f"{spec['quantize']} weights {human_bytes(weights)} + KV cache {human_bytes(kv)} "
                      f"(from the bundle's manifest), each row a fresh process",
