@@ -28,8 +28,18 @@ what stays resident, over the weight bytes plus the KV cache bytes (1.00: one co
                     cache: decode never sees what prefill wrote, so its tokens differ)
   copy ceiling      a pinned 1 GiB host tensor ``.to(device)``, best of ``--repeats``
 
-``--experts-compare``: decode step of int4 experts against experts in the model dtype
-(transformers' ``batched_mm``; linears int4 in both), at ``--experts-size`` (default ``medium``).
+``--experts-compare`` (``only``: nothing else): decode step of int4 experts against experts in the
+model dtype (transformers' ``batched_mm``; linears int4 in both), at ``--experts-size`` (default
+``medium`` for ``--size full``), each built once and timed in a fresh process.
+
+Under a time limit per command: ``--phase build`` as often as needed (each finished step is
+recorded in ``build.json``: eager, bundle, stock prefill, stock decode), then ``--phase rows
+--rows ceiling,bundle``, ``--rows pair,pair-again``, ``--rows stock`` (or ``--rows missing``):
+each row is kept in ``rows.json`` and every call prints the table of all rows measured so far.
+Disk: the bundle and each stock package hold all weights (W); a stock compile needs about 2 W
+free while it runs, and loading the pair of packages (weights in the .so) or the stock pair
+extracts about 2 W more: at ~18 GB weights a 64 GB disk holds the bundle rows but not the stock
+ones, which are then skipped with the reason; ``--layers`` gives a size where all fit.
 """
 
 from __future__ import annotations
@@ -347,14 +357,33 @@ def _spawn_build(kind: str, payload: dict[str, Any], d: Path) -> dict[str, Any]:
     d.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="compile-", dir=d))
     try:
-        p = subprocess.run(child.command(__file__, kind, payload), stdout=subprocess.PIPE, text=True,
-                           env=_env(scratch))
+        p = subprocess.Popen(child.command(__file__, kind, payload), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=_env(scratch))
+        tail = _tee(p)
+        text = p.stdout.read()
+        p.wait()
+        tail.join()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    r = child.result_of(p.stdout)
+    r = child.result_of(text)
     if r is None:
-        raise RuntimeError(f"build step {kind} failed (rc {p.returncode}); its stderr went to this stderr")
+        raise RuntimeError(f"build step {kind} failed (rc {p.returncode}): {''.join(tail.lines)[-1500:]}")
     return r
+
+
+class _tee(threading.Thread):
+    """Show a child's stderr as it comes; keep its last lines (``lines``) for the JSON."""
+
+    def __init__(self, p: subprocess.Popen):
+        super().__init__(daemon=True)
+        self.p, self.lines = p, []
+        self.start()
+
+    def run(self) -> None:
+        for line in self.p.stderr:
+            sys.stderr.write(line)
+            self.lines.append(line)
+            del self.lines[:-20]
 
 
 def _text(v: Any) -> str:
@@ -417,15 +446,7 @@ def _spawn_row(kind: str, payload: dict[str, Any], pt2_cache: Path) -> dict[str,
     """A row in a fresh child; adds baseline/peak/resident memory for the rows that load."""
     p = subprocess.Popen(child.command(__file__, kind, payload), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=_env(pt2_cache=pt2_cache))
-    tail: list[str] = []
-
-    def echo() -> None:                   # the child's stderr shown as it comes, its end kept
-        for line in p.stderr:
-            sys.stderr.write(line)
-            tail.append(line)
-            del tail[:-20]
-    echoing = threading.Thread(target=echo, daemon=True)
-    echoing.start()
+    tail = _tee(p)
     mem: dict[str, Any] = {}
     sampler = None
     text = []
@@ -447,24 +468,26 @@ def _spawn_row(kind: str, payload: dict[str, Any], pt2_cache: Path) -> dict[str,
         else:
             text.append(line)
     p.wait()
-    echoing.join()
+    tail.join()
     r = child.result_of("".join(text))
     if r is None:
-        raise RuntimeError(f"row {kind} failed (rc {p.returncode}): {''.join(tail)[-1500:]}")
+        raise RuntimeError(f"row {kind} failed (rc {p.returncode}): {''.join(tail.lines)[-1500:]}")
     return {**r, **mem}
 
 
 # ---------------------------------------------------------------------------------------
 # phases
 
-def _build(args: argparse.Namespace, spec: dict[str, Any], d: Path, stock: bool) -> dict[str, Any]:
+def _build(args: argparse.Namespace, spec: dict[str, Any], d: Path, stock: bool,
+           eager: bool = True) -> dict[str, Any]:
+    """Run the build steps not yet recorded in ``d/build.json``; its state."""
     from bench import common
 
     state = _read(d, "build.json")
     payload = {"spec": spec, "dir": str(d)}
     for stale in d.glob("compile-*"):        # a build step killed mid-way (a time limit)
         shutil.rmtree(stale, ignore_errors=True)
-    steps = (["eager"] if spec["variant"] == "int4" else []) + ["bundle"]
+    steps = (["eager"] if eager and spec["variant"] == "int4" else []) + ["bundle"]
     if state.get("eager", {}).get("asked") not in (None, spec["tokens"]):
         state.pop("eager")                   # another --tokens: the eager step again, not the compile
     for step in steps:
@@ -663,7 +686,7 @@ def _experts(args: argparse.Namespace, report: Any, phases: set[str]) -> None:
         spec = spec_of(args, size, variant)
         d = folder_of(args.cache, spec)
         if "build" in phases:
-            _build(args, spec, d, stock=False)
+            _build(args, spec, d, stock=False, eager=False)
         if "rows" not in phases:
             continue
         state = _read(d, "build.json")
