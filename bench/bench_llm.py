@@ -469,6 +469,8 @@ def _spawn_row(kind: str, payload: dict[str, Any], pt2_cache: Path) -> dict[str,
             text.append(line)
     p.wait()
     tail.join()
+    if sampler is not None and "peak" not in mem:    # the child ended during its load
+        sampler.stop()
     r = child.result_of("".join(text))
     if r is None:
         raise RuntimeError(f"row {kind} failed (rc {p.returncode}): {''.join(tail.lines)[-1500:]}")
@@ -546,6 +548,7 @@ def aoti_store(bundle: Path) -> str:
 
 def _rows(args: argparse.Namespace, spec: dict[str, Any], d: Path, state: dict[str, Any], which: list[str]) -> None:
     import aoti_rt
+    from bench import common
 
     have_stock = all("compile_s" in state.get(f"stock_{m}", {}) for m in ("prefill", "decode"))
     man = aoti_rt.read_bundle(d / "bundle").manifest
@@ -558,6 +561,8 @@ def _rows(args: argparse.Namespace, spec: dict[str, Any], d: Path, state: dict[s
             continue
         if kind == "ceiling" and spec["device"] == "cpu":
             continue
+        if kind == "pair":                   # a first load: the package extracted and probed anew
+            shutil.rmtree(d / "aoti_rt_cache", ignore_errors=True)
         free = shutil.disk_usage(tempfile.gettempdir() if kind == "stock" else d).free
         extract = pkg if kind == "stock" or (kind == "pair" and spec["stock_weights"] == "so") else 0
         if extract and free < 1.05 * extract:
@@ -565,11 +570,9 @@ def _rows(args: argparse.Namespace, spec: dict[str, Any], d: Path, state: dict[s
                                                          f"extracted; they need {extract / 1e9:.1f} GB"}})
             continue
         if kind == "pair-again" and not (d / "aoti_rt_cache").exists():
-            _update(d, "rows.json", **{kind: {"skipped": "measured right after the pair row, whose package "
-                                                         "cache it loads from: ask for both"}})
+            common.log("row pair-again not measured: it runs right after the pair row, whose package cache it "
+                       "loads from; ask for both")
             continue
-        if kind == "pair":                   # a first load: the package extracted and probed anew
-            shutil.rmtree(d / "aoti_rt_cache", ignore_errors=True)
         try:
             r = _row(spec, d, "pair" if kind == "pair-again" else kind, args, state)
         except RuntimeError as e:            # a row that fails (out of memory, say) is reported, not fatal
@@ -582,7 +585,8 @@ def _rows(args: argparse.Namespace, spec: dict[str, Any], d: Path, state: dict[s
             shutil.rmtree(d / "aoti_rt_cache", ignore_errors=True)
 
 
-def _tables(report: Any, spec: dict[str, Any], d: Path, state: dict[str, Any]) -> None:
+def _tables(report: Any, spec: dict[str, Any], d: Path, state: dict[str, Any], started: str) -> None:
+    """The table of every row in ``d/rows.json`` (those measured before ``started`` marked so)."""
     import aoti_rt
     from aoti_rt.bundle import human_bytes
     from bench import common
@@ -615,6 +619,8 @@ def _tables(report: Any, spec: dict[str, Any], d: Path, state: dict[str, Any]) -
         r = rows.get(kind)
         if r is None:
             continue
+        if r.get("date", started) < started:
+            label += f" [earlier run, {r['date']}]"
         if "skipped" in r or "failed" in r:
             t.notes.append(f"{label}: {'skipped: ' + r['skipped'] if 'skipped' in r else r['failed']}")
             continue
@@ -703,6 +709,7 @@ def run(args: argparse.Namespace, report: Any) -> None:
     from bench import common
 
     phases = {"build", "rows"} if args.phase == "all" else {args.phase}
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     spec = spec_of(args, args.size)
     d = folder_of(args.cache, spec)
     report.params["cache_folder"] = common.in_cache(d, args.cache)
@@ -715,7 +722,7 @@ def run(args: argparse.Namespace, report: Any) -> None:
         else:
             if "rows" in phases:
                 _rows(args, spec, d, state, args.rows.split(","))
-            _tables(report, spec, d, state)
+            _tables(report, spec, d, state, started)
     if args.experts_compare != "no":
         _experts(args, report, phases)
 
