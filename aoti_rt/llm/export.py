@@ -105,7 +105,10 @@ def build_low_memory(config: Any, *, device: str, dtype: Any, seed: int, experts
                 _materialize(model, m, device, recurse=False)
     if model.config.get_text_config().tie_word_embeddings:
         model.tie_weights()
-    quantize_layer(model, dtype)                 # the linears outside the decoder layers
+    in_layers = {id(m) for b in blocks for m in b.modules()}
+    for m in list(model.modules()):              # the linears outside the decoder layers, once each
+        if isinstance(m, torch.nn.Linear) and id(m) not in in_layers:
+            quantize_layer(m, dtype)
     assert not in_blocks or not any(p.is_meta for p in model.parameters())
     return model
 
@@ -247,6 +250,19 @@ def export_llm(source: Any, path: str | os.PathLike[str], *, max_seq_len: int = 
     warn_if_inflated(out, state_bytes(wrapper), inductor_configs)
     say(f"wrote {out}")
     return out
+
+
+def write_info(bundle: str | os.PathLike[str], model: Any, *, max_seq_len: int, max_prefill: int | None = None,
+               quantize_weights: str = "none", group_size: int = 128, packing: str | None = None) -> None:
+    """Write ``llm.json`` into ``bundle``, compiled by :func:`aoti_rt.compile` from
+    :func:`export_programs` of ``model`` (from :func:`prepare_model` with the same options),
+    as :func:`export_llm` does, so :func:`aoti_rt.llm.load_llm` takes it.
+
+    Raises:
+        OptionError: a size it does not take. BundleError: ``bundle`` is not a bundle.
+    """
+    _describe(Path(bundle), model, max_seq_len, _check_sizes(max_seq_len, max_prefill), quantize_weights,
+              group_size, packing)
 
 
 def _describe(out: Path, model: Any, max_seq_len: int, max_prefill: int, quantize_weights: str, group_size: int,
