@@ -346,6 +346,12 @@ def _start_fork(job: Job, ep: ExportedProgram) -> _Worker:
     if pid == 0:                                 # the worker: never returns
         code = 1
         try:
+            # GNU OpenMP is not fork-safe: a parent that ran parallel ATen ops (building a large
+            # model does) leaves a thread team the child cannot join, and the child's first
+            # parallel region (a large tensor's clone) waits forever; one thread runs none
+            import torch
+
+            torch.set_num_threads(1)
             _run_job(job, ep)
             code = 0
         except BaseException as e:  # noqa: BLE001 - handed to the parent

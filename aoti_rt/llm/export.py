@@ -105,10 +105,7 @@ def build_low_memory(config: Any, *, device: str, dtype: Any, seed: int, experts
                 _materialize(model, m, device, recurse=False)
     if model.config.get_text_config().tie_word_embeddings:
         model.tie_weights()
-    in_layers = {id(m) for b in blocks for m in b.modules()}
-    for m in list(model.modules()):              # the linears outside the decoder layers, once each
-        if isinstance(m, torch.nn.Linear) and id(m) not in in_layers:
-            quantize_layer(m, dtype)
+    quantize_layer(model, dtype)                 # the rest: quantize skips what is already quantized
     assert not in_blocks or not any(p.is_meta for p in model.parameters())
     return model
 
