@@ -579,8 +579,11 @@ def _warn_divergent_fqns(methods: dict[str, MethodSpec]) -> None:
 def _warn_unknown_kinds(methods: dict[str, MethodSpec]) -> None:
     """Warn (at the caller of :func:`compile`) where AOTI reports weights of no known kind:
     the runtime shares a weight beyond its own bundle (another bundle, another process) only
-    when the .so calls it a parameter or tensor constant, never a buffer it might write."""
-    unknown = sorted({c.fqn for m in methods.values() for c in m.constants if c.kind == "unknown" and not c.mutable})
+    when the .so calls it a parameter or tensor constant, never a buffer it might write. Scalars
+    (0-d: lifted Python numbers such as transformers' cache indices) are a few bytes, whose
+    sharing saves nothing: no warning for them."""
+    unknown = sorted({c.fqn for m in methods.values() for c in m.constants
+                      if c.kind == "unknown" and not c.mutable and len(c.shape) > 0})
     if unknown:
         warnings.warn(f"AOTI reports no kind for {len(unknown)} weights ({', '.join(unknown[:3])}"
                       f"{', ...' if len(unknown) > 3 else ''}), so they are shared within this bundle only: "
