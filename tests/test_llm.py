@@ -52,16 +52,39 @@ def _eager(family: str, scheme: str, seed: int = 0, device: str = "cpu", dtype=t
     return model
 
 
+#: the bundle the command line writes (``llm export --config``), which the API's tests use too
+BY_CLI = ("qwen3", "int4")
+
+
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
+    """Each (family, scheme) bundle compiled once per module; :data:`BY_CLI` through
+    ``python -m aoti_rt llm export``, its progress text kept as ``get.cli_err``."""
     made: dict[tuple[str, str], object] = {}
 
     def get(family: str, scheme: str):
         key = (family, scheme)
         if key not in made:
-            path = tmp_path_factory.mktemp(f"{family}-{scheme}") / "b.aoti"
-            made[key] = export_llm(_config(family), path, max_seq_len=MAX_SEQ, max_prefill=MAX_PREFILL,
-                                   quantize_weights=scheme, group_size=GROUP, progress=False)
+            root = tmp_path_factory.mktemp(f"{family}-{scheme}")
+            path = root / "b.aoti"
+            if key == BY_CLI:
+                import contextlib
+                import io
+
+                from aoti_rt.cli import main
+
+                _config(family).save_pretrained(root / "cfg")
+                err = io.StringIO()
+                with contextlib.redirect_stderr(err):
+                    rc = main(["llm", "export", "--config", str(root / "cfg"), str(path), "--max-seq-len",
+                               str(MAX_SEQ), "--max-prefill", str(MAX_PREFILL), "--quantize", scheme,
+                               "--group-size", str(GROUP)])
+                assert rc == 0, err.getvalue()[-2000:]
+                get.cli_err = err.getvalue()
+                made[key] = path
+            else:
+                made[key] = export_llm(_config(family), path, max_seq_len=MAX_SEQ, max_prefill=MAX_PREFILL,
+                                       quantize_weights=scheme, group_size=GROUP, progress=False)
         return made[key]
     return get
 
@@ -296,24 +319,20 @@ def test_constants_outgrowing_the_quantized_state_warn(tmp_path):
     assert not warn_if_inflated(bundle, state_bytes(folded))
 
 
-def test_cli_export_then_generate(bundles, capsys, tmp_path):
-    """``llm export --config`` (random weights from the same seed) prints its phases and writes
-    a bundle that generates what the API's bundle generates."""
+def test_cli_export_then_generate(bundles, capsys):
+    """``llm export --config`` (random weights from the same seed as the API's) prints its
+    phases and writes the bundle the API's token test checks against eager; ``llm generate``
+    prints what :meth:`LLM.generate` gives."""
     from aoti_rt.cli import main
 
-    cfg = tmp_path / "cfg"
-    _config("llama").save_pretrained(cfg)
-    out = tmp_path / "cli.aoti"
-    assert main(["llm", "export", "--config", str(cfg), str(out), "--max-seq-len", str(MAX_SEQ),
-                 "--max-prefill", str(MAX_PREFILL), "--quantize", "int8"]) == 0
-    err = capsys.readouterr().err
-    for phase in ("quantizing weights to int8", "exporting prefill", "exporting decode",
-                  "compiling prefill and decode", f"wrote {out}"):
-        assert phase in err
-    assert main(["llm", "generate", str(out), "--prompt-ids", ",".join(map(str, PROMPT)), "-n", "6",
+    path = bundles(*BY_CLI)
+    for phase in (f"quantizing weights to {BY_CLI[1]}", "exporting prefill", "exporting decode",
+                  "compiling prefill and decode", f"wrote {path}"):
+        assert phase in bundles.cli_err
+    assert main(["llm", "generate", str(path), "--prompt-ids", ",".join(map(str, PROMPT)), "-n", "6",
                  "--stop", ""]) == 0
     got = capsys.readouterr().out.strip()
-    with load_llm(bundles("llama", "int8")) as lm:
+    with load_llm(path) as lm:
         assert got == ",".join(map(str, lm.generate(PROMPT, max_new_tokens=6, stop=[]).tokens))
 
 
