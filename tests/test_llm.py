@@ -195,6 +195,35 @@ def test_update_weights_by_the_models_own_names(bundles, family, form):
             lm.update_weights({"model.layers.0.not_a_weight": torch.zeros(1)})
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_experts_compute_the_experts_of_their_dequantized_weights(bits):
+    """QuantizedExperts (decode's fused routed path for one token, prefill's dense path for
+    several) computes what transformers' own experts compute with the dequantized weights; the
+    quantization error is that of symmetric int8 per row / int4 per group."""
+    import copy
+
+    from aoti_rt.llm.experts import QuantizedExperts, dequantize
+
+    torch.manual_seed(0)
+    experts = _eager("qwen3_moe", "none").model.layers[0].mlp.experts
+    q = QuantizedExperts(experts, bits, GROUP)
+    ref = copy.deepcopy(experts)
+    for name in ("gate_up_proj", "down_proj"):
+        w = dequantize(getattr(q, f"{name}_qdata"), getattr(q, f"{name}_scale"), bits, torch.float32)
+        full = getattr(experts, name)
+        err = float((w - full).abs().max() / full.abs().max())
+        assert err <= (1 / 127 if bits == 8 else 1 / 7), err
+        getattr(ref, name).data = w
+    for tokens in (1, 5):
+        x = torch.randn(tokens, 64)
+        weights, index = torch.topk(torch.randn(tokens, 4).softmax(-1), 2)
+        got, want = q(x, index, weights), ref(x, index, weights)
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+    one = torch.randn(1, 64)
+    weights, index = torch.topk(torch.randn(1, 4).softmax(-1), 2)
+    assert torch.allclose(q._routed(one, index[0], weights[0]), q._dense(one, index, weights), atol=1e-6)
+
+
 def test_low_memory_build_quantizes_each_layer_and_runs():
     """``low_memory``: a config's random weights built a layer at a time on the device (here the
     CPU), each layer quantized before the next; nothing stays on the meta device, the rotary

@@ -94,18 +94,14 @@ class QuantizedExperts(nn.Module):
         self.group_size = group_size
         self.act_fn = experts.act_fn
         self.num_experts = int(experts.gate_up_proj.shape[0])
-        self.dtype = experts.gate_up_proj.dtype
         for name in PROJECTIONS:
             qw = quantize_weight(getattr(experts, name).detach(), bits, group_size)
             self.register_parameter(f"{name}_qdata", nn.Parameter(qw.qdata, requires_grad=False))
             self.register_parameter(f"{name}_scale", nn.Parameter(qw.scale, requires_grad=False))
 
-    def _weight(self, name: str, idx: torch.Tensor | None = None) -> torch.Tensor:
-        q = getattr(self, f"{name}_qdata")
-        s = getattr(self, f"{name}_scale")
-        if idx is not None:
-            q, s = q[idx], s[idx]
-        return dequantize(q, s, self.bits, self.dtype)
+    def _weight(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Every expert's ``name`` weight, dequantized to ``dtype``."""
+        return dequantize(getattr(self, f"{name}_qdata"), getattr(self, f"{name}_scale"), self.bits, dtype)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -139,10 +135,10 @@ class QuantizedExperts(nn.Module):
     def _dense(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         route = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device)
         route = route.scatter_add(1, idx, w.to(x.dtype))                       # [T, E]
-        gate_up = torch.matmul(x, self._weight("gate_up_proj").transpose(1, 2))  # [E, T, 2I]
+        gate_up = torch.matmul(x, self._weight("gate_up_proj", x.dtype).transpose(1, 2))  # [E, T, 2I]
         gate, up = gate_up.chunk(2, dim=-1)
         h = self.act_fn(gate) * up                                             # [E, T, I]
-        y = torch.matmul(h, self._weight("down_proj").transpose(1, 2))         # [E, T, H]
+        y = torch.matmul(h, self._weight("down_proj", x.dtype).transpose(1, 2))  # [E, T, H]
         return (y * route.t()[:, :, None]).sum(0)
 
     def parts(self, prefix: str) -> Iterator[tuple[str, dict[str, str]]]:
