@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import CompileError, OptionError
+from ..method_compiler import first_line
 from ._deps import require
+from .errors import UnsupportedModelError
 from .info import LlmInfo, weight_names
 from .quant import quantize
-from .source import check_family, check_shims, resolve_model
+from .source import check_family, check_shims, experts_kernel, resolve_model
 
 #: the shortest prefill: export specialises a dimension of size 0 or 1, so 1 token goes to decode
 MIN_PREFILL = 2
@@ -51,6 +53,8 @@ def prepare_model(source: Any, *, quantize_weights: str = "none", group_size: in
     in full precision (a 35B-parameter MoE fits one 80 GB card); the weights differ from
     ``from_config``'s for the same seed.
     """
+    import torch
+
     say = _Say(progress)
     say(f"loading the model ({type(source).__name__})")
     kind = "cpu" if device == "cpu" else "cuda"
@@ -61,14 +65,12 @@ def prepare_model(source: Any, *, quantize_weights: str = "none", group_size: in
                                                                        packing, dtype=dt), say=say)
     else:
         model = resolve_model(source, dtype=dtype, seed=seed, experts_implementation=experts_implementation)
-    check_family(model.config)
-    check_shims(getattr(model.config.get_text_config(), "_experts_implementation", None), device,
-                torch_version())
-    if not low_memory:
         model.to(device)
         if quantize_weights != "none":
             say(f"quantizing weights to {quantize_weights} (torchao; MoE experts: aoti_rt.llm.experts)")
         quantize(model, quantize_weights, kind, group_size, packing)
+    # only experts left in full precision call transformers' experts kernel (quantized ones are ours)
+    check_shims(experts_kernel(model), device, torch.__version__)
     return model
 
 
@@ -90,7 +92,6 @@ def build_low_memory(config: Any, *, device: str, dtype: Any, seed: int, experts
     torch.manual_seed(seed)
     layers = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
     blocks = list(layers[0]) if layers else []
-    in_blocks = {id(p) for b in blocks for p in b.parameters()}
     for i, block in enumerate(blocks):
         _materialize(model, block, device)
         quantize_layer(block, dtype)
@@ -106,7 +107,10 @@ def build_low_memory(config: Any, *, device: str, dtype: Any, seed: int, experts
     if model.config.get_text_config().tie_word_embeddings:
         model.tie_weights()
     quantize_layer(model, dtype)                 # the rest: quantize skips what is already quantized
-    assert not in_blocks or not any(p.is_meta for p in model.parameters())
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise UnsupportedModelError(f"low_memory could not build {', '.join(left[:3])} of this {check_family(config)} "
+                                    f"model; export it without low_memory")
     return model
 
 
@@ -115,12 +119,6 @@ def _materialize(model: Any, module: Any, device: str, recurse: bool = True) -> 
     module.to_empty(device=device, recurse=recurse)
     for m in (module.modules() if recurse else [module]):
         model._init_weights(m)
-
-
-def torch_version() -> str:
-    import torch
-
-    return torch.__version__
 
 
 def export_programs(model: Any, *, max_seq_len: int, max_prefill: int | None = None,
@@ -168,8 +166,8 @@ def _export(model: Any, max_seq_len: int, max_prefill: int | None, progress: boo
                                                 cache_position=torch.zeros(1, dtype=torch.long, device=device),
                                                 strict=True)
     except Exception as e:  # noqa: BLE001 - torch.export raises many types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CompileError(f"torch.export of the {model_type} model failed ({type(e).__name__}: {first[:300]}); "
+        raise CompileError(f"torch.export of the {model_type} model failed ({type(e).__name__}: "
+                           f"{first_line(e)[:300]}); "
                            f"try another experts_implementation for a MoE model, or report the model") from e
     return programs, wrapper
 

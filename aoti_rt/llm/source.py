@@ -10,6 +10,7 @@ from typing import Any
 from ..method_compiler import SHIM_SINCE
 from ._deps import require
 from .errors import FAMILIES, NoShimError, UnsupportedModelError, covered
+from .experts import is_fused_experts
 
 
 def check_family(config: Any) -> str:
@@ -71,6 +72,15 @@ CUDA_SHIMS = {"grouped_mm": "_grouped_mm"}
 def _version(text: str) -> tuple[int, int]:
     parts = text.split("+")[0].split(".")
     return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+
+
+def experts_kernel(model: Any) -> str | None:
+    """The transformers experts implementation ``model`` still calls: its config's, where fused
+    MoE experts are left in full precision; None where there are none (a dense model, or experts
+    quantized by :mod:`aoti_rt.llm.experts`, whose own forward calls no such kernel)."""
+    if not any(is_fused_experts(m) for m in model.modules()):
+        return None
+    return getattr(model.config.get_text_config(), "_experts_implementation", None)
 
 
 def check_shims(experts_implementation: str | None, device: str, torch_version: str) -> None:
