@@ -68,12 +68,15 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int) -> QuantizedWei
     return QuantizedWeight((u[..., 0::2] | (u[..., 1::2] << 4)).contiguous(), scale.contiguous())
 
 
+def nibbles(qdata: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int4 values of ``qdata`` (uint8, two a byte) as int8: the even inputs', the odd ones'."""
+    return (qdata & 15).to(torch.int8) - 8, (qdata >> 4).to(torch.int8) - 8
+
+
 def dequantize(qdata: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
     """The full-precision weight of ``qdata`` and ``scale`` (any leading experts dims)."""
     if bits == 4:
-        lo = (qdata & 15).to(torch.int8) - 8
-        hi = (qdata >> 4).to(torch.int8) - 8
-        q = torch.stack([lo, hi], dim=-1).reshape(*qdata.shape[:-1], qdata.shape[-1] * 2)
+        q = torch.stack(nibbles(qdata), dim=-1).reshape(*qdata.shape[:-1], qdata.shape[-1] * 2)
     else:
         q = qdata
     groups = scale.shape[-1]
@@ -91,7 +94,6 @@ class QuantizedExperts(nn.Module):
         if bits not in (4, 8):
             raise OptionError(f"bits must be 4 or 8, not {bits}")
         self.bits = bits
-        self.group_size = group_size
         self.act_fn = experts.act_fn
         self.num_experts = int(experts.gate_up_proj.shape[0])
         for name in PROJECTIONS:
@@ -125,7 +127,8 @@ class QuantizedExperts(nn.Module):
         s = getattr(self, f"{name}_scale")[idx]                                # [k, N, groups]
         if self.bits == 4:
             pairs = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
-            v = ((q & 15).to(x.dtype) - 8) * pairs[..., 0] + ((q >> 4).to(x.dtype) - 8) * pairs[..., 1]
+            even, odd = nibbles(q)
+            v = even.to(x.dtype) * pairs[..., 0] + odd.to(x.dtype) * pairs[..., 1]
         else:
             v = q.to(x.dtype) * x
         groups = s.shape[-1]

@@ -146,6 +146,11 @@ class LLM:
         """Generate after ``prompt`` (token ids); see :func:`generate_tokens`. ``stop``
         defaults to the model's EOS tokens (``[]`` for none)."""
         info = self.info
+        prompt = [int(t) for t in prompt]
+        bad = [t for t in prompt if not 0 <= t < info.vocab_size]
+        if bad:       # an embedding index out of range is a device-side assert on CUDA: refuse it here
+            raise InputError(f"generate: token ids {bad[:5]} are outside the model's vocabulary "
+                             f"[0, {info.vocab_size}); pass ids from its tokenizer")
         return generate_tokens(self.step, prompt, max_seq_len=info.max_seq_len, max_prefill=info.max_prefill,
                                min_prefill=info.min_prefill, max_new_tokens=max_new_tokens,
                                stop=info.eos_token_ids if stop is None else stop, temperature=temperature,
@@ -199,7 +204,12 @@ class LLM:
         if isinstance(value, QuantizedWeight):
             return value
         if isinstance(value, torch.Tensor) and value.dim() == 3 and self.info.quantize in ("int8", "int4"):
-            return quantize_weight(value.detach(), 8 if self.info.quantize == "int8" else 4, self.info.group_size)
+            bits = 8 if self.info.quantize == "int8" else 4
+            if not value.is_floating_point() or (bits == 4 and value.shape[-1] % self.info.group_size):
+                raise InputError(f"update_weights: {name} is MoE experts' weight quantized to {self.info.quantize}; "
+                                 f"pass it in full precision ([experts, out, in], in a multiple of the group size "
+                                 f"{self.info.group_size} for int4), not {value.dtype} {tuple(value.shape)}")
+            return quantize_weight(value.detach(), bits, self.info.group_size)
         if not isinstance(value, torch.Tensor) or value.dim() != 2:
             raise InputError(f"update_weights: {name} is a quantized weight; pass a 2-D tensor (3-D for MoE "
                              f"experts) or the quantized tensor, not {type(value).__name__}")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BundleError
+from .experts import quantized_modules
 
 INFO = "llm.json"
 FORMAT = "aoti_rt.llm"
@@ -79,8 +80,6 @@ def weight_names(model: Any, bound: set[str]) -> dict[str, WeightName]:
     """The map from ``model``'s parameter and buffer names to the bundle FQNs in ``bound`` (the
     constants the compiled methods bind); fused MoE experts quantized by
     :mod:`aoti_rt.llm.experts` by the names the model had before (``...experts.gate_up_proj``)."""
-    from .experts import quantized_modules
-
     out: dict[str, WeightName] = {}
     own: set[str] = set()
     for prefix, module in quantized_modules(model):
