@@ -260,12 +260,9 @@ class _Worker:
         if (wd / "error.pkl").is_file():
             with open(wd / "error.pkl", "rb") as f:
                 kind, message, tb = pickle.load(f)
-            if kind == "CompileError":
-                raise CompileError(message)
-            if kind == "NoShimError":
-                raise NoShimError(message)
-            if kind == "HandoffError":
-                raise HandoffError(message)
+            for error in (CompileError, NoShimError, HandoffError):      # raised again as they were
+                if kind == error.__name__:
+                    raise error(message)
             raise CompileError(f"method {name!r}: compiling it in a worker process failed with {kind}: "
                                f"{message}; compile(..., jobs=1) raises it in this process. The worker's "
                                f"traceback:\n{tb}")

@@ -9,9 +9,9 @@ records (``log``) are the compiler's.
 from __future__ import annotations
 
 import contextlib
-import re
 import logging
 import os
+import re
 import shutil
 import time
 import warnings

@@ -242,16 +242,8 @@ def _row_child(kind: str, a: dict[str, Any]) -> dict[str, Any]:
         sync()
     out: dict[str, Any] = {"start_s": time.perf_counter() - t0}
     if kind == "ceiling":
-        host = torch.empty(1 << 30, dtype=torch.uint8).pin_memory()
-        host.fill_(1)
-        times = []
-        for _ in range(1 + a["repeats"]):
-            s = time.perf_counter()
-            copied = host.to(dev, non_blocking=True)
-            sync()
-            times.append(time.perf_counter() - s)
-            del copied
-        return {**out, "gbps": host.numel() / min(times[1:]) / 1e9}
+        times = child.pinned_copy_times(1 << 30, dev, a["repeats"], sync)
+        return {**out, "gbps": (1 << 30) / min(times[1:]) / 1e9}
     import torch._inductor.package  # noqa: F401 - the stock loader's import is not its load
 
     uuid = getattr(torch.cuda.get_device_properties(dev), "uuid", None) if cuda else None

@@ -123,15 +123,7 @@ def _child(kind: str, a: dict[str, Any]) -> dict[str, Any]:
                 torch.cuda.empty_cache()
         out.update(first_s=times[0], repeat_s=times[1:], nbytes=a["nbytes"])
     elif kind == "ceiling":
-        host = torch.empty(a["nbytes"], dtype=torch.uint8).pin_memory()
-        host.fill_(1)
-        times = []
-        for _ in range(1 + a["repeats"]):
-            s = time.perf_counter()
-            copied = host.to(dev, non_blocking=True)
-            sync()
-            times.append(time.perf_counter() - s)
-            del copied
+        times = child.pinned_copy_times(a["nbytes"], dev, a["repeats"], sync)
         out.update(first_s=times[0], repeat_s=times[1:], nbytes=a["nbytes"])
     elif kind == "pin":
         from aoti_rt import _memory

@@ -56,3 +56,22 @@ def run_if_child(work: Callable[[str, dict[str, Any]], dict[str, Any]], argv: Se
     payload = json.loads(argv[argv.index("--child-args") + 1])
     print(RESULT + json.dumps(work(kind, payload)), flush=True)
     sys.exit(0)
+
+
+def pinned_copy_times(nbytes: int, device: str, repeats: int, sync: Callable[[], None]) -> list[float]:
+    """Seconds of ``1 + repeats`` copies of ``nbytes`` from pinned host memory to ``device``, each
+    up to ``sync()``: the copy ceiling a load is measured against (the first copy warms up)."""
+    import time
+
+    import torch
+
+    host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    host.fill_(1)
+    times = []
+    for _ in range(1 + repeats):
+        s = time.perf_counter()
+        copied = host.to(device, non_blocking=True)
+        sync()
+        times.append(time.perf_counter() - s)
+        del copied
+    return times
