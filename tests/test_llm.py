@@ -164,6 +164,10 @@ def test_prompt_longer_than_cache_is_input_error(bundles):
         assert "\n" not in str(e.value)
         with pytest.raises(aoti_rt.InputError, match="empty"):
             lm.generate([])
+        with pytest.raises(aoti_rt.InputError, match="vocabulary"):
+            lm.generate([3, 128, 4])                      # vocab_size is 128
+        with pytest.raises(aoti_rt.InputError, match="vocabulary"):
+            lm.generate([-1, 4])
 
 
 @pytest.mark.parametrize("family,form", [("llama", "quantized"), ("llama", "float"), ("qwen3_moe", "float")])
@@ -193,6 +197,13 @@ def test_update_weights_by_the_models_own_names(bundles, family, form):
         assert after.tokens != before.tokens
         with pytest.raises(aoti_rt.InputError, match="no weight"):
             lm.update_weights({"model.layers.0.not_a_weight": torch.zeros(1)})
+        if family == "qwen3_moe":
+            experts = "model.layers.0.mlp.experts.gate_up_proj"
+            with pytest.raises(aoti_rt.InputError, match="full precision"):
+                lm.update_weights({experts: torch.zeros(4, 64, 64, dtype=torch.int32)})
+            with pytest.raises(aoti_rt.InputError):                  # quantized, but not its shape
+                lm.update_weights({experts: torch.zeros(4, 32, 64)})
+            assert lm.generate(PROMPT, max_new_tokens=8, stop=[]).tokens == want.tokens
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -324,6 +335,20 @@ def test_grouped_mm_without_cuda_shim_is_refused():
     check_shims("grouped_mm", "cuda", "2.12.0")         # has the shim
     check_shims("grouped_mm", "cpu", "2.11.0")          # the CPU path has no such gap
     check_shims("batched_mm", "cuda", "2.11.0")
+
+
+def test_only_full_precision_experts_need_transformers_experts_kernel():
+    """grouped_mm (transformers' default) matters only for experts left in full precision:
+    quantized experts run aoti_rt's own forward, so they are not refused for its missing shim."""
+    from aoti_rt.llm.source import check_shims, experts_kernel
+
+    full = _eager("qwen3_moe", "none", experts_implementation="grouped_mm")
+    assert experts_kernel(full) == "grouped_mm"
+    assert experts_kernel(_eager("llama", "none")) is None                 # no experts at all
+    for scheme in ("int8", "int4"):
+        quantized = _eager("qwen3_moe", scheme, experts_implementation="grouped_mm")
+        assert experts_kernel(quantized) is None
+        check_shims(experts_kernel(quantized), "cuda:0", "2.11.0+cu130")
 
 
 def test_constants_outgrowing_the_quantized_state_warn(tmp_path):
