@@ -131,6 +131,7 @@ def test_calls_in_other_threads_see_all_old_or_all_new_weights(three_bundle, dev
     """While one thread updates back and forth between two sets of weights, calls made in other
     threads compute exactly the one set or the other, never a mix."""
     import threading
+    import time
 
     x = torch.randn(3, 64, device=device)
     want = [outputs_of(make_stack(device, seed=s), x) for s in (0, 1)]
@@ -152,8 +153,13 @@ def test_calls_in_other_threads_see_all_old_or_all_new_weights(three_bundle, dev
         for t in threads:
             t.start()
         try:
-            for k in range(30):
+            # at least 30 updates, and on until the callers saw both sets (a loaded machine may
+            # starve their threads through the first 30), within a minute
+            deadline = time.monotonic() + 60
+            k = 0
+            while k < 30 or (not (seen[0] and seen[1]) and time.monotonic() < deadline):
                 model.update_weights(sets[(k + 1) % 2])
+                k += 1
         finally:
             stop.set()
             for t in threads:
