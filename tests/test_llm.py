@@ -168,6 +168,13 @@ def test_prompt_longer_than_cache_is_input_error(bundles):
             lm.generate([3, 128, 4])                      # vocab_size is 128
         with pytest.raises(aoti_rt.InputError, match="vocabulary"):
             lm.generate([-1, 4])
+        ids, pos = torch.tensor([[3, 4]]), torch.tensor([0, 1])
+        assert lm.step(ids, pos).shape[-1] == 128
+        for bad_ids, bad_pos in (([[3, 128]], [0, 1]), ([[-1, 4]], [0, 1]), ([[5]], [MAX_SEQ]), ([[3, 4]], [-1, 0])):
+            with pytest.raises(aoti_rt.InputError, match=r"\[0, 128\).*\[0, %d\)" % MAX_SEQ):
+                lm.step(torch.tensor(bad_ids), torch.tensor(bad_pos))
+        with pytest.raises(aoti_rt.InputError, match=r"\[1, T\]"):
+            lm.step(torch.tensor([3, 4]), torch.tensor([0, 1]))
 
 
 @pytest.mark.parametrize("family,form", [("llama", "quantized"), ("llama", "float"), ("qwen3_moe", "float")])

@@ -137,7 +137,32 @@ class LLM:
         self.model.close()
 
     def step(self, input_ids: Any, cache_position: Any) -> Any:
-        """One call of ``prefill`` (``T >= min_prefill`` tokens) or ``decode`` (1 token)."""
+        """One call of ``prefill`` (``T >= min_prefill`` tokens) or ``decode`` (1 token):
+        ``input_ids[1, T]`` (int64) written at ``cache_position[T]`` of the KV cache.
+
+        The values are checked before the call (one device sync): the compiled kernels index
+        the embedding with the ids and the KV cache with the positions, unchecked.
+
+        Raises:
+            InputError: a shape other than ``[1, T]`` / ``[T]``, a token id outside the
+                vocabulary or a position outside the KV cache.
+        """
+        info = self.info
+        shape, pos_shape = tuple(input_ids.shape), tuple(cache_position.shape)
+        if len(shape) != 2 or shape[0] != 1 or pos_shape != shape[1:]:
+            raise InputError(f"step: input_ids is {list(shape)} and cache_position {list(pos_shape)}; pass "
+                             f"input_ids [1, T] and cache_position [T]")
+        if input_ids.numel():
+            bad = ((input_ids < 0) | (input_ids >= info.vocab_size)).any() \
+                | ((cache_position < 0) | (cache_position >= info.max_seq_len)).any()
+            if bool(bad):
+                raise InputError(f"step: token ids must lie in [0, {info.vocab_size}) and cache positions in "
+                                 f"[0, {info.max_seq_len}) (the KV cache's length); pass ids from the model's "
+                                 f"tokenizer and positions below max_seq_len")
+        return self._step(input_ids, cache_position)
+
+    def _step(self, input_ids: Any, cache_position: Any) -> Any:
+        """:meth:`step` without the value checks (:meth:`generate` checked the ids and positions)."""
         method = self.model.decode if input_ids.shape[-1] == 1 else self.model.prefill
         return method(input_ids=input_ids, cache_position=cache_position)
 
@@ -151,7 +176,7 @@ class LLM:
         if bad:       # an embedding index out of range is a device-side assert on CUDA: refuse it here
             raise InputError(f"generate: token ids {bad[:5]} are outside the model's vocabulary "
                              f"[0, {info.vocab_size}); pass ids from its tokenizer")
-        return generate_tokens(self.step, prompt, max_seq_len=info.max_seq_len, max_prefill=info.max_prefill,
+        return generate_tokens(self._step, prompt, max_seq_len=info.max_seq_len, max_prefill=info.max_prefill,
                                min_prefill=info.min_prefill, max_new_tokens=max_new_tokens,
                                stop=info.eos_token_ids if stop is None else stop, temperature=temperature,
                                top_k=top_k, seed=seed, device=self.model.device)
