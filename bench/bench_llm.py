@@ -4,8 +4,12 @@ card, against the same methods as stock AOTInductor packages.
 Sizes (``--size``; ``--layers N`` overrides the depth): ``tiny`` (hidden 64, 2 layers, 4 experts:
 minutes on a CPU, for checking the script), ``medium`` (Qwen3-30B-A3B's layer shapes, 4 layers),
 ``full`` (Qwen3-30B-A3B: hidden 2048, 48 layers, 128 experts top-8, moe_intermediate 768, 32
-heads, 4 KV heads, head_dim 128, vocab 151936; ``--layers 56`` gives about 35B parameters, about
-18 GB in int4). Weights: ``aoti_rt.llm.prepare_model(config, low_memory=True)`` (a layer at a
+heads, 4 KV heads, head_dim 128, vocab 151936), ``35b`` (the default on CUDA: the motivating
+Qwen3.5-35B-A3B's sizes, hidden 2048, 40 layers, 256 experts top-8, moe_intermediate 512, 16 heads,
+2 KV heads, head_dim 256, vocab 248320, on Qwen3-MoE's decoder, which has full attention in every
+layer where Qwen3.5 has Gated DeltaNet in three of four, and no shared expert: about 34B
+parameters, about 18 GB in int4; fewer layers than ``full --layers 56`` for the same bytes, and
+compile time grows with the layers). Weights: ``aoti_rt.llm.prepare_model(config, low_memory=True)`` (a layer at a
 time on the device), linears int4 with torchao, MoE experts int4 with ``aoti_rt.llm.experts``.
 
 Phase ``build`` (compiled once into ``--cache``; each step a child process, resumable): the
@@ -30,7 +34,7 @@ what stays resident, over the weight bytes plus the KV cache bytes (1.00: one co
 
 ``--experts-compare`` (``only``: nothing else): decode step of int4 experts against experts in the
 model dtype (transformers' ``batched_mm``; linears int4 in both), at ``--experts-size`` (default
-``medium`` for ``--size full``), each built once and timed in a fresh process.
+``medium`` for ``--size full``, ``35b-medium``, 4 layers, for ``35b``), each built once and timed in a fresh process.
 
 Under a time limit per command: ``--phase build`` as often as needed (each finished step is
 recorded in ``build.json``: eager, bundle, stock prefill, stock decode), then ``--phase rows
@@ -73,6 +77,12 @@ SHAPES = {
                  head_dim=128, num_hidden_layers=48),
 }
 SHAPES["medium"] = {**SHAPES["full"], "num_hidden_layers": 4}
+#: Qwen3.5-35B-A3B's sizes (the motivating model) on Qwen3-MoE's decoder: full attention in every
+#: layer instead of 3 Gated DeltaNet layers to 1, and no shared expert
+SHAPES["35b"] = dict(vocab_size=248320, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=512,
+                     num_experts=256, num_experts_per_tok=8, num_attention_heads=16, num_key_value_heads=2,
+                     head_dim=256, num_hidden_layers=40)
+SHAPES["35b-medium"] = {**SHAPES["35b"], "num_hidden_layers": 4}
 #: experts kernel of full-precision experts (grouped_mm has no AOTI C shim before torch 2.12)
 EXPERTS = "batched_mm"
 
@@ -674,7 +684,7 @@ def _token_note(label: str, kind: str, r: dict[str, Any]) -> list[str]:
 def _experts(args: argparse.Namespace, report: Any, phases: set[str]) -> None:
     from bench import common
 
-    size = args.experts_size or ("medium" if args.size == "full" else args.size)
+    size = args.experts_size or {"full": "medium", "35b": "35b-medium"}.get(args.size, args.size)
     t = report.table(f"decode step, int4 experts (aoti_rt.llm.experts) against experts in the model dtype "
                      f"({EXPERTS}); linears {args.quantize} in both; {size}",
                      [("variant", "experts", "{}"), ("decode_us", "decode us", "{:.1f}"),
@@ -720,7 +730,7 @@ def run(args: argparse.Namespace, report: Any) -> None:
 
 
 def _extra(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the size's; 56: ~35B)")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the size's)")
     p.add_argument("--quantize", choices=("int4", "int8"), default="int4")
     p.add_argument("--group", type=int, default=None, help="int4 group size (default 128; tiny: 32)")
     p.add_argument("--prompt-len", type=int, default=128)
@@ -748,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda:0 if available, else cpu)")
-    p.add_argument("--size", choices=tuple(SHAPES), default=None, help="default: full on CUDA, tiny on the CPU")
+    p.add_argument("--size", choices=tuple(SHAPES), default=None, help="default: 35b on CUDA, tiny on the CPU")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for the JSON results")
     p.add_argument("--cache", type=Path, default=common._default_cache(),
                    help="directory of the builds, reused across runs (default: $AOTI_RT_BENCH_CACHE or "
@@ -757,7 +767,7 @@ def main(argv: list[str] | None = None) -> int:
     _extra(p)
     args = p.parse_args(argv)
     args.device = common._resolve_device(p, args.device)
-    args.size = args.size or ("tiny" if args.device == "cpu" else "full")
+    args.size = args.size or ("tiny" if args.device == "cpu" else "35b")
     args.cache = args.cache.resolve()
     report = common.Report("bench_llm", common.environment(args.device),
                            {"device": args.device, "size": args.size, "repeats": args.repeats})
