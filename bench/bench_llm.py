@@ -491,7 +491,8 @@ def _build(args: argparse.Namespace, spec: dict[str, Any], d: Path, stock: bool,
     payload = {"spec": spec, "dir": str(d)}
     for stale in d.glob("compile-*"):        # a build step killed mid-way (a time limit)
         shutil.rmtree(stale, ignore_errors=True)
-    steps = (["eager"] if eager and spec["variant"] == "int4" else []) + ["bundle"]
+    # the compile first: under a time limit per command, the longest step starts with the most time left
+    steps = ["bundle"] + (["eager"] if eager and spec["variant"] == "int4" else [])
     if state.get("eager", {}).get("asked") not in (None, spec["tokens"]):
         state.pop("eager")                   # another --tokens: the eager step again, not the compile
     for step in steps:
