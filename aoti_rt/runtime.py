@@ -457,11 +457,15 @@ class Method:
         return self._gate.is_closed
 
     def close(self) -> None:
-        """Wait for running calls, delete the container and release this method's weights."""
+        """Wait for running calls, delete the container and release this method's weights.
+
+        An update or a generation switch rebinding this method in another thread holds its
+        launch lock: the container is deleted only once it is done with it."""
         self._gate.close()
-        self._bound = []
-        self._fqn_index = {}
-        self._finalizer()
+        with self.launch_lock():
+            self._bound = []
+            self._fqn_index = {}
+            self._finalizer()
 
     def __enter__(self) -> "Method":
         return self

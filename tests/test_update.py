@@ -327,3 +327,57 @@ def test_every_weight_is_a_parameter_constant_that_updates(device, tmp_path):
         model.update_weights({"2.bias": new})
         m[2].bias.copy_(new)
         torch.testing.assert_close(model.f(x), m(x))
+
+
+_CLOSE_DURING_UPDATE = """
+import sys, threading, time
+import torch, aoti_rt
+from aoti_rt import binders
+
+path, device = sys.argv[1], sys.argv[2]
+model = aoti_rt.load(path, device=device)
+twin = aoti_rt.load(path, device=device)        # keeps the .so loaded; the update must copy and rebind
+fqn = model.method_list()[0].constants[0]
+value = torch.randn_like(model.weight(fqn))
+real, rebinding = binders.torch_shim, threading.Event()
+
+def slow_bind():                                 # the update thread pauses inside a rebind
+    if threading.current_thread().name == "update":
+        rebinding.set()
+        time.sleep(0.5)
+    return real()
+
+binders.torch_shim = slow_bind
+result = {}
+
+def update():
+    try:
+        result["report"] = model.update_weights({fqn: value})
+    except BaseException as e:
+        result["error"] = repr(e)
+    result["done"] = time.monotonic()
+
+t = threading.Thread(target=update, name="update")
+t.start()
+rebinding.wait()
+model.close()
+closed = time.monotonic()
+t.join()
+twin.close()
+print("ERROR" if "error" in result else "UPDATED", result.get("error", ""))
+print("CLOSED AFTER UPDATE" if closed >= result["done"] else "CLOSED DURING UPDATE")
+"""
+
+
+def test_closing_a_model_during_its_update_waits_for_the_update(three_bundle, device):
+    """close() in one thread while update_weights rebinds the model in another: the container
+    is deleted only after the update is done with it (deleting it under a rebind is a
+    use-after-free that kills the process). Run in a child process, so a regression fails
+    this test instead of killing the suite."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _CLOSE_DURING_UPDATE, str(three_bundle), device],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert "UPDATED" in r.stdout and "CLOSED AFTER UPDATE" in r.stdout, r.stdout
