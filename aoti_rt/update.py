@@ -380,6 +380,8 @@ def update_weights(model: "Model", weights: "Mapping[str, Any] | str | os.PathLi
                 else:
                     t.dest = t.source
                     report.taken_over += t.take_key is not None
+            if path is None:
+                _snapshot_aliases(targets)
             # copies first: filled with the old bytes and the new values, then bound (all methods
             # or none), so a failure up to here changes nothing this model computes
             for t in targets:
@@ -427,6 +429,24 @@ def update_weights(model: "Model", weights: "Mapping[str, Any] | str | os.PathLi
     report.copied_on_write = sum(t.copy for t in targets)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _snapshot_aliases(targets: list[_Target]) -> None:
+    """Copy each value that lies in memory this update writes in place (a live view of a KV
+    cache from ``model.weight()``) before anything is written, so every FQN gets the value it
+    was given, whatever the order of the writes (swapping two caches through their views)."""
+    spans = [(t.dest.ptr, t.dest.ptr + t.dest.nbytes) for t in targets if t.dest is t.source]
+    if not spans:
+        return
+    for t in targets:
+        t.writes = [(c, v.clone() if _overlaps(v, spans) else v) for c, v in t.writes]
+
+
+def _overlaps(value: Any, spans: list[tuple[int, int]]) -> bool:
+    storage = value.untyped_storage()
+    lo = storage.data_ptr()
+    hi = lo + storage.nbytes()
+    return any(lo < end and start < hi for start, end in spans)
 
 
 def _rebind(targets: list[_Target], methods: "list[Method]", gen: Any) -> None:

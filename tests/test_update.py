@@ -109,6 +109,20 @@ def test_an_update_of_one_fqn_does_not_change_the_fqns_stored_with_it(lm_bundle,
         torch.testing.assert_close(model.prefill(tokens), want, rtol=1e-4, atol=1e-4)
 
 
+def test_values_that_view_the_memory_an_update_writes_are_written_as_given(lm_bundle, device):
+    """The KV caches swapped through their live views (model.weight() of state): each FQN gets
+    the value its view held when update_weights was called, not what an earlier write of the
+    same update left there."""
+    with aoti_rt.load(lm_bundle, device=device) as model:
+        k, v = (torch.randn_like(model.weight("lm.k_cache")) for _ in range(2))
+        model.update_weights({"lm.k_cache": k, "lm.v_cache": v})
+        model.update_weights({"lm.k_cache": model.weight("lm.v_cache"), "lm.v_cache": model.weight("lm.k_cache")})
+        assert torch.equal(model.weight("lm.k_cache"), v)
+        assert torch.equal(model.weight("lm.v_cache"), k)
+        for m in model.methods:
+            assert torch.equal(model[m].weight("lm.v_cache"), k)
+
+
 def test_a_state_dict_updates_a_model_whose_tied_weight_aoti_binds_under_one_name(three_bundle, device):
     """The stack's out.weight is inp.weight: AOTI binds it under one FQN, the state_dict has both
     names for the same tensor; the whole state_dict is accepted (strict) and the tensor written
