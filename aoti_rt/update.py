@@ -210,6 +210,27 @@ def _merge_equal(groups: dict[Any, list[_Holder]], given: dict[str, Any]) -> dic
     return out
 
 
+def _split_overlapping(groups: dict[Any, list[_Holder]]) -> dict[Any, list[_Holder]]:
+    """FQNs given one value keep one buffer only where their views of it are the same or lie
+    apart: views that overlap (``t[0:10]`` and ``t[5:15]`` of one storage, in a package) cannot
+    both hold that value in one buffer, so each such view gets a group, and a buffer, of its own."""
+    out: dict[Any, list[_Holder]] = {}
+    for vid, hs in groups.items():
+        views: dict[tuple, list[_Holder]] = {}
+        for h in hs:
+            c = h.bound.constant
+            views.setdefault((c.storage_offset, tuple(c.shape), tuple(c.stride)), []).append(h)
+        spans = sorted((off * ITEMSIZE[h[0].bound.constant.dtype],
+                        view_bytes(list(shape), list(stride), off, ITEMSIZE[h[0].bound.constant.dtype]))
+                       for (off, shape, stride), h in views.items())
+        apart = all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
+        if vid is None or apart:
+            out[vid] = hs
+        else:
+            out.update(((vid, view), vhs) for view, vhs in views.items())
+    return out
+
+
 def _kind(bound: "BoundConstant") -> str:
     """Which of the contract's kinds of memory a bound constant is (docs/contract.md)."""
     arena = getattr(bound.buffer, "arena", None)
@@ -247,6 +268,7 @@ def _plan(model: "Model", methods: "list[Method]", given: dict[str, Any], path: 
             groups.setdefault(None if fqn not in given else _value_id(given[fqn], path), []).append(h)
         if path is None and len(groups) - (None in groups) > 1:
             groups = _merge_equal(groups, given)
+        groups = _split_overlapping(groups)
         whole = None not in groups and len(groups) == 1
         if kind == "attached" and shared:
             raise InputError("update_weights: this model's weights are mapped read-only from another process "
