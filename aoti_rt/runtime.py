@@ -457,14 +457,11 @@ class Method:
         return self._gate.is_closed
 
     def close(self) -> None:
-        """Wait for running calls, delete the container and release this method's weights.
-
-        An update or a generation switch rebinding this method in another thread holds its
-        launch lock: the container is deleted only once it is done with it."""
+        """Wait for running calls and for an update rebinding it (its launch lock), then delete
+        the container and release this method's weights."""
         self._gate.close()
         with self.launch_lock():
-            self._bound = []
-            self._fqn_index = {}
+            self._bound, self._fqn_index = [], {}
             self._finalizer()
 
     def __enter__(self) -> "Method":
