@@ -20,7 +20,8 @@ change what another bundle computes):
   tensor constant (a buffer the .so might write is never shared across stores);
 * a mutable buffer (written in place by some method, e.g. a KV cache) is ``INSTANCE``-scoped:
   owned by the model instance, so the methods of one model share it and a second load gets
-  fresh state initialised from the store;
+  fresh state initialised from the store; so is every constant the .so reports as a buffer,
+  whatever the manifest says (its kernels may write it);
 * an exporter's arena weights are ``EXPORT``-scoped and a client's mapped ones ``ATTACHED``
   (:mod:`aoti_rt.serving`), an update's private copies ``PRIVATE``.
 
@@ -47,6 +48,8 @@ from .errors import OptionError
 _instance_ids = itertools.count(1)
 #: .so constant type codes whose memory generated code never writes (model_base.h)
 READ_ONLY_KINDS = (1, 3)    # parameter, tensor constant
+#: the .so constant type of a buffer: generated code may write it in place
+BUFFER_KIND = 2
 
 
 class Verify(enum.Enum):
@@ -171,6 +174,7 @@ def plan_keys(source: WeightSource, constants: Sequence[ConstantSpec], plan: _bi
     fixed: list[bool] = []
     index: dict[str, int] = {}
     of_constant = []
+    state: list[bool] = []      # the instance's own: the manifest or the .so says kernels may write it
     for i, c in enumerate(constants):
         w = source.weights[c.weight]
         at = index.get(w.id)
@@ -179,13 +183,16 @@ def plan_keys(source: WeightSource, constants: Sequence[ConstantSpec], plan: _bi
             weights.append(w)
             need.append(w.nbytes)
             fixed.append(not w.mutable)
+            state.append(w.mutable)
         of_constant.append(at)
         need[at] = max(need[at], plan.need(i))
         if plan.so_kind(i) not in READ_ONLY_KINDS:
             fixed[at] = False
+        if plan.so_kind(i) == BUFFER_KIND:
+            state[at] = True
     shares = source.verify is not Verify.NEVER
-    keys = [instance_key(source.instance, w, n) if w.mutable else store_key(source.identity, w, n)
-            for w, n in zip(weights, need)]
+    keys = [instance_key(source.instance, w, n) if s else store_key(source.identity, w, n)
+            for w, n, s in zip(weights, need, state)]
     content = [content_key(w, n) if shares and f else None for w, n, f in zip(weights, need, fixed)]
     return keys, content, weights, need, of_constant, fixed
 

@@ -457,11 +457,12 @@ class Method:
         return self._gate.is_closed
 
     def close(self) -> None:
-        """Wait for running calls, delete the container and release this method's weights."""
+        """Wait for running calls and for an update rebinding it (its launch lock), then delete
+        the container and release this method's weights."""
         self._gate.close()
-        self._bound = []
-        self._fqn_index = {}
-        self._finalizer()
+        with self.launch_lock():
+            self._bound, self._fqn_index = [], {}
+            self._finalizer()
 
     def __enter__(self) -> "Method":
         return self

@@ -210,6 +210,27 @@ def _merge_equal(groups: dict[Any, list[_Holder]], given: dict[str, Any]) -> dic
     return out
 
 
+def _split_overlapping(groups: dict[Any, list[_Holder]]) -> dict[Any, list[_Holder]]:
+    """FQNs given one value keep one buffer only where their views of it are the same or lie
+    apart: views that overlap (``t[0:10]`` and ``t[5:15]`` of one storage, in a package) cannot
+    both hold that value in one buffer, so each such view gets a group, and a buffer, of its own."""
+    out: dict[Any, list[_Holder]] = {}
+    for vid, hs in groups.items():
+        views: dict[tuple, list[_Holder]] = {}
+        for h in hs:
+            c = h.bound.constant
+            views.setdefault((c.storage_offset, tuple(c.shape), tuple(c.stride)), []).append(h)
+        spans = sorted((off * ITEMSIZE[h[0].bound.constant.dtype],
+                        view_bytes(list(shape), list(stride), off, ITEMSIZE[h[0].bound.constant.dtype]))
+                       for (off, shape, stride), h in views.items())
+        apart = all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
+        if vid is None or apart:
+            out[vid] = hs
+        else:
+            out.update(((vid, view), vhs) for view, vhs in views.items())
+    return out
+
+
 def _kind(bound: "BoundConstant") -> str:
     """Which of the contract's kinds of memory a bound constant is (docs/contract.md)."""
     arena = getattr(bound.buffer, "arena", None)
@@ -247,6 +268,7 @@ def _plan(model: "Model", methods: "list[Method]", given: dict[str, Any], path: 
             groups.setdefault(None if fqn not in given else _value_id(given[fqn], path), []).append(h)
         if path is None and len(groups) - (None in groups) > 1:
             groups = _merge_equal(groups, given)
+        groups = _split_overlapping(groups)
         whole = None not in groups and len(groups) == 1
         if kind == "attached" and shared:
             raise InputError("update_weights: this model's weights are mapped read-only from another process "
@@ -380,6 +402,8 @@ def update_weights(model: "Model", weights: "Mapping[str, Any] | str | os.PathLi
                 else:
                     t.dest = t.source
                     report.taken_over += t.take_key is not None
+            if path is None:
+                _snapshot_aliases(targets)
             # copies first: filled with the old bytes and the new values, then bound (all methods
             # or none), so a failure up to here changes nothing this model computes
             for t in targets:
@@ -427,6 +451,24 @@ def update_weights(model: "Model", weights: "Mapping[str, Any] | str | os.PathLi
     report.copied_on_write = sum(t.copy for t in targets)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _snapshot_aliases(targets: list[_Target]) -> None:
+    """Copy each value that lies in memory this update writes in place (a live view of a KV
+    cache from ``model.weight()``) before anything is written, so every FQN gets the value it
+    was given, whatever the order of the writes (swapping two caches through their views)."""
+    spans = [(t.dest.ptr, t.dest.ptr + t.dest.nbytes) for t in targets if t.dest is t.source]
+    if not spans:
+        return
+    for t in targets:
+        t.writes = [(c, v.clone() if _overlaps(v, spans) else v) for c, v in t.writes]
+
+
+def _overlaps(value: Any, spans: list[tuple[int, int]]) -> bool:
+    storage = value.untyped_storage()
+    lo = storage.data_ptr()
+    hi = lo + storage.nbytes()
+    return any(lo < end and start < hi for start, end in spans)
 
 
 def _rebind(targets: list[_Target], methods: "list[Method]", gen: Any) -> None:

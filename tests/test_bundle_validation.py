@@ -473,3 +473,29 @@ def test_parse_method_and_weights_applies_the_manifest_rules(three_bundle):
         parse_method_and_weights(raw["methods"]["a"], raw["weights"], "probe.json")
     with pytest.raises(aoti_rt.BundleError, match=r"probe.json: weights must be an object"):
         parse_method_and_weights(raw["methods"]["a"], [], "probe.json")
+
+
+def _kv_cache_claimed_immutable(raw):
+    """The k cache (a buffer the .so writes in place) claimed never written: its weight keyed by
+    its digest, as an immutable weight's is."""
+    const = [c for m in raw["methods"].values() for c in m["constants"] if c["fqn"] == "lm.k_cache"]
+    w = raw["weights"].pop(const[0]["weight"])
+    w["mutable"], w["id"] = False, w["digest"]
+    raw["weights"][w["digest"]] = w
+    for c in const:
+        c["mutable"], c["weight"] = False, w["digest"]
+
+
+def test_a_buffer_the_so_writes_is_instance_state_whatever_the_manifest_says(lm_bundle, device, copy_bundle):
+    """A manifest calling the KV cache immutable does not make two loads of the bundle share it:
+    the .so reports it as a buffer its kernels may write, so each instance holds its own, and
+    one instance's prefill leaves the other's cache as loaded."""
+    import torch
+
+    b = copy_bundle(lm_bundle)
+    edit_manifest(b, _kv_cache_claimed_immutable)
+    with aoti_rt.load(b, device=device) as one, aoti_rt.load(b, device=device) as two:
+        before = two.weight("lm.k_cache")
+        one.prefill(torch.arange(1, 9, device=device))
+        assert not torch.equal(one.weight("lm.k_cache"), before)
+        assert torch.equal(two.weight("lm.k_cache"), before)

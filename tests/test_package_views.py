@@ -170,3 +170,38 @@ def test_only_the_sos_own_views_may_start_off_a_16_byte_boundary(workdir, device
     with pytest.raises(ValueError, match="not a multiple of 16"):
         bind_plan(rec.method.constants, "views")
     assert bind_plan(rec.method.constants, "views", compiled=True).n == len(rec.method.constants)
+
+
+class OverlappingViews(torch.nn.Module):
+    """Parameters ``a = t[0:10]`` and ``b = t[5:15]`` of one ``(15, 10)`` tensor: two views of
+    one shape whose rows 5..9 are the same memory."""
+
+    def __init__(self, device: str):
+        super().__init__()
+        t = torch.randn(15, 10, generator=torch.Generator().manual_seed(0)).to(device)
+        self.a = torch.nn.Parameter(t[0:10], requires_grad=False)
+        self.b = torch.nn.Parameter(t[5:15], requires_grad=False)
+
+    def forward(self, x):
+        return x @ self.a.t(), x @ self.b.t()
+
+
+def test_overlapping_views_updated_to_one_value_each_hold_it(workdir, device):
+    """Overlapping views of one stored buffer given the same tensor (or equal ones) cannot hold
+    it in that one buffer: each gets a buffer of its own, and computes with the value given
+    (written in place, the second view's write changed half of the first)."""
+    path = workdir / f"overlap-{device.replace(':', '')}.pt2"
+    x = torch.randn(3, 10, device=device)
+    if not path.is_file():
+        with torch.no_grad():
+            _package(path, torch.export.export(OverlappingViews(device).eval(), (x,)), FORMATS["embedded"])
+    with aoti_rt.load(path, device=device) as m:
+        (a, b) = sorted((c for c in m.model.bindings() if c.fqn in ("a", "b")), key=lambda c: c.fqn)
+        assert a.buffer is b.buffer and (a.constant.storage_offset, b.constant.storage_offset) == (0, 50)
+        for same in (True, False):
+            v = torch.randn(10, 10, device=device)
+            m.update_weights({"a": v, "b": v if same else v.clone()})
+            assert torch.equal(m.weight("a"), v) and torch.equal(m.weight("b"), v)
+            got = m.model(x)
+            for out in got:
+                torch.testing.assert_close(out, x @ v.t(), rtol=0, atol=0)

@@ -109,6 +109,20 @@ def test_an_update_of_one_fqn_does_not_change_the_fqns_stored_with_it(lm_bundle,
         torch.testing.assert_close(model.prefill(tokens), want, rtol=1e-4, atol=1e-4)
 
 
+def test_values_that_view_the_memory_an_update_writes_are_written_as_given(lm_bundle, device):
+    """The KV caches swapped through their live views (model.weight() of state): each FQN gets
+    the value its view held when update_weights was called, not what an earlier write of the
+    same update left there."""
+    with aoti_rt.load(lm_bundle, device=device) as model:
+        k, v = (torch.randn_like(model.weight("lm.k_cache")) for _ in range(2))
+        model.update_weights({"lm.k_cache": k, "lm.v_cache": v})
+        model.update_weights({"lm.k_cache": model.weight("lm.v_cache"), "lm.v_cache": model.weight("lm.k_cache")})
+        assert torch.equal(model.weight("lm.k_cache"), v)
+        assert torch.equal(model.weight("lm.v_cache"), k)
+        for m in model.methods:
+            assert torch.equal(model[m].weight("lm.v_cache"), k)
+
+
 def test_a_state_dict_updates_a_model_whose_tied_weight_aoti_binds_under_one_name(three_bundle, device):
     """The stack's out.weight is inp.weight: AOTI binds it under one FQN, the state_dict has both
     names for the same tensor; the whole state_dict is accepted (strict) and the tensor written
@@ -327,3 +341,57 @@ def test_every_weight_is_a_parameter_constant_that_updates(device, tmp_path):
         model.update_weights({"2.bias": new})
         m[2].bias.copy_(new)
         torch.testing.assert_close(model.f(x), m(x))
+
+
+_CLOSE_DURING_UPDATE = """
+import sys, threading, time
+import torch, aoti_rt
+from aoti_rt import binders
+
+path, device = sys.argv[1], sys.argv[2]
+model = aoti_rt.load(path, device=device)
+twin = aoti_rt.load(path, device=device)        # keeps the .so loaded; the update must copy and rebind
+fqn = model.method_list()[0].constants[0]
+value = torch.randn_like(model.weight(fqn))
+real, rebinding = binders.torch_shim, threading.Event()
+
+def slow_bind():                                 # the update thread pauses inside a rebind
+    if threading.current_thread().name == "update":
+        rebinding.set()
+        time.sleep(0.5)
+    return real()
+
+binders.torch_shim = slow_bind
+result = {}
+
+def update():
+    try:
+        result["report"] = model.update_weights({fqn: value})
+    except BaseException as e:
+        result["error"] = repr(e)
+    result["done"] = time.monotonic()
+
+t = threading.Thread(target=update, name="update")
+t.start()
+rebinding.wait()
+model.close()
+closed = time.monotonic()
+t.join()
+twin.close()
+print("ERROR" if "error" in result else "UPDATED", result.get("error", ""))
+print("CLOSED AFTER UPDATE" if closed >= result["done"] else "CLOSED DURING UPDATE")
+"""
+
+
+def test_closing_a_model_during_its_update_waits_for_the_update(three_bundle, device):
+    """close() in one thread while update_weights rebinds the model in another: the container
+    is deleted only after the update is done with it (deleting it under a rebind is a
+    use-after-free that kills the process). Run in a child process, so a regression fails
+    this test instead of killing the suite."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _CLOSE_DURING_UPDATE, str(three_bundle), device],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert "UPDATED" in r.stdout and "CLOSED AFTER UPDATE" in r.stdout, r.stdout
