@@ -19,14 +19,17 @@ An update names FQNs and changes exactly those FQNs of one model:
 Every name and value (or a safetensors file's header) is checked before anything is allocated
 or written. The writes and rebinds of one update happen while every method of the model holds
 its launch lock, after the calls already launched have finished (CUDA: the device is
-synchronised), so a call of the model sees all old or all new weights.
+synchronised), so a call of the model sees all old or all new weights. Updates of one model
+run one at a time: each plans against what the one before it bound.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -348,6 +351,17 @@ def _generation(exporter: Any, report: UpdateReport):
                 swap.gen.discard()
 
 
+#: one lock a model: its updates run one at a time (a plan made beside another update's would
+#: copy, and on a failure restore, buffers that update has since replaced)
+_serial: "weakref.WeakKeyDictionary[Any, threading.Lock]" = weakref.WeakKeyDictionary()
+_serial_guard = threading.Lock()
+
+
+def _one_at_a_time(model: "Model") -> threading.Lock:
+    with _serial_guard:
+        return _serial.setdefault(model, threading.Lock())
+
+
 def update_weights(model: "Model", weights: "Mapping[str, Any] | str | os.PathLike[str]", *,
                    shared: bool = True, strict: bool = True, progress: bool | None = None,
                    atomic: bool = True) -> UpdateReport:
@@ -358,6 +372,12 @@ def update_weights(model: "Model", weights: "Mapping[str, Any] | str | os.PathLi
     (:mod:`aoti_rt.generations`; the arenas' bytes twice until every client has switched);
     False writes the arenas in place (no second copy; a client's call running meanwhile may
     read a mix of old and new weights)."""
+    with _one_at_a_time(model):
+        return _update(model, weights, shared, strict, progress, atomic)
+
+
+def _update(model: "Model", weights: Any, shared: bool, strict: bool, progress: bool | None,
+            atomic: bool) -> UpdateReport:
     import torch
 
     t0 = time.perf_counter()
