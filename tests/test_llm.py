@@ -294,6 +294,29 @@ def test_unsupported_family_is_one_line_error(tmp_path):
     assert not (tmp_path / "g").exists()
 
 
+def test_bad_checkpoint_paths_are_one_line_errors(tmp_path, capsys):
+    """A path that does not exist, a directory without a config.json, one with only a config
+    (no weights) and --config on a missing file: each a CheckpointError saying what to pass,
+    not transformers' OSError or ValueError, through the API and the command line (exit 2)."""
+    from aoti_rt.cli import main
+    from aoti_rt.llm import CheckpointError
+
+    (tmp_path / "empty").mkdir()
+    _config("llama").save_pretrained(tmp_path / "config-only")
+    for source, match in ((tmp_path / "nope", "does not exist"), (tmp_path / "empty", "no config"),
+                          (tmp_path / "config-only", r"weights.*--config"),
+                          (tmp_path / "config-only" / "config.json", "not a directory")):
+        with pytest.raises(CheckpointError, match=match) as e:
+            export_llm(source, tmp_path / "out", progress=False)
+        assert "\n" not in str(e.value) and isinstance(e.value, aoti_rt.AotiRtError)
+        assert main(["llm", "export", str(source), str(tmp_path / "out"), "-q"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("aoti_rt llm export: CheckpointError:") and "\n" not in err
+    assert main(["llm", "export", "--config", str(tmp_path / "nope.json"), str(tmp_path / "out"), "-q"]) == 2
+    assert "CheckpointError" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_extra_says_what_to_install(tmp_path, monkeypatch):
     for name in [m for m in sys.modules if m == "transformers" or m.startswith("transformers.")]:
         monkeypatch.delitem(sys.modules, name)

@@ -82,13 +82,13 @@ def _ids(text: str) -> list[int]:
 def _export(a: argparse.Namespace) -> int:
     import torch
 
-    from ._deps import require
     from .export import export_llm
+    from .source import load_config
 
     if (a.model is None) == (a.config is None):
         raise SystemExit("llm export: give a checkpoint directory or --config (random weights), not both or neither")
     if a.config is not None:
-        source = require("transformers").AutoConfig.from_pretrained(a.config)
+        source = load_config(a.config)
     else:
         source = a.model
     dtype = getattr(torch, a.dtype) if a.dtype else None

@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..method_compiler import SHIM_SINCE
+from ..method_compiler import SHIM_SINCE, first_line
 from ._deps import require
-from .errors import FAMILIES, NoShimError, UnsupportedModelError, covered
+from .errors import FAMILIES, CheckpointError, NoShimError, UnsupportedModelError, covered
 from .experts import is_fused_experts
 
 
@@ -20,6 +20,23 @@ def check_family(config: Any) -> str:
         raise UnsupportedModelError(f"aoti_rt.llm exports {covered()} causal LMs, not model_type "
                                     f"{model_type!r}; export other models with torch.export and aoti_rt.compile")
     return model_type
+
+
+def load_config(path: str | os.PathLike[str]) -> Any:
+    """The transformers config of a checkpoint directory (or of a ``config.json``).
+
+    Raises:
+        CheckpointError: ``path`` does not exist or holds no config transformers can read.
+    """
+    transformers = require("transformers")
+    if not Path(path).exists():
+        raise CheckpointError(f"{path} does not exist; pass a checkpoint directory or its config.json (a hub "
+                              f"model: download it first, e.g. hf download NAME --local-dir DIR)")
+    try:
+        return transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path} holds no config transformers can read ({type(e).__name__}: "
+                              f"{first_line(e)[:200]}); pass a checkpoint directory with its config.json") from None
 
 
 def resolve_model(source: Any, *, dtype: Any = None, seed: int = 0,
@@ -36,7 +53,9 @@ def resolve_model(source: Any, *, dtype: Any = None, seed: int = 0,
             ``"grouped_mm"``, ``"eager"``); default transformers' choice.
 
     Raises:
-        UnsupportedModelError: not a covered family, or not a model, directory or config.
+        UnsupportedModelError: not a covered family, or not a model, path or config.
+        CheckpointError: a path that does not exist, or whose config or weights transformers
+            cannot load (a directory with only a config.json: pass its config, ``--config``).
         MissingExtraError: transformers is not installed.
     """
     import torch
@@ -54,10 +73,17 @@ def resolve_model(source: Any, *, dtype: Any = None, seed: int = 0,
         check_family(source)
         torch.manual_seed(seed)
         model = transformers.AutoModelForCausalLM.from_config(source, dtype=dtype or torch.float32, **kwargs)
-    elif isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
-        config = transformers.AutoConfig.from_pretrained(source)
-        check_family(config)
-        model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype or "auto", **kwargs)
+    elif isinstance(source, (str, os.PathLike)):
+        check_family(load_config(source))
+        if not Path(source).is_dir():
+            raise CheckpointError(f"{source} is not a directory; pass the checkpoint directory (config.json and "
+                                  f"weights), or its config for random weights (--config)")
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype or "auto", **kwargs)
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"transformers cannot load the weights of {source} ({type(e).__name__}: "
+                                  f"{first_line(e)[:200]}); for random weights from its config.json pass the "
+                                  f"config (--config)") from None
     else:
         raise UnsupportedModelError(f"expected a transformers PreTrainedModel, a checkpoint directory or a "
                                     f"PretrainedConfig, not {type(source).__name__} {str(source)[:80]!r}")
