@@ -213,6 +213,38 @@ def test_update_weights_by_the_models_own_names(bundles, family, form):
             assert lm.generate(PROMPT, max_new_tokens=8, stop=[]).tokens == want.tokens
 
 
+def test_tied_embeddings_update_by_either_name():
+    """A model with tie_word_embeddings exported in full precision binds its embedding once:
+    ``lm_head.weight`` names that constant too, so ``update_weights(model.state_dict())`` (which
+    has both names) is taken, and two different values for the one weight are refused."""
+    from aoti_rt.llm.export import export_programs, prepare_model
+    from aoti_rt.llm.info import LlmInfo, weight_names
+
+    cfg = _config("llama")
+    cfg.num_hidden_layers, cfg.tie_word_embeddings = 1, True
+    model = prepare_model(cfg)
+    programs = export_programs(model, max_seq_len=8, max_prefill=4)
+    bound = {fqn for ep in programs.values() for fqn in [*ep.graph_signature.inputs_to_parameters.values(),
+                                                         *ep.graph_signature.inputs_to_buffers.values()]}
+    names = weight_names(model, bound)
+    assert names["lm_head.weight"].fqn == names["model.embed_tokens.weight"].fqn in bound
+
+    class Recorder:
+        def update_weights(self, mapped, **kwargs):
+            self.mapped = mapped
+
+    lm = LLM.__new__(LLM)
+    lm.info = LlmInfo(model_type="llama", max_seq_len=8, max_prefill=4, min_prefill=2, vocab_size=128,
+                      dtype="float32", weights=names)
+    lm.model = Recorder()
+    new = prepare_model(cfg, seed=1)
+    lm.update_weights(new.state_dict())
+    embed = names["model.embed_tokens.weight"].fqn
+    assert torch.equal(lm.model.mapped[embed], new.lm_head.weight)
+    with pytest.raises(aoti_rt.InputError, match="tied"):
+        lm.update_weights({"lm_head.weight": torch.zeros(128, 64), "model.embed_tokens.weight": torch.ones(128, 64)})
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_experts_compute_the_experts_of_their_dequantized_weights(bits):
     """QuantizedExperts (decode's fused routed path for one token, prefill's dense path for

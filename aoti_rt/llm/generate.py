@@ -187,19 +187,28 @@ class LLM:
         are written) or in full precision (it is quantized as at export). Other keyword
         arguments go to :meth:`aoti_rt.Model.update_weights`.
 
+        A tied weight's names (``lm_head.weight``, ``model.embed_tokens.weight``) name one
+        constant: either updates it (a ``state_dict`` gives both, equal).
+
         Raises:
-            InputError: a name the bundle does not hold (unless ``strict=False``), or a value
-                that does not fit (see :meth:`aoti_rt.Model.update_weights`).
+            InputError: a name the bundle does not hold (unless ``strict=False``), different
+                values for one tied weight, or a value that does not fit (see
+                :meth:`aoti_rt.Model.update_weights`).
         """
         strict = kwargs.get("strict", True)
         mapped: dict[str, Any] = {}
+        given: dict[str, str] = {}
         unknown = []
         for name, value in weights.items():
             entry = self.info.weights.get(name)
             if entry is None:
                 unknown.append(name)
                 continue
-            mapped.update(self._parts(name, entry, value))
+            for fqn, part in self._parts(name, entry, value).items():
+                if fqn in mapped and not _same(mapped[fqn], part):
+                    raise InputError(f"update_weights: {given[fqn]} and {name} are one tied weight in the bundle "
+                                     f"({fqn}), given different values; pass one of them, or equal values")
+                mapped[fqn], given[fqn] = part, name
         if unknown and strict:
             raise InputError(f"update_weights: the model has no weight {', '.join(unknown[:5])}"
                              f"{' ...' if len(unknown) > 5 else ''}; it holds {len(self.info.weights)}, e.g. "
@@ -243,6 +252,17 @@ class LLM:
         dev = "cpu" if value.device.type == "cpu" else "cuda"
         quantize(lin, self.info.quantize, dev, self.info.group_size, self.info.packing)
         return lin.weight
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two values given for one constant (a tied weight's two names) are equal."""
+    import torch
+
+    if a is b:
+        return True
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return False
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
 
 
 def load_llm(path: str | os.PathLike[str], *, device: str | None = None, **load_kwargs: Any) -> LLM:
