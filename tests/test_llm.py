@@ -326,6 +326,22 @@ def test_unsupported_family_is_one_line_error(tmp_path):
     assert not (tmp_path / "g").exists()
 
 
+def test_sizes_are_checked_before_any_work(tmp_path, capsys):
+    """max_seq_len and max_prefill outside what export takes are OptionErrors before the model
+    is built; max_prefill 2 (prefill's dynamic length from 2 needs a larger maximum) included."""
+    from aoti_rt.cli import main
+
+    for seq, prefill in ((2, None), (8, 9), (8, 1), (8, 0), (8, 2), (8.0, None)):
+        with pytest.raises(aoti_rt.OptionError, match="max_seq_len|max_prefill") as e:
+            export_llm(_config("llama"), tmp_path / "out", max_seq_len=seq, max_prefill=prefill, progress=False)
+        assert "\n" not in str(e.value)
+    _config("llama").save_pretrained(tmp_path / "cfg")
+    assert main(["llm", "export", "--config", str(tmp_path / "cfg"), str(tmp_path / "out"), "--max-seq-len", "8",
+                 "--max-prefill", "2", "-q"]) == 2
+    assert "OptionError: max_prefill must be an int from 3" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_checkpoint_paths_are_one_line_errors(tmp_path, capsys):
     """A path that does not exist, a directory without a config.json, one with only a config
     (no weights) and --config on a missing file: each a CheckpointError saying what to pass,

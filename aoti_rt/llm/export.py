@@ -176,8 +176,9 @@ def _check_sizes(max_seq_len: Any, max_prefill: Any) -> int:
     if not isinstance(max_seq_len, int) or max_seq_len < MIN_PREFILL + 1:
         raise OptionError(f"max_seq_len must be an int of at least {MIN_PREFILL + 1}, not {max_seq_len!r}")
     max_prefill = max_seq_len if max_prefill is None else max_prefill
-    if not isinstance(max_prefill, int) or not MIN_PREFILL <= max_prefill <= max_seq_len:
-        raise OptionError(f"max_prefill must be an int from {MIN_PREFILL} to max_seq_len ({max_seq_len}), "
+    # prefill's length is a dynamic dimension from MIN_PREFILL, which needs a larger maximum
+    if not isinstance(max_prefill, int) or not MIN_PREFILL < max_prefill <= max_seq_len:
+        raise OptionError(f"max_prefill must be an int from {MIN_PREFILL + 1} to max_seq_len ({max_seq_len}), "
                           f"not {max_prefill!r}")
     return max_prefill
 
