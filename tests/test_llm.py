@@ -156,6 +156,34 @@ def test_stop_tokens_sampling_and_cache_end(bundles):
         assert full.prompt_tokens + len(full.tokens) == MAX_SEQ + 1   # the last one needs no cache slot
 
 
+def test_generate_takes_token_ids_and_refuses_the_rest():
+    """A stop token given as one int (an eos_token_id) and prompts given as numpy or 1-D
+    tensors work; text, a tokenizer's [1, T] tensor, floats and settings of the wrong type are
+    one-line InputError / OptionError, not a TypeError from inside the loop or a silent misread
+    ("12" as the tokens 1 and 2)."""
+    import numpy as np
+
+    def step(ids, pos):                     # the next token is the last plus one
+        return torch.nn.functional.one_hot((ids + 1) % 16, 16).float()
+
+    def gen(prompt=(1, 2, 3), **kwargs):
+        return generate_tokens(step, prompt, max_seq_len=12, max_prefill=4, **kwargs)
+
+    assert gen(stop=5).tokens == [4, 5]
+    assert gen(stop=np.int64(5)).tokens == gen(stop=torch.tensor([5])).tokens == [4, 5]
+    assert gen(np.array([1, 2, 3]), max_new_tokens=2).tokens == gen(torch.tensor([1, 2, 3]), max_new_tokens=2).tokens
+    for prompt, match in (("123", "text"), (torch.tensor([[1, 2, 3]]), r"\[1, 3\]"), ([1.5, 2.0], "token ids"),
+                          (7, "token ids")):
+        with pytest.raises(aoti_rt.InputError, match=match) as e:
+            gen(prompt)
+        assert "\n" not in str(e.value)
+    for kwargs in ({"stop": "12"}, {"stop": None}, {"stop": [[5]]}, {"max_new_tokens": None},
+                   {"max_new_tokens": 2.5}, {"top_k": 2.5, "temperature": 1.0}, {"temperature": "0.5"},
+                   {"seed": "a", "temperature": 1.0}, {"seed": 2**70, "temperature": 1.0}):
+        with pytest.raises(aoti_rt.OptionError, match=next(iter(kwargs))):
+            gen(**kwargs)
+
+
 def test_prompt_longer_than_cache_is_input_error(bundles):
     path = bundles("llama", "int8")
     with load_llm(path) as lm:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+import operator
 import os
 import time
 from dataclasses import dataclass
@@ -29,6 +31,10 @@ class Generation:
     decode_s: float
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _pick(logits: Any, temperature: float, top_k: int | None, generator: Any) -> int:
     import torch
 
@@ -40,6 +46,37 @@ def _pick(logits: Any, temperature: float, top_k: int | None, generator: Any) ->
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def token_ids(prompt: Any) -> list[int]:
+    """``prompt`` as a list of token ids: ints (numpy's too) or a 1-D integer tensor.
+
+    Raises:
+        InputError: text, floats, or a tensor of another shape (a tokenizer's ``[1, T]``).
+    """
+    if isinstance(prompt, (str, bytes)):
+        raise InputError("generate: the prompt is text; pass its token ids (tokenizer(text)['input_ids'], or "
+                         "--prompt with --tokenizer)")
+    if getattr(prompt, "ndim", 1) != 1:
+        raise InputError(f"generate: the prompt is a tensor of shape {list(prompt.shape)}; pass token ids in one "
+                         f"dimension (ids[0] of a tokenizer's [1, T])")
+    try:
+        return [operator.index(t) for t in prompt]
+    except TypeError:
+        raise InputError(f"generate: the prompt must be token ids (ints, or a 1-D integer tensor), not "
+                         f"{str(prompt)[:60]}") from None
+
+
+def _stop_ids(stop: Any) -> set[int]:
+    """``stop`` (one token id or several) as a set of ints."""
+    if isinstance(stop, numbers.Integral) or getattr(stop, "ndim", None) == 0:
+        stop = [stop]
+    try:
+        if not isinstance(stop, (str, bytes)):
+            return {operator.index(t) for t in stop}
+    except TypeError:
+        pass
+    raise OptionError(f"stop must be a token id or a list of them, not {str(stop)[:60]!r}")
 
 
 def generate_tokens(step: Step, prompt: Iterable[int], *, max_seq_len: int, max_prefill: int,
@@ -55,25 +92,28 @@ def generate_tokens(step: Step, prompt: Iterable[int], *, max_seq_len: int, max_
     cache is full.
 
     Raises:
-        InputError: an empty prompt, or one that leaves no room in the cache.
-        OptionError: a negative temperature, ``top_k`` < 1, ``max_new_tokens`` < 1.
+        InputError: a prompt that is not token ids (:func:`token_ids`), is empty, or leaves no
+            room in the cache.
+        OptionError: a temperature that is not a number >= 0, ``top_k`` or ``max_new_tokens``
+            not an int >= 1, a ``seed`` not an int, ``stop`` not token ids.
     """
     import torch
 
-    ids = [int(t) for t in prompt]
+    ids = token_ids(prompt)
     if not ids:
         raise InputError("generate: the prompt is empty; pass at least one token id")
     if len(ids) >= max_seq_len:
         raise InputError(f"generate: the prompt has {len(ids)} tokens and the KV cache holds {max_seq_len}, "
                          f"which leaves no room to generate; shorten the prompt or export with a larger "
                          f"max_seq_len")
-    if not temperature >= 0:
-        raise OptionError(f"temperature must be >= 0 (0: greedy), not {temperature!r}")
-    if top_k is not None and top_k < 1:
-        raise OptionError(f"top_k must be at least 1, not {top_k!r}")
-    if max_new_tokens < 1:
-        raise OptionError(f"max_new_tokens must be at least 1, not {max_new_tokens!r}")
-    stop_set = {int(t) for t in stop}
+    if not isinstance(temperature, numbers.Real) or not temperature >= 0:
+        raise OptionError(f"temperature must be a number >= 0 (0: greedy), not {temperature!r}")
+    for name, value in (("top_k", top_k), ("max_new_tokens", max_new_tokens)):
+        if (value is not None or name == "max_new_tokens") and (not _is_int(value) or value < 1):
+            raise OptionError(f"{name} must be an int of at least 1, not {value!r}")
+    if seed is not None and not (_is_int(seed) and -2**63 <= seed < 2**64):
+        raise OptionError(f"seed must be an int (a torch.Generator seed), not {seed!r}")
+    stop_set = _stop_ids(stop)
     gen = None
     if temperature > 0:
         gen = torch.Generator()
@@ -171,7 +211,7 @@ class LLM:
         """Generate after ``prompt`` (token ids); see :func:`generate_tokens`. ``stop``
         defaults to the model's EOS tokens (``[]`` for none)."""
         info = self.info
-        prompt = [int(t) for t in prompt]
+        prompt = token_ids(prompt)
         bad = [t for t in prompt if not 0 <= t < info.vocab_size]
         if bad:       # an embedding index out of range is a device-side assert on CUDA: refuse it here
             raise InputError(f"generate: token ids {bad[:5]} are outside the model's vocabulary "
