@@ -241,12 +241,43 @@ def test_update_weights_by_the_models_own_names(bundles, family, form):
             assert lm.generate(PROMPT, max_new_tokens=8, stop=[]).tokens == want.tokens
 
 
+def _recording_llm(weights, quantize="none"):
+    """An LLM over no bundle: ``llm.json``'s ``weights`` map, and a model whose
+    ``update_weights`` records what it is given as ``lm.model.mapped``."""
+    from aoti_rt.llm.info import LlmInfo
+
+    class Recorder:
+        def update_weights(self, mapped, **kwargs):
+            self.mapped = mapped
+
+    lm = LLM.__new__(LLM)
+    lm.info = LlmInfo(model_type="llama", max_seq_len=8, max_prefill=4, min_prefill=2, vocab_size=128,
+                      dtype="float32", quantize=quantize, group_size=GROUP, weights=weights)
+    lm.model = Recorder()
+    return lm
+
+
+def test_update_weights_refuses_what_it_cannot_quantize():
+    """A value for a quantized weight that is not a 2-D or 3-D float tensor (an int tensor, a
+    vector, a list) is a one-line InputError, not a RuntimeError from building nn.Linear."""
+    from aoti_rt.llm.info import WeightName
+
+    lm = _recording_llm({"w": WeightName(parts={"qdata": "m.w0", "scale": "m.w1"})}, quantize="int8")
+    for value in (torch.zeros(64, 64, dtype=torch.int8), torch.zeros(64), [[1.0]],
+                  torch.zeros(2, 64, 64, dtype=torch.int32)):
+        with pytest.raises(aoti_rt.InputError, match="full precision") as e:
+            lm.update_weights({"w": value})
+        assert "\n" not in str(e.value)
+    lm.update_weights({"w": torch.randn(64, 64)})
+    assert set(lm.model.mapped) == {"m.w0", "m.w1"} and lm.model.mapped["m.w0"].dtype == torch.int8
+
+
 def test_tied_embeddings_update_by_either_name():
     """A model with tie_word_embeddings exported in full precision binds its embedding once:
     ``lm_head.weight`` names that constant too, so ``update_weights(model.state_dict())`` (which
     has both names) is taken, and two different values for the one weight are refused."""
     from aoti_rt.llm.export import export_programs, prepare_model
-    from aoti_rt.llm.info import LlmInfo, weight_names
+    from aoti_rt.llm.info import weight_names
 
     cfg = _config("llama")
     cfg.num_hidden_layers, cfg.tie_word_embeddings = 1, True
@@ -257,14 +288,7 @@ def test_tied_embeddings_update_by_either_name():
     names = weight_names(model, bound)
     assert names["lm_head.weight"].fqn == names["model.embed_tokens.weight"].fqn in bound
 
-    class Recorder:
-        def update_weights(self, mapped, **kwargs):
-            self.mapped = mapped
-
-    lm = LLM.__new__(LLM)
-    lm.info = LlmInfo(model_type="llama", max_seq_len=8, max_prefill=4, min_prefill=2, vocab_size=128,
-                      dtype="float32", weights=names)
-    lm.model = Recorder()
+    lm = _recording_llm(names)
     new = prepare_model(cfg, seed=1)
     lm.update_weights(new.state_dict())
     embed = names["model.embed_tokens.weight"].fqn

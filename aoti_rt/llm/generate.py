@@ -277,16 +277,18 @@ class LLM:
 
         if isinstance(value, QuantizedWeight):
             return value
-        if isinstance(value, torch.Tensor) and value.dim() == 3 and self.info.quantize in ("int8", "int4"):
+        if not isinstance(value, torch.Tensor) or value.dim() not in (2, 3) or not value.is_floating_point():
+            what = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise InputError(f"update_weights: {name} is a weight quantized to {self.info.quantize}; pass it in full "
+                             f"precision (a 2-D float tensor, 3-D for MoE experts) or as the quantized tensor, "
+                             f"not {what}")
+        if value.dim() == 3 and self.info.quantize in ("int8", "int4"):
             bits = 8 if self.info.quantize == "int8" else 4
-            if not value.is_floating_point() or (bits == 4 and value.shape[-1] % self.info.group_size):
+            if bits == 4 and value.shape[-1] % self.info.group_size:
                 raise InputError(f"update_weights: {name} is MoE experts' weight quantized to {self.info.quantize}; "
                                  f"pass it in full precision ([experts, out, in], in a multiple of the group size "
                                  f"{self.info.group_size} for int4), not {value.dtype} {tuple(value.shape)}")
             return quantize_weight(value.detach(), bits, self.info.group_size)
-        if not isinstance(value, torch.Tensor) or value.dim() != 2:
-            raise InputError(f"update_weights: {name} is a quantized weight; pass a 2-D tensor (3-D for MoE "
-                             f"experts) or the quantized tensor, not {type(value).__name__}")
         lin = torch.nn.Linear(value.shape[1], value.shape[0], bias=False, device=value.device, dtype=value.dtype)
         lin.weight = torch.nn.Parameter(value.detach(), requires_grad=False)
         dev = "cpu" if value.device.type == "cpu" else "cuda"
