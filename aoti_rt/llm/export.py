@@ -55,6 +55,9 @@ def prepare_model(source: Any, *, quantize_weights: str = "none", group_size: in
     """
     import torch
 
+    from ..device import Device
+
+    device = str(Device.parse(device))       # an unknown or absent device before the model is built
     say = _Say(progress)
     say(f"loading the model ({type(source).__name__})")
     kind = "cpu" if device == "cpu" else "cuda"
@@ -223,6 +226,7 @@ def export_llm(source: Any, path: str | os.PathLike[str], *, max_seq_len: int = 
         UnsupportedModelError: not a covered family. MissingExtraError: transformers or
         torchao missing. OptionError: a size or quantization option it does not take.
         NoShimError: an op AOTInductor cannot compile for the device on this torch.
+        DeviceError: ``device`` is not a device name, or not on this machine.
         CompileError: export or compile failed (see :func:`aoti_rt.compile`).
     """
     import aoti_rt
