@@ -397,13 +397,16 @@ def test_sizes_are_checked_before_any_work(tmp_path, capsys):
 def test_unknown_or_absent_device_is_a_device_error(tmp_path):
     """A device name torch does not know, or CUDA on a machine without it, is aoti_rt's one-line
     DeviceError before the model is built, not torch's RuntimeError or AssertionError from
-    model.to()."""
+    model.to(); an experts implementation transformers does not have is an OptionError, not
+    its ValueError."""
     devices = ["tpu", "cuda:x"] + ([] if aoti_rt.cuda_available() else ["cuda", "cuda:1"])
     for device in devices:
         with pytest.raises(aoti_rt.DeviceError) as e:
             export_llm(_config("llama"), tmp_path / "out", device=device, progress=False)
         assert "\n" not in str(e.value)
     assert not (tmp_path / "out").exists()
+    with pytest.raises(aoti_rt.OptionError, match="batched_mm.*'foo'"):
+        export_llm(_config("llama"), tmp_path / "out", experts_implementation="foo", progress=False)
 
 
 def test_bad_checkpoint_paths_are_one_line_errors(tmp_path, capsys):

@@ -24,7 +24,7 @@ from ._deps import require
 from .errors import UnsupportedModelError
 from .info import LlmInfo, weight_names
 from .quant import quantize
-from .source import check_family, check_shims, experts_kernel, resolve_model
+from .source import check_experts_implementation, check_family, check_shims, experts_kernel, resolve_model
 
 #: the shortest prefill: export specialises a dimension of size 0 or 1, so 1 token goes to decode
 MIN_PREFILL = 2
@@ -58,6 +58,7 @@ def prepare_model(source: Any, *, quantize_weights: str = "none", group_size: in
     from ..device import Device
 
     device = str(Device.parse(device))       # an unknown or absent device before the model is built
+    check_experts_implementation(experts_implementation)
     say = _Say(progress)
     say(f"loading the model ({type(source).__name__})")
     kind = "cpu" if device == "cpu" else "cuda"

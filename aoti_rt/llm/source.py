@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..errors import OptionError
 from ..method_compiler import SHIM_SINCE, first_line
 from ._deps import require
 from .errors import FAMILIES, CheckpointError, NoShimError, UnsupportedModelError, covered
@@ -88,6 +89,17 @@ def resolve_model(source: Any, *, dtype: Any = None, seed: int = 0,
         raise UnsupportedModelError(f"expected a transformers PreTrainedModel, a checkpoint directory or a "
                                     f"PretrainedConfig, not {type(source).__name__} {str(source)[:80]!r}")
     return model.eval().requires_grad_(False)
+
+
+def check_experts_implementation(name: str | None) -> None:
+    """Refuse (:class:`OptionError`) an experts implementation transformers does not register
+    (``ALL_EXPERTS_FUNCTIONS``, and ``eager``), before the model is built."""
+    if name is None:
+        return
+    known = ["eager", *require("transformers.integrations.moe").ALL_EXPERTS_FUNCTIONS.valid_keys()]
+    if name not in known:
+        raise OptionError(f"experts_implementation (--experts) must be one of {', '.join(known)} "
+                          f"(transformers' experts kernels), not {name!r}")
 
 
 #: transformers experts implementations that call an op AOTInductor compiles for CUDA only from
