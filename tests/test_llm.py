@@ -412,7 +412,8 @@ def test_unknown_or_absent_device_is_a_device_error(tmp_path):
 def test_bad_checkpoint_paths_are_one_line_errors(tmp_path, capsys):
     """A path that does not exist, a directory without a config.json, one with only a config
     (no weights) and --config on a missing file: each a CheckpointError saying what to pass,
-    not transformers' OSError or ValueError, through the API and the command line (exit 2)."""
+    not transformers' OSError or ValueError, through the API and the command line (exit 2); so
+    is a --tokenizer transformers cannot load, or one that gives no tokens."""
     from aoti_rt.cli import main
     from aoti_rt.llm import CheckpointError
 
@@ -430,6 +431,11 @@ def test_bad_checkpoint_paths_are_one_line_errors(tmp_path, capsys):
     assert main(["llm", "export", "--config", str(tmp_path / "nope.json"), str(tmp_path / "out"), "-q"]) == 2
     assert "CheckpointError" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    # a tokenizer that cannot be loaded, or one without its files (no tokens for the prompt)
+    for tokenizer in (tmp_path / "nope", tmp_path / "empty", tmp_path / "config-only"):
+        assert main(["llm", "generate", str(tmp_path), "--prompt", "hi", "--tokenizer", str(tokenizer)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("aoti_rt llm generate: CheckpointError:") and "tokenizer" in err and "\n" not in err
 
 
 def test_missing_extra_says_what_to_install(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..errors import AotiRtError
+from .errors import CheckpointError
 
 DESCRIPTION = """\
 Turn a transformers causal LM (Llama, Qwen3, Qwen3-MoE) into an aoti_rt bundle with a prefill
@@ -100,16 +101,19 @@ def _export(a: argparse.Namespace) -> int:
 
 
 def _generate(a: argparse.Namespace) -> int:
-    from ._deps import require
     from .generate import load_llm
+    from .source import load_tokenizer
 
     tok = None
     if a.tokenizer:
-        tok = require("transformers").AutoTokenizer.from_pretrained(a.tokenizer)
+        tok = load_tokenizer(a.tokenizer)
     if a.prompt is not None:
         if tok is None:
             raise SystemExit("llm generate: --prompt needs --tokenizer (or pass --prompt-ids)")
         prompt = tok(a.prompt)["input_ids"]
+        if a.prompt and not prompt:
+            raise CheckpointError(f"the tokenizer from {a.tokenizer} gives no tokens for the prompt (it knows "
+                                  f"{len(tok)}): pass the checkpoint directory holding its tokenizer files")
     else:
         prompt = _ids(a.prompt_ids)
     stop = None if a.stop is None else _ids(a.stop)

@@ -40,6 +40,21 @@ def load_config(path: str | os.PathLike[str]) -> Any:
                               f"{first_line(e)[:200]}); pass a checkpoint directory with its config.json") from None
 
 
+def load_tokenizer(name: str | os.PathLike[str]) -> Any:
+    """transformers' tokenizer of a checkpoint directory (or hub name).
+
+    Raises:
+        CheckpointError: transformers cannot load one from ``name``.
+    """
+    transformers = require("transformers")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"transformers cannot load a tokenizer from {name} ({type(e).__name__}: "
+                              f"{first_line(e)[:200]}); pass the checkpoint directory holding its tokenizer "
+                              f"files, or --prompt-ids") from None
+
+
 def resolve_model(source: Any, *, dtype: Any = None, seed: int = 0,
                   experts_implementation: str | None = None) -> Any:
     """A transformers causal LM in eval mode, without gradients, from ``source``.
