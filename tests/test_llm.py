@@ -472,6 +472,20 @@ def test_cli(bundles, capsys, tmp_path):
     assert "BundleError" in capsys.readouterr().err
 
 
+def test_cli_usage_errors_are_one_line_exit_2(tmp_path, capsys):
+    """A wrong combination of options or a malformed id list exits 2 with the command's one-line
+    error, as argparse's usage errors and aoti_rt's errors do (not exit 1 from SystemExit)."""
+    from aoti_rt.cli import main
+
+    for argv, what in ((["export", "a", "b", "--config", "c"], "--config"),
+                       (["generate", str(tmp_path), "--prompt-ids", "1,x"], "--prompt-ids"),
+                       (["generate", str(tmp_path), "--prompt-ids", "1", "--stop", "y"], "--stop"),
+                       (["generate", str(tmp_path), "--prompt", "hi"], "--tokenizer")):
+        assert main(["llm", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"aoti_rt llm {argv[0]}: OptionError:") and what in err and "\n" not in err
+
+
 def test_llm_class_is_exported():
     assert LLM.generate.__doc__ and export_llm.__doc__
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import AotiRtError
+from ..errors import AotiRtError, OptionError
 from .errors import CheckpointError
 
 DESCRIPTION = """\
@@ -73,11 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _ids(text: str) -> list[int]:
+def _ids(text: str, option: str) -> list[int]:
     try:
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise SystemExit(f"expected comma-separated token ids, not {text!r}") from None
+        raise OptionError(f"{option} takes comma-separated token ids, not {text!r}") from None
 
 
 def _export(a: argparse.Namespace) -> int:
@@ -87,7 +87,7 @@ def _export(a: argparse.Namespace) -> int:
     from .source import load_config
 
     if (a.model is None) == (a.config is None):
-        raise SystemExit("llm export: give a checkpoint directory or --config (random weights), not both or neither")
+        raise OptionError("give a checkpoint directory or --config (random weights), not both or neither")
     if a.config is not None:
         source = load_config(a.config)
     else:
@@ -109,14 +109,14 @@ def _generate(a: argparse.Namespace) -> int:
         tok = load_tokenizer(a.tokenizer)
     if a.prompt is not None:
         if tok is None:
-            raise SystemExit("llm generate: --prompt needs --tokenizer (or pass --prompt-ids)")
+            raise OptionError("--prompt needs --tokenizer (or pass --prompt-ids)")
         prompt = tok(a.prompt)["input_ids"]
         if a.prompt and not prompt:
             raise CheckpointError(f"the tokenizer from {a.tokenizer} gives no tokens for the prompt (it knows "
                                   f"{len(tok)}): pass the checkpoint directory holding its tokenizer files")
     else:
-        prompt = _ids(a.prompt_ids)
-    stop = None if a.stop is None else _ids(a.stop)
+        prompt = _ids(a.prompt_ids, "--prompt-ids")
+    stop = None if a.stop is None else _ids(a.stop, "--stop")
     with load_llm(a.bundle, device=a.device) as lm:
         out = lm.generate(prompt, max_new_tokens=a.max_new_tokens, stop=stop, temperature=a.temperature,
                           top_k=a.top_k, seed=a.seed)
@@ -130,7 +130,8 @@ def _generate(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """Run ``llm export`` or ``llm generate``; an aoti_rt error is one line on stderr, exit 2."""
+    """Run ``llm export`` or ``llm generate``; an aoti_rt error (a wrong combination of options
+    included) is one line on stderr, exit 2, as argparse's usage errors are."""
     p = _parser()
     a = p.parse_args(argv)
     try:
