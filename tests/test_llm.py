@@ -555,6 +555,20 @@ def test_cli_export_then_generate(bundles, capsys):
         assert got == ",".join(map(str, lm.generate(PROMPT, max_new_tokens=6, stop=[]).tokens))
 
 
+def test_a_quantized_model_is_not_quantized_again():
+    """export_llm quantizes a loaded model in place: exporting it again with a scheme would skip
+    its quantized weights and label an int8 bundle int4; that is an OptionError, and
+    quantize_weights='none' exports it as it is."""
+    from aoti_rt.llm.export import prepare_model
+
+    for family in ("llama", "qwen3_moe"):
+        model = _eager(family, "int8")
+        with pytest.raises(aoti_rt.OptionError, match="quantized already.*freshly loaded") as e:
+            prepare_model(model, quantize_weights="int4", group_size=GROUP)
+        assert "\n" not in str(e.value)
+        assert prepare_model(model, quantize_weights="none") is model
+
+
 def test_quantization_options_are_checked():
     from aoti_rt.llm.quant import config_for
 

@@ -23,7 +23,7 @@ from ..method_compiler import first_line
 from ._deps import require
 from .errors import UnsupportedModelError
 from .info import LlmInfo, weight_names
-from .quant import quantize
+from .quant import quantize, quantized_weight
 from .source import check_experts_implementation, check_family, check_shims, experts_kernel, resolve_model
 
 #: the shortest prefill: export specialises a dimension of size 0 or 1, so 1 token goes to decode
@@ -69,6 +69,11 @@ def prepare_model(source: Any, *, quantize_weights: str = "none", group_size: in
                                                                        packing, dtype=dt), say=say)
     else:
         model = resolve_model(source, dtype=dtype, seed=seed, experts_implementation=experts_implementation)
+        done = quantized_weight(model) if quantize_weights != "none" else None
+        if done is not None:         # quantize skips quantized weights: the bundle would not be what it says
+            raise OptionError(f"the model is quantized already ({done}); quantize_weights={quantize_weights!r} "
+                              f"quantizes a model in place, once: pass a freshly loaded model, or "
+                              f"quantize_weights='none' to export it as it is")
         model.to(device)
         if quantize_weights != "none":
             say(f"quantizing weights to {quantize_weights} (torchao; MoE experts: aoti_rt.llm.experts)")
