@@ -257,6 +257,13 @@ def _recording_llm(weights, quantize="none"):
     return lm
 
 
+def test_step_refuses_lists():
+    """LLM.step takes tensors; lists are a one-line InputError, not an AttributeError on .shape."""
+    lm = _recording_llm({})
+    with pytest.raises(aoti_rt.InputError, match="int64 tensors"):
+        lm.step([[3, 4]], [0, 1])
+
+
 def test_update_weights_refuses_what_it_cannot_quantize():
     """A value for a quantized weight that is not a 2-D or 3-D float tensor (an int tensor, a
     vector, a list) is a one-line InputError, not a RuntimeError from building nn.Linear."""

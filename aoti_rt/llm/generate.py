@@ -184,10 +184,15 @@ class LLM:
         the embedding with the ids and the KV cache with the positions, unchecked.
 
         Raises:
-            InputError: a shape other than ``[1, T]`` / ``[T]``, a token id outside the
-                vocabulary or a position outside the KV cache.
+            InputError: not tensors, a shape other than ``[1, T]`` / ``[T]``, a token id
+                outside the vocabulary or a position outside the KV cache.
         """
+        import torch
+
         info = self.info
+        if not (isinstance(input_ids, torch.Tensor) and isinstance(cache_position, torch.Tensor)):
+            raise InputError(f"step: pass input_ids [1, T] and cache_position [T] as int64 tensors, not "
+                             f"{type(input_ids).__name__} and {type(cache_position).__name__}")
         shape, pos_shape = tuple(input_ids.shape), tuple(cache_position.shape)
         if len(shape) != 2 or shape[0] != 1 or pos_shape != shape[1:]:
             raise InputError(f"step: input_ids is {list(shape)} and cache_position {list(pos_shape)}; pass "
