@@ -405,7 +405,7 @@ def test_unknown_or_absent_device_is_a_device_error(tmp_path):
     """A device name torch does not know, or CUDA on a machine without it, is aoti_rt's one-line
     DeviceError before the model is built, not torch's RuntimeError or AssertionError from
     model.to(); an experts implementation transformers does not have is an OptionError, not
-    its ValueError."""
+    its ValueError; a bundle path that is taken is refused before the model is built."""
     devices = ["tpu", "cuda:x"] + ([] if aoti_rt.cuda_available() else ["cuda", "cuda:1"])
     for device in devices:
         with pytest.raises(aoti_rt.DeviceError) as e:
@@ -414,6 +414,15 @@ def test_unknown_or_absent_device_is_a_device_error(tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(aoti_rt.OptionError, match="batched_mm.*'foo'"):
         export_llm(_config("llama"), tmp_path / "out", experts_implementation="foo", progress=False)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the bundle path was checked")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("aoti_rt.llm.export.prepare_model", no_model)
+        with pytest.raises(aoti_rt.CompileError, match="overwrite=True"):
+            export_llm(_config("llama"), tmp_path / "taken", progress=False)
 
 
 def test_bad_checkpoint_paths_are_one_line_errors(tmp_path, capsys):

@@ -236,8 +236,10 @@ def export_llm(source: Any, path: str | os.PathLike[str], *, max_seq_len: int = 
         CompileError: export or compile failed (see :func:`aoti_rt.compile`).
     """
     import aoti_rt
+    from aoti_rt.compiler import check_target
 
     max_prefill = _check_sizes(max_seq_len, max_prefill)
+    check_target(path, overwrite)                 # before minutes of loading and exporting
     say = _Say(progress)
     model = prepare_model(source, quantize_weights=quantize_weights, group_size=group_size, packing=packing,
                           device=device, dtype=dtype, seed=seed, experts_implementation=experts_implementation,
