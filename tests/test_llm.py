@@ -571,6 +571,19 @@ def test_cli_export_then_generate(bundles, capsys):
         assert got == ",".join(map(str, lm.generate(PROMPT, max_new_tokens=6, stop=[]).tokens))
 
 
+def test_a_checkpoint_saved_without_cache_exports():
+    """A config with use_cache false (common in checkpoints saved after training) exports and
+    runs with the static cache, instead of the export wrapper's ValueError."""
+    from aoti_rt.llm.export import export_programs, prepare_model
+
+    cfg = _config("llama")
+    cfg.num_hidden_layers, cfg.use_cache = 1, False
+    model = prepare_model(cfg)
+    want = generate_tokens(eager_step(model, 8), [3, 4, 5], max_seq_len=8, max_prefill=4, max_new_tokens=3)
+    assert len(want.tokens) == 3
+    assert set(export_programs(model, max_seq_len=8, max_prefill=4)) == {"prefill", "decode"}
+
+
 def test_a_quantized_model_is_not_quantized_again():
     """export_llm quantizes a loaded model in place: exporting it again with a scheme would skip
     its quantized weights and label an int8 bundle int4; that is an OptionError, and

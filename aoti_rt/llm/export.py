@@ -150,14 +150,9 @@ def _export(model: Any, max_seq_len: int, max_prefill: int | None, progress: boo
 
     max_prefill = _check_sizes(max_seq_len, max_prefill)
     say = _Say(progress)
-    executorch = require("transformers.integrations.executorch")
     model_type = check_family(model.config)
     device = model.device
-    gen = model.generation_config
-    gen.use_cache = True
-    gen.cache_implementation = "static"
-    wrapper = executorch.TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=max_seq_len,
-                                                               device=device)
+    wrapper = _static_cache_wrapper(model, max_seq_len)
     n = min(max(MIN_PREFILL, 4), max_prefill)
     ids = torch.zeros(1, n, dtype=torch.long, device=device)
     length = torch.export.Dim("prefill_len", min=MIN_PREFILL, max=max_prefill)
@@ -179,6 +174,19 @@ def _export(model: Any, max_seq_len: int, max_prefill: int | None, progress: boo
                            f"{first_line(e)[:300]}); "
                            f"try another experts_implementation for a MoE model, or report the model") from e
     return programs, wrapper
+
+
+def _static_cache_wrapper(model: Any, max_seq_len: int) -> Any:
+    """transformers' export wrapper of ``model`` with a static KV cache of ``max_seq_len``. The
+    cache is turned on in the config too: checkpoints saved after training often have
+    ``use_cache: false``, which the wrapper refuses."""
+    executorch = require("transformers.integrations.executorch")
+    model.config.get_text_config().use_cache = True
+    gen = model.generation_config
+    gen.use_cache = True
+    gen.cache_implementation = "static"
+    return executorch.TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=max_seq_len,
+                                                            device=model.device)
 
 
 def _check_sizes(max_seq_len: Any, max_prefill: Any) -> int:
@@ -297,12 +305,7 @@ def eager_step(model: Any, max_seq_len: int) -> Any:
     bundle against eager PyTorch with :func:`aoti_rt.llm.generate.generate_tokens`."""
     import torch
 
-    executorch = require("transformers.integrations.executorch")
-    gen = model.generation_config
-    gen.use_cache = True
-    gen.cache_implementation = "static"
-    wrapper = executorch.TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=max_seq_len,
-                                                               device=model.device).model
+    wrapper = _static_cache_wrapper(model, max_seq_len).model
 
     def step(input_ids, cache_position):
         with torch.no_grad():
