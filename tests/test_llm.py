@@ -160,7 +160,7 @@ def test_generate_takes_token_ids_and_refuses_the_rest():
     """A stop token given as one int (an eos_token_id) and prompts given as numpy or 1-D
     tensors work; text, a tokenizer's [1, T] tensor, floats and settings of the wrong type are
     one-line InputError / OptionError, not a TypeError from inside the loop or a silent misread
-    ("12" as the tokens 1 and 2)."""
+    ("12" as the tokens 1 and 2). Sampling with a seed repeats; without one it does not."""
     import numpy as np
 
     def step(ids, pos):                     # the next token is the last plus one
@@ -177,6 +177,9 @@ def test_generate_takes_token_ids_and_refuses_the_rest():
         with pytest.raises(aoti_rt.InputError, match=match) as e:
             gen(prompt)
         assert "\n" not in str(e.value)
+    uniform = dict(max_new_tokens=12, stop=[], temperature=1e6)      # every token about equally likely
+    assert gen(seed=5, **uniform).tokens == gen(seed=5, **uniform).tokens
+    assert gen(**uniform).tokens != gen(**uniform).tokens            # no seed: each call its own sample
     for kwargs in ({"stop": "12"}, {"stop": None}, {"stop": [[5]]}, {"max_new_tokens": None},
                    {"max_new_tokens": 2.5}, {"top_k": 2.5, "temperature": 1.0}, {"temperature": "0.5"},
                    {"seed": "a", "temperature": 1.0}, {"seed": 2**70, "temperature": 1.0}):

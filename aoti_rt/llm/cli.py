@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("-n", "--max-new-tokens", type=int, default=32, help="tokens to generate at most (default 32)")
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
     g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="sampling seed: the same seed, the same tokens (default: a fresh one each run)")
     g.add_argument("--stop", default=None, help="comma-separated stop token ids (default: the model's EOS)")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the bundle's)")
     return p

@@ -88,8 +88,9 @@ def generate_tokens(step: Step, prompt: Iterable[int], *, max_seq_len: int, max_
 
     ``temperature`` 0 is greedy; above 0, tokens are sampled from the softmax of the logits
     divided by it (over the ``top_k`` most likely, if given) with a ``torch.Generator`` seeded
-    with ``seed``. Generation ends at a token in ``stop``, after ``max_new_tokens``, or when the
-    cache is full.
+    with ``seed`` (the same seed, the same tokens; None: a fresh random seed each call, so
+    repeated calls give different samples). Generation ends at a token in ``stop`` (one id or
+    several), after ``max_new_tokens``, or when the cache is full.
 
     Raises:
         InputError: a prompt that is not token ids (:func:`token_ids`), is empty, or leaves no
@@ -117,7 +118,10 @@ def generate_tokens(step: Step, prompt: Iterable[int], *, max_seq_len: int, max_
     gen = None
     if temperature > 0:
         gen = torch.Generator()
-        gen.manual_seed(0 if seed is None else int(seed))
+        if seed is None:
+            gen.seed()                  # a nondeterministic seed: each call its own sample
+        else:
+            gen.manual_seed(int(seed))
 
     def call(chunk: list[int], pos: int) -> Any:
         t = torch.tensor([chunk], dtype=torch.long, device=device)
