@@ -457,6 +457,20 @@ def test_bad_checkpoint_paths_are_one_line_errors(tmp_path, capsys):
         assert err.startswith("aoti_rt llm generate: CheckpointError:") and "tokenizer" in err and "\n" not in err
 
 
+def test_runtime_rope_is_refused_before_export(tmp_path):
+    """rope_type 'dynamic' recomputes the rotary table by sequence length inside forward, which
+    torch.export cannot capture: an UnsupportedModelError that says what to set, before the
+    model is built (not torch.export's data-dependent-branch error after it)."""
+    cfg = _config("llama")
+    cfg.rope_parameters = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
+    with pytest.raises(UnsupportedModelError, match="'dynamic'.*'default'") as e:
+        export_llm(cfg, tmp_path / "d", max_seq_len=16, max_prefill=8, progress=False)
+    assert "\n" not in str(e.value)
+    cfg.rope_parameters = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
+    from aoti_rt.llm.source import check_family
+    assert check_family(cfg) == "llama"
+
+
 def test_missing_extra_says_what_to_install(tmp_path, monkeypatch):
     for name in [m for m in sys.modules if m == "transformers" or m.startswith("transformers.")]:
         monkeypatch.delitem(sys.modules, name)

@@ -14,12 +14,27 @@ from .errors import FAMILIES, CheckpointError, NoShimError, UnsupportedModelErro
 from .experts import is_fused_experts
 
 
+#: transformers rope types that recompute the rotary table from the sequence length in forward
+#: (a data-dependent branch torch.export cannot capture)
+RUNTIME_ROPE = {"dynamic": "dynamic NTK scaling"}
+
+
 def check_family(config: Any) -> str:
-    """The config's ``model_type`` if this path covers it; else :class:`UnsupportedModelError`."""
-    model_type = getattr(config.get_text_config(), "model_type", None) or getattr(config, "model_type", None)
+    """The config's ``model_type`` if this path covers it and its rope can be exported; else
+    :class:`UnsupportedModelError`."""
+    text = config.get_text_config()
+    model_type = getattr(text, "model_type", None) or getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         raise UnsupportedModelError(f"aoti_rt.llm exports {covered()} causal LMs, not model_type "
                                     f"{model_type!r}; export other models with torch.export and aoti_rt.compile")
+    rope = getattr(text, "rope_parameters", None) or {}
+    kinds = [rope] if "rope_type" in rope else [r for r in rope.values() if isinstance(r, dict)]
+    for kind in {r.get("rope_type") for r in kinds} & set(RUNTIME_ROPE):
+        raise UnsupportedModelError(f"rope_type {kind!r} ({RUNTIME_ROPE[kind]}) recomputes the rotary table from "
+                                    f"the sequence length at run time, which torch.export cannot capture; up to "
+                                    f"max_position_embeddings ({getattr(text, 'max_position_embeddings', '?')}) it "
+                                    f"equals the default rope: set the config's rope_parameters rope_type to "
+                                    f"'default' and export with max_seq_len at most that")
     return model_type
 
 
