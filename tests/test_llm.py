@@ -180,6 +180,7 @@ def test_generate_takes_token_ids_and_refuses_the_rest():
     uniform = dict(max_new_tokens=12, stop=[], temperature=1e6)      # every token about equally likely
     assert gen(seed=5, **uniform).tokens == gen(seed=5, **uniform).tokens
     assert gen(**uniform).tokens != gen(**uniform).tokens            # no seed: each call its own sample
+    assert gen(temperature=1e-40, max_new_tokens=3).tokens == [4, 5, 6]    # the greedy limit, not NaN
     for kwargs in ({"stop": "12"}, {"stop": None}, {"stop": [[5]]}, {"max_new_tokens": None},
                    {"max_new_tokens": 2.5}, {"top_k": 2.5, "temperature": 1.0}, {"temperature": "0.5"},
                    {"seed": "a", "temperature": 1.0}, {"seed": 2**70, "temperature": 1.0}):

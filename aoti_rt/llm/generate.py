@@ -40,7 +40,8 @@ def _pick(logits: Any, temperature: float, top_k: int | None, generator: Any) ->
 
     if temperature == 0:
         return int(logits.argmax())
-    logits = logits.float() / temperature
+    logits = logits.float()
+    logits = (logits - logits.max()) / temperature       # <= 0: a tiny temperature gives -inf, never inf - inf
     if top_k is not None and top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
