@@ -472,6 +472,20 @@ def test_runtime_rope_is_refused_before_export(tmp_path):
     assert check_family(cfg) == "llama"
 
 
+def test_export_failure_hints_at_experts_only_for_full_precision_experts(monkeypatch):
+    """A failed torch.export is a one-line CompileError; it suggests another
+    experts_implementation only for a model whose experts transformers' kernels still run."""
+    from aoti_rt.llm.export import export_programs
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+    monkeypatch.setattr(torch.export, "export", fail)
+    for family, scheme, hint in (("llama", "none", False), ("qwen3_moe", "int8", False), ("qwen3_moe", "none", True)):
+        with pytest.raises(aoti_rt.CompileError, match="RuntimeError: boom") as e:
+            export_programs(_eager(family, scheme), max_seq_len=8, max_prefill=4)
+        assert ("experts_implementation" in str(e.value)) == hint and "\n" not in str(e.value)
+
+
 def test_missing_extra_says_what_to_install(tmp_path, monkeypatch):
     for name in [m for m in sys.modules if m == "transformers" or m.startswith("transformers.")]:
         monkeypatch.delitem(sys.modules, name)

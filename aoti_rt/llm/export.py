@@ -170,9 +170,10 @@ def _export(model: Any, max_seq_len: int, max_prefill: int | None, progress: boo
                                                 cache_position=torch.zeros(1, dtype=torch.long, device=device),
                                                 strict=True)
     except Exception as e:  # noqa: BLE001 - torch.export raises many types
+        kernel = experts_kernel(model)
+        hint = f"try another experts_implementation than {kernel!r}, or " if kernel else ""
         raise CompileError(f"torch.export of the {model_type} model failed ({type(e).__name__}: "
-                           f"{first_line(e)[:300]}); "
-                           f"try another experts_implementation for a MoE model, or report the model") from e
+                           f"{first_line(e)[:300]}); {hint}report the model") from e
     return programs, wrapper
 
 
