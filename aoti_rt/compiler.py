@@ -245,6 +245,15 @@ def _dim_range(expr, ranges) -> DimRange | None:
     return DimRange(min=lo_size, max=hi_size, step=int(step), symbol=str(sym))
 
 
+def check_target(path: "str | os.PathLike[str]", overwrite: bool) -> Path:
+    """``path`` as a Path a bundle may be written to: absent, an empty directory, or (with
+    ``overwrite``) a directory; else a :class:`CompileError`."""
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
+        raise CompileError(f"{out} exists and is not an empty directory; pass overwrite=True to replace it")
+    return out
+
+
 def compile(programs: Mapping[str, Any], path: str | os.PathLike[str], *, device: str | None = None,
             overwrite: bool = False, progress: bool = True,
             inductor_configs: Mapping[str, Any] | None = None, jobs: int | None = None) -> Path:
@@ -289,9 +298,7 @@ def compile(programs: Mapping[str, Any], path: str | os.PathLike[str], *, device
         _check_name(name)
     options = _check_options(inductor_configs)
     jobs = _check_jobs(jobs, len(programs))
-    out = Path(path)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
-        raise CompileError(f"{out} exists and is not an empty directory; pass overwrite=True to replace it")
+    out = check_target(path, overwrite)
     created = _first_missing(out)
     stage = None
     try:

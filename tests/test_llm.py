@@ -156,6 +156,38 @@ def test_stop_tokens_sampling_and_cache_end(bundles):
         assert full.prompt_tokens + len(full.tokens) == MAX_SEQ + 1   # the last one needs no cache slot
 
 
+def test_generate_takes_token_ids_and_refuses_the_rest():
+    """A stop token given as one int (an eos_token_id) and prompts given as numpy or 1-D
+    tensors work; text, a tokenizer's [1, T] tensor, floats and settings of the wrong type are
+    one-line InputError / OptionError, not a TypeError from inside the loop or a silent misread
+    ("12" as the tokens 1 and 2). Sampling with a seed repeats; without one it does not."""
+    import numpy as np
+
+    def step(ids, pos):                     # the next token is the last plus one
+        return torch.nn.functional.one_hot((ids + 1) % 16, 16).float()
+
+    def gen(prompt=(1, 2, 3), **kwargs):
+        return generate_tokens(step, prompt, max_seq_len=12, max_prefill=4, **kwargs)
+
+    assert gen(stop=5).tokens == [4, 5]
+    assert gen(stop=np.int64(5)).tokens == gen(stop=torch.tensor([5])).tokens == [4, 5]
+    assert gen(np.array([1, 2, 3]), max_new_tokens=2).tokens == gen(torch.tensor([1, 2, 3]), max_new_tokens=2).tokens
+    for prompt, match in (("123", "text"), (torch.tensor([[1, 2, 3]]), r"\[1, 3\]"), ([1.5, 2.0], "token ids"),
+                          (7, "token ids")):
+        with pytest.raises(aoti_rt.InputError, match=match) as e:
+            gen(prompt)
+        assert "\n" not in str(e.value)
+    uniform = dict(max_new_tokens=12, stop=[], temperature=1e6)      # every token about equally likely
+    assert gen(seed=5, **uniform).tokens == gen(seed=5, **uniform).tokens
+    assert gen(**uniform).tokens != gen(**uniform).tokens            # no seed: each call its own sample
+    assert gen(temperature=1e-40, max_new_tokens=3).tokens == [4, 5, 6]    # the greedy limit, not NaN
+    for kwargs in ({"stop": "12"}, {"stop": None}, {"stop": [[5]]}, {"max_new_tokens": None},
+                   {"max_new_tokens": 2.5}, {"top_k": 2.5, "temperature": 1.0}, {"temperature": "0.5"},
+                   {"seed": "a", "temperature": 1.0}, {"seed": 2**70, "temperature": 1.0}):
+        with pytest.raises(aoti_rt.OptionError, match=next(iter(kwargs))):
+            gen(**kwargs)
+
+
 def test_prompt_longer_than_cache_is_input_error(bundles):
     path = bundles("llama", "int8")
     with load_llm(path) as lm:
@@ -211,6 +243,69 @@ def test_update_weights_by_the_models_own_names(bundles, family, form):
             with pytest.raises(aoti_rt.InputError):                  # quantized, but not its shape
                 lm.update_weights({experts: torch.zeros(4, 32, 64)})
             assert lm.generate(PROMPT, max_new_tokens=8, stop=[]).tokens == want.tokens
+
+
+def _recording_llm(weights, quantize="none"):
+    """An LLM over no bundle: ``llm.json``'s ``weights`` map, and a model whose
+    ``update_weights`` records what it is given as ``lm.model.mapped``."""
+    from aoti_rt.llm.info import LlmInfo
+
+    class Recorder:
+        def update_weights(self, mapped, **kwargs):
+            self.mapped = mapped
+
+    lm = LLM.__new__(LLM)
+    lm.info = LlmInfo(model_type="llama", max_seq_len=8, max_prefill=4, min_prefill=2, vocab_size=128,
+                      dtype="float32", quantize=quantize, group_size=GROUP, weights=weights)
+    lm.model = Recorder()
+    return lm
+
+
+def test_step_refuses_lists():
+    """LLM.step takes tensors; lists are a one-line InputError, not an AttributeError on .shape."""
+    lm = _recording_llm({})
+    with pytest.raises(aoti_rt.InputError, match="int64 tensors"):
+        lm.step([[3, 4]], [0, 1])
+
+
+def test_update_weights_refuses_what_it_cannot_quantize():
+    """A value for a quantized weight that is not a 2-D or 3-D float tensor (an int tensor, a
+    vector, a list) is a one-line InputError, not a RuntimeError from building nn.Linear."""
+    from aoti_rt.llm.info import WeightName
+
+    lm = _recording_llm({"w": WeightName(parts={"qdata": "m.w0", "scale": "m.w1"})}, quantize="int8")
+    for value in (torch.zeros(64, 64, dtype=torch.int8), torch.zeros(64), [[1.0]],
+                  torch.zeros(2, 64, 64, dtype=torch.int32)):
+        with pytest.raises(aoti_rt.InputError, match="full precision") as e:
+            lm.update_weights({"w": value})
+        assert "\n" not in str(e.value)
+    lm.update_weights({"w": torch.randn(64, 64)})
+    assert set(lm.model.mapped) == {"m.w0", "m.w1"} and lm.model.mapped["m.w0"].dtype == torch.int8
+
+
+def test_tied_embeddings_update_by_either_name():
+    """A model with tie_word_embeddings exported in full precision binds its embedding once:
+    ``lm_head.weight`` names that constant too, so ``update_weights(model.state_dict())`` (which
+    has both names) is taken, and two different values for the one weight are refused."""
+    from aoti_rt.llm.export import export_programs, prepare_model
+    from aoti_rt.llm.info import weight_names
+
+    cfg = _config("llama")
+    cfg.num_hidden_layers, cfg.tie_word_embeddings = 1, True
+    model = prepare_model(cfg)
+    programs = export_programs(model, max_seq_len=8, max_prefill=4)
+    bound = {fqn for ep in programs.values() for fqn in [*ep.graph_signature.inputs_to_parameters.values(),
+                                                         *ep.graph_signature.inputs_to_buffers.values()]}
+    names = weight_names(model, bound)
+    assert names["lm_head.weight"].fqn == names["model.embed_tokens.weight"].fqn in bound
+
+    lm = _recording_llm(names)
+    new = prepare_model(cfg, seed=1)
+    lm.update_weights(new.state_dict())
+    embed = names["model.embed_tokens.weight"].fqn
+    assert torch.equal(lm.model.mapped[embed], new.lm_head.weight)
+    with pytest.raises(aoti_rt.InputError, match="tied"):
+        lm.update_weights({"lm_head.weight": torch.zeros(128, 64), "model.embed_tokens.weight": torch.ones(128, 64)})
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -294,6 +389,103 @@ def test_unsupported_family_is_one_line_error(tmp_path):
     assert not (tmp_path / "g").exists()
 
 
+def test_sizes_are_checked_before_any_work(tmp_path, capsys):
+    """max_seq_len and max_prefill outside what export takes are OptionErrors before the model
+    is built; max_prefill 2 (prefill's dynamic length from 2 needs a larger maximum) included."""
+    from aoti_rt.cli import main
+
+    for seq, prefill in ((2, None), (8, 9), (8, 1), (8, 0), (8, 2), (8.0, None)):
+        with pytest.raises(aoti_rt.OptionError, match="max_seq_len|max_prefill") as e:
+            export_llm(_config("llama"), tmp_path / "out", max_seq_len=seq, max_prefill=prefill, progress=False)
+        assert "\n" not in str(e.value)
+    _config("llama").save_pretrained(tmp_path / "cfg")
+    assert main(["llm", "export", "--config", str(tmp_path / "cfg"), str(tmp_path / "out"), "--max-seq-len", "8",
+                 "--max-prefill", "2", "-q"]) == 2
+    assert "OptionError: max_prefill must be an int from 3" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_or_absent_device_is_a_device_error(tmp_path):
+    """A device name torch does not know, or CUDA on a machine without it, is aoti_rt's one-line
+    DeviceError before the model is built, not torch's RuntimeError or AssertionError from
+    model.to(); an experts implementation transformers does not have is an OptionError, not
+    its ValueError; a bundle path that is taken is refused before the model is built."""
+    devices = ["tpu", "cuda:x"] + ([] if aoti_rt.cuda_available() else ["cuda", "cuda:1"])
+    for device in devices:
+        with pytest.raises(aoti_rt.DeviceError) as e:
+            export_llm(_config("llama"), tmp_path / "out", device=device, progress=False)
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(aoti_rt.OptionError, match="batched_mm.*'foo'"):
+        export_llm(_config("llama"), tmp_path / "out", experts_implementation="foo", progress=False)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the bundle path was checked")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("aoti_rt.llm.export.prepare_model", no_model)
+        with pytest.raises(aoti_rt.CompileError, match="overwrite=True"):
+            export_llm(_config("llama"), tmp_path / "taken", progress=False)
+
+
+def test_bad_checkpoint_paths_are_one_line_errors(tmp_path, capsys):
+    """A path that does not exist, a directory without a config.json, one with only a config
+    (no weights) and --config on a missing file: each a CheckpointError saying what to pass,
+    not transformers' OSError or ValueError, through the API and the command line (exit 2); so
+    is a --tokenizer transformers cannot load, or one that gives no tokens."""
+    from aoti_rt.cli import main
+    from aoti_rt.llm import CheckpointError
+
+    (tmp_path / "empty").mkdir()
+    _config("llama").save_pretrained(tmp_path / "config-only")
+    for source, match in ((tmp_path / "nope", "does not exist"), (tmp_path / "empty", "no config"),
+                          (tmp_path / "config-only", r"weights.*--config"),
+                          (tmp_path / "config-only" / "config.json", "not a directory")):
+        with pytest.raises(CheckpointError, match=match) as e:
+            export_llm(source, tmp_path / "out", progress=False)
+        assert "\n" not in str(e.value) and isinstance(e.value, aoti_rt.AotiRtError)
+        assert main(["llm", "export", str(source), str(tmp_path / "out"), "-q"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("aoti_rt llm export: CheckpointError:") and "\n" not in err
+    assert main(["llm", "export", "--config", str(tmp_path / "nope.json"), str(tmp_path / "out"), "-q"]) == 2
+    assert "CheckpointError" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    # a tokenizer that cannot be loaded, or one without its files (no tokens for the prompt)
+    for tokenizer in (tmp_path / "nope", tmp_path / "empty", tmp_path / "config-only"):
+        assert main(["llm", "generate", str(tmp_path), "--prompt", "hi", "--tokenizer", str(tokenizer)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("aoti_rt llm generate: CheckpointError:") and "tokenizer" in err and "\n" not in err
+
+
+def test_runtime_rope_is_refused_before_export(tmp_path):
+    """rope_type 'dynamic' recomputes the rotary table by sequence length inside forward, which
+    torch.export cannot capture: an UnsupportedModelError that says what to set, before the
+    model is built (not torch.export's data-dependent-branch error after it)."""
+    cfg = _config("llama")
+    cfg.rope_parameters = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
+    with pytest.raises(UnsupportedModelError, match="'dynamic'.*'default'") as e:
+        export_llm(cfg, tmp_path / "d", max_seq_len=16, max_prefill=8, progress=False)
+    assert "\n" not in str(e.value)
+    cfg.rope_parameters = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
+    from aoti_rt.llm.source import check_family
+    assert check_family(cfg) == "llama"
+
+
+def test_export_failure_hints_at_experts_only_for_full_precision_experts(monkeypatch):
+    """A failed torch.export is a one-line CompileError; it suggests another
+    experts_implementation only for a model whose experts transformers' kernels still run."""
+    from aoti_rt.llm.export import export_programs
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+    monkeypatch.setattr(torch.export, "export", fail)
+    for family, scheme, hint in (("llama", "none", False), ("qwen3_moe", "int8", False), ("qwen3_moe", "none", True)):
+        with pytest.raises(aoti_rt.CompileError, match="RuntimeError: boom") as e:
+            export_programs(_eager(family, scheme), max_seq_len=8, max_prefill=4)
+        assert ("experts_implementation" in str(e.value)) == hint and "\n" not in str(e.value)
+
+
 def test_missing_extra_says_what_to_install(tmp_path, monkeypatch):
     for name in [m for m in sys.modules if m == "transformers" or m.startswith("transformers.")]:
         monkeypatch.delitem(sys.modules, name)
@@ -326,6 +518,20 @@ def test_cli(bundles, capsys, tmp_path):
     assert err.startswith("aoti_rt llm export: UnsupportedModelError:") and "\n" not in err
     assert main(["llm", "generate", str(tmp_path), "--prompt-ids", "1"]) == 2
     assert "BundleError" in capsys.readouterr().err
+
+
+def test_cli_usage_errors_are_one_line_exit_2(tmp_path, capsys):
+    """A wrong combination of options or a malformed id list exits 2 with the command's one-line
+    error, as argparse's usage errors and aoti_rt's errors do (not exit 1 from SystemExit)."""
+    from aoti_rt.cli import main
+
+    for argv, what in ((["export", "a", "b", "--config", "c"], "--config"),
+                       (["generate", str(tmp_path), "--prompt-ids", "1,x"], "--prompt-ids"),
+                       (["generate", str(tmp_path), "--prompt-ids", "1", "--stop", "y"], "--stop"),
+                       (["generate", str(tmp_path), "--prompt", "hi"], "--tokenizer")):
+        assert main(["llm", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"aoti_rt llm {argv[0]}: OptionError:") and what in err and "\n" not in err
 
 
 def test_llm_class_is_exported():
@@ -395,6 +601,33 @@ def test_cli_export_then_generate(bundles, capsys):
     got = capsys.readouterr().out.strip()
     with load_llm(path) as lm:
         assert got == ",".join(map(str, lm.generate(PROMPT, max_new_tokens=6, stop=[]).tokens))
+
+
+def test_a_checkpoint_saved_without_cache_exports():
+    """A config with use_cache false (common in checkpoints saved after training) exports and
+    runs with the static cache, instead of the export wrapper's ValueError."""
+    from aoti_rt.llm.export import export_programs, prepare_model
+
+    cfg = _config("llama")
+    cfg.num_hidden_layers, cfg.use_cache = 1, False
+    model = prepare_model(cfg)
+    want = generate_tokens(eager_step(model, 8), [3, 4, 5], max_seq_len=8, max_prefill=4, max_new_tokens=3)
+    assert len(want.tokens) == 3
+    assert set(export_programs(model, max_seq_len=8, max_prefill=4)) == {"prefill", "decode"}
+
+
+def test_a_quantized_model_is_not_quantized_again():
+    """export_llm quantizes a loaded model in place: exporting it again with a scheme would skip
+    its quantized weights and label an int8 bundle int4; that is an OptionError, and
+    quantize_weights='none' exports it as it is."""
+    from aoti_rt.llm.export import prepare_model
+
+    for family in ("llama", "qwen3_moe"):
+        model = _eager(family, "int8")
+        with pytest.raises(aoti_rt.OptionError, match="quantized already.*freshly loaded") as e:
+            prepare_model(model, quantize_weights="int4", group_size=GROUP)
+        assert "\n" not in str(e.value)
+        assert prepare_model(model, quantize_weights="none") is model
 
 
 def test_quantization_options_are_checked():

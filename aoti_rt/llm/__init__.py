@@ -16,10 +16,10 @@ first use: without them this package imports, and using it is a :class:`MissingE
 
 from __future__ import annotations
 
-from .errors import FAMILIES, MissingExtraError, NoShimError, UnsupportedModelError
+from .errors import FAMILIES, CheckpointError, MissingExtraError, NoShimError, UnsupportedModelError
 from .export import eager_step, export_llm, export_programs, prepare_model
 from .generate import LLM, Generation, generate_tokens, load_llm
 from .info import LlmInfo
 
 __all__ = ["export_llm", "prepare_model", "export_programs", "eager_step", "load_llm", "LLM", "Generation", "generate_tokens", "LlmInfo", "FAMILIES",
-           "MissingExtraError", "NoShimError", "UnsupportedModelError"]
+           "MissingExtraError", "NoShimError", "UnsupportedModelError", "CheckpointError"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import AotiRtError
+from ..errors import AotiRtError, OptionError
+from .errors import CheckpointError
 
 DESCRIPTION = """\
 Turn a transformers causal LM (Llama, Qwen3, Qwen3-MoE) into an aoti_rt bundle with a prefill
@@ -66,29 +67,30 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("-n", "--max-new-tokens", type=int, default=32, help="tokens to generate at most (default 32)")
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
     g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="sampling seed: the same seed, the same tokens (default: a fresh one each run)")
     g.add_argument("--stop", default=None, help="comma-separated stop token ids (default: the model's EOS)")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the bundle's)")
     return p
 
 
-def _ids(text: str) -> list[int]:
+def _ids(text: str, option: str) -> list[int]:
     try:
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise SystemExit(f"expected comma-separated token ids, not {text!r}") from None
+        raise OptionError(f"{option} takes comma-separated token ids, not {text!r}") from None
 
 
 def _export(a: argparse.Namespace) -> int:
     import torch
 
-    from ._deps import require
     from .export import export_llm
+    from .source import load_config
 
     if (a.model is None) == (a.config is None):
-        raise SystemExit("llm export: give a checkpoint directory or --config (random weights), not both or neither")
+        raise OptionError("give a checkpoint directory or --config (random weights), not both or neither")
     if a.config is not None:
-        source = require("transformers").AutoConfig.from_pretrained(a.config)
+        source = load_config(a.config)
     else:
         source = a.model
     dtype = getattr(torch, a.dtype) if a.dtype else None
@@ -100,19 +102,22 @@ def _export(a: argparse.Namespace) -> int:
 
 
 def _generate(a: argparse.Namespace) -> int:
-    from ._deps import require
     from .generate import load_llm
+    from .source import load_tokenizer
 
     tok = None
     if a.tokenizer:
-        tok = require("transformers").AutoTokenizer.from_pretrained(a.tokenizer)
+        tok = load_tokenizer(a.tokenizer)
     if a.prompt is not None:
         if tok is None:
-            raise SystemExit("llm generate: --prompt needs --tokenizer (or pass --prompt-ids)")
+            raise OptionError("--prompt needs --tokenizer (or pass --prompt-ids)")
         prompt = tok(a.prompt)["input_ids"]
+        if a.prompt and not prompt:
+            raise CheckpointError(f"the tokenizer from {a.tokenizer} gives no tokens for the prompt (it knows "
+                                  f"{len(tok)}): pass the checkpoint directory holding its tokenizer files")
     else:
-        prompt = _ids(a.prompt_ids)
-    stop = None if a.stop is None else _ids(a.stop)
+        prompt = _ids(a.prompt_ids, "--prompt-ids")
+    stop = None if a.stop is None else _ids(a.stop, "--stop")
     with load_llm(a.bundle, device=a.device) as lm:
         out = lm.generate(prompt, max_new_tokens=a.max_new_tokens, stop=stop, temperature=a.temperature,
                           top_k=a.top_k, seed=a.seed)
@@ -126,7 +131,8 @@ def _generate(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """Run ``llm export`` or ``llm generate``; an aoti_rt error is one line on stderr, exit 2."""
+    """Run ``llm export`` or ``llm generate``; an aoti_rt error (a wrong combination of options
+    included) is one line on stderr, exit 2, as argparse's usage errors are."""
     p = _parser()
     a = p.parse_args(argv)
     try:

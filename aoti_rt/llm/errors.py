@@ -16,7 +16,11 @@ class UnsupportedModelError(AotiRtError, ValueError):
     """The model is not of a family the LLM path covers (:data:`FAMILIES`)."""
 
 
-__all__ = ["FAMILIES", "MissingExtraError", "UnsupportedModelError", "NoShimError", "covered"]
+class CheckpointError(AotiRtError, OSError):
+    """A checkpoint directory or config that does not exist or that transformers cannot load."""
+
+
+__all__ = ["FAMILIES", "MissingExtraError", "UnsupportedModelError", "CheckpointError", "NoShimError", "covered"]
 
 
 def covered() -> str:

@@ -23,8 +23,8 @@ from ..method_compiler import first_line
 from ._deps import require
 from .errors import UnsupportedModelError
 from .info import LlmInfo, weight_names
-from .quant import quantize
-from .source import check_family, check_shims, experts_kernel, resolve_model
+from .quant import quantize, quantized_weight
+from .source import check_experts_implementation, check_family, check_shims, experts_kernel, resolve_model
 
 #: the shortest prefill: export specialises a dimension of size 0 or 1, so 1 token goes to decode
 MIN_PREFILL = 2
@@ -55,6 +55,10 @@ def prepare_model(source: Any, *, quantize_weights: str = "none", group_size: in
     """
     import torch
 
+    from ..device import Device
+
+    device = str(Device.parse(device))       # an unknown or absent device before the model is built
+    check_experts_implementation(experts_implementation)
     say = _Say(progress)
     say(f"loading the model ({type(source).__name__})")
     kind = "cpu" if device == "cpu" else "cuda"
@@ -65,6 +69,11 @@ def prepare_model(source: Any, *, quantize_weights: str = "none", group_size: in
                                                                        packing, dtype=dt), say=say)
     else:
         model = resolve_model(source, dtype=dtype, seed=seed, experts_implementation=experts_implementation)
+        done = quantized_weight(model) if quantize_weights != "none" else None
+        if done is not None:         # quantize skips quantized weights: the bundle would not be what it says
+            raise OptionError(f"the model is quantized already ({done}); quantize_weights={quantize_weights!r} "
+                              f"quantizes a model in place, once: pass a freshly loaded model, or "
+                              f"quantize_weights='none' to export it as it is")
         model.to(device)
         if quantize_weights != "none":
             say(f"quantizing weights to {quantize_weights} (torchao; MoE experts: aoti_rt.llm.experts)")
@@ -141,14 +150,9 @@ def _export(model: Any, max_seq_len: int, max_prefill: int | None, progress: boo
 
     max_prefill = _check_sizes(max_seq_len, max_prefill)
     say = _Say(progress)
-    executorch = require("transformers.integrations.executorch")
     model_type = check_family(model.config)
     device = model.device
-    gen = model.generation_config
-    gen.use_cache = True
-    gen.cache_implementation = "static"
-    wrapper = executorch.TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=max_seq_len,
-                                                               device=device)
+    wrapper = _static_cache_wrapper(model, max_seq_len)
     n = min(max(MIN_PREFILL, 4), max_prefill)
     ids = torch.zeros(1, n, dtype=torch.long, device=device)
     length = torch.export.Dim("prefill_len", min=MIN_PREFILL, max=max_prefill)
@@ -166,18 +170,33 @@ def _export(model: Any, max_seq_len: int, max_prefill: int | None, progress: boo
                                                 cache_position=torch.zeros(1, dtype=torch.long, device=device),
                                                 strict=True)
     except Exception as e:  # noqa: BLE001 - torch.export raises many types
+        kernel = experts_kernel(model)
+        hint = f"try another experts_implementation than {kernel!r}, or " if kernel else ""
         raise CompileError(f"torch.export of the {model_type} model failed ({type(e).__name__}: "
-                           f"{first_line(e)[:300]}); "
-                           f"try another experts_implementation for a MoE model, or report the model") from e
+                           f"{first_line(e)[:300]}); {hint}report the model") from e
     return programs, wrapper
+
+
+def _static_cache_wrapper(model: Any, max_seq_len: int) -> Any:
+    """transformers' export wrapper of ``model`` with a static KV cache of ``max_seq_len``. The
+    cache is turned on in the config too: checkpoints saved after training often have
+    ``use_cache: false``, which the wrapper refuses."""
+    executorch = require("transformers.integrations.executorch")
+    model.config.get_text_config().use_cache = True
+    gen = model.generation_config
+    gen.use_cache = True
+    gen.cache_implementation = "static"
+    return executorch.TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=max_seq_len,
+                                                            device=model.device)
 
 
 def _check_sizes(max_seq_len: Any, max_prefill: Any) -> int:
     if not isinstance(max_seq_len, int) or max_seq_len < MIN_PREFILL + 1:
         raise OptionError(f"max_seq_len must be an int of at least {MIN_PREFILL + 1}, not {max_seq_len!r}")
     max_prefill = max_seq_len if max_prefill is None else max_prefill
-    if not isinstance(max_prefill, int) or not MIN_PREFILL <= max_prefill <= max_seq_len:
-        raise OptionError(f"max_prefill must be an int from {MIN_PREFILL} to max_seq_len ({max_seq_len}), "
+    # prefill's length is a dynamic dimension from MIN_PREFILL, which needs a larger maximum
+    if not isinstance(max_prefill, int) or not MIN_PREFILL < max_prefill <= max_seq_len:
+        raise OptionError(f"max_prefill must be an int from {MIN_PREFILL + 1} to max_seq_len ({max_seq_len}), "
                           f"not {max_prefill!r}")
     return max_prefill
 
@@ -222,11 +241,14 @@ def export_llm(source: Any, path: str | os.PathLike[str], *, max_seq_len: int = 
         UnsupportedModelError: not a covered family. MissingExtraError: transformers or
         torchao missing. OptionError: a size or quantization option it does not take.
         NoShimError: an op AOTInductor cannot compile for the device on this torch.
+        DeviceError: ``device`` is not a device name, or not on this machine.
         CompileError: export or compile failed (see :func:`aoti_rt.compile`).
     """
     import aoti_rt
+    from aoti_rt.compiler import check_target
 
     max_prefill = _check_sizes(max_seq_len, max_prefill)
+    check_target(path, overwrite)                 # before minutes of loading and exporting
     say = _Say(progress)
     model = prepare_model(source, quantize_weights=quantize_weights, group_size=group_size, packing=packing,
                           device=device, dtype=dtype, seed=seed, experts_implementation=experts_implementation,
@@ -284,12 +306,7 @@ def eager_step(model: Any, max_seq_len: int) -> Any:
     bundle against eager PyTorch with :func:`aoti_rt.llm.generate.generate_tokens`."""
     import torch
 
-    executorch = require("transformers.integrations.executorch")
-    gen = model.generation_config
-    gen.use_cache = True
-    gen.cache_implementation = "static"
-    wrapper = executorch.TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=max_seq_len,
-                                                               device=model.device).model
+    wrapper = _static_cache_wrapper(model, max_seq_len).model
 
     def step(input_ids, cache_position):
         with torch.no_grad():

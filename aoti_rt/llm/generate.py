@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+import operator
 import os
 import time
 from dataclasses import dataclass
@@ -29,17 +31,53 @@ class Generation:
     decode_s: float
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _pick(logits: Any, temperature: float, top_k: int | None, generator: Any) -> int:
     import torch
 
     if temperature == 0:
         return int(logits.argmax())
-    logits = logits.float() / temperature
+    logits = logits.float()
+    logits = (logits - logits.max()) / temperature       # <= 0: a tiny temperature gives -inf, never inf - inf
     if top_k is not None and top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def token_ids(prompt: Any) -> list[int]:
+    """``prompt`` as a list of token ids: ints (numpy's too) or a 1-D integer tensor.
+
+    Raises:
+        InputError: text, floats, or a tensor of another shape (a tokenizer's ``[1, T]``).
+    """
+    if isinstance(prompt, (str, bytes)):
+        raise InputError("generate: the prompt is text; pass its token ids (tokenizer(text)['input_ids'], or "
+                         "--prompt with --tokenizer)")
+    if getattr(prompt, "ndim", 1) != 1:
+        raise InputError(f"generate: the prompt is a tensor of shape {list(prompt.shape)}; pass token ids in one "
+                         f"dimension (ids[0] of a tokenizer's [1, T])")
+    try:
+        return [operator.index(t) for t in prompt]
+    except TypeError:
+        raise InputError(f"generate: the prompt must be token ids (ints, or a 1-D integer tensor), not "
+                         f"{str(prompt)[:60]}") from None
+
+
+def _stop_ids(stop: Any) -> set[int]:
+    """``stop`` (one token id or several) as a set of ints."""
+    if isinstance(stop, numbers.Integral) or getattr(stop, "ndim", None) == 0:
+        stop = [stop]
+    try:
+        if not isinstance(stop, (str, bytes)):
+            return {operator.index(t) for t in stop}
+    except TypeError:
+        pass
+    raise OptionError(f"stop must be a token id or a list of them, not {str(stop)[:60]!r}")
 
 
 def generate_tokens(step: Step, prompt: Iterable[int], *, max_seq_len: int, max_prefill: int,
@@ -51,33 +89,40 @@ def generate_tokens(step: Step, prompt: Iterable[int], *, max_seq_len: int, max_
 
     ``temperature`` 0 is greedy; above 0, tokens are sampled from the softmax of the logits
     divided by it (over the ``top_k`` most likely, if given) with a ``torch.Generator`` seeded
-    with ``seed``. Generation ends at a token in ``stop``, after ``max_new_tokens``, or when the
-    cache is full.
+    with ``seed`` (the same seed, the same tokens; None: a fresh random seed each call, so
+    repeated calls give different samples). Generation ends at a token in ``stop`` (one id or
+    several), after ``max_new_tokens``, or when the cache is full.
 
     Raises:
-        InputError: an empty prompt, or one that leaves no room in the cache.
-        OptionError: a negative temperature, ``top_k`` < 1, ``max_new_tokens`` < 1.
+        InputError: a prompt that is not token ids (:func:`token_ids`), is empty, or leaves no
+            room in the cache.
+        OptionError: a temperature that is not a number >= 0, ``top_k`` or ``max_new_tokens``
+            not an int >= 1, a ``seed`` not an int, ``stop`` not token ids.
     """
     import torch
 
-    ids = [int(t) for t in prompt]
+    ids = token_ids(prompt)
     if not ids:
         raise InputError("generate: the prompt is empty; pass at least one token id")
     if len(ids) >= max_seq_len:
         raise InputError(f"generate: the prompt has {len(ids)} tokens and the KV cache holds {max_seq_len}, "
                          f"which leaves no room to generate; shorten the prompt or export with a larger "
                          f"max_seq_len")
-    if not temperature >= 0:
-        raise OptionError(f"temperature must be >= 0 (0: greedy), not {temperature!r}")
-    if top_k is not None and top_k < 1:
-        raise OptionError(f"top_k must be at least 1, not {top_k!r}")
-    if max_new_tokens < 1:
-        raise OptionError(f"max_new_tokens must be at least 1, not {max_new_tokens!r}")
-    stop_set = {int(t) for t in stop}
+    if not isinstance(temperature, numbers.Real) or not temperature >= 0:
+        raise OptionError(f"temperature must be a number >= 0 (0: greedy), not {temperature!r}")
+    for name, value in (("top_k", top_k), ("max_new_tokens", max_new_tokens)):
+        if (value is not None or name == "max_new_tokens") and (not _is_int(value) or value < 1):
+            raise OptionError(f"{name} must be an int of at least 1, not {value!r}")
+    if seed is not None and not (_is_int(seed) and -2**63 <= seed < 2**64):
+        raise OptionError(f"seed must be an int (a torch.Generator seed), not {seed!r}")
+    stop_set = _stop_ids(stop)
     gen = None
     if temperature > 0:
         gen = torch.Generator()
-        gen.manual_seed(0 if seed is None else int(seed))
+        if seed is None:
+            gen.seed()                  # a nondeterministic seed: each call its own sample
+        else:
+            gen.manual_seed(int(seed))
 
     def call(chunk: list[int], pos: int) -> Any:
         t = torch.tensor([chunk], dtype=torch.long, device=device)
@@ -144,10 +189,15 @@ class LLM:
         the embedding with the ids and the KV cache with the positions, unchecked.
 
         Raises:
-            InputError: a shape other than ``[1, T]`` / ``[T]``, a token id outside the
-                vocabulary or a position outside the KV cache.
+            InputError: not tensors, a shape other than ``[1, T]`` / ``[T]``, a token id
+                outside the vocabulary or a position outside the KV cache.
         """
+        import torch
+
         info = self.info
+        if not (isinstance(input_ids, torch.Tensor) and isinstance(cache_position, torch.Tensor)):
+            raise InputError(f"step: pass input_ids [1, T] and cache_position [T] as int64 tensors, not "
+                             f"{type(input_ids).__name__} and {type(cache_position).__name__}")
         shape, pos_shape = tuple(input_ids.shape), tuple(cache_position.shape)
         if len(shape) != 2 or shape[0] != 1 or pos_shape != shape[1:]:
             raise InputError(f"step: input_ids is {list(shape)} and cache_position {list(pos_shape)}; pass "
@@ -171,7 +221,7 @@ class LLM:
         """Generate after ``prompt`` (token ids); see :func:`generate_tokens`. ``stop``
         defaults to the model's EOS tokens (``[]`` for none)."""
         info = self.info
-        prompt = [int(t) for t in prompt]
+        prompt = token_ids(prompt)
         bad = [t for t in prompt if not 0 <= t < info.vocab_size]
         if bad:       # an embedding index out of range is a device-side assert on CUDA: refuse it here
             raise InputError(f"generate: token ids {bad[:5]} are outside the model's vocabulary "
@@ -187,19 +237,28 @@ class LLM:
         are written) or in full precision (it is quantized as at export). Other keyword
         arguments go to :meth:`aoti_rt.Model.update_weights`.
 
+        A tied weight's names (``lm_head.weight``, ``model.embed_tokens.weight``) name one
+        constant: either updates it (a ``state_dict`` gives both, equal).
+
         Raises:
-            InputError: a name the bundle does not hold (unless ``strict=False``), or a value
-                that does not fit (see :meth:`aoti_rt.Model.update_weights`).
+            InputError: a name the bundle does not hold (unless ``strict=False``), different
+                values for one tied weight, or a value that does not fit (see
+                :meth:`aoti_rt.Model.update_weights`).
         """
         strict = kwargs.get("strict", True)
         mapped: dict[str, Any] = {}
+        given: dict[str, str] = {}
         unknown = []
         for name, value in weights.items():
             entry = self.info.weights.get(name)
             if entry is None:
                 unknown.append(name)
                 continue
-            mapped.update(self._parts(name, entry, value))
+            for fqn, part in self._parts(name, entry, value).items():
+                if fqn in mapped and not _same(mapped[fqn], part):
+                    raise InputError(f"update_weights: {given[fqn]} and {name} are one tied weight in the bundle "
+                                     f"({fqn}), given different values; pass one of them, or equal values")
+                mapped[fqn], given[fqn] = part, name
         if unknown and strict:
             raise InputError(f"update_weights: the model has no weight {', '.join(unknown[:5])}"
                              f"{' ...' if len(unknown) > 5 else ''}; it holds {len(self.info.weights)}, e.g. "
@@ -228,21 +287,37 @@ class LLM:
 
         if isinstance(value, QuantizedWeight):
             return value
-        if isinstance(value, torch.Tensor) and value.dim() == 3 and self.info.quantize in ("int8", "int4"):
+        if not isinstance(value, torch.Tensor) or value.dim() not in (2, 3) or not value.is_floating_point():
+            what = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise InputError(f"update_weights: {name} is a weight quantized to {self.info.quantize}; pass it in full "
+                             f"precision (a 2-D float tensor, 3-D for MoE experts) or as the quantized tensor, "
+                             f"not {what}")
+        if value.dim() == 3 and self.info.quantize in ("int8", "int4"):
             bits = 8 if self.info.quantize == "int8" else 4
-            if not value.is_floating_point() or (bits == 4 and value.shape[-1] % self.info.group_size):
+            if bits == 4 and value.shape[-1] % self.info.group_size:
                 raise InputError(f"update_weights: {name} is MoE experts' weight quantized to {self.info.quantize}; "
                                  f"pass it in full precision ([experts, out, in], in a multiple of the group size "
                                  f"{self.info.group_size} for int4), not {value.dtype} {tuple(value.shape)}")
             return quantize_weight(value.detach(), bits, self.info.group_size)
-        if not isinstance(value, torch.Tensor) or value.dim() != 2:
-            raise InputError(f"update_weights: {name} is a quantized weight; pass a 2-D tensor (3-D for MoE "
-                             f"experts) or the quantized tensor, not {type(value).__name__}")
         lin = torch.nn.Linear(value.shape[1], value.shape[0], bias=False, device=value.device, dtype=value.dtype)
         lin.weight = torch.nn.Parameter(value.detach(), requires_grad=False)
         dev = "cpu" if value.device.type == "cpu" else "cuda"
         quantize(lin, self.info.quantize, dev, self.info.group_size, self.info.packing)
         return lin.weight
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two values given for one constant (a tied weight's two names) are equal."""
+    import torch
+
+    if a is b:
+        return True
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return False
+    if (a.shape, a.dtype, a.device) != (b.shape, b.dtype, b.device):
+        return False
+    # a state_dict's two names of a tied weight are views of one storage: no need to compare them
+    return (a.data_ptr(), a.stride()) == (b.data_ptr(), b.stride()) or bool(torch.equal(a, b))
 
 
 def load_llm(path: str | os.PathLike[str], *, device: str | None = None, **load_kwargs: Any) -> LLM:

@@ -79,7 +79,9 @@ class LlmInfo:
 def weight_names(model: Any, bound: set[str]) -> dict[str, WeightName]:
     """The map from ``model``'s parameter and buffer names to the bundle FQNs in ``bound`` (the
     constants the compiled methods bind); fused MoE experts quantized by
-    :mod:`aoti_rt.llm.experts` by the names the model had before (``...experts.gate_up_proj``)."""
+    :mod:`aoti_rt.llm.experts` by the names the model had before (``...experts.gate_up_proj``);
+    each name of a tied weight (``lm_head.weight`` and ``model.embed_tokens.weight``) to the one
+    constant the export kept."""
     out: dict[str, WeightName] = {}
     own: set[str] = set()
     for prefix, module in quantized_modules(model):
@@ -89,6 +91,8 @@ def weight_names(model: Any, bound: set[str]) -> dict[str, WeightName]:
                 out[name] = WeightName(parts=held)
             own.update(parts.values())
     named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    # a tied weight (lm_head.weight and the embedding) is one constant, under one of its names
+    held_as = {id(value): PREFIX + name for name, value in named if PREFIX + name in bound}
     for name, value in named:
         if name in own:
             continue
@@ -103,4 +107,6 @@ def weight_names(model: Any, bound: set[str]) -> dict[str, WeightName]:
                 out[name] = WeightName(parts=parts)
         elif PREFIX + name in bound:
             out[name] = WeightName(fqn=PREFIX + name)
+        elif id(value) in held_as:
+            out[name] = WeightName(fqn=held_as[id(value)])
     return out

@@ -76,6 +76,19 @@ def _plain_linear(module: Any, fqn: str = "") -> bool:
     return isinstance(module, torch.nn.Linear) and type(weight) in (torch.Tensor, torch.nn.Parameter)
 
 
+def quantized_weight(model: Any) -> str | None:
+    """The name of a weight of ``model`` quantized already (a torchao tensor, or experts of
+    :mod:`aoti_rt.llm.experts`), or None."""
+    from .experts import quantized_modules
+
+    for name, value in model.named_parameters():
+        if getattr(type(value), "__tensor_flatten__", None) is not None:
+            return f"{name} ({type(value).__name__})"
+    for name, _ in quantized_modules(model):
+        return f"{name} (QuantizedExperts)"
+    return None
+
+
 def quantize(model: Any, scheme: str, device: str, group_size: int = 128, packing: str | None = None,
              dtype: Any = None) -> Any:
     """Quantize ``model``'s ``nn.Linear`` weights in place with torchao, and its fused MoE
