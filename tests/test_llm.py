@@ -405,6 +405,15 @@ def test_sizes_are_checked_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_int4_that_quantizes_nothing_is_an_option_error(tmp_path):
+    """An int4 group size that divides no weight's input size (the tiny models' are 64 and 128)
+    would leave every weight in full precision under an llm.json saying int4: refused."""
+    with pytest.raises(aoti_rt.OptionError, match="group_size 256 quantizes none.*64") as e:
+        export_llm(_config("llama"), tmp_path / "out", quantize_weights="int4", group_size=256, progress=False)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_or_absent_device_is_a_device_error(tmp_path):
     """A device name torch does not know, or CUDA on a machine without it, is aoti_rt's one-line
     DeviceError before the model is built, not torch's RuntimeError or AssertionError from

@@ -105,4 +105,11 @@ def quantize(model: Any, scheme: str, device: str, group_size: int = 128, packin
     if config is not None:
         require("torchao.quantization").quantize_(model, config, filter_fn=_plain_linear)
         quantize_experts(model, scheme, group_size)
+        if quantized_weight(model) is None:   # else llm.json would say int4 of a full-precision model
+            import torch
+
+            sizes = sorted({m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)})
+            raise OptionError(f"{scheme} with group_size {group_size} quantizes none of the model's weights: "
+                              f"it divides none of their input sizes ({', '.join(map(str, sizes[:6]))}); "
+                              f"pass a group_size that divides them (--group-size)")
     return config
