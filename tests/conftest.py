@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import filelock
 import pytest
 import torch
 from torch import nn
@@ -39,14 +40,30 @@ DEVICES = [
 
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("bundles")
+    """Where the session's models are compiled: one folder for all pytest-xdist workers of the
+    session (the parent of each worker's base temp), so each model compiles once, not once a
+    worker (see :func:`_once`). Tests never change what is in it (``copy_bundle`` first)."""
+    base = tmp_path_factory.getbasetemp()
+    d = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "bundles"
+    d.mkdir(exist_ok=True)
+    return d
+
+
+def _once(path: Path, done: Path, build):
+    """``build()`` unless ``done`` exists, under a file lock on ``path``: a worker that needs a
+    model another worker is compiling waits for it instead of compiling it again."""
+    with filelock.FileLock(f"{path}.lock"):
+        if done.exists():
+            return None
+        return build()
 
 
 def _compile(workdir: Path, name: str, device: str, programs) -> Path:
+    """``programs`` (a callable giving them: nothing is exported when the model is compiled
+    already) compiled into ``workdir``."""
     path = workdir / f"{name}-{device.replace(':', '')}"
-    if (path / "manifest.json").is_file():
-        return path
-    return aoti_rt.compile(programs, path, progress=False)
+    _once(path, path / "manifest.json", lambda: aoti_rt.compile(programs(), path, progress=False))
+    return path
 
 
 # -- the demo LM: prefill + decode, in-place KV cache, tied head ---------------------------
@@ -58,51 +75,56 @@ def device(request) -> str:
 
 @pytest.fixture(scope="session")
 def lm_bundle(workdir, device) -> Path:
-    return _compile(workdir, "lm", device, demo.export_methods(demo.make_model(device)))
+    return _compile(workdir, "lm", device, lambda: demo.export_methods(demo.make_model(device)))
 
 
 @pytest.fixture(scope="session")
 def lm_other_bundle(workdir, device) -> Path:
     """Same architecture and FQNs as lm_bundle, other values (seed 1), decode only."""
-    progs = demo.export_methods(demo.make_model(device, seed=1))
-    return _compile(workdir, "lm-other", device, {"decode": progs["decode"]})
+    return _compile(workdir, "lm-other", device,
+                    lambda: {"decode": demo.export_methods(demo.make_model(device, seed=1))["decode"]})
 
 
 # -- an MLP stack with three partially overlapping methods (tests/models.py) -----------
 
 @pytest.fixture(scope="session")
 def three_bundle(workdir, device) -> Path:
-    s = make_stack(device)
-    x = torch.randn(3, 64, device=device)
-    progs = {name: torch.export.export(Subset(s, layers), (x,)) for name, layers in METHOD_LAYERS.items()}
-    return _compile(workdir, "three", device, progs)
+    def programs():
+        s = make_stack(device)
+        x = torch.randn(3, 64, device=device)
+        return {name: torch.export.export(Subset(s, layers), (x,)) for name, layers in METHOD_LAYERS.items()}
+    return _compile(workdir, "three", device, programs)
 
 
 @pytest.fixture(scope="session")
 def diverge_bundle(workdir, device) -> Path:
     """Two methods whose FQNs are the same but whose values differ."""
-    x = torch.randn(3, 64, device=device)
-    progs = {"a": torch.export.export(Subset(make_stack(device, 0), [0]), (x,)),
-             "b": torch.export.export(Subset(make_stack(device, 1), [0]), (x,))}
+    def build():
+        x = torch.randn(3, 64, device=device)
+        progs = {"a": torch.export.export(Subset(make_stack(device, 0), [0]), (x,)),
+                 "b": torch.export.export(Subset(make_stack(device, 1), [0]), (x,))}
+        with pytest.warns(UserWarning, match="differs between methods"):
+            aoti_rt.compile(progs, path, progress=False)
     path = workdir / f"diverge-{device.replace(':', '')}"
-    if (path / "manifest.json").is_file():
-        return path
-    with pytest.warns(UserWarning, match="differs between methods"):
-        return aoti_rt.compile(progs, path, progress=False)
+    _once(path, path / "manifest.json", build)
+    return path
 
 
 def _stock(workdir: Path, device: str, name: str, seed: int) -> tuple[Path, Path, nn.Module]:
     """A plain AOTI .so + *_weights.blob from torch._inductor.aot_compile (no bundle) of
     layers 0..2 of the stack made with ``seed``."""
     mod = Subset(make_stack(device, seed=seed), [0, 1, 2]).eval()
-    x = torch.randn(3, 64, device=device)
     out = workdir / f"{name}-{device.replace(':', '')}"
-    out.mkdir(exist_ok=True)
-    ep = torch.export.export(mod, (x,))
-    # the stock options: no weights in the .so, binary_blob beside it
-    so = torch._inductor.aot_compile(ep.module(), (x,), options=_aoti_options(out / "model.so"))
-    blob = next(out.rglob("*_weights.blob"))
-    return Path(so), blob, mod
+
+    def build():
+        x = torch.randn(3, 64, device=device)
+        out.mkdir()
+        ep = torch.export.export(mod, (x,))
+        # the stock options: no weights in the .so, binary_blob beside it
+        so = torch._inductor.aot_compile(ep.module(), (x,), options=_aoti_options(out / "model.so"))
+        (out / "so.txt").write_text(str(so))
+    _once(out, out / "so.txt", build)
+    return Path((out / "so.txt").read_text()), next(out.rglob("*_weights.blob")), mod
 
 
 @pytest.fixture(scope="session")
@@ -129,10 +151,15 @@ FORMATS = {
 
 
 def _package(path: Path, program, options: dict) -> Path:
-    if not path.is_file():
+    """``program`` (or a callable giving it) packaged by torch at ``path``, once a session; the
+    file appears whole (another worker may test that it exists without the lock)."""
+    def build():
+        ep = program if isinstance(program, torch.export.ExportedProgram) else program()
+        tmp = path.with_name(path.stem + ".partial.pt2")      # torch takes only a .pt2 name
         with quiet_torch_deprecations():
-            torch._inductor.aoti_compile_and_package(program, package_path=str(path),
-                                                     inductor_configs=dict(options))
+            torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp), inductor_configs=dict(options))
+        os.replace(tmp, path)
+    _once(path, path, build)
     return path
 
 
@@ -145,9 +172,12 @@ def _stack_program(device: str, layers: list[int]):
 @pytest.fixture(scope="session")
 def stack_pt2(workdir, device) -> dict[str, Path]:
     """Layers 0..2 of the stack (seed 0), one single-model package per weight format."""
-    ep = _stack_program(device, [0, 1, 2])
+    programs: list = []
+    def program():
+        programs[:] = programs or [_stack_program(device, [0, 1, 2])]
+        return programs[0]
     tag = device.replace(":", "")
-    return {fmt: _package(workdir / f"stack-{fmt}-{tag}.pt2", ep, opts) for fmt, opts in FORMATS.items()}
+    return {fmt: _package(workdir / f"stack-{fmt}-{tag}.pt2", program, opts) for fmt, opts in FORMATS.items()}
 
 
 @pytest.fixture(scope="session")

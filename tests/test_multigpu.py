@@ -272,15 +272,16 @@ def test_tensor_parallel_example_on_cpu(tmp_path):
 @pytest.fixture(scope="module")
 def cuda_three(workdir) -> Path:
     """three_bundle compiled for cuda:0 (the one conftest compiles when CUDA is present)."""
-    s = make_stack("cuda:0")
-    x = torch.randn(3, 64, device="cuda:0")
-    progs = {name: torch.export.export(Subset(s, layers), (x,)) for name, layers in METHOD_LAYERS.items()}
-    return _compile(workdir, "three", "cuda:0", progs)
+    def programs():
+        s = make_stack("cuda:0")
+        x = torch.randn(3, 64, device="cuda:0")
+        return {name: torch.export.export(Subset(s, layers), (x,)) for name, layers in METHOD_LAYERS.items()}
+    return _compile(workdir, "three", "cuda:0", programs)
 
 
 @pytest.fixture(scope="module")
 def cuda_lm(workdir) -> Path:
-    return _compile(workdir, "lm", "cuda:0", demo.export_methods(demo.make_model("cuda:0")))
+    return _compile(workdir, "lm", "cuda:0", lambda: demo.export_methods(demo.make_model("cuda:0")))
 
 
 @pytest.mark.cuda

@@ -52,9 +52,13 @@ def multi_pt2(workdir, device) -> Path:
 @pytest.fixture(scope="session")
 def lm_pt2(workdir, device) -> dict[str, Path]:
     """The demo LM's prefill and decode, each compiled into its own stock package (defaults)."""
-    progs = demo.export_methods(demo.make_model(device))
+    progs: dict = {}
+    def program(name):
+        progs.update(progs or demo.export_methods(demo.make_model(device)))
+        return progs[name]
     tag = device.replace(":", "")
-    return {name: _package(workdir / f"lm-{name}-{tag}.pt2", progs[name], {}) for name in ("prefill", "decode")}
+    return {name: _package(workdir / f"lm-{name}-{tag}.pt2", lambda: program(name), {})
+            for name in ("prefill", "decode")}
 
 
 def stats(device):
