@@ -59,7 +59,7 @@ def layouts(workdir, device):
     torch.manual_seed(0)
     model = Layouts(device)
     x = torch.randn(3, 16, device=device)
-    return _compile(workdir, "layouts", device, {"f": torch.export.export(model, (x,))}), model, x
+    return _compile(workdir, "layouts", device, lambda: {"f": torch.export.export(model, (x,))}), model, x
 
 
 def test_constants_of_every_layout_load_and_compute(layouts, device):
