@@ -381,6 +381,7 @@ def _compile(programs: Mapping[str, Any], out: Path, device: str | None, progres
     if jobs is None:
         jobs = _default_jobs(device, len(eps))
     mutated = set().union(*(_mutated_fqns(ep) for ep in eps.values()))
+    _check_disk(eps, out, Path(tempfile.gettempdir()))
     with _Progress(len(eps) + 1, progress) as bar, tempfile.TemporaryDirectory(prefix="aoti_rt_") as tmp:
         todo = [Job(name, Path(tmp) / name, out, device, mutated, *signatures[name], options)
                 for name in eps]
@@ -401,6 +402,49 @@ def _compile(programs: Mapping[str, Any], out: Path, device: str | None, progres
         timed("store", None, t0)
         bar.step()
     return out
+
+
+def _check_disk(eps: Mapping[str, ExportedProgram], out: Path, tmp: Path) -> None:
+    """Refuse, before any AOTI work, a compile the disks cannot hold: AOTI writes each method's
+    constants (up to all the weights, W) to a file in the temp folder, all held until the
+    store (W) is written into ``out``. Advisory: a size it cannot estimate is not refused."""
+    try:
+        total = _weight_bytes(eps)
+        need: dict[int, list[Any]] = {}          # per file system: bytes, a folder on it
+        for path, n in ((tmp, len(eps) * total), (out, total)):
+            need.setdefault(os.stat(path).st_dev, [0, path])[0] += n
+        short = [(n, p, shutil.disk_usage(p).free) for n, p in need.values()]
+    except Exception:  # noqa: BLE001 - an estimate that fails never stops a compile
+        return
+    for n, path, free in short:
+        if free < n:
+            raise CompileError(
+                f"compiling needs about {n / 1e9:.1f} GB free on the disk of {path} and it has {free / 1e9:.1f} GB "
+                f"(AOTI writes each of the {len(eps)} methods' constants, up to {total / 1e9:.1f} GB, to the temp "
+                f"folder {tmp}, held until the store is written into the bundle); free space, or set TMPDIR to a "
+                f"larger disk")
+
+
+def _weight_bytes(eps: Mapping[str, ExportedProgram]) -> int:
+    """The bytes of the distinct storages of the programs' weights and constants."""
+    import torch
+
+    seen: set[tuple[int, str]] = set()
+    total = 0
+    todo = [t for ep in eps.values() for t in (*ep.state_dict.values(), *ep.constants.values())]
+    while todo:
+        t = todo.pop()
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            continue
+        if hasattr(type(t), "__tensor_flatten__"):          # a tensor subclass: its inner tensors
+            todo.extend(getattr(t, a) for a in t.__tensor_flatten__()[0])
+            continue
+        s = t.untyped_storage()
+        key = (s.data_ptr(), str(t.device))
+        if key not in seen:
+            seen.add(key)
+            total += s.nbytes()
+    return total
 
 
 def _export_programs(programs: Mapping[str, Any]) -> dict[str, ExportedProgram]:

@@ -16,7 +16,7 @@ from aoti_rt import demo
 from aoti_rt.bundle import read_bundle, read_store_header
 
 from aoti_rt.digest import weight_digest
-from models import make_stack
+from models import Subset, make_stack
 
 
 def _sha(path, offset, n):
@@ -223,6 +223,25 @@ def test_method_without_weights(tmp_path):
     assert read_bundle(path).manifest.weights == {}
     with aoti_rt.load(path) as m:
         torch.testing.assert_close(m.fwd(a, b), a * 2 + b)
+
+
+def test_a_compile_the_disk_cannot_hold_is_refused_before_aoti_runs(tmp_path, monkeypatch):
+    """AOTI writes each method's constants to the temp folder, all held until the store is
+    written: with less free space than that (here: none), compile says how much it needs and
+    where, before any AOTI work, and leaves no bundle."""
+    import collections
+
+    from aoti_rt import compiler
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(compiler.shutil, "disk_usage", lambda p: usage(1 << 40, 1 << 40, 0))
+    monkeypatch.setattr(compiler, "build_methods", lambda *a: pytest.fail("AOTI ran"))
+    s = Subset(make_stack("cpu"), [0, 1])
+    x = torch.randn(3, 64)
+    with pytest.raises(aoti_rt.CompileError, match=r"needs about 0\.\d+ GB free .* has 0\.0 GB.*TMPDIR") as e:
+        aoti_rt.compile({"a": (s, (x,)), "b": (s, (x,))}, tmp_path / "b", progress=False)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
 
 
 def test_store_holds_each_weight_typed(three_bundle, device):
