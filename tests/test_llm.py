@@ -9,6 +9,7 @@ state. Skipped where transformers or torchao is not installed.
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -266,6 +267,18 @@ def test_step_refuses_lists():
     lm = _recording_llm({})
     with pytest.raises(aoti_rt.InputError, match="int64 tensors"):
         lm.step([[3, 4]], [0, 1])
+
+
+def test_a_refused_quantized_update_names_the_users_weight(bundles):
+    """A full-precision value of the wrong shape for a quantized weight is quantized, then
+    refused by the model's own checks: the error names the weight as the user gave it (and
+    the part), not the bundle's parametrization FQNs."""
+    with load_llm(bundles("llama", "int8")) as lm:
+        name = "model.layers.0.mlp.up_proj.weight"
+        assert lm.info.weights[name].parts
+        with pytest.raises(aoti_rt.InputError, match=re.escape(name) + r" \(qdata\)") as e:
+            lm.update_weights({name: torch.randn(10, 64)})
+        assert "parametrizations" not in str(e.value) and "\n" not in str(e.value)
 
 
 def test_update_weights_refuses_what_it_cannot_quantize():

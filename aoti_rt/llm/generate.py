@@ -263,7 +263,19 @@ class LLM:
             raise InputError(f"update_weights: the model has no weight {', '.join(unknown[:5])}"
                              f"{' ...' if len(unknown) > 5 else ''}; it holds {len(self.info.weights)}, e.g. "
                              f"{', '.join(list(self.info.weights)[:3])} (strict=False ignores unknown names)")
-        return self.model.update_weights(mapped, **kwargs)
+        try:
+            return self.model.update_weights(mapped, **kwargs)
+        except InputError as e:       # in the user's names: a part is "name (its attribute)"
+            raise InputError(self._user_names(str(e), given)) from e
+
+    def _user_names(self, message: str, given: Mapping[str, str]) -> str:
+        """``message`` with each bundle FQN of a quantized weight's part replaced by the name it
+        was given as, and the part."""
+        parts = {fqn: f"{name} ({attr})" for name in set(given.values())
+                 for attr, fqn in self.info.weights[name].parts.items()}
+        for fqn in sorted(parts, key=len, reverse=True):
+            message = message.replace(fqn, parts[fqn])
+        return message
 
     def _parts(self, name: str, entry: WeightName, value: Any) -> dict[str, Any]:
         import torch
