@@ -223,15 +223,19 @@ def _split_overlapping(groups: dict[Any, list[_Holder]]) -> dict[Any, list[_Hold
         for h in hs:
             c = h.bound.constant
             views.setdefault((c.storage_offset, tuple(c.shape), tuple(c.stride)), []).append(h)
-        spans = sorted((off * ITEMSIZE[h[0].bound.constant.dtype],
-                        view_bytes(list(shape), list(stride), off, ITEMSIZE[h[0].bound.constant.dtype]))
-                       for (off, shape, stride), h in views.items())
+        spans = sorted(_byte_span(vhs[0].bound.constant) for vhs in views.values())
         apart = all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
         if vid is None or apart:
             out[vid] = hs
         else:
             out.update(((vid, view), vhs) for view, vhs in views.items())
     return out
+
+
+def _byte_span(c: ConstantSpec) -> tuple[int, int]:
+    """The bytes of its storage a constant's view starts and ends at."""
+    size = ITEMSIZE[c.dtype]
+    return c.storage_offset * size, view_bytes(list(c.shape), list(c.stride), c.storage_offset, size)
 
 
 def _kind(bound: "BoundConstant") -> str:

@@ -49,13 +49,12 @@ def workdir(tmp_path_factory) -> Path:
     return d
 
 
-def _once(path: Path, done: Path, build):
-    """``build()`` unless ``done`` exists, under a file lock on ``path``: a worker that needs a
-    model another worker is compiling waits for it instead of compiling it again."""
+def _once(path: Path, done: Path, build) -> None:
+    """Run ``build()`` unless ``done`` exists, under a file lock on ``path``: a worker that
+    needs a model another worker is compiling waits for it instead of compiling it again."""
     with filelock.FileLock(f"{path}.lock"):
-        if done.exists():
-            return None
-        return build()
+        if not done.exists():
+            build()
 
 
 def _compile(workdir: Path, name: str, device: str, programs) -> Path:
