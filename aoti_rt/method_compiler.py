@@ -50,7 +50,9 @@ def quiet_torch_deprecations():
 
 #: ops whose AOTI C shim arrived in a known torch release: op -> (release, what to do before it)
 SHIM_SINCE = {"_grouped_mm": ("2.12", "for transformers' MoE experts, experts_implementation='batched_mm'")}
-_NO_SHIM = re.compile(r"aoti_torch_(cuda|cpu|xpu|mps)_(\w+)' was not declared")
+# g++ quotes the name with ASCII quotes in the C locale and with typographic ones (U+2018/U+2019)
+# in a UTF-8 locale, as on the GPU host
+_NO_SHIM = re.compile(r"aoti_torch_(cuda|cpu|xpu|mps)_(\w+)['\u2019] was not declared")
 
 
 def missing_shim(compiler_output: str, torch_version: str) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import warnings
@@ -271,14 +272,16 @@ did you mean 'aoti_torch_cuda__grouped_mm_out'?
 """
 
 
-def test_missing_c_shim_is_named_in_the_users_terms():
+@pytest.mark.parametrize("quotes", ["''", "\u2018\u2019"], ids=["C-locale", "UTF-8-locale"])
+def test_missing_c_shim_is_named_in_the_users_terms(quotes):
     from aoti_rt.method_compiler import missing_shim
 
-    why = missing_shim(_GXX_NO_SHIM, "2.11.0+cu130")
+    output = re.sub(r"'([^']*)'", lambda m: quotes[0] + m.group(1) + quotes[1], _GXX_NO_SHIM)
+    why = missing_shim(output, "2.11.0+cu130")
     assert why is not None and "\n" not in why
     assert "aten._grouped_mm" in why and "cuda" in why and "2.11.0+cu130" in why
     assert "torch 2.12" in why and "batched_mm" in why             # the release that has it, the alternative
-    other = missing_shim(_GXX_NO_SHIM.replace("_grouped_mm", "_my_new_op"), "2.11.0")
+    other = missing_shim(output.replace("_grouped_mm", "_my_new_op"), "2.11.0")
     assert "aten._my_new_op" in other and "later torch" in other   # an op of no known release
     assert missing_shim("C++ compile error\nOutput:\nerror: expected ';' before '}' token", "2.11.0") is None
 
