@@ -11,7 +11,7 @@ from torch import nn
 import aoti_rt
 from aoti_rt.bundle import read_bundle
 
-from conftest import CUDA
+from conftest import CUDA, _compile
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="no CUDA GPU")]
 
@@ -37,9 +37,11 @@ class Run(nn.Module):
 def big_bundle(workdir):
     torch.manual_seed(0)
     big = Big().to("cuda", torch.float16)
-    progs = {name: torch.export.export(Run(big), (torch.randn(n, 4096, device="cuda", dtype=torch.float16),))
-             for name, n in (("prefill", 16), ("decode", 1))}
-    return aoti_rt.compile(progs, workdir / "big-cuda", progress=False), big
+
+    def programs():
+        return {name: torch.export.export(Run(big), (torch.randn(n, 4096, device="cuda", dtype=torch.float16),))
+                for name, n in (("prefill", 16), ("decode", 1))}
+    return _compile(workdir, "big", "cuda", programs), big
 
 
 def test_peak_device_memory_is_one_copy(big_bundle):

@@ -25,6 +25,7 @@ from aoti_rt.abi import PROXY_EXECUTOR_CALL
 from aoti_rt.elf import imports_symbol
 from aoti_rt.bundle import read_bundle
 from aoti_rt.method_compiler import _extern_kernels
+from conftest import _compile
 
 OP = "aoti_rt_test::scale_shift"
 
@@ -88,12 +89,11 @@ class Plain(nn.Module):
 
 @pytest.fixture(scope="session")
 def custom_bundle(workdir, device) -> Path:
-    path = workdir / f"custom-op-{device.replace(':', '')}"
-    if not (path / "manifest.json").is_file():
+    def programs():
         net = Net(device)
         x = torch.randn(5, 64, device=device)
-        aoti_rt.compile({"custom": (Custom(net), (x,)), "plain": (Plain(net), (x,))}, path, progress=False)
-    return path
+        return {"custom": (Custom(net), (x,)), "plain": (Plain(net), (x,))}
+    return _compile(workdir, "custom-op", device, programs)
 
 
 def eager(device):

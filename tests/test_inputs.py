@@ -22,6 +22,7 @@ import aoti_rt
 from aoti_rt import compile_workers, compiler
 from aoti_rt.bundle import read_bundle
 
+from conftest import _compile
 from damage import edit_manifest, garble_ipc_handles
 from models import METHOD_LAYERS, Subset, make_stack
 
@@ -57,14 +58,12 @@ def _inputs(t: int, device: str, n: int = 3):
 
 @pytest.fixture(scope="session")
 def steps_bundle(workdir, device):
-    path = workdir / f"steps-{device.replace(':', '')}"
-    if not (path / "manifest.json").is_file():
+    def programs():
         args, kwargs = _inputs(4, device)
-        ep = torch.export.export(_steps(device), args, kwargs,
-                                 dynamic_shapes={"x": {0: T}, "y": {0: 2 * T}, "mask": None, "n": None,
-                                                 "bias": None, "pos": None})
-        aoti_rt.compile({"steps": ep}, path, progress=False)
-    return path
+        return {"steps": torch.export.export(_steps(device), args, kwargs,
+                                             dynamic_shapes={"x": {0: T}, "y": {0: 2 * T}, "mask": None, "n": None,
+                                                             "bias": None, "pos": None})}
+    return _compile(workdir, "steps", device, programs)
 
 
 @pytest.fixture

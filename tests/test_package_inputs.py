@@ -23,6 +23,7 @@ import aoti_rt
 from aoti_rt.abi import CHECK_INPUTS
 from aoti_rt.input_checks import so_lower_bounds, wrapper_inputs
 from aoti_rt.method_compiler import quiet_torch_deprecations
+from conftest import _once
 
 pytestmark = pytest.mark.usefixtures("pt2_cache_here")
 
@@ -56,13 +57,16 @@ def gate_pt2(workdir, device) -> dict[str, Path]:
 
     tag = device.replace(":", "")
     out = {"plain": workdir / f"gate-plain-{tag}.pt2", "exported": workdir / f"gate-exported-{tag}.pt2"}
-    if not all(p.is_file() for p in out.values()):
+
+    def build():
         ep = _program(device)
         with quiet_torch_deprecations():
             files = torch._inductor.aot_compile(ep.module(), *ep.example_inputs,
                                                 options={"aot_inductor.package": True})
             package_pt2(str(out["plain"]), aoti_files={"model": files})
             package_pt2(str(out["exported"]), exported_programs={"model": ep}, aoti_files={"model": files})
+        (workdir / f"gate-{tag}.done").touch()     # both files written
+    _once(workdir / f"gate-{tag}", workdir / f"gate-{tag}.done", build)
     return out
 
 
@@ -74,8 +78,8 @@ def gate_bundles(workdir, device) -> dict[str, Path]:
     out = {}
     for kind, opts in (("new", None), ("old", {"aot_inductor.check_lowerbound": True})):
         path = workdir / f"gate-{kind}-{tag}"
-        if not (path / "manifest.json").is_file():
-            aoti_rt.compile({"gate": _program(device)}, path, progress=False, inductor_configs=opts)
+        _once(path, path / "manifest.json",
+              lambda: aoti_rt.compile({"gate": _program(device)}, path, progress=False, inductor_configs=opts))
         out[kind] = path
     return out
 
