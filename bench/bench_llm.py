@@ -36,6 +36,11 @@ what stays resident, over the weight bytes plus the KV cache bytes (1.00: one co
 model dtype (transformers' ``batched_mm``; linears int4 in both), at ``--experts-size`` (default
 ``medium`` for ``--size full``, ``35b-medium``, 4 layers, for ``35b``), each built once and timed in a fresh process.
 
+A build step logs aoti_rt's compile phases as they end and, in JSON, inductor's own phase times
+(``inductor_s``: those of a compile in the step's process, ``--compile-jobs 1``); ``--stacks S``
+prints its threads' Python stacks every S seconds, so a step a time limit stops still shows
+where its time went.
+
 Under a time limit per command: ``--phase build`` as often as needed (each finished step is
 recorded in ``build.json``: eager, bundle, stock prefill, stock decode), then ``--phase rows
 --rows ceiling,bundle``, ``--rows pair,pair-again``, ``--rows stock`` (or ``--rows missing``):
@@ -154,6 +159,49 @@ def _recording(step: Any, logits: list[Any]) -> Any:
     return s
 
 
+def _watch(every_s: float) -> None:
+    """Make a build step say where its time goes: aoti_rt's compile phases (and why a compile
+    stays in this process) as they end, and with ``every_s`` the Python stack of each thread every
+    ``every_s`` seconds (a step stopped by a time limit still shows what it was doing)."""
+    import logging
+    import traceback
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(relativeCreated)9.0f ms] %(name)s: %(message)s"))
+    logger = logging.getLogger("aoti_rt")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False                 # transformers may configure the root logger too
+    if every_s <= 0:
+        return
+    t0 = time.perf_counter()
+
+    def sample() -> None:                    # a thread holding the GIL (faulthandler's watchdog,
+        me = threading.get_ident()           # which does not, crashed the process mid-dump)
+        while True:
+            time.sleep(every_s)
+            lines = [f"-- Python stacks at +{time.perf_counter() - t0:.0f} s"]
+            for tid, frame in sys._current_frames().items():
+                if tid != me:
+                    lines += [f"thread {tid}:"] + [x.rstrip("\n") for x in traceback.format_stack(frame, limit=14)]
+            print("\n".join(lines), file=sys.stderr, flush=True)
+
+    threading.Thread(target=sample, name="stacks", daemon=True).start()
+
+
+def _inductor_times() -> dict[str, float]:
+    """Seconds inductor spent in each of its timed phases in this process (those of a compile
+    that ran here, ``jobs=1``; a worker's are its own), the longest first."""
+    from torch._dynamo import utils
+
+    names, values = utils.compile_times(repr="csv", aggregate=True)
+    times = {n: float(v) for n, v in zip(names, values)}
+    if times:
+        common_log = "; ".join(f"{n} {v:.1f} s" for n, v in sorted(times.items(), key=lambda x: -x[1])[:12])
+        print(f"inductor phases in this process: {common_log}", file=sys.stderr, flush=True)
+    return {n: v for n, v in sorted(times.items(), key=lambda x: -x[1]) if v >= 0.1}
+
+
 def _child(kind: str, a: dict[str, Any]) -> dict[str, Any]:
     if kind.startswith("build-"):
         return _build_child(kind.removeprefix("build-"), a)
@@ -171,6 +219,7 @@ def _build_child(kind: str, a: dict[str, Any]) -> dict[str, Any]:
 
     spec, dev, d = a["spec"], a["spec"]["device"], Path(a["dir"])
     msl, plen = spec["max_seq_len"], spec["prompt_len"]
+    _watch(a.get("stacks", 0))
     cfg = config_of(spec)
     with torch.device("meta"):
         import transformers
@@ -213,10 +262,11 @@ def _build_child(kind: str, a: dict[str, Any]) -> dict[str, Any]:
         # process whose OpenMP pool ran (building a real-size model does) hangs in its first parallel op;
         # on CUDA both at once (workers forked from a warm zygote map the weights, no copy): the AOTI
         # phase of a 40-layer model takes minutes a method, under a time limit per command
-        jobs = 1 if dev == "cpu" else 2
+        jobs = a.get("jobs") or (1 if dev == "cpu" else 2)
         aoti_rt.compile(programs, path, device=dev, progress=sys.stderr.isatty(),   # a bar floods logs
                         jobs=jobs)
         out["compile_s"], out["compile_jobs"] = time.perf_counter() - t0, jobs
+        out["inductor_s"] = _inductor_times()
         write_info(path, model, max_seq_len=msl, max_prefill=plen, quantize_weights=spec["quantize"],
                    group_size=spec["group"])
         return out
@@ -365,8 +415,16 @@ def _spawn_build(kind: str, payload: dict[str, Any], d: Path) -> dict[str, Any]:
         p = subprocess.Popen(child.command(__file__, kind, payload), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env=_env(scratch))
         tail = _tee(p)
-        text = p.stdout.read()
-        p.wait()
+        try:
+            text = p.stdout.read()
+            p.wait()
+        except KeyboardInterrupt:   # a time limit (its SIGINT reaches the child too): let the child
+            try:                    # print where it was before this process ends
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+            tail.join(timeout=5)
+            raise
         tail.join()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -491,7 +549,7 @@ def _build(args: argparse.Namespace, spec: dict[str, Any], d: Path, stock: bool,
     from bench import common
 
     state = _read(d, "build.json")
-    payload = {"spec": spec, "dir": str(d)}
+    payload = {"spec": spec, "dir": str(d), "jobs": args.compile_jobs, "stacks": args.stacks}
     for stale in d.glob("compile-*"):        # a build step killed mid-way (a time limit)
         shutil.rmtree(stale, ignore_errors=True)
     # the compile first: under a time limit per command, the longest step starts with the most time left
@@ -745,6 +803,11 @@ def _extra(p: argparse.ArgumentParser) -> None:
                    help="rows to measure now, comma-separated, or 'missing' (those not measured yet); the "
                         "table shows every row in the cache's rows.json, each with its date in the JSON")
     p.add_argument("--no-stock", action="store_true", help="build no stock packages")
+    p.add_argument("--compile-jobs", type=int, default=None,
+                   help="methods aoti_rt.compile builds at once (default: 1 on the CPU, 2 on CUDA)")
+    p.add_argument("--stacks", type=float, default=0, metavar="S",
+                   help="every S seconds, a build step prints the Python stack of each of its threads "
+                        "(where a long compile spends its time; 0: never)")
     p.add_argument("--retry-stock", action="store_true", help="compile again a stock package that failed")
     p.add_argument("--stock-weights", choices=("so", "blob"), default="so",
                    help="where the stock packages keep their weights: in the .so (torch's default) or a "
