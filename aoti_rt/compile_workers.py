@@ -66,7 +66,7 @@ def build_methods(eps: Mapping[str, ExportedProgram], todo: list[Job], jobs: int
         if local:
             serial = True
             log.info("compiling in this process, one method after another: %s", "; ".join(
-                f"method {m} calls {op}, which a worker (a fresh interpreter) may not have" for m, op in local.items()))
+                f"method {m} calls {op}, {_why_local(op)}" for m, op in local.items()))
     zygote = prebuild = None
     if serial or fork:                        # this process compiles, or its forks do
         t0 = time.perf_counter()
@@ -142,6 +142,15 @@ def warm_up_inductor(options: Mapping[str, Any] | None = None) -> float:
         with cfg.patch(dict(options or {})):
             cpu_vec_isa.pick_vec_isa()
     return time.perf_counter() - t1 if t1 > t0 else 0.0
+
+
+def _why_local(op: str) -> str:
+    """Why a program calling ``op`` (from :func:`_op_of_this_process`) stays in this process."""
+    if op.startswith("export.access_subclass_inner_tensor"):
+        # torch's own op: it unwraps tensor-subclass weights (torchao's quantized tensors), which
+        # the handoff cannot map (it would save them whole, a second device copy in the worker)
+        return "which reads tensor-subclass weights (e.g. torchao's) that a worker cannot map"
+    return "which a worker (a fresh interpreter) may not have"
 
 
 def _op_of_this_process(ep: ExportedProgram) -> str | None:

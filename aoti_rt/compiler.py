@@ -281,7 +281,8 @@ def compile(programs: Mapping[str, Any], path: str | os.PathLike[str], *, device
             per core, at most one per method; for CUDA programs 1, one after another in this
             process (see ``_default_jobs``: workers are faster for a process's first compile).
             A CUDA method that calls an op a fresh interpreter may not have (a custom op, a
-            user Triton kernel) makes the compile run in this process.
+            user Triton kernel), or whose weights are tensor subclasses (torchao's quantized
+            weights), makes the compile run in this process.
 
     Returns:
         The bundle directory. It is written in a staging directory inside ``path`` and moved

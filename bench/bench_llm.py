@@ -258,11 +258,12 @@ def _build_child(kind: str, a: dict[str, Any]) -> dict[str, Any]:
         shutil.rmtree(path, ignore_errors=True)
         common.log("compiling prefill + decode with aoti_rt.compile")
         t0 = time.perf_counter()
-        # one method after another on the CPU: its default forks a worker per method, and a fork of a
-        # process whose OpenMP pool ran (building a real-size model does) hangs in its first parallel op;
-        # on CUDA both at once (workers forked from a warm zygote map the weights, no copy): the AOTI
-        # phase of a 40-layer model takes minutes a method, under a time limit per command
-        jobs = a.get("jobs") or (1 if dev == "cpu" else 2)
+        # one method after another, in this process: on the CPU aoti_rt's default forks a worker per
+        # method, and a fork of a process whose OpenMP pool ran (building a real-size model does)
+        # hangs in its first parallel op; on CUDA the programs call torch.export's
+        # access_subclass_inner_tensor on torchao's weights, which keeps any compile in this process
+        # (aoti_rt.compile says so), and here inductor's phase times are this process's own
+        jobs = a.get("jobs") or 1
         aoti_rt.compile(programs, path, device=dev, progress=sys.stderr.isatty(),   # a bar floods logs
                         jobs=jobs)
         out["compile_s"], out["compile_jobs"] = time.perf_counter() - t0, jobs
@@ -804,7 +805,8 @@ def _extra(p: argparse.ArgumentParser) -> None:
                         "table shows every row in the cache's rows.json, each with its date in the JSON")
     p.add_argument("--no-stock", action="store_true", help="build no stock packages")
     p.add_argument("--compile-jobs", type=int, default=None,
-                   help="methods aoti_rt.compile builds at once (default: 1 on the CPU, 2 on CUDA)")
+                   help="methods aoti_rt.compile builds at once (default 1; a program of torchao "
+                        "weights compiles in this process whatever this says)")
     p.add_argument("--stacks", type=float, default=0, metavar="S",
                    help="every S seconds, a build step prints the Python stack of each of its threads "
                         "(where a long compile spends its time; 0: never)")

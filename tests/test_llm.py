@@ -638,6 +638,26 @@ def test_a_checkpoint_saved_without_cache_exports():
     assert set(export_programs(model, max_seq_len=8, max_prefill=4)) == {"prefill", "decode"}
 
 
+def test_a_quantized_program_compiles_in_this_process_and_says_why():
+    """torchao's quantized weights reach the exported program as tensor subclasses, read
+    through torch.export's access_subclass_inner_tensor: a compile worker (a fresh interpreter
+    over mapped CUDA memory) cannot take them, so the compile stays in this process and says
+    that, not that a worker may lack torch's own op."""
+    from aoti_rt import compile_workers
+    from aoti_rt.llm.export import export_programs
+
+    cfg = _config("llama")
+    cfg.num_hidden_layers = 1
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval().requires_grad_(False)
+    quantize(model, "int8", "cpu", GROUP)
+    ep = export_programs(model, max_seq_len=8, max_prefill=4)["decode"]
+    op = compile_workers._op_of_this_process(ep)
+    assert op == "export.access_subclass_inner_tensor.default"
+    assert "tensor-subclass weights" in compile_workers._why_local(op)
+    assert "fresh interpreter" in compile_workers._why_local("mylib.my_op.default")
+
+
 def test_a_quantized_model_is_not_quantized_again():
     """export_llm quantizes a loaded model in place: exporting it again with a scheme would skip
     its quantized weights and label an int8 bundle int4; that is an OptionError, and
