@@ -55,10 +55,12 @@ WORKER_START: str | None = None
 
 
 def build_methods(eps: Mapping[str, ExportedProgram], todo: list[Job], jobs: int,
-                  bar: Any) -> dict[str, tuple[MethodSpec, list[Any]]]:
+                  bar: Any, keep: bool = False) -> dict[str, tuple[MethodSpec, list[Any]]]:
     """Each method's MethodSpec and constant bytes: in this process one after another
     (``jobs == 1`` or one method), else in up to ``jobs`` worker processes at once. ``bar``:
-    the compile's progress bar (``phase(text)``, ``step()``)."""
+    the compile's progress bar (``phase(text)``, ``step()``). ``keep``: leave each method's
+    result in its work directory as soon as it is built (:func:`save_result`), for a later
+    compile to resume from (:mod:`aoti_rt.compile_resume`)."""
     serial = jobs == 1 or len(todo) == 1
     fork = _use_fork(todo[0].device)
     if not serial and not fork:               # a zygote's workers: fresh interpreters
@@ -80,7 +82,9 @@ def build_methods(eps: Mapping[str, ExportedProgram], todo: list[Job], jobs: int
         built = {}
         for job in todo:
             bar.phase(f"compiling {job.name}")
-            built[job.name] = compile_method(job, eps[job.name])
+            built[job.name] = method, data = compile_method(job, eps[job.name], keep_files=keep)
+            if keep:
+                save_result(job.workdir, method, data, [])
             bar.step()
         return built
     pending = list(todo)
@@ -100,7 +104,7 @@ def build_methods(eps: Mapping[str, ExportedProgram], todo: list[Job], jobs: int
                     continue
                 del running[name]
                 try:
-                    built[name] = w.result()
+                    built[name] = w.result(keep)
                 except HandoffError as e:
                     if name in whole:
                         raise CompileError(f"method {name!r}: {e}") from e
@@ -257,15 +261,15 @@ class _Worker:
             os.kill(self.pid, 9)
         os.waitpid(self.pid, 0)
 
-    def result(self) -> tuple[MethodSpec, list[Any]]:
-        """The worker's MethodSpec and constant bytes (spans of the files it kept), or its error."""
+    def result(self, keep: bool = False) -> tuple[MethodSpec, list[Any]]:
+        """The worker's MethodSpec and constant bytes (spans of the files it kept, left in
+        place with ``keep``), or its error."""
         wd, name = self.job.workdir, self.job.name
         if self.returncode == 0 and (wd / "result.pkl").is_file():
-            with open(wd / "result.pkl", "rb") as f:
-                method, spans, records = pickle.load(f)
+            method, spans, records = load_result(wd, keep)
             for phase, m, seconds in records:
                 record(phase, m, seconds)
-            return method, _open_spans(wd, spans)
+            return method, spans
         if (wd / "error.pkl").is_file():
             with open(wd / "error.pkl", "rb") as f:
                 kind, message, tb = pickle.load(f)
@@ -291,16 +295,47 @@ class _Records(logging.Handler):
             self.records.append((r.phase, r.method, r.seconds))
 
 
-def _open_spans(workdir: Path, spans: list[tuple[str, int, int]]) -> list[FileSpan]:
-    """A worker's constants' bytes (file name in ``workdir``, offset, size) as spans of those
-    files, open; each file is then unlinked (it lives while its spans do)."""
+def save_result(workdir: Path, method: MethodSpec, data: list[Any],
+                records: list[tuple[str, str | None, float]]) -> None:
+    """Write a built method into ``workdir`` (its spans' files there already, ``keep_files``):
+    bytes copied from the device into ``data.bin``, then ``result.pkl``, renamed into place last."""
+    _write_result(workdir, method, _write_data(workdir, data), records)
+
+
+def _write_data(workdir: Path, data: list[Any]) -> list[tuple[str, int, int]]:
+    spans, offset = [], 0
+    with open(workdir / "data.bin", "wb") as f:
+        for d in data:
+            if isinstance(d, FileSpan):
+                spans.append((d.file.path.name, d.offset, d.nbytes))
+            else:
+                f.write(d)
+                spans.append(("data.bin", offset, len(d)))
+                offset += len(d)
+    return spans
+
+
+def _write_result(workdir: Path, method: MethodSpec, spans: list[tuple[str, int, int]],
+                  records: list[tuple[str, str | None, float]]) -> None:
+    with open(workdir / "result.tmp", "wb") as f:
+        pickle.dump((method, spans, records), f)
+    os.replace(workdir / "result.tmp", workdir / "result.pkl")
+
+
+def load_result(workdir: Path, keep: bool = False) -> tuple[MethodSpec, list[FileSpan], list[Any]]:
+    """What :func:`save_result` wrote: the MethodSpec, its constants' bytes as open spans of the
+    files in ``workdir`` (unlinked unless ``keep``: they then live while their spans do), and
+    the timing records."""
+    with open(workdir / "result.pkl", "rb") as f:
+        method, spans, records = pickle.load(f)
     files: dict[str, OpenFile] = {}
     for name, _, _ in spans:
         if name not in files:
             files[name] = OpenFile(workdir / name)
-    for f in files.values():
-        f.path.unlink()                      # no writeback behind the store's write
-    return [FileSpan(files[name], offset, n) for name, offset, n in spans]
+    if not keep:
+        for f in files.values():
+            f.path.unlink()                  # no writeback behind the store's write
+    return method, [FileSpan(files[name], offset, n) for name, offset, n in spans], records
 
 
 def _run_job(job: Job, ep: ExportedProgram | Path) -> None:
@@ -319,21 +354,11 @@ def _run_job(job: Job, ep: ExportedProgram | Path) -> None:
             timed("load", job.name, t0)
         method, data = compile_method(job, ep, keep_files=True)
         t0 = time.perf_counter()
-        spans, offset = [], 0
-        with open(job.workdir / "data.bin", "wb") as f:
-            for d in data:
-                if isinstance(d, FileSpan):
-                    spans.append((d.file.path.name, d.offset, d.nbytes))
-                else:
-                    f.write(d)
-                    spans.append(("data.bin", offset, len(d)))
-                    offset += len(d)
+        spans = _write_data(job.workdir, data)
         timed("handback", job.name, t0)
     finally:
         log.removeHandler(handler)
-    with open(job.workdir / "result.tmp", "wb") as f:
-        pickle.dump((method, spans, records), f)
-    os.replace(job.workdir / "result.tmp", job.workdir / "result.pkl")
+    _write_result(job.workdir, method, spans, records)
 
 
 def _write_error(job: Job, e: BaseException) -> None:

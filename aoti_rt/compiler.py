@@ -38,6 +38,7 @@ from . import __version__
 from .bundle import (FIXED_INPUT_TYPES, ITEMSIZE, MANIFEST, MAX_INT, MAX_NAME, ST_DTYPES, STORE, ConstantSpec,
                      DimRange, FixedInput, InputSpec, Manifest, MethodSpec, WeightSpec, contiguous_strides,
                      divergent_fqns, dtype_name, read_store_header, safe_tensor_name, weight_id)
+from . import compile_resume
 from .compile_workers import build_methods
 from .errors import CompileError
 from .method_compiler import Job, first_line, quiet_torch_deprecations, timed
@@ -245,18 +246,21 @@ def _dim_range(expr, ranges) -> DimRange | None:
     return DimRange(min=lo_size, max=hi_size, step=int(step), symbol=str(sym))
 
 
-def check_target(path: "str | os.PathLike[str]", overwrite: bool) -> Path:
-    """``path`` as a Path a bundle may be written to: absent, an empty directory, or (with
-    ``overwrite``) a directory; else a :class:`CompileError`."""
+def check_target(path: "str | os.PathLike[str]", overwrite: bool, resume: bool = False) -> Path:
+    """``path`` as a Path a bundle may be written to: absent, an empty directory (with
+    ``resume``, one holding only the stage of an earlier compile), or (with ``overwrite``) a
+    directory; else a :class:`CompileError`."""
     out = Path(path)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
+    if out.exists() and (not out.is_dir() or (
+            any(p.name != compile_resume.STAGE or not resume for p in out.iterdir()) and not overwrite)):
         raise CompileError(f"{out} exists and is not an empty directory; pass overwrite=True to replace it")
     return out
 
 
 def compile(programs: Mapping[str, Any], path: str | os.PathLike[str], *, device: str | None = None,
             overwrite: bool = False, progress: bool = True,
-            inductor_configs: Mapping[str, Any] | None = None, jobs: int | None = None) -> Path:
+            inductor_configs: Mapping[str, Any] | None = None, jobs: int | None = None,
+            resume: bool = False) -> Path:
     """Compile several methods of one model into an aoti_rt bundle at ``path``.
 
     Every method's signature is checked before any AOTI work: tensor inputs are recorded with
@@ -283,11 +287,16 @@ def compile(programs: Mapping[str, Any], path: str | os.PathLike[str], *, device
             A CUDA method that calls an op a fresh interpreter may not have (a custom op, a
             user Triton kernel), or whose weights are tensor subclasses (torchao's quantized
             weights), makes the compile run in this process.
+        resume: keep each method as it is compiled, and take the methods an earlier
+            ``resume=True`` compile into ``path`` finished, where their program, weights and
+            options are unchanged (:mod:`aoti_rt.compile_resume`): a compile that failed or was
+            stopped goes on from where it was. The work in progress stays in
+            ``path/.aoti_rt-partial-resume`` until the bundle is complete.
 
     Returns:
         The bundle directory. It is written in a staging directory inside ``path`` and moved
         into place, manifest last, once complete: a failed compile leaves ``path`` as it was
-        (a directory the call created is removed).
+        (a directory the call created is removed), or with ``resume`` holding only the stage.
 
     Raises:
         CompileError: bad arguments, an input a bundle cannot express, a reserved or unknown
@@ -299,27 +308,28 @@ def compile(programs: Mapping[str, Any], path: str | os.PathLike[str], *, device
         _check_name(name)
     options = _check_options(inductor_configs)
     jobs = _check_jobs(jobs, len(programs))
-    out = check_target(path, overwrite)
+    out = check_target(path, overwrite, resume)
     created = _first_missing(out)
     stage = None
     try:
         try:
             out.mkdir(parents=True, exist_ok=True)
-            stage = Path(tempfile.mkdtemp(prefix=_STAGE_PREFIX, dir=out))
+            stage = compile_resume.open_stage(out) if resume else Path(tempfile.mkdtemp(prefix=_STAGE_PREFIX, dir=out))
         except OSError as e:
             raise CompileError(f"cannot write the bundle to {out}: {e}") from e
         try:
             with quiet_torch_deprecations():
-                _compile(programs, stage, device, progress, options, jobs)
+                _compile(programs, stage, device, progress, options, jobs, resume)
             _publish(stage, out, overwrite)
         except OSError as e:            # writing the bundle (AOTI's own errors are wrapped below)
             raise CompileError(f"cannot write the bundle to {out}: {e}; free space or fix the "
                                f"permissions and compile again") from e
     except BaseException:
-        if stage is not None:
-            shutil.rmtree(stage, ignore_errors=True)
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
+        if not resume:                       # a resumable compile keeps its stage for the next
+            if stage is not None:
+                shutil.rmtree(stage, ignore_errors=True)
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
         raise
     return out
 
@@ -372,7 +382,7 @@ def _default_jobs(device: str, n_methods: int) -> int:
 
 
 def _compile(programs: Mapping[str, Any], out: Path, device: str | None, progress: bool,
-             options: dict[str, Any], jobs: int | None) -> Path:
+             options: dict[str, Any], jobs: int | None, resume: bool = False) -> Path:
     """The work of :func:`compile`, once its arguments and output directory are checked."""
     import torch
 
@@ -382,11 +392,13 @@ def _compile(programs: Mapping[str, Any], out: Path, device: str | None, progres
     if jobs is None:
         jobs = _default_jobs(device, len(eps))
     mutated = set().union(*(_mutated_fqns(ep) for ep in eps.values()))
-    _check_disk(eps, out, Path(tempfile.gettempdir()))
+    _check_disk(eps, out, out if resume else Path(tempfile.gettempdir()))
     with _Progress(len(eps) + 1, progress) as bar, tempfile.TemporaryDirectory(prefix="aoti_rt_") as tmp:
-        todo = [Job(name, Path(tmp) / name, out, device, mutated, *signatures[name], options)
-                for name in eps]
-        built = build_methods(eps, todo, jobs, bar)
+        work = out / "work" if resume else Path(tmp)     # a resumable compile keeps its methods
+        todo = [Job(name, work / name, out, device, mutated, *signatures[name], options) for name in eps]
+        built = compile_resume.resumed(eps, todo, bar) if resume else {}
+        built.update(build_methods(eps, [j for j in todo if j.name not in built], jobs, bar, keep=resume)
+                     if len(built) < len(todo) else {})
         methods: dict[str, MethodSpec] = {}
         weights = _WeightTable()
         for job in todo:                         # in method order: it names the store tensors
@@ -398,6 +410,8 @@ def _compile(programs: Mapping[str, Any], out: Path, device: str | None, progres
         bar.phase("writing the weight store")
         t0 = time.perf_counter()
         weights.write_store(out)
+        if resume:                               # the store holds the bytes the work held
+            shutil.rmtree(work, ignore_errors=True)
         _write_manifest(out, Manifest(device=device, methods=methods, weights=weights.specs, store=STORE,
                                       torch_version=torch.__version__, aoti_rt_version=__version__))
         timed("store", None, t0)

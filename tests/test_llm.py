@@ -658,6 +658,33 @@ def test_a_quantized_program_compiles_in_this_process_and_says_why():
     assert "fresh interpreter" in compile_workers._why_local("mylib.my_op.default")
 
 
+def test_quantized_programs_fingerprint_alike_until_a_weight_changes():
+    """A resumable compile reuses a method only while its fingerprint holds; torchao's weights
+    (tensor subclasses) must hash the same when the model is exported again, and differently
+    once their quantized bytes change."""
+    from pathlib import Path
+
+    from aoti_rt.compile_resume import Fingerprints
+    from aoti_rt.llm.export import export_programs
+    from aoti_rt.method_compiler import Job
+
+    cfg = _config("qwen3_moe")
+    cfg.num_hidden_layers = 1
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval().requires_grad_(False)
+    quantize(model, "int8", "cpu", GROUP)
+    job = Job("decode", Path("work"), Path("out"), "cpu", set(), [], [], {})
+
+    def fingerprint():
+        return Fingerprints().of(export_programs(model, max_seq_len=8, max_prefill=4)["decode"], job)
+    first = fingerprint()
+    assert first is not None and fingerprint() == first
+    w = model.model.layers[0].self_attn.q_proj.weight
+    inner = getattr(w, w.__tensor_flatten__()[0][0])
+    inner.view(-1)[0] += 1
+    assert fingerprint() != first
+
+
 def test_a_quantized_model_is_not_quantized_again():
     """export_llm quantizes a loaded model in place: exporting it again with a scheme would skip
     its quantized weights and label an int8 bundle int4; that is an OptionError, and

@@ -1,0 +1,103 @@
+"""``aoti_rt.compile(..., resume=True)``: a compile stopped after some of its methods goes on
+from there, and takes nothing from the earlier compile that changed since.
+
+Real AOTI compiles on the CPU, one method after another (``jobs=1``); the stop is a
+KeyboardInterrupt raised as the second method starts, as Ctrl-C or a time limit would.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import aoti_rt
+from aoti_rt import compile_workers
+from aoti_rt.bundle import read_bundle
+from aoti_rt.compile_resume import STAGE
+from models import METHOD_LAYERS, Subset, make_stack
+
+X = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+
+
+def _programs(stack):
+    return {name: torch.export.export(Subset(stack, METHOD_LAYERS[name]).eval(), (X,)) for name in ("a", "b")}
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    """Which methods AOTI compiled, in order; ``stop_at``: a method whose compile is stopped."""
+    real = compile_workers.compile_method
+    calls: list[str] = []
+    stop_at: set[str] = set()
+
+    def compile_method(job, ep, keep_files=False):
+        calls.append(job.name)
+        if job.name in stop_at:
+            raise KeyboardInterrupt
+        return real(job, ep, keep_files=keep_files)
+    monkeypatch.setattr(compile_workers, "compile_method", compile_method)
+    return calls, stop_at
+
+
+def _stopped(path, programs, compiled) -> None:
+    calls, stop_at = compiled
+    stop_at.add("b")
+    with pytest.raises(KeyboardInterrupt):
+        aoti_rt.compile(programs, path, progress=False, jobs=1, resume=True)
+    assert calls == ["a", "b"] and (path / STAGE).is_dir() and not (path / "manifest.json").exists()
+    calls.clear()
+    stop_at.clear()
+
+
+def test_a_stopped_compile_resumes_from_its_finished_methods(tmp_path, compiled):
+    stack = make_stack("cpu")
+    path = tmp_path / "b"
+    _stopped(path, _programs(stack), compiled)
+    calls, _ = compiled
+    aoti_rt.compile(_programs(stack), path, progress=False, jobs=1, resume=True)   # exported again
+    assert calls == ["b"]                                          # "a" came from the stage
+    assert sorted(os.listdir(path)) == sorted(os.listdir(
+        aoti_rt.compile(_programs(stack), tmp_path / "fresh", progress=False, jobs=1)))
+    assert read_bundle(path).manifest.weights == read_bundle(tmp_path / "fresh").manifest.weights
+    with aoti_rt.load(path) as model, torch.no_grad():
+        for name in ("a", "b"):
+            assert torch.equal(getattr(model, name)(X), Subset(stack, METHOD_LAYERS[name])(X))
+
+
+def test_changed_weights_are_compiled_again(tmp_path, compiled):
+    """Same graph, other weight values: the stage's method would hold the old bytes."""
+    stack = make_stack("cpu")
+    path = tmp_path / "b"
+    _stopped(path, _programs(stack), compiled)
+    calls, _ = compiled
+    with torch.no_grad():
+        stack.layers[0].weight.add_(1.0)                  # a weight of method "a" only
+    aoti_rt.compile(_programs(stack), path, progress=False, jobs=1, resume=True)
+    assert calls == ["a", "b"]
+    with aoti_rt.load(path) as model, torch.no_grad():
+        assert torch.equal(model.a(X), Subset(stack, METHOD_LAYERS["a"])(X))
+
+
+def test_without_resume_a_stopped_compile_leaves_nothing_and_a_stage_is_not_a_bundle(tmp_path, compiled):
+    stack = make_stack("cpu")
+    calls, stop_at = compiled
+    stop_at.add("b")
+    with pytest.raises(KeyboardInterrupt):
+        aoti_rt.compile(_programs(stack), tmp_path / "plain", progress=False, jobs=1)
+    assert not (tmp_path / "plain").exists()
+    calls.clear()
+    _stopped(tmp_path / "b", _programs(stack), compiled)
+    with pytest.raises(aoti_rt.CompileError, match="not an empty directory"):     # only resume goes on
+        aoti_rt.compile(_programs(stack), tmp_path / "b", progress=False, jobs=1)
+    with pytest.raises(aoti_rt.BundleError):
+        aoti_rt.load(tmp_path / "b")
+
+
+def test_a_stage_others_could_write_is_refused(tmp_path):
+    path = tmp_path / "b"
+    (path / STAGE).mkdir(parents=True, mode=0o700)
+    os.chmod(path / STAGE, 0o777)                          # its pickles could be anyone's
+    with pytest.raises(aoti_rt.CompileError, match="remove it"):
+        aoti_rt.compile(_programs(make_stack("cpu")), path, progress=False, jobs=1, resume=True)
