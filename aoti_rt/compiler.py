@@ -392,11 +392,14 @@ def _compile(programs: Mapping[str, Any], out: Path, device: str | None, progres
     if jobs is None:
         jobs = _default_jobs(device, len(eps))
     mutated = set().union(*(_mutated_fqns(ep) for ep in eps.values()))
-    _check_disk(eps, out, out if resume else Path(tempfile.gettempdir()))
+    if not resume:
+        _check_disk(eps, len(eps), out, Path(tempfile.gettempdir()))
     with _Progress(len(eps) + 1, progress) as bar, tempfile.TemporaryDirectory(prefix="aoti_rt_") as tmp:
         work = out / "work" if resume else Path(tmp)     # a resumable compile keeps its methods
         todo = [Job(name, work / name, out, device, mutated, *signatures[name], options) for name in eps]
         built = compile_resume.resumed(eps, todo, bar) if resume else {}
+        if resume:                               # what the finished methods hold is on disk already
+            _check_disk(eps, len(eps) - len(built), out, out)
         built.update(build_methods(eps, [j for j in todo if j.name not in built], jobs, bar, keep=resume)
                      if len(built) < len(todo) else {})
         methods: dict[str, MethodSpec] = {}
@@ -419,14 +422,15 @@ def _compile(programs: Mapping[str, Any], out: Path, device: str | None, progres
     return out
 
 
-def _check_disk(eps: Mapping[str, ExportedProgram], out: Path, tmp: Path) -> None:
-    """Refuse, before any AOTI work, a compile the disks cannot hold: AOTI writes each method's
-    constants (up to all the weights, W) to a file in the temp folder, all held until the
-    store (W) is written into ``out``. Advisory: a size it cannot estimate is not refused."""
+def _check_disk(eps: Mapping[str, ExportedProgram], to_compile: int, out: Path, tmp: Path) -> None:
+    """Refuse, before any AOTI work, a compile the disks cannot hold: AOTI writes the
+    constants of each of the ``to_compile`` methods (up to all the weights, W) to a file in
+    ``tmp``, all held until the store (W) is written into ``out``. Advisory: a size it cannot
+    estimate is not refused."""
     try:
         total = _weight_bytes(eps)
         need: dict[int, list[Any]] = {}          # per file system: bytes, a folder on it
-        for path, n in ((tmp, len(eps) * total), (out, total)):
+        for path, n in ((tmp, to_compile * total), (out, total)):
             need.setdefault(os.stat(path).st_dev, [0, path])[0] += n
         short = [(n, p, shutil.disk_usage(p).free) for n, p in need.values()]
     except Exception:  # noqa: BLE001 - an estimate that fails never stops a compile
@@ -435,9 +439,9 @@ def _check_disk(eps: Mapping[str, ExportedProgram], out: Path, tmp: Path) -> Non
         if free < n:
             raise CompileError(
                 f"compiling needs about {n / 1e9:.1f} GB free on the disk of {path} and it has {free / 1e9:.1f} GB "
-                f"(AOTI writes each of the {len(eps)} methods' constants, up to {total / 1e9:.1f} GB, to the temp "
-                f"folder {tmp}, held until the store is written into the bundle); free space, or set TMPDIR to a "
-                f"larger disk")
+                f"(AOTI writes the constants of each of the {to_compile} methods it compiles, up to "
+                f"{total / 1e9:.1f} GB, to {tmp}, held until the store is written into the bundle); free space, or "
+                f"set TMPDIR to a larger disk (a resumable compile keeps them in the bundle's path)")
 
 
 def _weight_bytes(eps: Mapping[str, ExportedProgram]) -> int:

@@ -101,3 +101,22 @@ def test_a_stage_others_could_write_is_refused(tmp_path):
     os.chmod(path / STAGE, 0o777)                          # its pickles could be anyone's
     with pytest.raises(aoti_rt.CompileError, match="remove it"):
         aoti_rt.compile(_programs(make_stack("cpu")), path, progress=False, jobs=1, resume=True)
+
+
+def test_the_disk_check_counts_only_the_methods_left(tmp_path, compiled, monkeypatch):
+    """The finished methods' constants are on the disk already: a resumed compile needs room for
+    the methods it still compiles and the store, where a compile from the start needs more."""
+    from collections import namedtuple
+
+    from aoti_rt import compiler
+
+    stack = make_stack("cpu")
+    path = tmp_path / "b"
+    _stopped(path, _programs(stack), compiled)
+    w = compiler._weight_bytes(_programs(stack))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(compiler.shutil, "disk_usage", lambda p: usage(1 << 40, 1 << 40, int(2.5 * w)))
+    with pytest.raises(aoti_rt.CompileError, match="each of the 2 methods"):       # 3 W from the start
+        aoti_rt.compile(_programs(stack), tmp_path / "fresh", progress=False, jobs=1)
+    aoti_rt.compile(_programs(stack), path, progress=False, jobs=1, resume=True)  # 2 W: "b" and the store
+    assert (path / "manifest.json").is_file()
