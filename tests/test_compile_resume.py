@@ -8,6 +8,8 @@ KeyboardInterrupt raised as the second method starts, as Ctrl-C or a time limit 
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,20 +43,35 @@ def compiled(monkeypatch):
     return calls, stop_at
 
 
-def _stopped(path, programs, compiled) -> None:
-    calls, stop_at = compiled
-    stop_at.add("b")
-    with pytest.raises(KeyboardInterrupt):
-        aoti_rt.compile(programs, path, progress=False, jobs=1, resume=True)
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory) -> Path:
+    """A resumable compile of ``_programs(make_stack("cpu"))`` stopped as its second method
+    started (once; each test resumes a copy of it)."""
+    path = tmp_path_factory.mktemp("stopped") / "b"
+    real = compile_workers.compile_method
+    calls = []
+
+    def compile_method(job, ep, keep_files=False):
+        calls.append(job.name)
+        if job.name == "b":
+            raise KeyboardInterrupt
+        return real(job, ep, keep_files=keep_files)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(compile_workers, "compile_method", compile_method)
+        with pytest.raises(KeyboardInterrupt):
+            aoti_rt.compile(_programs(make_stack("cpu")), path, progress=False, jobs=1, resume=True)
     assert calls == ["a", "b"] and (path / STAGE).is_dir() and not (path / "manifest.json").exists()
-    calls.clear()
-    stop_at.clear()
+    return path
 
 
-def test_a_stopped_compile_resumes_from_its_finished_methods(tmp_path, compiled):
+def _stopped(path: Path, stopped: Path) -> None:
+    shutil.copytree(stopped, path)           # modes too: the stage stays this user's alone
+
+
+def test_a_stopped_compile_resumes_from_its_finished_methods(tmp_path, compiled, stopped):
     stack = make_stack("cpu")
     path = tmp_path / "b"
-    _stopped(path, _programs(stack), compiled)
+    _stopped(path, stopped)
     calls, _ = compiled
     aoti_rt.compile(_programs(stack), path, progress=False, jobs=1, resume=True)   # exported again
     assert calls == ["b"]                                          # "a" came from the stage
@@ -66,11 +83,11 @@ def test_a_stopped_compile_resumes_from_its_finished_methods(tmp_path, compiled)
             assert torch.equal(getattr(model, name)(X), Subset(stack, METHOD_LAYERS[name])(X))
 
 
-def test_changed_weights_are_compiled_again(tmp_path, compiled):
+def test_changed_weights_are_compiled_again(tmp_path, compiled, stopped):
     """Same graph, other weight values: the stage's method would hold the old bytes."""
     stack = make_stack("cpu")
     path = tmp_path / "b"
-    _stopped(path, _programs(stack), compiled)
+    _stopped(path, stopped)
     calls, _ = compiled
     with torch.no_grad():
         stack.layers[0].weight.add_(1.0)                  # a weight of method "a" only
@@ -80,7 +97,7 @@ def test_changed_weights_are_compiled_again(tmp_path, compiled):
         assert torch.equal(model.a(X), Subset(stack, METHOD_LAYERS["a"])(X))
 
 
-def test_without_resume_a_stopped_compile_leaves_nothing_and_a_stage_is_not_a_bundle(tmp_path, compiled):
+def test_without_resume_a_stopped_compile_leaves_nothing_and_a_stage_is_not_a_bundle(tmp_path, compiled, stopped):
     stack = make_stack("cpu")
     calls, stop_at = compiled
     stop_at.add("b")
@@ -88,7 +105,7 @@ def test_without_resume_a_stopped_compile_leaves_nothing_and_a_stage_is_not_a_bu
         aoti_rt.compile(_programs(stack), tmp_path / "plain", progress=False, jobs=1)
     assert not (tmp_path / "plain").exists()
     calls.clear()
-    _stopped(tmp_path / "b", _programs(stack), compiled)
+    _stopped(tmp_path / "b", stopped)
     with pytest.raises(aoti_rt.CompileError, match="not an empty directory"):     # only resume goes on
         aoti_rt.compile(_programs(stack), tmp_path / "b", progress=False, jobs=1)
     with pytest.raises(aoti_rt.BundleError):
@@ -103,7 +120,7 @@ def test_a_stage_others_could_write_is_refused(tmp_path):
         aoti_rt.compile(_programs(make_stack("cpu")), path, progress=False, jobs=1, resume=True)
 
 
-def test_the_disk_check_counts_only_the_methods_left(tmp_path, compiled, monkeypatch):
+def test_the_disk_check_counts_only_the_methods_left(tmp_path, compiled, stopped, monkeypatch):
     """The finished methods' constants are on the disk already: a resumed compile needs room for
     the methods it still compiles and the store, where a compile from the start needs more."""
     from collections import namedtuple
@@ -112,7 +129,7 @@ def test_the_disk_check_counts_only_the_methods_left(tmp_path, compiled, monkeyp
 
     stack = make_stack("cpu")
     path = tmp_path / "b"
-    _stopped(path, _programs(stack), compiled)
+    _stopped(path, stopped)
     w = compiler._weight_bytes(_programs(stack))
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(compiler.shutil, "disk_usage", lambda p: usage(1 << 40, 1 << 40, int(2.5 * w)))
