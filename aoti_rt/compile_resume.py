@@ -31,7 +31,7 @@ from blake3 import blake3
 from . import __version__
 from .compile_workers import load_result
 from .errors import CompileError
-from .method_compiler import Job, timed
+from .method_compiler import Job, log, timed
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -72,7 +72,9 @@ class Fingerprints:
                 for name in sorted(table):
                     h.update(name.encode() + b"\0" + self._digest(table[name]).encode() + b"\0")
             return h.hexdigest()
-        except Exception:  # noqa: BLE001 - an unhashable part: no reuse, never a wrong one
+        except Exception as e:  # noqa: BLE001 - an unhashable part: no reuse, never a wrong one
+            log.warning("method %s: no fingerprint (%s: %s); a resumed compile compiles it again",
+                        job.name, type(e).__name__, e)
             return None
 
     def _digest(self, value: Any) -> str:

@@ -137,3 +137,18 @@ def test_the_disk_check_counts_only_the_methods_left(tmp_path, compiled, stopped
         aoti_rt.compile(_programs(stack), tmp_path / "fresh", progress=False, jobs=1)
     aoti_rt.compile(_programs(stack), path, progress=False, jobs=1, resume=True)  # 2 W: "b" and the store
     assert (path / "manifest.json").is_file()
+
+
+def test_a_method_that_cannot_be_fingerprinted_is_compiled_again_and_says_so(caplog):
+    """A value of the program's state the fingerprint cannot hash: no reuse (never a wrong
+    one), and a warning that names the method."""
+    from aoti_rt.compile_resume import Fingerprints
+    from aoti_rt.method_compiler import Job
+
+    ep = _programs(make_stack("cpu"))["a"]
+    job = Job("a", Path("work"), Path("out"), "cpu", set(), [], [], {})
+    assert Fingerprints().of(ep, job) == Fingerprints().of(ep, job) is not None
+    ep.constants["odd"] = object()
+    with caplog.at_level("WARNING", logger="aoti_rt"):
+        assert Fingerprints().of(ep, job) is None
+    assert "method a: no fingerprint (TypeError" in caplog.text
