@@ -668,7 +668,7 @@ def test_quantized_programs_fingerprint_alike_until_a_weight_changes():
     from aoti_rt.llm.export import export_programs
     from aoti_rt.method_compiler import Job
 
-    cfg = _config("qwen3_moe")
+    cfg = _config("llama")
     cfg.num_hidden_layers = 1
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval().requires_grad_(False)
