@@ -47,11 +47,11 @@ _CHUNK = 256 << 20
 
 class Fingerprints:
     """The fingerprints of one compile's methods; a storage shared by several methods (their
-    weights) is hashed once."""
+    weights) or several views is hashed once."""
 
     def __init__(self) -> None:
-        self._digests: dict[int, str] = {}
-        self._held: list[Any] = []           # keeps each hashed tensor alive: its id stays its own
+        self._digests: dict[tuple[int, str, int], str] = {}
+        self._held: list[Any] = []           # the hashed storages
 
     def of(self, ep: "ExportedProgram", job: Job) -> str | None:
         """``ep``'s fingerprint as ``job`` compiles it; None where some part cannot be hashed
@@ -78,32 +78,36 @@ class Fingerprints:
             return None
 
     def _digest(self, value: Any) -> str:
-        key = id(value)
+        """A value of a program's state: a tensor by its layout and the digest of its whole
+        storage (what AOTI serialises for it, bytes outside its view too), a tensor subclass by
+        its type, its flattening context and its inner tensors; else a TypeError."""
+        import torch
+
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"cannot fingerprint a {type(value).__name__}")
+        if hasattr(type(value), "__tensor_flatten__"):
+            attrs, ctx = value.__tensor_flatten__()
+            inner = [f"{a}={self._digest(getattr(value, a))}" for a in attrs]
+            return f"{type(value).__module__}.{type(value).__qualname__}({ctx!r}; {', '.join(inner)})"
+        layout = f"{value.dtype}|{tuple(value.shape)}|{value.stride()}|{value.storage_offset()}|{value.device}"
+        if value.device.type == "meta":
+            return layout
+        return f"{layout}|{self._storage_digest(value.untyped_storage(), value.device)}"
+
+    def _storage_digest(self, storage: Any, device: Any) -> str:
+        """The BLAKE3 of a storage's bytes, copied to the host a chunk at a time; each storage
+        once (keyed as :func:`aoti_rt.compiler._weight_bytes` counts them)."""
+        import torch
+
+        key = (storage.data_ptr(), str(device), storage.nbytes())
         if key not in self._digests:
-            self._digests[key] = _digest_of(value)
-            self._held.append(value)
+            u8 = torch.empty(0, dtype=torch.uint8, device=device).set_(storage)
+            h = blake3(max_threads=blake3.AUTO)
+            for i in range(0, u8.numel(), _CHUNK):
+                h.update(u8[i:i + _CHUNK].cpu().numpy())
+            self._digests[key] = h.hexdigest()
+            self._held.append(storage)       # its address stays its own while the key is used
         return self._digests[key]
-
-
-def _digest_of(value: Any) -> str:
-    """A value of a program's state: a tensor by its layout and bytes, a tensor subclass by its
-    type, its flattening context and its inner tensors; else a TypeError."""
-    import torch
-
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"cannot fingerprint a {type(value).__name__}")
-    if hasattr(type(value), "__tensor_flatten__"):
-        attrs, ctx = value.__tensor_flatten__()
-        inner = [f"{a}={_digest_of(getattr(value, a))}" for a in attrs]
-        return f"{type(value).__module__}.{type(value).__qualname__}({ctx!r}; {', '.join(inner)})"
-    t = value.detach()
-    h = blake3(f"{t.dtype}|{tuple(t.shape)}|{t.stride()}|{t.storage_offset()}|{t.device.type}".encode(),
-               max_threads=blake3.AUTO)
-    if t.device.type != "meta":
-        u8 = t.contiguous().reshape(-1).view(torch.uint8)
-        for i in range(0, u8.numel(), _CHUNK):
-            h.update(u8[i:i + _CHUNK].cpu().numpy())
-    return h.hexdigest()
 
 
 def open_stage(out: Path) -> Path:

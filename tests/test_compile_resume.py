@@ -154,3 +154,20 @@ def test_a_method_that_cannot_be_fingerprinted_is_compiled_again_and_says_so(cap
     with caplog.at_level("WARNING", logger="aoti_rt"):
         assert Fingerprints().of(ep, job) is None
     assert "method a: no fingerprint (TypeError" in caplog.text
+
+
+def test_the_fingerprint_covers_a_view_weights_whole_storage():
+    """AOTI serialises a constant's whole storage: bytes outside a view weight's own elements
+    are in the method's result too, so changing them must change the fingerprint."""
+    from aoti_rt.compile_resume import Fingerprints
+    from aoti_rt.method_compiler import Job
+
+    ep = _programs(make_stack("cpu"))["a"]
+    job = Job("a", Path("work"), Path("out"), "cpu", set(), [], [], {})
+    name = sorted(ep.state_dict)[0]
+    w = ep.state_dict[name]
+    big = torch.cat([w.detach().reshape(-1), torch.zeros(8)])
+    ep.state_dict[name] = big[: w.numel()].view(w.shape)       # the same values, a larger storage
+    first = Fingerprints().of(ep, job)
+    big[-1] = 1.0                                            # outside the view
+    assert first is not None and Fingerprints().of(ep, job) != first
